@@ -1,0 +1,164 @@
+"""CPU bridge for ``jax_triton.triton_call``: the same ``@triton.jit`` kernel, run by the Triton interpreter.
+
+On a GPU jaxlib nothing here changes behaviour: ``triton_call`` lowers to jax-triton's CUDA / ROCm custom call.
+On a CPU-only jaxlib two things are missing, and ``load_jax_triton()`` supplies both:
+
+1. ``import jax_triton`` fails, because it looks up ``jaxlib.gpu_triton.get_compute_capability`` and
+   ``get_serialized_metadata``. We provide stand-ins that raise if a GPU code path ever calls them.
+2. ``triton_kernel_call_p`` has no CPU lowering. We register one that wraps the kernel launch in
+   ``jax.pure_callback``; the callback runs the kernel's Python source under Triton's interpreter on CPU torch
+   tensors. It therefore works eagerly, under ``jit``, ``vmap`` (sequentially) and inside ``shard_map``.
+
+Interpreter limits handled here, explicitly:
+
+* The interpreter wants torch tensors, not numpy arrays: arrays cross as torch CPU tensors.
+* ``tl.dot`` on bf16 operands is wrong in the interpreter (it multiplies bit patterns), so bf16 buffers are handed to
+  the kernel as f32 and rounded back to bf16 on the way out. Kernels see f32 data in interpret mode; the AOT compile
+  check (``kernels.aot``) is what covers their bf16 code generation.
+* Outputs are not initialised by the interpreter. Outputs listed in ``zeroed_outputs`` start as zeros, aliased
+  outputs start as their input, and every other output is *poisoned* (NaN for floats, the minimum integer for ints)
+  so that a row the kernel failed to write shows up in tests instead of reading as a plausible zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_lock = threading.Lock()
+_installed = False
+
+
+def _provide_gpu_triton_stubs():
+    from jax._src.lib import gpu_triton
+
+    def unavailable(*_args, **_kwargs):
+        raise RuntimeError("jaxlib has no GPU support: this Triton call must run through the CPU bridge")
+
+    for name in ("get_compute_capability", "get_serialized_metadata"):
+        if not hasattr(gpu_triton, name):
+            setattr(gpu_triton, name, unavailable)
+
+
+@functools.cache
+def load_jax_triton():
+    """Import jax_triton (and, on a CPU-only jaxlib, install the interpreter bridge). Returns the module."""
+    global _installed
+    _provide_gpu_triton_stubs()
+    import jax_triton
+    from jax.interpreters import mlir
+    from jax_triton import triton_lib
+
+    with _lock:
+        if not _installed:
+            mlir.register_lowering(triton_lib.triton_kernel_call_p,
+                                   mlir.lower_fun(_interpret_call, multiple_results=True), platform="cpu")
+            _installed = True
+    return jax_triton
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running a JITFunction under the interpreter.
+
+
+@functools.cache
+def _interpreted(fn):
+    from triton.runtime.interpreter import InterpretedFunction
+    return InterpretedFunction(fn)
+
+
+@contextlib.contextmanager
+def _interpreter_mode():
+    """Let JITFunctions (kernels and the helpers they call) run as interpreted Python for the duration."""
+    from triton import knobs
+    from triton.runtime.jit import JITFunction
+
+    with _lock:
+        saved_call, saved_flag = JITFunction.__call__, knobs.runtime.interpret
+        JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self.fn)(*args, **kwargs)
+        knobs.runtime.interpret = True
+        try:
+            yield
+        finally:
+            JITFunction.__call__, knobs.runtime.interpret = saved_call, saved_flag
+
+
+def _to_torch(array):
+    import torch
+    array = np.asarray(array)
+    if array.dtype == jnp.bfloat16:
+        return torch.from_numpy(array.astype(np.float32))
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+def _poisoned(shape, dtype):
+    import torch
+    dtype = np.dtype(dtype)
+    if dtype == jnp.bfloat16:
+        return torch.full(shape, float("nan"), dtype=torch.float32)
+    if np.issubdtype(dtype, np.floating):
+        return torch.from_numpy(np.full(shape, np.nan, dtype))
+    if dtype == np.bool_:
+        return torch.zeros(shape, dtype=torch.bool)
+    return torch.from_numpy(np.full(shape, np.iinfo(dtype).min, dtype))
+
+
+def _from_torch(tensor, dtype):
+    return np.asarray(tensor.numpy()).astype(np.dtype(dtype))
+
+
+def run_interpreted(fn, arrays, *, scalar_args, out_shapes, grid, input_output_aliases=(), zeroed_outputs=(),
+                    metaparams=None):
+    """Launch ``fn`` (a ``triton.JITFunction``) on numpy ``arrays`` under the interpreter; return numpy outputs.
+
+    Arguments follow jax-triton's convention: array inputs in order with ``scalar_args`` ``(index, type, value)``
+    inserted at their positions, then one pointer per output."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(fn, JITFunction):
+        raise TypeError(f"the CPU bridge runs plain @triton.jit kernels, got {type(fn).__name__}; resolve "
+                        "autotuned / heuristic configs before calling triton_call")
+    metaparams = dict(metaparams or {})
+    inputs = [_to_torch(a) for a in arrays]
+    zeroed = zeroed_outputs(metaparams) if callable(zeroed_outputs) else zeroed_outputs
+    aliases = {out: inp for inp, out in input_output_aliases}
+    outputs = []
+    for i, shape in enumerate(out_shapes):
+        if i in aliases:
+            outputs.append(inputs[aliases[i]].clone())
+        elif i in zeroed:
+            outputs.append(torch.zeros_like(_poisoned(shape.shape, shape.dtype)))
+        else:
+            outputs.append(_poisoned(shape.shape, shape.dtype))
+    args = list(inputs)
+    for index, _, value in scalar_args:
+        args.insert(index, value)
+    args.extend(outputs)
+    launch_grid = grid(metaparams) if callable(grid) else grid
+    launch_grid = tuple(launch_grid) if isinstance(launch_grid, (tuple, list)) else (launch_grid,)
+    if all(g > 0 for g in launch_grid):
+        with _interpreter_mode():
+            _interpreted(fn.fn)[launch_grid](*args, **metaparams)
+    return tuple(_from_torch(t, s.dtype) for t, s in zip(outputs, out_shapes))
+
+
+def _interpret_call(*array_args, fn, scalar_args, out_shapes, grid, input_output_aliases, zeroed_outputs,
+                    name, custom_call_target_name, num_warps, num_stages, num_ctas, compute_capability,
+                    enable_fp_fusion, debug, serialized_metadata, **metaparams):
+    """CPU lowering body of ``triton_kernel_call_p``: a ``pure_callback`` into ``run_interpreted``."""
+    del name, custom_call_target_name, num_warps, num_stages, num_ctas, compute_capability, enable_fp_fusion
+    del debug, serialized_metadata
+    result_shapes = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shapes)
+
+    def host(*arrays):
+        return run_interpreted(fn, arrays, scalar_args=scalar_args, out_shapes=out_shapes, grid=grid,
+                               input_output_aliases=input_output_aliases, zeroed_outputs=zeroed_outputs,
+                               metaparams=metaparams)
+
+    return list(jax.pure_callback(host, result_shapes, *array_args, vmap_method="sequential"))

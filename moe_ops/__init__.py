@@ -1,0 +1,16 @@
+"""moe_ops: drop-in Mixture-of-Experts ops for JAX (grouped matmuls, token permutation, the routed FFN).
+
+Layers: ``kernels`` (Triton GPU / Pallas TPU kernels) -> ``moe_ops`` (validation, autodiff, backend choice) ->
+``benchmarks``. ``moe_ops.reference`` holds the pure-jnp twins every kernel is tested against.
+"""
+
+from moe_ops import reference
+from moe_ops.backend import IMPLEMENTATIONS, resolve as resolve_implementation
+from moe_ops.gmm import gmm, tgmm
+from moe_ops.layer import experts_ffn, moe_ffn, route
+from moe_ops.sort import permute, unpermute
+from moe_ops.validation import checked
+
+__version__ = "0.1.0"
+__all__ = ["gmm", "tgmm", "route", "permute", "unpermute", "moe_ffn", "experts_ffn", "reference", "checked",
+           "IMPLEMENTATIONS", "resolve_implementation"]

@@ -1,0 +1,45 @@
+"""The one place that picks a backend.
+
+``implementation=None`` means: Triton on GPU, Pallas on TPU, XLA elsewhere. A forced ``"triton"`` or ``"pallas"``
+also runs on CPU: Triton through the interpreter bridge (``kernels.triton.bridge``), Pallas with ``interpret=True``.
+
+Every backend module exposes the same kernel-level functions (no validation, no autodiff; ``moe_ops`` adds both):
+
+* ``gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype) -> [M, N]``
+* ``tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype) -> [G_local, K, N]``
+* ``sort_by_expert(expert_ids[T,k], num_experts) -> (group_sizes[E] int32, sort_idx[T*k] int32)``
+* ``gather_rows(x[T,D], sort_idx, k, row_weights=None, n_valid=None) -> [T*k, D]``
+* ``combine_rows(y[T*k,D], sort_idx, weights[T,k], n_valid=None) -> [T, D]``
+* ``combine_weight_grad(dout[T,D], y[T*k,D], sort_idx, k, n_valid=None) -> [T, k] f32``
+
+where ``group_sizes`` are already clamped (non-negative, ``sum <= M``) and ``group_offset`` is int32 of shape (1,).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+
+IMPLEMENTATIONS = ("xla", "triton", "pallas")
+_MODULES = {"xla": "moe_ops.xla", "triton": "kernels.triton", "pallas": "kernels.pallas"}
+_DEFAULT_FOR_PLATFORM = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "pallas"}
+
+
+def resolve(implementation: str | None) -> str:
+    """Name of the backend that will run: the platform default for ``None``, else the forced one."""
+    if implementation is None:
+        return _DEFAULT_FOR_PLATFORM.get(jax.default_backend(), "xla")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+    return implementation
+
+
+def ops(implementation: str | None):
+    """The backend module for ``implementation`` (imported on first use)."""
+    return importlib.import_module(_MODULES[resolve(implementation)])
+
+
+def on_cpu() -> bool:
+    """Whether kernels must run in their CPU emulation (Triton interpreter / Pallas interpret mode)."""
+    return jax.default_backend() == "cpu"

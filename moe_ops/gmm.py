@@ -1,0 +1,98 @@
+"""Public grouped matmuls with one generic VJP, parameterised by the backend's ``gmm`` / ``tgmm``.
+
+For ``out = gmm(lhs, rhs)`` (rhs ``[G,K,N]``) the cotangents are again grouped matmuls, never a densified product:
+
+* ``dlhs = gmm(dout, rhs, transpose_rhs=True)``       (``[M,N] x [G,K,N]^T -> [M,K]``, no materialised transpose)
+* ``drhs = tgmm(lhs, dout)``                          (``[M,K]^T x [M,N] -> [G,K,N]``)
+
+With ``transpose_rhs`` (rhs ``[G,N,K]``) the roles swap: ``dlhs = gmm(dout, rhs)``, ``drhs = tgmm(dout, lhs)``.
+For ``out = tgmm(lhs, rhs)``: ``dlhs = gmm(rhs, dout, transpose_rhs=True)``, ``drhs = gmm(lhs, dout)``.
+Rows of non-local groups and rows beyond ``sum(group_sizes)`` get zero gradient because every op above writes zeros
+there. Integer inputs (``group_sizes``, ``group_offset``) get no cotangent.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from moe_ops import backend, validation
+
+__all__ = ["gmm", "tgmm"]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs, out_dtype, impl):
+    return backend.ops(impl).gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs,
+                                 out_dtype=out_dtype)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, group_offset, transpose_rhs, out_dtype, impl):
+    out = _gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs, out_dtype, impl)
+    return out, (lhs, rhs, group_sizes, group_offset)
+
+
+def _gmm_bwd(transpose_rhs, out_dtype, impl, residuals, dout):
+    lhs, rhs, group_sizes, group_offset = residuals
+    dout = dout.astype(lhs.dtype)
+    dlhs = _gmm(dout, rhs, group_sizes, group_offset, not transpose_rhs, lhs.dtype, impl)
+    a, b = (dout, lhs) if transpose_rhs else (lhs, dout)
+    drhs = _tgmm(a, b, group_sizes, group_offset, rhs.shape[0], rhs.dtype, impl)
+    return dlhs, drhs, None, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _tgmm(lhs, rhs, group_sizes, group_offset, num_groups, out_dtype, impl):
+    return backend.ops(impl).tgmm(lhs, rhs, group_sizes, group_offset, num_groups=num_groups, out_dtype=out_dtype)
+
+
+def _tgmm_fwd(lhs, rhs, group_sizes, group_offset, num_groups, out_dtype, impl):
+    out = _tgmm(lhs, rhs, group_sizes, group_offset, num_groups, out_dtype, impl)
+    return out, (lhs, rhs, group_sizes, group_offset)
+
+
+def _tgmm_bwd(num_groups, out_dtype, impl, residuals, dout):
+    lhs, rhs, group_sizes, group_offset = residuals
+    dlhs = _gmm(rhs, dout.astype(rhs.dtype), group_sizes, group_offset, True, lhs.dtype, impl)
+    drhs = _gmm(lhs, dout.astype(lhs.dtype), group_sizes, group_offset, False, rhs.dtype, impl)
+    return dlhs, drhs, None, None
+
+
+_tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
+
+
+def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, preferred_element_type=None,
+        implementation=None):
+    """Grouped matmul over ragged row groups: lhs [M,K], rhs [G_local,K,N] ([G_local,N,K] with ``transpose_rhs``),
+    group_sizes [G] int -> [M,N].
+
+    Row block g of lhs (in order) is multiplied by ``rhs[g - group_offset]``. Rows of groups outside
+    ``[group_offset, group_offset + G_local)`` and rows at or beyond ``sum(group_sizes)`` come out as zeros.
+    ``sum(group_sizes) > M`` truncates the last groups at row M (see ``validation``)."""
+    validation.check_gmm(lhs, rhs, group_sizes, transpose_rhs)
+    out_dtype = validation.out_dtype(preferred_element_type, lhs.dtype)
+    impl = backend.resolve(implementation)
+    sizes = validation.clamp_group_sizes(group_sizes, lhs.shape[0])
+    offset = validation.group_offset_array(group_offset)
+    rhs = rhs.astype(lhs.dtype)
+    return _gmm(lhs, rhs, sizes, offset, bool(transpose_rhs), out_dtype, impl)
+
+
+def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred_element_type=None,
+         implementation=None):
+    """Grouped matmul with a ragged contraction: lhs [M,K], rhs [M,N] -> [G_local,K,N],
+    ``out[g] = lhs[rows of g].T @ rhs[rows of g]`` for local groups; empty groups give zeros.
+
+    ``num_groups`` (static) is G_local; it defaults to ``len(group_sizes)``."""
+    validation.check_tgmm(lhs, rhs, group_sizes, num_groups)
+    out_dtype = validation.out_dtype(preferred_element_type, lhs.dtype)
+    impl = backend.resolve(implementation)
+    sizes = validation.clamp_group_sizes(group_sizes, lhs.shape[0])
+    offset = validation.group_offset_array(group_offset)
+    num_groups = group_sizes.shape[0] if num_groups is None else int(num_groups)
+    return _tgmm(lhs, rhs.astype(lhs.dtype), sizes, offset, num_groups, out_dtype, impl)

@@ -1,0 +1,61 @@
+"""The routed MoE feed-forward layer built from the public ops (single device; see ``partitioned`` for EP)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from moe_ops import reference, validation
+from moe_ops.gmm import gmm
+from moe_ops.sort import permute, unpermute
+
+__all__ = ["moe_ffn", "experts_ffn", "route"]
+
+
+def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
+    """Top-k routing: logits [T,E] -> (weights [T,k] f32, expert_ids [T,k] int32); ``bias`` [E] moves selection only."""
+    validation.float_array("logits", logits, 2)
+    num_experts = logits.shape[1]
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in [1, E={num_experts}], got {top_k!r}")
+    if bias is not None and tuple(bias.shape) != (num_experts,):
+        raise ValueError(f"bias must have shape [E]=({num_experts},), got {tuple(bias.shape)}")
+    return reference.route(logits, top_k, score_fn=score_fn, bias=bias, renormalize=renormalize)
+
+
+def experts_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, activation="silu", group_offset=None,
+                implementation=None):
+    """SwiGLU experts on expert-sorted rows: x_sorted [M,D] -> [M,D] (rows of non-local groups are zero)."""
+    kw = dict(group_offset=group_offset, implementation=implementation)
+    gate = gmm(x_sorted, w_gate, group_sizes, **kw)
+    up = gmm(x_sorted, w_up, group_sizes, **kw)
+    h = reference.activate(gate, up, activation).astype(x_sorted.dtype)
+    return gmm(h, w_down, group_sizes, **kw)
+
+
+def check_weights(x, router_logits, w_gate, w_up, w_down):
+    validation.float_array("w_gate", w_gate, 3)
+    e, d, f = w_gate.shape
+    if x.shape[-1] != d:
+        raise ValueError(f"x [..., D] must have D={d} to match w_gate [E,D,F] {tuple(w_gate.shape)}, got "
+                         f"{tuple(x.shape)}")
+    if tuple(w_up.shape) != (e, d, f):
+        raise ValueError(f"w_up must be [E,D,F]={(e, d, f)}, got {tuple(w_up.shape)}")
+    if tuple(w_down.shape) != (e, f, d):
+        raise ValueError(f"w_down must be [E,F,D]={(e, f, d)}, got {tuple(w_down.shape)}")
+    if tuple(router_logits.shape) != tuple(x.shape[:-1]) + (e,):
+        raise ValueError(f"router_logits must be [..., E]={tuple(x.shape[:-1]) + (e,)}, got "
+                         f"{tuple(router_logits.shape)}")
+
+
+def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax",
+            implementation=None):
+    """Routed SwiGLU MoE: x [..., D], router_logits [..., E], w_gate/w_up [E,D,F], w_down [E,F,D] -> x's shape.
+
+    route (top-k of the softmax, renormalised) -> permute -> gate/up/down grouped matmuls -> weighted unpermute."""
+    check_weights(x, router_logits, w_gate, w_up, w_down)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    weights, ids = route(router_logits.reshape(-1, router_logits.shape[-1]), top_k, score_fn=score_fn)
+    xs, sizes, sort_idx = permute(x2, ids, w_gate.shape[0], implementation=implementation)
+    y = experts_ffn(xs, sizes, w_gate, w_up, w_down, activation=activation, implementation=implementation)
+    return unpermute(y, sort_idx, weights, implementation=implementation).reshape(shape)

@@ -1,0 +1,141 @@
+"""Pure-``jnp`` twins of every public op: the numerical ground truth.
+
+Nothing here is fast; everything here is obviously right. Kernels are tested against these functions, and these
+functions are tested against an independent numpy formulation (``tests/test_reference.py``).
+
+Row/group conventions shared by all ops (``G`` groups, ``M`` rows, ``group_sizes[G]`` int32):
+
+1. Group ``g`` owns rows ``[start[g], start[g] + group_sizes[g])`` with ``start = cumsum(group_sizes) - group_sizes``.
+2. Rows at or beyond ``sum(group_sizes)`` belong to no group: ``gmm`` writes zeros there, ``tgmm`` ignores them.
+3. With ``group_offset`` (expert sharding), only groups ``[group_offset, group_offset + G_local)`` are local; rows of
+   other groups behave like rows beyond the sum (zero output, zero contribution, zero gradient).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "row_group_ids", "gmm", "tgmm", "route", "permute", "unpermute", "moe_ffn", "moe_ffn_dense", "activate",
+]
+
+
+def row_group_ids(group_sizes: jax.Array, num_rows: int) -> jax.Array:
+    """Group id of each of ``num_rows`` rows; rows at or beyond ``sum(group_sizes)`` get ``G``."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    return jnp.searchsorted(ends, jnp.arange(num_rows, dtype=jnp.int32), side="right").astype(jnp.int32)
+
+
+def _local_row_ids(group_sizes, num_rows, group_offset, num_local):
+    """Local group id per row in ``[0, num_local)``, or ``-1`` for rows of non-local groups / beyond the sum."""
+    offset = jnp.int32(0) if group_offset is None else jnp.asarray(group_offset, jnp.int32).reshape(())
+    local = row_group_ids(group_sizes, num_rows) - offset
+    return jnp.where((local >= 0) & (local < num_local), local, -1)
+
+
+def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, preferred_element_type=None):
+    """``out[rows of g] = lhs[rows of g] @ rhs[g - group_offset]``: lhs [M,K], rhs [G_local,K,N] (or [G_local,N,K]
+    with ``transpose_rhs``) -> [M,N]; rows outside local groups are zero. f32 accumulation."""
+    out_dtype = preferred_element_type or lhs.dtype
+    if transpose_rhs:
+        rhs = jnp.swapaxes(rhs, 1, 2)
+    local = _local_row_ids(group_sizes, lhs.shape[0], group_offset, rhs.shape[0])
+
+    def one_group(acc, g):
+        prod = jnp.dot(lhs, rhs[g], preferred_element_type=jnp.float32, precision="highest")
+        return jnp.where((local == g)[:, None], prod, acc), None
+
+    acc = jnp.zeros((lhs.shape[0], rhs.shape[2]), jnp.float32)
+    acc, _ = jax.lax.scan(one_group, acc, jnp.arange(rhs.shape[0]))
+    return acc.astype(out_dtype)
+
+
+def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred_element_type=None):
+    """``out[g] = lhs[rows of g].T @ rhs[rows of g]``: lhs [M,K], rhs [M,N] -> [G_local,K,N]; empty groups are zero.
+
+    ``num_groups`` (static) is ``G_local``; it defaults to ``len(group_sizes)``."""
+    out_dtype = preferred_element_type or lhs.dtype
+    num_local = group_sizes.shape[0] if num_groups is None else num_groups
+    local = _local_row_ids(group_sizes, lhs.shape[0], group_offset, num_local)
+    onehot = (local[:, None] == jnp.arange(num_local)[None, :]).astype(jnp.float32)  # [M, G_local]
+    out = jnp.einsum("mg,mk,mn->gkn", onehot, lhs.astype(jnp.float32), rhs.astype(jnp.float32),
+                     precision="highest")
+    return out.astype(out_dtype)
+
+
+def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
+    """Top-k routing: logits [T,E] -> (weights [T,k] f32, expert_ids [T,k] int32).
+
+    ``bias`` [E] (DeepSeek-style load balancing) shifts the *selection* only; weights come from the unbiased scores.
+    With ``renormalize`` the k weights of a token sum to one."""
+    logits = logits.astype(jnp.float32)
+    if score_fn == "softmax":
+        scores = jax.nn.softmax(logits, axis=-1)
+    elif score_fn == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+    else:
+        raise ValueError(f"score_fn must be 'softmax' or 'sigmoid', got {score_fn!r}")
+    selection = scores if bias is None else scores + bias.astype(jnp.float32)
+    _, expert_ids = jax.lax.top_k(jax.lax.stop_gradient(selection), top_k)
+    weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, expert_ids.astype(jnp.int32)
+
+
+def permute(x, expert_ids, num_experts):
+    """Sort token copies into expert order: x [T,D], expert_ids [T,k] ->
+    (x_sorted [T*k,D], group_sizes [E] int32, sort_idx [T*k] int32) with ``x_sorted[i] = x[sort_idx[i] // k]``,
+    stable in flat index ``t*k + j`` within an expert. Ids outside ``[0, E)`` sort after every valid row and are
+    counted in no group (so a following ``gmm`` gives them zeros)."""
+    k = expert_ids.shape[1]
+    flat = expert_ids.reshape(-1).astype(jnp.int32)
+    key = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    sort_idx = jnp.argsort(key, stable=True).astype(jnp.int32)
+    group_sizes = jnp.zeros((num_experts + 1,), jnp.int32).at[key].add(1)[:num_experts]
+    return x[sort_idx // k], group_sizes, sort_idx
+
+
+def unpermute(y_sorted, sort_idx, weights):
+    """Weighted top-k combine: y_sorted [T*k,D], sort_idx [T*k], weights [T,k] -> [T,D],
+    ``out[t] = sum_j weights[t,j] * y_sorted[inverse[t*k+j]]`` accumulated in f32, returned in y's dtype."""
+    t, k = weights.shape
+    inverse = jnp.zeros_like(sort_idx).at[sort_idx].set(jnp.arange(sort_idx.shape[0], dtype=sort_idx.dtype))
+    gathered = y_sorted[inverse].astype(jnp.float32).reshape(t, k, -1)
+    out = jnp.einsum("tkd,tk->td", gathered, weights.astype(jnp.float32), precision="highest")
+    return out.astype(y_sorted.dtype)
+
+
+def activate(gate, up, activation="silu"):
+    """Gated activation of the SwiGLU family, in f32: ``act(gate) * up``."""
+    acts = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
+    if activation not in acts:
+        raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
+    return acts[activation](gate.astype(jnp.float32)) * up.astype(jnp.float32)
+
+
+def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax"):
+    """Routed SwiGLU experts through route -> permute -> gmm -> unpermute, all reference twins."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    weights, ids = route(router_logits.reshape(-1, router_logits.shape[-1]), top_k, score_fn=score_fn)
+    xs, sizes, sort_idx = permute(x2, ids, w_gate.shape[0])
+    h = activate(gmm(xs, w_gate, sizes), gmm(xs, w_up, sizes), activation).astype(x.dtype)
+    y = gmm(h, w_down, sizes)
+    return unpermute(y, sort_idx, weights).reshape(shape)
+
+
+def moe_ffn_dense(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax"):
+    """The einsum formulation: every token through every expert, combined by a one-hot [T,E] mask.
+
+    O(T·E·D·F) work: the ground truth for small shapes, never a fast path."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).astype(jnp.float32)
+    weights, ids = route(router_logits.reshape(-1, router_logits.shape[-1]), top_k, score_fn=score_fn)
+    combine = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(ids, w_gate.shape[0], dtype=jnp.float32))
+    f32 = lambda w: w.astype(jnp.float32)
+    gate = jnp.einsum("td,edf->tef", x2, f32(w_gate), precision="highest")
+    up = jnp.einsum("td,edf->tef", x2, f32(w_up), precision="highest")
+    y = jnp.einsum("tef,efd->ted", activate(gate, up, activation), f32(w_down), precision="highest")
+    return jnp.einsum("ted,te->td", y, combine, precision="highest").astype(x.dtype).reshape(shape)

@@ -1,0 +1,86 @@
+"""Public token permutation ops (expert order and back) with VJPs that need no scatter-add.
+
+* ``permute``:  ``x_sorted[i] = x[sort_idx[i] // k]``.  ``dx = combine_rows(dx_sorted, sort_idx, ones)``.
+* ``unpermute``: ``out[t] = sum_j w[t,j] * y[inverse[t*k+j]]``.
+  ``dy = gather_rows(dout, sort_idx, k, row_weights=w)`` (a weighted permute) and
+  ``dw[t,j] = <dout[t], y[inverse[t*k+j]]>`` (``combine_weight_grad``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from moe_ops import backend, validation
+
+__all__ = ["permute", "unpermute"]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _gather(x, sort_idx, k, impl):
+    return backend.ops(impl).gather_rows(x, sort_idx, k)
+
+
+def _gather_fwd(x, sort_idx, k, impl):
+    return _gather(x, sort_idx, k, impl), sort_idx
+
+
+def _gather_bwd(k, impl, sort_idx, dx_sorted):
+    ones = jnp.ones((sort_idx.shape[0] // k, k), jnp.float32)
+    return _combine(dx_sorted, sort_idx, ones, impl), None
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _combine(y, sort_idx, weights, impl):
+    return backend.ops(impl).combine_rows(y, sort_idx, weights)
+
+
+def _combine_fwd(y, sort_idx, weights, impl):
+    return _combine(y, sort_idx, weights, impl), (y, sort_idx, weights)
+
+
+def _combine_bwd(impl, residuals, dout):
+    y, sort_idx, weights = residuals
+    ops = backend.ops(impl)
+    k = weights.shape[1]
+    dy = ops.gather_rows(dout.astype(y.dtype), sort_idx, k, row_weights=weights)
+    dw = ops.combine_weight_grad(dout, y, sort_idx, k).astype(weights.dtype)
+    return dy, None, dw
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+def permute(x, expert_ids, num_experts, *, implementation=None):
+    """Sort token copies by expert: x [T,D], expert_ids [T,k] int ->
+    (x_sorted [T*k,D], group_sizes [E] int32, sort_idx [T*k] int32), ``x_sorted[i] = x[sort_idx[i] // k]``, stable in
+    flat index within an expert. Ids outside ``[0, E)`` are dropped: sorted last, counted in no group."""
+    validation.float_array("x", x, 2)
+    validation.int_array("expert_ids", expert_ids, 2)
+    if expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"expert_ids must be [T, k] with T={x.shape[0]} (x is {tuple(x.shape)}), "
+                         f"got {tuple(expert_ids.shape)}")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive static int, got {num_experts!r}")
+    validation.check_expert_ids(expert_ids, num_experts)
+    impl = backend.resolve(implementation)
+    group_sizes, sort_idx = backend.ops(impl).sort_by_expert(expert_ids.astype(jnp.int32), num_experts)
+    return _gather(x, sort_idx, expert_ids.shape[1], impl), group_sizes, sort_idx
+
+
+def unpermute(y_sorted, sort_idx, weights, *, implementation=None):
+    """Weighted top-k combine back to token order: y_sorted [T*k,D], sort_idx [T*k], weights [T,k] -> [T,D],
+    ``out[t] = sum_j weights[t,j] * y_sorted[position of flat index t*k+j]``, f32 accumulation, y's dtype."""
+    validation.float_array("y_sorted", y_sorted, 2)
+    validation.int_array("sort_idx", sort_idx, 1)
+    validation.float_array("weights", weights, 2)
+    if not (sort_idx.shape[0] == y_sorted.shape[0] == weights.shape[0] * weights.shape[1]):
+        raise ValueError(f"y_sorted [T*k,D], sort_idx [T*k] and weights [T,k] disagree: y_sorted "
+                         f"{tuple(y_sorted.shape)}, sort_idx {tuple(sort_idx.shape)}, weights {tuple(weights.shape)}")
+    impl = backend.resolve(implementation)
+    return _combine(y_sorted, sort_idx.astype(jnp.int32), weights, impl)

@@ -1,0 +1,131 @@
+"""Argument checks for the public ops, and the opt-in runtime ("checked") mode.
+
+Static problems (ranks, dims, dtypes) raise ``ValueError`` / ``TypeError`` at trace time, naming the argument and the
+expected shape or dtype. Value problems that live on device (group sizes summing past ``M``, negative sizes, expert
+ids out of range) cannot be seen at trace time without a host sync, so the fast path *defines* them instead:
+
+* ``sum(group_sizes) > M``: groups are truncated at row ``M`` (``clamp_group_sizes``); no kernel reads or writes
+  out of bounds. Negative sizes count as zero.
+* expert ids outside ``[0, E)``: the token copy is dropped (sorted after every valid row, counted in no group, so it
+  contributes zero to the output and gets zero gradient).
+
+Inside ``with moe_ops.checked():`` (or with ``MOE_OPS_CHECKED=1``) the ops add a device-to-host callback that raises
+``ValueError`` with the offending values instead; under ``jit`` it surfaces as a runtime error carrying that message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def checked(enabled: bool = True):
+    """Trace ops with runtime value checks (see module docstring). Affects functions traced inside the block."""
+    previous = getattr(_state, "checked", None)
+    _state.checked = enabled
+    try:
+        yield
+    finally:
+        _state.checked = previous
+
+
+def checks_enabled() -> bool:
+    flag = getattr(_state, "checked", None)
+    return bool(flag) if flag is not None else os.environ.get("MOE_OPS_CHECKED", "0") == "1"
+
+
+def _runtime_check(predicate_fn, message_fn, *values):
+    """Raise ``ValueError(message_fn(*values))`` on the host when ``predicate_fn(*values)`` is false."""
+    def callback(*host_values):
+        host_values = [np.asarray(v) for v in host_values]
+        if not predicate_fn(*host_values):
+            raise ValueError(message_fn(*host_values))
+    jax.debug.callback(callback, *values)
+
+
+def float_array(name, x, ndim):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have rank {ndim}, got shape {tuple(x.shape)}")
+    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in FLOAT_DTYPES]:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+
+
+def int_array(name, x, ndim):
+    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have rank {ndim}, got shape {tuple(x.shape)}")
+
+
+def out_dtype(preferred_element_type, default):
+    if preferred_element_type is None:
+        return jnp.dtype(default)
+    dtype = jnp.dtype(preferred_element_type)
+    if dtype not in [jnp.dtype(d) for d in FLOAT_DTYPES]:
+        raise TypeError(f"preferred_element_type must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
+def group_offset_array(group_offset):
+    """``group_offset`` (None, int, or int array of shape () or (1,)) -> int32 array of shape (1,)."""
+    if group_offset is None:
+        return jnp.zeros((1,), jnp.int32)
+    offset = jnp.asarray(group_offset)
+    if not jnp.issubdtype(offset.dtype, jnp.integer) or offset.size != 1 or offset.ndim > 1:
+        raise TypeError(f"group_offset must be an integer scalar or shape-(1,) array, got {offset.dtype}{offset.shape}")
+    return offset.reshape(1).astype(jnp.int32)
+
+
+def clamp_group_sizes(group_sizes, num_rows):
+    """Sizes with negatives as zero and groups truncated at ``num_rows`` (so ``sum <= num_rows``), int32."""
+    sizes = group_sizes.astype(jnp.int32)
+    if checks_enabled():
+        _runtime_check(lambda s: (s >= 0).all() and s.sum() <= num_rows,
+                       lambda s: f"group_sizes must be >= 0 and sum to at most M={num_rows}; got sum {s.sum()}, "
+                                 f"min {s.min()}", sizes)
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(sizes, 0)), num_rows)
+    return jnp.diff(ends, prepend=jnp.zeros((1,), jnp.int32)).astype(jnp.int32)
+
+
+def check_expert_ids(expert_ids, num_experts):
+    if checks_enabled():
+        _runtime_check(lambda e: ((e >= 0) & (e < num_experts)).all(),
+                       lambda e: f"expert_ids must lie in [0, {num_experts}); got min {e.min()}, max {e.max()}",
+                       expert_ids)
+
+
+def check_gmm(lhs, rhs, group_sizes, transpose_rhs):
+    float_array("lhs", lhs, 2)
+    float_array("rhs", rhs, 3)
+    int_array("group_sizes", group_sizes, 1)
+    k_axis = 2 if transpose_rhs else 1
+    if rhs.shape[k_axis] != lhs.shape[1]:
+        layout = "[G_local, N, K]" if transpose_rhs else "[G_local, K, N]"
+        raise ValueError(f"rhs must be {layout} with K={lhs.shape[1]} (lhs is {tuple(lhs.shape)}), "
+                         f"got rhs {tuple(rhs.shape)}")
+    if rhs.shape[0] > group_sizes.shape[0]:
+        raise ValueError(f"rhs has {rhs.shape[0]} groups but group_sizes has only {group_sizes.shape[0]}: "
+                         "rhs.shape[0] (G_local) must be <= len(group_sizes) (G)")
+
+
+def check_tgmm(lhs, rhs, group_sizes, num_groups):
+    float_array("lhs", lhs, 2)
+    float_array("rhs", rhs, 2)
+    int_array("group_sizes", group_sizes, 1)
+    if lhs.shape[0] != rhs.shape[0]:
+        raise ValueError(f"lhs [M,K] and rhs [M,N] must share M, got lhs {tuple(lhs.shape)}, rhs {tuple(rhs.shape)}")
+    if num_groups is not None and not (isinstance(num_groups, (int, np.integer)) and 0 < num_groups
+                                       <= group_sizes.shape[0]):
+        raise ValueError(f"num_groups must be a static int in [1, len(group_sizes)={group_sizes.shape[0]}], "
+                         f"got {num_groups!r}")

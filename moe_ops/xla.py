@@ -1,0 +1,78 @@
+"""XLA backend: the kernel-level interface of ``backend`` built from ``lax.ragged_dot`` and gathers.
+
+It is what ``implementation=None`` runs on CPU. Sharded groups are handled by routing the rows of non-local groups
+(and rows beyond the sum) to two zero "guard" experts, so ``ragged_dot`` needs no ``group_offset``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _guarded_sizes(group_sizes, group_offset, num_local, num_rows):
+    """[before, local sizes..., after]: rows before/after the local groups go to guard experts."""
+    offset = group_offset[0]
+    g = jnp.arange(group_sizes.shape[0])
+    local = jnp.where((g >= offset) & (g < offset + num_local), group_sizes, 0)
+    before = jnp.sum(jnp.where(g < offset, group_sizes, 0))
+    local_sizes = jax.lax.dynamic_slice(jnp.pad(local, (0, num_local)), (offset,), (num_local,))
+    after = num_rows - before - jnp.sum(local_sizes)
+    return jnp.concatenate([before[None], local_sizes, after[None]]).astype(jnp.int32)
+
+
+def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype):
+    if transpose_rhs:
+        rhs = jnp.swapaxes(rhs, 1, 2)
+    zero = jnp.zeros((1,) + rhs.shape[1:], rhs.dtype)
+    sizes = _guarded_sizes(group_sizes, group_offset, rhs.shape[0], lhs.shape[0])
+    return jax.lax.ragged_dot(lhs, jnp.concatenate([zero, rhs, zero]), sizes,
+                              preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype):
+    sizes = _guarded_sizes(group_sizes, group_offset, num_groups, lhs.shape[0])
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    out = jax.lax.ragged_dot_general(lhs, rhs, sizes, dims, preferred_element_type=jnp.float32)
+    return out[1:-1].astype(out_dtype)
+
+
+def sort_by_expert(expert_ids, num_experts):
+    flat = expert_ids.reshape(-1).astype(jnp.int32)
+    key = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    sort_idx = jnp.argsort(key, stable=True).astype(jnp.int32)
+    group_sizes = jnp.zeros((num_experts + 1,), jnp.int32).at[key].add(1)[:num_experts]
+    return group_sizes, sort_idx
+
+
+def _valid_rows(n, n_valid):
+    return None if n_valid is None else (jnp.arange(n) < jnp.asarray(n_valid).reshape(()))[:, None]
+
+
+def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None):
+    rows = x[sort_idx // k]
+    if row_weights is not None:
+        rows = (rows.astype(jnp.float32) * row_weights.reshape(-1)[sort_idx][:, None]).astype(x.dtype)
+    valid = _valid_rows(sort_idx.shape[0], n_valid)
+    return rows if valid is None else jnp.where(valid, rows, 0)
+
+
+def _inverse(sort_idx):
+    return jnp.zeros_like(sort_idx).at[sort_idx].set(jnp.arange(sort_idx.shape[0], dtype=sort_idx.dtype))
+
+
+def combine_rows(y, sort_idx, weights, n_valid=None):
+    t, k = weights.shape
+    valid = _valid_rows(y.shape[0], n_valid)
+    y = y if valid is None else jnp.where(valid, y, 0)
+    gathered = y[_inverse(sort_idx)].astype(jnp.float32).reshape(t, k, -1)
+    return jnp.einsum("tkd,tk->td", gathered, weights.astype(jnp.float32)).astype(y.dtype)
+
+
+def combine_weight_grad(dout, y, sort_idx, k, n_valid=None):
+    t = dout.shape[0]
+    valid = _valid_rows(y.shape[0], n_valid)
+    y = y if valid is None else jnp.where(valid, y, 0)
+    gathered = y[_inverse(sort_idx)].astype(jnp.float32).reshape(t, k, -1)
+    return jnp.einsum("tkd,td->tk", gathered, dout.astype(jnp.float32))

@@ -1,0 +1,21 @@
+"""One distribution, two packages: ``kernels`` (Triton / Pallas kernels) and ``moe_ops`` (the public import)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="moe-ops",
+    version="0.1.0",
+    description="Mixture-of-Experts kernels for JAX: grouped matmul, ragged sort, fused dispatch, expert parallelism",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["kernels", "kernels.*", "moe_ops", "moe_ops.*", "benchmarks", "benchmarks.*"]),
+    install_requires=["jax>=0.10.2", "jaxlib>=0.10.2", "numpy"],
+    extras_require={
+        "gpu": ["jax-triton>=0.3.1", "triton>=3.6"],
+        # The Triton CPU bridge needs jax-triton, triton and a CPU torch (the interpreter works on torch tensors).
+        "test": ["pytest>=8", "pytest-xdist", "hypothesis>=6", "jax-triton>=0.3.1", "triton>=3.6", "torch==2.13.0"],
+        "bench": ["matplotlib", "tqdm"],
+    },
+    entry_points={"console_scripts": ["moe-bench=benchmarks.__main__:main", "moe-aot=kernels.aot:main"]},
+)

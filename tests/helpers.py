@@ -1,0 +1,77 @@
+"""Shared test data: named group-size cases, hypothesis strategies, random inputs, and a norm-relative check.
+
+Group-size cases cover what kernels get wrong: uneven and empty groups, one expert taking every row, sums below M,
+and (with ``group_offset``) local groups at the first, a middle and the last shard.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from hypothesis import strategies as st
+
+# name -> function (num_groups, num_rows, rng) -> int32 numpy sizes
+GROUP_CASES = {
+    "uneven": lambda g, m, rng: _split(m, rng.dirichlet(np.ones(g)), rng),
+    "empty_groups": lambda g, m, rng: _split(m, rng.dirichlet(np.ones(g)) * (np.arange(g) % 3 != 1), rng),
+    "one_hot_group": lambda g, m, rng: np.eye(g, dtype=np.int32)[g // 2] * m,
+    "sum_below_m": lambda g, m, rng: _split(m - max(1, m // 3), rng.dirichlet(np.ones(g)), rng),
+    "all_empty": lambda g, m, rng: np.zeros(g, np.int32),
+}
+
+
+def _split(total, probs, rng):
+    """Integer sizes summing to ``total`` (multinomial over ``probs``; zero-probability groups stay empty)."""
+    probs = np.asarray(probs, np.float64)
+    probs = probs / probs.sum() if probs.sum() > 0 else np.full(len(probs), 1.0 / len(probs))
+    return rng.multinomial(total, probs).astype(np.int32)
+
+
+def group_sizes(name, num_groups, num_rows, seed=0):
+    return jnp.asarray(GROUP_CASES[name](num_groups, num_rows, np.random.default_rng(seed)), jnp.int32)
+
+
+@st.composite
+def group_sizes_strategy(draw, num_groups, num_rows, allow_below_m=True):
+    """Random sizes: some groups empty, sometimes one hot group, sometimes summing below ``num_rows``."""
+    total = draw(st.integers(0 if allow_below_m else num_rows, num_rows))
+    mode = draw(st.sampled_from(["spread", "hot", "sparse"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    if mode == "hot":
+        sizes = np.zeros(num_groups, np.int32)
+        sizes[draw(st.integers(0, num_groups - 1))] = total
+        return jnp.asarray(sizes)
+    probs = rng.dirichlet(np.ones(num_groups))
+    if mode == "sparse":
+        probs = probs * (rng.random(num_groups) < 0.4)
+    return jnp.asarray(_split(total, probs, rng))
+
+
+def randn(key, shape, dtype=jnp.float32, scale=1.0):
+    return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+
+
+def keys(seed, n):
+    return jax.random.split(jax.random.key(seed), n)
+
+
+def rel_err(actual, expected):
+    """``||actual - expected|| / ||expected||`` in f64 (NaN anywhere -> inf, so poisoned rows fail)."""
+    a = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+    e = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
+    if not np.isfinite(a).all():
+        return np.inf
+    denom = np.linalg.norm(e)
+    return float(np.linalg.norm(a - e) / (denom if denom > 0 else 1.0))
+
+
+def assert_close(actual, expected, tol, what=""):
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
+
+
+# Tolerances by input dtype (norm-relative): f32 kernels in the interpreter are f32-exact up to summation order.
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
