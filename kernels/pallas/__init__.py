@@ -1,9 +1,10 @@
 """Pallas TPU (Mosaic) kernels; on CPU they run with ``interpret=True``.
 
-This package is a ``moe_ops`` backend (see ``moe_ops.backend`` for the interface).
+This package is a ``moe_ops`` backend (interface in ``moe_ops.backend``); ``gmm``/``tgmm`` live in
+``kernels.pallas.gmm`` and the token-permutation ops in ``kernels.pallas.sort``.
 """
 
-from kernels.pallas.gmm import gmm, tgmm
-from kernels.pallas.sort import combine_rows, combine_weight_grad, gather_rows, sort_by_expert
+from kernels._lazy import BACKEND_FUNCTIONS, exporter
 
-__all__ = ["gmm", "tgmm", "sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad"]
+__getattr__ = exporter(__name__)
+__all__ = sorted(BACKEND_FUNCTIONS)
