@@ -11,6 +11,7 @@ ids out of range) cannot be seen at trace time without a host sync, so the fast 
 
 Inside ``with moe_ops.checked():`` (or with ``MOE_OPS_CHECKED=1``) the ops add a device-to-host callback that raises
 ``ValueError`` with the offending values instead; under ``jit`` it surfaces as a runtime error carrying that message.
+Checks are decided at trace time: a function that ``jit`` already traced outside the block keeps its unchecked trace.
 """
 
 from __future__ import annotations

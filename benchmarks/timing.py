@@ -1,0 +1,142 @@
+"""Timing done right: warm-up, device-synchronised calls, median of repeats, rotating inputs, first-call checks.
+
+``measure(fn, input_sets, check=...)``:
+
+1. The first call (on ``input_sets[0]``) is also the correctness call: its output goes to ``check`` (which returns
+   a dict of relative errors, see ``Parity``) before any timing; a failing or raising check marks the measurement.
+2. ``warmup`` more untimed calls (compilation, autotuning caches, allocator).
+3. ``repeats`` timed calls, each ``fn(*inputs)`` followed by ``block_until_ready`` on every output leaf, cycling
+   through ``input_sets`` so that a cache holding the last call's operands cannot flatter the figure.
+4. The figure is the median; all samples are kept.
+
+Inputs are random (``random_normal``), never zeros: zeros would let a wrong kernel look right and a sparse-aware
+unit look fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    median_s: float
+    samples_s: tuple[float, ...]
+    warmup: int
+    repeats: int
+    rotations: int
+
+    def as_dict(self) -> dict:
+        return {"time_ms": self.median_s * 1e3, "samples_ms": [s * 1e3 for s in self.samples_s],
+                "warmup": self.warmup, "repeats": self.repeats, "rotations": self.rotations}
+
+
+@dataclasses.dataclass(frozen=True)
+class Parity:
+    """Norm-relative errors ``||got - want|| / ||want||`` per output, against ``against``; ok iff max <= tol."""
+    errors: dict
+    against: str
+    tol: float
+
+    @property
+    def max_rel_err(self) -> float:
+        return max(self.errors.values()) if self.errors else float("nan")
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.errors) and self.max_rel_err <= self.tol
+
+    def as_dict(self) -> dict:
+        return {"max_rel_err": self.max_rel_err, "errors": dict(self.errors), "against": self.against,
+                "tol": self.tol, "ok": self.ok}
+
+
+def rel_err(got, want) -> float:
+    """Norm-relative error in f64; a non-finite value anywhere gives inf (poisoned rows must not pass)."""
+    got = np.asarray(got, np.float64) if not hasattr(got, "dtype") else np.asarray(np.asarray(got, np.float32),
+                                                                                       np.float64)
+    want = np.asarray(np.asarray(want, np.float32), np.float64)
+    if got.shape != want.shape:
+        raise ValueError(f"shape mismatch in parity check: {got.shape} vs {want.shape}")
+    if not np.isfinite(got).all():
+        return float("inf")
+    denom = np.linalg.norm(want)
+    return float(np.linalg.norm(got - want) / (denom if denom > 0 else 1.0))
+
+
+def sync(tree) -> None:
+    """Block until every array leaf of ``tree`` is computed (torch CUDA tensors: synchronise the stream)."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if hasattr(leaf, "block_until_ready"):
+            leaf.block_until_ready()
+        elif type(leaf).__module__.startswith("torch"):
+            import torch
+            if leaf.is_cuda:
+                torch.cuda.synchronize(leaf.device)
+
+
+def random_normal(key, shape, dtype, scale: float = 1.0):
+    """Standard-normal data (times ``scale``) in ``dtype``: random, never zeros."""
+    return (jax.random.normal(key, shape, jax.numpy.float32) * scale).astype(dtype)
+
+
+def rotations_for(bytes_per_set: int, cache_bytes: int = 64 << 20, most: int = 4) -> int:
+    """How many distinct input sets to cycle through so that the set timed is never the one left in cache."""
+    if bytes_per_set >= 4 * cache_bytes:
+        return 1
+    return int(min(most, max(2, -(-4 * cache_bytes // max(bytes_per_set, 1)))))
+
+
+def measure(fn: Callable, input_sets: Sequence[Sequence[Any]], *, warmup: int = 2, repeats: int = 10,
+            check: Callable[[Any], Parity] | None = None) -> tuple[Timing, Parity | None]:
+    """Time ``fn`` (see module docstring). Returns (timing, parity of the first call or None without ``check``)."""
+    if not input_sets:
+        raise ValueError("measure needs at least one input set")
+    out = fn(*input_sets[0])
+    sync(out)
+    parity = check(out) if check is not None else None
+    del out
+    for i in range(warmup):
+        sync(fn(*input_sets[(i + 1) % len(input_sets)]))
+    samples = []
+    for i in range(repeats):
+        args = input_sets[i % len(input_sets)]
+        start = time.perf_counter()
+        sync(fn(*args))
+        samples.append(time.perf_counter() - start)
+    return Timing(statistics.median(samples), tuple(samples), warmup, repeats, len(input_sets)), parity
+
+
+class Progress:
+    """A progress bar over a sweep: tqdm when installed, else one plain line per step on stderr."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.n, self.enabled = total, desc, 0, enabled
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self._bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+            except ImportError:
+                self._bar = None
+
+    def step(self, label: str = "") -> None:
+        self.n += 1
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_postfix_str(label, refresh=False)
+            self._bar.update(1)
+        else:
+            print(f"[{self.desc} {self.n}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

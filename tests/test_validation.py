@@ -1,0 +1,73 @@
+"""Bad input gets a clear error naming the argument; value problems have defined behaviour or a checked mode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moe_ops
+from moe_ops import reference as R
+from tests.helpers import keys, randn
+
+M, K, N, G = 16, 8, 12, 4
+lhs = randn(keys(0, 1)[0], (M, K))
+rhs = randn(keys(1, 1)[0], (G, K, N))
+sizes = jnp.array([3, 5, 0, 6], jnp.int32)
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda: moe_ops.gmm(lhs[None], rhs, sizes), ValueError, r"lhs must have rank 2"),
+    (lambda: moe_ops.gmm(lhs, rhs[0], sizes), ValueError, r"rhs must have rank 3"),
+    (lambda: moe_ops.gmm(lhs, rhs[:, :5], sizes), ValueError, r"rhs must be \[G_local, K, N\] with K=8"),
+    (lambda: moe_ops.gmm(lhs, rhs, sizes, transpose_rhs=True), ValueError, r"\[G_local, N, K\]"),
+    (lambda: moe_ops.gmm(lhs, rhs, sizes.astype(jnp.float32)), TypeError, r"group_sizes must be an integer"),
+    (lambda: moe_ops.gmm(lhs, rhs, sizes[None]), ValueError, r"group_sizes must have rank 1"),
+    (lambda: moe_ops.gmm(lhs, rhs, sizes[:2]), ValueError, r"G_local\) must be <= len\(group_sizes\)"),
+    (lambda: moe_ops.gmm(lhs.astype(jnp.int32), rhs, sizes), TypeError, r"lhs must be float32, bfloat16"),
+    (lambda: moe_ops.gmm(lhs, rhs, sizes, preferred_element_type=jnp.int8), TypeError, "preferred_element_type"),
+    (lambda: moe_ops.gmm(lhs, rhs, sizes, group_offset=1.5), TypeError, "group_offset"),
+    (lambda: moe_ops.gmm(lhs, rhs, sizes, implementation="cuda"), ValueError, "implementation must be"),
+    (lambda: moe_ops.tgmm(lhs, lhs[:5], sizes), ValueError, r"must share M"),
+    (lambda: moe_ops.tgmm(lhs, lhs, sizes, num_groups=9), ValueError, r"num_groups must be"),
+    (lambda: moe_ops.route(lhs, 9), ValueError, r"top_k must be an int in \[1, E=8\]"),
+    (lambda: moe_ops.route(lhs, 2, bias=jnp.zeros(3)), ValueError, r"bias must have shape \[E\]"),
+    (lambda: moe_ops.route(lhs, 2, score_fn="tanh"), ValueError, r"score_fn must be"),
+    (lambda: moe_ops.permute(lhs, jnp.zeros((M + 1, 2), jnp.int32), 4), ValueError, r"expert_ids must be \[T, k\]"),
+    (lambda: moe_ops.permute(lhs, jnp.zeros((M, 2)), 4), TypeError, r"expert_ids must be an integer"),
+    (lambda: moe_ops.unpermute(lhs, jnp.arange(M), jnp.ones((M, 2))), ValueError, r"disagree"),
+    (lambda: moe_ops.moe_ffn(lhs, lhs[:, :4], rhs, rhs, rhs, top_k=2), ValueError, r"w_down must be \[E,F,D\]"),
+    (lambda: moe_ops.moe_ffn(lhs, lhs[:, :3], rhs, rhs, jnp.swapaxes(rhs, 1, 2), top_k=2), ValueError,
+     r"router_logits must be"),
+])
+def test_bad_inputs_raise_named_errors(call, err, match):
+    with pytest.raises(err, match=match):
+        call()
+
+
+def test_sum_beyond_m_truncates_without_out_of_bounds():
+    """sum(group_sizes) > M: the last groups are cut at row M (documented); the checked mode raises instead."""
+    big = jnp.array([6, 7, 9, 4], jnp.int32)  # sum 26 > 16
+    got = jax.jit(moe_ops.gmm)(lhs, rhs, big)
+    expected = R.gmm(lhs, rhs, jnp.array([6, 7, 3, 0], jnp.int32))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    with moe_ops.checked():
+        checked_gmm = jax.jit(lambda *a: moe_ops.gmm(*a))  # a fresh trace: checks apply at trace time
+        with pytest.raises(Exception, match=r"sum to at most M=16; got sum 26"):
+            jax.block_until_ready(checked_gmm(lhs, rhs, big))
+
+
+def test_negative_sizes_count_as_zero_and_checked_mode_raises():
+    neg = jnp.array([4, -3, 5, 2], jnp.int32)
+    np.testing.assert_allclose(moe_ops.gmm(lhs, rhs, neg), R.gmm(lhs, rhs, jnp.maximum(neg, 0)), rtol=1e-5,
+                               atol=1e-5)
+    with moe_ops.checked(), pytest.raises(Exception, match="must be >= 0"):
+        jax.block_until_ready(moe_ops.gmm(lhs, rhs, neg))
+
+
+def test_out_of_range_expert_ids_are_dropped_or_raise_when_checked():
+    ids = jnp.array([[0, 5], [1, 2], [-1, 3]] * 5 + [[0, 1]], jnp.int32)
+    xs, group_sizes, sort_idx = moe_ops.permute(lhs, ids, 4)
+    assert int(group_sizes.sum()) == ids.size - 10
+    np.testing.assert_array_equal(np.asarray(ids).reshape(-1)[np.asarray(sort_idx)[-10:]], [5, -1] * 5)
+    with moe_ops.checked(), pytest.raises(Exception, match=r"expert_ids must lie in \[0, 4\)"):
+        jax.block_until_ready(jax.jit(lambda x, i: moe_ops.permute(x, i, 4))(lhs, ids))
