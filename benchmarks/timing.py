@@ -58,11 +58,16 @@ class Parity:
                 "tol": self.tol, "ok": self.ok}
 
 
+def to_numpy(x) -> np.ndarray:
+    """Host f64 copy of a jax / numpy / torch array (bf16 included)."""
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x).astype(np.float64)
+
+
 def rel_err(got, want) -> float:
     """Norm-relative error in f64; a non-finite value anywhere gives inf (poisoned rows must not pass)."""
-    got = np.asarray(got, np.float64) if not hasattr(got, "dtype") else np.asarray(np.asarray(got, np.float32),
-                                                                                       np.float64)
-    want = np.asarray(np.asarray(want, np.float32), np.float64)
+    got, want = to_numpy(got), to_numpy(want)
     if got.shape != want.shape:
         raise ValueError(f"shape mismatch in parity check: {got.shape} vs {want.shape}")
     if not np.isfinite(got).all():

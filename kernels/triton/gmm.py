@@ -1,0 +1,180 @@
+"""Triton grouped matmuls (the ``gmm`` / ``tgmm`` functions of the ``moe_ops.backend`` interface).
+
+* ``gmm``:  lhs [M,K] x rhs [G_local,K,N] (or [G_local,N,K] with ``transpose_rhs``) -> [M,N].
+  Grid: a static worst-case number of row tiles (``schedule.max_row_tiles``) times ``cdiv(N, BN)`` column tiles,
+  1-D with a GROUP_M swizzle. Each row tile comes from the device-side table of ``schedule.gmm_row_tiles`` (group,
+  row start, row end); tiles never straddle groups, rows past a tile's end are clamped on load and masked on store,
+  zero-fill tiles (non-local groups, rows beyond the sum) store zeros, idle tiles exit at once.
+  ``transpose_rhs`` is a constexpr choice of strides: no transpose is materialised.
+* ``tgmm``: lhs [M,K], rhs [M,N] -> [G_local,K,N]. Grid: G_local x cdiv(K,BK) x cdiv(N,BN) output tiles (group
+  slowest, GROUP_M swizzle inside a group); each loops over its group's rows in BM chunks (rows masked to zero past
+  the group's end), so empty groups store zeros.
+
+K and N are constexprs (static in JAX anyway): strides and divisibility are then known to the compiler, and an
+``EVEN_K`` / ``EVEN_N`` flag drops the K mask. Accumulation is f32; f32 inputs use ieee dots (exact f32 products).
+Configs come from ``kernels.triton.tuning`` unless one is passed explicitly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from kernels.registry import TARGETS, AotCase, register_aot
+from kernels.triton import schedule, tuning
+from kernels.triton.bridge import load_jax_triton
+
+__all__ = ["gmm", "tgmm"]
+
+
+@triton.jit
+def _swizzle(pid, num_rows_of_tiles, num_cols_of_tiles, GROUP_M: tl.constexpr):
+    """pid -> (tile row, tile column), walking bands of GROUP_M tile rows column by column (L2 reuse of the
+    column operand within a band, of the row operand across it). A bijection on [0, rows*cols)."""
+    width = GROUP_M * num_cols_of_tiles
+    band = pid // width
+    first = band * GROUP_M
+    height = tl.minimum(num_rows_of_tiles - first, GROUP_M)
+    return first + (pid % width) % height, (pid % width) // height
+
+
+@triton.jit
+def _gmm_kernel(lhs_ptr, rhs_ptr, tiles_ptr, out_ptr,
+                K: tl.constexpr, N: tl.constexpr, TRANSPOSE_RHS: tl.constexpr, NUM_ROW_TILES: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """One BM x BN output tile of ``out[rows of tile] = lhs[rows] @ rhs[group]`` (see the module docstring)."""
+    tile_m, tile_n = _swizzle(tl.program_id(0), NUM_ROW_TILES, tl.cdiv(N, BN), GROUP_M)
+    group = tl.load(tiles_ptr + tile_m)
+    row_start = tl.load(tiles_ptr + NUM_ROW_TILES + tile_m)
+    row_end = tl.load(tiles_ptr + 2 * NUM_ROW_TILES + tile_m)
+    offs_m = tl.arange(0, BM)
+    offs_n = tile_n * BN + tl.arange(0, BN)
+    out_ptrs = out_ptr + row_start.to(tl.int64) * N + offs_m[:, None] * N + offs_n[None, :]
+    store_mask = (offs_m[:, None] < row_end - row_start) & (offs_n[None, :] < N)
+    if group >= 0:
+        offs_k = tl.arange(0, BK)
+        rows = tl.minimum(offs_m, row_end - row_start - 1)  # clamped: loads stay inside the tile's own rows
+        cols = offs_n % N if N % BN != 0 else offs_n  # wrapped: loads stay in bounds, stores are masked
+        stride_k: tl.constexpr = 1 if TRANSPOSE_RHS else N
+        stride_n: tl.constexpr = K if TRANSPOSE_RHS else 1
+        a_ptrs = lhs_ptr + row_start.to(tl.int64) * K + rows[:, None] * K + offs_k[None, :]
+        b_ptrs = (rhs_ptr + group.to(tl.int64) * (K * N)
+                  + offs_k[:, None] * stride_k + cols[None, :] * stride_n)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BK)):
+            if K % BK == 0:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_left = K - k * BK
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+            a_ptrs += BK
+            b_ptrs += BK * stride_k
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
+    elif group == -1:  # schedule.ZERO_FILL: rows of non-local groups / beyond sum(group_sizes)
+        tl.store(out_ptrs, tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty), mask=store_mask)
+    # else schedule.IDLE: nothing to do
+
+
+@triton.jit
+def _tgmm_kernel(lhs_ptr, rhs_ptr, bounds_ptr, out_ptr,
+                 K: tl.constexpr, N: tl.constexpr, NUM_GROUPS: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """One BK x BN tile of ``out[g] = lhs[rows of g].T @ rhs[rows of g]``, reducing the group's rows BM at a time."""
+    tiles_k = tl.cdiv(K, BK)
+    tiles_per_group = tiles_k * tl.cdiv(N, BN)
+    pid = tl.program_id(0)
+    group = pid // tiles_per_group
+    tile_k, tile_n = _swizzle(pid % tiles_per_group, tiles_k, tl.cdiv(N, BN), GROUP_M)
+    start = tl.load(bounds_ptr + group)
+    end = tl.load(bounds_ptr + NUM_GROUPS + group)
+    offs_m = tl.arange(0, BM)
+    offs_k = tile_k * BK + tl.arange(0, BK)
+    offs_n = tile_n * BN + tl.arange(0, BN)
+    ks = offs_k % K if K % BK != 0 else offs_k  # wrapped: loads stay in bounds, stores are masked
+    ns = offs_n % N if N % BN != 0 else offs_n
+    a_ptrs = lhs_ptr + start.to(tl.int64) * K + offs_m[:, None] * K + ks[None, :]
+    b_ptrs = rhs_ptr + start.to(tl.int64) * N + offs_m[:, None] * N + ns[None, :]
+    acc = tl.zeros((BK, BN), dtype=tl.float32)
+    for i in range(0, tl.cdiv(end - start, BM)):
+        rows_left = end - start - i * BM
+        a = tl.load(a_ptrs, mask=offs_m[:, None] < rows_left, other=0.0)  # rows past the group's end are zero
+        b = tl.load(b_ptrs, mask=offs_m[:, None] < rows_left, other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
+        a_ptrs += BM * K
+        b_ptrs += BM * N
+    out_ptrs = out_ptr + group.to(tl.int64) * (K * N) + offs_k[:, None] * N + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
+
+
+def _launch_options(cfg: tuning.GmmConfig) -> dict:
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, BM=cfg.block_m, BN=cfg.block_n,
+                BK=cfg.block_k, GROUP_M=cfg.group_m)
+
+
+def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, config=None):
+    """lhs [M,K], rhs [G_local,K,N] ([G_local,N,K] if ``transpose_rhs``), clamped group_sizes [G] int32,
+    group_offset int32[1] -> [M,N] in ``out_dtype``; rows outside local groups are zero."""
+    jt = load_jax_triton()
+    m, k = lhs.shape
+    num_local = rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    cfg = config or tuning.pick_config("gmm", m, k, n, num_local, lhs.dtype)
+    tiles = schedule.gmm_row_tiles(group_sizes, group_offset, m, num_local, cfg.block_m)
+    num_row_tiles = tiles.shape[1]
+    return jt.triton_call(
+        lhs, rhs, tiles.reshape(-1), kernel=_gmm_kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(num_row_tiles * triton.cdiv(n, cfg.block_n),), name="moe_gmm",
+        K=k, N=n, TRANSPOSE_RHS=bool(transpose_rhs), NUM_ROW_TILES=num_row_tiles, **_launch_options(cfg))
+
+
+def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, config=None):
+    """lhs [M,K], rhs [M,N], clamped group_sizes [G] int32, group_offset int32[1] -> [G_local=num_groups,K,N],
+    ``out[g] = lhs[rows of local group g].T @ rhs[rows of g]``; empty groups give zeros."""
+    jt = load_jax_triton()
+    m, k = lhs.shape
+    n = rhs.shape[1]
+    cfg = config or tuning.pick_config("tgmm", m, k, n, num_groups, lhs.dtype)
+    bounds = schedule.tgmm_group_bounds(group_sizes, group_offset, num_groups)
+    grid = num_groups * triton.cdiv(k, cfg.block_k) * triton.cdiv(n, cfg.block_n)
+    return jt.triton_call(
+        lhs, rhs, bounds.reshape(-1), kernel=_tgmm_kernel,
+        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), grid=(grid,), name="moe_tgmm",
+        K=k, N=n, NUM_GROUPS=num_groups, **_launch_options(cfg))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AOT compile cases: every kernel x shipped config x dtype of a target, at a representative (Mixtral-like) shape.
+
+_AOT_M, _AOT_K, _AOT_N, _AOT_G = 16384, 4096, 14336, 8
+_AOT_DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
+
+
+def _aot_case(name, fn, dtype, cfg, backend, config_name, **constexprs):
+    arrays = ("lhs_ptr", "rhs_ptr", "tiles_ptr" if fn is _gmm_kernel else "bounds_ptr", "out_ptr")
+    signature = {a: "*i32" if a in ("tiles_ptr", "bounds_ptr") else f"*{dtype}" for a in arrays}
+    constexprs.update(BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m)
+    signature.update({c: "constexpr" for c in constexprs})
+    return AotCase(name, f"{config_name}:{dtype}", fn, signature, constexprs, cfg.compile_options(backend))
+
+
+@register_aot("gmm")
+def aot_cases(target: str):
+    """gmm, gmm with transpose_rhs, tgmm x every shipped config of ``target`` for bf16 and f32."""
+    backend = TARGETS[target][0]
+    cases = []
+    for dtype_name, dtype in _AOT_DTYPES.items():
+        for config_name, cfg in tuning.shipped(target, "gmm", dtype).items():
+            tiles = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
+            for transpose in (False, True):
+                cases.append(_aot_case("gmm_transposed" if transpose else "gmm", _gmm_kernel, dtype_name, cfg,
+                                       backend, config_name, K=_AOT_K, N=_AOT_N, TRANSPOSE_RHS=transpose,
+                                       NUM_ROW_TILES=tiles))
+        for config_name, cfg in tuning.shipped(target, "tgmm", dtype).items():
+            cases.append(_aot_case("tgmm", _tgmm_kernel, dtype_name, cfg, backend, config_name,
+                                   K=_AOT_K, N=_AOT_N, NUM_GROUPS=_AOT_G))
+    return cases
