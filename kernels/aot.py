@@ -57,14 +57,29 @@ def _amd_spills(amdgcn: str) -> int:
     return sum(int(n) for n in re.findall(r"\.[sv]gpr_spill_count:\s*(\d+)", amdgcn))
 
 
+def _pointer_attrs(case: AotCase) -> dict:
+    """16-byte divisibility of every pointer argument: the specialisation ``jax_triton.triton_call`` compiles with
+    (it assumes every array is 16-byte aligned), so AOT sees the same vectorised, pipelined code as the runtime."""
+    return {(case.fn.arg_names.index(name),): [["tt.divisibility", 16]]
+            for name, ty in case.signature.items() if ty.startswith("*")}
+
+
+def _ensure_cache_dir() -> None:
+    """``import jax_triton`` sets ``TRITON_CACHE_DIR=""``, which makes ``triton.compile`` fail: use a private one."""
+    if not os.environ.get("TRITON_CACHE_DIR"):
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="moe_ops_aot_")
+
+
 def compile_case(case: AotCase, target: str) -> AotReport:
     """Compile one case for ``target`` (a key of ``TARGETS``) and report resources."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     backend, arch, warp = TARGETS[target]
+    _ensure_cache_dir()
     try:
-        src = triton.compiler.ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs)
+        src = triton.compiler.ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs,
+                                        attrs=_pointer_attrs(case))
         compiled = triton.compile(src, target=GPUTarget(backend, arch, warp), options=dict(case.options))
         if backend == "cuda":
             spills = _ptxas_spills(compiled.asm["ptx"], arch)

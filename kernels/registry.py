@@ -48,5 +48,6 @@ def registered_families() -> list[str]:
 
 
 def cases_for(target: str, families: Iterable[str] | None = None) -> list[AotCase]:
-    names = registered_families() if families is None else list(families)
+    registered = registered_families()  # imports every family module, so a named family is registered too
+    names = registered if families is None else list(families)
     return [case for name in names for case in _REGISTRY[name](target)]

@@ -22,7 +22,7 @@ import importlib
 import jax
 
 IMPLEMENTATIONS = ("xla", "triton", "pallas")
-_MODULES = {"xla": "moe_ops.xla", "triton": "kernels.triton", "pallas": "kernels.pallas"}
+_MODULES = {"xla": "moe_ops.xla", "triton": "kernels.triton.backend", "pallas": "kernels.pallas.backend"}
 _DEFAULT_FOR_PLATFORM = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "pallas"}
 
 

@@ -1,13 +1,10 @@
 """Triton GPU kernels (NVIDIA sm_90, AMD gfx950 / gfx942), called from JAX through ``jax_triton.triton_call``.
 
-This package is a ``moe_ops`` backend (interface in ``moe_ops.backend``); ``gmm``/``tgmm`` live in
-``kernels.triton.gmm`` and the token-permutation ops in ``kernels.triton.sort``. On a CPU-only jaxlib the same kernels
-run through the interpreter bridge (``kernels.triton.bridge``), installed on import.
+``gmm.py`` (GMM + TGMM, tile schedule in ``schedule.py``, per-arch configs in ``tuning.py``) and ``sort.py``
+(counting sort, permute, combine); ``backend.py`` gathers them into a ``moe_ops`` backend. On a CPU-only jaxlib the
+same kernels run through the interpreter bridge (``bridge.py``), installed when this package is imported.
 """
 
-from kernels._lazy import BACKEND_FUNCTIONS, exporter
 from kernels.triton.bridge import load_jax_triton
 
 load_jax_triton()
-__getattr__ = exporter(__name__)
-__all__ = sorted(BACKEND_FUNCTIONS)

@@ -10,12 +10,14 @@
   slowest, GROUP_M swizzle inside a group); each loops over its group's rows in BM chunks (rows masked to zero past
   the group's end), so empty groups store zeros.
 
-K and N are constexprs (static in JAX anyway): strides and divisibility are then known to the compiler, and an
-``EVEN_K`` / ``EVEN_N`` flag drops the K mask. Accumulation is f32; f32 inputs use ieee dots (exact f32 products).
+K and N are constexprs (static in JAX anyway): strides and divisibility are then known to the compiler, and when
+``K % BK == 0`` (``N % BN == 0``) the K mask (the column wrap) compiles away. Accumulation is f32; f32 inputs use ieee dots (exact f32 products).
 Configs come from ``kernels.triton.tuning`` unless one is passed explicitly.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,8 @@ from kernels.triton import schedule, tuning
 from kernels.triton.bridge import load_jax_triton
 
 __all__ = ["gmm", "tgmm"]
+
+_ZERO_FILL = tl.constexpr(schedule.ZERO_FILL)  # row-tile group ids the kernel reads (see schedule, invariant 3)
 
 
 @triton.jit
@@ -75,9 +79,9 @@ def _gmm_kernel(lhs_ptr, rhs_ptr, tiles_ptr, out_ptr,
             a_ptrs += BK
             b_ptrs += BK * stride_k
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
-    elif group == -1:  # schedule.ZERO_FILL: rows of non-local groups / beyond sum(group_sizes)
+    elif group == _ZERO_FILL:  # rows of non-local groups / beyond sum(group_sizes)
         tl.store(out_ptrs, tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty), mask=store_mask)
-    # else schedule.IDLE: nothing to do
+    # else schedule.IDLE (tiles past the schedule's total): nothing to do
 
 
 @triton.jit
@@ -148,9 +152,11 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, config=N
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# AOT compile cases: every kernel x shipped config x dtype of a target, at a representative (Mixtral-like) shape.
+# AOT compile cases: every kernel x shipped config x dtype of a target at a Mixtral-like shape (K, N multiples of
+# every tile), plus the bf16 configs at a GPT-OSS-like shape whose K and N are not (masked-K / wrapped-N code paths).
 
-_AOT_M, _AOT_K, _AOT_N, _AOT_G = 16384, 4096, 14336, 8
+_AOT_M, _AOT_G = 16384, 8
+_AOT_SHAPES = {"": (4096, 14336), ":ragged_kn": (2880, 5760)}
 _AOT_DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
 
@@ -159,22 +165,25 @@ def _aot_case(name, fn, dtype, cfg, backend, config_name, **constexprs):
     signature = {a: "*i32" if a in ("tiles_ptr", "bounds_ptr") else f"*{dtype}" for a in arrays}
     constexprs.update(BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m)
     signature.update({c: "constexpr" for c in constexprs})
-    return AotCase(name, f"{config_name}:{dtype}", fn, signature, constexprs, cfg.compile_options(backend))
+    return AotCase(name, config_name, fn, signature, constexprs, cfg.compile_options(backend))
 
 
 @register_aot("gmm")
 def aot_cases(target: str):
-    """gmm, gmm with transpose_rhs, tgmm x every shipped config of ``target`` for bf16 and f32."""
+    """gmm, gmm with transpose_rhs, tgmm x every shipped config of ``target`` for bf16 and f32 (config names
+    ``"<entry>:<dtype>[:ragged_kn]"``)."""
     backend = TARGETS[target][0]
     cases = []
-    for dtype_name, dtype in _AOT_DTYPES.items():
-        for config_name, cfg in tuning.shipped(target, "gmm", dtype).items():
+    for (dtype_name, dtype), (suffix, (k, n)) in itertools.product(_AOT_DTYPES.items(), _AOT_SHAPES.items()):
+        if suffix and dtype_name != "bf16":
+            continue
+        for entry, cfg in tuning.shipped(target, "gmm", dtype).items():
             tiles = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
-            for transpose in (False, True):
+            for transpose in ((False, True) if not suffix else (False,)):
                 cases.append(_aot_case("gmm_transposed" if transpose else "gmm", _gmm_kernel, dtype_name, cfg,
-                                       backend, config_name, K=_AOT_K, N=_AOT_N, TRANSPOSE_RHS=transpose,
+                                       backend, f"{entry}:{dtype_name}{suffix}", K=k, N=n, TRANSPOSE_RHS=transpose,
                                        NUM_ROW_TILES=tiles))
-        for config_name, cfg in tuning.shipped(target, "tgmm", dtype).items():
-            cases.append(_aot_case("tgmm", _tgmm_kernel, dtype_name, cfg, backend, config_name,
-                                   K=_AOT_K, N=_AOT_N, NUM_GROUPS=_AOT_G))
+        for entry, cfg in tuning.shipped(target, "tgmm", dtype).items():
+            cases.append(_aot_case("tgmm", _tgmm_kernel, dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}",
+                                   K=k, N=n, NUM_GROUPS=_AOT_G))
     return cases

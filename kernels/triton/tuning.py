@@ -10,8 +10,10 @@ Kept apart from the kernels (``kernels.triton.gmm``): nothing here imports Trito
   on CPU the sm90 choice with tiles capped at ``CPU_MAX_TILE`` so the interpreter stays fast). An autotuned winner
   from the cache (see ``autotune``) takes precedence when present.
 * Resource notes: sm90 has 227 KiB of shared memory per block and 64K 32-bit registers per SM; gfx942 has 64 KiB
-  LDS and gfx950 160 KiB, both with 64-wide wavefronts (``num_warps`` counts wavefronts there), and the AMD
-  pipeliner keeps ``num_stages - 1`` tiles in LDS, so AMD tables use ``num_stages=2``.
+  LDS and gfx950 160 KiB, both with 64-wide wavefronts (``num_warps`` counts wavefronts there). AMD entries use
+  ``num_stages=2`` (in the AOT check gfx942 then kept one LDS buffer per operand tile, gfx950 two). The AMD-only
+  options reach the compiler in the AOT check; ``jax_triton.triton_call`` 0.3.1 forwards only num_warps /
+  num_stages / num_ctas, so at run time on ROCm they take the compiler defaults.
 """
 
 from __future__ import annotations
@@ -68,12 +70,14 @@ class GmmConfig:
 
 
 C = GmmConfig
-# Hopper: wgmma tiles (block_m a multiple of 64 per warpgroup); 128x256x64 x 3 stages = 144 KiB of shared memory.
+# Hopper: wgmma tiles (block_m a multiple of 64 per warpgroup); at most 144 KiB of shared memory per entry
+# (128x256x64 x 3 stages), so the table also fits an A100's 163 KiB. "decode" (few rows per group) is bound by
+# reading the weights once: 2 tiles of 48 KiB in flight per SM are plenty.
 _SM90 = {
     "gmm": {
         "large": C(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
         "medium": C(128, 128, 64, group_m=8, num_warps=4, num_stages=4),
-        "decode": C(64, 128, 128, group_m=1, num_warps=4, num_stages=4),
+        "decode": C(64, 128, 128, group_m=1, num_warps=4, num_stages=3),
         "small_f32": C(64, 64, 32, group_m=8, num_warps=4, num_stages=2),
     },
     "tgmm": {
@@ -83,15 +87,16 @@ _SM90 = {
     },
 }
 # MI355 (gfx950, 160 KiB LDS) and MI300 (gfx942, 64 KiB LDS): 16x16 MFMA, 2 stages, 8 waves of 64 lanes.
+# On gfx950 a 256x256x64 gmm tile (and a 64x256x256 tgmm tile) spilled VGPRs in the AOT check: 256x128 instead.
 _GFX950 = {
     "gmm": {
-        "large": C(256, 256, 64, group_m=4, num_warps=8, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16),
+        "large": C(256, 128, 64, group_m=4, num_warps=8, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16),
         "medium": C(128, 128, 64, group_m=8, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
         "decode": C(32, 128, 128, group_m=1, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
         "small_f32": C(64, 64, 32, group_m=8, num_warps=4, num_stages=2, matrix_instr_nonkdim=16),
     },
     "tgmm": {
-        "large": C(64, 256, 256, group_m=4, num_warps=8, num_stages=2, matrix_instr_nonkdim=16),
+        "large": C(64, 256, 128, group_m=4, num_warps=8, num_stages=2, matrix_instr_nonkdim=16),
         "medium": C(64, 128, 128, group_m=8, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
         "small_f32": C(32, 64, 64, group_m=8, num_warps=4, num_stages=2, matrix_instr_nonkdim=16),
     },
@@ -126,7 +131,7 @@ def shipped(arch: str, kind: str, dtype) -> dict[str, GmmConfig]:
 
 def detect_arch() -> str:
     """Tuning-table key for the default JAX device: ``"cpu"``, ``"sm90"``, ``"gfx950"`` or ``"gfx942"``.
-    NVIDIA GPUs other than Hopper use the sm90 table (every entry fits the 163 KiB of an sm80)."""
+    Other NVIDIA GPUs use the sm90 table (every entry fits the 163 KiB of shared memory of an A100)."""
     device = jax.devices()[0]
     if device.platform == "cpu":
         return "cpu"

@@ -1,0 +1,218 @@
+"""Triton GMM / TGMM (``kernels.triton.gmm``) through the CPU interpreter bridge, against ``moe_ops.reference``.
+
+Outputs are poisoned by the bridge (NaN), so a row the kernel fails to write fails ``rel_err``. Shapes are tiny and
+deliberately not multiples of the test tiles (M=70, K=40, N=56 against 16x32x16 tiles); the kernel-level functions get
+an explicit small config, the ``moe_ops`` paths use the CPU default from ``tuning.pick_config``.
+"""
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import moe_ops
+from kernels.triton import gmm as tg, schedule, tuning
+from moe_ops import reference
+from tests.helpers import GROUP_CASES, TOL, assert_close, group_sizes, group_sizes_strategy, keys, randn
+
+M, K, N, G = 70, 40, 56, 5
+CFG = tuning.GmmConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=1)
+# (group_offset, G_local): all groups, then the first, a middle and the last shard of size 2 / 1 / 2.
+SHARDS = {"all": (None, G), "first": (0, 2), "middle": (2, 1), "last": (3, 2)}
+
+
+def _seed(*parts):
+    """A deterministic seed per test case (``hash`` of a str varies between processes)."""
+    return zlib.crc32(repr(parts).encode()) % 10_000
+
+
+def _offset(off):
+    return jnp.array([0 if off is None else off], jnp.int32)
+
+
+def _rhs(key, g_local, transpose, dtype=jnp.float32, k=K, n=N):
+    return randn(key, (g_local, n, k) if transpose else (g_local, k, n), dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel-level parity.
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["kn", "nk"])
+@pytest.mark.parametrize("shard", SHARDS)
+@pytest.mark.parametrize("case", GROUP_CASES)
+def test_gmm_parity(case, shard, transpose):
+    off, g_local = SHARDS[shard]
+    k1, k2 = keys(_seed(case, shard, transpose), 2)
+    lhs, rhs, sizes = randn(k1, (M, K)), _rhs(k2, g_local, transpose), group_sizes(case, G, M, seed=3)
+    out = tg.gmm(lhs, rhs, sizes, _offset(off), transpose_rhs=transpose, out_dtype=jnp.float32, config=CFG)
+    ref = reference.gmm(lhs, rhs, sizes, group_offset=off, transpose_rhs=transpose)
+    assert out.dtype == jnp.float32
+    assert_close(out, ref, TOL[jnp.float32], f"gmm {case} {shard}")
+
+
+@pytest.mark.parametrize("shard", SHARDS)
+@pytest.mark.parametrize("case", GROUP_CASES)
+def test_tgmm_parity(case, shard):
+    off, g_local = SHARDS[shard]
+    k1, k2 = keys(_seed(case, shard), 2)
+    lhs, rhs, sizes = randn(k1, (M, K)), randn(k2, (M, N)), group_sizes(case, G, M, seed=4)
+    out = tg.tgmm(lhs, rhs, sizes, _offset(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
+    ref = reference.tgmm(lhs, rhs, sizes, group_offset=off, num_groups=g_local)
+    assert out.shape == (g_local, K, N)
+    assert_close(out, ref, TOL[jnp.float32], f"tgmm {case} {shard}")
+
+
+@pytest.mark.parametrize("cfg", [tuning.GmmConfig(32, 16, 32, group_m=1, num_stages=1),
+                                 tuning.GmmConfig(16, 64, 32, group_m=4, num_stages=1)], ids=["tall", "wide"])
+def test_tile_multiples_and_other_tiles(cfg):
+    """Sizes that are exact tile multiples (the unmasked K / N path) and sizes that are not, under other tiles."""
+    for m, k, n in [(64, 32, 64), (45, 24, 72)]:
+        k1, k2, k3 = keys(m + k + n, 3)
+        lhs, sizes = randn(k1, (m, k)), group_sizes("uneven", 4, m, seed=m)
+        rhs = randn(k2, (3, k, n))
+        out = tg.gmm(lhs, rhs, sizes, _offset(1), transpose_rhs=False, out_dtype=jnp.float32, config=cfg)
+        assert_close(out, reference.gmm(lhs, rhs, sizes, group_offset=1), 1e-5, f"gmm {m}x{k}x{n}")
+        rhs2 = randn(k3, (m, n))
+        out = tg.tgmm(lhs, rhs2, sizes, _offset(1), num_groups=3, out_dtype=jnp.float32, config=cfg)
+        assert_close(out, reference.tgmm(lhs, rhs2, sizes, group_offset=1, num_groups=3), 1e-5, f"tgmm {m}x{k}x{n}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("out_dtype", [None, jnp.float32], ids=["out_in", "out_f32"])
+def test_low_precision_inputs(dtype, out_dtype):
+    k1, k2, k3 = keys(11, 3)
+    lhs, rhs, sizes = randn(k1, (M, K), dtype), _rhs(k2, 3, False, dtype), group_sizes("empty_groups", G, M)
+    want = jnp.dtype(out_dtype or dtype)
+    out = moe_ops.gmm(lhs, rhs, sizes, group_offset=1, preferred_element_type=out_dtype, implementation="triton")
+    assert out.dtype == want
+    ref = reference.gmm(lhs, rhs, sizes, group_offset=1, preferred_element_type=out_dtype)
+    assert_close(out, ref, TOL[dtype], "gmm")
+    rhs2 = randn(k3, (M, N), dtype)
+    out = moe_ops.tgmm(lhs, rhs2, sizes, group_offset=1, num_groups=3, preferred_element_type=out_dtype,
+                       implementation="triton")
+    assert out.dtype == want
+    ref = reference.tgmm(lhs, rhs2, sizes, group_offset=1, num_groups=3, preferred_element_type=out_dtype)
+    assert_close(out, ref, TOL[dtype], "tgmm")
+
+
+def test_jit_traced_group_sizes():
+    """One jitted function, group sizes and offset traced: different routings reuse it and stay right."""
+    k1, k2 = keys(5, 2)
+    lhs, rhs = randn(k1, (M, K)), _rhs(k2, 2, True)
+    fn = jax.jit(functools.partial(tg.gmm, transpose_rhs=True, out_dtype=jnp.float32, config=CFG))
+    for case, off in [("uneven", 0), ("one_hot_group", 2), ("sum_below_m", 3)]:
+        sizes = group_sizes(case, G, M, seed=9)
+        out = fn(lhs, rhs, sizes, _offset(off))
+        assert_close(out, reference.gmm(lhs, rhs, sizes, group_offset=off, transpose_rhs=True), 1e-5, case)
+    assert fn._cache_size() == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradients through moe_ops (generic custom VJP calling these kernels) vs jax.grad of the reference.
+
+def _grads(fn, args, cot):
+    return jax.grad(lambda a, b: jnp.sum(fn(a, b).astype(jnp.float32) * cot), argnums=(0, 1))(*args)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["kn", "nk"])
+@pytest.mark.parametrize("shard", ["all", "middle", "last"])
+def test_gmm_gradients(shard, transpose):
+    off, g_local = SHARDS[shard]
+    k1, k2, k3 = keys(21 + len(shard), 3)
+    lhs, rhs, sizes = randn(k1, (M, K)), _rhs(k2, g_local, transpose), group_sizes("sum_below_m", G, M, seed=2)
+    cot = randn(k3, (M, N))
+    kw = dict(group_offset=off, transpose_rhs=transpose)
+    got = jax.jit(lambda a, b: _grads(lambda x, w: moe_ops.gmm(x, w, sizes, implementation="triton", **kw),
+                                      (a, b), cot))(lhs, rhs)
+    want = _grads(lambda x, w: reference.gmm(x, w, sizes, **kw), (lhs, rhs), cot)
+    for name, g, w in zip(("dlhs", "drhs"), got, want):
+        assert_close(g, w, 1e-5, name)
+    if off is not None:  # rows of non-local groups get exactly zero gradient
+        local = reference._local_row_ids(sizes, M, off, g_local)
+        assert np.all(np.asarray(got[0])[np.asarray(local) < 0] == 0)
+
+
+@pytest.mark.parametrize("shard", ["all", "middle"])
+def test_tgmm_gradients(shard):
+    off, g_local = SHARDS[shard]
+    k1, k2, k3 = keys(31 + len(shard), 3)
+    lhs, rhs, sizes = randn(k1, (M, K)), randn(k2, (M, N)), group_sizes("empty_groups", G, M, seed=5)
+    cot = randn(k3, (g_local, K, N))
+    kw = dict(group_offset=off, num_groups=g_local)
+    got = _grads(lambda a, b: moe_ops.tgmm(a, b, sizes, implementation="triton", **kw), (lhs, rhs), cot)
+    want = _grads(lambda a, b: reference.tgmm(a, b, sizes, **kw), (lhs, rhs), cot)
+    for name, g, w in zip(("dlhs", "drhs"), got, want):
+        assert_close(g, w, 1e-5, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hypothesis sweep over group sizes and shards.
+
+@given(data=st.data())
+def test_gmm_tgmm_random_group_sizes(data):
+    m, k, n, g = 48, 24, 40, 4
+    sizes = data.draw(group_sizes_strategy(g, m))
+    g_local = data.draw(st.integers(1, g))
+    off = data.draw(st.integers(0, g - g_local))
+    transpose = data.draw(st.booleans())
+    k1, k2, k3 = keys(data.draw(st.integers(0, 10**6)), 3)
+    lhs, rhs = randn(k1, (m, k)), _rhs(k2, g_local, transpose, k=k, n=n)
+    out = tg.gmm(lhs, rhs, sizes, _offset(off), transpose_rhs=transpose, out_dtype=jnp.float32, config=CFG)
+    assert_close(out, reference.gmm(lhs, rhs, sizes, group_offset=off, transpose_rhs=transpose), 1e-5, "gmm")
+    rhs2 = randn(k3, (m, n))
+    out = tg.tgmm(lhs, rhs2, sizes, _offset(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
+    assert_close(out, reference.tgmm(lhs, rhs2, sizes, group_offset=off, num_groups=g_local), 1e-5, "tgmm")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The device-side schedule (pure jnp: checked directly, many routings) and the tuning module.
+
+@given(data=st.data())
+def test_row_tile_schedule_invariants(data):
+    g = data.draw(st.sampled_from([1, 3, 8]))
+    m = data.draw(st.sampled_from([1, 37, 64, 300]))  # few distinct shapes: eager jnp compiles once per shape
+    bm = data.draw(st.sampled_from([16, 32, 64]))
+    sizes = np.asarray(data.draw(group_sizes_strategy(g, m)))
+    g_local = data.draw(st.integers(1, g))
+    off = data.draw(st.integers(0, g - g_local))
+    group, start, end = np.asarray(schedule.gmm_row_tiles(jnp.asarray(sizes), _offset(off), m, g_local, bm))
+    assert len(group) == schedule.max_row_tiles(m, bm, g_local)  # invariant 4: static worst case
+    total = int(np.sum(group != schedule.IDLE))
+    assert np.all(group[total:] == schedule.IDLE) and np.all(start[total:] == 0) and np.all(end[total:] == 0)
+    group, start, end = group[:total], start[:total], end[:total]
+    assert start[0] == 0 and end[-1] == m and np.all(start[1:] == end[:-1])  # invariant 2: partition of [0, M)
+    assert np.all((end - start > 0) & (end - start <= bm))  # invariant 1
+    row_group = np.repeat(group, end - start)
+    want = np.asarray(reference._local_row_ids(jnp.asarray(sizes), m, off, g_local))
+    assert np.array_equal(row_group, want)  # invariant 3 (so tiles never straddle groups, invariant 1)
+
+
+def test_tuning_tables_and_heuristic():
+    for arch, table in tuning.TABLES.items():
+        for kind in tuning.KINDS:
+            assert set(tuning.shipped(arch, kind, jnp.float32)) == {"small_f32"}
+            names = set(tuning.shipped(arch, kind, jnp.bfloat16))
+            assert names and "small_f32" not in names
+            for shape in [(16384, 4096, 14336, 8), (256, 7168, 2048, 32), (512, 256, 256, 8)]:
+                for dtype in (jnp.bfloat16, jnp.float32):
+                    cfg = tuning.pick_config(kind, *shape, dtype, arch=arch)
+                    assert cfg in tuning.shipped(arch, kind, dtype).values()
+    assert tuning.heuristic("gmm", 256, 7168, 2048, 32, jnp.bfloat16, "sm90") == "decode"
+    assert tuning.heuristic("gmm", 16384, 4096, 14336, 8, jnp.bfloat16, "sm90") == "large"
+    cpu = tuning.pick_config("gmm", 16384, 4096, 14336, 8, jnp.bfloat16, arch="cpu")
+    assert max(cpu.block_m, cpu.block_n, cpu.block_k) <= tuning.CPU_MAX_TILE
+    assert tuning.detect_arch() == "cpu"
+    with pytest.raises(ValueError):
+        tuning.GmmConfig(48, 32, 32)
+    with pytest.raises(RuntimeError, match="GPU"):
+        tuning.autotune("gmm", 64, 32, 32, 2, jnp.bfloat16)
+
+
+def test_amd_options_only_for_hip():
+    cfg = tuning.TABLES["gfx950"]["gmm"]["large"]
+    assert {"waves_per_eu", "matrix_instr_nonkdim", "kpack"} <= set(cfg.compile_options("hip"))
+    assert set(cfg.compile_options("cuda")) == {"num_warps", "num_stages"}
