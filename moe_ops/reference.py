@@ -30,8 +30,9 @@ def row_group_ids(group_sizes: jax.Array, num_rows: int) -> jax.Array:
 def _local_row_ids(group_sizes, num_rows, group_offset, num_local):
     """Local group id per row in ``[0, num_local)``, or ``-1`` for rows of non-local groups / beyond the sum."""
     offset = jnp.int32(0) if group_offset is None else jnp.asarray(group_offset, jnp.int32).reshape(())
-    local = row_group_ids(group_sizes, num_rows) - offset
-    return jnp.where((local >= 0) & (local < num_local), local, -1)
+    group = row_group_ids(group_sizes, num_rows)
+    local = group - offset
+    return jnp.where((local >= 0) & (local < num_local) & (group < group_sizes.shape[0]), local, -1)
 
 
 def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, preferred_element_type=None):
