@@ -40,6 +40,11 @@ def ops(implementation: str | None):
     return importlib.import_module(_MODULES[resolve(implementation)])
 
 
+def pallas_interpret() -> bool:
+    """Pallas TPU kernels compile for TPUs only; everywhere else they run in interpret mode (for testing)."""
+    return jax.default_backend() != "tpu"
+
+
 def on_cpu() -> bool:
     """Whether kernels must run in their CPU emulation (Triton interpreter / Pallas interpret mode)."""
     return jax.default_backend() == "cpu"

@@ -78,3 +78,15 @@ def test_rejects_non_jit_kernels():
     from kernels.triton.bridge import run_interpreted
     with pytest.raises(TypeError, match="plain @triton.jit"):
         run_interpreted(lambda: None, [], scalar_args=(), out_shapes=(), grid=(1,))
+
+
+def test_interpreting_leaves_real_compilation_intact():
+    """Interpreting a kernel whose jit helpers patch triton.language must not leave it patched: the GMM kernel still
+    compiles for sm90 afterwards (AOT checks and interpreter tests share one pytest process)."""
+    import moe_ops
+    from kernels.aot import compile_case
+    from kernels.registry import cases_for
+    k = keys(3, 2)
+    moe_ops.gmm(randn(k[0], (8, 16)), randn(k[1], (2, 16, 16)), jnp.array([3, 5], jnp.int32), implementation="triton")
+    report = compile_case(cases_for("sm90", ["gmm"])[0], "sm90")
+    assert report.ok, report.error

@@ -72,6 +72,19 @@ def _interpreted(fn):
     return InterpretedFunction(fn)
 
 
+def _call_helper_interpreted(jit_fn, *args, **kwargs):
+    """A ``@triton.jit`` helper called from an interpreted kernel. Triton's own nested call patches
+    ``triton.language`` for the interpreter and never restores it, which breaks later real compiles (AOT) of any
+    kernel in that module; patch and restore around the call instead."""
+    from triton.runtime import interpreter
+
+    scope = interpreter._patch_lang(jit_fn.fn)
+    try:
+        return _interpreted(jit_fn.fn).rewrite()(*args, **kwargs)
+    finally:
+        scope.restore()
+
+
 @contextlib.contextmanager
 def _interpreter_mode():
     """Let JITFunctions (kernels and the helpers they call) run as interpreted Python for the duration."""
@@ -80,7 +93,7 @@ def _interpreter_mode():
 
     with _lock:
         saved_call, saved_flag = JITFunction.__call__, knobs.runtime.interpret
-        JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self.fn)(*args, **kwargs)
+        JITFunction.__call__ = _call_helper_interpreted
         knobs.runtime.interpret = True
         try:
             yield
