@@ -16,7 +16,7 @@ import traceback
 
 import jax
 
-from moe_ops import IMPLEMENTATIONS, resolve_implementation
+from moe_ops import IMPLEMENTATIONS, backend, resolve_implementation
 
 _DISTRIBUTIONS = ("jax", "jaxlib", "triton", "jax-triton", "torch", "tokamax", "numpy", "matplotlib")
 
@@ -57,7 +57,7 @@ def emulation(impl: str) -> str | None:
 def reason(exc: BaseException) -> str:
     """One line naming the exception and where it came from (the innermost frame in this project)."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/site-packages/" not in f.filename]
-    where = f" at {frames[-1].filename.rsplit('/', 2)[-2:][-1]}:{frames[-1].lineno}" if frames else ""
+    where = f" at {'/'.join(frames[-1].filename.split('/')[-2:])}:{frames[-1].lineno}" if frames else ""
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {msg[:300]}{where}"
 
@@ -79,16 +79,25 @@ class Availability:
         return dataclasses.asdict(self)
 
 
-def probe(requested: str, probe_fn) -> Availability:
-    """Run ``probe_fn(implementation)`` (a tiny call of the suite's ops, blocking); any exception = unavailable."""
+# The kernel-level interface (moe_ops.backend) each suite needs from a backend module.
+NEEDS = {"gmm": ("gmm", "tgmm"),
+         "sort": ("sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad"),
+         "layer": ("gmm", "tgmm", "sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad")}
+
+
+def probe(requested: str, needs) -> Availability:
+    """Load the backend module of ``requested`` and every function in ``needs`` (no compilation): anything that stops
+    it makes the implementation unavailable, with that reason. A backend that loads but then fails when measured is
+    reported per row as ``error`` (a defect, not an absence)."""
     try:
         impl = resolve_implementation(requested)
     except ValueError as exc:
         return Availability(requested, requested, False, reason(exc))
     try:
-        importlib.import_module({"xla": "moe_ops.xla", "triton": "kernels.triton",
-                                 "pallas": "kernels.pallas"}[impl])
-        jax.block_until_ready(probe_fn(impl))
+        module = backend.ops(impl)
+        missing = [name for name in needs if not callable(getattr(module, name, None))]
+        if missing:
+            return Availability(requested, impl, False, f"{module.__name__} has no callable {missing}", emulation(impl))
     except Exception as exc:  # noqa: BLE001 - anything that stops it is the reason it is unavailable
         return Availability(requested, impl, False, reason(exc), emulation(impl))
     return Availability(requested, impl, True, "", emulation(impl))
@@ -104,21 +113,30 @@ def parse_impls(spec: str | None) -> list[str]:
     return names
 
 
-def kernel_config(impl: str, family: str, **shape) -> str | None:
-    """The tile config the backend picks for this shape, when the kernel module exposes a hook for it.
+def _known_config_lookups(impl: str):
+    """Config pickers of the shipped kernels, used when a module has no ``describe_config`` hook."""
+    if impl == "triton":
+        tuning = importlib.import_module("kernels.triton.tuning")
+        return lambda m, k, n, e, dtype: tuning.pick_config("gmm", m, k, n, e, dtype).name
+    if impl == "pallas":
+        tiling = importlib.import_module("kernels.pallas.tiling")
+        return lambda m, k, n, e, dtype: str(tiling.choose("gmm", m, k, n, e, dtype, dtype))
+    return None
 
-    Looks for ``kernels.<impl>.<family>.describe_config(**shape) -> str`` (keyword args such as m, k, n, e, dtype);
-    returns None when there is no such hook (the XLA backend has no configs)."""
+
+def kernel_config(impl: str, family: str, **shape) -> str | None:
+    """The tile config the backend picks for this shape (keyword args m, k, n, e, dtype), or None (XLA has none).
+
+    Uses ``kernels.<impl>.<family>.describe_config(**shape) -> str`` when the kernel module defines it, else the
+    known config pickers (Triton ``tuning.pick_config``, Pallas ``tiling.choose``). A failing lookup is shown as such."""
     if impl == "xla":
         return None
     try:
         mod = importlib.import_module(f"kernels.{impl}.{family}")
-    except ImportError:
-        return None
-    hook = getattr(mod, "describe_config", None)
-    if not callable(hook):
-        return None
-    try:
-        return str(hook(**shape))
-    except Exception as exc:  # noqa: BLE001 - a broken hook must not stop the benchmark, but is shown
-        return f"describe_config failed: {reason(exc)}"
+        hook = getattr(mod, "describe_config", None)
+        if callable(hook):
+            return str(hook(**shape))
+        lookup = _known_config_lookups(impl) if family == "gmm" else None
+        return None if lookup is None else lookup(**shape)
+    except Exception as exc:  # noqa: BLE001 - a broken lookup must not stop the benchmark, but is shown
+        return f"config lookup failed: {reason(exc)}"

@@ -7,8 +7,9 @@ Patterns (spec strings on the command line):
                  expert receives every token); the other experts split the rest evenly.
 * ``zipf:s``     expert popularity ~ 1/rank^s over a random ranking of the experts.
 
-``expert_ids(...)`` gives [T, k] int32 ids with k *distinct* experts per token (what a top-k router produces);
-``group_sizes(...)`` gives [E] int32 sizes summing to M (for the grouped-matmul suite, which has no tokens).
+``expert_ids(...)`` gives [T, k] int32 ids with k *distinct* experts per token (what a top-k router produces), in
+random token order; ``group_sizes(...)`` gives [E] int32 sizes summing to M (for the grouped-matmul suite, which has
+no tokens: one expert per row); ``logits_for_ids`` gives router logits whose top-k are exactly those ids.
 ``source()`` says which generator ran: ``"moe_ops.imbalance"`` or ``"benchmarks.routing (local)"`` with the reason.
 """
 
@@ -67,9 +68,9 @@ def parse_list(specs: str) -> list[Pattern]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Which generator: moe_ops.imbalance when it offers the two functions, else the local one (and say why).
+# Which generator: moe_ops.imbalance when it offers its generators, else the local one (and say why).
 
-_IMBALANCE_API = ("expert_ids", "group_sizes")
+_IMBALANCE_API = ("balanced_ids", "hot_ids", "zipf_ids", "logits_for_ids")
 
 
 def _imbalance_module():
@@ -89,25 +90,45 @@ def source() -> str:
     return "moe_ops.imbalance" if mod is not None else f"benchmarks.routing (local): {reason}"
 
 
-def _pattern_kwargs(p: Pattern) -> dict:
-    return {"pattern": p.name, "hot": p.hot, "factor": p.factor, "s": p.s}
+def _imbalance_ids(mod, t: int, e: int, k: int, p: Pattern, rng) -> np.ndarray:
+    if p.name == "balanced":
+        ids = mod.balanced_ids(t, e, k)
+    elif p.name == "hot":
+        hot = np.sort(rng.choice(e, size=p.hot, replace=False))
+        ids = mod.hot_ids(t, e, k, num_hot=p.hot, factor=p.factor, hot_experts=hot)
+    elif p.name == "zipf":
+        ids = mod.zipf_ids(t, e, k, s=p.s, seed=int(rng.integers(1 << 31)))
+    else:
+        raise ValueError(f"unknown pattern {p.name!r}")
+    return np.asarray(ids, np.int32)[rng.permutation(t)]  # random token order; the loads are unchanged
 
 
 def expert_ids(num_tokens: int, num_experts: int, top_k: int, pattern: Pattern, seed: int = 0) -> np.ndarray:
     """[T, k] int32 expert ids, k distinct experts per token, whose counts follow ``pattern``."""
     mod, _ = _imbalance_module()
     if mod is not None:
-        return np.asarray(mod.expert_ids(num_tokens, num_experts, top_k, seed=seed, **_pattern_kwargs(pattern)),
-                          np.int32)
+        return _imbalance_ids(mod, num_tokens, num_experts, top_k, pattern, np.random.default_rng(seed))
     return _local_expert_ids(num_tokens, num_experts, top_k, pattern, seed)
 
 
 def group_sizes(num_rows: int, num_experts: int, pattern: Pattern, seed: int = 0) -> np.ndarray:
-    """[E] int32 group sizes summing to ``num_rows`` that follow ``pattern``."""
+    """[E] int32 group sizes summing to ``num_rows`` that follow ``pattern`` (one expert per row: k = 1)."""
     mod, _ = _imbalance_module()
     if mod is not None:
-        return np.asarray(mod.group_sizes(num_rows, num_experts, seed=seed, **_pattern_kwargs(pattern)), np.int32)
+        ids = _imbalance_ids(mod, num_rows, num_experts, 1, pattern, np.random.default_rng(seed))
+        return np.bincount(ids.ravel(), minlength=num_experts).astype(np.int32)
     return _target_counts(num_rows, num_experts, pattern, cap=num_rows, rng=np.random.default_rng(seed))
+
+
+def logits_for_ids(ids: np.ndarray, num_experts: int, seed: int = 0) -> np.ndarray:
+    """Router logits [T, E] f32 whose top-k are exactly ``ids`` (chosen in (3, 4), others in (-1, 0))."""
+    mod, _ = _imbalance_module()
+    if mod is not None:
+        return np.asarray(mod.logits_for_ids(ids, num_experts, seed=seed), np.float32)
+    rng = np.random.default_rng(seed)
+    logits = rng.uniform(-1.0, 0.0, (ids.shape[0], num_experts))
+    np.put_along_axis(logits, np.asarray(ids), rng.uniform(3.0, 4.0, ids.shape), axis=1)
+    return logits.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------

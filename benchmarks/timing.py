@@ -88,7 +88,14 @@ def sync(tree) -> None:
 
 
 def random_normal(key, shape, dtype, scale: float = 1.0):
-    """Standard-normal data (times ``scale``) in ``dtype``: random, never zeros."""
+    """Standard-normal data (times ``scale``) in ``dtype``: random, never zeros.
+
+    On CPU it is drawn with numpy (seeded from ``key``): no XLA compilation per shape, which dominates small runs
+    there; on accelerators with ``jax.random`` on device (no host transfer of GiB-sized operands)."""
+    if jax.default_backend() == "cpu":
+        seed = int(np.asarray(jax.random.key_data(key)).ravel()[-1])
+        data = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * np.float32(scale)
+        return jax.numpy.asarray(data.astype(jax.numpy.dtype(dtype)))
     return (jax.random.normal(key, shape, jax.numpy.float32) * scale).astype(dtype)
 
 

@@ -1,0 +1,73 @@
+"""One JSON record per measurement (schema in benchmarks/README.md), and the cross-record ratios.
+
+Every record carries the device and versions it was measured with, so records can be pooled across runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from benchmarks import env
+
+SCHEMA_VERSION = 1
+
+
+def record(*, suite: str, op: str, pass_: str, implementation: str, kind: str, shape: dict, dtype: str,
+           pattern: dict | None = None, requested: str | None = None, emulated: str | None = None,
+           status: str = "ok", reason: str = "", timing=None, parity=None, flops: float | None = None,
+           bytes_moved: float | None = None, config: str | None = None, routing: dict | None = None,
+           extra: dict | None = None) -> dict:
+    """A measurement (``status`` ok) or the reason there is none (unavailable / error / oom / parity_fail)."""
+    rec = {
+        "schema_version": SCHEMA_VERSION, "suite": suite, "op": op, "pass": pass_,
+        "implementation": implementation, "requested": requested or implementation, "kind": kind,
+        "emulated": emulated is not None, "emulation": emulated, "status": status, "reason": reason,
+        "shape": shape, "dtype": dtype, "pattern": pattern, "routing": routing, "config": config,
+        "time_ms": None, "samples_ms": None, "warmup": None, "repeats": None, "rotations": None,
+        "flops": flops, "tflops": None, "bytes": bytes_moved, "gbps": None,
+        "ceiling_basis": None, "pct_of_ceiling": None, "ceiling": None, "ratio_to": {}, "slowdown_vs_balanced": None,
+        "parity": parity.as_dict() if parity is not None else None, "note": "",
+        "device": env.device(), "versions": env.versions(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if timing is not None:
+        rec.update(timing.as_dict())
+        t = timing.median_s
+        if flops:
+            rec["tflops"] = flops / t / 1e12
+        if bytes_moved:
+            rec["gbps"] = bytes_moved / t / 1e9
+    if parity is not None and status == "ok" and not parity.ok:
+        rec["status"] = "parity_fail"
+        rec["reason"] = f"max rel err {parity.max_rel_err:.3g} > tol {parity.tol:g} vs {parity.against}"
+    if extra:
+        rec.update(extra)
+    return rec
+
+
+def _key(rec: dict) -> tuple:
+    return rec["suite"], rec["op"], rec["pass"], rec["shape"].get("name"), rec["dtype"], \
+        (rec["pattern"] or {}).get("label")
+
+
+def add_ratios(records: list[dict], ceilings: dict) -> None:
+    """Fill ``ratio_to`` (other's time / this time: > 1 means this is faster), ``slowdown_vs_balanced`` and
+    ``pct_of_ceiling`` (TFLOP/s vs the dense matmul, or GB/s vs the copy rate) in place."""
+    timed = [r for r in records if r["status"] == "ok" and r["time_ms"]]
+    groups: dict = {}
+    for r in timed:
+        groups.setdefault(_key(r), []).append(r)
+    for r in timed:
+        for other in groups[_key(r)]:
+            if other is not r:
+                r["ratio_to"][other["implementation"]] = other["time_ms"] / r["time_ms"]
+        if r["pattern"] and r["pattern"].get("name") != "balanced":
+            key = _key(r)[:-1] + ("balanced",)
+            base = [b for b in groups.get(key, []) if b["implementation"] == r["implementation"]]
+            if base:
+                r["slowdown_vs_balanced"] = r["time_ms"] / base[0]["time_ms"]
+        basis = r.get("ceiling_basis")
+        if basis == "copy" and r["gbps"] and ceilings.get("copy_gbps"):
+            r["pct_of_ceiling"], r["ceiling"] = 100 * r["gbps"] / ceilings["copy_gbps"], "copy"
+        elif basis == "matmul" and r["tflops"] and ceilings.get("matmul_tflops"):
+            r["pct_of_ceiling"], r["ceiling"] = 100 * r["tflops"] / ceilings["matmul_tflops"], "matmul"

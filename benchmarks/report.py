@@ -1,0 +1,175 @@
+"""Output: a readable table on stdout, the JSON document (schema in benchmarks/README.md), and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from benchmarks import env
+from benchmarks.records import SCHEMA_VERSION
+
+
+def _fmt(x, spec=".3g", none="-"):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return none
+    return format(x, spec)
+
+
+def _impl_label(r: dict) -> str:
+    return r["implementation"] + (" (emulated)" if r["emulated"] else "")
+
+
+def _shape_label(shape: dict) -> str:
+    dims = {k: v for k, v in shape.items() if k != "name"}
+    return f"{shape.get('name', '')} " + "x".join(f"{k}{v}" for k, v in dims.items())
+
+
+def _rate(r: dict) -> str:
+    if r["ceiling_basis"] == "copy" and r["gbps"] is not None:
+        return f"{r['gbps']:.3g} GB/s"
+    if r["tflops"] is not None:
+        return f"{r['tflops']:.3g} TFLOP/s"
+    return "-"
+
+
+def _ratios(r: dict) -> str:
+    return " ".join(f"{k}:{v:.2f}x" for k, v in sorted(r["ratio_to"].items())) or "-"
+
+
+def table(records: list[dict]) -> str:
+    """One line per record, grouped by suite; unavailable / failed rows say why."""
+    cols = ("op", "pass", "shape", "pattern", "implementation", "status", "time ms", "rate", "% ceil",
+            "parity (max rel err)", "vs others (their time / ours)", "slowdown vs balanced")
+    lines = []
+    for suite in dict.fromkeys(r["suite"] for r in records):
+        rows = []
+        for r in (x for x in records if x["suite"] == suite):
+            parity = r["parity"]
+            par = "-" if parity is None else f"{_fmt(parity['max_rel_err'], '.2e')} {'ok' if parity['ok'] else 'FAIL'}"
+            status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+            rows.append((r["op"], r["pass"], _shape_label(r["shape"]), (r["pattern"] or {}).get("label", "-"),
+                         _impl_label(r), status, _fmt(r["time_ms"], ".4g"), _rate(r),
+                         _fmt(r["pct_of_ceiling"], ".1f"), par, _ratios(r), _fmt(r["slowdown_vs_balanced"], ".2f")))
+        widths = [min(max(len(str(c)) for c in col), 70) for col in zip(cols, *rows)]
+        lines.append(f"\n== {suite} ==")
+        lines.append(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
+        lines.append("-+-".join("-" * w for w in widths))
+        for row in rows:
+            lines.append(" | ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    return "\n".join(lines)
+
+
+def summary(records: list[dict]) -> list[dict]:
+    """Per (suite, op, pass, moe_ops implementation): geometric mean over shapes (balanced routing) of the speed ratio
+    to each other implementation, mean % of ceiling, and the worst slowdown vs balanced."""
+    out = []
+    ours = [r for r in records if r["kind"] == "moe_ops" and r["status"] == "ok"]
+    for key in dict.fromkeys((r["suite"], r["op"], r["pass"], r["implementation"]) for r in ours):
+        rows = [r for r in ours if (r["suite"], r["op"], r["pass"], r["implementation"]) == key]
+        bal = [r for r in rows if (r["pattern"] or {}).get("name") == "balanced"]
+        others = sorted({o for r in bal for o in r["ratio_to"]})
+        geo = {o: math.exp(sum(math.log(r["ratio_to"][o]) for r in bal if o in r["ratio_to"]) /
+                           sum(1 for r in bal if o in r["ratio_to"])) for o in others}
+        pct = [r["pct_of_ceiling"] for r in bal if r["pct_of_ceiling"] is not None]
+        slow = [r["slowdown_vs_balanced"] for r in rows if r["slowdown_vs_balanced"] is not None]
+        out.append({"suite": key[0], "op": key[1], "pass": key[2], "implementation": key[3], "shapes": len(bal),
+                    "geomean_ratio_to": geo, "mean_pct_of_ceiling": sum(pct) / len(pct) if pct else None,
+                    "max_slowdown_vs_balanced": max(slow) if slow else None})
+    return out
+
+
+def summary_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    lines = ["\n== summary (balanced routing; ratio = their time / ours, geometric mean over shapes) =="]
+    for s in rows:
+        ratios = " ".join(f"{k}:{v:.2f}x" for k, v in s["geomean_ratio_to"].items()) or "-"
+        lines.append(f"{s['suite']} {s['op']} {s['pass']} {s['implementation']}: {s['shapes']} shapes, "
+                     f"mean {_fmt(s['mean_pct_of_ceiling'], '.1f')} % of ceiling, vs {ratios}, "
+                     f"worst slowdown vs balanced {_fmt(s['max_slowdown_vs_balanced'], '.2f')}")
+    return "\n".join(lines)
+
+
+def header(doc: dict) -> str:
+    dev, ver = doc["device"], doc["versions"]
+    out = [f"device: {dev['backend']} ({dev['kind']}) x{dev['count']}  host {dev['host']}",
+           "versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v),
+           f"routing generator: {doc['routing_source']}"]
+    if doc.get("ceilings"):
+        c = doc["ceilings"]
+        out.append(f"ceilings (this run): dense matmul {_fmt(c.get('matmul_tflops'))} TFLOP/s, "
+                   f"copy {_fmt(c.get('copy_gbps'))} GB/s")
+    for a in doc["implementations"]:
+        state = "available" if a["available"] else f"UNAVAILABLE: {a['reason']}"
+        emu = f" [emulated: {a['emulated']}]" if a["emulated"] else ""
+        out.append(f"implementation {a['requested']} -> runs {a['implementation']} ({a['suite']}): {state}{emu}")
+    return "\n".join(out)
+
+
+def document(records, *, command, started, finished, ceilings, implementations, routing_source) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "command": command, "started": started, "finished": finished,
+            "device": env.device(), "versions": env.versions(), "routing_source": routing_source,
+            "ceilings": ceilings, "implementations": implementations, "summary": summary(records),
+            "records": records}
+
+
+def write_json(doc: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=1, default=str)
+
+
+def write_plot(records: list[dict], path: str) -> str | None:
+    """PNG with (left) % of ceiling (or the raw rate) per shape and implementation, (right) time vs skew.
+    Returns None when written, else why not (matplotlib missing / nothing measured)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"no plot: {exc}"
+    ok = [r for r in records if r["status"] == "ok" and r["suite"] != "ceiling"]
+    if not ok:
+        return "no plot: no successful measurement"
+    use_pct = all(r["pct_of_ceiling"] is not None for r in ok)
+    value = (lambda r: r["pct_of_ceiling"]) if use_pct else \
+        (lambda r: r["gbps"] if r["ceiling_basis"] == "copy" else r["tflops"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 6))
+    balanced = [r for r in ok if (r["pattern"] or {}).get("name", "balanced") == "balanced"]
+    groups = list(dict.fromkeys(f"{r['suite']}:{r['op']} {r['shape']['name']} {r['pass']}" for r in balanced))
+    impls = list(dict.fromkeys(_impl_label(r) for r in balanced))
+    width = 0.8 / max(len(impls), 1)
+    for i, impl in enumerate(impls):
+        xs, ys = [], []
+        for j, g in enumerate(groups):
+            hit = [r for r in balanced if _impl_label(r) == impl and
+                   f"{r['suite']}:{r['op']} {r['shape']['name']} {r['pass']}" == g]
+            if hit and value(hit[0]) is not None:
+                xs.append(j + i * width)
+                ys.append(value(hit[0]))
+        ax1.bar(xs, ys, width, label=impl)
+    ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=60, ha="right", fontsize=7)
+    ax1.set_ylabel("% of this run's ceiling (matmul or copy)" if use_pct else "TFLOP/s (GB/s for copy-bound ops)")
+    ax1.set_title("balanced routing")
+    ax1.legend(fontsize=7)
+    lines: dict = {}
+    for r in ok:
+        if r["routing"]:
+            key = f"{_impl_label(r)} {r['suite']}:{r['op']} {r['shape']['name']} {r['pass']}"
+            lines.setdefault(key, []).append((r["routing"]["max_over_mean"], r["time_ms"]))
+    for key, pts in lines.items():
+        if len(pts) > 1:
+            pts.sort()
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    ax2.set_xlabel("skew: max rows per expert / mean")
+    ax2.set_ylabel("time (ms, median)")
+    ax2.set_yscale("log")
+    ax2.set_title("time vs routing skew")
+    if ax2.lines:
+        ax2.legend(fontsize=6)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -1,0 +1,199 @@
+"""The benchmark harness in tiny mode: JSON schema, parity column, unavailable implementations reported, PNG written.
+
+Runs ``benchmarks.__main__.main`` in-process on tiny shapes with the XLA backend (plus Pallas in interpret mode for
+the emulated label) and one implementation made unavailable on purpose; a few unit checks of timing / routing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import __main__ as bench
+from benchmarks import records, routing, timing
+from moe_ops import backend
+
+RECORD_KEYS = {
+    "schema_version", "suite", "op", "pass", "implementation", "requested", "kind", "emulated", "emulation",
+    "status", "reason", "shape", "dtype", "pattern", "routing", "config", "time_ms", "samples_ms", "warmup",
+    "repeats", "rotations", "flops", "tflops", "bytes", "gbps", "ceiling_basis", "pct_of_ceiling", "ceiling",
+    "ratio_to", "slowdown_vs_balanced", "parity", "note", "device", "versions", "timestamp",
+}
+DOC_KEYS = {"schema_version", "command", "started", "finished", "device", "versions", "routing_source", "ceilings",
+            "implementations", "summary", "records"}
+STATUSES = {"ok", "unavailable", "error", "oom", "parity_fail"}
+QUICK = ["--repeats", "2", "--warmup", "1", "--no-progress"]
+
+
+def _check_schema(doc):
+    assert set(doc) == DOC_KEYS
+    for key in ("jax", "jaxlib", "triton", "jax-triton", "torch"):
+        assert key in doc["versions"]
+    assert doc["device"]["backend"] == "cpu"
+    assert doc["ceilings"]["matmul_tflops"] > 0 and doc["ceilings"]["copy_gbps"] > 0
+    for rec in doc["records"]:
+        assert set(rec) == RECORD_KEYS, set(rec) ^ RECORD_KEYS
+        assert rec["status"] in STATUSES
+        assert rec["pass"] in ("fwd", "fwd+bwd")
+        if rec["status"] == "ok":
+            assert rec["time_ms"] > 0 and len(rec["samples_ms"]) == rec["repeats"]
+            assert rec["time_ms"] == pytest.approx(float(np.median(rec["samples_ms"])))
+            assert rec["tflops"] or rec["gbps"]
+        else:
+            assert rec["reason"], rec
+            assert rec["time_ms"] is None
+
+
+@pytest.fixture()
+def triton_unavailable(monkeypatch):
+    """Make the Triton backend fail to load, as a missing kernel module would."""
+    monkeypatch.setitem(backend._MODULES, "triton", "kernels.no_such_backend_for_this_test")
+
+
+def test_main_job_tiny(tmp_path, triton_unavailable, capsys):
+    out_json, out_png = tmp_path / "main.json", tmp_path / "main.png"
+    rc = bench.main(["main", "--impl", "xla,triton,pallas", "--patterns", "balanced,hot:1:4", *QUICK,
+                     "--json", str(out_json), "--plot", str(out_png)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    doc = json.loads(out_json.read_text())
+    _check_schema(doc)
+    main = [r for r in doc["records"] if r["suite"] == "main"]
+
+    # the unavailable implementation is reported (rows + availability entry + printed reason), not skipped
+    tri = [r for r in main if r["requested"] == "triton"]
+    assert {r["pass"] for r in tri} == {"fwd", "fwd+bwd"}
+    assert all(r["status"] == "unavailable" and "no_such_backend" in r["reason"] for r in tri)
+    entry = [e for e in doc["implementations"] if e["requested"] == "triton"]
+    assert entry and not entry[0]["available"]
+    assert "UNAVAILABLE" in printed and "no_such_backend" in printed
+
+    # XLA ran (named as such) at both shapes and every pattern, with a passing parity column on forward and grads
+    xla = [r for r in main if r["implementation"] == "xla" and r["status"] == "ok"]
+    assert {(r["shape"]["name"], r["pattern"]["label"], r["pass"]) for r in xla} == {
+        (s, p, q) for s, p in (("small", "balanced"), ("small", "hot:1:4"), ("tiny", "balanced"))
+        for q in ("fwd", "fwd+bwd")}
+    for r in xla:
+        par = r["parity"]
+        assert par["ok"] and 0 <= par["max_rel_err"] <= par["tol"] and "moe_ffn_dense" in par["against"]
+        names = set(par["errors"])
+        assert names == ({"out"} if r["pass"] == "fwd" else {"dx", "dlogits", "dw_gate", "dw_up", "dw_down"})
+    hot = [r for r in xla if r["pattern"]["label"] == "hot:1:4"]
+    assert all(r["slowdown_vs_balanced"] > 0 and r["routing"]["max_over_mean"] == pytest.approx(4.0) for r in hot)
+
+    # Pallas runs in interpret mode here: labelled emulated, tiny shape only
+    pal = [r for r in main if r["requested"] == "pallas"]
+    assert pal and all(r["emulated"] and "interpret" in r["emulation"] for r in pal)
+    assert {r["shape"]["name"] for r in pal} == {"tiny"}
+    assert "(emulated)" in printed and "parity" in printed
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not out_png.exists() and "plot not written" in printed
+    else:
+        assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gmm_and_sort_suites_tiny(tmp_path, capsys):
+    out_json = tmp_path / "suites.json"
+    rc = bench.main(["all", "--tiny", "--impl", "xla", "--shapes", "decode,dsv3", "--patterns", "balanced",
+                     *QUICK, "--json", str(out_json)])
+    assert rc == 0
+    assert "suite layer: none of --shapes" in capsys.readouterr().err
+    doc = json.loads(out_json.read_text())
+    _check_schema(doc)
+    gmm = [r for r in doc["records"] if r["suite"] == "gmm"]
+    # peers that cannot run on CPU are reported with their reason; lax.ragged_dot runs and is compared
+    by_impl = {r["implementation"]: r for r in gmm if r["pass"] == "fwd" and r["shape"]["name"] == "decode-tiny"}
+    assert by_impl["torch._grouped_mm"]["status"] == "unavailable" and by_impl["torch._grouped_mm"]["reason"]
+    assert by_impl["tokamax:mosaic"]["status"] == "unavailable"
+    assert by_impl["lax.ragged_dot"]["status"] == "ok" and by_impl["lax.ragged_dot"]["parity"]["ok"]
+    ours = by_impl["xla"]
+    assert ours["parity"]["ok"] and "lax.ragged_dot" in ours["ratio_to"]
+    assert ours["ceiling_basis"] == "copy" and ours["pct_of_ceiling"] > 0  # decode: judged against the copy rate
+    summ = [s for s in doc["summary"] if (s["suite"], s["pass"], s["implementation"]) == ("gmm", "fwd", "xla")]
+    assert summ and summ[0]["geomean_ratio_to"]["lax.ragged_dot"] == pytest.approx(ours["ratio_to"]["lax.ragged_dot"])
+    sort = [r for r in doc["records"] if r["suite"] == "sort" and r["status"] == "ok"]
+    assert {r["implementation"] for r in sort} == {"xla", "xla:argsort+take", "xla:scatter+einsum"}
+    exact = [r for r in sort if r["op"] == "permute" and r["pass"] == "fwd"]
+    assert exact and all(r["parity"]["tol"] == 0.0 and r["parity"]["max_rel_err"] == 0.0 for r in exact)
+    assert not [r for r in doc["records"] if r["suite"] == "layer"]
+
+
+def test_wrong_implementation_fails_the_run(tmp_path, monkeypatch, capsys):
+    """A backend that gives a wrong answer is caught by the first-call check: parity_fail rows and exit status 1."""
+    from moe_ops import xla
+    right = xla.gmm
+    monkeypatch.setattr(xla, "gmm", lambda *a, **kw: right(*a, **kw) * 1.01)
+    out_json = tmp_path / "bad.json"
+    rc = bench.main(["gmm", "--tiny", "--impl", "xla", "--shapes", "decode", "--peers", "lax.ragged_dot",
+                     "--patterns", "balanced", *QUICK, "--json", str(out_json)])
+    assert rc == 1
+    assert "FAILED: gmm gmm fwd xla" in capsys.readouterr().err
+    recs = json.loads(out_json.read_text())["records"]
+    ours = [r for r in recs if r["implementation"] == "xla"]
+    assert {r["status"] for r in ours} == {"parity_fail"}
+    assert all(r["parity"]["max_rel_err"] > r["parity"]["tol"] for r in ours)
+    assert all(r["status"] == "ok" for r in recs if r["implementation"] == "lax.ragged_dot")
+
+
+def test_parity_failure_is_a_failed_row():
+    bad = timing.Parity({"out": 0.5}, "reference", 1e-4)
+    rec = records.record(suite="gmm", op="gmm", pass_="fwd", implementation="xla", kind="moe_ops",
+                         shape={"name": "s"}, dtype="float32", timing=timing.Timing(1e-3, (1e-3,), 0, 1, 1),
+                         parity=bad)
+    assert rec["status"] == "parity_fail" and "0.5" in rec["reason"]
+    assert timing.rel_err(np.array([np.nan, 1.0]), np.array([1.0, 1.0])) == np.inf
+
+
+def test_measure_checks_first_call_and_rotates():
+    calls = []
+
+    def fn(x):
+        calls.append(float(x[0]))
+        return x * 2
+
+    sets = [(jnp.full((4,), float(i + 1)),) for i in range(3)]
+    seen = []
+    t, parity = timing.measure(fn, sets, warmup=1, repeats=5,
+                               check=lambda out: seen.append(out) or timing.Parity({"o": 0.0}, "x", 0.0))
+    assert calls[0] == 1.0 and len(seen) == 1 and float(seen[0][0]) == 2.0   # first call checked
+    assert sorted(set(calls[2:])) == [1.0, 2.0, 3.0]                       # timed calls cycle through the sets
+    assert t.repeats == 5 and len(t.samples_s) == 5 and t.median_s == float(np.median(t.samples_s))
+    assert parity.ok
+
+
+@pytest.mark.parametrize("spec", ["balanced", "hot:1:4", "hot:2:-1", "zipf:1.2"])
+@pytest.mark.parametrize("local", [False, True])
+def test_routing_patterns(spec, local, monkeypatch):
+    if local:
+        monkeypatch.setattr(routing, "_imbalance_module", lambda: (None, "forced local"))
+        assert routing.source().startswith("benchmarks.routing (local)")
+    t, e, k = 64, 8, 2
+    pattern = routing.parse(spec)
+    ids = routing.expert_ids(t, e, k, pattern, seed=3)
+    assert ids.shape == (t, k) and all(len(set(row)) == k for row in ids)
+    loads = np.bincount(ids.ravel(), minlength=e)
+    assert loads.sum() == t * k and loads.max() <= t
+    if spec == "balanced":
+        assert loads.min() == loads.max()
+    if spec == "hot:1:4":
+        assert loads.max() == 4 * t * k // e
+    if spec == "hot:2:-1":
+        assert np.sort(loads)[-2:].tolist() == [t, t]
+    sizes = routing.group_sizes(100, e, pattern, seed=3)
+    assert sizes.sum() == 100 and (sizes >= 0).all()
+    logits = routing.logits_for_ids(ids, e, seed=0)
+    top = np.argsort(-logits, axis=1)[:, :k]
+    assert (np.sort(top, axis=1) == np.sort(ids, axis=1)).all()
+
+
+def test_bad_pattern_and_shape_names():
+    with pytest.raises(ValueError, match="hot:W:f"):
+        routing.parse("hot:4")
+    with pytest.raises(SystemExit):
+        bench.main(["gmm", "--tiny", "--shapes", "no-such-shape", "--no-progress"])
