@@ -13,6 +13,12 @@ Every backend module exposes the same kernel-level functions (no validation, no 
 * ``combine_weight_grad(dout[T,D], y[T*k,D], sort_idx, k, n_valid=None) -> [T, k] f32``
 
 where ``group_sizes`` are already clamped (non-negative, ``sum <= M``) and ``group_offset`` is int32 of shape (1,).
+
+``n_valid`` (the valid-prefix form for expert parallelism; ``None`` means all ``N = T*k`` rows) is an int scalar or
+shape-(1,) int array on device, clamped to ``[0, N]``: ``gather_rows`` writes zeros to rows ``>= n_valid`` without
+reading ``x`` for them, and ``combine_rows`` / ``combine_weight_grad`` never read ``y`` rows ``>= n_valid`` (they
+contribute zero). ``sort_idx`` is always a full permutation of ``[0, N)``; slots that must not be routed carry an
+out-of-range expert id, sort last, and ``n_valid = sum(group_sizes)`` covers exactly the routed rows.
 """
 
 from __future__ import annotations
@@ -43,8 +49,3 @@ def ops(implementation: str | None):
 def pallas_interpret() -> bool:
     """Pallas TPU kernels compile for TPUs only; everywhere else they run in interpret mode (for testing)."""
     return jax.default_backend() != "tpu"
-
-
-def on_cpu() -> bool:
-    """Whether kernels must run in their CPU emulation (Triton interpreter / Pallas interpret mode)."""
-    return jax.default_backend() == "cpu"

@@ -4,6 +4,13 @@
 * ``unpermute``: ``out[t] = sum_j w[t,j] * y[inverse[t*k+j]]``.
   ``dy = gather_rows(dout, sort_idx, k, row_weights=w)`` (a weighted permute) and
   ``dw[t,j] = <dout[t], y[inverse[t*k+j]]>`` (``combine_weight_grad``).
+
+Valid-prefix form (expert parallelism, worst-case-sized buffers): with ``n_valid`` (an int32 device scalar), only
+sorted rows ``i < n_valid`` exist. ``permute`` writes zeros to rows ``>= n_valid`` (and reads nothing for them);
+``unpermute`` ignores ``y_sorted`` rows ``>= n_valid`` (they contribute zero and get zero gradient). The two are
+adjoint with the same ``n_valid``, so the VJPs above carry it unchanged. Ids that should not be routed are given an
+out-of-range expert id: they sort after every valid row, so ``n_valid = sum(group_sizes)`` covers exactly the
+routed copies.
 """
 
 from __future__ import annotations
@@ -18,48 +25,60 @@ from moe_ops import backend, validation
 __all__ = ["permute", "unpermute"]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _gather(x, sort_idx, k, impl):
-    return backend.ops(impl).gather_rows(x, sort_idx, k)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gather(x, sort_idx, n_valid, k, impl):
+    return backend.ops(impl).gather_rows(x, sort_idx, k, n_valid=n_valid)
 
 
-def _gather_fwd(x, sort_idx, k, impl):
-    return _gather(x, sort_idx, k, impl), sort_idx
+def _gather_fwd(x, sort_idx, n_valid, k, impl):
+    return _gather(x, sort_idx, n_valid, k, impl), (sort_idx, n_valid)
 
 
-def _gather_bwd(k, impl, sort_idx, dx_sorted):
+def _gather_bwd(k, impl, residuals, dx_sorted):
+    sort_idx, n_valid = residuals
     ones = jnp.ones((sort_idx.shape[0] // k, k), jnp.float32)
-    return _combine(dx_sorted, sort_idx, ones, impl), None
+    return _combine(dx_sorted, sort_idx, ones, n_valid, impl), None, None
 
 
 _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _combine(y, sort_idx, weights, impl):
-    return backend.ops(impl).combine_rows(y, sort_idx, weights)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _combine(y, sort_idx, weights, n_valid, impl):
+    return backend.ops(impl).combine_rows(y, sort_idx, weights, n_valid=n_valid)
 
 
-def _combine_fwd(y, sort_idx, weights, impl):
-    return _combine(y, sort_idx, weights, impl), (y, sort_idx, weights)
+def _combine_fwd(y, sort_idx, weights, n_valid, impl):
+    return _combine(y, sort_idx, weights, n_valid, impl), (y, sort_idx, weights, n_valid)
 
 
 def _combine_bwd(impl, residuals, dout):
-    y, sort_idx, weights = residuals
+    y, sort_idx, weights, n_valid = residuals
     ops = backend.ops(impl)
     k = weights.shape[1]
-    dy = ops.gather_rows(dout.astype(y.dtype), sort_idx, k, row_weights=weights)
-    dw = ops.combine_weight_grad(dout, y, sort_idx, k).astype(weights.dtype)
-    return dy, None, dw
+    dy = ops.gather_rows(dout.astype(y.dtype), sort_idx, k, row_weights=weights, n_valid=n_valid)
+    dw = ops.combine_weight_grad(dout, y, sort_idx, k, n_valid=n_valid).astype(weights.dtype)
+    return dy, None, dw, None
 
 
 _combine.defvjp(_combine_fwd, _combine_bwd)
 
 
-def permute(x, expert_ids, num_experts, *, implementation=None):
+def _n_valid_array(n_valid):
+    """``None`` (every row), a Python int or an integer scalar / shape-(1,) array -> None or int32 shape (1,)."""
+    if n_valid is None:
+        return None
+    value = jnp.asarray(n_valid)
+    if not jnp.issubdtype(value.dtype, jnp.integer) or value.size != 1 or value.ndim > 1:
+        raise TypeError(f"n_valid must be None or an integer scalar / shape-(1,) array, got {value.dtype}{value.shape}")
+    return value.reshape(1).astype(jnp.int32)
+
+
+def permute(x, expert_ids, num_experts, *, n_valid=None, implementation=None):
     """Sort token copies by expert: x [T,D], expert_ids [T,k] int ->
     (x_sorted [T*k,D], group_sizes [E] int32, sort_idx [T*k] int32), ``x_sorted[i] = x[sort_idx[i] // k]``, stable in
-    flat index within an expert. Ids outside ``[0, E)`` are dropped: sorted last, counted in no group."""
+    flat index within an expert. Ids outside ``[0, E)`` are dropped: sorted last, counted in no group.
+    With ``n_valid`` (device int scalar), rows ``i >= n_valid`` of x_sorted are zero (valid-prefix form)."""
     validation.float_array("x", x, 2)
     validation.int_array("expert_ids", expert_ids, 2)
     if expert_ids.shape[0] != x.shape[0]:
@@ -70,12 +89,15 @@ def permute(x, expert_ids, num_experts, *, implementation=None):
     validation.check_expert_ids(expert_ids, num_experts)
     impl = backend.resolve(implementation)
     group_sizes, sort_idx = backend.ops(impl).sort_by_expert(expert_ids.astype(jnp.int32), num_experts)
-    return _gather(x, sort_idx, expert_ids.shape[1], impl), group_sizes, sort_idx
+    x_sorted = _gather(x, sort_idx, _n_valid_array(n_valid), expert_ids.shape[1], impl)
+    return x_sorted, group_sizes, sort_idx
 
 
-def unpermute(y_sorted, sort_idx, weights, *, implementation=None):
+def unpermute(y_sorted, sort_idx, weights, *, n_valid=None, implementation=None):
     """Weighted top-k combine back to token order: y_sorted [T*k,D], sort_idx [T*k], weights [T,k] -> [T,D],
-    ``out[t] = sum_j weights[t,j] * y_sorted[position of flat index t*k+j]``, f32 accumulation, y's dtype."""
+    ``out[t] = sum_j weights[t,j] * y_sorted[position of flat index t*k+j]``, f32 accumulation, y's dtype.
+    ``sort_idx`` must be a permutation of ``[0, T*k)`` (as ``permute`` returns). With ``n_valid``, y rows
+    ``>= n_valid`` are ignored (contribute zero, get zero gradient)."""
     validation.float_array("y_sorted", y_sorted, 2)
     validation.int_array("sort_idx", sort_idx, 1)
     validation.float_array("weights", weights, 2)
@@ -83,4 +105,4 @@ def unpermute(y_sorted, sort_idx, weights, *, implementation=None):
         raise ValueError(f"y_sorted [T*k,D], sort_idx [T*k] and weights [T,k] disagree: y_sorted "
                          f"{tuple(y_sorted.shape)}, sort_idx {tuple(sort_idx.shape)}, weights {tuple(weights.shape)}")
     impl = backend.resolve(implementation)
-    return _combine(y_sorted, sort_idx.astype(jnp.int32), weights, impl)
+    return _combine(y_sorted, sort_idx.astype(jnp.int32), weights, _n_valid_array(n_valid), impl)

@@ -38,7 +38,12 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype):
     return out[1:-1].astype(out_dtype)
 
 
+# Token permutation. ``n_valid`` (valid-prefix form): sorted rows ``>= n_valid`` are zeros in ``gather_rows`` and
+# ignored (zero contribution) by ``combine_rows`` / ``combine_weight_grad``; the same in every backend.
+
+
 def sort_by_expert(expert_ids, num_experts):
+    """expert_ids [T,k] -> (group_sizes [E], sort_idx [T*k]): stable argsort of the keys (id, or E when dropped)."""
     flat = expert_ids.reshape(-1).astype(jnp.int32)
     key = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
     sort_idx = jnp.argsort(key, stable=True).astype(jnp.int32)
@@ -47,10 +52,12 @@ def sort_by_expert(expert_ids, num_experts):
 
 
 def _valid_rows(n, n_valid):
+    """[n, 1] mask of rows < n_valid, or None when every row is valid."""
     return None if n_valid is None else (jnp.arange(n) < jnp.asarray(n_valid).reshape(()))[:, None]
 
 
 def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None):
+    """x [T,D] -> [T*k,D]: ``x[sort_idx[i] // k]`` (* row_weights.flat[sort_idx[i]] in f32), zeros past n_valid."""
     rows = x[sort_idx // k]
     if row_weights is not None:
         rows = (rows.astype(jnp.float32) * row_weights.reshape(-1)[sort_idx][:, None]).astype(x.dtype)
@@ -59,20 +66,26 @@ def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None):
 
 
 def _inverse(sort_idx):
-    return jnp.zeros_like(sort_idx).at[sort_idx].set(jnp.arange(sort_idx.shape[0], dtype=sort_idx.dtype))
+    """inv[sort_idx[i]] = i: a permutation write (unique indices), not a scatter-add."""
+    return jnp.zeros_like(sort_idx).at[sort_idx].set(jnp.arange(sort_idx.shape[0], dtype=sort_idx.dtype),
+                                                     unique_indices=True)
+
+
+def _rows_per_slot(y, sort_idx, t, k, n_valid):
+    """[T, k, D] f32: the row of each (token, slot), zero where it lies at or past n_valid."""
+    valid = _valid_rows(y.shape[0], n_valid)
+    y = y if valid is None else jnp.where(valid, y, 0)
+    return y[_inverse(sort_idx)].astype(jnp.float32).reshape(t, k, -1)
 
 
 def combine_rows(y, sort_idx, weights, n_valid=None):
+    """y [T*k,D] -> [T,D]: ``sum_j w[t,j] * y[inv[t*k+j]]`` in f32, y's dtype."""
     t, k = weights.shape
-    valid = _valid_rows(y.shape[0], n_valid)
-    y = y if valid is None else jnp.where(valid, y, 0)
-    gathered = y[_inverse(sort_idx)].astype(jnp.float32).reshape(t, k, -1)
-    return jnp.einsum("tkd,tk->td", gathered, weights.astype(jnp.float32)).astype(y.dtype)
+    gathered = _rows_per_slot(y, sort_idx, t, k, n_valid)
+    return jnp.einsum("tkd,tk->td", gathered, weights.astype(jnp.float32), precision="highest").astype(y.dtype)
 
 
 def combine_weight_grad(dout, y, sort_idx, k, n_valid=None):
-    t = dout.shape[0]
-    valid = _valid_rows(y.shape[0], n_valid)
-    y = y if valid is None else jnp.where(valid, y, 0)
-    gathered = y[_inverse(sort_idx)].astype(jnp.float32).reshape(t, k, -1)
-    return jnp.einsum("tkd,td->tk", gathered, dout.astype(jnp.float32))
+    """dout [T,D], y [T*k,D] -> [T,k] f32: ``<dout[t], y[inv[t*k+j]]>``."""
+    gathered = _rows_per_slot(y, sort_idx, dout.shape[0], k, n_valid)
+    return jnp.einsum("tkd,td->tk", gathered, dout.astype(jnp.float32), precision="highest")
