@@ -14,3 +14,7 @@ from moe_ops.validation import checked
 __version__ = "0.1.0"
 __all__ = ["gmm", "tgmm", "route", "permute", "unpermute", "moe_ffn", "experts_ffn", "reference", "checked",
            "IMPLEMENTATIONS", "resolve_implementation"]
+from moe_ops import imbalance, sharding  # noqa: E402  (partitioned op: sharding rules, load-imbalance tools)
+from moe_ops.partitioned import moe_ffn_partitioned, moe_ffn_shard  # noqa: E402
+from moe_ops.sharding import MoEShardingConfig  # noqa: E402
+__all__ += ["MoEShardingConfig", "moe_ffn_partitioned", "moe_ffn_shard", "sharding", "imbalance"]

@@ -48,10 +48,15 @@ def check_weights(x, router_logits, w_gate, w_up, w_down):
 
 
 def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax",
-            implementation=None):
+            implementation=None, sharding=None):
     """Routed SwiGLU MoE: x [..., D], router_logits [..., E], w_gate/w_up [E,D,F], w_down [E,F,D] -> x's shape.
 
-    route (top-k of the softmax, renormalised) -> permute -> gate/up/down grouped matmuls -> weighted unpermute."""
+    route (top-k of the softmax, renormalised) -> permute -> gate/up/down grouped matmuls -> weighted unpermute.
+    ``sharding`` (a ``MoEShardingConfig``): run the expert-parallel partitioned op (``moe_ops.partitioned``)."""
+    if sharding is not None:
+        from moe_ops.partitioned import moe_ffn_partitioned  # noqa: PLC0415 (partitioned imports this module)
+        return moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, top_k=top_k, sharding=sharding,
+                                   activation=activation, score_fn=score_fn, implementation=implementation)
     check_weights(x, router_logits, w_gate, w_up, w_down)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])

@@ -1,0 +1,145 @@
+"""Per-shard MoE computations with explicit collectives over named mesh axes (run inside ``shard_map`` or as the
+lowering of the custom-partitioned op). All shapes below are per device.
+
+Common inputs: x [T, D], router_logits [T, E] (all E experts), expert axis of size EP, ``E_l = E / EP``.
+
+* ``all_to_all`` (weights [E_l, D, F] / [E_l, F, D]): route -> permute by global expert (so copies are grouped by
+  destination device) -> all_gather the [EP, E_l] count matrix -> ragged all-to-all into a receive buffer of
+  ``buffer_rows`` -> permute by local expert -> expert FFN -> reverse ragged all-to-all -> weighted unpermute.
+  With the batch replicated over the expert axis no rows cross devices; the partial outputs are psum'd.
+* ``ring`` (weights [E_l, ...]): all_gather tokens over the expert axis (if sharded on it), route + permute every
+  token, GMMs with ``group_offset = axis_index * E_l`` (non-local rows give zeros), unpermute, reduce-scatter
+  (psum for a replicated batch).
+* ``ep_tp`` (weights [E, D, F/EP] / [E, F/EP, D]): same skeleton, every expert local, F split across the expert axis
+  as tensor parallelism; each device holds a partial sum over its F slice, combined by psum / reduce-scatter.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moe_ops import ep_exchange
+from moe_ops.layer import experts_ffn, route
+from moe_ops.sort import permute, unpermute
+
+__all__ = ["all_to_all_shard", "ring_shard", "ep_tp_shard", "received_expert_ids", "gather_fsdp", "match_vma"]
+
+
+def _vma(a):
+    """Manual mesh axes ``a`` varies over (jax 0.10: ``aval.mat.varying``; older: ``aval.vma``)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def match_vma(*arrays):
+    """Cast every array to vary over the union of their manual axes (inside ``shard_map`` with ``check_vma``).
+
+    The custom VJPs of the ops need cotangents typed like their inputs; a token batch replicated over the expert
+    axis mixed with expert-local weights would otherwise give expert-varying cotangents for an invariant input.
+    The transpose of the cast is the psum that the gradient of a replicated input needs. No-op outside shard_map."""
+    union = frozenset().union(*(_vma(a) for a in arrays))
+    return tuple(jax.lax.pcast(a, tuple(sorted(union - _vma(a))), to="varying") if union - _vma(a) else a
+                 for a in arrays)
+
+
+def gather_fsdp(weights, fsdp_axis):
+    """All-gather expert weights over ``fsdp_axis`` on E (E was sharded over (expert, fsdp), expert major, so the
+    gathered block is this expert shard's contiguous E_l experts)."""
+    if fsdp_axis is None:
+        return weights
+    return tuple(jax.lax.all_gather(w, fsdp_axis, axis=0, tiled=True) for w in weights)
+
+
+def received_expert_ids(recv_counts, recv_offsets, recv_sizes, num_rows):
+    """Local expert id of each receive-buffer row (``E_l`` for rows nobody wrote).
+
+    recv_counts [EP, E_l]: copies sender i routed to each of my local experts (sorted by expert in its chunk);
+    recv_offsets/recv_sizes [EP]: where sender i's chunk starts here and how many rows of it arrived."""
+    num_local = recv_counts.shape[1]
+    r = jnp.arange(num_rows, dtype=jnp.int32)[:, None]
+    member = (r >= recv_offsets[None, :]) & (r < (recv_offsets + recv_sizes)[None, :])   # [rows, EP]
+    sender = jnp.argmax(member, axis=1)
+    pos = r[:, 0] - recv_offsets[sender]
+    ends = jnp.cumsum(recv_counts, axis=1)[sender]                                         # [rows, E_l]
+    local = jnp.sum(pos[:, None] >= ends, axis=1).astype(jnp.int32)
+    return jnp.where(jnp.any(member, axis=1), local, num_local)
+
+
+def all_to_all_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, batch_sharded=True,
+                     capacity_factor=None, activation="silu", score_fn="softmax", implementation=None):
+    """Expert-parallel all-to-all MoE on one shard: x [T, D], logits [T, E], weights [E_l, ...] -> [T, D]."""
+    ep = jax.lax.axis_size(expert_axis)
+    me = jax.lax.axis_index(expert_axis)
+    t, num_experts = router_logits.shape
+    num_local = w_gate.shape[0]
+    if num_local * ep != num_experts:
+        raise ValueError(f"E={num_experts} experts must equal local weights' E_l={num_local} x EP={ep}")
+    x, router_logits, w_gate, w_up, w_down = match_vma(x, router_logits, w_gate, w_up, w_down)
+    weights, ids = route(router_logits, top_k, score_fn=score_fn)
+    x_sorted, sizes, sort_idx = permute(x, ids, num_experts, implementation=implementation)
+    local_counts = sizes.reshape(ep, num_local)                        # [dst device, its local expert]
+    if batch_sharded:
+        all_counts = jax.lax.all_gather(local_counts, expert_axis)     # [src, dst, E_l]
+    else:
+        all_counts = jnp.broadcast_to(local_counts, (ep,) + local_counts.shape)
+    rows = ep_exchange.buffer_rows(t, top_k, ep, num_experts, batch_sharded, capacity_factor)
+    plan = ep_exchange.exchange_plan(jnp.sum(all_counts, axis=2), rows, batch_sharded)
+    a2a = dict(axis_name=expert_axis, local_only=not batch_sharded)
+    empty_buf = match_vma(jnp.zeros((rows, x.shape[1]), x.dtype), x_sorted)[0]  # result takes its vma
+    buf = ep_exchange.ragged_all_to_all(x_sorted, empty_buf, *ep_exchange.all_to_all_params(plan, me), **a2a)
+    recv_ids = received_expert_ids(all_counts[:, me, :], plan.out_off[:, me], plan.sent[:, me], rows)
+    n_valid = jnp.sum(plan.sent[:, me])  # received rows; unwritten rows have id E_l and sort after them
+    x_local, local_sizes, local_idx = permute(buf, recv_ids[:, None], num_local, n_valid=n_valid,
+                                              implementation=implementation)
+    y_local = experts_ffn(x_local, local_sizes, w_gate, w_up, w_down, activation=activation,
+                          implementation=implementation)
+    ones = match_vma(jnp.ones((rows, 1), jnp.float32), y_local)[0]
+    y_buf = unpermute(y_local, local_idx, ones, n_valid=n_valid, implementation=implementation)
+    empty_back = match_vma(jnp.zeros_like(x_sorted), y_buf)[0]
+    y_back = ep_exchange.ragged_all_to_all(y_buf, empty_back, *ep_exchange.reverse_params(plan, me), **a2a)
+    out = unpermute(y_back, sort_idx, weights, implementation=implementation)
+    return out if batch_sharded else jax.lax.psum(out, expert_axis)
+
+
+def _gathered_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, tokens_on_expert,
+                    tensor_parallel, activation, score_fn, implementation):
+    """Skeleton of ``ring`` / ``ep_tp``: every device routes the (gathered) batch, computes its slice of the experts,
+    and the partial outputs are reduce-scattered (or psum'd for a replicated batch)."""
+    if tokens_on_expert:
+        x = jax.lax.all_gather(x, expert_axis, axis=0, tiled=True)
+        router_logits = jax.lax.all_gather(router_logits, expert_axis, axis=0, tiled=True)
+    x, router_logits, w_gate, w_up, w_down = match_vma(x, router_logits, w_gate, w_up, w_down)
+    num_experts = router_logits.shape[1]
+    weights, ids = route(router_logits, top_k, score_fn=score_fn)
+    x_sorted, sizes, sort_idx = permute(x, ids, num_experts, implementation=implementation)
+    offset = None if tensor_parallel else jax.lax.axis_index(expert_axis) * w_gate.shape[0]
+    y = experts_ffn(x_sorted, sizes, w_gate, w_up, w_down, activation=activation, group_offset=offset,
+                    implementation=implementation)
+    partial = unpermute(y, sort_idx, weights, implementation=implementation)
+    if tokens_on_expert:
+        return jax.lax.psum_scatter(partial, expert_axis, scatter_dimension=0, tiled=True)
+    return jax.lax.psum(partial, expert_axis)
+
+
+def ring_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, tokens_on_expert=True,
+               activation="silu", score_fn="softmax", implementation=None):
+    """Ring of experts on one shard: x [T, D], logits [T, E], weights [E_l, ...] -> [T, D]."""
+    ep = jax.lax.axis_size(expert_axis)
+    if w_gate.shape[0] * ep != router_logits.shape[1]:
+        raise ValueError(f"E={router_logits.shape[1]} experts must equal E_l={w_gate.shape[0]} x EP={ep}")
+    return _gathered_shard(x, router_logits, w_gate, w_up, w_down, top_k=top_k, expert_axis=expert_axis,
+                           tokens_on_expert=tokens_on_expert, tensor_parallel=False, activation=activation,
+                           score_fn=score_fn, implementation=implementation)
+
+
+def ep_tp_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, tokens_on_expert=False,
+                activation="silu", score_fn="softmax", implementation=None):
+    """Experts as tensor parallelism on one shard: x [T, D], logits [T, E], w_gate/w_up [E, D, F/EP],
+    w_down [E, F/EP, D] -> [T, D]."""
+    if w_gate.shape[0] != router_logits.shape[1]:
+        raise ValueError(f"ep_tp needs all E={router_logits.shape[1]} experts per shard, got {w_gate.shape[0]}")
+    return _gathered_shard(x, router_logits, w_gate, w_up, w_down, top_k=top_k, expert_axis=expert_axis,
+                           tokens_on_expert=tokens_on_expert, tensor_parallel=True, activation=activation,
+                           score_fn=score_fn, implementation=implementation)

@@ -1,0 +1,253 @@
+"""The partitioned MoE op: ``jax.custom_partitioning`` around the per-shard strategies of ``ep_strategies``.
+
+``moe_ffn_partitioned`` (reached through ``moe_ops.moe_ffn(..., sharding=MoEShardingConfig(...))``) is a
+``custom_vjp`` whose forward and backward are each a custom-partitioned op. Their partition rule (``plan``) reads
+the operand shardings and fixes:
+
+1. tokens: x / logits / out ``[T, ·]`` sharded on T over the operand's token axes (``config.batch_axes`` when the
+   operand has none); ``all_to_all`` adds the expert axis, ``ep_tp`` removes it; axes that do not divide T drop.
+2. weights: ``[E, ...]`` with E over ``(expert, fsdp)`` (``ep_tp``: E over ``fsdp``, F over ``expert``); the
+   per-shard code all-gathers over ``fsdp`` (so dW is reduce-scattered over it in the backward).
+3. the per-shard function: one of the strategies with collectives over the named axes.
+
+The backward runs ``jax.vjp`` of the same per-shard function (recomputing the forward). Its collectives are
+transposed per device (psum -> psum, all_gather -> psum_scatter, all_to_all -> all_to_all), which is the exact
+transpose of the global map once (a) the cotangent of an output replicated over mesh axes R is divided by |R| and
+(b) the gradient of an input replicated over axes R' is psum'd over R' (``_replicated_axes``).
+
+Shardy (default) gets a ``sharding_rule``; the old GSPMD partitioner gets ``infer_sharding_from_operands`` /
+``propagate_user_sharding``; both use the same ``plan``. On one device the op runs ``layer.moe_ffn``.
+Inside a user's ``shard_map`` call ``moe_ffn_shard`` directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe_ops import ep_strategies, layer
+from moe_ops.sharding import MoEShardingConfig, choose_strategy, remove_axes, spec_axes, weight_spec
+
+__all__ = ["moe_ffn_partitioned", "moe_ffn_shard", "Plan", "plan"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Hashable static arguments of the custom-partitioned ops."""
+    top_k: int
+    activation: str
+    score_fn: str
+    implementation: str | None
+    config: MoEShardingConfig
+
+
+def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoEShardingConfig(),
+                  tokens_on_expert=None, fsdp_axis=None, activation="silu", score_fn="softmax", implementation=None):
+    """Per-shard MoE for use inside ``shard_map`` over a mesh with ``config.expert_axis``.
+
+    x [T_l, D] and router_logits [T_l, E] are this device's tokens (sharded over the expert axis iff
+    ``tokens_on_expert``, default ``expert_axis in config.batch_axes``); weights are the local blocks (E_l experts,
+    or for ``ep_tp`` all experts with F/EP), additionally sharded over ``fsdp_axis`` on E when given. ``auto`` reads
+    the weight layout: ``ep_tp`` when every expert is local, else ``all_to_all``."""
+    axis = config.expert_axis
+    ep = jax.lax.axis_size(axis)
+    if tokens_on_expert is None:
+        tokens_on_expert = axis in config.batch_axes
+    w_gate, w_up, w_down = ep_strategies.gather_fsdp((w_gate, w_up, w_down), fsdp_axis)
+    strategy = config.strategy
+    if strategy == "auto":  # the caller fixed the weight layout: all experts local means ep_tp
+        strategy = "ep_tp" if w_gate.shape[0] == router_logits.shape[1] and ep > 1 else "all_to_all"
+    common = dict(top_k=top_k, expert_axis=axis, activation=activation, score_fn=score_fn,
+                  implementation=implementation)
+    if strategy == "all_to_all":
+        return ep_strategies.all_to_all_shard(x, router_logits, w_gate, w_up, w_down, batch_sharded=tokens_on_expert,
+                                              capacity_factor=config.capacity_factor, **common)
+    fn = ep_strategies.ring_shard if strategy == "ring" else ep_strategies.ep_tp_shard
+    return fn(x, router_logits, w_gate, w_up, w_down, tokens_on_expert=tokens_on_expert, **common)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the partition rule decided (see module docstring items 1-3); specs come from ``sharding``'s rules."""
+    strategy: str
+    token_axes: tuple
+    expert_axis: str
+    fsdp_axis: str | None
+    mesh_axis_names: tuple = ()
+
+    @property
+    def tokens_on_expert(self):
+        return self.expert_axis in self.token_axes
+
+    def token_spec(self):
+        return P(self.token_axes or None, None)
+
+    def weight_specs(self):
+        """Specs of (w_gate, w_up, w_down) at the op boundary: E over (expert, fsdp), or for ep_tp E over fsdp and
+        F over expert."""
+        cfg = MoEShardingConfig(expert_axis=self.expert_axis, fsdp_axis=self.fsdp_axis)
+        kw = dict(mesh_axis_names=self.mesh_axis_names, tensor_parallel=self.strategy == "ep_tp")
+        w_in = weight_spec(cfg, **kw)
+        return w_in, w_in, weight_spec(cfg, down=True, **kw)
+
+    def arg_specs(self):
+        return (self.token_spec(), self.token_spec()) + self.weight_specs()
+
+
+def _operand_token_axes(sharding):
+    spec = getattr(sharding, "spec", None)
+    return spec_axes(spec[0]) if spec is not None and len(spec) > 0 else ()
+
+
+def plan(config: MoEShardingConfig, mesh, x_sharding, num_tokens: int, num_experts: int, hidden_f: int) -> Plan:
+    """The partition decision for x [T, D] with sharding ``x_sharding`` (may be None) on ``mesh``."""
+    axis = config.expert_axis
+    if axis not in mesh.axis_names:
+        raise ValueError(f"mesh axes {mesh.axis_names} lack the expert axis {axis!r} of {config}")
+    ep = mesh.shape[axis]
+    if num_experts % ep:
+        raise ValueError(f"E={num_experts} experts do not split over {axis}={ep}")
+    strategy = choose_strategy(config, num_tokens, ep)
+    if strategy == "ep_tp" and hidden_f % ep:
+        if config.strategy == "ep_tp":
+            raise ValueError(f"ep_tp splits F={hidden_f} over {axis}={ep}: not divisible")
+        strategy = "ring"
+    axes = [a for a in dict.fromkeys(_operand_token_axes(x_sharding) or config.batch_axes) if a in mesh.axis_names]
+    if strategy == "all_to_all" and axis not in axes:
+        axes.append(axis)
+    if strategy == "ep_tp":  # replicated batch: drop expert from the token spec
+        axes = list(spec_axes(remove_axes(P(tuple(axes)), axis)[0]))
+    kept, size = [], 1
+    for a in axes:  # keep the axes whose product divides T
+        if num_tokens % (size * mesh.shape[a]) == 0:
+            kept.append(a)
+            size *= mesh.shape[a]
+    fsdp = config.fsdp_axis
+    e_split = 1 if strategy == "ep_tp" else ep
+    if fsdp not in mesh.axis_names or fsdp == axis or num_experts % (e_split * mesh.shape[fsdp]):
+        fsdp = None
+    return Plan(strategy, tuple(kept), axis, fsdp, tuple(mesh.axis_names))
+
+
+def _shard_fn(static: _Static, p: Plan):
+    cfg = dataclasses.replace(static.config, strategy=p.strategy)
+    return functools.partial(moe_ffn_shard, top_k=static.top_k, config=cfg, tokens_on_expert=p.tokens_on_expert,
+                             fsdp_axis=p.fsdp_axis, activation=static.activation, score_fn=static.score_fn,
+                             implementation=static.implementation)
+
+
+def _replicated_axes(mesh, spec):
+    used = {a for entry in spec for a in spec_axes(entry)}
+    return tuple(a for a in mesh.axis_names if a not in used and mesh.shape[a] > 1)
+
+
+def _plan_from_args(static, mesh, arg_shapes):
+    x, logits, w_gate = arg_shapes[0], arg_shapes[1], arg_shapes[2]
+    return plan(static.config, mesh, x.sharding, x.shape[0], logits.shape[1], w_gate.shape[2])
+
+
+def _named(mesh, specs):
+    return tuple(NamedSharding(mesh, s) for s in specs)
+
+
+def _single_device(x, router_logits, w_gate, w_up, w_down, static):
+    return layer.moe_ffn(x, router_logits, w_gate, w_up, w_down, top_k=static.top_k, activation=static.activation,
+                         score_fn=static.score_fn, implementation=static.implementation)
+
+
+# ---- forward op ------------------------------------------------------------------------------------------------
+@functools.partial(custom_partitioning, static_argnums=(5,))
+def _forward(x, router_logits, w_gate, w_up, w_down, static):
+    return _single_device(x, router_logits, w_gate, w_up, w_down, static)
+
+
+def _forward_partition(static, mesh, arg_shapes, result_shape):
+    p = _plan_from_args(static, mesh, arg_shapes)
+    return mesh, _shard_fn(static, p), NamedSharding(mesh, p.token_spec()), _named(mesh, p.arg_specs())
+
+
+def _forward_infer(static, mesh, arg_shapes, result_shape):
+    return NamedSharding(mesh, _plan_from_args(static, mesh, arg_shapes).token_spec())
+
+
+def _propagate_user(static, mesh, user_shape):
+    spec = getattr(user_shape.sharding, "spec", P())
+    return NamedSharding(mesh, P(spec[0] if len(spec) else None, None))
+
+
+_FWD_RULE = "t d, t e, w i f, w i f, w f i -> t d"
+_forward.def_partition(partition=_forward_partition, infer_sharding_from_operands=_forward_infer,
+                       propagate_user_sharding=_propagate_user, sharding_rule=_FWD_RULE)
+
+
+# ---- backward op -----------------------------------------------------------------------------------------------
+@functools.partial(custom_partitioning, static_argnums=(6,))
+def _backward(x, router_logits, w_gate, w_up, w_down, dy, static):
+    _, vjp = jax.vjp(lambda *a: _single_device(*a, static), x, router_logits, w_gate, w_up, w_down)
+    return vjp(dy)
+
+
+def _backward_partition(static, mesh, arg_shapes, result_shape):
+    p = _plan_from_args(static, mesh, arg_shapes)
+    specs = p.arg_specs()
+    shard = _shard_fn(static, p)
+    out_copies = math.prod(mesh.shape[a] for a in _replicated_axes(mesh, p.token_spec()))
+
+    def lower(x, router_logits, w_gate, w_up, w_down, dy):
+        _, vjp = jax.vjp(shard, x, router_logits, w_gate, w_up, w_down)
+        grads = vjp((dy / out_copies).astype(dy.dtype))
+        return tuple(_psum(g, _replicated_axes(mesh, s)) for g, s in zip(grads, specs))
+
+    return mesh, lower, _named(mesh, specs), _named(mesh, specs + (p.token_spec(),))
+
+
+def _psum(g, axes):
+    return jax.lax.psum(g, axes) if axes else g
+
+
+def _backward_infer(static, mesh, arg_shapes, result_shape):
+    return _named(mesh, _plan_from_args(static, mesh, arg_shapes).arg_specs())
+
+
+_BWD_RULE = "t d, t e, w i f, w i f, w f i, t d -> t d, t e, w i f, w i f, w f i"
+_backward.def_partition(partition=_backward_partition, infer_sharding_from_operands=_backward_infer,
+                        sharding_rule=_BWD_RULE)
+
+
+# ---- differentiable op -----------------------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _moe(x, router_logits, w_gate, w_up, w_down, static):
+    return _forward(x, router_logits, w_gate, w_up, w_down, static)
+
+
+def _moe_fwd(x, router_logits, w_gate, w_up, w_down, static):
+    return _forward(x, router_logits, w_gate, w_up, w_down, static), (x, router_logits, w_gate, w_up, w_down)
+
+
+def _moe_bwd(static, residuals, dy):
+    return _backward(*residuals, dy, static)
+
+
+_moe.defvjp(_moe_fwd, _moe_bwd)
+
+
+def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, sharding: MoEShardingConfig,
+                        activation="silu", score_fn="softmax", implementation=None):
+    """``layer.moe_ffn`` partitioned over the mesh of its operands' shardings: x [..., D], router_logits [..., E],
+    w_gate/w_up [E, D, F], w_down [E, F, D] -> x's shape (see module docstring)."""
+    if not isinstance(sharding, MoEShardingConfig):
+        raise TypeError(f"sharding must be a MoEShardingConfig, got {type(sharding).__name__}")
+    layer.check_weights(x, router_logits, w_gate, w_up, w_down)
+    if not isinstance(top_k, int) or not 1 <= top_k <= w_gate.shape[0]:
+        raise ValueError(f"top_k must be an int in [1, E={w_gate.shape[0]}], got {top_k!r}")
+    static = _Static(top_k, activation, score_fn, implementation, sharding)
+    shape = x.shape
+    out = _moe(x.reshape(-1, shape[-1]), router_logits.reshape(-1, router_logits.shape[-1]), w_gate, w_up, w_down,
+               static)
+    return out.reshape(shape)

@@ -1,0 +1,169 @@
+"""Sharding rules for the partitioned MoE op, as data: the config object, logical axes -> mesh axes, spec helpers.
+
+Logical axes (names of array dimensions, independent of any mesh) are mapped to mesh axes by ``rules``
+(a tuple of ``(logical name, mesh axes)`` pairs). Two invariants hold for every spec built here:
+
+1. One mesh axis never shards two dimensions of one array (``check_no_duplicate_axes``).
+2. With ``keep_batch_off_expert=True`` (the default) dimensions whose logical name is an *expert* axis claim their
+   mesh axes first; every other dimension (the batch of the dispatched activations) drops the claimed axes. Without
+   the switch the naive mapping of e.g. ``("expert", "batch", "embed")`` puts ``expert`` on two dims, and a
+   partitioner given that spec abandons the expert-parallel all-to-all for all-gather + reduce-scatter.
+
+Expert weights ``[E, D, F]`` / ``[E, F, D]`` keep E sharded over ``(expert, fsdp)`` together (expert major); the op
+gathers them over ``fsdp`` at its boundary, so inside the op each expert shard holds ``E / EP`` whole experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from jax.sharding import PartitionSpec as P
+
+__all__ = [
+    "MoEShardingConfig", "STRATEGIES", "DEFAULT_RULES", "LOGICAL_AXES", "logical_to_spec", "remove_axes",
+    "spec_axes", "check_no_duplicate_axes", "dispatched_spec", "token_spec", "weight_spec", "choose_strategy",
+]
+
+STRATEGIES = ("auto", "all_to_all", "ring", "ep_tp")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEShardingConfig:
+    """How ``moe_ffn`` partitions over a mesh.
+
+    strategy: ``auto`` | ``all_to_all`` | ``ring`` | ``ep_tp`` (see ``moe_ops.partitioned``).
+    expert_axis: mesh axis the experts are split over (EP). ``fsdp_axis``: mesh axis the expert weights are
+    additionally sharded over on E (gathered at the op boundary); ignored when absent from the mesh.
+    batch_axes: mesh axes the token dim is sharded over when the operand sharding does not say (absent axes ignored).
+    capacity_factor: ``None`` = dropless; else the all-to-all receive buffer holds ``ceil(cf * T_local * top_k)``
+    rows (capped at the dropless worst case) and copies past it are dropped deterministically (last sender's
+    highest local experts first).
+    ep_tp_max_tokens: ``auto`` picks ``ep_tp`` when the global token count is at most this.
+    """
+    strategy: str = "auto"
+    expert_axis: str = "expert"
+    batch_axes: tuple = ("data", "fsdp", "expert")
+    fsdp_axis: str | None = "fsdp"
+    capacity_factor: float | None = None
+    ep_tp_max_tokens: int = 64
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if not isinstance(self.batch_axes, tuple):
+            object.__setattr__(self, "batch_axes", tuple(self.batch_axes))
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be None or > 0, got {self.capacity_factor!r}")
+
+
+def choose_strategy(config: MoEShardingConfig, num_tokens: int, ep: int) -> str:
+    """The concrete strategy: ``config.strategy`` unless ``auto``; ``auto`` = ``ep_tp`` for at most
+    ``ep_tp_max_tokens`` global tokens (decode / small prefill), ``all_to_all`` when the tokens split over EP,
+    else ``ring``."""
+    if config.strategy != "auto":
+        return config.strategy
+    if num_tokens <= config.ep_tp_max_tokens:
+        return "ep_tp"
+    return "all_to_all" if num_tokens % ep == 0 else "ring"
+
+
+# Logical dimension names of the arrays the op sees or builds.
+LOGICAL_AXES = {
+    "tokens": ("batch", "embed"),                 # x / out [T, D]
+    "logits": ("batch", "experts_unsharded"),     # router logits [T, E]
+    "dispatched": ("expert", "batch", "embed"),   # all-to-all buffer [EP, B, D] (global view)
+    "w_in": ("expert_fsdp", "embed", "mlp"),      # w_gate / w_up [E, D, F]
+    "w_out": ("expert_fsdp", "mlp", "embed"),     # w_down [E, F, D]
+    "w_in_tp": ("fsdp", "embed", "mlp_tp"),       # ep_tp: F split over the expert axis
+    "w_out_tp": ("fsdp", "mlp_tp", "embed"),
+}
+
+
+def default_rules(config: MoEShardingConfig | None = None):
+    """``(logical name, mesh axes)`` pairs for ``config`` (absent mesh axes are dropped by ``logical_to_spec``)."""
+    c = config or MoEShardingConfig()
+    fsdp = (c.fsdp_axis,) if c.fsdp_axis else ()
+    return (("batch", c.batch_axes), ("expert", (c.expert_axis,)), ("expert_fsdp", (c.expert_axis,) + fsdp),
+            ("fsdp", fsdp), ("mlp_tp", (c.expert_axis,)), ("embed", ()), ("mlp", ()), ("experts_unsharded", ()))
+
+
+DEFAULT_RULES = default_rules()
+
+
+def _is_expert_logical(name: str) -> bool:
+    return name.startswith("expert") or name == "mlp_tp"
+
+
+def logical_to_spec(logical_axes: Sequence[str], rules=DEFAULT_RULES, mesh_axis_names=None,
+                    keep_batch_off_expert: bool = True) -> P:
+    """PartitionSpec for an array with the given logical dims.
+
+    Mesh axes not in ``mesh_axis_names`` (when given) are dropped. With ``keep_batch_off_expert`` the expert-like
+    dims claim their axes first and the others drop claimed ones (invariant 2); without it the naive mapping is
+    returned even when it maps one mesh axis twice (``check_no_duplicate_axes`` rejects it)."""
+    table = dict(rules)
+    resolved = []
+    for name in logical_axes:
+        axes = tuple(table.get(name, ()) or ())
+        if mesh_axis_names is not None:
+            axes = tuple(a for a in axes if a in mesh_axis_names)
+        resolved.append(axes)
+    if keep_batch_off_expert:
+        claimed = set()
+        for name, axes in zip(logical_axes, resolved):
+            if _is_expert_logical(name):
+                claimed.update(axes)
+        resolved = [axes if _is_expert_logical(name) else tuple(a for a in axes if a not in claimed)
+                    for name, axes in zip(logical_axes, resolved)]
+    return P(*[_entry(axes) for axes in resolved])
+
+
+def _entry(axes):
+    axes = tuple(axes)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def spec_axes(entry) -> tuple:
+    """The mesh axes of one PartitionSpec entry (None / str / tuple) as a tuple."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def remove_axes(spec: P, axes) -> P:
+    """``spec`` with the given mesh axes removed from every entry (e.g. drop ``fsdp`` from a weight spec before the
+    per-shard computation, or ``expert`` from a token spec for a replicated batch)."""
+    drop = {axes} if isinstance(axes, str) else set(axes)
+    return P(*[_entry(a for a in spec_axes(e) if a not in drop) for e in spec])
+
+
+def check_no_duplicate_axes(spec: P) -> P:
+    """Raise ``ValueError`` if one mesh axis shards two dims of ``spec``; return ``spec``."""
+    seen = {}
+    for dim, entry in enumerate(spec):
+        for axis in spec_axes(entry):
+            if axis in seen:
+                raise ValueError(f"mesh axis {axis!r} maps dims {seen[axis]} and {dim} of {spec}")
+            seen[axis] = dim
+    return spec
+
+
+def dispatched_spec(config: MoEShardingConfig | None = None, mesh_axis_names=None,
+                    keep_batch_off_expert: bool = True) -> P:
+    """Spec of the global dispatched activations ``[EP, B, D]``: EP on ``expert``, B on the batch axes minus
+    ``expert`` (with the switch)."""
+    return logical_to_spec(LOGICAL_AXES["dispatched"], default_rules(config), mesh_axis_names, keep_batch_off_expert)
+
+
+def token_spec(config: MoEShardingConfig | None = None, mesh_axis_names=None) -> P:
+    """Spec of x / out ``[T, D]``: T over the batch axes."""
+    return logical_to_spec(LOGICAL_AXES["tokens"], default_rules(config), mesh_axis_names)
+
+
+def weight_spec(config: MoEShardingConfig | None = None, mesh_axis_names=None, *, down: bool = False,
+                tensor_parallel: bool = False) -> P:
+    """Spec of expert weights: ``[E, D, F]`` (``down``: ``[E, F, D]``) with E over ``(expert, fsdp)``; with
+    ``tensor_parallel`` (ep_tp) E over ``fsdp`` and F over ``expert``."""
+    key = ("w_out" if down else "w_in") + ("_tp" if tensor_parallel else "")
+    return logical_to_spec(LOGICAL_AXES[key], default_rules(config), mesh_axis_names)
