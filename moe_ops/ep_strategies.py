@@ -22,26 +22,9 @@ import jax.numpy as jnp
 from moe_ops import ep_exchange
 from moe_ops.layer import experts_ffn, route
 from moe_ops.sort import permute, unpermute
+from moe_ops.vma import match_vma
 
-__all__ = ["all_to_all_shard", "ring_shard", "ep_tp_shard", "received_expert_ids", "gather_fsdp", "match_vma"]
-
-
-def _vma(a):
-    """Manual mesh axes ``a`` varies over (jax 0.10: ``aval.mat.varying``; older: ``aval.vma``)."""
-    aval = jax.typeof(a)
-    mat = getattr(aval, "manual_axis_type", None)
-    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
-
-
-def match_vma(*arrays):
-    """Cast every array to vary over the union of their manual axes (inside ``shard_map`` with ``check_vma``).
-
-    The custom VJPs of the ops need cotangents typed like their inputs; a token batch replicated over the expert
-    axis mixed with expert-local weights would otherwise give expert-varying cotangents for an invariant input.
-    The transpose of the cast is the psum that the gradient of a replicated input needs. No-op outside shard_map."""
-    union = frozenset().union(*(_vma(a) for a in arrays))
-    return tuple(jax.lax.pcast(a, tuple(sorted(union - _vma(a))), to="varying") if union - _vma(a) else a
-                 for a in arrays)
+__all__ = ["all_to_all_shard", "ring_shard", "ep_tp_shard", "received_expert_ids", "gather_fsdp"]
 
 
 def gather_fsdp(weights, fsdp_axis):

@@ -19,14 +19,15 @@ import jax
 import jax.numpy as jnp
 
 from moe_ops import backend, validation
+from moe_ops import vma
 
 __all__ = ["gmm", "tgmm"]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs, out_dtype, impl):
-    return backend.ops(impl).gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs,
-                                 out_dtype=out_dtype)
+    out = backend.ops(impl).gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype)
+    return vma.like(out, lhs)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, group_offset, transpose_rhs, out_dtype, impl):
@@ -48,7 +49,8 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _tgmm(lhs, rhs, group_sizes, group_offset, num_groups, out_dtype, impl):
-    return backend.ops(impl).tgmm(lhs, rhs, group_sizes, group_offset, num_groups=num_groups, out_dtype=out_dtype)
+    out = backend.ops(impl).tgmm(lhs, rhs, group_sizes, group_offset, num_groups=num_groups, out_dtype=out_dtype)
+    return vma.like(out, lhs)
 
 
 def _tgmm_fwd(lhs, rhs, group_sizes, group_offset, num_groups, out_dtype, impl):
@@ -79,7 +81,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
     impl = backend.resolve(implementation)
     sizes = validation.clamp_group_sizes(group_sizes, lhs.shape[0])
     offset = validation.group_offset_array(group_offset)
-    rhs = rhs.astype(lhs.dtype)
+    lhs, rhs, sizes, offset = vma.match_vma(lhs, rhs.astype(lhs.dtype), sizes, offset)
     return _gmm(lhs, rhs, sizes, offset, bool(transpose_rhs), out_dtype, impl)
 
 
@@ -95,4 +97,5 @@ def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred
     sizes = validation.clamp_group_sizes(group_sizes, lhs.shape[0])
     offset = validation.group_offset_array(group_offset)
     num_groups = group_sizes.shape[0] if num_groups is None else int(num_groups)
-    return _tgmm(lhs, rhs.astype(lhs.dtype), sizes, offset, num_groups, out_dtype, impl)
+    lhs, rhs, sizes, offset = vma.match_vma(lhs, rhs.astype(lhs.dtype), sizes, offset)
+    return _tgmm(lhs, rhs, sizes, offset, num_groups, out_dtype, impl)

@@ -21,13 +21,14 @@ import jax
 import jax.numpy as jnp
 
 from moe_ops import backend, validation
+from moe_ops import vma
 
 __all__ = ["permute", "unpermute"]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _gather(x, sort_idx, n_valid, k, impl):
-    return backend.ops(impl).gather_rows(x, sort_idx, k, n_valid=n_valid)
+    return vma.like(backend.ops(impl).gather_rows(x, sort_idx, k, n_valid=n_valid), x)
 
 
 def _gather_fwd(x, sort_idx, n_valid, k, impl):
@@ -45,7 +46,7 @@ _gather.defvjp(_gather_fwd, _gather_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _combine(y, sort_idx, weights, n_valid, impl):
-    return backend.ops(impl).combine_rows(y, sort_idx, weights, n_valid=n_valid)
+    return vma.like(backend.ops(impl).combine_rows(y, sort_idx, weights, n_valid=n_valid), y)
 
 
 def _combine_fwd(y, sort_idx, weights, n_valid, impl):
@@ -58,7 +59,7 @@ def _combine_bwd(impl, residuals, dout):
     k = weights.shape[1]
     dy = ops.gather_rows(dout.astype(y.dtype), sort_idx, k, row_weights=weights, n_valid=n_valid)
     dw = ops.combine_weight_grad(dout, y, sort_idx, k, n_valid=n_valid).astype(weights.dtype)
-    return dy, None, dw, None
+    return vma.like(dy, y), None, vma.like(dw, weights), None
 
 
 _combine.defvjp(_combine_fwd, _combine_bwd)
@@ -89,7 +90,8 @@ def permute(x, expert_ids, num_experts, *, n_valid=None, implementation=None):
     validation.check_expert_ids(expert_ids, num_experts)
     impl = backend.resolve(implementation)
     group_sizes, sort_idx = backend.ops(impl).sort_by_expert(expert_ids.astype(jnp.int32), num_experts)
-    x_sorted = _gather(x, sort_idx, _n_valid_array(n_valid), expert_ids.shape[1], impl)
+    x_, sort_idx_ = vma.match_vma(x, sort_idx)
+    x_sorted = _gather(x_, sort_idx_, _n_valid_array(n_valid), expert_ids.shape[1], impl)
     return x_sorted, group_sizes, sort_idx
 
 
@@ -105,4 +107,5 @@ def unpermute(y_sorted, sort_idx, weights, *, n_valid=None, implementation=None)
         raise ValueError(f"y_sorted [T*k,D], sort_idx [T*k] and weights [T,k] disagree: y_sorted "
                          f"{tuple(y_sorted.shape)}, sort_idx {tuple(sort_idx.shape)}, weights {tuple(weights.shape)}")
     impl = backend.resolve(implementation)
-    return _combine(y_sorted, sort_idx.astype(jnp.int32), weights, _n_valid_array(n_valid), impl)
+    y_sorted, sort_idx, weights = vma.match_vma(y_sorted, sort_idx.astype(jnp.int32), weights)
+    return _combine(y_sorted, sort_idx, weights, _n_valid_array(n_valid), impl)

@@ -1,0 +1,34 @@
+"""Manual-axis variance ("vma") alignment for the custom-VJP ops inside ``shard_map`` (``check_vma=True``).
+
+A custom VJP must return cotangents typed like its inputs. When one input varies over a manual mesh axis (a token
+shard) and another does not (replicated weights), the weight cotangent computed from varying data varies too and
+JAX rejects it. Casting every float input to the union of their varying axes first fixes this at the op boundary:
+the transpose of that cast is the ``psum`` that the gradient of a replicated input needs. No-op outside shard_map.
+"""
+
+from __future__ import annotations
+
+import jax
+
+__all__ = ["varying_axes", "match_vma", "like"]
+
+
+def varying_axes(a) -> frozenset:
+    """Manual mesh axes ``a`` varies over (jax 0.10: ``aval.manual_axis_type.varying``; older: ``aval.vma``)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def match_vma(*arrays):
+    """Cast every array to vary over the union of the arrays' varying manual axes."""
+    union = frozenset().union(*(varying_axes(a) for a in arrays))
+    return tuple(jax.lax.pcast(a, tuple(sorted(union - varying_axes(a))), to="varying")
+                 if union - varying_axes(a) else a for a in arrays)
+
+
+def like(out, ref):
+    """``out`` cast to vary over ``ref``'s varying axes too. Kernel calls (``triton_call``, ``pure_callback``) drop
+    the vma of their operands; re-attach it so results and cotangents are typed like the values they derive from."""
+    missing = varying_axes(ref) - varying_axes(out)
+    return jax.lax.pcast(out, tuple(sorted(missing)), to="varying") if missing else out

@@ -1,0 +1,66 @@
+"""The public ops inside a user's shard_map with check_vma on: tokens sharded, weights replicated. Gradients of the
+replicated inputs must be the sum over shards (the op boundary casts inputs to a common vma; see moe_ops.vma)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import moe_ops
+from moe_ops import reference as R
+from tests.helpers import assert_close, keys, randn
+
+SHARDS = 4
+MESH = jax.make_mesh((SHARDS,), ("d",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:SHARDS])
+
+
+def sharded_sum(per_shard):
+    """sum over shards of per_shard(token block, replicated args...), through shard_map (check_vma on)."""
+    def total(tokens, *replicated):
+        f = jax.shard_map(lambda t, *r: per_shard(t, *r)[None], mesh=MESH,
+                          in_specs=(jax.P("d"),) + (jax.P(),) * len(replicated), out_specs=jax.P("d"))
+        return f(tokens, *replicated).sum()
+    return total
+
+
+def unsharded_sum(per_shard):
+    def total(tokens, *replicated):
+        blocks = jnp.split(tokens, SHARDS)
+        return sum(per_shard(b, *replicated) for b in blocks)
+    return total
+
+
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_gmm_tgmm_grads_of_replicated_weights(impl):
+    k = keys(11, 3)
+    lhs, rhs, other = randn(k[0], (32, 8)), randn(k[1], (3, 8, 12)), randn(k[2], (3, 8, 8))
+    sizes = jnp.array([3, 0, 4], jnp.int32)
+
+    def per_shard(l, r, o, implementation):
+        y = moe_ops.gmm(l, r, sizes, implementation=implementation)
+        w = moe_ops.tgmm(l, l, sizes, implementation=implementation)
+        return jnp.sum(y ** 2) + jnp.sum(w * o)
+
+    ours = jax.jit(jax.grad(sharded_sum(lambda *a: per_shard(*a, impl)), argnums=(0, 1, 2)))(lhs, rhs, other)
+    ref = jax.grad(unsharded_sum(lambda l, r, o: jnp.sum(R.gmm(l, r, sizes) ** 2) + jnp.sum(R.tgmm(l, l, sizes) * o)),
+                   argnums=(0, 1, 2))(lhs, rhs, other)
+    for name, g, e in zip(["lhs", "rhs", "other"], ours, ref):
+        assert_close(g, e, 1e-5, name)
+
+
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_permute_unpermute_grads_of_replicated_inputs(impl):
+    k = keys(12, 3)
+    x, y_scale, w = randn(k[0], (16, 6)), randn(k[1], (6,)), jax.random.uniform(k[2], (4, 2))
+    ids = jax.random.randint(keys(13, 1)[0], (4, 2), 0, 3)
+
+    def per_shard(tokens, y_scale, w, permute, unpermute):
+        xs, _, sort_idx = permute(tokens[:4], ids, 3)
+        return jnp.sum(unpermute(xs * y_scale, sort_idx, w) ** 2)
+
+    permute = lambda *a: moe_ops.permute(*a, implementation=impl)
+    unpermute = lambda *a: moe_ops.unpermute(*a, implementation=impl)
+    ours = jax.jit(jax.grad(sharded_sum(lambda *a: per_shard(*a, permute, unpermute)),
+                            argnums=(0, 1, 2)))(x, y_scale, w)
+    ref = jax.grad(unsharded_sum(lambda *a: per_shard(*a, R.permute, R.unpermute)), argnums=(0, 1, 2))(x, y_scale, w)
+    for name, g, e in zip(["x", "y_scale", "weights"], ours, ref):
+        assert_close(g, e, 1e-5, name)
