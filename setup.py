@@ -14,7 +14,8 @@ setup(
     extras_require={
         "gpu": ["jax-triton>=0.3.1", "triton>=3.6"],
         # The Triton CPU bridge needs jax-triton, triton and a CPU torch (the interpreter works on torch tensors).
-        "test": ["pytest>=8", "pytest-xdist", "hypothesis>=6", "jax-triton>=0.3.1", "triton>=3.6", "torch==2.13.0"],
+        "test": ["pytest>=8", "pytest-xdist", "hypothesis>=6", "jax-triton>=0.3.1", "triton>=3.6", "torch==2.13.0",
+                 "matplotlib"],
         "bench": ["matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["moe-bench=benchmarks.__main__:main", "moe-aot=kernels.aot:main"]},

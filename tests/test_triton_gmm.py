@@ -216,3 +216,28 @@ def test_amd_options_only_for_hip():
     cfg = tuning.TABLES["gfx950"]["gmm"]["large"]
     assert {"waves_per_eu", "matrix_instr_nonkdim", "kpack"} <= set(cfg.compile_options("hip"))
     assert set(cfg.compile_options("cuda")) == {"num_warps", "num_stages"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shipped GPU tile shapes, executed (not only compiled): the CPU default caps tiles at 32, so without this the
+# 128x256-style tiles of the tables would run nowhere before a GPU does.
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(tuning.TABLES))
+@pytest.mark.parametrize("kind", ["gmm", "tgmm"])
+def test_shipped_tiles_in_the_interpreter(kind, arch):
+    m, k, n, g = 300, 200, 264, 4  # not multiples of any shipped tile
+    k1, k2 = keys(_seed(kind, arch), 2)
+    lhs, sizes = randn(k1, (m, k)), jnp.array([90, 0, 130, 50], jnp.int32)  # an empty group, sum < m
+    configs = {**tuning.shipped(arch, kind, jnp.bfloat16), **tuning.shipped(arch, kind, jnp.float32)}
+    assert configs == tuning.TABLES[arch][kind]
+    for name, cfg in configs.items():
+        if kind == "gmm":
+            rhs = randn(k2, (g, k, n))
+            out = tg.gmm(lhs, rhs, sizes, _offset(None), transpose_rhs=False, out_dtype=jnp.float32, config=cfg)
+            ref = reference.gmm(lhs, rhs, sizes)
+        else:
+            rhs = randn(k2, (m, n))
+            out = tg.tgmm(lhs, rhs, sizes, _offset(None), num_groups=g, out_dtype=jnp.float32, config=cfg)
+            ref = reference.tgmm(lhs, rhs, sizes)
+        assert_close(out, ref, TOL[jnp.float32], f"{kind} {arch} {name}")
