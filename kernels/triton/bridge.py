@@ -85,20 +85,37 @@ def _call_helper_interpreted(jit_fn, *args, **kwargs):
         scope.restore()
 
 
+def _scalar_index(self):
+    """``int(tensor)`` for a one-element interpreter tensor (a loop bound loaded from memory)."""
+    return int(self.handle.data.reshape(-1)[0])
+
+
+def _with_scalar_index(patch_lang_tensor):
+    """Triton < 3.9's interpreter converts loop bounds with ``int(array)``, which NumPy 2 refuses for the shape-(1,)
+    arrays that scalars are there (``range(0, tl.cdiv(end - start, BM))`` fails). Re-patch ``__index__`` the way
+    newer interpreters do, inside the same restorable scope."""
+    def patch(tensor, scope):
+        patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", _scalar_index)
+    return patch
+
+
 @contextlib.contextmanager
 def _interpreter_mode():
     """Let JITFunctions (kernels and the helpers they call) run as interpreted Python for the duration."""
     from triton import knobs
+    from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
     with _lock:
-        saved_call, saved_flag = JITFunction.__call__, knobs.runtime.interpret
+        saved = JITFunction.__call__, knobs.runtime.interpret, interpreter._patch_lang_tensor
         JITFunction.__call__ = _call_helper_interpreted
         knobs.runtime.interpret = True
+        interpreter._patch_lang_tensor = _with_scalar_index(saved[2])
         try:
             yield
         finally:
-            JITFunction.__call__, knobs.runtime.interpret = saved_call, saved_flag
+            JITFunction.__call__, knobs.runtime.interpret, interpreter._patch_lang_tensor = saved
 
 
 def _to_torch(array):
