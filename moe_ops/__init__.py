@@ -18,3 +18,7 @@ from moe_ops import imbalance, sharding  # noqa: E402  (partitioned op: sharding
 from moe_ops.partitioned import moe_ffn_partitioned, moe_ffn_shard  # noqa: E402
 from moe_ops.sharding import MoEShardingConfig  # noqa: E402
 __all__ += ["MoEShardingConfig", "moe_ffn_partitioned", "moe_ffn_shard", "sharding", "imbalance"]
+from moe_ops import fused  # noqa: E402  (fused dispatch / combine: gather / scatter inside the GMMs)
+from moe_ops.fused import gather_gmm, scatter_gmm  # noqa: E402
+from moe_ops.layer import fused_experts_ffn  # noqa: E402
+__all__ += ["fused", "gather_gmm", "scatter_gmm", "fused_experts_ffn"]

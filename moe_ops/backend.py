@@ -19,6 +19,16 @@ shape-(1,) int array on device, clamped to ``[0, N]``: ``gather_rows`` writes ze
 reading ``x`` for them, and ``combine_rows`` / ``combine_weight_grad`` never read ``y`` rows ``>= n_valid`` (they
 contribute zero). ``sort_idx`` is always a full permutation of ``[0, N)``; slots that must not be routed carry an
 out-of-range expert id, sort last, and ``n_valid = sum(group_sizes)`` covers exactly the routed rows.
+
+Optional fused dispatch / combine (``moe_ops.fused``; Triton and XLA provide them, Pallas does not, and
+``moe_ffn`` then runs the unfused path). ``M = T*k`` expert-sorted rows, ``slot = sort_idx[i]``:
+
+* ``gather_gmm(x[T,K], rhs, group_sizes, group_offset, sort_idx[M], k, *, transpose_rhs, out_dtype,
+  row_weights=None) -> [M, N]``: ``x[slot // k] @ rhs[group(i)]`` (times ``row_weights.flat[slot]`` when given),
+  zero rows outside local groups; x is read in token order (no permuted copy).
+* ``scatter_gmm(h[M,K], rhs, group_sizes, group_offset, sort_idx[M], weights[T,k], *, transpose_rhs, out_dtype)
+  -> [T, N]``: ``sum_j weights[t,j] * (h @ rhs[g])[inverse[t*k+j]]`` (f32 sum); rows outside local groups
+  contribute zero.
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from moe_ops import fused as fused_ops
 from moe_ops import reference, validation
 from moe_ops.gmm import gmm
 from moe_ops.sort import permute, unpermute
 
-__all__ = ["moe_ffn", "experts_ffn", "route"]
+__all__ = ["moe_ffn", "experts_ffn", "fused_experts_ffn", "route"]
 
 
 def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
@@ -47,12 +48,29 @@ def check_weights(x, router_logits, w_gate, w_up, w_down):
                          f"{tuple(router_logits.shape)}")
 
 
+def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activation="silu", implementation=None):
+    """The fused form of permute -> ``experts_ffn`` -> unpermute: x [T,D] (token order), weights / expert_ids [T,k]
+    -> [T,D]. The gate / up GMMs gather their rows from x, the down GMM scatters weighted rows back to token order
+    (``moe_ops.fused``): no permuted copy of x or of the output is built."""
+    kw = dict(implementation=implementation)
+    sizes, sort_idx = fused_ops.sort_by_expert(expert_ids, w_gate.shape[0], **kw)
+    gate = fused_ops.gather_gmm(x, w_gate, sizes, sort_idx, **kw)
+    up = fused_ops.gather_gmm(x, w_up, sizes, sort_idx, **kw)
+    h = reference.activate(gate, up, activation).astype(x.dtype)
+    return fused_ops.scatter_gmm(h, w_down, sizes, sort_idx, weights, **kw)
+
+
 def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax",
-            implementation=None, sharding=None):
+            implementation=None, sharding=None, fused: bool | None = None):
     """Routed SwiGLU MoE: x [..., D], router_logits [..., E], w_gate/w_up [E,D,F], w_down [E,F,D] -> x's shape.
 
     route (top-k of the softmax, renormalised) -> permute -> gate/up/down grouped matmuls -> weighted unpermute.
-    ``sharding`` (a ``MoEShardingConfig``): run the expert-parallel partitioned op (``moe_ops.partitioned``)."""
+    ``fused``: gather / scatter inside the GMMs instead of permute / unpermute (``fused_experts_ffn``). ``None``
+    (default) fuses on the backends of ``moe_ops.fused.FUSED_BY_DEFAULT`` (Triton); ``True`` fuses wherever the
+    backend provides the fused ops (Triton, XLA twins) and explicitly falls back to the unfused path on Pallas, which
+    has none; ``False`` never fuses. Same results either way (up to rounding).
+    ``sharding`` (a ``MoEShardingConfig``): run the expert-parallel partitioned op (``moe_ops.partitioned``; its
+    per-shard layers use the default ``fused=None``)."""
     if sharding is not None:
         from moe_ops.partitioned import moe_ffn_partitioned  # noqa: PLC0415 (partitioned imports this module)
         return moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, top_k=top_k, sharding=sharding,
@@ -61,6 +79,9 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     weights, ids = route(router_logits.reshape(-1, router_logits.shape[-1]), top_k, score_fn=score_fn)
+    if fused_ops.use_fused(fused, implementation):
+        return fused_experts_ffn(x2, weights, ids, w_gate, w_up, w_down, activation=activation,
+                                 implementation=implementation).reshape(shape)
     xs, sizes, sort_idx = permute(x2, ids, w_gate.shape[0], implementation=implementation)
     y = experts_ffn(xs, sizes, w_gate, w_up, w_down, activation=activation, implementation=implementation)
     return unpermute(y, sort_idx, weights, implementation=implementation).reshape(shape)

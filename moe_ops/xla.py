@@ -89,3 +89,22 @@ def combine_weight_grad(dout, y, sort_idx, k, n_valid=None):
     """dout [T,D], y [T*k,D] -> [T,k] f32: ``<dout[t], y[inv[t*k+j]]>``."""
     gathered = _rows_per_slot(y, sort_idx, dout.shape[0], k, n_valid)
     return jnp.einsum("tkd,td->tk", gathered, dout.astype(jnp.float32), precision="highest")
+
+
+# Fused dispatch / combine (the optional ``gather_gmm`` / ``scatter_gmm`` of the interface): reference twins that
+# compose the functions above, so they *do* materialise the permuted rows; ``moe_ffn(fused=True)`` runs everywhere.
+
+
+def gather_gmm(x, rhs, group_sizes, group_offset, sort_idx, k, *, transpose_rhs, out_dtype, row_weights=None):
+    """x [T,K] -> [T*k,N]: ``x[sort_idx[i] // k] @ rhs[group(i)]`` (* ``row_weights.flat[sort_idx[i]]`` in f32)."""
+    out = gmm(x[sort_idx // k], rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs,
+              out_dtype=out_dtype if row_weights is None else jnp.float32)
+    if row_weights is not None:
+        out = (out * row_weights.reshape(-1).astype(jnp.float32)[sort_idx][:, None]).astype(out_dtype)
+    return out
+
+
+def scatter_gmm(h, rhs, group_sizes, group_offset, sort_idx, weights, *, transpose_rhs, out_dtype):
+    """h [T*k,K] -> [T,N]: ``sum_j weights[t,j] * (h @ rhs[g])[inv[t*k+j]]`` (f32 combine)."""
+    y = gmm(h, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype)
+    return combine_rows(y, sort_idx, weights)

@@ -6,6 +6,9 @@
   row start, row end); tiles never straddle groups, rows past a tile's end are clamped on load and masked on store,
   zero-fill tiles (non-local groups, rows beyond the sum) store zeros, idle tiles exit at once.
   ``transpose_rhs`` is a constexpr choice of strides: no transpose is materialised.
+  Optional fused row maps (constexpr flags, see ``_gmm_kernel`` / ``RowMap``; used by ``kernels.triton.fused``):
+  gather the A rows through ``sort_idx // top_k``, scale output rows by a per-slot weight, scatter output rows to
+  ``sort_idx`` (token-major). Plain ``gmm`` compiles with all of them off.
 * ``tgmm``: lhs [M,K], rhs [M,N] -> [G_local,K,N]. Grid: G_local x cdiv(K,BK) x cdiv(N,BN) output tiles (group
   slowest, GROUP_M swizzle inside a group); each loops over its group's rows in BM chunks (rows masked to zero past
   the group's end), so empty groups store zeros.
@@ -17,6 +20,7 @@ Configs come from ``kernels.triton.tuning`` unless one is passed explicitly.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -28,7 +32,7 @@ from kernels.registry import TARGETS, AotCase, register_aot
 from kernels.triton import schedule, tuning
 from kernels.triton.bridge import load_jax_triton
 
-__all__ = ["gmm", "tgmm"]
+__all__ = ["gmm", "tgmm", "launch_gmm", "RowMap"]
 
 _ZERO_FILL = tl.constexpr(schedule.ZERO_FILL)  # row-tile group ids the kernel reads (see schedule, invariant 3)
 
@@ -45,17 +49,41 @@ def _swizzle(pid, num_rows_of_tiles, num_cols_of_tiles, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _gmm_kernel(lhs_ptr, rhs_ptr, tiles_ptr, out_ptr,
+def _sorted_slots(sort_idx_ptr, row_start, row_end, offs_m, NUM_SLOTS: tl.constexpr):
+    """Fused row maps: the token-major slot ``sort_idx[row]`` of each sorted row of a tile. Rows past the tile's end
+    are clamped into it (idle tiles, start = end = 0, read row 0) and values are clamped to ``[0, NUM_SLOTS)``, so
+    no access leaves its buffer even for a ``sort_idx`` that is not a permutation."""
+    rows = tl.maximum(tl.minimum(offs_m, row_end - row_start - 1), 0)
+    slots = tl.load(sort_idx_ptr + row_start + rows)
+    return tl.minimum(tl.maximum(slots, 0), NUM_SLOTS - 1)
+
+
+@triton.jit
+def _gmm_kernel(lhs_ptr, rhs_ptr, tiles_ptr, sort_idx_ptr, w_ptr, out_ptr,
                 K: tl.constexpr, N: tl.constexpr, TRANSPOSE_RHS: tl.constexpr, NUM_ROW_TILES: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """One BM x BN output tile of ``out[rows of tile] = lhs[rows] @ rhs[group]`` (see the module docstring)."""
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                GATHER: tl.constexpr, SCATTER: tl.constexpr, WEIGHTED: tl.constexpr, TOP_K: tl.constexpr,
+                NUM_SLOTS: tl.constexpr):
+    """One BM x BN output tile of ``out[rows of tile] = lhs[rows] @ rhs[group]`` (see the module docstring).
+
+    Fused row maps (constexpr, all False for plain ``gmm``; ``sort_idx`` / ``w`` are then unused), with
+    ``slot = sort_idx[row]`` for sorted row ``row``:
+      GATHER:   the A rows are ``lhs[slot // TOP_K]`` (lhs in token order: no permuted copy of it exists);
+      WEIGHTED: the f32 accumulator row is scaled by ``w[slot]`` before the store;
+      SCATTER:  the tile row is stored to output row ``slot`` (token-major; a permutation write, no atomics).
+    """
     tile_m, tile_n = _swizzle(tl.program_id(0), NUM_ROW_TILES, tl.cdiv(N, BN), GROUP_M)
     group = tl.load(tiles_ptr + tile_m)
     row_start = tl.load(tiles_ptr + NUM_ROW_TILES + tile_m)
     row_end = tl.load(tiles_ptr + 2 * NUM_ROW_TILES + tile_m)
     offs_m = tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
-    out_ptrs = out_ptr + row_start.to(tl.int64) * N + offs_m[:, None] * N + offs_n[None, :]
+    if GATHER or SCATTER or WEIGHTED:
+        slots = _sorted_slots(sort_idx_ptr, row_start, row_end, offs_m, NUM_SLOTS)
+    if SCATTER:
+        out_ptrs = out_ptr + slots.to(tl.int64)[:, None] * N + offs_n[None, :]
+    else:
+        out_ptrs = out_ptr + row_start.to(tl.int64) * N + offs_m[:, None] * N + offs_n[None, :]
     store_mask = (offs_m[:, None] < row_end - row_start) & (offs_n[None, :] < N)
     if group >= 0:
         offs_k = tl.arange(0, BK)
@@ -63,7 +91,10 @@ def _gmm_kernel(lhs_ptr, rhs_ptr, tiles_ptr, out_ptr,
         cols = offs_n % N if N % BN != 0 else offs_n  # wrapped: loads stay in bounds, stores are masked
         stride_k: tl.constexpr = 1 if TRANSPOSE_RHS else N
         stride_n: tl.constexpr = K if TRANSPOSE_RHS else 1
-        a_ptrs = lhs_ptr + row_start.to(tl.int64) * K + rows[:, None] * K + offs_k[None, :]
+        if GATHER:
+            a_ptrs = lhs_ptr + (slots // TOP_K).to(tl.int64)[:, None] * K + offs_k[None, :]
+        else:
+            a_ptrs = lhs_ptr + row_start.to(tl.int64) * K + rows[:, None] * K + offs_k[None, :]
         b_ptrs = (rhs_ptr + group.to(tl.int64) * (K * N)
                   + offs_k[:, None] * stride_k + cols[None, :] * stride_n)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -78,6 +109,8 @@ def _gmm_kernel(lhs_ptr, rhs_ptr, tiles_ptr, out_ptr,
             acc = tl.dot(a, b, acc, input_precision="ieee")
             a_ptrs += BK
             b_ptrs += BK * stride_k
+        if WEIGHTED:
+            acc = acc * tl.load(w_ptr + slots)[:, None]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
     elif group == _ZERO_FILL:  # rows of non-local groups / beyond sum(group_sizes)
         tl.store(out_ptrs, tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty), mask=store_mask)
@@ -120,20 +153,57 @@ def _launch_options(cfg: tuning.GmmConfig) -> dict:
                 BK=cfg.block_k, GROUP_M=cfg.group_m)
 
 
+_PLAIN_ROWS = dict(GATHER=False, SCATTER=False, WEIGHTED=False, TOP_K=1, NUM_SLOTS=1)  # constexprs of plain gmm
+
+
+@dataclasses.dataclass(frozen=True)
+class RowMap:
+    """Fused row maps of ``_gmm_kernel`` (see its docstring) for ``M = T * top_k`` expert-sorted rows:
+    ``sort_idx`` [M] int32 (sorted row -> token-major slot ``t * top_k + j``), ``weights`` [M] f32 in slot order
+    (used when ``weighted``). ``gather``: lhs is [T, K] in token order; ``scatter``: the output is slot-major."""
+
+    sort_idx: jax.Array
+    top_k: int
+    gather: bool = False
+    scatter: bool = False
+    weights: jax.Array | None = None
+
+    @property
+    def weighted(self) -> bool:
+        return self.weights is not None
+
+
+def launch_gmm(lhs, rhs, group_sizes, group_offset, *, num_rows, transpose_rhs, out_dtype, config=None,
+               row_map: RowMap | None = None):
+    """``_gmm_kernel`` over ``num_rows`` sorted rows -> [num_rows, N] (``gmm`` and the fused ops of
+    ``kernels.triton.fused``). Without ``row_map``, lhs is [num_rows, K] and nothing is remapped."""
+    jt = load_jax_triton()
+    k = lhs.shape[1]
+    num_local = rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    cfg = config or tuning.pick_config("gmm", num_rows, k, n, num_local, lhs.dtype)
+    tiles = schedule.gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, cfg.block_m)
+    num_row_tiles = tiles.shape[1]
+    if row_map is None:
+        sort_idx, weights = jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32)  # unused placeholders
+        flags = _PLAIN_ROWS
+    else:
+        sort_idx = row_map.sort_idx.astype(jnp.int32)
+        weights = row_map.weights.astype(jnp.float32) if row_map.weighted else jnp.zeros((1,), jnp.float32)
+        flags = dict(GATHER=row_map.gather, SCATTER=row_map.scatter, WEIGHTED=row_map.weighted,
+                     TOP_K=row_map.top_k, NUM_SLOTS=num_rows)
+    return jt.triton_call(
+        lhs, rhs, tiles.reshape(-1), sort_idx, weights, kernel=_gmm_kernel,
+        out_shape=jax.ShapeDtypeStruct((num_rows, n), out_dtype),
+        grid=(num_row_tiles * triton.cdiv(n, cfg.block_n),), name="moe_gmm",
+        K=k, N=n, TRANSPOSE_RHS=bool(transpose_rhs), NUM_ROW_TILES=num_row_tiles, **flags, **_launch_options(cfg))
+
+
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, config=None):
     """lhs [M,K], rhs [G_local,K,N] ([G_local,N,K] if ``transpose_rhs``), clamped group_sizes [G] int32,
     group_offset int32[1] -> [M,N] in ``out_dtype``; rows outside local groups are zero."""
-    jt = load_jax_triton()
-    m, k = lhs.shape
-    num_local = rhs.shape[0]
-    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    cfg = config or tuning.pick_config("gmm", m, k, n, num_local, lhs.dtype)
-    tiles = schedule.gmm_row_tiles(group_sizes, group_offset, m, num_local, cfg.block_m)
-    num_row_tiles = tiles.shape[1]
-    return jt.triton_call(
-        lhs, rhs, tiles.reshape(-1), kernel=_gmm_kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(num_row_tiles * triton.cdiv(n, cfg.block_n),), name="moe_gmm",
-        K=k, N=n, TRANSPOSE_RHS=bool(transpose_rhs), NUM_ROW_TILES=num_row_tiles, **_launch_options(cfg))
+    return launch_gmm(lhs, rhs, group_sizes, group_offset, num_rows=lhs.shape[0], transpose_rhs=transpose_rhs,
+                      out_dtype=out_dtype, config=config)
 
 
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, config=None):
@@ -160,9 +230,15 @@ _AOT_SHAPES = {"": (4096, 14336), ":ragged_kn": (2880, 5760)}
 _AOT_DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
 
-def _aot_case(name, fn, dtype, cfg, backend, config_name, **constexprs):
-    arrays = ("lhs_ptr", "rhs_ptr", "tiles_ptr" if fn is _gmm_kernel else "bounds_ptr", "out_ptr")
-    signature = {a: "*i32" if a in ("tiles_ptr", "bounds_ptr") else f"*{dtype}" for a in arrays}
+def _aot_case(name, fn, dtype, cfg, backend, config_name, out_dtype=None, **constexprs):
+    """One compile of ``fn`` with ``dtype`` operands (``out_dtype`` output, default the same); ``_gmm_kernel``
+    cases default to the plain row maps (``_PLAIN_ROWS``)."""
+    if fn is _gmm_kernel:
+        signature = dict(lhs_ptr=f"*{dtype}", rhs_ptr=f"*{dtype}", tiles_ptr="*i32", sort_idx_ptr="*i32",
+                         w_ptr="*fp32", out_ptr=f"*{out_dtype or dtype}")
+        constexprs = {**_PLAIN_ROWS, **constexprs}
+    else:
+        signature = dict(lhs_ptr=f"*{dtype}", rhs_ptr=f"*{dtype}", bounds_ptr="*i32", out_ptr=f"*{out_dtype or dtype}")
     constexprs.update(BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m)
     signature.update({c: "constexpr" for c in constexprs})
     return AotCase(name, config_name, fn, signature, constexprs, cfg.compile_options(backend))
@@ -186,4 +262,34 @@ def aot_cases(target: str):
         for entry, cfg in tuning.shipped(target, "tgmm", dtype).items():
             cases.append(_aot_case("tgmm", _tgmm_kernel, dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}",
                                    K=k, N=n, NUM_GROUPS=_AOT_G))
+    return cases
+
+
+# The fused row maps (``kernels.triton.fused``) as the MoE layer uses them: gather (forward gate / up GMMs), weighted
+# scatter (forward down GMM) and gather with ``transpose_rhs`` into f32 (backward of the scatter GMM).
+_AOT_TOP_K = 2
+_FUSED_VARIANTS = {
+    "gmm_gather": (False, None, dict(GATHER=True)),
+    "gmm_scatter": (False, None, dict(SCATTER=True, WEIGHTED=True)),
+    "gmm_gather_transposed_f32out": (True, "fp32", dict(GATHER=True)),
+}
+
+
+@register_aot("gmm_fused")
+def fused_aot_cases(target: str):
+    """Every fused variant x shipped gmm config of ``target`` for bf16 and f32 at the Mixtral-like shape, and the
+    forward variants (gather, scatter) for bf16 at the ragged K / N shape."""
+    backend = TARGETS[target][0]
+    cases = []
+    for (dtype_name, dtype), (suffix, (k, n)) in itertools.product(_AOT_DTYPES.items(), _AOT_SHAPES.items()):
+        if suffix and dtype_name != "bf16":
+            continue
+        for entry, cfg in tuning.shipped(target, "gmm", dtype).items():
+            tiles = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
+            for name, (transpose, out_dtype, flags) in _FUSED_VARIANTS.items():
+                if suffix and transpose:
+                    continue
+                cases.append(_aot_case(name, _gmm_kernel, dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}",
+                                       out_dtype=out_dtype, K=k, N=n, TRANSPOSE_RHS=transpose, NUM_ROW_TILES=tiles,
+                                       TOP_K=_AOT_TOP_K, NUM_SLOTS=_AOT_M, **flags))
     return cases
