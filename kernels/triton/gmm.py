@@ -244,15 +244,20 @@ def _aot_case(name, fn, dtype, cfg, backend, config_name, out_dtype=None, **cons
     return AotCase(name, config_name, fn, signature, constexprs, cfg.compile_options(backend))
 
 
+def _aot_points():
+    """(dtype name, dtype, shape suffix, K, N): bf16 and f32 at the Mixtral-like shape, bf16 at the ragged one."""
+    for (dtype_name, dtype), (suffix, (k, n)) in itertools.product(_AOT_DTYPES.items(), _AOT_SHAPES.items()):
+        if not suffix or dtype_name == "bf16":
+            yield dtype_name, dtype, suffix, k, n
+
+
 @register_aot("gmm")
 def aot_cases(target: str):
     """gmm, gmm with transpose_rhs, tgmm x every shipped config of ``target`` for bf16 and f32 (config names
     ``"<entry>:<dtype>[:ragged_kn]"``)."""
     backend = TARGETS[target][0]
     cases = []
-    for (dtype_name, dtype), (suffix, (k, n)) in itertools.product(_AOT_DTYPES.items(), _AOT_SHAPES.items()):
-        if suffix and dtype_name != "bf16":
-            continue
+    for dtype_name, dtype, suffix, k, n in _aot_points():
         for entry, cfg in tuning.shipped(target, "gmm", dtype).items():
             tiles = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
             for transpose in ((False, True) if not suffix else (False,)):
@@ -281,9 +286,7 @@ def fused_aot_cases(target: str):
     forward variants (gather, scatter) for bf16 at the ragged K / N shape."""
     backend = TARGETS[target][0]
     cases = []
-    for (dtype_name, dtype), (suffix, (k, n)) in itertools.product(_AOT_DTYPES.items(), _AOT_SHAPES.items()):
-        if suffix and dtype_name != "bf16":
-            continue
+    for dtype_name, dtype, suffix, k, n in _aot_points():
         for entry, cfg in tuning.shipped(target, "gmm", dtype).items():
             tiles = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
             for name, (transpose, out_dtype, flags) in _FUSED_VARIANTS.items():
