@@ -12,13 +12,13 @@ from moe_ops.gmm import gmm, tgmm
 from moe_ops.layer import experts_ffn, fused_experts_ffn, moe_ffn, route
 from moe_ops.partitioned import moe_ffn_partitioned, moe_ffn_shard
 from moe_ops.sharding import MoEShardingConfig
-from moe_ops.sort import permute, unpermute
+from moe_ops.sort import permute, sort_by_expert, unpermute
 from moe_ops.validation import checked
 
 __version__ = "0.1.0"
 __all__ = [
     # single-device ops
-    "gmm", "tgmm", "route", "permute", "unpermute", "moe_ffn", "experts_ffn", "checked",
+    "gmm", "tgmm", "route", "sort_by_expert", "permute", "unpermute", "moe_ffn", "experts_ffn", "checked",
     # fused dispatch / combine (gather / scatter inside the GMMs)
     "gather_gmm", "scatter_gmm", "fused_experts_ffn", "fused",
     # expert parallelism

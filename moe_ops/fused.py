@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from moe_ops import backend, validation, vma
 from moe_ops.gmm import _gmm, _tgmm
-from moe_ops.sort import _combine, _gather
+from moe_ops.sort import _combine, _gather, sort_by_expert
 
 __all__ = ["gather_gmm", "scatter_gmm", "sort_by_expert", "supports_fused", "use_fused", "FUSED_BY_DEFAULT"]
 
@@ -135,16 +135,6 @@ def _fused_ops_for(implementation):
         raise NotImplementedError(f"the {impl!r} backend has no fused gather_gmm / scatter_gmm; use permute + gmm + "
                                   "unpermute (moe_ffn falls back to them by itself)")
     return impl
-
-
-def sort_by_expert(expert_ids, num_experts, *, implementation=None):
-    """expert_ids [T,k] int -> (group_sizes [E] int32, sort_idx [T*k] int32): ``permute`` without the row copy
-    (stable in flat index within an expert; ids outside ``[0, E)`` sort last and are counted in no group)."""
-    validation.int_array("expert_ids", expert_ids, 2)
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive static int, got {num_experts!r}")
-    validation.check_expert_ids(expert_ids, num_experts)
-    return backend.ops(implementation).sort_by_expert(expert_ids.astype(jnp.int32), num_experts)
 
 
 def gather_gmm(x, rhs, group_sizes, sort_idx, *, group_offset=None, transpose_rhs=False,

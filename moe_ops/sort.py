@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from moe_ops import backend, validation
 from moe_ops import vma
 
-__all__ = ["permute", "unpermute"]
+__all__ = ["sort_by_expert", "permute", "unpermute"]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -75,21 +75,27 @@ def _n_valid_array(n_valid):
     return value.reshape(1).astype(jnp.int32)
 
 
+def sort_by_expert(expert_ids, num_experts, *, implementation=None):
+    """expert_ids [T,k] int -> (group_sizes [E] int32, sort_idx [T*k] int32): ``permute`` without the row copy
+    (stable in flat index within an expert; ids outside ``[0, E)`` sort last and are counted in no group)."""
+    validation.int_array("expert_ids", expert_ids, 2)
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive static int, got {num_experts!r}")
+    validation.check_expert_ids(expert_ids, num_experts)
+    return backend.ops(implementation).sort_by_expert(expert_ids.astype(jnp.int32), num_experts)
+
+
 def permute(x, expert_ids, num_experts, *, n_valid=None, implementation=None):
     """Sort token copies by expert: x [T,D], expert_ids [T,k] int ->
     (x_sorted [T*k,D], group_sizes [E] int32, sort_idx [T*k] int32), ``x_sorted[i] = x[sort_idx[i] // k]``, stable in
     flat index within an expert. Ids outside ``[0, E)`` are dropped: sorted last, counted in no group.
     With ``n_valid`` (device int scalar), rows ``i >= n_valid`` of x_sorted are zero (valid-prefix form)."""
     validation.float_array("x", x, 2)
-    validation.int_array("expert_ids", expert_ids, 2)
+    group_sizes, sort_idx = sort_by_expert(expert_ids, num_experts, implementation=implementation)
     if expert_ids.shape[0] != x.shape[0]:
         raise ValueError(f"expert_ids must be [T, k] with T={x.shape[0]} (x is {tuple(x.shape)}), "
                          f"got {tuple(expert_ids.shape)}")
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive static int, got {num_experts!r}")
-    validation.check_expert_ids(expert_ids, num_experts)
     impl = backend.resolve(implementation)
-    group_sizes, sort_idx = backend.ops(impl).sort_by_expert(expert_ids.astype(jnp.int32), num_experts)
     x_, sort_idx_ = vma.match_vma(x, sort_idx)
     x_sorted = _gather(x_, sort_idx_, _n_valid_array(n_valid), expert_ids.shape[1], impl)
     return x_sorted, group_sizes, sort_idx
