@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One batched GPU session: correctness of every Triton kernel on the real device, then the benchmark suites, each
+# under its own time limit, writing JSON + PNG to ${OUT:-bench_out}. Prepare on a machine with network first:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 -d .whl jax-triton==0.3.1      # .whl/ is git-ignored; carry it
+# The shared GPU image has jax (CUDA), triton 3.6 and torch but no jax-triton (see shared/PITFALLS.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export HOME=/tmp TRITON_CACHE_DIR=/tmp/triton PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+out=${OUT:-bench_out}
+mkdir -p "$out"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
+else
+  export PYTHONPATH=.
+fi
+python3 - <<'PY'
+import jax, triton; print("device:", jax.devices()[0], "| jax", jax.__version__, "| triton", triton.__version__)
+PY
+# 1. The kernels on the device against the reference (parity + gradients; the interpreter-only tests skip nothing).
+timeout 300 python3 -m pytest -q -x tests/test_triton_gmm.py tests/test_sort.py tests/test_fused.py -k "not pallas" \
+  2>&1 | tee "$out/gpu_tests.log" | tail -5
+# 2. The suites, one time limit each; every figure is a ratio to peers and ceilings measured in the same run.
+for suite in gmm sort layer; do
+  timeout 540 python3 -m benchmarks "$suite" --json "$out/$suite.json" --plot "$out/$suite.png" --no-progress \
+    2>&1 | tee "$out/$suite.log" | tail -40
+done
