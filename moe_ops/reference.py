@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "row_group_ids", "gmm", "tgmm", "route", "permute", "unpermute", "moe_ffn", "moe_ffn_dense", "activate",
+    "row_group_ids", "gmm", "tgmm", "route", "sort_by_expert", "inverse_permutation", "permute", "unpermute",
+    "moe_ffn", "moe_ffn_dense", "activate",
 ]
 
 
@@ -85,25 +86,36 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
     return weights, expert_ids.astype(jnp.int32)
 
 
-def permute(x, expert_ids, num_experts):
-    """Sort token copies into expert order: x [T,D], expert_ids [T,k] ->
-    (x_sorted [T*k,D], group_sizes [E] int32, sort_idx [T*k] int32) with ``x_sorted[i] = x[sort_idx[i] // k]``,
-    stable in flat index ``t*k + j`` within an expert. Ids outside ``[0, E)`` sort after every valid row and are
-    counted in no group (so a following ``gmm`` gives them zeros)."""
-    k = expert_ids.shape[1]
+def sort_by_expert(expert_ids, num_experts):
+    """expert_ids [T,k] -> (group_sizes [E] int32, sort_idx [T*k] int32): a stable sort of the flat ids. Ids
+    outside ``[0, E)`` sort after every valid row and are counted in no group (so a following ``gmm`` gives them
+    zeros)."""
     flat = expert_ids.reshape(-1).astype(jnp.int32)
     key = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
     sort_idx = jnp.argsort(key, stable=True).astype(jnp.int32)
     group_sizes = jnp.zeros((num_experts + 1,), jnp.int32).at[key].add(1)[:num_experts]
-    return x[sort_idx // k], group_sizes, sort_idx
+    return group_sizes, sort_idx
+
+
+def inverse_permutation(sort_idx):
+    """``inverse[sort_idx[i]] = i`` (a permutation write: unique indices, no scatter-add)."""
+    return jnp.zeros_like(sort_idx).at[sort_idx].set(jnp.arange(sort_idx.shape[0], dtype=sort_idx.dtype),
+                                                     unique_indices=True)
+
+
+def permute(x, expert_ids, num_experts):
+    """Sort token copies into expert order: x [T,D], expert_ids [T,k] ->
+    (x_sorted [T*k,D], group_sizes [E] int32, sort_idx [T*k] int32) with ``x_sorted[i] = x[sort_idx[i] // k]``,
+    stable in flat index ``t*k + j`` within an expert (dropped ids as in ``sort_by_expert``)."""
+    group_sizes, sort_idx = sort_by_expert(expert_ids, num_experts)
+    return x[sort_idx // expert_ids.shape[1]], group_sizes, sort_idx
 
 
 def unpermute(y_sorted, sort_idx, weights):
     """Weighted top-k combine: y_sorted [T*k,D], sort_idx [T*k], weights [T,k] -> [T,D],
     ``out[t] = sum_j weights[t,j] * y_sorted[inverse[t*k+j]]`` accumulated in f32, returned in y's dtype."""
     t, k = weights.shape
-    inverse = jnp.zeros_like(sort_idx).at[sort_idx].set(jnp.arange(sort_idx.shape[0], dtype=sort_idx.dtype))
-    gathered = y_sorted[inverse].astype(jnp.float32).reshape(t, k, -1)
+    gathered = y_sorted[inverse_permutation(sort_idx)].astype(jnp.float32).reshape(t, k, -1)
     out = jnp.einsum("tkd,tk->td", gathered, weights.astype(jnp.float32), precision="highest")
     return out.astype(y_sorted.dtype)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe_ops import reference
+
 
 def _guarded_sizes(group_sizes, group_offset, num_local, num_rows):
     """[before, local sizes..., after]: rows before/after the local groups go to guard experts."""
@@ -42,13 +44,7 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype):
 # ignored (zero contribution) by ``combine_rows`` / ``combine_weight_grad``; the same in every backend.
 
 
-def sort_by_expert(expert_ids, num_experts):
-    """expert_ids [T,k] -> (group_sizes [E], sort_idx [T*k]): stable argsort of the keys (id, or E when dropped)."""
-    flat = expert_ids.reshape(-1).astype(jnp.int32)
-    key = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
-    sort_idx = jnp.argsort(key, stable=True).astype(jnp.int32)
-    group_sizes = jnp.zeros((num_experts + 1,), jnp.int32).at[key].add(1)[:num_experts]
-    return group_sizes, sort_idx
+sort_by_expert = reference.sort_by_expert  # the stable argsort; the kernels' counting sorts must match it exactly
 
 
 def _valid_rows(n, n_valid):
@@ -65,17 +61,11 @@ def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None):
     return rows if valid is None else jnp.where(valid, rows, 0)
 
 
-def _inverse(sort_idx):
-    """inv[sort_idx[i]] = i: a permutation write (unique indices), not a scatter-add."""
-    return jnp.zeros_like(sort_idx).at[sort_idx].set(jnp.arange(sort_idx.shape[0], dtype=sort_idx.dtype),
-                                                     unique_indices=True)
-
-
 def _rows_per_slot(y, sort_idx, t, k, n_valid):
     """[T, k, D] f32: the row of each (token, slot), zero where it lies at or past n_valid."""
     valid = _valid_rows(y.shape[0], n_valid)
     y = y if valid is None else jnp.where(valid, y, 0)
-    return y[_inverse(sort_idx)].astype(jnp.float32).reshape(t, k, -1)
+    return y[reference.inverse_permutation(sort_idx)].astype(jnp.float32).reshape(t, k, -1)
 
 
 def combine_rows(y, sort_idx, weights, n_valid=None):
