@@ -1,7 +1,10 @@
 """The one place that picks a backend.
 
-``implementation=None`` means: Triton on GPU, Pallas on TPU, XLA elsewhere. A forced ``"triton"`` or ``"pallas"``
-also runs on CPU: Triton through the interpreter bridge (``kernels.triton.bridge``), Pallas with ``interpret=True``.
+``implementation=None`` means: Triton on GPU, Pallas on TPU, XLA elsewhere, chosen **per lowering platform**
+(``kernels.platform``): ``jax.export(..., platforms=["tpu"])`` from a CPU host gets the Mosaic kernels,
+``["cuda"]`` / ``["rocm"]`` the Triton kernels, and a multi-platform export carries each platform's kernels. A forced
+``"triton"`` or ``"pallas"`` also runs on CPU: Triton through the interpreter bridge (``kernels.triton.bridge``),
+Pallas in interpret mode (Mosaic when lowered for TPU). ``resolve`` names what runs on the default device.
 
 Every backend module exposes the same kernel-level functions (no validation, no autodiff; ``moe_ops`` adds both):
 
@@ -21,7 +24,8 @@ contribute zero). ``sort_idx`` is always a full permutation of ``[0, N)``; slots
 out-of-range expert id, sort last, and ``n_valid = sum(group_sizes)`` covers exactly the routed rows.
 
 Optional fused dispatch / combine (``moe_ops.fused``; Triton and XLA provide them, Pallas does not, and
-``moe_ffn`` then runs the unfused path). ``M = T*k`` expert-sorted rows, ``slot = sort_idx[i]``:
+``moe_ffn`` then runs the unfused path; under ``implementation=None`` a backend without them runs the composition of
+its own ``gather_rows`` / ``gmm`` / ``combine_rows``, see ``compose_gather_gmm``). ``M = T*k`` expert-sorted rows, ``slot = sort_idx[i]``:
 
 * ``gather_gmm(x[T,K], rhs, group_sizes, group_offset, sort_idx[M], k, *, transpose_rhs, out_dtype,
   row_weights=None) -> [M, N]``: ``x[slot // k] @ rhs[group(i)]`` (times ``row_weights.flat[slot]`` when given),
@@ -33,29 +37,88 @@ Optional fused dispatch / combine (``moe_ops.fused``; Triton and XLA provide the
 
 from __future__ import annotations
 
+import functools
 import importlib
+import types
+import warnings
 
 import jax
+
+from kernels import platform
 
 IMPLEMENTATIONS = ("xla", "triton", "pallas")
 _MODULES = {"xla": "moe_ops.xla", "triton": "kernels.triton.backend", "pallas": "kernels.pallas.backend"}
 _DEFAULT_FOR_PLATFORM = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "pallas"}
+INTERFACE = ("gmm", "tgmm", "sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "gather_gmm",
+             "scatter_gmm")
 
 
-def resolve(implementation: str | None) -> str:
-    """Name of the backend that will run: the platform default for ``None``, else the forced one."""
-    if implementation is None:
-        return _DEFAULT_FOR_PLATFORM.get(jax.default_backend(), "xla")
-    if implementation not in IMPLEMENTATIONS:
+def choose(implementation: str | None) -> str | None:
+    """``implementation`` checked: None (per lowering platform) or one of ``IMPLEMENTATIONS``."""
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
     return implementation
 
 
+def resolve(implementation: str | None) -> str:
+    """Name of the backend that runs on the default device: its platform's default for ``None``, else the forced
+    one. (What an export for another platform runs is that platform's default.)"""
+    if choose(implementation) is None:
+        name = _DEFAULT_FOR_PLATFORM.get(jax.default_backend(), "xla")
+        return name if name != "triton" or _triton_available() else "xla"
+    return implementation
+
+
 def ops(implementation: str | None):
-    """The backend module for ``implementation`` (imported on first use)."""
-    return importlib.import_module(_MODULES[resolve(implementation)])
+    """The backend for ``implementation``: its module, or for ``None`` the per-platform dispatcher (imported on
+    first use)."""
+    if choose(implementation) is None:
+        return _auto()
+    return importlib.import_module(_MODULES[implementation])
 
 
-def pallas_interpret() -> bool:
-    """Pallas TPU kernels compile for TPUs only; everywhere else they run in interpret mode (for testing)."""
-    return jax.default_backend() != "tpu"
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        importlib.import_module(_MODULES["triton"])
+        return True
+    except ImportError as err:  # no jax-triton / triton installed: GPUs run the XLA backend
+        warnings.warn(f"Triton kernels unavailable ({err}); implementation=None runs XLA on GPUs", stacklevel=3)
+        return False
+
+
+@functools.cache
+def _auto():
+    """``implementation=None``: every interface function binds one ``platform.platform_call`` whose rule per
+    lowering platform is XLA (cpu and any other), Triton (cuda, rocm) or Pallas Mosaic (tpu)."""
+    xla = importlib.import_module(_MODULES["xla"])
+    pallas = importlib.import_module(_MODULES["pallas"])
+    gpu = importlib.import_module(_MODULES["triton"]) if _triton_available() else xla
+    per_platform = {"cuda": gpu, "rocm": gpu, "tpu": pallas}
+
+    def dispatcher(name):
+        def call(*args, **kwargs):
+            rules = {p: _rule(module, name) for p, module in per_platform.items()}
+            return platform.dispatch(rules, _rule(xla, name), args, kwargs)
+        return call
+    return types.SimpleNamespace(**{name: dispatcher(name) for name in INTERFACE})
+
+
+def _rule(module, name):
+    """``module.name``, or for the optional fused ops the composition of the module's own row ops and gmm."""
+    if hasattr(module, name):
+        return platform.Rule(getattr(module, name))
+    return platform.Rule.of({"gather_gmm": compose_gather_gmm, "scatter_gmm": compose_scatter_gmm}[name], ops=module)
+
+
+def compose_gather_gmm(x, rhs, group_sizes, group_offset, sort_idx, k, *, ops, transpose_rhs, out_dtype,
+                       row_weights=None):
+    """``gather_gmm`` from a backend's ``gather_rows`` + ``gmm`` (materialises the gathered rows)."""
+    rows = ops.gather_rows(x, sort_idx, k, row_weights=row_weights)
+    return ops.gmm(rows, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype)
+
+
+def compose_scatter_gmm(h, rhs, group_sizes, group_offset, sort_idx, weights, *, ops, transpose_rhs, out_dtype):
+    """``scatter_gmm`` from a backend's ``gmm`` + ``combine_rows`` (materialises the expert output)."""
+    y = ops.gmm(h, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype)
+    return ops.combine_rows(y, sort_idx, weights)

@@ -46,10 +46,12 @@ def supports_fused(implementation=None) -> bool:
 
 
 def use_fused(fused, implementation=None) -> bool:
-    """``moe_ffn``'s choice: ``None`` -> fused on ``FUSED_BY_DEFAULT`` backends; ``True`` -> fused where the backend
+    """``moe_ffn``'s choice: ``None`` -> fused on ``FUSED_BY_DEFAULT`` backends, and always for
+    ``implementation=None``, whose fused ops are chosen per lowering platform (the Triton kernels on GPUs; elsewhere
+    the backend's own composition, which is the unfused path op for op); ``True`` -> fused where the backend
     supports it (Pallas does not: unfused path, by design); ``False`` -> unfused."""
     if fused is None:
-        return backend.resolve(implementation) in FUSED_BY_DEFAULT
+        return backend.choose(implementation) is None or implementation in FUSED_BY_DEFAULT
     return bool(fused) and supports_fused(implementation)
 
 
@@ -130,7 +132,7 @@ def _check_rows(sort_idx, num_tokens, what):
 
 
 def _fused_ops_for(implementation):
-    impl = backend.resolve(implementation)
+    impl = backend.choose(implementation)
     if not supports_fused(impl):
         raise NotImplementedError(f"the {impl!r} backend has no fused gather_gmm / scatter_gmm; use permute + gmm + "
                                   "unpermute (moe_ffn falls back to them by itself)")

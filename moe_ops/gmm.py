@@ -78,7 +78,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
     ``sum(group_sizes) > M`` truncates the last groups at row M (see ``validation``)."""
     validation.check_gmm(lhs, rhs, group_sizes, transpose_rhs)
     out_dtype = validation.out_dtype(preferred_element_type, lhs.dtype)
-    impl = backend.resolve(implementation)
+    impl = backend.choose(implementation)
     sizes = validation.clamp_group_sizes(group_sizes, lhs.shape[0])
     offset = validation.group_offset_array(group_offset)
     lhs, rhs, sizes, offset = vma.match_vma(lhs, rhs.astype(lhs.dtype), sizes, offset)
@@ -93,7 +93,7 @@ def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred
     ``num_groups`` (static) is G_local; it defaults to ``len(group_sizes)``."""
     validation.check_tgmm(lhs, rhs, group_sizes, num_groups)
     out_dtype = validation.out_dtype(preferred_element_type, lhs.dtype)
-    impl = backend.resolve(implementation)
+    impl = backend.choose(implementation)
     sizes = validation.clamp_group_sizes(group_sizes, lhs.shape[0])
     offset = validation.group_offset_array(group_offset)
     num_groups = group_sizes.shape[0] if num_groups is None else int(num_groups)

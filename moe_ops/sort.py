@@ -95,7 +95,7 @@ def permute(x, expert_ids, num_experts, *, n_valid=None, implementation=None):
     if expert_ids.shape[0] != x.shape[0]:
         raise ValueError(f"expert_ids must be [T, k] with T={x.shape[0]} (x is {tuple(x.shape)}), "
                          f"got {tuple(expert_ids.shape)}")
-    impl = backend.resolve(implementation)
+    impl = backend.choose(implementation)
     x_, sort_idx_ = vma.match_vma(x, sort_idx)
     x_sorted = _gather(x_, sort_idx_, _n_valid_array(n_valid), expert_ids.shape[1], impl)
     return x_sorted, group_sizes, sort_idx
@@ -112,6 +112,6 @@ def unpermute(y_sorted, sort_idx, weights, *, n_valid=None, implementation=None)
     if not (sort_idx.shape[0] == y_sorted.shape[0] == weights.shape[0] * weights.shape[1]):
         raise ValueError(f"y_sorted [T*k,D], sort_idx [T*k] and weights [T,k] disagree: y_sorted "
                          f"{tuple(y_sorted.shape)}, sort_idx {tuple(sort_idx.shape)}, weights {tuple(weights.shape)}")
-    impl = backend.resolve(implementation)
+    impl = backend.choose(implementation)
     y_sorted, sort_idx, weights = vma.match_vma(y_sorted, sort_idx.astype(jnp.int32), weights)
     return _combine(y_sorted, sort_idx, weights, _n_valid_array(n_valid), impl)

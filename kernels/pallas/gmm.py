@@ -43,7 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.pallas import tiling as tiling_lib
-from moe_ops import backend
+from kernels.platform import tpu_or_interpret
 
 __all__ = ["gmm", "tgmm", "gmm_schedule", "tgmm_schedule"]
 
@@ -220,10 +220,6 @@ def _resolve(tiling, kernel, m, k, n, num_local, in_dtype, out_dtype, existing):
     return tiling_lib.check(t, m, k, n, in_dtype, out_dtype)
 
 
-def _interpret(interpret):
-    return backend.pallas_interpret() if interpret is None else interpret
-
-
 def _aliases(sched, has_existing, interpret, shape, block):
     """Write ``existing_out`` in place (operand after the schedule, lhs and rhs -> output 0). Not in interpret mode
     when a partial edge block exists: the TPU interpreter pads the aliased buffer and then fails to lower."""
@@ -265,15 +261,17 @@ def _gmm(lhs, rhs, group_sizes, group_offset, existing_out, *, transpose_rhs, ou
     )(sched, *operands)
 
 
+@tpu_or_interpret
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, tiling=None, existing_out=None,
         interpret=None):
     """lhs [M,K] x rhs [G_local,K,N] ([G_local,N,K] with ``transpose_rhs``) -> [M,N] (``out_dtype``).
 
     ``tiling``: a ``Tiling`` / ``(tm, tk, tn)`` or None for the heuristic (``kernels.pallas.tiling``).
     ``existing_out`` [M,N]: returned as ``existing_out + contribution`` on local-group rows, unchanged elsewhere.
-    ``interpret``: None = interpret on CPU; or a bool / ``pltpu.InterpretParams``."""
+    ``interpret``: None = Mosaic when lowered for TPU, interpret mode for any other platform
+    (``kernels.platform.tpu_or_interpret``); or a bool / ``pltpu.InterpretParams``."""
     return _gmm(lhs, rhs, group_sizes, group_offset, existing_out, transpose_rhs=bool(transpose_rhs),
-                out_dtype=jnp.dtype(out_dtype), tiling=tiling, interpret=_interpret(interpret))
+                out_dtype=jnp.dtype(out_dtype), tiling=tiling, interpret=interpret)
 
 
 # --------------------------------------------------------------------------------------------------------- tgmm
@@ -344,9 +342,10 @@ def _tgmm(lhs, rhs, group_sizes, group_offset, existing_out, *, num_groups, out_
     )(sched, *operands)
 
 
+@tpu_or_interpret
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, tiling=None, existing_out=None,
          interpret=None):
     """lhs [M,K]^T x rhs [M,N] per local group -> [G_local=num_groups, K, N] (``out_dtype``); empty groups are zero
     (``existing_out[g]`` with ``existing_out``). ``tiling`` / ``interpret`` as for ``gmm``."""
     return _tgmm(lhs, rhs, group_sizes, group_offset, existing_out, num_groups=int(num_groups),
-                 out_dtype=jnp.dtype(out_dtype), tiling=tiling, interpret=_interpret(interpret))
+                 out_dtype=jnp.dtype(out_dtype), tiling=tiling, interpret=interpret)

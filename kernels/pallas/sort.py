@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moe_ops import backend
+from kernels.platform import tpu_or_interpret
 
 __all__ = ["sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "PallasSortConfig"]
 
@@ -58,12 +58,6 @@ def _rows(config, num_rows, bytes_per_row):
     return num_rows if num_rows <= rows else rows
 
 
-def _interpret(interpret):
-    """``None`` -> interpret mode off TPU (``backend.pallas_interpret``); anything else (bool, InterpretParams) as
-    given."""
-    return backend.pallas_interpret() if interpret is None else interpret
-
-
 def _n_valid_array(n_valid, n):
     if n_valid is None:
         return jnp.full((1,), n, jnp.int32)
@@ -71,7 +65,7 @@ def _n_valid_array(n_valid, n):
 
 
 def _parallel(interpret):
-    return dict(interpret=_interpret(interpret),
+    return dict(interpret=interpret,
                 compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)))
 
 
@@ -107,6 +101,7 @@ def _block_index(b):
     return b, 0, 0
 
 
+@tpu_or_interpret
 def sort_by_expert(expert_ids, num_experts, *, config: PallasSortConfig = CONFIG, interpret=None):
     """expert_ids [T,k] -> (group_sizes [E] int32, sort_idx [T*k] int32); stable counting sort (module doc)."""
     flat = expert_ids.reshape(-1).astype(jnp.int32)
@@ -204,6 +199,7 @@ def _gather_kernel(n_valid_ref, x_hbm, idx_hbm, *rest, k, num_rows, has_w):
     out_ref[...] = jnp.where(rows < n_valid, vals, 0).astype(out_ref.dtype)
 
 
+@tpu_or_interpret
 def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None, *, config: PallasSortConfig = CONFIG,
                 interpret=None):
     """x [T,D] -> [T*k, D], ``out[i] = x[sort_idx[i] // k]`` (* row weight, f32) for ``i < n_valid``, zeros after."""
@@ -287,6 +283,7 @@ def _token_call(kernel, y, sort_idx, k, n_valid, blocked, out_cols, out_dtype, c
         _n_valid_array(n_valid, n), y, _blocked(inv, bt * k), inv.reshape(t, k), *blocked)
 
 
+@tpu_or_interpret
 def combine_rows(y, sort_idx, weights, n_valid=None, *, config: PallasSortConfig = CONFIG, interpret=None):
     """y [T*k,D] -> [T,D], ``out[t] = sum_j weights[t,j] * y[inv[t*k+j]]`` over rows ``< n_valid``, f32 acc."""
     (t, k), d = weights.shape, y.shape[1]
@@ -296,6 +293,7 @@ def combine_rows(y, sort_idx, weights, n_valid=None, *, config: PallasSortConfig
                        config, interpret)
 
 
+@tpu_or_interpret
 def combine_weight_grad(dout, y, sort_idx, k, n_valid=None, *, config: PallasSortConfig = CONFIG, interpret=None):
     """dout [T,D], y [T*k,D] -> [T,k] f32, ``<dout[t], y[inv[t*k+j]]>`` (zero where that row is ``>= n_valid``)."""
     t, d = dout.shape

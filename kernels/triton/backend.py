@@ -1,8 +1,22 @@
-"""The Triton backend of ``moe_ops`` (the interface is documented in ``moe_ops.backend``)."""
+"""The Triton backend of ``moe_ops`` (the interface is documented in ``moe_ops.backend``).
 
-from kernels.triton.fused import gather_gmm, scatter_gmm
-from kernels.triton.gmm import gmm, tgmm
-from kernels.triton.sort import combine_rows, combine_weight_grad, gather_rows, sort_by_expert
+Each function lowers for cpu (the interpreter bridge), cuda and rocm, and is traced when lowered, so its tile
+config comes from the target's tuning table (``kernels.platform.on_platforms``, ``tuning.detect_arch``)."""
+
+from kernels.platform import on_platforms
+from kernels.triton import fused as _fused, gmm as _gmm, sort as _sort
+
+TRITON_PLATFORMS = ("cpu", "cuda", "rocm")
+_triton = on_platforms(*TRITON_PLATFORMS)
+
+gmm = _triton(_gmm.gmm)
+tgmm = _triton(_gmm.tgmm)
+sort_by_expert = _triton(_sort.sort_by_expert)
+gather_rows = _triton(_sort.gather_rows)
+combine_rows = _triton(_sort.combine_rows)
+combine_weight_grad = _triton(_sort.combine_weight_grad)
+gather_gmm = _triton(_fused.gather_gmm)
+scatter_gmm = _triton(_fused.scatter_gmm)
 
 __all__ = ["gmm", "tgmm", "sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "gather_gmm",
-           "scatter_gmm"]
+           "scatter_gmm", "TRITON_PLATFORMS"]

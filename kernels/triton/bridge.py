@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.triton.compat import patch_jax_triton
+
 _lock = threading.Lock()
 _installed = False
 
@@ -54,6 +56,7 @@ def load_jax_triton():
     from jax.interpreters import mlir
     from jax_triton import triton_lib
 
+    patch_jax_triton(triton_lib)
     with _lock:
         if not _installed:
             mlir.register_lowering(triton_lib.triton_kernel_call_p,

@@ -26,6 +26,8 @@ import threading
 import jax
 import jax.numpy as jnp
 
+from kernels.platform import lowering_platform
+
 KINDS = ("gmm", "tgmm")
 CPU_MAX_TILE = 32
 
@@ -129,16 +131,32 @@ def shipped(arch: str, kind: str, dtype) -> dict[str, GmmConfig]:
     return {name: cfg for name, cfg in table.items() if name.endswith("_f32") == is_f32(dtype)}
 
 
-def detect_arch() -> str:
-    """Tuning-table key for the default JAX device: ``"cpu"``, ``"sm90"``, ``"gfx950"`` or ``"gfx942"``.
-    Other NVIDIA GPUs use the sm90 table (every entry fits the 163 KiB of shared memory of an A100)."""
-    device = jax.devices()[0]
-    if device.platform == "cpu":
-        return "cpu"
+# The arch a GPU platform is exported for from a host without that GPU (``MOE_OPS_CUDA_ARCH`` /
+# ``MOE_OPS_ROCM_ARCH`` override it): jax-triton compiles for the compute capability / gfx name it is given.
+EXPORT_ARCH = {"cuda": "sm90", "rocm": "gfx950"}
+
+
+def _device_arch(device) -> str:
     text = f"{getattr(device, 'compute_capability', '')} {device.device_kind}".lower()
     if device.platform == "rocm" or "gfx" in text or "instinct" in text or "mi3" in text:
         return "gfx950" if ("gfx95" in text or "mi35" in text) else "gfx942"
     return "sm90"
+
+
+def detect_arch() -> str:
+    """Tuning-table key: ``"cpu"``, ``"sm90"``, ``"gfx950"`` or ``"gfx942"``, for the platform being lowered
+    (``kernels.platform.lowering_platform``: "cpu" runs the interpreter bridge; a GPU platform uses the default
+    device's arch when that device is of the platform, else ``EXPORT_ARCH``), or for the default JAX device
+    outside a per-platform lowering. Other NVIDIA GPUs use the sm90 table (every entry fits an A100)."""
+    platform = lowering_platform()
+    device = jax.devices()[0]
+    if platform is None:
+        return "cpu" if device.platform == "cpu" else _device_arch(device)
+    if platform == "cpu":
+        return "cpu"
+    if device.platform in (platform, "gpu") and _device_arch(device).startswith("gfx") == (platform == "rocm"):
+        return _device_arch(device)
+    return os.environ.get(f"MOE_OPS_{platform.upper()}_ARCH", EXPORT_ARCH[platform])
 
 
 def _bucket(kind, m, k, n, g, dtype) -> str:

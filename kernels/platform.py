@@ -1,0 +1,185 @@
+"""Kernel choice per *lowering* platform, not per ``jax.default_backend()`` at trace time.
+
+``platform_call(rules, *args)`` binds one primitive whose lowering traces the rule of the platform being lowered
+for (``mlir.lower_fun`` narrows the lowering context to that platform), so:
+
+* ``jax.export(f, platforms=["tpu"])`` from a CPU host gets the Mosaic kernels, ``["cuda"]`` / ``["rocm"]`` get
+  ``triton_kernel_call``, and ``["cpu", "cuda", "tpu"]`` gives one module with a platform ``case`` over all three
+  (each branch lowered for its platform only);
+* nothing is traced for platforms that are not lowered (the rules run at lowering time);
+* ``lowering_platform()`` tells a rule which platform it is being lowered for (``kernels.triton.tuning`` picks the
+  sm90 / gfx950 tables from it when exporting from a host without that GPU).
+
+Invariants:
+
+1. Every rule maps the same positional array arguments to outputs of the same shapes and dtypes (``default``, else
+   the first rule, gives the abstract value; the output structure is checked when a rule is lowered).
+2. Rules are ``Rule(fn, kwargs)`` values: hashable and equal for equal ``(fn, kwargs)``, so eager calls hit JAX's
+   compile cache like any primitive.
+3. The primitive has no differentiation rules: callers put it under a ``custom_vjp`` (every ``moe_ops`` op does).
+   It batches by ``vmap``-ing every rule (each rule must batch).
+4. Outputs carry no manual-axis variance (like ``triton_call`` / ``pure_callback``); ``moe_ops.vma.like`` re-types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+from collections.abc import Callable, Mapping
+
+import jax
+from jax.extend import core as jex_core
+from jax.interpreters import batching, mlir
+
+__all__ = ["Rule", "platform_call", "dispatch", "lowering_platform", "tpu_or_interpret", "on_platforms", "PLATFORMS"]
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+_state = threading.local()
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """``fn(*args, **dict(kwargs))``; ``kwargs`` is a tuple of (name, hashable value) pairs."""
+
+    fn: Callable
+    kwargs: tuple = ()
+
+    @classmethod
+    def of(cls, fn, **kwargs) -> "Rule":
+        return cls(fn, tuple(sorted(kwargs.items())))
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **dict(self.kwargs), **kwargs)
+
+
+def lowering_platform() -> str | None:
+    """The platform a ``platform_call`` rule is being lowered for, or None outside such a lowering."""
+    return getattr(_state, "platform", None)
+
+
+@contextlib.contextmanager
+def _lowering_for(platform):
+    previous = lowering_platform()
+    _state.platform = platform
+    try:
+        yield
+    finally:
+        _state.platform = previous
+
+
+platform_call_p = jex_core.Primitive("moe_ops_platform_call")
+platform_call_p.multiple_results = True
+
+
+def _flat(rule, out_tree):
+    def run(*args):
+        leaves, tree = jax.tree.flatten(rule(*args))
+        if tree != out_tree:
+            raise TypeError(f"platform rules disagree on the output structure: {tree} vs {out_tree}")
+        return leaves
+    return run
+
+
+def platform_call(rules: Mapping[str, Rule], *args, default: Rule | None = None):
+    """Bind ``rules[platform](*args)`` for whichever platform the computation is lowered for (``default`` for any
+    platform not named; without one, lowering for another platform raises). Returns the rule's output pytree."""
+    if not rules and default is None:
+        raise ValueError("platform_call needs at least one rule")
+    unknown = set(rules) - set(PLATFORMS)
+    if unknown:
+        raise ValueError(f"unknown platforms {sorted(unknown)}; expected some of {PLATFORMS}")
+    first = default if default is not None else next(iter(rules.values()))
+    out_shapes = jax.eval_shape(first, *args)
+    leaves, out_tree = jax.tree.flatten(out_shapes)
+    avals = tuple(jax.core.ShapedArray(s.shape, s.dtype) for s in leaves)
+    outs = platform_call_p.bind(*args, rules=tuple(sorted(rules.items())), default=default, out_tree=out_tree,
+                                out_avals=avals)
+    return jax.tree.unflatten(out_tree, outs)
+
+
+def _abstract_eval(*_args, out_avals, **_params):
+    return list(out_avals)
+
+
+def _lower_for(platform):
+    def lower(ctx, *args, rules, default, out_tree, out_avals):
+        rule = dict(rules).get(platform, default)
+        if rule is None:
+            raise NotImplementedError(f"no kernel for platform {platform!r}: this op has rules for "
+                                      f"{[p for p, _ in rules]} only")
+        with _lowering_for(platform):
+            return mlir.lower_fun(_flat(rule, out_tree), multiple_results=True)(ctx, *args)
+    return lower
+
+
+def _batch(args, dims, *, rules, default, out_tree, out_avals):
+    def batched(rule):
+        return None if rule is None else Rule.of(jax.vmap(rule, in_axes=tuple(dims)))
+    outs = platform_call({p: batched(r) for p, r in rules}, *args, default=batched(default))
+    return jax.tree.leaves(outs), [0] * len(out_avals)
+
+
+@functools.lru_cache(maxsize=512)
+def _eager(params):
+    """One jitted call per distinct parameter set (rules are hashable values), so eager use compiles once."""
+    return jax.jit(lambda *args: platform_call_p.bind(*args, **dict(params)))
+
+
+platform_call_p.def_abstract_eval(_abstract_eval)
+platform_call_p.def_impl(lambda *args, **params: _eager(tuple(sorted(params.items())))(*args))
+batching.primitive_batchers[platform_call_p] = _batch
+for _platform in PLATFORMS:
+    mlir.register_lowering(platform_call_p, _lower_for(_platform), platform=_platform)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points with mixed arguments: arrays stay dynamic, everything else is folded into the rules.
+
+
+def _split_call(*dynamic, rule, dynamic_keys, static_args, static_kwargs):
+    """Rebuild the call ``rule(*args, **kwargs)`` from the dynamic (array) arguments and the static ones."""
+    args, kwargs = dict(static_args), dict(static_kwargs)
+    for key, value in zip(dynamic_keys, dynamic):
+        (args if isinstance(key, int) else kwargs)[key] = value
+    return rule(*(args[i] for i in range(len(args))), **kwargs)
+
+
+def dispatch(rules: Mapping[str, Rule], default: Rule | None, args, kwargs):
+    """``platform_call`` of ``rule(*args, **kwargs)``: ``jax.Array`` arguments (tracers included) are operands,
+    every other argument (ints, dtypes, configs, None) must be hashable and is folded into the rules."""
+    items = list(enumerate(args)) + sorted(kwargs.items())
+    dynamic = [(key, v) for key, v in items if isinstance(v, jax.Array)]
+    static = [(key, v) for key, v in items if not isinstance(v, jax.Array)]
+    common = dict(dynamic_keys=tuple(k for k, _ in dynamic),
+                  static_args=tuple((k, v) for k, v in static if isinstance(k, int)),
+                  static_kwargs=tuple((k, v) for k, v in static if not isinstance(k, int)))
+
+    def split(rule):
+        return None if rule is None else Rule.of(_split_call, rule=rule, **common)
+    return platform_call({p: split(r) for p, r in rules.items()}, *(v for _, v in dynamic), default=split(default))
+
+
+def tpu_or_interpret(fn):
+    """Decorate a Pallas TPU entry point that takes ``interpret``: ``interpret=None`` becomes Mosaic when lowered
+    for TPU and interpret mode when lowered for any other platform, so ``jax.export(..., platforms=["tpu"])`` from
+    a CPU host emits the Mosaic kernel. An explicit ``interpret`` is passed through unchanged."""
+    @functools.wraps(fn)
+    def wrapper(*args, interpret=None, **kwargs):
+        if interpret is not None:
+            return fn(*args, interpret=interpret, **kwargs)
+        return dispatch({"tpu": Rule.of(fn, interpret=False)}, Rule.of(fn, interpret=True), args, kwargs)
+    return wrapper
+
+
+def on_platforms(*platforms):
+    """Decorate a kernel entry point that exists for ``platforms`` only (Triton: cpu through the interpreter bridge,
+    cuda, rocm). It is traced when lowered, inside ``lowering_platform()``, so its tuning follows the target;
+    lowering it for any other platform raises a clear error."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return dispatch({p: Rule(fn) for p in platforms}, None, args, kwargs)
+        return wrapper
+    return decorate
