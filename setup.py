@@ -2,6 +2,10 @@
 
 from setuptools import find_packages, setup
 
+_LINUX_X86 = "; sys_platform == 'linux' and platform_machine == 'x86_64'"
+_LOWERING = [f"jax-cuda12-plugin>=0.10.2{_LINUX_X86}", f"jax-cuda12-pjrt>=0.10.2{_LINUX_X86}", "jax-triton>=0.3.1",
+             "triton>=3.6"]
+
 setup(
     name="moe-ops",
     version="0.1.0",
@@ -14,8 +18,11 @@ setup(
     extras_require={
         "gpu": ["jax-triton>=0.3.1", "triton>=3.6"],
         # The Triton CPU bridge needs jax-triton, triton and a CPU torch (the interpreter works on torch tensors).
+        # jaxlib's CUDA plugin lets jax-triton's real CUDA / ROCm lowering run without a GPU (kernels.lowering); it
+        # must match jaxlib's version (0.10.2 is the newest for Python 3.11).
+        "lowering": _LOWERING,
         "test": ["pytest>=8", "pytest-xdist", "hypothesis>=6", "jax-triton>=0.3.1", "triton>=3.6", "torch==2.13.0",
-                 "matplotlib"],
+                 "matplotlib", *_LOWERING],
         "bench": ["matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["moe-bench=benchmarks.__main__:main", "moe-aot=kernels.aot:main"]},

@@ -1,9 +1,12 @@
 """Compile every registered Triton kernel x shipped config for real GPU targets, without a GPU.
 
-    python -m kernels.aot [--target sm90|gfx950|gfx942|all] [--family gmm ...]
+    python -m kernels.aot [--target sm90|gfx950|gfx942|all] [--family gmm ...] [--via-jax]
 
-prints one row per kernel x config (target, shared memory / LDS bytes, spills, ok) and exits non-zero on any failure
-or any register spill on sm90.
+prints one row per kernel x config as it compiles (target, shared memory / LDS bytes, spills, ok) and exits non-zero
+on any failure or any register spill on sm90. ``--via-jax`` compiles the same cases through jax-triton's real
+``triton_kernel_call`` lowering instead (needs ``moe-ops[lowering]``; ``kernels.lowering``) and reports the decoded
+launch: kernel, warps, shared memory against the target's limit. On ROCm only num_warps / num_stages / num_ctas /
+enable_fp_fusion reach the compiler through jax-triton 0.3.1; waves_per_eu, matrix_instr_nonkdim and kpack do not.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from kernels.registry import TARGETS, AotCase, cases_for
+from kernels.registry import TARGETS, AotCase, cases_for, registered_families
 
 _SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -92,22 +95,76 @@ def compile_case(case: AotCase, target: str) -> AotReport:
                          error=(message[-1] if message else type(e).__name__)[:200])
 
 
-def check(targets=("sm90", "gfx950"), families=None) -> list[AotReport]:
-    return [compile_case(case, t) for t in targets for case in cases_for(t, families)]
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "i32": "int32"}
+
+
+def lower_case_via_jax(case: AotCase, target: str) -> AotReport:
+    """Lower one case through ``jax_triton.triton_call`` for ``target``'s platform and check the decoded launch
+    (every pointer but the last is an input, the last the output; buffers are 16 elements, the launch one program)."""
+    import jax
+    import jax.numpy as jnp
+    from kernels import lowering
+    from kernels.triton.bridge import load_jax_triton
+
+    pointers = [ty[1:] for ty in case.signature.values() if ty.startswith("*")]
+    arrays = [jax.ShapeDtypeStruct((16,), jnp.dtype(_DTYPES[ty])) for ty in pointers[:-1]]
+    out = jax.ShapeDtypeStruct((16,), jnp.dtype(_DTYPES[pointers[-1]]))
+    options = {k: v for k, v in case.options.items() if k in ("num_warps", "num_stages")}
+
+    def call(*xs):
+        return load_jax_triton().triton_call(*xs, kernel=case.fn, out_shape=out, grid=(1,), name=case.kernel_name,
+                                             **options, **case.constexprs)
+    arch = target if TARGETS[target][0] == "hip" else "gfx950"
+    try:
+        with lowering.pinned_targets(compute_capability=90, rocm_arch=arch):
+            text = jax.jit(call).trace(*arrays).lower(lowering_platforms=(lowering.PLATFORM_OF[target],)).as_text()
+        (launch,) = lowering.kernel_calls(text)
+        problems = launch.problems(target, num_warps=case.options["num_warps"], grid=(1,))
+        return AotReport(target, case.kernel_name, case.config_name, launch.shared_bytes, 0, not problems,
+                         "; ".join(problems))
+    except Exception as e:  # a failed lowering is a reported result, not a crash of the checker
+        message = str(e).strip().splitlines()
+        return AotReport(target, case.kernel_name, case.config_name, ok=False,
+                         error=(message[-1] if message else type(e).__name__)[:200])
+
+
+def check(targets=("sm90", "gfx950"), families=None, *, via_jax=False, on_report=None) -> list[AotReport]:
+    """Compile (or, ``via_jax``, lower through jax-triton) every case; ``on_report(report)`` is called as each
+    finishes."""
+    run = lower_case_via_jax if via_jax else compile_case
+    reports = []
+    for t in targets:
+        for case in cases_for(t, families):
+            reports.append(run(case, t))
+            if on_report is not None:
+                on_report(reports[-1])
+    return reports
+
+
+def _print_row(r: AotReport) -> None:
+    status = "ok" if r.clean else f"FAIL {r.error}" if not r.ok else "FAIL spills"
+    print(f"{r.target:8} {r.kernel:28} {r.config:36} {r.shared_bytes:9d} {r.spills:6d}  {status}", flush=True)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="all", choices=[*TARGETS, "all"])
     parser.add_argument("--family", action="append", help="kernel family to compile (default: all registered)")
+    parser.add_argument("--via-jax", action="store_true",
+                        help="lower through jax-triton's real CUDA / ROCm path and decode the launch")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.family or ()) - set(registered_families()))
+    if unknown:
+        parser.error(f"unknown --family {', '.join(unknown)}; valid: {', '.join(registered_families())}")
+    if args.via_jax:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # lowering only: do not initialise an (absent) GPU
+        from kernels.lowering import unavailable_reason
+        if unavailable_reason():
+            parser.error(f"--via-jax: {unavailable_reason()}")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     targets = list(TARGETS) if args.target == "all" else [args.target]
-    reports = check(targets, args.family)
-    print(f"{'target':8} {'kernel':28} {'config':36} {'smem/LDS':>9} {'spills':>6}  ok")
-    for r in reports:
-        status = "ok" if r.clean else f"FAIL {r.error}" if not r.ok else "FAIL spills"
-        print(f"{r.target:8} {r.kernel:28} {r.config:36} {r.shared_bytes:9d} {r.spills:6d}  {status}")
+    print(f"{'target':8} {'kernel':28} {'config':36} {'smem/LDS':>9} {'spills':>6}  ok", flush=True)
+    reports = check(targets, args.family, via_jax=args.via_jax, on_report=_print_row)
     failures = [r for r in reports if not r.clean]
     print(f"{len(reports)} compiles, {len(failures)} failures")
     return 1 if failures or not reports else 0

@@ -17,7 +17,8 @@ reverse exchange with ``(out_off[:, me], sent[:, me], in_off[:, me], sent[me])``
 
 Platforms without a ``ragged-all-to-all`` HLO (XLA:CPU) use ``_dense_ragged_all_to_all``: each chunk padded to a
 fixed size, one dense ``all_to_all`` (plus one for the output offsets), scatter into ``output``. The choice is made
-in ``platform_has_ragged_all_to_all`` only.
+per lowering platform (``jax.lax.platform_dependent`` in ``ragged_all_to_all``), so an export for TPU or GPU from
+a CPU host gets the real ``ragged-all-to-all``; ``platform_has_ragged_all_to_all`` answers for the default device.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ import jax.numpy as jnp
 __all__ = ["ExchangePlan", "exchange_plan", "all_to_all_params", "reverse_params", "dropless_buffer_rows",
            "buffer_rows", "ragged_all_to_all", "platform_has_ragged_all_to_all"]
 
-_RAGGED_A2A_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+_EMULATED_PLATFORMS = ("cpu",)  # lowering platforms without a ragged-all-to-all HLO
 
 
 def platform_has_ragged_all_to_all() -> bool:
-    """The one switch between ``lax.ragged_all_to_all`` and the dense emulation."""
-    return jax.default_backend() in _RAGGED_A2A_PLATFORMS
+    """Whether the default device's platform runs ``lax.ragged_all_to_all`` (else the dense emulation)."""
+    return jax.default_backend() not in _EMULATED_PLATFORMS
 
 
 class ExchangePlan(NamedTuple):
@@ -138,8 +139,10 @@ def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets
     if local_only:
         return _local_ragged_copy(operand, output, input_offsets, send_sizes, output_offsets,
                                   jax.lax.axis_index(axis_name))
-    if platform_has_ragged_all_to_all():
-        return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
-                                         axis_name=axis_name)
-    return _dense_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
-                                    axis_name)
+    def emulated(*args):
+        return _dense_ragged_all_to_all(*args, axis_name)
+
+    def native(*args):
+        return jax.lax.ragged_all_to_all(*args, axis_name=axis_name)
+    return jax.lax.platform_dependent(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                      **{p: emulated for p in _EMULATED_PLATFORMS}, default=native)

@@ -2,6 +2,8 @@
 
 import os
 
+if not any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd", "/dev/accel0", "/dev/vfio")):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # no accelerator: the CUDA plugin (lowering tests) must not probe
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")

@@ -1,9 +1,10 @@
 """Two fixes to jax-triton's real (GPU) lowering, applied by ``bridge.load_jax_triton``; each is a no-op where the
 installed versions do not need it.
 
-1. **Kernel cache per platform.** jax-triton 0.3.1 caches compiled kernels under a key without the platform, so in
-   one process a kernel lowered for ``cuda`` is reused, as PTX, for ``rocm`` when the config and compute capability
-   agree (an export for both, or tests of both). We give each platform its own cache.
+1. **Kernel cache per platform.** jax-triton 0.3.1 caches compiled kernels under a key without the platform or the
+   AMD arch, so in one process a kernel lowered for ``cuda`` is reused, as PTX, for ``rocm`` when the config and
+   compute capability agree (an export for both, or tests of both), and a gfx950 hsaco for gfx942. We give each
+   (platform, AMD arch) its own cache.
 2. **ROCm metadata on triton >= 3.7.** jax-triton 0.3.1 compiles HIP kernels stage by stage with an empty metadata
    dict; triton's AMD ``make_llir`` then reads ``metadata["num_ctas"]``, which triton's own driver puts there from
    the options. We set it the same way before ``make_llir`` runs (only when absent).
@@ -32,7 +33,8 @@ def _per_platform_cache(triton_lib):
     @functools.wraps(original)
     def get_or_create(backend_init_func, platform, *args, **kwargs):
         saved = triton_lib._COMPILED_KERNEL_CACHE
-        triton_lib._COMPILED_KERNEL_CACHE = caches.setdefault(platform, {})
+        key = (platform, triton_lib.triton_kernel_call_lib.get_arch_details(0) if platform == "rocm" else None)
+        triton_lib._COMPILED_KERNEL_CACHE = caches.setdefault(key, {})
         try:
             return original(backend_init_func, platform, *args, **kwargs)
         finally:

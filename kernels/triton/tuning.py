@@ -152,7 +152,7 @@ def detect_arch() -> str:
     device = jax.devices()[0]
     if platform is None:
         return "cpu" if device.platform == "cpu" else _device_arch(device)
-    if platform == "cpu":
+    if platform not in EXPORT_ARCH:  # cpu runs the interpreter bridge; no Triton elsewhere
         return "cpu"
     if device.platform in (platform, "gpu") and _device_arch(device).startswith("gfx") == (platform == "rocm"):
         return _device_arch(device)
