@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown --family {', '.join(unknown)}; valid: {', '.join(registered_families())}")
     if args.via_jax:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # lowering only: do not initialise an (absent) GPU
+        import jax  # lowering only: never initialise an (absent) GPU
+        jax.config.update("jax_platforms", jax.config.jax_platforms or "cpu")
         from kernels.lowering import unavailable_reason
         if unavailable_reason():
             parser.error(f"--via-jax: {unavailable_reason()}")

@@ -11,62 +11,17 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import moe_ops
 from kernels import aot, lowering
+from moe_ops import export_check
 from kernels.registry import cases_for, registered_families
 from kernels.triton import schedule, tuning
 
 needs_plugin = pytest.mark.skipif(lowering.unavailable_reason() is not None,
                                   reason=str(lowering.unavailable_reason()))
 TRITON_CALL = jax.export.DisabledSafetyCheck.custom_call("triton_kernel_call")
-M, K, N, G, T, TOP_K = 512, 256, 384, 8, 128, 2
-
-
-def _data(dtype):
-    keys = jax.random.split(jax.random.key(0), 6)
-    sizes = jnp.array([100, 0, 37, 120, 1, 64, 90, 100], jnp.int32)  # uneven, an empty group, sum = M
-    return dict(lhs=jax.random.normal(keys[0], (M, K), dtype), rhs=jax.random.normal(keys[1], (G, K, N), dtype),
-                rhs_t=jax.random.normal(keys[1], (G, N, K), dtype), out=jax.random.normal(keys[2], (M, N), dtype),
-                sizes=sizes, x=jax.random.normal(keys[3], (T, K), dtype),
-                logits=jax.random.normal(keys[4], (T, G), jnp.float32),
-                w_gate=jax.random.normal(keys[5], (G, K, N), dtype) * 0.05,
-                w_down=jax.random.normal(keys[5], (G, N, K), dtype) * 0.05)
-
-
-def _grad(f, argnums):
-    return jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=argnums)
-
-
-def _round_trip(x, logits):
-    weights, ids = moe_ops.route(logits, TOP_K)
-    x_sorted, _, sort_idx = moe_ops.permute(x, ids, G)
-    return moe_ops.unpermute(x_sorted * 2, sort_idx, weights)
-
-
-def _ffn(fused):
-    return lambda x, l, wg, wd: moe_ops.moe_ffn(x, l, wg, wg, wd, top_k=TOP_K, fused=fused)
-
-
-# name -> (function, argument names); every public op, forward and gradient, with group_offset and transpose_rhs.
-OPS = {
-    "gmm": (lambda a, b, g: moe_ops.gmm(a, b, g), ("lhs", "rhs", "sizes")),
-    "gmm_grad": (_grad(lambda a, b, g: moe_ops.gmm(a, b, g), (0, 1)), ("lhs", "rhs", "sizes")),
-    "gmm_shard_transposed_grad": (
-        _grad(lambda a, b, g: moe_ops.gmm(a, b[2:6], g, group_offset=2, transpose_rhs=True), (0, 1)),
-        ("lhs", "rhs_t", "sizes")),
-    "tgmm_grad": (_grad(lambda a, b, g: moe_ops.tgmm(a, b, g), (0, 1)), ("lhs", "out", "sizes")),
-    "permute_unpermute_grad": (_grad(_round_trip, (0, 1)), ("x", "logits")),
-    "moe_ffn_fused_grad": (_grad(_ffn(None), (0, 2, 3)), ("x", "logits", "w_gate", "w_down")),
-    "moe_ffn_unfused_grad": (_grad(_ffn(False), (0, 2, 3)), ("x", "logits", "w_gate", "w_down")),
-}
-
-
-def _export(name, dtype, platforms):
-    fn, argnames = OPS[name]
-    data = _data(dtype)
-    exported = jax.export.export(jax.jit(fn), platforms=platforms, disabled_checks=[TRITON_CALL])(
-        *(data[a] for a in argnames))
-    return exported.mlir_module()
+M, K, N, G = export_check.M, export_check.K, export_check.N, export_check.G
+OPS = export_check.ops()
+_export = export_check.export_text
 
 
 @pytest.mark.parametrize("name", ["gmm_grad", "gmm_shard_transposed_grad", "tgmm_grad", "permute_unpermute_grad",
@@ -121,6 +76,7 @@ def test_gpu_lowering_launches(name, dtype, arch):
     assert launches and "tpu_custom_call" not in text and "callback" not in text
     problems = [f"{c.kernel}: {p}" for c in launches for p in c.problems(arch)]
     assert not problems, problems
+    assert launches == [c for c in launches if c.binary == ("ptx" if arch == "sm90" else "hsaco")]
     expected = _expected_launches(name, dtype, arch)
     if expected is not None:
         assert sorted((c.kernel, c.grid[:1], c.num_warps) for c in launches) == sorted(expected)
@@ -130,17 +86,12 @@ def test_gpu_lowering_launches(name, dtype, arch):
 def test_default_layer_launches_the_fused_kernels_on_gpu():
     """``moe_ffn(fused=None)`` exported for cuda from a CPU host runs the fused forward: three GMM launches and no
     row gather / combine kernels (the unfused forward has both)."""
-    data = _data(jnp.bfloat16)
-    args = [data[a] for a in ("x", "logits", "w_gate", "w_down")]
-    kernels = {}
     with lowering.pinned_targets():
-        for fused in (None, False):
-            text = jax.export.export(jax.jit(_ffn(fused)), platforms=["cuda"], disabled_checks=[TRITON_CALL])(
-                *args).mlir_module()
-            kernels[fused] = [c.kernel for c in lowering.kernel_calls(text)]
-    assert kernels[None].count("_gmm_kernel") == 3
-    assert not {"_gather_rows_kernel", "_combine_rows_kernel"} & set(kernels[None])
-    assert {"_gather_rows_kernel", "_combine_rows_kernel"} <= set(kernels[False])
+        fused, unfused = ([c.kernel for c in lowering.kernel_calls(_export(name, jnp.bfloat16, ["cuda"]))]
+                          for name in ("moe_ffn_fused", "moe_ffn_unfused"))
+    assert fused.count("_gmm_kernel") == 3
+    assert not {"_gather_rows_kernel", "_combine_rows_kernel"} & set(fused)
+    assert {"_gather_rows_kernel", "_combine_rows_kernel"} <= set(unfused)
 
 
 def _via_jax_failures(target, families=None, one_per_kernel=False):
@@ -179,6 +130,13 @@ def test_broken_config_is_caught(monkeypatch):
                          big.compile_options("cuda"))
     report = aot.lower_case_via_jax(broken, "sm90")
     assert not report.clean and "shared memory" in report.error and "limit" in report.error, report
+
+
+@needs_plugin
+def test_export_check_cli_prints_rows(capsys):
+    assert export_check.main(["--op", "gmm_grad", "--platform", "cuda", "tpu"]) == 0
+    out = capsys.readouterr().out
+    assert "_tgmm_kernel" in out and "Mosaic kernels" in out and "0 failures" in out
 
 
 def test_aot_cli_rejects_unknown_family(capsys):
