@@ -2,7 +2,8 @@
 
     python -m kernels.aot [--target sm90|gfx950|gfx942|all] [--family gmm ...] [--via-jax]
 
-prints one row per kernel x config as it compiles (target, shared memory / LDS bytes, spills, ok) and exits non-zero
+prints one row per kernel x config as it compiles (target, shared memory / LDS bytes, spills, TMA instructions in
+the sm90 SASS (UTMALDG / UTMASTG), global scratch bytes per program, ok) and exits non-zero
 on any failure or any register spill on sm90. ``--via-jax`` compiles the same cases through jax-triton's real
 ``triton_kernel_call`` lowering instead (needs ``moe-ops[lowering]``; ``kernels.lowering``) and reports the decoded
 launch: kernel, warps, shared memory against the target's limit. On ROCm only num_warps / num_stages / num_ctas /
@@ -33,6 +34,8 @@ class AotReport:
     spills: int = 0
     ok: bool = True
     error: str = ""
+    tma: int = -1          # UTMALDG + UTMASTG instructions in the SASS (sm90 compiles; -1: not inspected)
+    scratch_bytes: int = 0  # global scratch per program (device-side tensor descriptors)
 
     @property
     def clean(self) -> bool:
@@ -54,6 +57,16 @@ def _ptxas_spills(ptx: str, arch: int) -> int:
         proc = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", path, "-o", os.path.join(tmp, "k.cubin")],
                               capture_output=True, text=True)
     return sum(int(a) + int(b) for a, b in _SPILL_RE.findall(proc.stdout + proc.stderr))
+
+
+def _sass_tma(cubin: bytes) -> int:
+    """TMA load / store instructions (``UTMALDG`` / ``UTMASTG``) in the SASS of ``cubin``; -1 without cuobjdump."""
+    try:
+        from triton.tools.disasm import get_sass
+        sass = get_sass(cubin)
+    except Exception:  # pragma: no cover - depends on the triton wheel layout
+        return -1
+    return len(re.findall(r"\bUTMA(?:LDG|STG)\b", sass))
 
 
 def _amd_spills(amdgcn: str) -> int:
@@ -84,11 +97,15 @@ def compile_case(case: AotCase, target: str) -> AotReport:
         src = triton.compiler.ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs,
                                         attrs=_pointer_attrs(case))
         compiled = triton.compile(src, target=GPUTarget(backend, arch, warp), options=dict(case.options))
+        tma = -1
         if backend == "cuda":
             spills = _ptxas_spills(compiled.asm["ptx"], arch)
+            tma = _sass_tma(compiled.asm["cubin"])
         else:
             spills = _amd_spills(compiled.asm["amdgcn"])
-        return AotReport(target, case.kernel_name, case.config_name, compiled.metadata.shared, spills)
+        scratch = getattr(compiled.metadata, "global_scratch_size", 0) or 0
+        return AotReport(target, case.kernel_name, case.config_name, compiled.metadata.shared, spills, tma=tma,
+                         scratch_bytes=scratch)
     except Exception as e:  # a failed compile is a reported result, not a crash of the checker
         message = str(e).strip().splitlines()
         return AotReport(target, case.kernel_name, case.config_name, ok=False,
@@ -143,7 +160,9 @@ def check(targets=("sm90", "gfx950"), families=None, *, via_jax=False, on_report
 
 def _print_row(r: AotReport) -> None:
     status = "ok" if r.clean else f"FAIL {r.error}" if not r.ok else "FAIL spills"
-    print(f"{r.target:8} {r.kernel:28} {r.config:36} {r.shared_bytes:9d} {r.spills:6d}  {status}", flush=True)
+    tma = "-" if r.tma < 0 else str(r.tma)
+    print(f"{r.target:8} {r.kernel:28} {r.config:36} {r.shared_bytes:9d} {r.spills:6d} {tma:>4} {r.scratch_bytes:7d}"
+          f"  {status}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -164,7 +183,8 @@ def main(argv=None) -> int:
             parser.error(f"--via-jax: {unavailable_reason()}")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     targets = list(TARGETS) if args.target == "all" else [args.target]
-    print(f"{'target':8} {'kernel':28} {'config':36} {'smem/LDS':>9} {'spills':>6}  ok", flush=True)
+    print(f"{'target':8} {'kernel':28} {'config':36} {'smem/LDS':>9} {'spills':>6} {'tma':>4} {'scratch':>7}  ok",
+          flush=True)
     reports = check(targets, args.family, via_jax=args.via_jax, on_report=_print_row)
     failures = [r for r in reports if not r.clean]
     print(f"{len(reports)} compiles, {len(failures)} failures")

@@ -43,7 +43,7 @@ def register_aot(family: str):
 
 
 def registered_families() -> list[str]:
-    import kernels.triton.gmm, kernels.triton.sort  # noqa: F401  (importing a family registers it)
+    import kernels.triton.gmm, kernels.triton.gmm_tma, kernels.triton.sort  # noqa: F401  (importing registers)
     return sorted(_REGISTRY)
 
 

@@ -1,0 +1,153 @@
+"""Persistent TMA grouped matmul for sm_90 (``MOE_OPS_GMM_VARIANT=tma``): the same contract as ``gmm.gmm``.
+
+``min(#SMs, tiles)`` programs walk the flattened (row tile x column tile) list of the device-side schedule
+(``schedule.gmm_row_tiles``; its active row-tile count is read from the table, so idle tiles cost nothing) with the
+GROUP_M swizzle. Operands load through device-side tensor descriptors (``tl.make_tensor_descriptor``: TMA on sm_90):
+lhs as a 2-D ``[M, K]`` descriptor with ``[BM, BK]`` blocks, rhs as a 3-D ``[G, K, N]`` (``[G, N, K]`` with
+``transpose_rhs``) descriptor with ``[1, BK, BN]`` blocks. TMA zero-fills out-of-bounds elements, so no K mask and no
+N wrap are needed. The store is a masked pointer store: a tile must not write the rows of its neighbours (a TMA
+store of a whole block would). The descriptors live in global scratch (``kernels.triton.scratch``).
+
+Invariants (beyond those of the schedule):
+1. Tile ``t`` of a program is ``pid + i * num_programs``; the flattened index is ``row_tile * cols + col`` through
+   the swizzle over the *active* row tiles only, so every (active row tile, column tile) is visited exactly once.
+2. Rows of the A block past the tile's end belong to another tile or lie past M (zero-filled): they only feed
+   accumulator rows that the masked store discards.
+3. Eligible calls only (``eligible``): bf16 / f16, 16-byte aligned row strides, plain row maps (the fused gather
+   keeps cp.async: TMA cannot gather arbitrary rows on sm_90). Anything else runs the pointer kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from kernels.registry import TARGETS, AotCase, register_aot
+from kernels.triton import schedule, tuning
+from kernels.triton.scratch import triton_call_with_scratch
+
+__all__ = ["gmm", "eligible", "variant", "VARIANTS"]
+
+VARIANTS = ("pointer", "tma")
+DESCRIPTOR_BYTES = 128          # one CUtensorMap
+SCRATCH_PER_PROGRAM = 2 * DESCRIPTOR_BYTES  # lhs + rhs descriptors
+_ZERO_FILL = tl.constexpr(schedule.ZERO_FILL)
+_INTERPRETER_PROGRAMS = 3       # a few programs on CPU, so the persistent loop takes several tiles each
+
+
+def variant() -> str:
+    """The GMM variant: ``MOE_OPS_GMM_VARIANT`` (pointer | tma), default ``pointer`` until a GPU run has shown the
+    TMA kernel correct and faster (benchmarks/RESULTS.md)."""
+    name = os.environ.get("MOE_OPS_GMM_VARIANT", "pointer")
+    if name not in VARIANTS:
+        raise ValueError(f"MOE_OPS_GMM_VARIANT must be one of {VARIANTS}, got {name!r}")
+    return name
+
+
+def eligible(lhs, rhs) -> bool:
+    """16-bit operands (f32 runs ieee FMA dots: the pointer kernel's small tiles, where TMA buys nothing and the
+    TMA build spills) with 16-byte aligned row strides (K and N times 2 bytes multiples of 16)."""
+    item = jnp.dtype(lhs.dtype).itemsize
+    return item == 2 and all((d * item) % 16 == 0 for d in rhs.shape[1:]) and lhs.shape[0] > 0
+
+
+@triton.jit
+def _swizzle(tile, num_row_tiles, num_col_tiles, GROUP_M: tl.constexpr):
+    width = GROUP_M * num_col_tiles
+    first = (tile // width) * GROUP_M
+    height = tl.minimum(num_row_tiles - first, GROUP_M)
+    return first + (tile % width) % height, (tile % width) // height
+
+
+@triton.jit
+def _gmm_tma_kernel(lhs_ptr, rhs_ptr, tiles_ptr, out_ptr,
+                    M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, G: tl.constexpr,
+                    TRANSPOSE_RHS: tl.constexpr, NUM_ROW_TILES: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                    NUM_STAGES: tl.constexpr):
+    """Persistent program ``pid``: every ``NUM_PROGRAMS``-th output tile (module docstring)."""
+    a_desc = tl.make_tensor_descriptor(lhs_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+    if TRANSPOSE_RHS:
+        b_desc = tl.make_tensor_descriptor(rhs_ptr, shape=[G, N, K], strides=[N * K, K, 1], block_shape=[1, BN, BK])
+    else:
+        b_desc = tl.make_tensor_descriptor(rhs_ptr, shape=[G, K, N], strides=[K * N, N, 1], block_shape=[1, BK, BN])
+    num_col_tiles: tl.constexpr = (N + BN - 1) // BN
+    active_rows = tl.load(tiles_ptr + 3 * NUM_ROW_TILES)  # row tiles before the first IDLE one
+    offs_m = tl.arange(0, BM)
+    offs_n_base = tl.arange(0, BN)
+    for tile in tl.range(tl.program_id(0), active_rows * num_col_tiles, NUM_PROGRAMS):
+        tile_m, tile_n = _swizzle(tile, active_rows, num_col_tiles, GROUP_M)
+        group = tl.load(tiles_ptr + tile_m)
+        row_start = tl.load(tiles_ptr + NUM_ROW_TILES + tile_m)
+        row_end = tl.load(tiles_ptr + 2 * NUM_ROW_TILES + tile_m)
+        offs_n = tile_n * BN + offs_n_base
+        out_ptrs = out_ptr + row_start.to(tl.int64) * N + offs_m[:, None] * N + offs_n[None, :]
+        store_mask = (offs_m[:, None] < row_end - row_start) & (offs_n[None, :] < N)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if group >= 0:
+            g = tl.maximum(group, 0)
+            for k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
+                a = a_desc.load([row_start, k * BK])
+                if TRANSPOSE_RHS:
+                    b = tl.trans(b_desc.load([g, tile_n * BN, k * BK]).reshape(BN, BK))
+                else:
+                    b = b_desc.load([g, k * BK, tile_n * BN]).reshape(BK, BN)
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+        if group >= _ZERO_FILL:  # local group: the product; non-local / beyond the sum: zeros
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
+
+
+def num_programs(arch: str, total_tiles: int) -> int:
+    """``min(#SMs, tiles)`` on a GPU; a few programs under the interpreter."""
+    sms = tuning.NUM_SMS.get(arch, _INTERPRETER_PROGRAMS)
+    return max(1, min(sms, total_tiles))
+
+
+def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, config=None):
+    """``gmm.gmm``'s contract (lhs [M,K], rhs [G_local,K,N] / [G_local,N,K] -> [M,N], zero rows outside local
+    groups) through the persistent TMA kernel. The caller checks ``eligible``."""
+    m, k = lhs.shape
+    num_local = rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    arch = tuning.detect_arch()
+    cfg = config or tuning.pick_config("gmm", m, k, n, num_local, lhs.dtype, arch=arch)
+    tiles = schedule.gmm_row_tiles(group_sizes, group_offset, m, num_local, cfg.block_m)
+    num_row_tiles = tiles.shape[1]
+    active = jnp.sum(tiles[0] != schedule.IDLE, dtype=jnp.int32)[None]
+    programs = num_programs(arch, num_row_tiles * triton.cdiv(n, cfg.block_n))
+    return triton_call_with_scratch(
+        lhs, rhs, jnp.concatenate([tiles.reshape(-1), active]), kernel=_gmm_tma_kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid=programs, scratch_bytes=SCRATCH_PER_PROGRAM,
+        name="moe_gmm_tma", num_warps=cfg.num_warps, num_stages=cfg.num_stages, M=m, K=k, N=n, G=num_local,
+        TRANSPOSE_RHS=bool(transpose_rhs), NUM_ROW_TILES=num_row_tiles, NUM_PROGRAMS=programs, BM=cfg.block_m,
+        BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AOT cases: every shipped 16-bit gmm config of a target x transpose, at the AOT check's Mixtral-like shape.
+
+_AOT_M, _AOT_G, _AOT_K, _AOT_N = 16384, 8, 4096, 14336
+
+
+@register_aot("gmm_tma")
+def aot_cases(target: str):
+    backend = TARGETS[target][0]
+    arch = target if target in tuning.NUM_SMS else "sm90"
+    cases = []
+    for dtype_name, dtype in (("bf16", jnp.bfloat16),):
+        for entry, cfg in tuning.shipped(target, "gmm", dtype).items():
+            rows = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
+            for transpose in (False, True):
+                constexprs = dict(M=_AOT_M, K=_AOT_K, N=_AOT_N, G=_AOT_G, TRANSPOSE_RHS=transpose,
+                                  NUM_ROW_TILES=rows, NUM_PROGRAMS=num_programs(arch, rows * -(-_AOT_N // cfg.block_n)),
+                                  BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m,
+                                  NUM_STAGES=cfg.num_stages)
+                signature = dict(lhs_ptr=f"*{dtype_name}", rhs_ptr=f"*{dtype_name}", tiles_ptr="*i32",
+                                 out_ptr=f"*{dtype_name}", **{c: "constexpr" for c in constexprs})
+                cases.append(AotCase("gmm_tma_transposed" if transpose else "gmm_tma", f"{entry}:{dtype_name}",
+                                     _gmm_tma_kernel, signature, constexprs, cfg.compile_options(backend)))
+    return cases
