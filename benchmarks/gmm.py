@@ -67,14 +67,27 @@ def _checker(ref: dict, pass_: str, tol: float, label: str):
     return check
 
 
-def _ours(impl: str):
+def _ours(impl: str, variant: str | None = None):
+    """Jitted forward and forward+backward of ``moe_ops.gmm``; ``variant`` forces a Triton GMM variant while they
+    trace (``kernels.triton.gmm_tma.use_variant``)."""
     def f(lhs, rhs, gs, _ct):
         return moe_ops.gmm(lhs, rhs, gs, implementation=impl)
 
     def fb(lhs, rhs, gs, ct):
         _, vjp = jax.vjp(lambda a, b: moe_ops.gmm(a, b, gs, implementation=impl), lhs, rhs)
         return vjp(ct)
-    return jax.jit(f), jax.jit(fb)
+    if variant is None:
+        return jax.jit(f), jax.jit(fb)
+    from kernels.triton.gmm_tma import use_variant  # noqa: PLC0415 (Triton is optional)
+
+    def forced(fn):
+        jitted = jax.jit(fn)
+
+        def call(*args):
+            with use_variant(variant):
+                return jitted(*args)
+        return call
+    return forced(f), forced(fb)
 
 
 def _figures(shape: GmmShape, sizes: np.ndarray, pass_: str, itemsize: int) -> dict:
@@ -134,15 +147,22 @@ def run_case(shape: GmmShape, dtype, pattern: routing.Pattern, contenders: list,
     return out
 
 
+TRITON_VARIANTS = ("pointer", "tma")
+
+
 def contenders(avails, peer_list) -> list:
     """moe_ops implementations (already probed) then peers, as dicts for ``run_case`` (``config`` filled per shape)."""
     out = []
     for a in avails:
-        f, fb = _ours(a.implementation) if a.available else (None, None)
-        out.append(dict(name=a.implementation, requested=a.requested, kind="moe_ops", emulated=a.emulated,
-                        available=a.available, reason=a.reason, config=None,
-                        prepare=lambda lhs, rhs, sizes, ct: (lhs, rhs, jnp.asarray(sizes, jnp.int32), ct),
-                        fwd=f, fwd_bwd=fb))
+        # Triton: every GMM variant side by side (the pointer kernel is the default, see kernels.triton.gmm_tma)
+        variants = TRITON_VARIANTS if a.implementation == "triton" else (None,)
+        for variant in variants:
+            f, fb = _ours(a.implementation, variant) if a.available else (None, None)
+            name = a.implementation if variant in (None, "pointer") else f"{a.implementation}[{variant}]"
+            out.append(dict(name=name, requested=a.requested, kind="moe_ops", emulated=a.emulated,
+                            available=a.available, reason=a.reason, config=None,
+                            prepare=lambda lhs, rhs, sizes, ct: (lhs, rhs, jnp.asarray(sizes, jnp.int32), ct),
+                            fwd=f, fwd_bwd=fb, note=f"gmm variant {variant}" if variant else ""))
     for p in peer_list:
         out.append(dict(name=p.name, requested=p.name, kind="peer", emulated=None, available=p.available,
                         reason=p.reason, prepare=p.prepare, fwd=p.fwd, fwd_bwd=p.fwd_bwd, note=p.note))
@@ -158,8 +178,8 @@ def run_suite(avails, peer_list, shapes, patterns, dtype, *, warmup, repeats, pr
     for shape, pattern in cases:
         for c in base:  # the config the kernel picks depends on the shape
             if c["kind"] == "moe_ops" and c["available"]:
-                c["config"] = env.kernel_config(c["name"], "gmm", m=shape.m, k=shape.k, n=shape.n, e=shape.e,
-                                                dtype=dname)
+                c["config"] = env.kernel_config(c["name"].split("[")[0], "gmm", m=shape.m, k=shape.k, n=shape.n,
+                                                e=shape.e, dtype=dname)
         records += run_case(shape, dtype, pattern, base, warmup=warmup, repeats=repeats)
         bar.step(f"{shape.name} {pattern.label}")
     bar.close()

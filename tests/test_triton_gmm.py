@@ -241,3 +241,21 @@ def test_shipped_tiles_in_the_interpreter(kind, arch):
             out = tg.tgmm(lhs, rhs, sizes, _offset(None), num_groups=g, out_dtype=jnp.float32, config=cfg)
             ref = reference.tgmm(lhs, rhs, sizes)
         assert_close(out, ref, TOL[jnp.float32], f"{kind} {arch} {name}")
+
+
+@given(data=st.data())
+def test_tgmm_bounds_longest_first(data):
+    """Every local group exactly once, in descending size (stable), with its own rows; out-of-range ids are empty."""
+    g, m = 6, 64
+    sizes = data.draw(group_sizes_strategy(g, m))
+    g_local = data.draw(st.integers(1, g))
+    off = data.draw(st.integers(-1, g))
+    ids, start, end = np.asarray(schedule.tgmm_group_bounds(sizes, _offset(off), g_local))
+    assert sorted(ids) == list(range(g_local))
+    lengths = end - start
+    assert np.all(np.diff(lengths) <= 0)
+    ends = np.cumsum(np.asarray(sizes))
+    for j, gid in enumerate(ids):
+        glob = off + gid
+        want = (ends[glob] - sizes[glob], ends[glob]) if 0 <= glob < g else None
+        assert (want is None and lengths[j] == 0) or (start[j], end[j]) == tuple(want)

@@ -10,8 +10,8 @@
   gather the A rows through ``sort_idx // top_k``, scale output rows by a per-slot weight, scatter output rows to
   ``sort_idx`` (token-major). Plain ``gmm`` compiles with all of them off.
 * ``tgmm``: lhs [M,K], rhs [M,N] -> [G_local,K,N]. Grid: G_local x cdiv(K,BK) x cdiv(N,BN) output tiles (group
-  slowest, GROUP_M swizzle inside a group); each loops over its group's rows in BM chunks (rows masked to zero past
-  the group's end), so empty groups store zeros.
+  slowest, longest group first, GROUP_M swizzle inside a group); each loops over its group's rows in BM chunks,
+  unmasked except for one tail chunk (rows masked to zero past the group's end), so empty groups store zeros.
 
 K and N are constexprs (static in JAX anyway): strides and divisibility are then known to the compiler, and when
 ``K % BK == 0`` (``N % BN == 0``) the K mask (the column wrap) compiles away. Accumulation is f32; f32 inputs use ieee dots (exact f32 products).
@@ -121,14 +121,17 @@ def _gmm_kernel(lhs_ptr, rhs_ptr, tiles_ptr, sort_idx_ptr, w_ptr, out_ptr,
 def _tgmm_kernel(lhs_ptr, rhs_ptr, bounds_ptr, out_ptr,
                  K: tl.constexpr, N: tl.constexpr, NUM_GROUPS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """One BK x BN tile of ``out[g] = lhs[rows of g].T @ rhs[rows of g]``, reducing the group's rows BM at a time."""
+    """One BK x BN tile of ``out[g] = lhs[rows of g].T @ rhs[rows of g]``, reducing the group's rows BM at a time:
+    an unmasked steady-state loop over the full chunks, then one masked tail chunk. Groups come longest first
+    (``schedule.tgmm_group_bounds``)."""
     tiles_k = tl.cdiv(K, BK)
     tiles_per_group = tiles_k * tl.cdiv(N, BN)
     pid = tl.program_id(0)
-    group = pid // tiles_per_group
+    slot = pid // tiles_per_group
     tile_k, tile_n = _swizzle(pid % tiles_per_group, tiles_k, tl.cdiv(N, BN), GROUP_M)
-    start = tl.load(bounds_ptr + group)
-    end = tl.load(bounds_ptr + NUM_GROUPS + group)
+    group = tl.load(bounds_ptr + slot)
+    start = tl.load(bounds_ptr + NUM_GROUPS + slot)
+    end = tl.load(bounds_ptr + 2 * NUM_GROUPS + slot)
     offs_m = tl.arange(0, BM)
     offs_k = tile_k * BK + tl.arange(0, BK)
     offs_n = tile_n * BN + tl.arange(0, BN)
@@ -137,13 +140,16 @@ def _tgmm_kernel(lhs_ptr, rhs_ptr, bounds_ptr, out_ptr,
     a_ptrs = lhs_ptr + start.to(tl.int64) * K + offs_m[:, None] * K + ks[None, :]
     b_ptrs = rhs_ptr + start.to(tl.int64) * N + offs_m[:, None] * N + ns[None, :]
     acc = tl.zeros((BK, BN), dtype=tl.float32)
-    for i in range(0, tl.cdiv(end - start, BM)):
-        rows_left = end - start - i * BM
-        a = tl.load(a_ptrs, mask=offs_m[:, None] < rows_left, other=0.0)  # rows past the group's end are zero
-        b = tl.load(b_ptrs, mask=offs_m[:, None] < rows_left, other=0.0)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
+    full_chunks = (end - start) // BM
+    for _ in range(0, full_chunks):  # every row of the chunk is in the group: no mask
+        acc = tl.dot(tl.trans(tl.load(a_ptrs)), tl.load(b_ptrs), acc, input_precision="ieee")
         a_ptrs += BM * K
         b_ptrs += BM * N
+    rows_left = end - start - full_chunks * BM
+    if rows_left > 0:  # the tail: rows past the group's end are zero
+        a = tl.load(a_ptrs, mask=offs_m[:, None] < rows_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_m[:, None] < rows_left, other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
     out_ptrs = out_ptr + group.to(tl.int64) * (K * N) + offs_k[:, None] * N + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
 

@@ -19,7 +19,9 @@ Invariants (beyond those of the schedule):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,7 @@ from kernels.registry import TARGETS, AotCase, register_aot
 from kernels.triton import schedule, tuning
 from kernels.triton.scratch import triton_call_with_scratch
 
-__all__ = ["gmm", "eligible", "variant", "VARIANTS"]
+__all__ = ["gmm", "eligible", "variant", "use_variant", "VARIANTS"]
 
 VARIANTS = ("pointer", "tma")
 DESCRIPTOR_BYTES = 128          # one CUtensorMap
@@ -39,13 +41,28 @@ _ZERO_FILL = tl.constexpr(schedule.ZERO_FILL)
 _INTERPRETER_PROGRAMS = 3       # a few programs on CPU, so the persistent loop takes several tiles each
 
 
+_forced = threading.local()
+
+
 def variant() -> str:
-    """The GMM variant: ``MOE_OPS_GMM_VARIANT`` (pointer | tma), default ``pointer`` until a GPU run has shown the
-    TMA kernel correct and faster (benchmarks/RESULTS.md)."""
-    name = os.environ.get("MOE_OPS_GMM_VARIANT", "pointer")
+    """The GMM variant, read when a GMM is traced: ``use_variant``'s, else ``MOE_OPS_GMM_VARIANT`` (pointer | tma),
+    default ``pointer`` until a GPU run has shown the TMA kernel correct and faster (benchmarks/RESULTS.md)."""
+    name = getattr(_forced, "name", None) or os.environ.get("MOE_OPS_GMM_VARIANT", "pointer")
     if name not in VARIANTS:
         raise ValueError(f"MOE_OPS_GMM_VARIANT must be one of {VARIANTS}, got {name!r}")
     return name
+
+
+@contextlib.contextmanager
+def use_variant(name: str):
+    """Trace GMMs inside the block with variant ``name`` (the benchmark times every variant in one run)."""
+    previous = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        variant()
+        yield
+    finally:
+        _forced.name = previous
 
 
 def eligible(lhs, rhs) -> bool:

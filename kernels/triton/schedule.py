@@ -18,8 +18,11 @@ local group id, row 1 the first row, row 2 one past the last row of each tile. I
    segments wastes less than one tile), so a static grid of ``T`` row tiles is always enough.
 5. Tiles of one group are consecutive, so a GROUP_M band of row tiles mostly shares one ``rhs[g]`` in L2.
 
-TGMM group bounds ``tgmm_group_bounds(...) -> int32[2, G_local]``: row 0 the first row, row 1 one past the last row of
-each local group; ``0 <= start <= end <= M``; groups outside ``[0, G)`` (offset past the end) are empty (start=end).
+TGMM group bounds ``tgmm_group_bounds(...) -> int32[3, G_local]``: row 0 the local group id, row 1 its first row,
+row 2 one past its last row; ``0 <= start <= end <= M``; groups outside ``[0, G)`` (offset past the end) are empty
+(start=end). Columns are in longest-first order (a stable sort by descending size), so the TGMM grid, which walks
+them in order, starts the longest reductions first and short groups fill in behind them instead of leaving SMs idle
+at the end; every local group appears exactly once.
 """
 
 from __future__ import annotations
@@ -48,9 +51,10 @@ def _local_bounds(group_sizes, group_offset, num_local):
 
 
 def tgmm_group_bounds(group_sizes, group_offset, num_local):
-    """int32[2, G_local]: first row and one past the last row of every local group (see module docstring)."""
+    """int32[3, G_local]: (local group, first row, one past the last row), longest group first (module docstring)."""
     start, end = _local_bounds(group_sizes, group_offset, num_local)
-    return jnp.stack([start, end]).astype(jnp.int32)
+    order = jnp.argsort(start - end, stable=True).astype(jnp.int32)
+    return jnp.stack([order, start[order], end[order]]).astype(jnp.int32)
 
 
 def gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, block_m):
