@@ -13,7 +13,7 @@ _triton = on_platforms(*TRITON_PLATFORMS)
 
 def _gmm_variant(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, config=None):
     """The GMM variant of ``MOE_OPS_GMM_VARIANT`` (``gmm_tma.variant``) where the call is eligible for it."""
-    if _gmm_tma.variant() == "tma" and _gmm_tma.eligible(lhs, rhs):
+    if _gmm_tma.variant() != "pointer" and _gmm_tma.eligible(lhs, rhs):
         return _gmm_tma.gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
                             config=config)
     return _gmm.gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype,

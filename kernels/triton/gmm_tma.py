@@ -1,4 +1,7 @@
-"""Persistent TMA grouped matmul for sm_90 (``MOE_OPS_GMM_VARIANT=tma``): the same contract as ``gmm.gmm``.
+"""Persistent TMA grouped matmul (``MOE_OPS_GMM_VARIANT=tma`` or ``persistent``): the same contract as ``gmm.gmm``.
+
+On sm_90 the descriptors are TMA (``UTMALDG`` in the SASS); on AMD (gfx950 / gfx942, no TMA) Triton lowers the same
+descriptor loads to buffer loads, so there it is the persistent variant sized to the CU count (256 / 304 programs).
 
 ``min(#SMs, tiles)`` programs walk the flattened (row tile x column tile) list of the device-side schedule
 (``schedule.gmm_row_tiles``; its active row-tile count is read from the table, so idle tiles cost nothing) with the
@@ -34,7 +37,7 @@ from kernels.triton.scratch import triton_call_with_scratch
 
 __all__ = ["gmm", "eligible", "variant", "use_variant", "VARIANTS"]
 
-VARIANTS = ("pointer", "tma")
+VARIANTS = ("pointer", "tma", "persistent")  # "persistent" names the same kernel by what it is on AMD
 DESCRIPTOR_BYTES = 128          # one CUtensorMap
 SCRATCH_PER_PROGRAM = 2 * DESCRIPTOR_BYTES  # lhs + rhs descriptors
 _ZERO_FILL = tl.constexpr(schedule.ZERO_FILL)
@@ -45,8 +48,8 @@ _forced = threading.local()
 
 
 def variant() -> str:
-    """The GMM variant, read when a GMM is traced: ``use_variant``'s, else ``MOE_OPS_GMM_VARIANT`` (pointer | tma),
-    default ``pointer`` until a GPU run has shown the TMA kernel correct and faster (benchmarks/RESULTS.md)."""
+    """The GMM variant, read when a GMM is traced: ``use_variant``'s, else ``MOE_OPS_GMM_VARIANT`` (pointer | tma |
+    persistent), default ``pointer`` until a GPU run has shown the TMA kernel correct and faster (benchmarks/RESULTS.md)."""
     name = getattr(_forced, "name", None) or os.environ.get("MOE_OPS_GMM_VARIANT", "pointer")
     if name not in VARIANTS:
         raise ValueError(f"MOE_OPS_GMM_VARIANT must be one of {VARIANTS}, got {name!r}")
