@@ -47,6 +47,12 @@ def _check_schema(doc):
             assert rec["time_ms"] is None
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Runs without --json / --plot write their default bench_out/ here, not in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture()
 def triton_unavailable(monkeypatch):
     """Make the Triton backend fail to load, as a missing kernel module would."""
