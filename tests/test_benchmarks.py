@@ -104,6 +104,7 @@ def test_main_job_tiny(tmp_path, triton_unavailable, capsys):
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_gmm_and_sort_suites_tiny(tmp_path, capsys):
     out_json = tmp_path / "suites.json"
     rc = bench.main(["all", "--tiny", "--impl", "xla", "--shapes", "decode,dsv3", "--patterns", "balanced",
