@@ -7,8 +7,11 @@ well under two minutes. On GPU: the GMM/TGMM, sort/unsort and full-layer suites 
 ``gmm`` / ``sort`` / ``layer`` / ``all`` run suites; on CPU they always use the tiny presets.
 
 Implementations that cannot run are listed as unavailable with the reason, never skipped silently; every row names
-the implementation that ran (``moe_ops.resolve_implementation``). Exit status 1 when a moe_ops implementation gives a
-wrong answer (parity) or fails with an error; 0 otherwise (an unavailable implementation is reported, not an error).
+the implementation that ran (``moe_ops.resolve_implementation``). Every run writes ``bench_out/<UTC timestamp>.json``
+and ``.png`` (``--json`` / ``--plot`` / ``--out-dir`` override) and prints where. Its last line is
+``PASS: N/N implementations match <reference> (max rel err ..., tol ...)`` or ``FAIL: ...``; exit status 1 on FAIL
+(a moe_ops implementation gives a wrong answer or fails with an error, or none ran), 0 otherwise (an unavailable
+implementation is reported, not an error). Emulated rows (interpreter / interpret mode) get no speed ratios.
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", nargs="?", default="main", choices=SUITES)
     p.add_argument("--tiny", action="store_true", help="tiny presets (always on CPU)")
-    p.add_argument("--json", metavar="PATH", help="write the JSON document (schema: benchmarks/README.md)")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib)")
+    p.add_argument("--json", metavar="PATH", help="write the JSON document here (schema: benchmarks/README.md; "
+                   "default OUT_DIR/<UTC timestamp>.json)")
+    p.add_argument("--plot", metavar="PATH", help="write the PNG plot here (needs matplotlib; default "
+                   "OUT_DIR/<UTC timestamp>.png)")
+    p.add_argument("--out-dir", default="bench_out", help="folder of the default JSON / PNG (default bench_out)")
     p.add_argument("--shapes", help="comma list of preset names of the suite (default: all)")
     p.add_argument("--impl", help="comma list of moe_ops implementations (default: all of xla,triton,pallas)")
     p.add_argument("--peers", help="comma list of GMM peers: lax.ragged_dot,tokamax:mosaic,torch._grouped_mm")
@@ -140,7 +146,8 @@ def run_layer(args, plan: Plan, entries: list) -> list[dict]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    started, stamp = now.isoformat(timespec="seconds"), now.strftime("%Y%m%dT%H%M%SZ")
     t0 = time.perf_counter()
     plan = _plan(args)
     gpu = env.on_gpu()
@@ -170,18 +177,20 @@ def main(argv=None) -> int:
     print(report.header(doc))
     print(report.table(records))
     print(report.summary_table(doc["summary"]))
-    if args.json:
-        report.write_json(doc, args.json)
-        print(f"\nJSON: {args.json}")
-    if args.plot:
-        why = report.write_plot(records, args.plot)
-        print(f"plot: {args.plot}" if why is None else f"plot not written ({why})")
+    json_path = args.json or os.path.join(args.out_dir, f"{stamp}.json")
+    plot_path = args.plot or os.path.join(args.out_dir, f"{stamp}.png")
+    report.write_json(doc, json_path)
+    print(f"\nJSON: {json_path}")
+    why = report.write_plot(records, plot_path)
+    print(f"plot: {plot_path}" if why is None else f"plot not written ({why})")
     print(f"total {time.perf_counter() - t0:.1f} s")
     bad = [r for r in records if r["kind"] == "moe_ops" and r["status"] in ("parity_fail", "error")]
     for r in bad:
         print(f"FAILED: {r['suite']} {r['op']} {r['pass']} {r['implementation']} {r['shape']['name']}: "
               f"{r['status']}: {r['reason']}", file=sys.stderr)
-    return 1 if bad else 0
+    passed, line = report.verdict(records)
+    print(line)
+    return 0 if passed and not bad else 1
 
 
 def _presets(name, tiny):

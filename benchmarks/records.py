@@ -52,8 +52,12 @@ def _key(rec: dict) -> tuple:
 
 def add_ratios(records: list[dict], ceilings: dict) -> None:
     """Fill ``ratio_to`` (other's time / this time: > 1 means this is faster), ``slowdown_vs_balanced`` and
-    ``pct_of_ceiling`` (TFLOP/s vs the dense matmul, or GB/s vs the copy rate) in place."""
-    timed = [r for r in records if r["status"] == "ok" and r["time_ms"]]
+    ``pct_of_ceiling`` (TFLOP/s vs the dense matmul, or GB/s vs the copy rate) in place. Emulated records take no
+    part: they get none of the three and are no other record's comparison."""
+    timed = [r for r in records if r["status"] == "ok" and r["time_ms"] and not r["emulated"]]
+    for r in records:  # an emulated time (interpreter / interpret mode) says nothing about the hardware: no ratios
+        if r["emulated"] and r["status"] == "ok":
+            r["note"] = r["note"] or "emulated: no ratios or % of ceiling"
     groups: dict = {}
     for r in timed:
         groups.setdefault(_key(r), []).append(r)

@@ -33,24 +33,49 @@ def _rate(r: dict) -> str:
     return "-"
 
 
+EMULATED_NA = "n/a (emulated)"
+
+
 def _ratios(r: dict) -> str:
+    if r["emulated"] and r["status"] == "ok":
+        return EMULATED_NA
     return " ".join(f"{k}:{v:.2f}x" for k, v in sorted(r["ratio_to"].items())) or "-"
+
+
+def _pct(r: dict) -> str:
+    return EMULATED_NA if r["emulated"] and r["status"] == "ok" else _fmt(r["pct_of_ceiling"], ".1f")
+
+
+def reference_name(against: str) -> str:
+    """Short name of a parity reference label: ``reference.moe_ffn_dense on 70 tokens ...`` -> ``moe_ffn_dense``."""
+    name = against.split(" on ")[0].split(" (")[0].strip()
+    for prefix in ("moe_ops.", "reference."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+def _parity_cell(parity: dict | None) -> str:
+    if parity is None:
+        return "-"
+    verdict = "ok" if parity["ok"] else "FAIL"
+    return (f"{_fmt(parity['max_rel_err'], '.2e')} {verdict} (tol {parity['tol']:g}, "
+            f"{reference_name(parity['against'])})")
 
 
 def table(records: list[dict]) -> str:
     """One line per record, grouped by suite; unavailable / failed rows say why."""
     cols = ("op", "pass", "shape", "pattern", "implementation", "status", "time ms", "rate", "% ceil",
-            "parity (max rel err)", "vs others (their time / ours)", "slowdown vs balanced")
+            "parity: max rel err vs reference (tol)", "vs others (their time / ours)", "slowdown vs balanced")
     lines = []
     for suite in dict.fromkeys(r["suite"] for r in records):
         rows = []
         for r in (x for x in records if x["suite"] == suite):
-            parity = r["parity"]
-            par = "-" if parity is None else f"{_fmt(parity['max_rel_err'], '.2e')} {'ok' if parity['ok'] else 'FAIL'}"
+            par = _parity_cell(r["parity"])
             status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
             rows.append((r["op"], r["pass"], _shape_label(r["shape"]), (r["pattern"] or {}).get("label", "-"),
                          _impl_label(r), status, _fmt(r["time_ms"], ".4g"), _rate(r),
-                         _fmt(r["pct_of_ceiling"], ".1f"), par, _ratios(r), _fmt(r["slowdown_vs_balanced"], ".2f")))
+                         _pct(r), par, _ratios(r), _fmt(r["slowdown_vs_balanced"], ".2f")))
         widths = [min(max(len(str(c)) for c in col), 70) for col in zip(cols, *rows)]
         lines.append(f"\n== {suite} ==")
         lines.append(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
@@ -60,11 +85,42 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def verdict(records: list[dict]) -> tuple[bool, str]:
+    """The closing line: ``PASS: N/N implementations match <reference> (max rel err ..., tol ...)`` when every
+    moe_ops implementation that ran matched its reference on every row, else ``FAIL: ...`` naming the failures.
+    Unavailable implementations are reported elsewhere and not counted; no checked implementation is a FAIL."""
+    checked = [r for r in records if r["kind"] == "moe_ops" and (r["parity"] is not None or r["status"] == "error")]
+    impls = list(dict.fromkeys(_impl_label(r) for r in checked))
+    bad = [r for r in checked if r["status"] in ("parity_fail", "error")]
+    failed = list(dict.fromkeys(_impl_label(r) for r in bad))
+    parities = [r["parity"] for r in checked if r["parity"] is not None]
+    refs = sorted({reference_name(p["against"]) for p in parities}) or ["the reference"]
+    ref = refs[0] if len(refs) == 1 else "their references (" + ", ".join(refs) + ")"
+    head = f"{len(impls) - len(failed)}/{len(impls)} implementations match {ref}"
+    if not impls:
+        return False, "FAIL: 0/0 implementations ran, nothing was checked"
+    if not bad:
+        errs = [p["max_rel_err"] for p in parities]
+        tols = sorted({p["tol"] for p in parities})
+        return True, (f"PASS: {head} (max rel err {max(errs):.2e}, tol "
+                      + "/".join(f"{t:g}" for t in tols) + ")")
+    why = []
+    for impl in failed:
+        r = next(x for x in bad if _impl_label(x) == impl)
+        n = sum(1 for x in bad if _impl_label(x) == impl)
+        what = (f"max rel err {r['parity']['max_rel_err']:.2e} > tol {r['parity']['tol']:g}"
+                if r["status"] == "parity_fail" else f"error: {r['reason'][:80]}")
+        why.append(f"{impl}: {what} on {r['suite']} {r['op']} {r['pass']} {r['shape'].get('name')}"
+                   + (f" and {n - 1} more rows" if n > 1 else ""))
+    return False, f"FAIL: {head}; " + "; ".join(why)
+
+
 def summary(records: list[dict]) -> list[dict]:
     """Per (suite, op, pass, moe_ops implementation): geometric mean over shapes (balanced routing) of the speed ratio
-    to each other implementation, mean % of ceiling, and the worst slowdown vs balanced."""
+    to each other implementation, mean % of ceiling, and the worst slowdown vs balanced. Emulated rows have none of
+    these and are left out."""
     out = []
-    ours = [r for r in records if r["kind"] == "moe_ops" and r["status"] == "ok"]
+    ours = [r for r in records if r["kind"] == "moe_ops" and r["status"] == "ok" and not r["emulated"]]
     for key in dict.fromkeys((r["suite"], r["op"], r["pass"], r["implementation"]) for r in ours):
         rows = [r for r in ours if (r["suite"], r["op"], r["pass"], r["implementation"]) == key]
         bal = [r for r in rows if (r["pattern"] or {}).get("name") == "balanced"]
@@ -82,7 +138,8 @@ def summary(records: list[dict]) -> list[dict]:
 def summary_table(rows: list[dict]) -> str:
     if not rows:
         return ""
-    lines = ["\n== summary (balanced routing; ratio = their time / ours, geometric mean over shapes) =="]
+    lines = ["\n== summary (balanced routing; ratio = their time / ours, geometric mean over shapes; emulated rows "
+             "left out) =="]
     for s in rows:
         ratios = " ".join(f"{k}:{v:.2f}x" for k, v in s["geomean_ratio_to"].items()) or "-"
         lines.append(f"{s['suite']} {s['op']} {s['pass']} {s['implementation']}: {s['shapes']} shapes, "
@@ -121,8 +178,10 @@ def write_json(doc: dict, path: str) -> None:
 
 
 def write_plot(records: list[dict], path: str) -> str | None:
-    """PNG with (left) % of ceiling (or the raw rate) per shape and implementation, (right) time vs skew.
-    Returns None when written, else why not (matplotlib missing / nothing measured)."""
+    """PNG with (left) % of ceiling (or the raw rate) per shape and implementation, balanced routing, measured rows
+    only (emulated rows say nothing about speed and are left out, named in the title); (right) time vs routing skew,
+    each point labelled with its pattern. Returns None when written, else why not (matplotlib missing / nothing
+    measured)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -132,44 +191,60 @@ def write_plot(records: list[dict], path: str) -> str | None:
     ok = [r for r in records if r["status"] == "ok" and r["suite"] != "ceiling"]
     if not ok:
         return "no plot: no successful measurement"
-    use_pct = all(r["pct_of_ceiling"] is not None for r in ok)
-    value = (lambda r: r["pct_of_ceiling"]) if use_pct else \
-        (lambda r: r["gbps"] if r["ceiling_basis"] == "copy" else r["tflops"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 6))
-    balanced = [r for r in ok if (r["pattern"] or {}).get("name", "balanced") == "balanced"]
-    groups = list(dict.fromkeys(f"{r['suite']}:{r['op']} {r['shape']['name']} {r['pass']}" for r in balanced))
-    impls = list(dict.fromkeys(_impl_label(r) for r in balanced))
-    width = 0.8 / max(len(impls), 1)
-    for i, impl in enumerate(impls):
-        xs, ys = [], []
-        for j, g in enumerate(groups):
-            hit = [r for r in balanced if _impl_label(r) == impl and
-                   f"{r['suite']}:{r['op']} {r['shape']['name']} {r['pass']}" == g]
-            if hit and value(hit[0]) is not None:
-                xs.append(j + i * width)
-                ys.append(value(hit[0]))
-        ax1.bar(xs, ys, width, label=impl)
-    ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=60, ha="right", fontsize=7)
-    ax1.set_ylabel("% of this run's ceiling (matmul or copy)" if use_pct else "TFLOP/s (GB/s for copy-bound ops)")
-    ax1.set_title("balanced routing")
-    ax1.legend(fontsize=7)
-    lines: dict = {}
-    for r in ok:
-        if r["routing"]:
-            key = f"{_impl_label(r)} {r['suite']}:{r['op']} {r['shape']['name']} {r['pass']}"
-            lines.setdefault(key, []).append((r["routing"]["max_over_mean"], r["time_ms"]))
-    for key, pts in lines.items():
-        if len(pts) > 1:
-            pts.sort()
-            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-    ax2.set_xlabel("skew: max rows per expert / mean")
-    ax2.set_ylabel("time (ms, median)")
-    ax2.set_yscale("log")
-    ax2.set_title("time vs routing skew")
-    if ax2.lines:
-        ax2.legend(fontsize=6)
+    _bars(ax1, ok)
+    _skew_lines(ax2, ok)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def _group(r: dict) -> str:
+    return f"{r['suite']}:{r['op']} {r['shape']['name']} {r['pass']}"
+
+
+def _bars(ax, ok: list[dict]) -> None:
+    """One bar per (group, implementation) that has a value; an implementation without any bar gets no legend."""
+    measured = [r for r in ok if not r["emulated"] and (r["pattern"] or {}).get("name", "balanced") == "balanced"]
+    use_pct = bool(measured) and all(r["pct_of_ceiling"] is not None for r in measured)
+    value = (lambda r: r["pct_of_ceiling"]) if use_pct else \
+        (lambda r: r["gbps"] if r["ceiling_basis"] == "copy" else r["tflops"])
+    measured = [r for r in measured if value(r) is not None]
+    groups = list(dict.fromkeys(_group(r) for r in measured))
+    impls = list(dict.fromkeys(_impl_label(r) for r in measured))
+    width = 0.8 / max(len(impls), 1)
+    for i, impl in enumerate(impls):
+        hits = {_group(r): value(r) for r in measured if _impl_label(r) == impl}
+        xs = [j + i * width for j, g in enumerate(groups) if g in hits]
+        ax.bar(xs, [hits[g] for g in groups if g in hits], width, label=impl)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("% of this run's ceiling (matmul or copy)" if use_pct else "TFLOP/s (GB/s for copy-bound ops)")
+    emulated = sorted({r["implementation"] for r in ok if r["emulated"]})
+    ax.set_title("balanced routing" + (f"\n(emulated, not plotted: {', '.join(emulated)})" if emulated else ""))
+    if impls:
+        ax.legend(fontsize=7)
+
+
+def _skew_lines(ax, ok: list[dict]) -> None:
+    lines: dict = {}
+    for r in ok:
+        if r["routing"]:
+            key = f"{_impl_label(r)} {_group(r)}"
+            label = (r["pattern"] or {}).get("label", "?")
+            lines.setdefault(key, []).append((r["routing"]["max_over_mean"], r["time_ms"], label))
+    for key, pts in lines.items():
+        if len(pts) > 1:
+            pts.sort()
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+            for x, y, label in pts:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=line.get_color())
+    ax.margins(x=0.1)
+    ax.set_xlabel("skew: max rows per expert / mean (points labelled with the routing pattern)")
+    ax.set_ylabel("time (ms, median)")
+    ax.set_yscale("log")
+    ax.set_title("time vs routing skew")
+    if ax.lines:
+        ax.legend(fontsize=6)

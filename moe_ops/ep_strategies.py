@@ -58,7 +58,8 @@ def all_to_all_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_ax
     t, num_experts = router_logits.shape
     num_local = w_gate.shape[0]
     if num_local * ep != num_experts:
-        raise ValueError(f"E={num_experts} experts must equal local weights' E_l={num_local} x EP={ep}")
+        raise ValueError(f"local w_gate holds E_l={num_local} experts; times the expert axis {expert_axis!r}={ep} "
+                         f"that must equal router_logits' E={num_experts}")
     x, router_logits, w_gate, w_up, w_down = match_vma(x, router_logits, w_gate, w_up, w_down)
     weights, ids = route(router_logits, top_k, score_fn=score_fn)
     x_sorted, sizes, sort_idx = permute(x, ids, num_experts, implementation=implementation)
@@ -111,7 +112,8 @@ def ring_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, to
     """Ring of experts on one shard: x [T, D], logits [T, E], weights [E_l, ...] -> [T, D]."""
     ep = jax.lax.axis_size(expert_axis)
     if w_gate.shape[0] * ep != router_logits.shape[1]:
-        raise ValueError(f"E={router_logits.shape[1]} experts must equal E_l={w_gate.shape[0]} x EP={ep}")
+        raise ValueError(f"local w_gate holds E_l={w_gate.shape[0]} experts; times the expert axis "
+                         f"{expert_axis!r}={ep} that must equal router_logits' E={router_logits.shape[1]}")
     return _gathered_shard(x, router_logits, w_gate, w_up, w_down, top_k=top_k, expert_axis=expert_axis,
                            tokens_on_expert=tokens_on_expert, tensor_parallel=False, activation=activation,
                            score_fn=score_fn, implementation=implementation)
@@ -122,7 +124,8 @@ def ep_tp_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, t
     """Experts as tensor parallelism on one shard: x [T, D], logits [T, E], w_gate/w_up [E, D, F/EP],
     w_down [E, F/EP, D] -> [T, D]."""
     if w_gate.shape[0] != router_logits.shape[1]:
-        raise ValueError(f"ep_tp needs all E={router_logits.shape[1]} experts per shard, got {w_gate.shape[0]}")
+        raise ValueError(f"ep_tp needs all router_logits' E={router_logits.shape[1]} experts in the local w_gate, "
+                         f"got {w_gate.shape[0]}")
     return _gathered_shard(x, router_logits, w_gate, w_up, w_down, top_k=top_k, expert_axis=expert_axis,
                            tokens_on_expert=tokens_on_expert, tensor_parallel=True, activation=activation,
                            score_fn=score_fn, implementation=implementation)

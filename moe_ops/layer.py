@@ -26,6 +26,7 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
 def experts_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, activation="silu", group_offset=None,
                 implementation=None):
     """SwiGLU experts on expert-sorted rows: x_sorted [M,D] -> [M,D] (rows of non-local groups are zero)."""
+    check_expert_weights(x_sorted, w_gate, w_up, w_down, x_name="x_sorted")
     kw = dict(group_offset=group_offset, implementation=implementation)
     gate = gmm(x_sorted, w_gate, group_sizes, **kw)
     up = gmm(x_sorted, w_up, group_sizes, **kw)
@@ -33,16 +34,28 @@ def experts_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, activation="silu
     return gmm(h, w_down, group_sizes, **kw)
 
 
-def check_weights(x, router_logits, w_gate, w_up, w_down):
-    validation.float_array("w_gate", w_gate, 3)
+def check_expert_weights(x, w_gate, w_up, w_down, x_name="x"):
+    """x [..., D] and the SwiGLU weights w_gate / w_up [E,D,F], w_down [E,F,D]: floats of matching shapes (errors
+    name the user's argument)."""
+    validation.float_array(x_name, x)
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        validation.float_array(name, w, 3)
     e, d, f = w_gate.shape
     if x.shape[-1] != d:
-        raise ValueError(f"x [..., D] must have D={d} to match w_gate [E,D,F] {tuple(w_gate.shape)}, got "
+        raise ValueError(f"{x_name} [..., D] must have D={d} to match w_gate [E,D,F] {tuple(w_gate.shape)}, got "
                          f"{tuple(x.shape)}")
     if tuple(w_up.shape) != (e, d, f):
-        raise ValueError(f"w_up must be [E,D,F]={(e, d, f)}, got {tuple(w_up.shape)}")
+        raise ValueError(f"w_up must be [E,D,F]={(e, d, f)} like w_gate, got {tuple(w_up.shape)}")
     if tuple(w_down.shape) != (e, f, d):
-        raise ValueError(f"w_down must be [E,F,D]={(e, f, d)}, got {tuple(w_down.shape)}")
+        raise ValueError(f"w_down must be [E,F,D]={(e, f, d)} (w_gate is [E,D,F]={(e, d, f)}), got "
+                         f"{tuple(w_down.shape)}")
+
+
+def check_weights(x, router_logits, w_gate, w_up, w_down):
+    """``moe_ffn``'s arguments: x [..., D], router_logits [..., E], w_gate / w_up [E,D,F], w_down [E,F,D]."""
+    check_expert_weights(x, w_gate, w_up, w_down)
+    validation.float_array("router_logits", router_logits)
+    e = w_gate.shape[0]
     if tuple(router_logits.shape) != tuple(x.shape[:-1]) + (e,):
         raise ValueError(f"router_logits must be [..., E]={tuple(x.shape[:-1]) + (e,)}, got "
                          f"{tuple(router_logits.shape)}")
@@ -52,6 +65,7 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
     """The fused form of permute -> ``experts_ffn`` -> unpermute: x [T,D] (token order), weights / expert_ids [T,k]
     -> [T,D]. The gate / up GMMs gather their rows from x, the down GMM scatters weighted rows back to token order
     (``moe_ops.fused``): no permuted copy of x or of the output is built."""
+    check_expert_weights(x, w_gate, w_up, w_down)
     kw = dict(implementation=implementation)
     sizes, sort_idx = fused_ops.sort_by_expert(expert_ids, w_gate.shape[0], **kw)
     gate = fused_ops.gather_gmm(x, w_gate, sizes, sort_idx, **kw)

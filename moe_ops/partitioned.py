@@ -109,14 +109,17 @@ def plan(config: MoEShardingConfig, mesh, x_sharding, num_tokens: int, num_exper
     """The partition decision for x [T, D] with sharding ``x_sharding`` (may be None) on ``mesh``."""
     axis = config.expert_axis
     if axis not in mesh.axis_names:
-        raise ValueError(f"mesh axes {mesh.axis_names} lack the expert axis {axis!r} of {config}")
+        raise ValueError(f"sharding.expert_axis {axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}: the "
+                         f"mesh lacks the expert axis (name it in MoEShardingConfig(expert_axis=...))")
     ep = mesh.shape[axis]
     if num_experts % ep:
-        raise ValueError(f"E={num_experts} experts do not split over {axis}={ep}")
+        raise ValueError(f"w_gate / w_up / w_down have E={num_experts} experts, which do not split over the expert "
+                         f"axis {axis!r} of size {ep}: E must be a multiple of {ep}")
     strategy = choose_strategy(config, num_tokens, ep)
     if strategy == "ep_tp" and hidden_f % ep:
         if config.strategy == "ep_tp":
-            raise ValueError(f"ep_tp splits F={hidden_f} over {axis}={ep}: not divisible")
+            raise ValueError(f"strategy ep_tp splits w_gate's F={hidden_f} over the expert axis {axis!r} of size "
+                             f"{ep}: F must be a multiple of {ep} (or use strategy 'ring' / 'all_to_all')")
         strategy = "ring"
     axes = [a for a in dict.fromkeys(_operand_token_axes(x_sharding) or config.batch_axes) if a in mesh.axis_names]
     if strategy == "all_to_all" and axis not in axes:
@@ -133,6 +136,17 @@ def plan(config: MoEShardingConfig, mesh, x_sharding, num_tokens: int, num_exper
     if fsdp not in mesh.axis_names or fsdp == axis or num_experts % (e_split * mesh.shape[fsdp]):
         fsdp = None
     return Plan(strategy, tuple(kept), axis, fsdp, tuple(mesh.axis_names))
+
+
+def _known_mesh(*operands):
+    """The mesh the op will be partitioned over, when trace time knows it: the context mesh (``jax.set_mesh``) or
+    the mesh of an operand's sharding (``jax.typeof``; under ``jit`` the arguments' mesh). None for one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    for a in operands:
+        if mesh is not None and not mesh.empty:
+            break
+        mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+    return mesh if mesh is not None and not mesh.empty and mesh.size > 1 else None
 
 
 def _shard_fn(static: _Static, p: Plan):
@@ -246,6 +260,9 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
     layer.check_weights(x, router_logits, w_gate, w_up, w_down)
     if not isinstance(top_k, int) or not 1 <= top_k <= w_gate.shape[0]:
         raise ValueError(f"top_k must be an int in [1, E={w_gate.shape[0]}], got {top_k!r}")
+    mesh = _known_mesh(x, router_logits, w_gate, w_up, w_down)
+    if mesh is not None:  # the partition rule's own checks, at trace time (else they fail inside the compiler)
+        plan(sharding, mesh, None, math.prod(x.shape[:-1]), w_gate.shape[0], w_gate.shape[2])
     static = _Static(top_k, activation, score_fn, implementation, sharding)
     shape = x.shape
     out = _moe(x.reshape(-1, shape[-1]), router_logits.reshape(-1, router_logits.shape[-1]), w_gate, w_up, w_down,

@@ -53,6 +53,8 @@ class MoEShardingConfig:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if not isinstance(self.batch_axes, tuple):
             object.__setattr__(self, "batch_axes", tuple(self.batch_axes))
+        if self.fsdp_axis is not None and self.fsdp_axis == self.expert_axis:
+            raise ValueError(f"fsdp_axis must differ from expert_axis, got both {self.expert_axis!r}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor must be None or > 0, got {self.capacity_factor!r}")
 

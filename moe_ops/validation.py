@@ -53,11 +53,12 @@ def _runtime_check(predicate_fn, message_fn, *values):
     jax.debug.callback(callback, *values)
 
 
-def float_array(name, x, ndim):
+def float_array(name, x, ndim=None):
+    """``x`` (named ``name`` in errors) is a float array of rank ``ndim`` (any rank >= 1 when None)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must have rank {ndim}, got shape {tuple(x.shape)}")
+    if (x.ndim < 1) if ndim is None else (x.ndim != ndim):
+        raise ValueError(f"{name} must have rank {'>= 1' if ndim is None else ndim}, got shape {tuple(x.shape)}")
     if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in FLOAT_DTYPES]:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
 

@@ -18,4 +18,6 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long interpret-mode sweeps (run with -m slow or in the full CI run)")
+    config.addinivalue_line("markers", "slow: tests over ~5 s each on 2 cores (interpret-mode and hypothesis "
+                            "sweeps, AOT compiles, second partitioners / dtypes / routings of a kept fast case); CI "
+                            "runs them, -m 'not slow' skips them")

@@ -28,6 +28,7 @@ def _expected_gmm_cases(target):
     return pairs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["sm90", "gfx950", "gfx942"])
 def test_every_family_compiles(target):
     families = registered_families()
@@ -46,6 +47,7 @@ def test_every_family_compiles(target):
         assert all(r.shared_bytes <= 160 * 1024 for r in reports)
 
 
+@pytest.mark.slow
 def test_cli_one_row_per_case():
     proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--target", "sm90", "--family", "gmm"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

@@ -47,6 +47,12 @@ def _check_schema(doc):
             assert rec["time_ms"] is None
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Runs without --json / --plot write their default bench_out/ here, not in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture()
 def triton_unavailable(monkeypatch):
     """Make the Triton backend fail to load, as a missing kernel module would."""
@@ -98,6 +104,7 @@ def test_main_job_tiny(tmp_path, triton_unavailable, capsys):
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_gmm_and_sort_suites_tiny(tmp_path, capsys):
     out_json = tmp_path / "suites.json"
     rc = bench.main(["all", "--tiny", "--impl", "xla", "--shapes", "decode,dsv3", "--patterns", "balanced",

@@ -161,6 +161,7 @@ def test_scatter_gmm_gradients(impl, transpose):
     assert dropped.any() and np.all(np.asarray(got[2]).reshape(-1)[dropped] == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", "triton"])
 def test_fused_ops_in_shard_map_grads_of_replicated_weights(impl):
     """Tokens sharded, weights replicated, check_vma on: weight gradients are the sum over shards."""
@@ -190,7 +191,8 @@ def test_fused_ops_in_shard_map_grads_of_replicated_weights(impl):
 # The layer: moe_ffn(fused=...) vs the dense einsum layer, and the backend choice.
 
 
-@pytest.mark.parametrize("impl,fused_arg,takes_fused", [("triton", None, True), ("xla", True, True),
+@pytest.mark.parametrize("impl,fused_arg,takes_fused", [pytest.param("triton", None, True, marks=pytest.mark.slow),
+                                                      pytest.param("xla", True, True, marks=pytest.mark.slow),
                                                       ("triton", False, False)])
 def test_moe_ffn_fused_matches_dense(impl, fused_arg, takes_fused, monkeypatch):
     """Forward and all five gradients, f32; the default (None) on Triton is the fused path, False the unfused one."""
@@ -210,6 +212,7 @@ def test_moe_ffn_fused_matches_dense(impl, fused_arg, takes_fused, monkeypatch):
         assert_close(g, e, 1e-5, f"d{name}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["triton", "xla"])
 def test_moe_ffn_fused_bf16(impl):
     """bf16 forward and gradients vs the dense layer in f32 on the same (bf16-valued) inputs."""

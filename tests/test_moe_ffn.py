@@ -33,7 +33,8 @@ def loss(fn, top_k, cotangent):
     return lambda x, lg, wg, wu, wd: jnp.sum(fn(x, lg, wg, wu, wd, top_k=top_k).astype(jnp.float32) * cotangent)
 
 
-@pytest.mark.parametrize("routing", ["balanced", "hot", "one_expert"])
+@pytest.mark.parametrize("routing", ["balanced", pytest.param("hot", marks=pytest.mark.slow),
+                                     pytest.param("one_expert", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_moe_ffn_matches_dense_forward_and_grads(impl, routing):
     x, logits, ws = layer_inputs(SHAPES[impl], routing, seed=hash(routing) % 100)

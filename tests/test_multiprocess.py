@@ -13,6 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import AxisType
 
 from moe_ops import reference
@@ -54,6 +55,7 @@ def _without_info_lines(log):
     return "\n".join(line for line in log.splitlines() if not re.match(r"[IW]\d{4} |\[Gloo\]", line))
 
 
+@pytest.mark.slow
 def test_all_to_all_two_processes_matches_single_process(tmp_path):
     out_path = tmp_path / "result.npz"
     _run_workers(out_path)

@@ -116,6 +116,7 @@ def _replay_tgmm(sizes, off, g_local, m, tm):
     assert (s["flags"][steps:] == 0).all() and (s["groups"][steps:] == g_local - 1).all()
 
 
+@pytest.mark.slow
 @given(sizes=group_sizes_strategy(8, 70))
 def test_schedule_invariants(sizes):
     sizes = np.asarray(sizes)
@@ -135,7 +136,7 @@ def test_parity_group_cases(case, dtype):
     _check_tgmm(lhs, rhs2, sizes, 0, G, what=case)
 
 
-@pytest.mark.parametrize("shard", SHARDS)
+@pytest.mark.parametrize("shard", [pytest.param(s, marks=pytest.mark.slow) if s == "first" else s for s in SHARDS])
 def test_group_offset_shards(shard):
     off, g_local = SHARDS[shard]
     k1, k2, k3 = keys(_seed(shard), 3)
@@ -146,6 +147,7 @@ def test_group_offset_shards(shard):
     _check_tgmm(lhs, rhs2, sizes, off, g_local, t=T32, what=shard)
 
 
+@pytest.mark.slow
 def test_bf16_inputs_f32_output_and_transpose():
     k1, k2 = keys(11, 2)
     lhs, rhs = randn(k1, (M, K), jnp.bfloat16), randn(k2, (3, N, K), jnp.bfloat16)
@@ -154,6 +156,7 @@ def test_bf16_inputs_f32_output_and_transpose():
     _check_tgmm(lhs, randn(k2, (M, N), jnp.bfloat16), sizes, 1, 3, out_dtype=jnp.float32, what="bf16->f32")
 
 
+@pytest.mark.slow
 def test_partial_k_and_n_blocks():
     """K=200, N=136 against 128-wide tiles: the K remainder is masked in gmm, edge columns are clipped on store."""
     m, k, n = 45, 200, 136
@@ -165,6 +168,7 @@ def test_partial_k_and_n_blocks():
     _check_tgmm(lhs, rhs2, sizes, 1, 3, what="partial k/n")
 
 
+@pytest.mark.slow
 @given(sizes=group_sizes_strategy(G, M), shard=st.sampled_from(list(SHARDS.values())))
 def test_hypothesis_sweep(sizes, shard):
     off, g_local = shard
@@ -175,6 +179,7 @@ def test_hypothesis_sweep(sizes, shard):
 
 
 # ----------------------------------------------------------------------------------------------- existing_out
+@pytest.mark.slow
 def test_existing_out_accumulates_over_expert_shards():
     """Looping over 3 shards of 2 experts with ``existing_out`` gives the unsharded result; a random start value is
     added to the local rows / groups and kept elsewhere."""
@@ -202,7 +207,8 @@ def _grads(f, args, cot):
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["kn", "nk"])
-@pytest.mark.parametrize("shard", ["all", "middle", "last"])
+@pytest.mark.parametrize("shard", ["all", pytest.param("middle", marks=pytest.mark.slow),
+                                   pytest.param("last", marks=pytest.mark.slow)])
 def test_gmm_gradients(shard, transpose):
     """d lhs (gmm with the other rhs layout) and d rhs (tgmm) through ``moe_ops.gmm(implementation="pallas")``."""
     off, g_local = SHARDS[shard]
@@ -231,6 +237,7 @@ def test_tgmm_gradients(shard):
 
 
 # ---------------------------------------------------------------------------------------------------- sharding
+@pytest.mark.slow
 def test_shard_map_expert_shards_match_unsharded():
     """8 devices, 2 experts each (``group_offset = axis_index * 2``): psum of the gmm shards and the concatenated
     tgmm shards equal the unsharded results."""
@@ -263,6 +270,7 @@ def strict_interpreter():
         pltpu.reset_tpu_interpret_mode_state()
 
 
+@pytest.mark.slow
 def test_strict_interpreter_no_oob_no_races(strict_interpreter):
     """Out-of-bounds block reads raise, races are detected, uninitialised memory is NaN: gmm (both rhs layouts,
     with existing_out) and tgmm (with existing_out) on a middle shard with a partial last row tile."""
@@ -294,8 +302,9 @@ def _shipped_tilings():
     return sorted(cases, key=repr)
 
 
-@pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("existing", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["new", "existing"])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)],
+                         ids=["f32", "bf16"])
 @pytest.mark.parametrize("kernel", ["gmm", "gmm_t", "tgmm"])
 def test_lowers_to_mosaic(kernel, dtype, existing):
     """``jax.export(..., platforms=["tpu"])`` lowers every shipped configuration to a Mosaic custom call."""

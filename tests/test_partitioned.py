@@ -101,6 +101,7 @@ def test_data_expert_mesh_shardy(strategy, kind):
                             weight_specs(strategy, "expert"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_data_expert_mesh_gspmd(strategy):
     mesh = make_mesh((2, 4), ("data", "expert"))
@@ -109,6 +110,7 @@ def test_data_expert_mesh_gspmd(strategy):
                                 weight_specs(strategy, "expert"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_expert8_mesh(strategy):
     mesh = make_mesh((8,), ("expert",))
@@ -116,6 +118,7 @@ def test_expert8_mesh(strategy):
                             weight_specs(strategy, "expert"), seed=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy,shardy", [("all_to_all", True), ("all_to_all", False), ("ring", True)])
 def test_weights_sharded_expert_fsdp(strategy, shardy):
     """Weights E over (expert, fsdp), tokens over (fsdp, expert): the op gathers the weights over fsdp."""
@@ -139,6 +142,7 @@ def test_tokens_not_on_expert_axis():
                             weight_specs("ring", "expert"), seed=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_bf16_forward(strategy):
     mesh = make_mesh((2, 4), ("data", "expert"))
@@ -269,7 +273,7 @@ NATIVE = {
 }
 
 
-@pytest.mark.parametrize("shardy", [True, False], ids=["shardy", "gspmd"])
+@pytest.mark.parametrize("shardy", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["shardy", "gspmd"])
 def test_compiled_collectives(shardy):
     """all_to_all with tokens on `expert`: an all-to-all of activations and no all-gather of them (only the s32
     count matrix is gathered); ring / ep_tp show their own collectives (so the check can fail)."""

@@ -90,6 +90,7 @@ def test_permute_unpermute_match_numpy():
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_moe_ffn_dense_matches_per_token_numpy():
     t, d, f, e, top_k = 9, 6, 7, 4, 2
     kk = keys(4, 5)

@@ -29,7 +29,7 @@ def unsharded_sum(per_shard):
     return total
 
 
-@pytest.mark.parametrize("impl", ["xla", "triton"])
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "triton"])
 def test_gmm_tgmm_grads_of_replicated_weights(impl):
     k = keys(11, 3)
     lhs, rhs, other = randn(k[0], (32, 8)), randn(k[1], (3, 8, 12)), randn(k[2], (3, 8, 8))
@@ -47,7 +47,7 @@ def test_gmm_tgmm_grads_of_replicated_weights(impl):
         assert_close(g, e, 1e-5, name)
 
 
-@pytest.mark.parametrize("impl", ["xla", "triton"])
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "triton"])
 def test_permute_unpermute_grads_of_replicated_inputs(impl):
     k = keys(12, 3)
     x, y_scale, w = randn(k[0], (16, 6)), randn(k[1], (6,)), jax.random.uniform(k[2], (4, 2))

@@ -98,6 +98,7 @@ def test_sort_by_expert_multi_block(e, case):
         assert_equal(idx, want_idx, f"{impl} sort_idx")
 
 
+@pytest.mark.slow
 @hypothesis.given(t=st.integers(1, 48), k=st.integers(1, 8), e=st.integers(1, 256),
                   case=st.sampled_from(CASES), seed=st.integers(0, 2**16))
 def test_sort_by_expert_sweep(t, k, e, case, seed):
@@ -110,6 +111,7 @@ def test_sort_by_expert_sweep(t, k, e, case, seed):
         assert_equal(idx, want_idx, f"{impl} sort_idx")
 
 
+@pytest.mark.slow
 @hypothesis.given(t=st.integers(1, 20), k=st.integers(1, 8), d=st.sampled_from([1, 8, 33]),
                   seed=st.integers(0, 2**16))
 @hypothesis.settings(max_examples=4)
@@ -169,7 +171,7 @@ def test_gradients(impl, case):
         assert_close(a, b, 1e-5, f"{impl}/{case} {name}")
 
 
-@pytest.mark.parametrize("impl", ["triton", "pallas"])
+@pytest.mark.parametrize("impl", ["triton", pytest.param("pallas", marks=pytest.mark.slow)])
 def test_deterministic(impl):
     """Bitwise-identical results on reruns (no atomics, fixed reduction order)."""
     t, k, e, d = 31, 4, 8, 64
@@ -246,6 +248,7 @@ def test_valid_prefix_public_ops(impl):
 # Pallas: strict interpreter and TPU lowering.
 
 
+@pytest.mark.slow
 def test_pallas_strict_interpret():
     """Out-of-bounds reads raise, races are detected, uninitialised VMEM is NaN (single device)."""
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc

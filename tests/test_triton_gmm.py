@@ -66,7 +66,8 @@ def test_tgmm_parity(case, shard):
     assert_close(out, ref, TOL[jnp.float32], f"tgmm {case} {shard}")
 
 
-@pytest.mark.parametrize("cfg", [tuning.GmmConfig(32, 16, 32, group_m=1, num_stages=1),
+@pytest.mark.parametrize("cfg", [pytest.param(tuning.GmmConfig(32, 16, 32, group_m=1, num_stages=1),
+                                              marks=pytest.mark.slow),
                                  tuning.GmmConfig(16, 64, 32, group_m=4, num_stages=1)], ids=["tall", "wide"])
 def test_tile_multiples_and_other_tiles(cfg):
     """Sizes that are exact tile multiples (the unmasked K / N path) and sizes that are not, under other tiles."""
@@ -152,6 +153,7 @@ def test_tgmm_gradients(shard):
 # ---------------------------------------------------------------------------------------------------------------
 # Hypothesis sweep over group sizes and shards.
 
+@pytest.mark.slow
 @given(data=st.data())
 def test_gmm_tgmm_random_group_sizes(data):
     m, k, n, g = 48, 24, 40, 4
@@ -171,6 +173,7 @@ def test_gmm_tgmm_random_group_sizes(data):
 # ---------------------------------------------------------------------------------------------------------------
 # The device-side schedule (pure jnp: checked directly, many routings) and the tuning module.
 
+@pytest.mark.slow
 @given(data=st.data())
 def test_row_tile_schedule_invariants(data):
     g = data.draw(st.sampled_from([1, 3, 8]))
