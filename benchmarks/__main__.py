@@ -27,6 +27,9 @@ import time
 # JAX would otherwise reserve most of the GPU at start-up and leave the torch peer nothing (set before first use).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+from kernels.host import prefer_cpu_without_accelerator  # noqa: E402
+
+prefer_cpu_without_accelerator()  # no failed-GPU-plugin traceback on CPU-only hosts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 

@@ -2,8 +2,9 @@
 
 import os
 
-if not any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd", "/dev/accel0", "/dev/vfio")):
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # no accelerator: the CUDA plugin (lowering tests) must not probe
+from kernels.host import prefer_cpu_without_accelerator  # noqa: E402  (imports no JAX)
+
+prefer_cpu_without_accelerator()  # the CUDA plugin of the lowering tests must not probe for a GPU
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")

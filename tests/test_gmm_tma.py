@@ -22,7 +22,8 @@ needs_plugin = pytest.mark.skipif(lowering.unavailable_reason() is not None,
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["kn", "nk"])
-@pytest.mark.parametrize("shard", ["all", "middle", "last"])
+@pytest.mark.parametrize("shard", ["all", pytest.param("middle", marks=pytest.mark.slow),
+                                   pytest.param("last", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", GROUP_CASES)
 def test_tma_gmm_parity(case, shard, transpose):
     """Tiny non-tile-multiple shapes (M=70, K=40, N=56; 16x32x16 tiles), every group case, three programs walking
@@ -48,7 +49,7 @@ def test_tma_gmm_random_group_sizes(data):
     assert_close(out, reference.gmm(lhs, rhs, sizes, group_offset=off, transpose_rhs=transpose), 1e-5, "tma gmm")
 
 
-@pytest.mark.parametrize("transpose", [False, True], ids=["kn", "nk"])
+@pytest.mark.parametrize("transpose", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["kn", "nk"])
 def test_public_op_uses_the_variant_with_gradients(monkeypatch, transpose):
     """``MOE_OPS_GMM_VARIANT=tma``: bf16 ``moe_ops.gmm`` and its gradients (dlhs is a transposed GMM, so TMA too)."""
     monkeypatch.setenv("MOE_OPS_GMM_VARIANT", "tma")
@@ -97,6 +98,7 @@ def test_scratch_operand_in_the_real_lowering(monkeypatch, arch):
     assert not launch.problems(arch, num_warps=cfg.num_warps)
 
 
+@pytest.mark.slow
 def test_sm90_sass_has_tma_and_scratch_fits():
     reports = [aot.compile_case(c, "sm90") for c in cases_for("sm90", ["gmm_tma"])]
     assert reports and all(r.clean for r in reports), [r for r in reports if not r.clean]

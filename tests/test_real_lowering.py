@@ -65,8 +65,9 @@ LAUNCH_CASES = [(name, dtype, arch) for name in OPS for arch in ("sm90", "gfx950
 
 
 @needs_plugin
-@pytest.mark.parametrize("name,dtype,arch", LAUNCH_CASES,
-                         ids=[f"{n}-{jnp.dtype(d).name}-{a}" for n, d, a in LAUNCH_CASES])
+@pytest.mark.parametrize("name,dtype,arch", [  # f32 is the slow-marked sweep; bf16 stays in the quick loop
+    pytest.param(n, d, a, id=f"{n}-{jnp.dtype(d).name}-{a}", marks=[pytest.mark.slow] if d == jnp.float32 else [])
+    for n, d, a in LAUNCH_CASES])
 def test_gpu_lowering_launches(name, dtype, arch):
     """Every public op lowers through jax-triton for cuda (sm_90) and rocm (gfx950): real Triton compiles, launches
     within the device's shared memory, and for the plain grouped matmuls exactly the tuning table's config."""
