@@ -14,7 +14,9 @@ def has_accelerator() -> bool:
 
 def prefer_cpu_without_accelerator() -> None:
     """On a host with no accelerator, ask JAX for the CPU directly (unless ``JAX_PLATFORMS`` says otherwise), so
-    jaxlib's CUDA plugin, which the lowering checks install, does not print a failed GPU initialisation. Call it
+    jaxlib's CUDA plugin, which the lowering checks install, does not print a failed GPU initialisation or absent
+    drivers. Call it
     before JAX initialises a backend."""
     if not has_accelerator():
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # nor its INFO lines about absent CUDA drivers
