@@ -20,6 +20,10 @@ PY
 # 1. The kernels on the device against the reference (parity + gradients; the interpreter-only tests skip nothing).
 timeout 300 python3 -m pytest -q -x tests/test_triton_gmm.py tests/test_sort.py tests/test_fused.py -k "not pallas" \
   2>&1 | tee "$out/gpu_tests.log" | tail -5
+# 1b. The persistent TMA GMM variant (global scratch through triton_call: first run on a GPU) on its own tests and
+#     through the public op suite; the default flips only once this passes and the gmm suite shows it faster.
+MOE_OPS_GMM_VARIANT=tma timeout 300 python3 -m pytest -q tests/test_gmm_tma.py tests/test_triton_gmm.py -k "not pallas" \
+  2>&1 | tee "$out/gpu_tests_tma.log" | tail -5
 # 2. The suites, one time limit each; every figure is a ratio to peers and ceilings measured in the same run.
 for suite in gmm sort layer; do
   timeout 540 python3 -m benchmarks "$suite" --json "$out/$suite.json" --plot "$out/$suite.png" --no-progress \
