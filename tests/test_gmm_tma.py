@@ -68,10 +68,13 @@ def test_public_op_uses_the_variant_with_gradients(monkeypatch, transpose):
 
 
 def test_variant_choice(monkeypatch):
+    monkeypatch.delenv("MOE_OPS_GMM_VARIANT", raising=False)
     assert gmm_tma.variant() == "pointer"  # the default until a GPU run shows the TMA kernel faster
     monkeypatch.setenv("MOE_OPS_GMM_VARIANT", "cutlass")
     with pytest.raises(ValueError, match="MOE_OPS_GMM_VARIANT must be one of"):
         gmm_tma.variant()
+    with gmm_tma.use_variant("persistent"):
+        assert gmm_tma.variant() == "persistent"
     bf16, f32 = jnp.zeros((8, 64), jnp.bfloat16), jnp.zeros((8, 64), jnp.float32)
     assert gmm_tma.eligible(bf16, jnp.zeros((2, 64, 128), jnp.bfloat16))
     assert not gmm_tma.eligible(f32, jnp.zeros((2, 64, 128), jnp.float32))      # f32: pointer kernel
