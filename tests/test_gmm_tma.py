@@ -107,3 +107,6 @@ def test_sm90_sass_has_tma_and_scratch_fits():
     assert reports and all(r.clean for r in reports), [r for r in reports if not r.clean]
     assert all(r.tma > 0 for r in reports), [(r.config, r.tma) for r in reports]
     assert all(0 < r.scratch_bytes <= gmm_tma.SCRATCH_PER_PROGRAM for r in reports)
+    assert all(r.shared_bytes <= lowering.SHARED_LIMIT["sm90"] for r in reports)
+    large = tuning.TABLES["sm90"]["gmm"]["large"]
+    assert gmm_tma.tma_config(large, 2, "sm90").num_stages == 4 > large.num_stages  # deeper where it fits

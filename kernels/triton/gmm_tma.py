@@ -23,6 +23,7 @@ Invariants (beyond those of the schedule):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 
@@ -121,6 +122,20 @@ def _gmm_tma_kernel(lhs_ptr, rhs_ptr, tiles_ptr, out_ptr,
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
 
 
+SM90_SHARED = 227 * 1024
+MAX_STAGES = 4
+
+
+def tma_config(cfg: tuning.GmmConfig, itemsize: int, arch: str) -> tuning.GmmConfig:
+    """The pointer config with as many pipeline stages (up to 4) as sm_90's shared memory holds: TMA loads have no
+    register cost per stage, so deeper pipelines are free where they fit. Other targets keep the table's stages."""
+    if arch != "sm90":
+        return cfg
+    per_stage = (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * itemsize
+    stages = max(cfg.num_stages, min(MAX_STAGES, SM90_SHARED // per_stage))
+    return dataclasses.replace(cfg, num_stages=stages)
+
+
 def num_programs(arch: str, total_tiles: int) -> int:
     """``min(#SMs, tiles)`` on a GPU; a few programs under the interpreter."""
     sms = tuning.NUM_SMS.get(arch, _INTERPRETER_PROGRAMS)
@@ -134,7 +149,8 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, config
     num_local = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     arch = tuning.detect_arch()
-    cfg = config or tuning.pick_config("gmm", m, k, n, num_local, lhs.dtype, arch=arch)
+    cfg = config or tma_config(tuning.pick_config("gmm", m, k, n, num_local, lhs.dtype, arch=arch),
+                               jnp.dtype(lhs.dtype).itemsize, arch)
     tiles = schedule.gmm_row_tiles(group_sizes, group_offset, m, num_local, cfg.block_m)
     num_row_tiles = tiles.shape[1]
     active = jnp.sum(tiles[0] != schedule.IDLE, dtype=jnp.int32)[None]
@@ -159,7 +175,8 @@ def aot_cases(target: str):
     arch = target if target in tuning.NUM_SMS else "sm90"
     cases = []
     for dtype_name, dtype in (("bf16", jnp.bfloat16),):
-        for entry, cfg in tuning.shipped(target, "gmm", dtype).items():
+        for entry, table_cfg in tuning.shipped(target, "gmm", dtype).items():
+            cfg = tma_config(table_cfg, jnp.dtype(dtype).itemsize, target)
             rows = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
             for transpose in (False, True):
                 constexprs = dict(M=_AOT_M, K=_AOT_K, N=_AOT_N, G=_AOT_G, TRANSPOSE_RHS=transpose,
