@@ -36,6 +36,18 @@ def test_tma_gmm_parity(case, shard, transpose):
     assert_close(out, ref, TOL[jnp.float32], f"tma gmm {case} {shard}")
 
 
+@pytest.mark.parametrize("shard", ["all", pytest.param("middle", marks=pytest.mark.slow), "last"])
+@pytest.mark.parametrize("case", GROUP_CASES)
+def test_tma_tgmm_parity(case, shard):
+    """TGMM with TMA operands: full chunks unmasked, the tail chunk zeroed past the group's end in registers."""
+    off, g_local = SHARDS[shard]
+    k1, k2 = keys(_seed("tma-tgmm", case, shard), 2)
+    lhs, rhs, sizes = randn(k1, (M, K)), randn(k2, (M, N)), group_sizes(case, G, M, seed=4)
+    out = gmm_tma.tgmm(lhs, rhs, sizes, _offset(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
+    ref = reference.tgmm(lhs, rhs, sizes, group_offset=off, num_groups=g_local)
+    assert_close(out, ref, TOL[jnp.float32], f"tma tgmm {case} {shard}")
+
+
 @given(data=st.data())
 def test_tma_gmm_random_group_sizes(data):
     m, k, n, g = 48, 24, 40, 4
@@ -47,11 +59,15 @@ def test_tma_gmm_random_group_sizes(data):
     lhs, rhs = randn(k1, (m, k)), _rhs(k2, g_local, transpose, k=k, n=n)
     out = gmm_tma.gmm(lhs, rhs, sizes, _offset(off), transpose_rhs=transpose, out_dtype=jnp.float32, config=CFG)
     assert_close(out, reference.gmm(lhs, rhs, sizes, group_offset=off, transpose_rhs=transpose), 1e-5, "tma gmm")
+    rhs2 = randn(k1, (m, n))
+    out = gmm_tma.tgmm(lhs, rhs2, sizes, _offset(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
+    assert_close(out, reference.tgmm(lhs, rhs2, sizes, group_offset=off, num_groups=g_local), 1e-5, "tma tgmm")
 
 
 @pytest.mark.parametrize("transpose", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["kn", "nk"])
 def test_public_op_uses_the_variant_with_gradients(monkeypatch, transpose):
-    """``MOE_OPS_GMM_VARIANT=tma``: bf16 ``moe_ops.gmm`` and its gradients (dlhs is a transposed GMM, so TMA too)."""
+    """``MOE_OPS_GMM_VARIANT=tma``: bf16 ``moe_ops.gmm`` and its gradients (dlhs is a transposed GMM, drhs a TGMM:
+    both through the TMA kernels too)."""
     monkeypatch.setenv("MOE_OPS_GMM_VARIANT", "tma")
     k1, k2, k3 = keys(41 + transpose, 3)
     lhs, rhs = randn(k1, (M, 48), jnp.bfloat16), _rhs(k2, 3, transpose, jnp.bfloat16, k=48, n=64)
@@ -79,6 +95,7 @@ def test_variant_choice(monkeypatch):
     assert gmm_tma.eligible(bf16, jnp.zeros((2, 64, 128), jnp.bfloat16))
     assert not gmm_tma.eligible(f32, jnp.zeros((2, 64, 128), jnp.float32))      # f32: pointer kernel
     assert not gmm_tma.eligible(bf16[:, :60], jnp.zeros((2, 60, 128), jnp.bfloat16))  # 120-byte rows
+    assert not gmm_tma.eligible(bf16[:0], jnp.zeros((2, 64, 128), jnp.bfloat16))       # no rows
 
 
 @needs_plugin
@@ -92,6 +109,11 @@ def test_scratch_operand_in_the_real_lowering(monkeypatch, arch):
     with lowering.pinned_targets(rocm_arch=arch):
         text = jax.jit(lambda a, b, s: moe_ops.gmm(a, b, s)).trace(*args).lower(
             lowering_platforms=(lowering.PLATFORM_OF[arch],)).as_text()
+        grad_text = jax.jit(jax.grad(lambda a, b, s: moe_ops.gmm(a, b, s).astype(jnp.float32).sum(),
+                                     argnums=(0, 1))).trace(*args).lower(
+            lowering_platforms=(lowering.PLATFORM_OF[arch],)).as_text()
+    assert sorted(c.kernel for c in lowering.kernel_calls(grad_text)) == ["_gmm_tma_kernel", "_tgmm_tma_kernel"]
+    assert all(c.num_parameters == c.num_operands + 2 for c in lowering.kernel_calls(grad_text))
     (launch,) = lowering.kernel_calls(text)
     cfg = tuning.pick_config("gmm", m, k, n, g, jnp.bfloat16, arch=arch)
     programs = min(tuning.NUM_SMS[arch], schedule.max_row_tiles(m, cfg.block_m, g) * (n // cfg.block_n))

@@ -10,18 +10,25 @@ TRITON_PLATFORMS = ("cpu", "cuda", "rocm")
 _triton = on_platforms(*TRITON_PLATFORMS)
 
 
+def _use_tma(*operands) -> bool:
+    """``MOE_OPS_GMM_VARIANT`` (``gmm_tma.variant``) asks for the descriptor kernels and the call is eligible."""
+    return _gmm_tma.variant() != "pointer" and _gmm_tma.eligible(*operands)
+
 
 def _gmm_variant(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, config=None):
-    """The GMM variant of ``MOE_OPS_GMM_VARIANT`` (``gmm_tma.variant``) where the call is eligible for it."""
-    if _gmm_tma.variant() != "pointer" and _gmm_tma.eligible(lhs, rhs):
-        return _gmm_tma.gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
-                            config=config)
-    return _gmm.gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
-                    config=config)
+    """The GMM of the chosen variant."""
+    impl = _gmm_tma.gmm if _use_tma(lhs, rhs) else _gmm.gmm
+    return impl(lhs, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype, config=config)
+
+
+def _tgmm_variant(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, config=None):
+    """The TGMM of the chosen variant (the descriptor variants use TMA operands)."""
+    impl = _gmm_tma.tgmm if _use_tma(lhs, rhs) else _gmm.tgmm
+    return impl(lhs, rhs, group_sizes, group_offset, num_groups=num_groups, out_dtype=out_dtype, config=config)
 
 
 gmm = _triton(_gmm_variant)
-tgmm = _triton(_gmm.tgmm)
+tgmm = _triton(_tgmm_variant)
 sort_by_expert = _triton(_sort.sort_by_expert)
 gather_rows = _triton(_sort.gather_rows)
 combine_rows = _triton(_sort.combine_rows)

@@ -36,7 +36,7 @@ from kernels.registry import TARGETS, AotCase, register_aot
 from kernels.triton import schedule, tuning
 from kernels.triton.scratch import triton_call_with_scratch
 
-__all__ = ["gmm", "eligible", "variant", "use_variant", "VARIANTS"]
+__all__ = ["gmm", "tgmm", "eligible", "variant", "use_variant", "VARIANTS"]
 
 VARIANTS = ("pointer", "tma", "persistent")  # "persistent" names the same kernel by what it is on AMD
 DESCRIPTOR_BYTES = 128          # one CUtensorMap
@@ -69,11 +69,12 @@ def use_variant(name: str):
         _forced.name = previous
 
 
-def eligible(lhs, rhs) -> bool:
+def eligible(*operands) -> bool:
     """16-bit operands (f32 runs ieee FMA dots: the pointer kernel's small tiles, where TMA buys nothing and the
-    TMA build spills) with 16-byte aligned row strides (K and N times 2 bytes multiples of 16)."""
-    item = jnp.dtype(lhs.dtype).itemsize
-    return item == 2 and all((d * item) % 16 == 0 for d in rhs.shape[1:]) and lhs.shape[0] > 0
+    TMA build spills) whose rows are 16-byte aligned (last dim x 2 bytes a multiple of 16: the descriptor strides),
+    and at least one row."""
+    return all(jnp.dtype(a.dtype).itemsize == 2 and (a.shape[-1] * 2) % 16 == 0 and a.shape[0] > 0
+               for a in operands)
 
 
 @triton.jit
@@ -122,6 +123,45 @@ def _gmm_tma_kernel(lhs_ptr, rhs_ptr, tiles_ptr, out_ptr,
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
 
 
+@triton.jit
+def _tgmm_tma_kernel(lhs_ptr, rhs_ptr, bounds_ptr, out_ptr,
+                     M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_GROUPS: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                     NUM_STAGES: tl.constexpr):
+    """One BK x BN tile of ``out[g] = lhs[rows of g].T @ rhs[rows of g]`` (``gmm._tgmm_kernel``'s contract and
+    longest-first order) with TMA operands: ``[M, K]`` / ``[M, N]`` descriptors with ``[BM, BK]`` / ``[BM, BN]``
+    blocks. Full chunks are used as loaded; in the tail chunk the rows past the group's end (the next group's, or
+    TMA's zero fill past M) are zeroed in registers."""
+    a_desc = tl.make_tensor_descriptor(lhs_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+    b_desc = tl.make_tensor_descriptor(rhs_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
+    tiles_k: tl.constexpr = (K + BK - 1) // BK
+    tiles_n: tl.constexpr = (N + BN - 1) // BN
+    pid = tl.program_id(0)
+    slot = pid // (tiles_k * tiles_n)
+    tile_k, tile_n = _swizzle(pid % (tiles_k * tiles_n), tiles_k, tiles_n, GROUP_M)
+    group = tl.load(bounds_ptr + slot)
+    start = tl.load(bounds_ptr + NUM_GROUPS + slot)
+    end = tl.load(bounds_ptr + 2 * NUM_GROUPS + slot)
+    acc = tl.zeros((BK, BN), dtype=tl.float32)
+    full_chunks = (end - start) // BM
+    for i in tl.range(0, full_chunks, num_stages=NUM_STAGES):
+        row = start + i * BM
+        acc = tl.dot(tl.trans(a_desc.load([row, tile_k * BK])), b_desc.load([row, tile_n * BN]), acc,
+                     input_precision="ieee")
+    rows_left = end - start - full_chunks * BM
+    if rows_left > 0:
+        row = start + full_chunks * BM
+        keep = tl.arange(0, BM)[:, None] < rows_left
+        a = tl.where(keep, a_desc.load([row, tile_k * BK]), 0.0)
+        b = tl.where(keep, b_desc.load([row, tile_n * BN]), 0.0)
+        acc = tl.dot(tl.trans(a.to(lhs_ptr.dtype.element_ty)), b.to(rhs_ptr.dtype.element_ty), acc,
+                     input_precision="ieee")
+    offs_k = tile_k * BK + tl.arange(0, BK)
+    offs_n = tile_n * BN + tl.arange(0, BN)
+    out_ptrs = out_ptr + group.to(tl.int64) * (K * N) + offs_k[:, None] * N + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
+
+
 SM90_SHARED = 227 * 1024
 MAX_STAGES = 4
 
@@ -134,6 +174,23 @@ def tma_config(cfg: tuning.GmmConfig, itemsize: int, arch: str) -> tuning.GmmCon
     per_stage = (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * itemsize
     stages = max(cfg.num_stages, min(MAX_STAGES, SM90_SHARED // per_stage))
     return dataclasses.replace(cfg, num_stages=stages)
+
+
+def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, config=None):
+    """``gmm.tgmm``'s contract (lhs [M,K], rhs [M,N] -> [G_local,K,N]) with TMA operands. The caller checks
+    ``eligible`` (for ``lhs`` and ``rhs`` rows)."""
+    m, k = lhs.shape
+    n = rhs.shape[1]
+    arch = tuning.detect_arch()
+    cfg = config or tuning.pick_config("tgmm", m, k, n, num_groups, lhs.dtype, arch=arch)
+    bounds = schedule.tgmm_group_bounds(group_sizes, group_offset, num_groups)
+    grid = num_groups * triton.cdiv(k, cfg.block_k) * triton.cdiv(n, cfg.block_n)
+    return triton_call_with_scratch(
+        lhs, rhs, bounds.reshape(-1), kernel=_tgmm_tma_kernel,
+        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), grid=grid, scratch_bytes=SCRATCH_PER_PROGRAM,
+        name="moe_tgmm_tma", num_warps=cfg.num_warps, num_stages=cfg.num_stages, M=m, K=k, N=n,
+        NUM_GROUPS=num_groups, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m,
+        NUM_STAGES=cfg.num_stages)
 
 
 def num_programs(arch: str, total_tiles: int) -> int:
@@ -164,7 +221,8 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, config
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# AOT cases: every shipped 16-bit gmm config of a target x transpose, at the AOT check's Mixtral-like shape.
+# AOT cases: every shipped 16-bit gmm config of a target x transpose, and every 16-bit tgmm config, at the AOT check's
+# Mixtral-like shape.
 
 _AOT_M, _AOT_G, _AOT_K, _AOT_N = 16384, 8, 4096, 14336
 
@@ -187,4 +245,11 @@ def aot_cases(target: str):
                                  out_ptr=f"*{dtype_name}", **{c: "constexpr" for c in constexprs})
                 cases.append(AotCase("gmm_tma_transposed" if transpose else "gmm_tma", f"{entry}:{dtype_name}",
                                      _gmm_tma_kernel, signature, constexprs, cfg.compile_options(backend)))
+        for entry, cfg in tuning.shipped(target, "tgmm", dtype).items():
+            constexprs = dict(M=_AOT_M, K=_AOT_K, N=_AOT_N, NUM_GROUPS=_AOT_G, BM=cfg.block_m, BN=cfg.block_n,
+                              BK=cfg.block_k, GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages)
+            signature = dict(lhs_ptr=f"*{dtype_name}", rhs_ptr=f"*{dtype_name}", bounds_ptr="*i32",
+                             out_ptr=f"*{dtype_name}", **{c: "constexpr" for c in constexprs})
+            cases.append(AotCase("tgmm_tma", f"{entry}:{dtype_name}", _tgmm_tma_kernel, signature, constexprs,
+                                 cfg.compile_options(backend)))
     return cases
