@@ -1,3 +1,3 @@
 """Adapters for other projects' call sites: ``maxtext`` (megablox-signature ``gmm`` and MaxText's sort / all-to-all
-helpers) and ``tokamax`` (an implementation for ``tokamax.ragged_dot``). Import the submodule you need; ``tokamax``
-imports the optional ``tokamax`` package."""
+helpers) and ``tokamax`` (an implementation for ``tokamax.ragged_dot(..., implementation=[...])``; it does not import
+tokamax itself). Import the submodule you need."""
