@@ -34,6 +34,9 @@ DIMS = {
 }
 
 
+_KERNEL_GRADS = ("gmm_free_dims_fold", "gmm_batch", "tgmm_two_contracting")
+
+
 def _sizes(prefix, num_rows, seed, num_groups=4):
     cases = ["uneven", "sum_below_m", "empty_groups", "one_hot_group"]
     flat = [group_sizes(cases[(seed + i) % len(cases)], num_groups, num_rows, seed=seed + i)
@@ -60,6 +63,8 @@ def test_ragged_dot_general_matches_lax(name, impl):
     got = jax.jit(lambda a, b, s: moe_ops.ragged_dot_general(a, b, s, dims, implementation=impl))(lhs, rhs, sizes)
     assert got.dtype == want.dtype
     assert_close(got, want, TOL[jnp.float32], name)
+    if impl != "xla" and name not in _KERNEL_GRADS:
+        return  # the layout mapping's gradient is backend-independent; kernels' VJPs are tested on two layouts
 
     cot = randn(k3, want.shape)
     loss = lambda fn: lambda a, b: jnp.sum(cot * fn(a, b, sizes, dims))
