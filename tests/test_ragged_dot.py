@@ -140,3 +140,12 @@ def test_ragged_dot_errors_name_the_argument():
     with pytest.raises(ValueError, match="precision=.*implementation='triton'"):
         moe_ops.ragged_dot(lhs, rhs, sizes, precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
                            implementation="triton")
+
+
+def test_signatures_are_lax_signatures():
+    import inspect
+    for ours, theirs in [(moe_ops.ragged_dot, jax.lax.ragged_dot),
+                         (moe_ops.ragged_dot_general, jax.lax.ragged_dot_general)]:
+        params = inspect.signature(ours).parameters
+        assert [p for p in params if p != "implementation"] == list(inspect.signature(theirs).parameters)
+        assert params["implementation"].kind is inspect.Parameter.KEYWORD_ONLY
