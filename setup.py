@@ -22,7 +22,10 @@ setup(
         # must match jaxlib's version (0.10.2 is the newest for Python 3.11).
         "lowering": _LOWERING,
         "test": ["pytest>=8", "pytest-xdist", "hypothesis>=6", "jax-triton>=0.3.1", "triton>=3.6", "torch==2.13.0",
-                 "matplotlib", *_LOWERING],
+                 "matplotlib", "tokamax>=0.0.12,<=0.0.17", *_LOWERING],
+        # moe_ops.integrations.tokamax is tested with tokamax 0.0.12 on jax 0.10.2; 0.0.12 does not import on
+        # jax 0.11.2, where 0.0.17 is the release seen working (see ../shared PITFALLS), hence the range.
+        "tokamax": ["tokamax>=0.0.12,<=0.0.17"],
         "bench": ["matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["moe-bench=benchmarks.__main__:main", "moe-aot=kernels.aot:main"]},

@@ -15,7 +15,8 @@ Every backend module exposes the same kernel-level functions (no validation, no 
 * ``combine_rows(y[T*k,D], sort_idx, weights[T,k], n_valid=None) -> [T, D]``
 * ``combine_weight_grad(dout[T,D], y[T*k,D], sort_idx, k, n_valid=None) -> [T, k] f32``
 
-where ``group_sizes`` are already clamped (non-negative, ``sum <= M``) and ``group_offset`` is int32 of shape (1,).
+(the xla and pallas ``gmm`` / ``tgmm`` also take ``precision=``, a ``lax.Precision`` the caller already mapped with
+``validation.kernel_precision``; it is passed only when not ``None``), where ``group_sizes`` are already clamped (non-negative, ``sum <= M``) and ``group_offset`` is int32 of shape (1,).
 
 ``n_valid`` (the valid-prefix form for expert parallelism; ``None`` means all ``N = T*k`` rows) is an int scalar or
 shape-(1,) int array on device, clamped to ``[0, N]``: ``gather_rows`` writes zeros to rows ``>= n_valid`` without
@@ -45,6 +46,7 @@ import warnings
 import jax
 
 from kernels import platform
+from moe_ops import validation
 
 IMPLEMENTATIONS = ("xla", "triton", "pallas")
 _MODULES = {"xla": "moe_ops.xla", "triton": "kernels.triton.backend", "pallas": "kernels.pallas.backend"}
@@ -96,19 +98,32 @@ def _auto():
     gpu = importlib.import_module(_MODULES["triton"]) if _triton_available() else xla
     per_platform = {"cuda": gpu, "rocm": gpu, "tpu": pallas}
 
+    names = {xla: "xla", pallas: "pallas", gpu: "triton" if gpu is not xla else "xla"}
+
     def dispatcher(name):
-        def call(*args, **kwargs):
-            rules = {p: _rule(module, name) for p, module in per_platform.items()}
-            return platform.dispatch(rules, _rule(xla, name), args, kwargs)
+        def call(*args, precision=None, **kwargs):
+            rules = {p: _rule(module, name, names[module], precision) for p, module in per_platform.items()}
+            return platform.dispatch(rules, _rule(xla, name, "xla", precision), args, kwargs)
         return call
     return types.SimpleNamespace(**{name: dispatcher(name) for name in INTERFACE})
 
 
-def _rule(module, name):
-    """``module.name``, or for the optional fused ops the composition of the module's own row ops and gmm."""
-    if hasattr(module, name):
-        return platform.Rule(getattr(module, name))
-    return platform.Rule.of({"gather_gmm": compose_gather_gmm, "scatter_gmm": compose_scatter_gmm}[name], ops=module)
+def _rule(module, name, impl, precision=None):
+    """``module.name`` (with ``precision`` as that backend runs it, ``validation.kernel_precision``), or for the
+    optional fused ops the composition of the module's own row ops and gmm."""
+    if not hasattr(module, name):
+        return platform.Rule.of({"gather_gmm": compose_gather_gmm, "scatter_gmm": compose_scatter_gmm}[name],
+                                ops=module)
+    try:
+        precision = validation.kernel_precision(precision, impl)
+    except ValueError as err:  # raised only if this backend's platform is lowered
+        return platform.Rule.of(_unsupported, message=str(err))
+    return platform.Rule(getattr(module, name)) if precision is None else platform.Rule.of(getattr(module, name),
+                                                                                            precision=precision)
+
+
+def _unsupported(*_args, message, **_kwargs):
+    raise ValueError(message)
 
 
 def compose_gather_gmm(x, rhs, group_sizes, group_offset, sort_idx, k, *, ops, transpose_rhs, out_dtype,

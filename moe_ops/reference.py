@@ -36,9 +36,11 @@ def _local_row_ids(group_sizes, num_rows, group_offset, num_local):
     return jnp.where((local >= 0) & (local < num_local) & (group < group_sizes.shape[0]), local, -1)
 
 
-def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, preferred_element_type=None):
+def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, preferred_element_type=None,
+        existing_out=None):
     """``out[rows of g] = lhs[rows of g] @ rhs[g - group_offset]``: lhs [M,K], rhs [G_local,K,N] (or [G_local,N,K]
-    with ``transpose_rhs``) -> [M,N]; rows outside local groups are zero. f32 accumulation."""
+    with ``transpose_rhs``) -> [M,N]; rows outside local groups are zero (or ``existing_out``'s rows). f32
+    accumulation."""
     out_dtype = preferred_element_type or lhs.dtype
     if transpose_rhs:
         rhs = jnp.swapaxes(rhs, 1, 2)
@@ -50,6 +52,8 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
 
     acc = jnp.zeros((lhs.shape[0], rhs.shape[2]), jnp.float32)
     acc, _ = jax.lax.scan(one_group, acc, jnp.arange(rhs.shape[0]))
+    if existing_out is not None:
+        acc = jnp.where((local >= 0)[:, None], acc, existing_out.astype(jnp.float32))
     return acc.astype(out_dtype)
 
 

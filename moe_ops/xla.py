@@ -23,20 +23,20 @@ def _guarded_sizes(group_sizes, group_offset, num_local, num_rows):
     return jnp.concatenate([before[None], local_sizes, after[None]]).astype(jnp.int32)
 
 
-def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype):
+def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, precision=None):
     if transpose_rhs:
         rhs = jnp.swapaxes(rhs, 1, 2)
     zero = jnp.zeros((1,) + rhs.shape[1:], rhs.dtype)
     sizes = _guarded_sizes(group_sizes, group_offset, rhs.shape[0], lhs.shape[0])
-    return jax.lax.ragged_dot(lhs, jnp.concatenate([zero, rhs, zero]), sizes,
+    return jax.lax.ragged_dot(lhs, jnp.concatenate([zero, rhs, zero]), sizes, precision=precision,
                               preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype):
+def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, precision=None):
     sizes = _guarded_sizes(group_sizes, group_offset, num_groups, lhs.shape[0])
     dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
                                              lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-    out = jax.lax.ragged_dot_general(lhs, rhs, sizes, dims, preferred_element_type=jnp.float32)
+    out = jax.lax.ragged_dot_general(lhs, rhs, sizes, dims, precision=precision, preferred_element_type=jnp.float32)
     return out[1:-1].astype(out_dtype)
 
 

@@ -169,7 +169,7 @@ def _gmm_out_index(n, s, k, sched):
     return sched.m_tiles[s], n
 
 
-def _gmm_kernel(sched, lhs_ref, rhs_ref, *refs, tiles_k, k_rem, transpose_rhs, has_existing):
+def _gmm_kernel(sched, lhs_ref, rhs_ref, *refs, tiles_k, k_rem, transpose_rhs, has_existing, precision):
     existing_ref = refs[0] if has_existing else None
     out_ref, acc_ref = refs[-2:]
     s, k = pl.program_id(1), pl.program_id(2)
@@ -187,7 +187,7 @@ def _gmm_kernel(sched, lhs_ref, rhs_ref, *refs, tiles_k, k_rem, transpose_rhs, h
             lhs = _keep(lax.broadcasted_iota(jnp.int32, lhs.shape, 1) < limit, lhs)
             rhs = _keep(lax.broadcasted_iota(jnp.int32, rhs.shape, 1 if transpose_rhs else 0) < limit, rhs)
         dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
-        acc_ref[...] += lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
+        acc_ref[...] += lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=jnp.float32)
 
     @pl.when((k == tiles_k - 1) & _has(flags, STORE))
     def _store():
@@ -227,8 +227,9 @@ def _aliases(sched, has_existing, interpret, shape, block):
     return {len(sched) + 2: 0} if has_existing and not (interpret and partial) else {}
 
 
-@functools.partial(jax.jit, static_argnames=("transpose_rhs", "out_dtype", "tiling", "interpret"))
-def _gmm(lhs, rhs, group_sizes, group_offset, existing_out, *, transpose_rhs, out_dtype, tiling, interpret):
+@functools.partial(jax.jit, static_argnames=("transpose_rhs", "out_dtype", "tiling", "interpret", "precision"))
+def _gmm(lhs, rhs, group_sizes, group_offset, existing_out, *, transpose_rhs, out_dtype, tiling, interpret,
+         precision=None):
     (m, k), num_local = lhs.shape, rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     has_existing = existing_out is not None
@@ -243,7 +244,7 @@ def _gmm(lhs, rhs, group_sizes, group_offset, existing_out, *, transpose_rhs, ou
     in_specs = [pl.BlockSpec((t.tm, t.tk), _gmm_lhs_index), rhs_spec] + [out_spec] * has_existing
     operands = (lhs, rhs) + ((existing_out.astype(out_dtype),) if has_existing else ())
     kernel = functools.partial(_gmm_kernel, tiles_k=tiles_k, k_rem=k % t.tk,
-                               transpose_rhs=transpose_rhs, has_existing=has_existing)
+                               transpose_rhs=transpose_rhs, has_existing=has_existing, precision=precision)
     itemsize = jnp.dtype(lhs.dtype).itemsize
     cost = pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
                            bytes_accessed=itemsize * (m * k * tiles_n + num_local * k * n)
@@ -263,15 +264,16 @@ def _gmm(lhs, rhs, group_sizes, group_offset, existing_out, *, transpose_rhs, ou
 
 @tpu_or_interpret
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, tiling=None, existing_out=None,
-        interpret=None):
+        interpret=None, precision=None):
     """lhs [M,K] x rhs [G_local,K,N] ([G_local,N,K] with ``transpose_rhs``) -> [M,N] (``out_dtype``).
 
     ``tiling``: a ``Tiling`` / ``(tm, tk, tn)`` or None for the heuristic (``kernels.pallas.tiling``).
     ``existing_out`` [M,N]: returned as ``existing_out + contribution`` on local-group rows, unchanged elsewhere.
     ``interpret``: None = Mosaic when lowered for TPU, interpret mode for any other platform
-    (``kernels.platform.tpu_or_interpret``); or a bool / ``pltpu.InterpretParams``."""
+    (``kernels.platform.tpu_or_interpret``); or a bool / ``pltpu.InterpretParams``.
+    ``precision``: None / ``lax.Precision.DEFAULT`` (Mosaic's default) or ``HIGHEST`` (fp32 contraction)."""
     return _gmm(lhs, rhs, group_sizes, group_offset, existing_out, transpose_rhs=bool(transpose_rhs),
-                out_dtype=jnp.dtype(out_dtype), tiling=tiling, interpret=interpret)
+                out_dtype=jnp.dtype(out_dtype), tiling=tiling, interpret=interpret, precision=precision)
 
 
 # --------------------------------------------------------------------------------------------------------- tgmm
@@ -287,7 +289,7 @@ def _tgmm_out_index(n, k, s, sched):
     return sched.groups[s], k, n
 
 
-def _tgmm_kernel(sched, lhs_ref, rhs_ref, *refs, has_existing):
+def _tgmm_kernel(sched, lhs_ref, rhs_ref, *refs, has_existing, precision):
     existing_ref = refs[0] if has_existing else None
     out_ref, acc_ref = refs[-2:]
     s = pl.program_id(2)
@@ -302,7 +304,8 @@ def _tgmm_kernel(sched, lhs_ref, rhs_ref, *refs, has_existing):
         tile = sched.m_tiles[s]
         lhs = _keep(_row_mask(sched, s, tile, lhs_ref.shape), lhs_ref[...])
         rhs = _keep(_row_mask(sched, s, tile, rhs_ref.shape), rhs_ref[...])
-        acc_ref[...] += lax.dot_general(lhs.T, rhs, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        acc_ref[...] += lax.dot_general(lhs.T, rhs, (((1,), (0,)), ((), ())), precision=precision,
+                                        preferred_element_type=jnp.float32)
 
     @pl.when(_has(flags, STORE))
     def _store():
@@ -312,8 +315,9 @@ def _tgmm_kernel(sched, lhs_ref, rhs_ref, *refs, has_existing):
         out_ref[...] = acc.astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("num_groups", "out_dtype", "tiling", "interpret"))
-def _tgmm(lhs, rhs, group_sizes, group_offset, existing_out, *, num_groups, out_dtype, tiling, interpret):
+@functools.partial(jax.jit, static_argnames=("num_groups", "out_dtype", "tiling", "interpret", "precision"))
+def _tgmm(lhs, rhs, group_sizes, group_offset, existing_out, *, num_groups, out_dtype, tiling, interpret,
+          precision=None):
     (m, k), n = lhs.shape, rhs.shape[1]
     has_existing = existing_out is not None
     if m == 0:
@@ -330,7 +334,7 @@ def _tgmm(lhs, rhs, group_sizes, group_offset, existing_out, *, num_groups, out_
                            bytes_accessed=itemsize * (m * k * tiles_n + m * n * tiles_k)
                            + jnp.dtype(out_dtype).itemsize * num_groups * k * n * (1 + has_existing))
     return pl.pallas_call(
-        functools.partial(_tgmm_kernel, has_existing=has_existing),
+        functools.partial(_tgmm_kernel, has_existing=has_existing, precision=precision),
         out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, in_specs=in_specs, out_specs=out_spec,
@@ -344,8 +348,8 @@ def _tgmm(lhs, rhs, group_sizes, group_offset, existing_out, *, num_groups, out_
 
 @tpu_or_interpret
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, tiling=None, existing_out=None,
-         interpret=None):
+         interpret=None, precision=None):
     """lhs [M,K]^T x rhs [M,N] per local group -> [G_local=num_groups, K, N] (``out_dtype``); empty groups are zero
     (``existing_out[g]`` with ``existing_out``). ``tiling`` / ``interpret`` as for ``gmm``."""
     return _tgmm(lhs, rhs, group_sizes, group_offset, existing_out, num_groups=int(num_groups),
-                 out_dtype=jnp.dtype(out_dtype), tiling=tiling, interpret=interpret)
+                 out_dtype=jnp.dtype(out_dtype), tiling=tiling, interpret=interpret, precision=precision)

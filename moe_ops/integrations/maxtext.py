@@ -1,0 +1,140 @@
+"""MaxText-compatible entry points: megablox's ``gmm`` signature and the sort / all-to-all helpers that MaxText's
+``layers/moe.py`` (``RoutedMoE``) calls, with the same argument orders and return tuples, run by ``moe_ops``.
+
+* ``gmm``: ``megablox.gmm``'s signature. ``tiling`` (a 3-tuple or LUT function) and ``interpret`` are accepted and
+  ignored: tiles come from this package's per-backend tuning (the Pallas one is VMEM-aware), and the backend (and
+  Pallas interpret mode off TPU) is chosen by ``implementation`` as for ``moe_ops.gmm``. ``existing_out`` keeps
+  megablox's forward semantics; its gradient is ``dout`` on the kept rows only (megablox passes all of ``dout``).
+* ``permute`` / ``unpermute``: ``RoutedMoE.permute`` / ``unpermute`` without ``self``: the routing is MaxText's
+  default (``top_k`` of the logits, softmax over the k logits = softmax then renormalise), the model settings
+  become keyword-only arguments. ``sorted_selected_experts`` is the stable argsort of the flat expert ids (the
+  ``sort_idx`` of ``moe_ops.permute``). Random / hash / DeepSeek routing and the load-balance loss are not here
+  (``lb_loss`` and ``bias_updates`` are ``None``).
+* ``local_permute`` / ``get_all_to_all_params``: the static methods, same arguments and results.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import moe_ops
+
+__all__ = ["gmm", "permute", "unpermute", "local_permute", "get_all_to_all_params"]
+
+
+def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=(128, 128, 128), group_offset=None,
+        existing_out=None, transpose_rhs=False, interpret=False, *, implementation=None):
+    """``megablox.gmm``: lhs [m,k] x rhs [num_groups,k,n] ([.., n, k] with ``transpose_rhs``) -> [m,n]
+    (``preferred_element_type``, f32 by default as in megablox). ``tiling`` / ``interpret``: ignored (module doc)."""
+    del tiling, interpret
+    return moe_ops.gmm(lhs, rhs, group_sizes, group_offset=group_offset, transpose_rhs=transpose_rhs,
+                       preferred_element_type=preferred_element_type, existing_out=existing_out,
+                       implementation=implementation)
+
+
+def _route(gate_logits, num_experts_per_tok):
+    """MaxText's default routing: ``top_k`` of the logits, weights = softmax over those k logits."""
+    weights, ids = moe_ops.route(gate_logits.reshape(-1, gate_logits.shape[-1]), num_experts_per_tok)
+    lead = gate_logits.shape[:-1] + (num_experts_per_tok,)
+    return weights.reshape(lead), ids.reshape(lead)
+
+
+def permute(inputs, gate_logits, pre_bias_logits=None, use_custom_sort_vjp=True, rngs=None, roll_to_expert_id=None,
+            input_ids=None, *, num_experts_per_tok, dtype=None, implementation=None):
+    """inputs [B,S,D], gate_logits [B,S,E] -> ``(sorted_inputs [B*S*k,D], sorted_selected_experts [B*S*k],
+    weights [B,S,k], group_size [E], sorted_experts [B*S*k], lb_loss=None, bias_updates=None,
+    local_group_size=None)``. ``sorted_experts[i]`` is the expert of sorted row i (``roll_to_expert_id`` rotates
+    ids first: ``(id - roll) % E``). ``pre_bias_logits``, ``use_custom_sort_vjp``, ``rngs``, ``input_ids``: accepted,
+    unused (the default routing needs none of them)."""
+    del pre_bias_logits, use_custom_sort_vjp, rngs, input_ids
+    if inputs.ndim != 3 or gate_logits.shape[:2] != inputs.shape[:2]:
+        raise ValueError(f"inputs must be [B,S,D] and gate_logits [B,S,E] with the same B,S; got inputs "
+                         f"{tuple(inputs.shape)}, gate_logits {tuple(gate_logits.shape)}")
+    num_experts = gate_logits.shape[-1]
+    weights, ids = _route(gate_logits, num_experts_per_tok)
+    flat_ids = ids.reshape(-1, num_experts_per_tok)
+    if roll_to_expert_id is not None:
+        flat_ids = (flat_ids - roll_to_expert_id) % num_experts
+    x2 = inputs.reshape(-1, inputs.shape[-1])
+    sorted_inputs, group_size, sort_idx = moe_ops.permute(x2, flat_ids, num_experts, implementation=implementation)
+    sorted_experts = jnp.repeat(jnp.arange(num_experts, dtype=jnp.int32), group_size,
+                                total_repeat_length=sort_idx.shape[0])
+    dtype = inputs.dtype if dtype is None else dtype
+    return (sorted_inputs.astype(dtype), sort_idx, weights.astype(dtype), group_size, sorted_experts, None, None,
+            None)
+
+
+def unpermute(intermediate, sorted_selected_experts, weights, batch_size, sequence_length, use_custom_sort_vjp=True,
+              group_sizes=None, *, implementation=None):
+    """intermediate [B*S*k, D] (expert order) -> [B,S,D]: ``sum_j weights[b,s,j] * row of (b,s,j)``, f32
+    accumulation, intermediate's dtype. ``use_custom_sort_vjp`` / ``group_sizes``: accepted, unused."""
+    del use_custom_sort_vjp, group_sizes
+    k = weights.shape[-1]
+    out = moe_ops.unpermute(intermediate, sorted_selected_experts, weights.reshape(-1, k),
+                            implementation=implementation)
+    return out.reshape(batch_size, sequence_length, -1)
+
+
+def _truncate_per_receiver(sizes, buffer_size):
+    """Prefix-sum truncation over axis 0 (senders / shards) so each column fits ``buffer_size`` rows."""
+    ends = jnp.minimum(jnp.cumsum(sizes, axis=0), buffer_size)
+    return jnp.diff(ends, axis=0, prepend=jnp.zeros_like(ends[:1]))
+
+
+def local_permute(inputs, global_group_sizes, local_expert_size, shard_index, is_offset=False,
+                  global_sorted_experts=None, use_custom_sort_vjp=True, use_ragged_sort=False,
+                  ragged_buffer_factor=-1.0, use_single_sparsecore=False, *, implementation=None):
+    """Sort the rows an expert shard holds by local expert: inputs [T,D], global_group_sizes [shards, E] ->
+    ``(sorted_inputs [T,D], sorted_indices [T], local_group_size [local_expert_size], sorted_experts_ids [T])``.
+
+    ``is_offset``: rows are globally expert-sorted (``global_sorted_experts`` [T] gives each row's global expert) and
+    rows of other shards' experts sort last; otherwise rows arrive as received from the all-to-all (per source
+    shard, per local expert). ``ragged_buffer_factor > 0`` truncates the counts to ``T`` rows; ``use_ragged_sort``
+    zeroes rows past ``sum(local_group_size)`` instead of copying them."""
+    del use_custom_sort_vjp, use_single_sparsecore
+    per_shard = jax.lax.dynamic_slice_in_dim(global_group_sizes, shard_index * local_expert_size, local_expert_size,
+                                             axis=1)
+    kept = _truncate_per_receiver(per_shard.reshape(-1, 1), inputs.shape[0]).reshape(per_shard.shape) \
+        if ragged_buffer_factor > 0.0 else per_shard
+    local_group_size = jnp.sum(kept, axis=0)
+    if is_offset:
+        mine = global_sorted_experts // local_expert_size == shard_index
+        expert_ids = jnp.where(mine, global_sorted_experts % local_expert_size, local_expert_size)
+    else:  # received chunks: shard 0's local experts 0..L-1, then shard 1's, ...; padding takes the last id
+        chunk_ids = jnp.arange(per_shard.size) % local_expert_size
+        expert_ids = jnp.repeat(chunk_ids, per_shard.reshape(-1), total_repeat_length=inputs.shape[0])
+    n_valid = jnp.sum(local_group_size).astype(jnp.int32) if use_ragged_sort else None
+    sorted_inputs, _, sorted_indices = moe_ops.permute(inputs, expert_ids[:, None].astype(jnp.int32),
+                                                       local_expert_size, n_valid=n_valid,
+                                                       implementation=implementation)
+    return sorted_inputs, sorted_indices, local_group_size, expert_ids[sorted_indices]
+
+
+def _exclusive_cumsum(a, axis=0):
+    return jnp.cumsum(a, axis=axis) - a
+
+
+def get_all_to_all_params(all_shards_group_sizes, shard_id, num_expert_parallelism, is_batch_sharded=True,
+                          ragged_buffer_factor=-1.0, buffer_size=None, is_dispatch=True):
+    """``(input_offsets, send_sizes, output_offsets, recv_sizes)`` for ``lax.ragged_all_to_all`` on shard
+    ``shard_id``. Batch-sharded: ``all_shards_group_sizes[i, j]`` rows go from shard i to shard j (transposed for
+    the combine, ``is_dispatch=False``). Replicated batch: a 1-D [num_expert_parallelism] count per shard; every
+    shard sends its own chunk from offset 0. ``ragged_buffer_factor > 0`` truncates what each receiver gets to
+    ``buffer_size`` rows (offsets in the unpacked buffer stay untruncated)."""
+    counts = all_shards_group_sizes
+    truncate = ragged_buffer_factor > 0.0
+    if truncate and (buffer_size is None or counts.ndim != 2):
+        raise ValueError("ragged_buffer_factor > 0 needs buffer_size and a batch-sharded [shards, shards] "
+                         f"all_shards_group_sizes; got buffer_size={buffer_size}, shape {tuple(counts.shape)}")
+    kept = _truncate_per_receiver(counts, buffer_size) if truncate else counts
+    flip = (lambda a: a) if is_dispatch else (lambda a: a.T if a.ndim == 2 else a)
+    packed, unpacked = flip(kept), flip(counts)
+    # the unpacked side (sender's buffer on dispatch, receiver's on combine) keeps its untruncated offsets
+    in_src, out_src = (unpacked, packed) if is_dispatch else (packed, unpacked)
+    if is_batch_sharded:
+        return (_exclusive_cumsum(in_src[shard_id]), packed[shard_id], _exclusive_cumsum(out_src)[shard_id],
+                packed[:, shard_id])
+    ep = num_expert_parallelism
+    return (jnp.zeros(ep, counts.dtype), jnp.repeat(packed[shard_id], ep),
+            jnp.repeat(_exclusive_cumsum(out_src)[shard_id], ep), packed)

@@ -1,0 +1,152 @@
+"""``moe_ops.integrations.maxtext``: megablox-signature ``gmm``, MaxText's permute / unpermute / local_permute /
+get_all_to_all_params (checked against direct argsort / numpy formulations of what MaxText computes), and a small
+MaxText-style routed MoE block built only from the module, against ``reference.moe_ffn_dense``."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_ops import reference
+from moe_ops.integrations import maxtext
+from tests.helpers import TOL, assert_close, group_sizes, keys, randn
+
+IMPLS = ["xla", "triton", "pallas"]
+B, S, D, F, E, K = 2, 7, 16, 24, 4, 2
+
+
+def test_signatures_match_megablox_and_maxtext():
+    from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox_gmm
+    ours = list(inspect.signature(maxtext.gmm).parameters)[:9]
+    assert ours == list(inspect.signature(megablox_gmm).parameters)
+    assert list(inspect.signature(maxtext.local_permute).parameters)[:10] == [
+        "inputs", "global_group_sizes", "local_expert_size", "shard_index", "is_offset", "global_sorted_experts",
+        "use_custom_sort_vjp", "use_ragged_sort", "ragged_buffer_factor", "use_single_sparsecore"]
+    assert list(inspect.signature(maxtext.get_all_to_all_params).parameters) == [
+        "all_shards_group_sizes", "shard_id", "num_expert_parallelism", "is_batch_sharded", "ragged_buffer_factor",
+        "buffer_size", "is_dispatch"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gmm_megablox_call(impl):
+    m, k, n, g = 29, 16, 12, 4
+    k1, k2, k3 = keys(21, 3)
+    lhs, rhs, ex = randn(k1, (m, k), jnp.bfloat16), randn(k2, (2, n, k), jnp.bfloat16), randn(k3, (m, n))
+    sizes, off = group_sizes("sum_below_m", g, m), jnp.array([1], jnp.int32)
+    out = maxtext.gmm(lhs, rhs, sizes, jnp.float32, (8, 128, 128), off, ex, True, True, implementation=impl)
+    ref = reference.gmm(lhs, rhs, sizes, group_offset=off, transpose_rhs=True, preferred_element_type=jnp.float32,
+                        existing_out=ex)
+    assert out.dtype == jnp.float32
+    assert_close(out, ref, TOL[jnp.bfloat16], impl)
+
+
+def _maxtext_permute_reference(x, logits, k):
+    """What RoutedMoE.permute computes on its default path, written directly (argsort of the flat ids)."""
+    top, ids = jax.lax.top_k(logits, k)
+    weights = jax.nn.softmax(top.astype(jnp.float32), axis=-1).astype(x.dtype)
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    x2 = jnp.repeat(x.reshape(-1, x.shape[-1]), k, axis=0)[order]
+    sizes = jnp.bincount(flat, length=logits.shape[-1])
+    return x2, order, weights, sizes, jnp.sort(flat)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_permute_unpermute_match_maxtext(impl):
+    k1, k2 = keys(22, 2)
+    x, logits = randn(k1, (B, S, D)), randn(k2, (B, S, E))
+    got = maxtext.permute(x, logits, logits, num_experts_per_tok=K, implementation=impl)
+    assert len(got) == 8 and got[5:] == (None, None, None)
+    for a, b, what in zip(got, _maxtext_permute_reference(x, logits, K), ["inputs", "order", "w", "sizes", "ids"]):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, err_msg=what)
+    y = randn(k1, (B * S * K, D))
+    out = maxtext.unpermute(y, got[1], got[2], B, S, implementation=impl)
+    unsorted = y[jnp.argsort(got[1])].reshape(B * S, K, D)
+    want = jnp.einsum("tkd,tk->td", unsorted, got[2].reshape(-1, K), precision="highest").reshape(B, S, D)
+    assert_close(out, want, TOL[jnp.float32], "unpermute")
+
+
+@pytest.mark.parametrize("is_offset", [False, True])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_local_permute_matches_argsort(is_offset, ragged):
+    shards, local, t = 3, 2, 24
+    rng = np.random.default_rng(3)
+    global_sizes = jnp.asarray(rng.integers(0, 4, (shards, shards * local)), jnp.int32)
+    x = randn(keys(23, 1)[0], (t, D))
+    sorted_experts = jnp.asarray(np.sort(rng.integers(0, shards * local, t)), jnp.int32)
+    for shard in range(shards):
+        got = maxtext.local_permute(x, global_sizes, local, shard, is_offset=is_offset,
+                                    global_sorted_experts=sorted_experts, use_ragged_sort=ragged,
+                                    ragged_buffer_factor=1.0 if ragged else -1.0, implementation="xla")
+        mine = global_sizes[:, shard * local:(shard + 1) * local]
+        if is_offset:
+            ids = jnp.where(sorted_experts // local == shard, sorted_experts % local, local)
+        else:
+            ids = jnp.repeat(jnp.tile(jnp.arange(local), shards), mine.reshape(-1), total_repeat_length=t)
+        order = jnp.argsort(ids, stable=True)
+        flat = np.asarray(mine).reshape(-1)
+        sizes = np.diff(np.minimum(np.cumsum(flat), t), prepend=0).reshape(mine.shape).sum(0) if ragged \
+            else np.asarray(mine).sum(0)
+        want_x = x[order]
+        if ragged:
+            want_x = jnp.where((jnp.arange(t) < sizes.sum())[:, None], want_x, 0)
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(order))
+        np.testing.assert_array_equal(np.asarray(got[2]), sizes)
+        np.testing.assert_array_equal(np.asarray(got[3]), np.asarray(ids[order]))
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want_x))
+
+
+@pytest.mark.parametrize("dispatch", [True, False])
+@pytest.mark.parametrize("buffer", [None, 7])
+def test_all_to_all_params(dispatch, buffer):
+    ep = 3
+    counts = np.random.default_rng(4).integers(0, 6, (ep, ep)).astype(np.int32)
+    kept = counts.copy()
+    if buffer is not None:  # receiver j keeps rows of senders in order until its buffer is full
+        for j in range(ep):
+            room = buffer
+            for i in range(ep):
+                kept[i, j] = min(counts[i, j], room)
+                room -= kept[i, j]
+    send_m, recv_m = (kept, kept) if dispatch else (kept.T, kept.T)
+    in_m = counts if dispatch else kept.T
+    out_m = kept if dispatch else counts.T
+    for me in range(ep):
+        got = maxtext.get_all_to_all_params(jnp.asarray(counts), me, ep, True, -1.0 if buffer is None else 1.0,
+                                            buffer, dispatch)
+        want = (np.concatenate([[0], np.cumsum(in_m[me])[:-1]]), send_m[me], out_m[:me].sum(0), recv_m[:, me])
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), b)
+    sizes = jnp.array([3, 0, 5], jnp.int32)   # replicated batch: 1-D counts
+    got = maxtext.get_all_to_all_params(sizes, 2, ep, is_batch_sharded=False)
+    for a, b in zip(got, ([0, 0, 0], [5, 5, 5], [3, 3, 3], [3, 0, 5])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def _maxtext_moe_block(x, logits, w0, w1, wo, impl):
+    """The shape of RoutedMoE's sparse path: permute -> gmm (w0, w1) -> silu gate -> gmm (wo) -> unpermute."""
+    sorted_x, order, weights, sizes, *_ = maxtext.permute(x, logits, None, num_experts_per_tok=K,
+                                                          implementation=impl)
+    mm = lambda a, w: maxtext.gmm(a, w, sizes, x.dtype, (128, 128, 128), implementation=impl)
+    h = (jax.nn.silu(mm(sorted_x, w0).astype(jnp.float32)) * mm(sorted_x, w1).astype(jnp.float32)).astype(x.dtype)
+    return maxtext.unpermute(mm(h, wo), order, weights, x.shape[0], x.shape[1], implementation=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_maxtext_style_moe_block(impl):
+    k = keys(24, 6)
+    x, logits = randn(k[0], (B, S, D)), randn(k[1], (B, S, E))
+    w0, w1 = randn(k[2], (E, D, F), scale=0.3), randn(k[3], (E, D, F), scale=0.3)
+    wo = randn(k[4], (E, F, D), scale=0.3)
+    got = jax.jit(lambda *a: _maxtext_moe_block(*a, impl))(x, logits, w0, w1, wo)
+    want = reference.moe_ffn_dense(x, logits, w0, w1, wo, top_k=K)
+    assert_close(got, want, TOL[jnp.float32], impl)
+    cot = randn(k[5], x.shape)
+    loss = lambda *a: jnp.sum(cot * _maxtext_moe_block(*a, impl))
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, logits, w0, w1, wo)
+    ref = jax.grad(lambda *a: jnp.sum(cot * reference.moe_ffn_dense(*a, top_k=K)), argnums=(0, 1, 2, 3, 4))(
+        x, logits, w0, w1, wo)
+    for name, a, b in zip(["x", "logits", "w0", "w1", "wo"], grads, ref):
+        assert_close(a, b, 1e-4, f"{impl} d{name}")

@@ -1,0 +1,66 @@
+"""``moe_ops.integrations.tokamax`` through tokamax's public ``ragged_dot`` / ``ragged_dot_general``, forward and
+gradients, against tokamax's own ``"xla"`` implementation, on every moe_ops backend."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from moe_ops.integrations.tokamax import MoeOpsRaggedDot
+from tests.helpers import TOL, assert_close, group_sizes, keys, randn
+
+tokamax = pytest.importorskip("tokamax", reason="tokamax is not installed (pip install -e '.[tokamax]')")
+from absl import flags  # noqa: E402  (tokamax depends on absl)
+
+# tokamax reads its config flags by parsing sys.argv with absl on first use, which rejects pytest's own options
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+IMPLS = ["xla", "triton", "pallas"]
+M, K, N, G = 29, 16, 12, 4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", ["uneven", "sum_below_m"])
+def test_tokamax_ragged_dot_forward_and_grad(impl, case):
+    k1, k2, k3 = keys(31, 3)
+    lhs, rhs, cot = randn(k1, (M, K)), randn(k2, (G, K, N)), randn(k3, (M, N))
+    sizes = group_sizes(case, G, M, seed=6)
+
+    def loss(implementation):
+        return lambda a, b: jnp.sum(cot * tokamax.ragged_dot(a, b, sizes, implementation=implementation))
+
+    ours = [MoeOpsRaggedDot(impl)]
+    assert_close(tokamax.ragged_dot(lhs, rhs, sizes, implementation=ours),
+                 tokamax.ragged_dot(lhs, rhs, sizes, implementation="xla"), TOL[jnp.float32], "forward")
+    got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(lhs, rhs)
+    want = jax.grad(loss("xla"), argnums=(0, 1))(lhs, rhs)
+    for name, a, b in zip(["dlhs", "drhs"], got, want):
+        assert_close(a, b, TOL[jnp.float32], f"{impl} {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tokamax_group_sizes_object_activation_and_bf16(impl):
+    k1, k2 = keys(32, 2)
+    lhs, rhs = randn(k1, (M, K), jnp.bfloat16), randn(k2, (G, K, N), jnp.bfloat16)
+    sizes = tokamax.RaggedDotGroupSizes(group_sizes("empty_groups", G, M), (8, 8, 8, 5))
+    kw = dict(preferred_element_type=jnp.float32, activation=jax.nn.gelu)
+    got = tokamax.ragged_dot(lhs, rhs, sizes, implementation=[MoeOpsRaggedDot(impl)], **kw)
+    want = tokamax.ragged_dot(lhs, rhs, sizes, implementation="xla", **kw)
+    assert got.dtype == want.dtype == jnp.float32
+    assert_close(got, want, TOL[jnp.bfloat16], impl)
+
+
+def test_tokamax_ragged_dot_general_contracting_mode():
+    k1, k2 = keys(33, 2)
+    lhs, rhs, sizes = randn(k1, (M, K)), randn(k2, (M, N)), group_sizes("uneven", G, M)
+    dims = jax.lax.RaggedDotDimensionNumbers((([0], [0]), ([], [])), [0], [])
+    got = tokamax.ragged_dot_general(lhs, rhs, sizes, dims, implementation=[MoeOpsRaggedDot("xla")])
+    assert_close(got, tokamax.ragged_dot_general(lhs, rhs, sizes, dims, implementation="xla"), TOL[jnp.float32], "")
+
+
+def test_non_array_operands_fall_through_to_the_next_implementation():
+    class Wrapped:  # stands in for a qwix QArray: not a plain array
+        shape, dtype = (M, K), jnp.float32
+    with pytest.raises(NotImplementedError, match="plain arrays"):
+        MoeOpsRaggedDot("xla")(Wrapped(), jnp.ones((G, K, N)), group_sizes=jnp.ones((G,), jnp.int32),
+                               ragged_dot_dimension_numbers=None)
