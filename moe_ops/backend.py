@@ -114,6 +114,8 @@ def _rule(module, name, impl, precision=None):
     if not hasattr(module, name):
         return platform.Rule.of({"gather_gmm": compose_gather_gmm, "scatter_gmm": compose_scatter_gmm}[name],
                                 ops=module)
+    if precision is None:  # the caller asked for none: the backend's default
+        return platform.Rule(getattr(module, name))
     try:
         precision = validation.kernel_precision(precision, impl)
     except ValueError as err:  # raised only if this backend's platform is lowered

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import moe_ops
 from kernels import aot, lowering
 from moe_ops import export_check
 from kernels.registry import cases_for, registered_families
@@ -165,3 +166,21 @@ def test_tuning_arch_follows_the_lowering_platform():
     assert _arch_on_lowering("cpu") == "cpu"
     assert _arch_on_lowering("cuda") == "sm90" and _arch_on_lowering("rocm") == "gfx950"  # exported from a CPU host
     assert _arch_on_lowering("tpu") == "cpu"  # not a Triton platform: the interpreter's config
+
+
+@needs_plugin
+def test_precision_is_chosen_per_platform():
+    """``implementation=None`` with a dot algorithm: XLA (cpu) takes it, the Triton kernels (cuda) refuse it by name,
+    and only when that platform is lowered; a plain ``Precision`` lowers everywhere."""
+    data = export_check.example_inputs(jnp.float32)
+    args = (data["lhs"], data["rhs"], data["sizes"])
+
+    def export(precision, platforms):
+        fn = jax.jit(lambda a, b, g: moe_ops.gmm(a, b, g, precision=precision))
+        with lowering.pinned_targets():
+            return jax.export.export(fn, platforms=platforms, disabled_checks=[TRITON_CALL])(*args).mlir_module()
+    algorithm = jax.lax.DotAlgorithmPreset.F32_F32_F32
+    assert "triton_kernel_call" not in export(algorithm, ["cpu"])
+    with pytest.raises(ValueError, match="precision"):
+        export(algorithm, ["cuda"])
+    assert "triton_kernel_call" in export(jax.lax.Precision.HIGHEST, ["cpu", "cuda"])
