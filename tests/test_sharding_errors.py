@@ -119,3 +119,14 @@ def test_shard_map_body_names_the_local_weights():
                        mesh=mesh, in_specs=(P("expert"),) * 2 + (P(),) * 3, out_specs=P("expert"))
     with pytest.raises(ValueError, match=r"w_gate.*E_l=8.*'expert'=8.*E=8"):
         jax.jit(fn).trace(*shapes())
+
+
+def test_mesh_known_only_at_compile_time_still_gets_a_clear_message():
+    """``jit(in_shardings=...)`` over unsharded abstract arguments: trace time sees no mesh, so the partition rule
+    raises its ValueError inside the compiler, which wraps it (JaxRuntimeError) with the same message."""
+    mesh = make_mesh((8,), ("expert",))
+    shardings = (NamedSharding(mesh, P("expert")),) * 2 + (NamedSharding(mesh, P()),) * 3
+    fn = jax.jit(functools.partial(moe_ffn, top_k=K, sharding=MoEShardingConfig()), in_shardings=shardings)
+    lowered = fn.trace(*shapes(e=12)).lower()  # nothing raised before partitioning
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"ValueError: w_gate.*E=12.*'expert' of size 8"):
+        lowered.compile()
