@@ -29,7 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from moe_ops import ep_strategies, layer
 from moe_ops.sharding import MoEShardingConfig, choose_strategy, remove_axes, spec_axes, weight_spec
@@ -141,13 +141,16 @@ def plan(config: MoEShardingConfig, mesh, x_sharding, num_tokens: int, num_exper
 
 def _known_mesh(*operands):
     """The mesh the op will be partitioned over, when trace time knows it: the context mesh (``jax.set_mesh``) or
-    the mesh of an operand's sharding (``jax.typeof``; under ``jit`` the arguments' mesh). None for one device."""
+    the mesh of an operand's sharding (``jax.typeof``; under ``jit`` the arguments' mesh). None for one device, and
+    inside a ``shard_map`` (manual axes: the op then runs its per-shard body on the local blocks)."""
     mesh = jax.sharding.get_abstract_mesh()
     for a in operands:
         if mesh is not None and not mesh.empty:
             break
         mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
-    return mesh if mesh is not None and not mesh.empty and mesh.size > 1 else None
+    if mesh is None or mesh.empty or mesh.size == 1 or AxisType.Manual in tuple(mesh.axis_types):
+        return None
+    return mesh
 
 
 def _checked_rule(rule: str):

@@ -132,3 +132,13 @@ def test_mesh_known_only_to_the_lowering():
     traced = fn.trace(*shapes(e=12))  # nothing raised at trace time: no mesh there
     with pytest.raises(ValueError, match=r"w_gate.*E=12.*'expert' of size 8"):
         traced.lower()
+
+
+def test_inside_shard_map_the_local_blocks_are_not_checked_against_the_mesh():
+    """moe_ffn(sharding=...) called inside a user's shard_map runs on local blocks: E=12 replicated on an 8-way
+    expert axis is fine there (no false error from the manual mesh)."""
+    mesh = make_mesh((8,), ("expert",))
+    fn = jax.shard_map(functools.partial(moe_ffn, top_k=K, sharding=MoEShardingConfig()), mesh=mesh,
+                       in_specs=(P("expert"),) * 2 + (P(),) * 3, out_specs=P("expert"), check_vma=False)
+    out = jax.eval_shape(fn, *shapes(e=12))
+    assert out.shape == (T, D)
