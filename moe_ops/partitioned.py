@@ -29,7 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from moe_ops import ep_strategies, layer
 from moe_ops.sharding import MoEShardingConfig, choose_strategy, remove_axes, spec_axes, weight_spec
@@ -45,6 +45,7 @@ class _Static:
     score_fn: str
     implementation: str | None
     config: MoEShardingConfig
+    dims: tuple = ()  # (T, E, F) of the flattened operands, for the lowering-time check (``_checked_rule``)
 
 
 def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoEShardingConfig(),
@@ -140,13 +141,27 @@ def plan(config: MoEShardingConfig, mesh, x_sharding, num_tokens: int, num_exper
 
 def _known_mesh(*operands):
     """The mesh the op will be partitioned over, when trace time knows it: the context mesh (``jax.set_mesh``) or
-    the mesh of an operand's sharding (``jax.typeof``; under ``jit`` the arguments' mesh). None for one device."""
+    the mesh of an operand's sharding (``jax.typeof``; under ``jit`` the arguments' mesh). None for one device, and
+    inside a ``shard_map`` (manual axes: the op then runs its per-shard body on the local blocks)."""
     mesh = jax.sharding.get_abstract_mesh()
     for a in operands:
         if mesh is not None and not mesh.empty:
             break
         mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
-    return mesh if mesh is not None and not mesh.empty and mesh.size > 1 else None
+    if mesh is None or mesh.empty or mesh.size == 1 or AxisType.Manual in tuple(mesh.axis_types):
+        return None
+    return mesh
+
+
+def _checked_rule(rule: str):
+    """Shardy's sharding rule as a callable: JAX calls it while lowering, with the mesh of the jit (known there even
+    when trace time saw none, e.g. ``jit(in_shardings=...)``), so the plan's checks raise before partitioning."""
+    def callback(static, mesh, operand_types, result_types):
+        del operand_types, result_types
+        if static.dims and mesh is not None and not mesh.empty and mesh.size > 1:
+            plan(static.config, mesh, None, *static.dims)
+        return rule
+    return callback
 
 
 def _shard_fn(static: _Static, p: Plan):
@@ -197,7 +212,7 @@ def _propagate_user(static, mesh, user_shape):
 
 _FWD_RULE = "t d, t e, w i f, w i f, w f i -> t d"
 _forward.def_partition(partition=_forward_partition, infer_sharding_from_operands=_forward_infer,
-                       propagate_user_sharding=_propagate_user, sharding_rule=_FWD_RULE)
+                       propagate_user_sharding=_propagate_user, sharding_rule=_checked_rule(_FWD_RULE))
 
 
 # ---- backward op -----------------------------------------------------------------------------------------------
@@ -231,7 +246,7 @@ def _backward_infer(static, mesh, arg_shapes, result_shape):
 
 _BWD_RULE = "t d, t e, w i f, w i f, w f i, t d -> t d, t e, w i f, w i f, w f i"
 _backward.def_partition(partition=_backward_partition, infer_sharding_from_operands=_backward_infer,
-                        sharding_rule=_BWD_RULE)
+                        sharding_rule=_checked_rule(_BWD_RULE))
 
 
 # ---- differentiable op -----------------------------------------------------------------------------------------
@@ -260,10 +275,11 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
     layer.check_weights(x, router_logits, w_gate, w_up, w_down)
     if not isinstance(top_k, int) or not 1 <= top_k <= w_gate.shape[0]:
         raise ValueError(f"top_k must be an int in [1, E={w_gate.shape[0]}], got {top_k!r}")
+    dims = (math.prod(x.shape[:-1]), w_gate.shape[0], w_gate.shape[2])
     mesh = _known_mesh(x, router_logits, w_gate, w_up, w_down)
     if mesh is not None:  # the partition rule's own checks, at trace time (else they fail inside the compiler)
-        plan(sharding, mesh, None, math.prod(x.shape[:-1]), w_gate.shape[0], w_gate.shape[2])
-    static = _Static(top_k, activation, score_fn, implementation, sharding)
+        plan(sharding, mesh, None, *dims)
+    static = _Static(top_k, activation, score_fn, implementation, sharding, dims)
     shape = x.shape
     out = _moe(x.reshape(-1, shape[-1]), router_logits.reshape(-1, router_logits.shape[-1]), w_gate, w_up, w_down,
                static)

@@ -191,8 +191,8 @@ def test_fused_ops_in_shard_map_grads_of_replicated_weights(impl):
 # The layer: moe_ffn(fused=...) vs the dense einsum layer, and the backend choice.
 
 
-@pytest.mark.parametrize("impl,fused_arg,takes_fused", [pytest.param("triton", None, True, marks=pytest.mark.slow),
-                                                      pytest.param("xla", True, True, marks=pytest.mark.slow),
+@pytest.mark.slow
+@pytest.mark.parametrize("impl,fused_arg,takes_fused", [("triton", None, True), ("xla", True, True),
                                                       ("triton", False, False)])
 def test_moe_ffn_fused_matches_dense(impl, fused_arg, takes_fused, monkeypatch):
     """Forward and all five gradients, f32; the default (None) on Triton is the fused path, False the unfused one."""
