@@ -55,6 +55,8 @@ def _rows(config, num_rows, bytes_per_row):
         rows = 256
         while rows > 16 and rows * bytes_per_row > VMEM_BUDGET:
             rows //= 2
+    if not isinstance(num_rows, int):  # symbolic (shape-polymorphic export): a static block, partial last block
+        return rows
     return num_rows if num_rows <= rows else rows
 
 

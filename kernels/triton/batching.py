@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 
+from kernels.triton import schedule
+
 __all__ = ["folds_batch", "GmmRows", "fold_gmm", "fold_tgmm", "sort_by_expert", "gather_rows", "combine_rows",
            "combine_weight_grad"]
 
@@ -87,8 +89,10 @@ class GmmRows:
         return self.gather or self.scatter or self.weighted
 
     def constexprs(self) -> dict:
+        # A symbolic row count (jax.export) clamps slots to its static upper bound instead.
+        slots = schedule.static_upper_bound(self.num_rows, "sorted rows") if self.fused else 1
         return dict(GATHER=self.gather, SCATTER=self.scatter, WEIGHTED=self.weighted, TOP_K=self.top_k,
-                    NUM_SLOTS=self.num_rows if self.fused else 1)
+                    NUM_SLOTS=slots)
 
 
 def fold_gmm(call, size, batched, arrays, static):

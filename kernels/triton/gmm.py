@@ -30,7 +30,7 @@ import triton.language as tl
 
 from kernels.registry import TARGETS, AotCase, register_aot
 from kernels.triton import batching, schedule, tuning
-from kernels.triton.bridge import load_jax_triton
+from kernels.triton.bridge import triton_call
 
 __all__ = ["gmm", "tgmm", "launch_gmm", "RowMap"]
 
@@ -181,7 +181,8 @@ def launch_gmm(lhs, rhs, group_sizes, group_offset, *, num_rows, transpose_rhs, 
     num_local = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     cfg = config or tuning.pick_config("gmm", num_rows, k, n, num_local, lhs.dtype)
-    tiles = schedule.gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, cfg.block_m)
+    num_tiles = schedule.static_upper_bound(schedule.max_row_tiles(num_rows, cfg.block_m, num_local), "row tiles")
+    tiles = schedule.gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, cfg.block_m, num_tiles)
     if row_map is None:
         sort_idx, weights = jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32)  # unused placeholders
         rows = batching.GmmRows(num_rows=num_rows)
@@ -198,7 +199,7 @@ def _gmm_call(lhs, rhs, tiles, sort_idx, weights, *, rows, n, transpose_rhs, out
     """The ``_gmm_kernel`` launch over a precomputed row-tile table ``tiles`` int32[3, T] (``jax.vmap`` folds the
     batch into rows and tiles, see ``kernels.triton.batching``)."""
     num_row_tiles = tiles.shape[1]
-    return load_jax_triton().triton_call(
+    return triton_call(
         lhs, rhs, tiles.reshape(-1), sort_idx, weights, kernel=_gmm_kernel,
         out_shape=jax.ShapeDtypeStruct((rows.num_rows, n), out_dtype),
         grid=(num_row_tiles * triton.cdiv(n, cfg.block_n),), name="moe_gmm",
@@ -228,7 +229,7 @@ def _tgmm_call(lhs, rhs, bounds, *, out_dtype, cfg):
     """The ``_tgmm_kernel`` launch over precomputed group bounds int32[2, G_local] -> [G_local, K, N]."""
     k, n, num_groups = lhs.shape[1], rhs.shape[1], bounds.shape[1]
     grid = num_groups * triton.cdiv(k, cfg.block_k) * triton.cdiv(n, cfg.block_n)
-    return load_jax_triton().triton_call(
+    return triton_call(
         lhs, rhs, bounds.reshape(-1), kernel=_tgmm_kernel,
         out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), grid=(grid,), name="moe_tgmm",
         K=k, N=n, NUM_GROUPS=num_groups, **_launch_options(cfg))

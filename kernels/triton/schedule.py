@@ -35,6 +35,20 @@ def max_row_tiles(num_rows: int, block_m: int, num_local: int) -> int:
     return -(-num_rows // block_m) + num_local + 1
 
 
+def static_upper_bound(value, what: str) -> int:
+    """``value`` itself when static; for a symbolic dimension expression (``jax.export``) its upper bound from the
+    symbolic shape's constraints. Raises ``ValueError`` naming ``what`` when it is unbounded."""
+    if isinstance(value, int):
+        return value
+    from jax._src.export import shape_poly  # the bound of a symbolic expression has no public API in jax 0.10
+    _, upper = shape_poly._bounds_decision(value, shape_poly.BoundsPrecision.BEST)
+    if upper == float("inf"):
+        raise ValueError(f"{what} = {value} is symbolic and unbounded; the Triton kernels launch a static grid sized "
+                         "by its upper bound: export with a bounded row count, e.g. "
+                         "jax.export.symbolic_shape('m', constraints=('m <= 65536',))")
+    return int(upper)
+
+
 def _local_bounds(group_sizes, group_offset, num_local):
     """(start, end) int32[G_local] of each local group's rows; empty where the global id is out of range."""
     sizes = group_sizes.astype(jnp.int32)
@@ -53,8 +67,10 @@ def tgmm_group_bounds(group_sizes, group_offset, num_local):
     return jnp.stack([start, end]).astype(jnp.int32)
 
 
-def gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, block_m):
-    """int32[3, T]: (local group | ZERO_FILL | IDLE, row start, row end) per row tile (invariants 1-5)."""
+def gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, block_m, num_tiles=None):
+    """int32[3, T]: (local group | ZERO_FILL | IDLE, row start, row end) per row tile (invariants 1-5). ``T`` is
+    ``num_tiles`` when given (a static bound >= ``max_row_tiles``, e.g. for a symbolic ``num_rows``: the extra
+    tiles are IDLE), else ``max_row_tiles(num_rows, block_m, num_local)``."""
     start, end = _local_bounds(group_sizes, group_offset, num_local)
     # Local groups are contiguous in row order, so the local region is [first start, last end) of the non-empty.
     nonempty = end > start
@@ -66,7 +82,7 @@ def gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, block_m):
     seg_group = jnp.concatenate([jnp.full((1,), ZERO_FILL), jnp.arange(num_local), jnp.full((1,), ZERO_FILL)])
     seg_tiles = (seg_end - seg_start + block_m - 1) // block_m
     tiles_end = jnp.cumsum(seg_tiles)
-    tile = jnp.arange(max_row_tiles(num_rows, block_m, num_local), dtype=jnp.int32)
+    tile = jnp.arange(max_row_tiles(num_rows, block_m, num_local) if num_tiles is None else num_tiles, dtype=jnp.int32)
     seg = jnp.searchsorted(tiles_end, tile, side="right")  # segment of each tile; == G_local + 2 when idle
     idle = seg >= seg_tiles.shape[0]
     seg = jnp.minimum(seg, seg_tiles.shape[0] - 1)
