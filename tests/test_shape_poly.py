@@ -1,7 +1,8 @@
 """Shape-polymorphic export (``jax.export`` with a symbolic row count M) of gmm, tgmm, permute, unpermute and moe_ffn.
 
 * XLA and Pallas (interpret mode): exported for ``platforms=["cpu"]`` with a symbolic M, then called at two
-  concrete Ms and compared with the reference twins; Pallas also lowers for ``["tpu"]``.
+  concrete Ms and compared with the reference twins; Pallas also lowers for ``["tpu"]``. The Pallas row kernels
+  (permute / unpermute) run at M's upper bound on padded operands (their HBM operands are full-array blocks).
 * Triton: the kernels launch a static grid sized by M's upper bound (``jax.export.symbolic_shape("m",
   constraints=("m <= ...",))``; ``kernels.triton.schedule.static_upper_bound``), the extra row tiles are idle. The
   CPU interpreter bridge cannot be exported (``jax.pure_callback``): it raises a clear error, tested here. The real
@@ -63,7 +64,6 @@ CASES = {
                 lambda m: [S((m, D), f32), S((m, E), f32), S((E, D, F), f32), S((E, D, F), f32), S((E, F, D), f32)],
                 lambda m: [randn(k, s) for k, s in zip(keys(m, 5), [(m, D), (m, E), (E, D, F), (E, D, F), (E, F, D)])]),
 }
-PALLAS_OPS = ["gmm", "tgmm"]  # the Pallas row kernels (permute / unpermute) do not export yet: see test below
 
 
 def _export(name, impl, platforms, bounded=True):
@@ -71,7 +71,8 @@ def _export(name, impl, platforms, bounded=True):
     return export.export(jax.jit(op(impl)), platforms=platforms)(*specs(_m(bounded)))
 
 
-@pytest.mark.parametrize("impl, name", [("xla", n) for n in CASES] + [("pallas", n) for n in PALLAS_OPS])
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_export_symbolic_m_runs_at_two_sizes(impl, name):
     exported = _export(name, impl, ["cpu"])
     _, ref, _, concrete = CASES[name]
@@ -80,17 +81,9 @@ def test_export_symbolic_m_runs_at_two_sizes(impl, name):
         assert_close(exported.call(*args), ref(*args), TOL[f32], f"{impl} {name} exported, M={m}")
 
 
-@pytest.mark.parametrize("name", PALLAS_OPS)
+@pytest.mark.parametrize("name", list(CASES))
 def test_pallas_exports_for_tpu(name):
     assert "m" in str(_export(name, "pallas", ["tpu"]).in_avals[0].shape)
-
-
-@pytest.mark.parametrize("name", ["permute", "unpermute"])
-def test_pallas_row_kernels_symbolic_m_not_supported_yet(name):
-    """Known limitation: their HBM operands (``memory_space=ANY``) are full-array blocks of symbolic size, which
-    Pallas export refuses; pinned so a fix shows up here."""
-    with pytest.raises(ValueError, match="dynamically-shaped blocks"):
-        _export(name, "pallas", ["cpu"])
 
 
 @pytest.mark.parametrize("name", ["gmm", "permute"])

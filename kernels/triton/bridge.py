@@ -7,7 +7,9 @@ On a CPU-only jaxlib two things are missing, and ``load_jax_triton()`` supplies 
    ``get_serialized_metadata``. We provide stand-ins that raise if a GPU code path ever calls them.
 2. ``triton_kernel_call_p`` has no CPU lowering. We register one that wraps the kernel launch in
    ``jax.pure_callback``; the callback runs the kernel's Python source under Triton's interpreter on CPU torch
-   tensors. It therefore works eagerly, under ``jit`` and inside ``shard_map`` (``vmap`` is refused, as on GPU).
+   tensors. It therefore works eagerly, under ``jit`` and inside ``shard_map`` (``vmap``:
+   ``kernels.triton.batching`` folds the batch before the call, as on GPU). Symbolic shapes (``jax.export``) raise a
+   clear error (``_cpu_lowering``).
 
 Interpreter limits handled here, explicitly:
 

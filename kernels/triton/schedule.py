@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from kernels.shapes import static_upper_bound  # noqa: F401  (re-exported: used by the Triton wrappers)
+
 ZERO_FILL = -1
 IDLE = -2
 
@@ -33,20 +35,6 @@ IDLE = -2
 def max_row_tiles(num_rows: int, block_m: int, num_local: int) -> int:
     """Static worst-case number of GMM row tiles (invariant 4)."""
     return -(-num_rows // block_m) + num_local + 1
-
-
-def static_upper_bound(value, what: str) -> int:
-    """``value`` itself when static; for a symbolic dimension expression (``jax.export``) its upper bound from the
-    symbolic shape's constraints. Raises ``ValueError`` naming ``what`` when it is unbounded."""
-    if isinstance(value, int):
-        return value
-    from jax._src.export import shape_poly  # the bound of a symbolic expression has no public API in jax 0.10
-    _, upper = shape_poly._bounds_decision(value, shape_poly.BoundsPrecision.BEST)
-    if upper == float("inf"):
-        raise ValueError(f"{what} = {value} is symbolic and unbounded; the Triton kernels launch a static grid sized "
-                         "by its upper bound: export with a bounded row count, e.g. "
-                         "jax.export.symbolic_shape('m', constraints=('m <= 65536',))")
-    return int(upper)
 
 
 def _local_bounds(group_sizes, group_offset, num_local):

@@ -31,12 +31,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax._src import core as jax_core
 import triton
 import triton.language as tl
 
 from kernels.registry import AotCase, register_aot
-from kernels.triton import schedule
+from kernels.shapes import dim_value, pad_rows, static_upper_bound
 from kernels.triton.bridge import triton_call
 
 __all__ = ["sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "SortConfig", "RowsConfig"]
@@ -203,7 +202,7 @@ def _row_params(d, cfg=ROWS_CONFIG):
 
 def _n_valid_array(n_valid, n):
     """n_valid as int32 shape (1,) on device, clamped to [0, n]; ``None`` means every row (n may be symbolic)."""
-    n = jax_core.dimension_as_value(n)
+    n = dim_value(n)
     if n_valid is None:
         return jnp.full((1,), n, jnp.int32)
     return jnp.clip(jnp.asarray(n_valid, jnp.int32).reshape(1), 0, n)
@@ -211,16 +210,7 @@ def _n_valid_array(n_valid, n):
 
 def _bound(n):
     """Static row count the kernels are launched for: ``n``, or its upper bound when ``n`` is symbolic."""
-    return schedule.static_upper_bound(n, "the number of token copies T*k")
-
-
-def _pad_rows(a, size, base=None):
-    """a [n, ...] -> [size, ...] (``size`` the static bound of a symbolic ``n``), rows ``>= n`` from ``base``
-    (default zeros); ``a`` itself when ``n`` is static."""
-    if isinstance(a.shape[0], int):
-        return a
-    base = jnp.zeros((size,) + a.shape[1:], a.dtype) if base is None else base.astype(a.dtype)
-    return jax.lax.dynamic_update_slice(base, a, (0,) * a.ndim)
+    return static_upper_bound(n, "the number of token copies T*k")
 
 
 def sort_by_expert(expert_ids, num_experts, *, config: SortConfig = SORT_CONFIG):
@@ -231,7 +221,7 @@ def sort_by_expert(expert_ids, num_experts, *, config: SortConfig = SORT_CONFIG)
     if n == 0:
         return jnp.zeros((num_experts,), jnp.int32), jnp.zeros((0,), jnp.int32)
     nb = _bound(n)
-    flat = _pad_rows(flat, nb, jnp.full((nb,), num_experts))
+    flat = pad_rows(flat, nb, jnp.full((nb,), num_experts))
     e_pad, blocks = _e_pad(num_experts), triton.cdiv(nb, config.block_n)
     meta = dict(N=nb, E=num_experts, E_PAD=e_pad, BLOCK_N=config.block_n, num_warps=config.num_warps)
     counts = triton_call(flat, kernel=_histogram_kernel, grid=(blocks,),
@@ -248,7 +238,7 @@ def _inverse(sort_idx):
     """Inverse permutation, over the static bound of a symbolic length (padding rows map to themselves)."""
     n = sort_idx.shape[0]
     nb = _bound(n)
-    sort_idx = _pad_rows(sort_idx.astype(jnp.int32), nb, jnp.arange(nb))
+    sort_idx = pad_rows(sort_idx.astype(jnp.int32), nb, jnp.arange(nb))
     return triton_call(sort_idx, kernel=_inverse_kernel, grid=(triton.cdiv(nb, INVERSE_BLOCK),),
                        out_shape=jax.ShapeDtypeStruct((nb,), jnp.int32), N=nb, BLOCK=INVERSE_BLOCK)
 
@@ -261,7 +251,7 @@ def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None, *, config: RowsC
     nb = _bound(n)
     has_w = row_weights is not None
     w = row_weights.reshape(-1).astype(jnp.float32) if has_w else jnp.zeros((1,), jnp.float32)
-    out = triton_call(x, _pad_rows(sort_idx.astype(jnp.int32), nb), w, _n_valid_array(n_valid, n),
+    out = triton_call(x, pad_rows(sort_idx.astype(jnp.int32), nb), w, _n_valid_array(n_valid, n),
                       kernel=_gather_rows_kernel, grid=(triton.cdiv(nb, config.block_rows),),
                       out_shape=jax.ShapeDtypeStruct((nb, d), x.dtype), N=nb, K=k, HAS_W=has_w,
                       BLOCK_M=config.block_rows, **_row_params(d, config))
@@ -274,7 +264,7 @@ def combine_rows(y, sort_idx, weights, n_valid=None, *, config: RowsConfig = ROW
     if t == 0 or d == 0:
         return jnp.zeros((t, d), y.dtype)
     tb = _bound(t * k) // k
-    w = _pad_rows(weights.astype(jnp.float32), tb).reshape(-1)
+    w = pad_rows(weights.astype(jnp.float32), tb).reshape(-1)
     out = triton_call(y, _inverse(sort_idx), w, _n_valid_array(n_valid, t * k),
                       kernel=_combine_rows_kernel, grid=(triton.cdiv(tb, config.block_rows),),
                       out_shape=jax.ShapeDtypeStruct((tb, d), y.dtype), T=tb, K=k,
