@@ -6,10 +6,30 @@ It is what ``implementation=None`` runs on CPU. Sharded groups are handled by ro
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
 
 from moe_ops import reference
+
+
+def _vmap_by_broadcast(fn):
+    """``lax.ragged_dot`` batches only when lhs, rhs and group sizes are all batched ("vmap over any dim but 0 -
+    NYI" otherwise): under ``jax.vmap`` broadcast the unbatched operands first (a shared rhs is then copied per
+    batch; the Triton backend folds without copying, see ``kernels.triton.batching``)."""
+    @functools.wraps(fn)
+    def wrapped(*arrays, **static):
+        call = custom_vmap(lambda *xs: fn(*xs, **static))
+
+        @call.def_vmap
+        def rule(size, batched, *xs):
+            xs = [x if b else jnp.broadcast_to(x, (size,) + x.shape) for x, b in zip(xs, batched)]
+            return jax.vmap(lambda *ys: fn(*ys, **static))(*xs), True
+
+        return call(*arrays)
+    return wrapped
 
 
 def _guarded_sizes(group_sizes, group_offset, num_local, num_rows):
@@ -23,6 +43,7 @@ def _guarded_sizes(group_sizes, group_offset, num_local, num_rows):
     return jnp.concatenate([before[None], local_sizes, after[None]]).astype(jnp.int32)
 
 
+@_vmap_by_broadcast
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, precision=None):
     if transpose_rhs:
         rhs = jnp.swapaxes(rhs, 1, 2)
@@ -32,6 +53,7 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, precis
                               preferred_element_type=jnp.float32).astype(out_dtype)
 
 
+@_vmap_by_broadcast
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, precision=None):
     sizes = _guarded_sizes(group_sizes, group_offset, num_groups, lhs.shape[0])
     dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),

@@ -64,6 +64,11 @@ class Schedule(NamedTuple):
     ends: jax.Array        # [G_local] one past its last row
 
 
+def _static_cost(fields):
+    """``pl.CostEstimate`` of ``fields``, or None when a field is symbolic (shape-polymorphic export: no estimate)."""
+    return pl.CostEstimate(**fields) if all(isinstance(v, int) for v in fields.values()) else None
+
+
 def _local_ranges(group_sizes, group_offset, num_local):
     """Row ranges [start, end) of local groups ``group_offset + j``; groups past G are empty at the sum."""
     ends = jnp.cumsum(group_sizes.astype(jnp.int32))
@@ -246,7 +251,7 @@ def _gmm(lhs, rhs, group_sizes, group_offset, existing_out, *, transpose_rhs, ou
     kernel = functools.partial(_gmm_kernel, tiles_k=tiles_k, k_rem=k % t.tk,
                                transpose_rhs=transpose_rhs, has_existing=has_existing, precision=precision)
     itemsize = jnp.dtype(lhs.dtype).itemsize
-    cost = pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
+    cost = dict(flops=2 * m * k * n, transcendentals=0,
                            bytes_accessed=itemsize * (m * k * tiles_n + num_local * k * n)
                            + jnp.dtype(out_dtype).itemsize * m * n * (1 + has_existing))
     return pl.pallas_call(
@@ -258,7 +263,7 @@ def _gmm(lhs, rhs, group_sizes, group_offset, existing_out, *, transpose_rhs, ou
             scratch_shapes=[pltpu.VMEM((t.tm, t.tn), jnp.float32)]),
         input_output_aliases=_aliases(sched, has_existing, interpret, (m, n), (t.tm, t.tn)),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-        interpret=interpret, cost_estimate=cost,
+        interpret=interpret, cost_estimate=_static_cost(cost),
     )(sched, *operands)
 
 
@@ -330,7 +335,7 @@ def _tgmm(lhs, rhs, group_sizes, group_offset, existing_out, *, num_groups, out_
                 + [out_spec] * has_existing)
     operands = (lhs, rhs) + ((existing_out.astype(out_dtype),) if has_existing else ())
     itemsize = jnp.dtype(lhs.dtype).itemsize
-    cost = pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
+    cost = dict(flops=2 * m * k * n, transcendentals=0,
                            bytes_accessed=itemsize * (m * k * tiles_n + m * n * tiles_k)
                            + jnp.dtype(out_dtype).itemsize * num_groups * k * n * (1 + has_existing))
     return pl.pallas_call(
@@ -342,7 +347,7 @@ def _tgmm(lhs, rhs, group_sizes, group_offset, existing_out, *, num_groups, out_
             scratch_shapes=[pltpu.VMEM((t.tk, t.tn), jnp.float32)]),
         input_output_aliases=_aliases(sched, has_existing, interpret, (k, n), (t.tk, t.tn)),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-        interpret=interpret, cost_estimate=cost,
+        interpret=interpret, cost_estimate=_static_cost(cost),
     )(sched, *operands)
 
 

@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.platform import tpu_or_interpret
+from kernels.shapes import dim_value, pad_rows, static_upper_bound
 
 __all__ = ["sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "PallasSortConfig"]
 
@@ -55,13 +56,31 @@ def _rows(config, num_rows, bytes_per_row):
         rows = 256
         while rows > 16 and rows * bytes_per_row > VMEM_BUDGET:
             rows //= 2
+    if not isinstance(num_rows, int):  # symbolic (shape-polymorphic export): a static block, partial last block
+        return rows
     return num_rows if num_rows <= rows else rows
 
 
 def _n_valid_array(n_valid, n):
+    n = dim_value(n)
     if n_valid is None:
         return jnp.full((1,), n, jnp.int32)
     return jnp.clip(jnp.asarray(n_valid, jnp.int32).reshape(1), 0, n)
+
+
+def _bounded_tokens(t):
+    """Static token count for a symbolic ``t`` (``jax.export``): the row kernels keep ``x`` / ``y`` in HBM as
+    full-array blocks, which Pallas export refuses at a symbolic size, so they run on operands zero-padded to the
+    bound (one extra copy of each, only in shape-polymorphic programs) and their results are sliced back."""
+    return static_upper_bound(t, "the number of tokens T")
+
+
+def _bounded_rows(y, sort_idx, n_valid, nb):
+    """y [n, D] and sort_idx [n] padded to ``nb`` rows (padding slots map to themselves, a permutation of
+    ``[0, nb)``), ``n_valid`` capped at the real ``n``: padding rows are never read."""
+    n = y.shape[0]
+    return (pad_rows(y, nb), pad_rows(sort_idx.astype(jnp.int32), nb, jnp.arange(nb)),
+            _n_valid_array(n_valid, n))
 
 
 def _parallel(interpret):
@@ -206,6 +225,11 @@ def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None, *, config: Palla
     n, d = sort_idx.shape[0], x.shape[1]
     if n == 0 or d == 0:
         return jnp.zeros((n, d), x.dtype)
+    if not isinstance(n, int):  # symbolic (jax.export): run at the static bound (see _bounded_tokens), slice back
+        tb = _bounded_tokens(x.shape[0])
+        w = None if row_weights is None else pad_rows(row_weights.reshape(-1, k), tb)
+        return gather_rows(pad_rows(x, tb), pad_rows(sort_idx, tb * k), k, w, _n_valid_array(n_valid, n),
+                           config=config, interpret=interpret)[:n]
     item = jnp.dtype(x.dtype).itemsize
     bm = _rows(config, n, 2 * d * item + 4 * d + 2 * LANE_BYTES)   # out block x2, f32 temp, weight block x2
     has_w = row_weights is not None
@@ -289,6 +313,10 @@ def combine_rows(y, sort_idx, weights, n_valid=None, *, config: PallasSortConfig
     (t, k), d = weights.shape, y.shape[1]
     if t == 0 or d == 0:
         return jnp.zeros((t, d), y.dtype)
+    if not isinstance(t, int):
+        tb = _bounded_tokens(t)
+        y, sort_idx, n_valid = _bounded_rows(y, sort_idx, n_valid, tb * k)
+        return combine_rows(y, sort_idx, pad_rows(weights, tb), n_valid, config=config, interpret=interpret)[:t]
     return _token_call(_combine_kernel, y, sort_idx, k, n_valid, [weights.astype(jnp.float32)], d, y.dtype,
                        config, interpret)
 
@@ -299,4 +327,9 @@ def combine_weight_grad(dout, y, sort_idx, k, n_valid=None, *, config: PallasSor
     t, d = dout.shape
     if t == 0 or d == 0:
         return jnp.zeros((t, k), jnp.float32)
+    if not isinstance(t, int):
+        tb = _bounded_tokens(t)
+        y, sort_idx, n_valid = _bounded_rows(y, sort_idx, n_valid, tb * k)
+        return combine_weight_grad(pad_rows(dout, tb), y, sort_idx, k, n_valid, config=config,
+                                   interpret=interpret)[:t]
     return _token_call(_weight_grad_kernel, y, sort_idx, k, n_valid, [dout], k, jnp.float32, config, interpret)

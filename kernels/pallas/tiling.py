@@ -114,7 +114,11 @@ def lane_tile(dim: int, cap: int) -> int:
 
 
 def row_tile(m: int, num_groups: int, sub: int, cap: int = 512) -> int:
-    """Row tile (step 2 of the heuristic)."""
+    """Row tile (step 2 of the heuristic). A symbolic M (``jax.export`` shape polymorphism) gets the smallest
+    MXU-sized tile, 128 rows (or the cap): no concrete M is needed, at most 127 padded rows per group boundary, and
+    the last partial row tile is masked as for any M."""
+    if not isinstance(m, int):
+        return min(LANE, cap)
     tm = LANE
     while tm * 2 <= cap and max(num_groups - 1, 1) * tm * 2 * 4 <= m:
         tm *= 2

@@ -1,10 +1,13 @@
 """The Triton backend of ``moe_ops`` (the interface is documented in ``moe_ops.backend``).
 
 Each function lowers for cpu (the interpreter bridge), cuda and rocm, and is traced when lowered, so its tile
-config comes from the target's tuning table (``kernels.platform.on_platforms``, ``tuning.detect_arch``)."""
+config comes from the target's tuning table (``kernels.platform.on_platforms``, ``tuning.detect_arch``). Every
+function of the pointer kernels batches under ``jax.vmap`` (``kernels.triton.batching``): gmm / tgmm / the fused ops
+at their kernel launch, the sort and row functions through the wrappers imported from there. The descriptor (TMA)
+variant does not batch yet."""
 
 from kernels.platform import on_platforms
-from kernels.triton import fused as _fused, gmm as _gmm, gmm_tma as _gmm_tma, sort as _sort
+from kernels.triton import batching as _batching, fused as _fused, gmm as _gmm, gmm_tma as _gmm_tma
 
 TRITON_PLATFORMS = ("cpu", "cuda", "rocm")
 _triton = on_platforms(*TRITON_PLATFORMS)
@@ -29,10 +32,10 @@ def _tgmm_variant(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype,
 
 gmm = _triton(_gmm_variant)
 tgmm = _triton(_tgmm_variant)
-sort_by_expert = _triton(_sort.sort_by_expert)
-gather_rows = _triton(_sort.gather_rows)
-combine_rows = _triton(_sort.combine_rows)
-combine_weight_grad = _triton(_sort.combine_weight_grad)
+sort_by_expert = _triton(_batching.sort_by_expert)
+gather_rows = _triton(_batching.gather_rows)
+combine_rows = _triton(_batching.combine_rows)
+combine_weight_grad = _triton(_batching.combine_weight_grad)
 gather_gmm = _triton(_fused.gather_gmm)
 scatter_gmm = _triton(_fused.scatter_gmm)
 

@@ -7,7 +7,9 @@ On a CPU-only jaxlib two things are missing, and ``load_jax_triton()`` supplies 
    ``get_serialized_metadata``. We provide stand-ins that raise if a GPU code path ever calls them.
 2. ``triton_kernel_call_p`` has no CPU lowering. We register one that wraps the kernel launch in
    ``jax.pure_callback``; the callback runs the kernel's Python source under Triton's interpreter on CPU torch
-   tensors. It therefore works eagerly, under ``jit`` and inside ``shard_map`` (``vmap`` is refused, as on GPU).
+   tensors. It therefore works eagerly, under ``jit`` and inside ``shard_map`` (``vmap``:
+   ``kernels.triton.batching`` folds the batch before the call, as on GPU). Symbolic shapes (``jax.export``) raise a
+   clear error (``_cpu_lowering``).
 
 Interpreter limits handled here, explicitly:
 
@@ -29,6 +31,9 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import core as jax_core
+from jax._src.export import shape_poly
+from jax.interpreters import mlir
 
 from kernels.triton.compat import patch_jax_triton
 
@@ -53,16 +58,51 @@ def load_jax_triton():
     global _installed
     _provide_gpu_triton_stubs()
     import jax_triton
-    from jax.interpreters import mlir
     from jax_triton import triton_lib
 
     patch_jax_triton(triton_lib)
     with _lock:
         if not _installed:
-            mlir.register_lowering(triton_lib.triton_kernel_call_p,
-                                   mlir.lower_fun(_interpret_call, multiple_results=True), platform="cpu")
+            mlir.register_lowering(triton_lib.triton_kernel_call_p, _cpu_lowering, platform="cpu")
             _installed = True
     return jax_triton
+
+
+def triton_call(*args, kernel, grid, **kwargs):
+    """``jax_triton.triton_call`` that refuses, with a clear error, a launch grid or constexpr that depends on a
+    symbolic dimension (``jax.export`` shape polymorphism): the kernel is compiled for concrete constexprs and a
+    concrete grid, which a symbolic M cannot give (jax-triton would fail deep in compilation)."""
+    name = kwargs.get("name") or kernel.__name__
+    grid_values = grid if isinstance(grid, (tuple, list)) else (grid,)
+    symbolic = {f"grid[{i}]": g for i, g in enumerate(grid_values) if not _is_static(g)}
+    symbolic.update({key: v for key, v in kwargs.items() if key.isupper() and not _is_static(v)})
+    if symbolic:
+        details = ", ".join(f"{key}={value}" for key, value in symbolic.items())
+        raise NotImplementedError(
+            f"Triton kernel {name!r}: {details} depend on a symbolic dimension; this kernel is specialised on them "
+            "(constexpr / launch grid), so jax.export with a symbolic row count is not supported for it. Export with "
+            "concrete shapes, or use implementation='xla' or 'pallas' (see README, 'Shape-polymorphic export').")
+    return load_jax_triton().triton_call(*args, kernel=kernel, grid=grid, **kwargs)
+
+
+def _is_static(value) -> bool:
+    """False for a symbolic dimension expression (``jax.export.symbolic_shape``), True for anything else."""
+    return jax_core.is_constant_dim(value) if isinstance(value, shape_poly._DimExpr) else True
+
+
+def _cpu_lowering(ctx, *args, **params):
+    """The bridge's lowering, after checking that every shape is concrete. Symbolic shapes only come from
+    ``jax.export``, and the bridge cannot be exported at all: ``jax.pure_callback`` needs concrete shapes (XLA fails
+    with ``std::bad_cast`` otherwise) and jax.export cannot serialise host callbacks."""
+    symbolic = [str(a.shape) for a in (*ctx.avals_in, *ctx.avals_out)
+                if hasattr(a, "shape") and not jax_core.is_constant_shape(a.shape)]
+    if symbolic:
+        raise NotImplementedError(
+            f"the CPU interpreter bridge cannot lower Triton kernel {params.get('name')!r} for symbolic shapes "
+            f"{', '.join(symbolic)}: it runs the kernel in jax.pure_callback, which needs concrete shapes, and "
+            "jax.export cannot serialise host callbacks. Export the Triton backend for platforms=['cuda'] or "
+            "['rocm'] (shape-polymorphic export works there), or use implementation='xla' / 'pallas' on CPU.")
+    return mlir.lower_fun(_interpret_call, multiple_results=True)(ctx, *args, **params)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from kernels.registry import TARGETS, AotCase, register_aot
-from kernels.triton import schedule, tuning
-from kernels.triton.bridge import load_jax_triton
+from kernels.triton import batching, schedule, tuning
+from kernels.triton.bridge import triton_call
 
 __all__ = ["gmm", "tgmm", "launch_gmm", "RowMap"]
 
@@ -183,26 +183,34 @@ def launch_gmm(lhs, rhs, group_sizes, group_offset, *, num_rows, transpose_rhs, 
                row_map: RowMap | None = None):
     """``_gmm_kernel`` over ``num_rows`` sorted rows -> [num_rows, N] (``gmm`` and the fused ops of
     ``kernels.triton.fused``). Without ``row_map``, lhs is [num_rows, K] and nothing is remapped."""
-    jt = load_jax_triton()
     k = lhs.shape[1]
     num_local = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     cfg = config or tuning.pick_config("gmm", num_rows, k, n, num_local, lhs.dtype)
-    tiles = schedule.gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, cfg.block_m)
-    num_row_tiles = tiles.shape[1]
+    num_tiles = schedule.static_upper_bound(schedule.max_row_tiles(num_rows, cfg.block_m, num_local), "row tiles")
+    tiles = schedule.gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, cfg.block_m, num_tiles)
     if row_map is None:
         sort_idx, weights = jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32)  # unused placeholders
-        flags = _PLAIN_ROWS
+        rows = batching.GmmRows(num_rows=num_rows)
     else:
         sort_idx = row_map.sort_idx.astype(jnp.int32)
         weights = row_map.weights.astype(jnp.float32) if row_map.weighted else jnp.zeros((1,), jnp.float32)
-        flags = dict(GATHER=row_map.gather, SCATTER=row_map.scatter, WEIGHTED=row_map.weighted,
-                     TOP_K=row_map.top_k, NUM_SLOTS=num_rows)
-    return jt.triton_call(
+        rows = batching.GmmRows(num_rows, row_map.gather, row_map.scatter, row_map.weighted, row_map.top_k)
+    return _gmm_call(lhs, rhs, tiles, sort_idx, weights, rows=rows, n=n, transpose_rhs=bool(transpose_rhs),
+                     out_dtype=out_dtype, cfg=cfg)
+
+
+@batching.folds_batch(batching.fold_gmm)
+def _gmm_call(lhs, rhs, tiles, sort_idx, weights, *, rows, n, transpose_rhs, out_dtype, cfg):
+    """The ``_gmm_kernel`` launch over a precomputed row-tile table ``tiles`` int32[3, T] (``jax.vmap`` folds the
+    batch into rows and tiles, see ``kernels.triton.batching``)."""
+    num_row_tiles = tiles.shape[1]
+    return triton_call(
         lhs, rhs, tiles.reshape(-1), sort_idx, weights, kernel=_gmm_kernel,
-        out_shape=jax.ShapeDtypeStruct((num_rows, n), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((rows.num_rows, n), out_dtype),
         grid=(num_row_tiles * triton.cdiv(n, cfg.block_n),), name="moe_gmm",
-        K=k, N=n, TRANSPOSE_RHS=bool(transpose_rhs), NUM_ROW_TILES=num_row_tiles, **flags, **_launch_options(cfg))
+        K=lhs.shape[1], N=n, TRANSPOSE_RHS=transpose_rhs, NUM_ROW_TILES=num_row_tiles, **rows.constexprs(),
+        **_launch_options(cfg))
 
 
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, config=None):
@@ -215,13 +223,19 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, config
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, config=None):
     """lhs [M,K], rhs [M,N], clamped group_sizes [G] int32, group_offset int32[1] -> [G_local=num_groups,K,N],
     ``out[g] = lhs[rows of local group g].T @ rhs[rows of g]``; empty groups give zeros."""
-    jt = load_jax_triton()
     m, k = lhs.shape
     n = rhs.shape[1]
     cfg = config or tuning.pick_config("tgmm", m, k, n, num_groups, lhs.dtype)
     bounds = schedule.tgmm_group_bounds(group_sizes, group_offset, num_groups)
+    return _tgmm_call(lhs, rhs, bounds, out_dtype=out_dtype, cfg=cfg)
+
+
+@batching.folds_batch(batching.fold_tgmm)
+def _tgmm_call(lhs, rhs, bounds, *, out_dtype, cfg):
+    """The ``_tgmm_kernel`` launch over precomputed group bounds int32[2, G_local] -> [G_local, K, N]."""
+    k, n, num_groups = lhs.shape[1], rhs.shape[1], bounds.shape[1]
     grid = num_groups * triton.cdiv(k, cfg.block_k) * triton.cdiv(n, cfg.block_n)
-    return jt.triton_call(
+    return triton_call(
         lhs, rhs, bounds.reshape(-1), kernel=_tgmm_kernel,
         out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), grid=(grid,), name="moe_tgmm",
         K=k, N=n, NUM_GROUPS=num_groups, **_launch_options(cfg))

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from kernels.shapes import static_upper_bound  # noqa: F401  (re-exported: used by the Triton wrappers)
+
 ZERO_FILL = -1
 IDLE = -2
 
@@ -57,8 +59,10 @@ def tgmm_group_bounds(group_sizes, group_offset, num_local):
     return jnp.stack([order, start[order], end[order]]).astype(jnp.int32)
 
 
-def gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, block_m):
-    """int32[3, T]: (local group | ZERO_FILL | IDLE, row start, row end) per row tile (invariants 1-5)."""
+def gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, block_m, num_tiles=None):
+    """int32[3, T]: (local group | ZERO_FILL | IDLE, row start, row end) per row tile (invariants 1-5). ``T`` is
+    ``num_tiles`` when given (a static bound >= ``max_row_tiles``, e.g. for a symbolic ``num_rows``: the extra
+    tiles are IDLE), else ``max_row_tiles(num_rows, block_m, num_local)``."""
     start, end = _local_bounds(group_sizes, group_offset, num_local)
     # Local groups are contiguous in row order, so the local region is [first start, last end) of the non-empty.
     nonempty = end > start
@@ -70,7 +74,7 @@ def gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, block_m):
     seg_group = jnp.concatenate([jnp.full((1,), ZERO_FILL), jnp.arange(num_local), jnp.full((1,), ZERO_FILL)])
     seg_tiles = (seg_end - seg_start + block_m - 1) // block_m
     tiles_end = jnp.cumsum(seg_tiles)
-    tile = jnp.arange(max_row_tiles(num_rows, block_m, num_local), dtype=jnp.int32)
+    tile = jnp.arange(max_row_tiles(num_rows, block_m, num_local) if num_tiles is None else num_tiles, dtype=jnp.int32)
     seg = jnp.searchsorted(tiles_end, tile, side="right")  # segment of each tile; == G_local + 2 when idle
     idle = seg >= seg_tiles.shape[0]
     seg = jnp.minimum(seg, seg_tiles.shape[0] - 1)

@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from kernels.registry import AotCase, register_aot
-from kernels.triton.bridge import load_jax_triton
+from kernels.shapes import dim_value, pad_rows, static_upper_bound
+from kernels.triton.bridge import triton_call
 
 __all__ = ["sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "SortConfig", "RowsConfig"]
 
@@ -186,10 +187,6 @@ def _weight_grad_kernel(dout_ptr, y_ptr, inv_ptr, n_valid_ptr, out_ptr, N: tl.co
 # Wrappers (the backend functions).
 
 
-def _jt():
-    return load_jax_triton()
-
-
 def _e_pad(num_experts):
     return triton.next_power_of_2(num_experts + 1)
 
@@ -204,34 +201,46 @@ def _row_params(d, cfg=ROWS_CONFIG):
 
 
 def _n_valid_array(n_valid, n):
-    """n_valid as int32 shape (1,) on device, clamped to [0, n]; ``None`` means every row."""
+    """n_valid as int32 shape (1,) on device, clamped to [0, n]; ``None`` means every row (n may be symbolic)."""
+    n = dim_value(n)
     if n_valid is None:
         return jnp.full((1,), n, jnp.int32)
     return jnp.clip(jnp.asarray(n_valid, jnp.int32).reshape(1), 0, n)
 
 
+def _bound(n):
+    """Static row count the kernels are launched for: ``n``, or its upper bound when ``n`` is symbolic."""
+    return static_upper_bound(n, "the number of token copies T*k")
+
+
 def sort_by_expert(expert_ids, num_experts, *, config: SortConfig = SORT_CONFIG):
-    """expert_ids [T,k] -> (group_sizes [E] int32, sort_idx [T*k] int32); stable counting sort (module doc)."""
+    """expert_ids [T,k] -> (group_sizes [E] int32, sort_idx [T*k] int32); stable counting sort (module doc).
+    A symbolic T*k sorts its static bound of ids, padded with the dropped key ``E`` (they sort last)."""
     flat = expert_ids.reshape(-1).astype(jnp.int32)
     n = flat.shape[0]
     if n == 0:
         return jnp.zeros((num_experts,), jnp.int32), jnp.zeros((0,), jnp.int32)
-    e_pad, blocks = _e_pad(num_experts), triton.cdiv(n, config.block_n)
-    meta = dict(N=n, E=num_experts, E_PAD=e_pad, BLOCK_N=config.block_n, num_warps=config.num_warps)
-    counts = _jt().triton_call(flat, kernel=_histogram_kernel, grid=(blocks,),
-                               out_shape=jax.ShapeDtypeStruct((blocks, e_pad), jnp.int32), **meta)
+    nb = _bound(n)
+    flat = pad_rows(flat, nb, jnp.full((nb,), num_experts))
+    e_pad, blocks = _e_pad(num_experts), triton.cdiv(nb, config.block_n)
+    meta = dict(N=nb, E=num_experts, E_PAD=e_pad, BLOCK_N=config.block_n, num_warps=config.num_warps)
+    counts = triton_call(flat, kernel=_histogram_kernel, grid=(blocks,),
+                         out_shape=jax.ShapeDtypeStruct((blocks, e_pad), jnp.int32), **meta)
     totals = jnp.sum(counts, axis=0)
     start = jnp.cumsum(totals) - totals                               # first sorted row of each key
     base = (start[None, :] + jnp.cumsum(counts, axis=0) - counts).astype(jnp.int32)  # + earlier blocks' counts
-    sort_idx = _jt().triton_call(flat, base, kernel=_scatter_kernel, grid=(blocks,), CHUNK=config.chunk,
-                                 out_shape=jax.ShapeDtypeStruct((n,), jnp.int32), **meta)
-    return totals[:num_experts].astype(jnp.int32), sort_idx
+    sort_idx = triton_call(flat, base, kernel=_scatter_kernel, grid=(blocks,), CHUNK=config.chunk,
+                           out_shape=jax.ShapeDtypeStruct((nb,), jnp.int32), **meta)
+    return totals[:num_experts].astype(jnp.int32), sort_idx[:n]
 
 
 def _inverse(sort_idx):
+    """Inverse permutation, over the static bound of a symbolic length (padding rows map to themselves)."""
     n = sort_idx.shape[0]
-    return _jt().triton_call(sort_idx.astype(jnp.int32), kernel=_inverse_kernel, grid=(triton.cdiv(n, INVERSE_BLOCK),),
-                             out_shape=jax.ShapeDtypeStruct((n,), jnp.int32), N=n, BLOCK=INVERSE_BLOCK)
+    nb = _bound(n)
+    sort_idx = pad_rows(sort_idx.astype(jnp.int32), nb, jnp.arange(nb))
+    return triton_call(sort_idx, kernel=_inverse_kernel, grid=(triton.cdiv(nb, INVERSE_BLOCK),),
+                       out_shape=jax.ShapeDtypeStruct((nb,), jnp.int32), N=nb, BLOCK=INVERSE_BLOCK)
 
 
 def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None, *, config: RowsConfig = ROWS_CONFIG):
@@ -239,12 +248,14 @@ def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None, *, config: RowsC
     n, d = sort_idx.shape[0], x.shape[1]
     if n == 0 or d == 0:
         return jnp.zeros((n, d), x.dtype)
+    nb = _bound(n)
     has_w = row_weights is not None
     w = row_weights.reshape(-1).astype(jnp.float32) if has_w else jnp.zeros((1,), jnp.float32)
-    return _jt().triton_call(x, sort_idx.astype(jnp.int32), w, _n_valid_array(n_valid, n),
-                             kernel=_gather_rows_kernel, grid=(triton.cdiv(n, config.block_rows),),
-                             out_shape=jax.ShapeDtypeStruct((n, d), x.dtype), N=n, K=k, HAS_W=has_w,
-                             BLOCK_M=config.block_rows, **_row_params(d, config))
+    out = triton_call(x, pad_rows(sort_idx.astype(jnp.int32), nb), w, _n_valid_array(n_valid, n),
+                      kernel=_gather_rows_kernel, grid=(triton.cdiv(nb, config.block_rows),),
+                      out_shape=jax.ShapeDtypeStruct((nb, d), x.dtype), N=nb, K=k, HAS_W=has_w,
+                      BLOCK_M=config.block_rows, **_row_params(d, config))
+    return out[:n]
 
 
 def combine_rows(y, sort_idx, weights, n_valid=None, *, config: RowsConfig = ROWS_CONFIG):
@@ -252,11 +263,13 @@ def combine_rows(y, sort_idx, weights, n_valid=None, *, config: RowsConfig = ROW
     (t, k), d = weights.shape, y.shape[1]
     if t == 0 or d == 0:
         return jnp.zeros((t, d), y.dtype)
-    w = weights.reshape(-1).astype(jnp.float32)
-    return _jt().triton_call(y, _inverse(sort_idx), w, _n_valid_array(n_valid, t * k),
-                             kernel=_combine_rows_kernel, grid=(triton.cdiv(t, config.block_rows),),
-                             out_shape=jax.ShapeDtypeStruct((t, d), y.dtype), T=t, K=k,
-                             BLOCK_T=config.block_rows, **_row_params(d, config))
+    tb = _bound(t * k) // k
+    w = pad_rows(weights.astype(jnp.float32), tb).reshape(-1)
+    out = triton_call(y, _inverse(sort_idx), w, _n_valid_array(n_valid, t * k),
+                      kernel=_combine_rows_kernel, grid=(triton.cdiv(tb, config.block_rows),),
+                      out_shape=jax.ShapeDtypeStruct((tb, d), y.dtype), T=tb, K=k,
+                      BLOCK_T=config.block_rows, **_row_params(d, config))
+    return out[:t]
 
 
 def combine_weight_grad(dout, y, sort_idx, k, n_valid=None, *, config: RowsConfig = ROWS_CONFIG):
@@ -264,11 +277,12 @@ def combine_weight_grad(dout, y, sort_idx, k, n_valid=None, *, config: RowsConfi
     n, d = sort_idx.shape[0], y.shape[1]
     if n == 0 or d == 0:
         return jnp.zeros((n // max(k, 1), k), jnp.float32)
-    out = _jt().triton_call(dout, y, _inverse(sort_idx), _n_valid_array(n_valid, n),
-                            kernel=_weight_grad_kernel, grid=(triton.cdiv(n, config.block_rows),),
-                            out_shape=jax.ShapeDtypeStruct((n,), jnp.float32), N=n, K=k,
-                            BLOCK_R=config.block_rows, **_row_params(d, config))
-    return out.reshape(n // k, k)
+    nb = _bound(n)
+    out = triton_call(dout, y, _inverse(sort_idx), _n_valid_array(n_valid, n),
+                      kernel=_weight_grad_kernel, grid=(triton.cdiv(nb, config.block_rows),),
+                      out_shape=jax.ShapeDtypeStruct((nb,), jnp.float32), N=nb, K=k,
+                      BLOCK_R=config.block_rows, **_row_params(d, config))
+    return out[:n].reshape(n // k, k)
 
 
 # ---------------------------------------------------------------------------------------------------------------

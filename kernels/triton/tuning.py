@@ -7,7 +7,8 @@ Kept apart from the kernels (``kernels.triton.gmm``): nothing here imports Trito
   entry is for 16-bit inputs (bf16 / f16). ``shipped(arch, kind, dtype)`` lists the entries for a dtype; the AOT
   check (``kernels.aot``) compiles every one of them.
 * ``pick_config(kind, M, K, N, G, dtype, arch=None)``: the heuristic (arch detected from the JAX device when None;
-  on CPU the sm90 choice with tiles capped at ``CPU_MAX_TILE`` so the interpreter stays fast). An autotuned winner
+  on CPU the sm90 choice with tiles capped at ``CPU_MAX_TILE`` so the interpreter stays fast; a symbolic M from
+  ``jax.export`` gets the fixed ``symbolic_m`` entry). An autotuned winner
   from the cache (see ``autotune``) takes precedence when present.
 * Resource notes: sm90 has 227 KiB of shared memory per block and 64K 32-bit registers per SM; gfx942 has 64 KiB
   LDS and gfx950 160 KiB, both with 64-wide wavefronts (``num_warps`` counts wavefronts there). AMD entries use
@@ -189,16 +190,30 @@ def pick_config(kind: str, m: int, k: int, n: int, g: int, dtype, arch: str | No
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     arch = detect_arch() if arch is None else arch
+    if not isinstance(m, int):  # symbolic M (jax.export shape polymorphism): no cache, no autotune, see symbolic_m
+        return symbolic_m(kind, dtype, arch)
     if arch == "cpu":
-        cfg = TABLES["sm90"][kind][heuristic(kind, m, k, n, g, dtype, "sm90")]
-        return dataclasses.replace(cfg, block_m=min(cfg.block_m, CPU_MAX_TILE), block_n=min(cfg.block_n, CPU_MAX_TILE),
-                                   block_k=min(cfg.block_k, CPU_MAX_TILE), num_stages=1)
+        return _interpreter_config(TABLES["sm90"][kind][heuristic(kind, m, k, n, g, dtype, "sm90")])
     cached = _cache_lookup(arch, _bucket(kind, m, k, n, g, dtype))
     if cached is not None:
         return cached
     if os.environ.get("MOE_OPS_AUTOTUNE", "0") == "1":
         return autotune(kind, m, k, n, g, dtype)
     return TABLES[arch][kind][heuristic(kind, m, k, n, g, dtype, arch)]
+
+
+def symbolic_m(kind: str, dtype, arch: str) -> GmmConfig:
+    """The config when M is symbolic (exported with ``jax.export.symbolic_shape``): M-independent, the "medium"
+    entry for 16-bit inputs (never "decode", whose 64-row tiles waste most of a tile per group at large M; "medium"
+    fills the machine at smaller M than "large") and "small_f32" for f32. The CPU interpreter caps apply as usual."""
+    name = "small_f32" if is_f32(dtype) else "medium"
+    return _interpreter_config(TABLES["sm90"][kind][name]) if arch == "cpu" else TABLES[arch][kind][name]
+
+
+def _interpreter_config(cfg: GmmConfig) -> GmmConfig:
+    """The sm90 entry with tiles capped at ``CPU_MAX_TILE`` (the interpreter stays fast)."""
+    return dataclasses.replace(cfg, block_m=min(cfg.block_m, CPU_MAX_TILE), block_n=min(cfg.block_n, CPU_MAX_TILE),
+                               block_k=min(cfg.block_k, CPU_MAX_TILE), num_stages=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
