@@ -11,7 +11,8 @@ Rules (``B`` the vmapped axis size; unbatched operands are broadcast, except a s
   with group ids offset by ``b*G``; a shared ``rhs [G,K,N]`` keeps its group ids (no copy, no tiling). Fused row
   maps: ``sort_idx`` values are offset by ``b*M`` (token-major slots of batch b), so ``slot // k`` lands on batch
   b's tokens of the ``[B*T, K]`` lhs, and weights / scattered rows follow.
-* TGMM launch (``fold_tgmm``): group bounds ``[B, 2, G]`` + ``b*M`` -> ``[2, B*G]`` groups over ``[B*M, K]`` /
+* TGMM launch (``fold_tgmm``): group bounds ``[B, 3, G]`` (local id + ``b*G``, start / end + ``b*M``) ->
+  ``[3, B*G]`` groups over ``[B*M, K]`` /
   ``[B*M, N]`` -> ``[B*G, K, N]``.
 * ``sort_by_expert`` (``fold_sort``): keys fold into ``B*(E+1)`` experts, ``b*(E+1) + id`` (``E`` for dropped ids,
   so each batch's dropped copies still sort after its routed ones and before the next batch); one counting sort,
@@ -119,10 +120,12 @@ def fold_gmm(call, size, batched, arrays, static):
 
 
 def fold_tgmm(call, size, batched, arrays, static):
-    """vmap rule of the TGMM launch ``(lhs[M,K], rhs[M,N], bounds[2,G])`` (module docstring)."""
+    """vmap rule of the TGMM launch ``(lhs[M,K], rhs[M,N], bounds[3,G])`` (module docstring)."""
     lhs, rhs, bounds = (_bcast(a, bat, size) for a, bat in zip(arrays, batched))
     m, num_groups = lhs.shape[1], bounds.shape[2]
-    bounds = jnp.swapaxes(bounds + _offsets(size, (2, 1)) * m, 0, 1).reshape(2, -1)
+    b = _offsets(size, (1,))                                  # bounds rows: local group id, start, end
+    bounds = jnp.stack([bounds[:, 0] + b * num_groups, bounds[:, 1] + b * m, bounds[:, 2] + b * m], axis=1)
+    bounds = jnp.swapaxes(bounds, 0, 1).reshape(3, -1)
     out = call(_flat(lhs), _flat(rhs), bounds, **static)
     return out.reshape((size, num_groups) + out.shape[1:])
 

@@ -232,7 +232,8 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, config=N
 
 @batching.folds_batch(batching.fold_tgmm)
 def _tgmm_call(lhs, rhs, bounds, *, out_dtype, cfg):
-    """The ``_tgmm_kernel`` launch over precomputed group bounds int32[2, G_local] -> [G_local, K, N]."""
+    """The ``_tgmm_kernel`` launch over precomputed group bounds int32[3, G_local] (``schedule.tgmm_group_bounds``:
+    local group, start, end; longest first) -> [G_local, K, N]."""
     k, n, num_groups = lhs.shape[1], rhs.shape[1], bounds.shape[1]
     grid = num_groups * triton.cdiv(k, cfg.block_k) * triton.cdiv(n, cfg.block_n)
     return triton_call(
