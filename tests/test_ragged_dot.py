@@ -17,7 +17,6 @@ from tests.helpers import GROUP_CASES, TOL, assert_close, group_sizes, keys, ran
 
 R = jax.lax.RaggedDotDimensionNumbers
 IMPLS = ["xla", "triton", "pallas"]
-VMAP_XFAIL = "needs the Triton vmap batching rule (issue 13 item 2, another branch); passes once that merges"
 
 # name -> (lhs shape, rhs shape, group_sizes shape prefix, dimension numbers, needs vmap on the backend)
 DIMS = {
@@ -45,12 +44,7 @@ def _sizes(prefix, num_rows, seed, num_groups=4):
 
 
 def _params(names):
-    out = []
-    for name in names:
-        for impl in IMPLS:
-            marks = [pytest.mark.xfail(strict=False, reason=VMAP_XFAIL)] if impl == "triton" and DIMS[name][4] else []
-            out.append(pytest.param(name, impl, marks=marks, id=f"{name}-{impl}"))
-    return out
+    return [pytest.param(name, impl, id=f"{name}-{impl}") for name in names for impl in IMPLS]
 
 
 @pytest.mark.parametrize("name,impl", _params(DIMS))

@@ -44,6 +44,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.pallas import tiling as tiling_lib
 from kernels.platform import tpu_or_interpret
+from kernels.shapes import pad_rows, static_upper_bound
 
 __all__ = ["gmm", "tgmm", "gmm_schedule", "tgmm_schedule"]
 
@@ -276,7 +277,16 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, tiling
     ``existing_out`` [M,N]: returned as ``existing_out + contribution`` on local-group rows, unchanged elsewhere.
     ``interpret``: None = Mosaic when lowered for TPU, interpret mode for any other platform
     (``kernels.platform.tpu_or_interpret``); or a bool / ``pltpu.InterpretParams``.
-    ``precision``: None / ``lax.Precision.DEFAULT`` (Mosaic's default) or ``HIGHEST`` (fp32 contraction)."""
+    ``precision``: None / ``lax.Precision.DEFAULT`` (Mosaic's default) or ``HIGHEST`` (fp32 contraction).
+    A symbolic M (``jax.export`` shape polymorphism) runs at its static upper bound on zero-padded rows (Mosaic's
+    scalar-prefetched schedule needs a static length); those rows are past ``sum(group_sizes)`` and sliced off."""
+    m = lhs.shape[0]
+    if not isinstance(m, int):
+        bound = static_upper_bound(m, "the row count M of the Pallas grouped matmul")
+        existing = None if existing_out is None else pad_rows(existing_out, bound)
+        return gmm(pad_rows(lhs, bound), rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs,
+                   out_dtype=out_dtype, tiling=tiling, existing_out=existing, interpret=interpret,
+                   precision=precision)[:m]
     return _gmm(lhs, rhs, group_sizes, group_offset, existing_out, transpose_rhs=bool(transpose_rhs),
                 out_dtype=jnp.dtype(out_dtype), tiling=tiling, interpret=interpret, precision=precision)
 
@@ -355,6 +365,11 @@ def _tgmm(lhs, rhs, group_sizes, group_offset, existing_out, *, num_groups, out_
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, tiling=None, existing_out=None,
          interpret=None, precision=None):
     """lhs [M,K]^T x rhs [M,N] per local group -> [G_local=num_groups, K, N] (``out_dtype``); empty groups are zero
-    (``existing_out[g]`` with ``existing_out``). ``tiling`` / ``interpret`` as for ``gmm``."""
+    (``existing_out[g]`` with ``existing_out``). ``tiling`` / ``interpret`` / a symbolic M as for ``gmm``."""
+    if not isinstance(lhs.shape[0], int):
+        bound = static_upper_bound(lhs.shape[0], "the row count M of the Pallas grouped matmul")
+        return tgmm(pad_rows(lhs, bound), pad_rows(rhs, bound), group_sizes, group_offset, num_groups=num_groups,
+                    out_dtype=out_dtype, tiling=tiling, existing_out=existing_out, interpret=interpret,
+                    precision=precision)
     return _tgmm(lhs, rhs, group_sizes, group_offset, existing_out, num_groups=int(num_groups),
                  out_dtype=jnp.dtype(out_dtype), tiling=tiling, interpret=interpret, precision=precision)
