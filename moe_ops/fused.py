@@ -147,7 +147,7 @@ def gather_gmm(x, rhs, group_sizes, sort_idx, *, group_offset=None, transpose_rh
     out_dtype = validation.out_dtype(preferred_element_type, x.dtype)
     impl = _fused_ops_for(implementation)
     sizes = validation.clamp_group_sizes(group_sizes, sort_idx.shape[0])
-    offset = validation.group_offset_array(group_offset)
+    offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
     x, rhs, sizes, offset, sort_idx = vma.match_vma(x, rhs.astype(x.dtype), sizes, offset, sort_idx.astype(jnp.int32))
     return _gather_gmm(x, rhs, sizes, offset, sort_idx, k, bool(transpose_rhs), out_dtype, impl)
 
@@ -166,7 +166,7 @@ def scatter_gmm(h, rhs, group_sizes, sort_idx, weights, *, group_offset=None, tr
     out_dtype = validation.out_dtype(preferred_element_type, h.dtype)
     impl = _fused_ops_for(implementation)
     sizes = validation.clamp_group_sizes(group_sizes, h.shape[0])
-    offset = validation.group_offset_array(group_offset)
+    offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
     h, rhs, weights, sizes, offset, sort_idx = vma.match_vma(h, rhs.astype(h.dtype), weights, sizes, offset,
                                                             sort_idx.astype(jnp.int32))
     return _scatter_gmm(h, rhs, weights, sizes, offset, sort_idx, bool(transpose_rhs), out_dtype, impl)

@@ -80,7 +80,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
     out_dtype = validation.out_dtype(preferred_element_type, lhs.dtype)
     impl = backend.resolve(implementation)
     sizes = validation.clamp_group_sizes(group_sizes, lhs.shape[0])
-    offset = validation.group_offset_array(group_offset)
+    offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
     lhs, rhs, sizes, offset = vma.match_vma(lhs, rhs.astype(lhs.dtype), sizes, offset)
     return _gmm(lhs, rhs, sizes, offset, bool(transpose_rhs), out_dtype, impl)
 
@@ -95,7 +95,7 @@ def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred
     out_dtype = validation.out_dtype(preferred_element_type, lhs.dtype)
     impl = backend.resolve(implementation)
     sizes = validation.clamp_group_sizes(group_sizes, lhs.shape[0])
-    offset = validation.group_offset_array(group_offset)
+    offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
     num_groups = group_sizes.shape[0] if num_groups is None else int(num_groups)
     lhs, rhs, sizes, offset = vma.match_vma(lhs, rhs.astype(lhs.dtype), sizes, offset)
     return _tgmm(lhs, rhs, sizes, offset, num_groups, out_dtype, impl)

@@ -8,7 +8,8 @@ Row/group conventions shared by all ops (``G`` groups, ``M`` rows, ``group_sizes
 1. Group ``g`` owns rows ``[start[g], start[g] + group_sizes[g])`` with ``start = cumsum(group_sizes) - group_sizes``.
 2. Rows at or beyond ``sum(group_sizes)`` belong to no group: ``gmm`` writes zeros there, ``tgmm`` ignores them.
 3. With ``group_offset`` (expert sharding), only groups ``[group_offset, group_offset + G_local)`` are local; rows of
-   other groups behave like rows beyond the sum (zero output, zero contribution, zero gradient).
+   other groups behave like rows beyond the sum (zero output, zero contribution, zero gradient). An offset outside
+   ``[0, G)`` makes no group local.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def row_group_ids(group_sizes: jax.Array, num_rows: int) -> jax.Array:
 
 def _local_row_ids(group_sizes, num_rows, group_offset, num_local):
     """Local group id per row in ``[0, num_local)``, or ``-1`` for rows of non-local groups / beyond the sum."""
-    offset = jnp.int32(0) if group_offset is None else jnp.asarray(group_offset, jnp.int32).reshape(())
+    offset = jnp.int32(0) if group_offset is None else jnp.asarray(group_offset).reshape(())
+    num_groups = group_sizes.shape[0]
+    offset = jnp.where((offset >= 0) & (offset < num_groups), offset, num_groups).astype(jnp.int32)  # else no local
     group = row_group_ids(group_sizes, num_rows)
     local = group - offset
     return jnp.where((local >= 0) & (local < num_local) & (group < group_sizes.shape[0]), local, -1)
