@@ -79,6 +79,10 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
     validation.check_gmm(lhs, rhs, group_sizes, transpose_rhs)
     out_dtype = validation.out_dtype(preferred_element_type, lhs.dtype)
     impl = backend.resolve(implementation)
+    (m, k), n = lhs.shape, rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    empty = validation.zeros_if_empty((m, n), out_dtype, (m, k, n, rhs.shape[0]), lhs, rhs)
+    if empty is not None:
+        return empty
     sizes = validation.clamp_group_sizes(group_sizes, lhs.shape[0])
     offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
     lhs, rhs, sizes, offset = vma.match_vma(lhs, rhs.astype(lhs.dtype), sizes, offset)
@@ -97,5 +101,9 @@ def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred
     sizes = validation.clamp_group_sizes(group_sizes, lhs.shape[0])
     offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
     num_groups = group_sizes.shape[0] if num_groups is None else int(num_groups)
+    (m, k), n = lhs.shape, rhs.shape[1]
+    empty = validation.zeros_if_empty((num_groups, k, n), out_dtype, (m, k, n, num_groups), lhs, rhs)
+    if empty is not None:
+        return empty
     lhs, rhs, sizes, offset = vma.match_vma(lhs, rhs.astype(lhs.dtype), sizes, offset)
     return _tgmm(lhs, rhs, sizes, offset, num_groups, out_dtype, impl)

@@ -14,6 +14,9 @@ ids out of range) cannot be seen at trace time without a host sync, so the fast 
 Inside ``with moe_ops.checked():`` (or with ``MOE_OPS_CHECKED=1``) the ops add a device-to-host callback that raises
 ``ValueError`` with the offending values instead; under ``jit`` it surfaces as a runtime error carrying that message.
 Checks are decided at trace time: a function that ``jit`` already traced outside the block keeps its unchecked trace.
+
+Degenerate shapes (a zero M, T, K, N, D, top_k, G or G_local) are not errors: every op returns correctly shaped zeros
+(``zeros_if_empty``) and every gradient is zero.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from moe_ops import vma
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _state = threading.local()
@@ -131,6 +136,16 @@ def clamp_group_sizes(group_sizes, num_rows):
     return jnp.diff(ends, prepend=jnp.zeros((1,), jnp.int32)).astype(jnp.int32)
 
 
+def zeros_if_empty(shape, dtype, dims, *like):
+    """Degenerate shapes: ``zeros(shape, dtype)`` (varying over the manual axes of ``like``) when any of ``dims`` is
+    0, else ``None``. Every public op returns this early, so no kernel ever sees a zero-size dimension; gradients of
+    the inputs are then zeros of their own (possibly empty) shapes."""
+    if all(int(d) > 0 for d in dims):
+        return None
+    out = jnp.zeros(shape, dtype)
+    return vma.like(out, vma.match_vma(*like)[0]) if like else out
+
+
 def check_expert_ids(expert_ids, num_experts):
     if checks_enabled():
         _runtime_check(lambda e: ((e >= 0) & (e < num_experts)).all(),
@@ -158,7 +173,7 @@ def check_tgmm(lhs, rhs, group_sizes, num_groups):
     int_array("group_sizes", group_sizes, 1)
     if lhs.shape[0] != rhs.shape[0]:
         raise ValueError(f"lhs [M,K] and rhs [M,N] must share M, got lhs {tuple(lhs.shape)}, rhs {tuple(rhs.shape)}")
-    if num_groups is not None and not (isinstance(num_groups, (int, np.integer)) and 0 < num_groups
+    if num_groups is not None and not (isinstance(num_groups, (int, np.integer)) and 0 <= num_groups
                                        <= group_sizes.shape[0]):
-        raise ValueError(f"num_groups must be a static int in [1, len(group_sizes)={group_sizes.shape[0]}], "
+        raise ValueError(f"num_groups must be a static int in [0, len(group_sizes)={group_sizes.shape[0]}], "
                          f"got {num_groups!r}")
