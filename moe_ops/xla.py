@@ -1,43 +1,100 @@
-"""XLA backend: the kernel-level interface of ``backend`` built from ``lax.ragged_dot`` and gathers.
+"""XLA backend: the kernel-level interface of ``backend`` built from plain XLA ops (what ``implementation=None``
+runs on CPU).
 
-It is what ``implementation=None`` runs on CPU. Sharded groups are handled by routing the rows of non-local groups
-(and rows beyond the sum) to two zero "guard" experts, so ``ragged_dot`` needs no ``group_offset``.
+The grouped matmuls loop (``lax.fori_loop``, a dynamic trip count) over a device-side row-tile schedule
+(``row_tiles``), like the GPU kernels: each tile of at most ``BLOCK_ROWS`` rows lies inside one local group and is
+multiplied by that group's weights only (``dynamic_slice``). Rows outside the tile's group are discarded with
+``jnp.where`` (a select, never a multiply by zero), so no row ever sees another expert's weights: a NaN / Inf in one
+expert, in rows of non-local groups or in rows beyond ``sum(group_sizes)`` stays where it is, and those rows come
+out as exact zeros. Memory is O(M*(K+N) + G_local*K*N) (no densified ``[G, M, N]`` product, unlike
+``lax.ragged_dot`` on XLA:CPU); work is one ``[BM, K] x [K, N]`` dot per tile.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from moe_ops import reference
+from moe_ops import reference, vma
+
+BLOCK_ROWS = 256  # rows per tile (CPU: large enough to amortise the loop, small enough to waste little per group)
 
 
-def _guarded_sizes(group_sizes, group_offset, num_local, num_rows):
-    """[before, local sizes..., after]: rows before/after the local groups go to guard experts."""
-    offset = group_offset[0]
-    g = jnp.arange(group_sizes.shape[0])
-    local = jnp.where((g >= offset) & (g < offset + num_local), group_sizes, 0)
-    before = jnp.sum(jnp.where(g < offset, group_sizes, 0))
-    local_sizes = jax.lax.dynamic_slice(jnp.pad(local, (0, num_local)), (offset,), (num_local,))
-    after = num_rows - before - jnp.sum(local_sizes)
-    return jnp.concatenate([before[None], local_sizes, after[None]]).astype(jnp.int32)
+def row_tiles(group_sizes, group_offset, num_local, num_rows, block_rows):
+    """Schedule of the row tiles of the local groups, in row order: (group [S], start [S], end [S], count) with
+    ``S = cdiv(num_rows, block_rows) + num_local`` (static) and ``count`` (device scalar) tiles in use.
+
+    Group sizes are clamped (``>= 0``, sum ``<= num_rows``); local group ``j`` is global group ``group_offset + j``
+    (empty when that id is outside ``[0, G)``). Tile ``i < count`` covers rows ``[start_i, end_i)`` of group
+    ``group_i`` with ``0 < end_i - start_i <= block_rows``; the tiles partition the rows of the local groups."""
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    ids = group_offset.reshape(()).astype(jnp.int32) + jnp.arange(num_local, dtype=jnp.int32)
+    valid = (ids >= 0) & (ids < sizes.shape[0])
+    safe = jnp.clip(ids, 0, sizes.shape[0] - 1)
+    g_end = jnp.where(valid, ends[safe], 0)
+    g_start = jnp.where(valid, g_end - sizes[safe], 0)
+    tiles = (g_end - g_start + block_rows - 1) // block_rows
+    tiles_end = jnp.cumsum(tiles)
+    tile = jnp.arange(-(-num_rows // block_rows) + num_local, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(tiles_end, tile, side="right"), num_local - 1).astype(jnp.int32)
+    start = g_start[group] + (tile - (tiles_end[group] - tiles[group])) * block_rows
+    end = jnp.minimum(start + block_rows, g_end[group])
+    return group, start, end, tiles_end[-1]
+
+
+def _tile_loop(group_sizes, group_offset, num_local, num_rows, body, init):
+    """``fori_loop`` of ``body(group, window_start, rows_valid[BM], carry)`` over the tiles of ``row_tiles``. The
+    window ``[window_start, window_start + BM)`` always lies inside ``[0, num_rows)`` (a tile near the end is shifted
+    back); ``rows_valid`` marks its rows that belong to the tile."""
+    bm = min(BLOCK_ROWS, num_rows)
+    group, start, end, count = row_tiles(group_sizes, group_offset, num_local, num_rows, bm)
+
+    def step(i, carry):
+        window = jnp.minimum(start[i], num_rows - bm)
+        rows = window + jnp.arange(bm, dtype=jnp.int32)
+        return body(group[i], window, (rows >= start[i]) & (rows < end[i]), carry)
+
+    return lax.fori_loop(0, count, step, vma.like(init, group_sizes))  # carry typed like the operands (shard_map)
+
+
+def _rows(a, window, bm):
+    return lax.dynamic_slice_in_dim(a, window, bm, 0)
 
 
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype):
-    if transpose_rhs:
-        rhs = jnp.swapaxes(rhs, 1, 2)
-    zero = jnp.zeros((1,) + rhs.shape[1:], rhs.dtype)
-    sizes = _guarded_sizes(group_sizes, group_offset, rhs.shape[0], lhs.shape[0])
-    return jax.lax.ragged_dot(lhs, jnp.concatenate([zero, rhs, zero]), sizes,
-                              preferred_element_type=jnp.float32).astype(out_dtype)
+    """lhs [M,K] x rhs [G_local,K,N] ([G_local,N,K] with ``transpose_rhs``) -> [M,N]; zeros outside local groups."""
+    m = lhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+    bm = min(BLOCK_ROWS, m)
+
+    def body(g, window, valid, out):
+        w = lax.dynamic_index_in_dim(rhs, g, 0, keepdims=False)
+        prod = lax.dot_general(_rows(lhs, window, bm), w, dims, precision=lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)
+        new = jnp.where(valid[:, None], prod.astype(out.dtype), _rows(out, window, bm))
+        return lax.dynamic_update_slice_in_dim(out, new, window, 0)
+
+    return _tile_loop(group_sizes, group_offset, rhs.shape[0], m, body, jnp.zeros((m, n), out_dtype))
 
 
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype):
-    sizes = _guarded_sizes(group_sizes, group_offset, num_groups, lhs.shape[0])
-    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
-                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-    out = jax.lax.ragged_dot_general(lhs, rhs, sizes, dims, preferred_element_type=jnp.float32)
-    return out[1:-1].astype(out_dtype)
+    """lhs [M,K]^T x rhs [M,N] per local group -> [num_groups, K, N] (f32 accumulation); empty groups are zero."""
+    m, k = lhs.shape
+    bm = min(BLOCK_ROWS, m)
+
+    def body(g, window, valid, out):
+        a = jnp.where(valid[:, None], _rows(lhs, window, bm), 0)
+        b = jnp.where(valid[:, None], _rows(rhs, window, bm), 0)
+        prod = lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)
+        acc = lax.dynamic_index_in_dim(out, g, 0, keepdims=True) + prod[None]
+        return lax.dynamic_update_slice_in_dim(out, acc, g, 0)
+
+    out = jnp.zeros((num_groups, k, rhs.shape[1]), jnp.float32)
+    return _tile_loop(group_sizes, group_offset, num_groups, m, body, out).astype(out_dtype)
 
 
 # Token permutation. ``n_valid`` (valid-prefix form): sorted rows ``>= n_valid`` are zeros in ``gather_rows`` and
