@@ -18,7 +18,15 @@ from jax import lax
 
 from moe_ops import reference, vma
 
-BLOCK_ROWS = 256  # rows per tile (CPU: large enough to amortise the loop, small enough to waste little per group)
+BLOCK_ROWS = 256  # most rows per tile (CPU: large enough to amortise the loop, small enough to waste little)
+MIN_BLOCK_ROWS = 64
+
+
+def block_rows(num_rows, num_local):
+    """Static tile height: about the mean group size (so a group wastes at most about one tile's worth of rows),
+    a power of two in ``[MIN_BLOCK_ROWS, BLOCK_ROWS]``, and never more than ``num_rows``."""
+    mean = max(1, num_rows // max(1, num_local))
+    return min(num_rows, BLOCK_ROWS, max(MIN_BLOCK_ROWS, 1 << (mean - 1).bit_length()))
 
 
 def row_tiles(group_sizes, group_offset, num_local, num_rows, block_rows):
@@ -48,7 +56,7 @@ def _tile_loop(group_sizes, group_offset, num_local, num_rows, body, init):
     """``fori_loop`` of ``body(group, window_start, rows_valid[BM], carry)`` over the tiles of ``row_tiles``. The
     window ``[window_start, window_start + BM)`` always lies inside ``[0, num_rows)`` (a tile near the end is shifted
     back); ``rows_valid`` marks its rows that belong to the tile."""
-    bm = min(BLOCK_ROWS, num_rows)
+    bm = block_rows(num_rows, num_local)
     group, start, end, count = row_tiles(group_sizes, group_offset, num_local, num_rows, bm)
 
     def step(i, carry):
@@ -68,7 +76,7 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype):
     m = lhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
-    bm = min(BLOCK_ROWS, m)
+    bm = block_rows(m, rhs.shape[0])
 
     def body(g, window, valid, out):
         w = lax.dynamic_index_in_dim(rhs, g, 0, keepdims=False)
@@ -83,7 +91,7 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype):
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype):
     """lhs [M,K]^T x rhs [M,N] per local group -> [num_groups, K, N] (f32 accumulation); empty groups are zero."""
     m, k = lhs.shape
-    bm = min(BLOCK_ROWS, m)
+    bm = block_rows(m, num_groups)
 
     def body(g, window, valid, out):
         a = jnp.where(valid[:, None], _rows(lhs, window, bm), 0)

@@ -18,6 +18,7 @@ M, K, N, G = 37, 8, 12, 4  # M not a multiple of the tile: the last windows are 
 @pytest.fixture
 def small_tiles(monkeypatch):
     monkeypatch.setattr(xla, "BLOCK_ROWS", 8)
+    monkeypatch.setattr(xla, "MIN_BLOCK_ROWS", 8)
 
 
 @given(group_sizes_strategy(G, M))
