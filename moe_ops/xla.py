@@ -71,21 +71,30 @@ def _rows(a, window, bm):
     return lax.dynamic_slice_in_dim(a, window, bm, 0)
 
 
-def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype):
-    """lhs [M,K] x rhs [G_local,K,N] ([G_local,N,K] with ``transpose_rhs``) -> [M,N]; zeros outside local groups."""
-    m = lhs.shape[0]
+def _grouped_rows(load_rows, num_rows, rhs, group_sizes, group_offset, transpose_rhs, out_dtype, row_scale=None):
+    """[num_rows, N]: ``load_rows(window, bm) [bm, K] @ rhs[group]`` per tile (times ``row_scale(window, bm)`` [bm]
+    f32 when given), written to the tile's valid rows only; zeros elsewhere."""
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
-    bm = block_rows(m, rhs.shape[0])
+    bm = block_rows(num_rows, rhs.shape[0])
 
     def body(g, window, valid, out):
         w = lax.dynamic_index_in_dim(rhs, g, 0, keepdims=False)
-        prod = lax.dot_general(_rows(lhs, window, bm), w, dims, precision=lax.Precision.HIGHEST,
+        prod = lax.dot_general(load_rows(window, bm), w, dims, precision=lax.Precision.HIGHEST,
                                preferred_element_type=jnp.float32)
+        if row_scale is not None:
+            prod = prod * row_scale(window, bm)[:, None]
         new = jnp.where(valid[:, None], prod.astype(out.dtype), _rows(out, window, bm))
         return lax.dynamic_update_slice_in_dim(out, new, window, 0)
 
-    return _tile_loop(group_sizes, group_offset, rhs.shape[0], m, body, jnp.zeros((m, n), out_dtype))
+    return _tile_loop(group_sizes, group_offset, rhs.shape[0], num_rows, body,
+                      jnp.zeros((num_rows, n), out_dtype))
+
+
+def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype):
+    """lhs [M,K] x rhs [G_local,K,N] ([G_local,N,K] with ``transpose_rhs``) -> [M,N]; zeros outside local groups."""
+    return _grouped_rows(lambda window, bm: _rows(lhs, window, bm), lhs.shape[0], rhs, group_sizes, group_offset,
+                         transpose_rhs, out_dtype)
 
 
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype):
@@ -146,17 +155,20 @@ def combine_weight_grad(dout, y, sort_idx, k, n_valid=None):
     return jnp.einsum("tkd,td->tk", gathered, dout.astype(jnp.float32), precision="highest")
 
 
-# Fused dispatch / combine (the optional ``gather_gmm`` / ``scatter_gmm`` of the interface): reference twins that
-# compose the functions above, so they *do* materialise the permuted rows; ``moe_ffn(fused=True)`` runs everywhere.
+# Fused dispatch / combine (the optional ``gather_gmm`` / ``scatter_gmm`` of the interface). ``gather_gmm`` gathers
+# each tile's rows from x inside the loop (no permuted copy of x); ``scatter_gmm`` is the grouped matmul followed by
+# ``combine_rows`` (its [T*k, N] expert-order output is the size of a slot buffer anyway).
 
 
 def gather_gmm(x, rhs, group_sizes, group_offset, sort_idx, k, *, transpose_rhs, out_dtype, row_weights=None):
     """x [T,K] -> [T*k,N]: ``x[sort_idx[i] // k] @ rhs[group(i)]`` (* ``row_weights.flat[sort_idx[i]]`` in f32)."""
-    out = gmm(x[sort_idx // k], rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs,
-              out_dtype=out_dtype if row_weights is None else jnp.float32)
+    slots = lambda window, bm: lax.dynamic_slice_in_dim(sort_idx, window, bm, 0)
+    load = lambda window, bm: jnp.take(x, slots(window, bm) // k, axis=0, mode="clip")
+    scale = None
     if row_weights is not None:
-        out = (out * row_weights.reshape(-1).astype(jnp.float32)[sort_idx][:, None]).astype(out_dtype)
-    return out
+        flat = row_weights.reshape(-1).astype(jnp.float32)
+        scale = lambda window, bm: jnp.take(flat, slots(window, bm), mode="clip")
+    return _grouped_rows(load, sort_idx.shape[0], rhs, group_sizes, group_offset, transpose_rhs, out_dtype, scale)
 
 
 def scatter_gmm(h, rhs, group_sizes, group_offset, sort_idx, weights, *, transpose_rhs, out_dtype):

@@ -125,3 +125,29 @@ def test_moe_ffn_nan_in_an_unused_expert_stays_there(fused):
     want = jax.grad(lambda *a: jnp.sum(R.moe_ffn_dense(*a, top_k=2)), tuple(range(5)))(x, logits, *w)
     for i, (g, wg) in enumerate(zip(grads, want)):
         assert_close(g, wg, 1e-4, f"grad {i}")
+
+
+def test_fused_twins_small_tiles(small_tiles):
+    """gather_gmm gathers its rows per tile (and scales them by row_weights); scatter_gmm composes; gradients."""
+    t, k, e = 19, 2, 4
+    k1, k2, k3, k4, k5 = keys(9, 5)
+    ids = jax.random.randint(k1, (t, k), -1, e)  # some dropped copies
+    x, w_in, w_out = randn(k2, (t, K)), randn(k3, (e, K, N)), randn(k4, (e, N, K))
+    weights = jax.random.uniform(k5, (t, k), jnp.float32, 0.1, 1.0)
+    _, sizes, sort_idx = R.permute(x, ids, e)
+    x_sorted = x[sort_idx // k]
+    row_w = weights.reshape(-1)[sort_idx][:, None]
+    got = xla.gather_gmm(x, w_in, sizes, jnp.zeros((1,), jnp.int32), sort_idx, k, transpose_rhs=False,
+                         out_dtype=jnp.float32, row_weights=weights)
+    assert_close(got, R.gmm(x_sorted, w_in, sizes) * row_w, 1e-5, "gather_gmm row_weights")
+
+    def layer(gather, scatter):
+        return lambda a, b, c, w: jnp.sum(scatter(jnp.tanh(gather(a, b)), c, w) ** 2)
+    ours = layer(lambda a, b: moe_ops.gather_gmm(a, b, sizes, sort_idx, implementation="xla"),
+                 lambda h, c, w: moe_ops.scatter_gmm(h, c, sizes, sort_idx, w, implementation="xla"))
+    ref = layer(lambda a, b: R.gmm(a[sort_idx // k], b, sizes),
+                lambda h, c, w: R.unpermute(R.gmm(h, c, sizes), sort_idx, w))
+    args = (x, w_in, w_out, weights)
+    assert_close(ours(*args), ref(*args), 1e-5, "value")
+    for i, (g, want) in enumerate(zip(jax.grad(ours, (0, 1, 2, 3))(*args), jax.grad(ref, (0, 1, 2, 3))(*args))):
+        assert_close(g, want, 1e-5, f"grad {i}")
