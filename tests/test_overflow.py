@@ -130,8 +130,10 @@ def checked_backend(monkeypatch, request):
         from jax.experimental.pallas import tpu as pltpu
 
         from kernels.pallas import gmm as pallas_gmm
+        from kernels.pallas import sort as pallas_sort
         strict = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
         monkeypatch.setattr(pallas_gmm, "_interpret", lambda interpret: strict)
+        monkeypatch.setattr(pallas_sort, "_interpret", lambda interpret: strict)
         try:
             yield impl, []
         finally:
@@ -164,6 +166,12 @@ def test_adversarial_sizes_match_reference(checked_backend, name):
     assert_close(out, R.gmm(lhs, rhs, clamped), 1e-5, f"{impl} gmm {name}")
     out = moe_ops.tgmm(lhs, rhs2, sizes, implementation=impl)
     assert_close(out, R.tgmm(lhs, rhs2, clamped), 1e-5, f"{impl} tgmm {name}")
+    if impl != "pallas":  # fused ops (k=1, a reversing permutation)
+        perm = jnp.arange(M, dtype=jnp.int32)[::-1]
+        out = moe_ops.gather_gmm(lhs, rhs, sizes, perm, implementation=impl)
+        assert_close(out, R.gmm(lhs[perm], rhs, clamped), 1e-5, f"{impl} gather_gmm {name}")
+        out = moe_ops.scatter_gmm(lhs, rhs, sizes, perm, jnp.ones((M, 1)), implementation=impl)
+        assert_close(out, R.gmm(lhs, rhs, clamped)[perm], 1e-5, f"{impl} scatter_gmm {name}")
     grads = jax.grad(lambda a, b: jnp.sum(moe_ops.gmm(a, b, sizes, implementation=impl) * rhs2), (0, 1))(lhs, rhs)
     expected = jax.grad(lambda a, b: jnp.sum(R.gmm(a, b, clamped) * rhs2), (0, 1))(lhs, rhs)
     for got, want, what in zip(grads, expected, ("dlhs", "drhs")):
@@ -200,3 +208,25 @@ def test_offset_outside_range_raises_when_checked():
         jax.block_until_ready(jax.jit(lambda o: moe_ops.gmm(lhs, rhs, sizes, group_offset=o))(jnp.int32(-1)))
     with moe_ops.checked():  # in range: no error
         jax.block_until_ready(moe_ops.gmm(lhs, rhs, sizes, group_offset=3))
+
+
+@pytest.mark.parametrize("checked_backend", BACKENDS, indirect=True)
+def test_extreme_expert_ids_are_dropped(checked_backend):
+    """Ids at the int32 extremes sort last and are dropped (permute, unpermute, the fused ops), no out-of-bounds."""
+    impl, violations = checked_backend
+    ids = jnp.array([[0, MAX], [MIN, 2], [3, MAX - 1], [1, -1], [MIN + 1, 0]], jnp.int32)
+    t, k, e = ids.shape[0], ids.shape[1], 4
+    k1, k2, k3 = keys(5, 3)
+    x, rhs, w = randn(k1, (t, K)), randn(k2, (e, K, N)), jax.random.uniform(k3, (t, k), jnp.float32, 0.1, 1.0)
+    xs, sizes, sort_idx = moe_ops.permute(x, ids, e, implementation=impl)
+    rxs, rsizes, rsort = R.permute(x, ids, e)
+    np.testing.assert_array_equal(np.asarray(sizes), np.asarray(rsizes))
+    np.testing.assert_array_equal(np.asarray(sort_idx), np.asarray(rsort))
+    assert_close(xs, rxs, 0, f"{impl} permute")
+    y = moe_ops.gmm(xs, rhs, sizes, implementation=impl)
+    assert_close(moe_ops.unpermute(y, sort_idx, w, implementation=impl), R.unpermute(R.gmm(rxs, rhs, rsizes), rsort, w),
+                 1e-5, f"{impl} unpermute")
+    if impl != "pallas":
+        assert_close(moe_ops.gather_gmm(x, rhs, sizes, sort_idx, implementation=impl), R.gmm(rxs, rhs, rsizes), 1e-5,
+                     f"{impl} gather_gmm")
+    assert not violations, violations
