@@ -16,7 +16,9 @@ Every backend module exposes the same kernel-level functions (no validation, no 
 * ``combine_weight_grad(dout[T,D], y[T*k,D], sort_idx, k, n_valid=None) -> [T, k] f32``
 
 (the xla and pallas ``gmm`` / ``tgmm`` also take ``precision=``, a ``lax.Precision`` the caller already mapped with
-``validation.kernel_precision``; it is passed only when not ``None``), where ``group_sizes`` are already clamped (non-negative, ``sum <= M``) and ``group_offset`` is int32 of shape (1,).
+``validation.kernel_precision``; it is passed only when not ``None``), where ``group_sizes`` are already clamped
+(non-negative, ``sum <= M``) and ``group_offset`` is int32 of shape (1,) in ``[0, G]`` (``G``: no group is
+local); no op is called with a zero-size dimension (``validation.zeros_if_empty``).
 
 ``n_valid`` (the valid-prefix form for expert parallelism; ``None`` means all ``N = T*k`` rows) is an int scalar or
 shape-(1,) int array on device, clamped to ``[0, N]``: ``gather_rows`` writes zeros to rows ``>= n_valid`` without

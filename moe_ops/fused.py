@@ -148,8 +148,13 @@ def gather_gmm(x, rhs, group_sizes, sort_idx, *, group_offset=None, transpose_rh
     k = _check_rows(sort_idx, x.shape[0], "x is [T, K]")
     out_dtype = validation.out_dtype(preferred_element_type, x.dtype)
     impl = _fused_ops_for(implementation)
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    dims = (sort_idx.shape[0], x.shape[1], n, rhs.shape[0])
+    empty = validation.zeros_if_empty((sort_idx.shape[0], n), out_dtype, dims, x, rhs)
+    if empty is not None:
+        return empty
     sizes = validation.clamp_group_sizes(group_sizes, sort_idx.shape[0])
-    offset = validation.group_offset_array(group_offset)
+    offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
     x, rhs, sizes, offset, sort_idx = vma.match_vma(x, rhs.astype(x.dtype), sizes, offset, sort_idx.astype(jnp.int32))
     return _gather_gmm(x, rhs, sizes, offset, sort_idx, k, bool(transpose_rhs), out_dtype, impl)
 
@@ -167,8 +172,13 @@ def scatter_gmm(h, rhs, group_sizes, sort_idx, weights, *, group_offset=None, tr
     validation.int_array("sort_idx", sort_idx, 1)
     out_dtype = validation.out_dtype(preferred_element_type, h.dtype)
     impl = _fused_ops_for(implementation)
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    dims = (h.shape[0], h.shape[1], n, rhs.shape[0])
+    empty = validation.zeros_if_empty((weights.shape[0], n), out_dtype, dims, h, rhs, weights)
+    if empty is not None:
+        return empty
     sizes = validation.clamp_group_sizes(group_sizes, h.shape[0])
-    offset = validation.group_offset_array(group_offset)
+    offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
     h, rhs, weights, sizes, offset, sort_idx = vma.match_vma(h, rhs.astype(h.dtype), weights, sizes, offset,
                                                             sort_idx.astype(jnp.int32))
     return _scatter_gmm(h, rhs, weights, sizes, offset, sort_idx, bool(transpose_rhs), out_dtype, impl)

@@ -100,11 +100,16 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
     out_dtype = validation.out_dtype(preferred_element_type, lhs.dtype)
     validation.check_existing_out(existing_out, (lhs.shape[0], rhs.shape[1 if transpose_rhs else 2]), out_dtype)
     impl = backend.choose(implementation)
+    (m, k), n = lhs.shape, rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    out = validation.zeros_if_empty((m, n), out_dtype, (m, k, n, rhs.shape[0]), lhs, rhs)
+    if out is not None and existing_out is None:
+        return out
     sizes = validation.clamp_group_sizes(group_sizes, lhs.shape[0])
-    offset = validation.group_offset_array(group_offset)
+    offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
     lhs, rhs, sizes, offset = vma.match_vma(lhs, rhs.astype(lhs.dtype), sizes, offset)
     precision = validation.kernel_precision(precision, impl)
-    out = _gmm(lhs, rhs, sizes, offset, bool(transpose_rhs), out_dtype, impl, precision)
+    if out is None:
+        out = _gmm(lhs, rhs, sizes, offset, bool(transpose_rhs), out_dtype, impl, precision)
     if existing_out is None:
         return out
     keep = ~local_rows(sizes, offset, rhs.shape[0], lhs.shape[0])
@@ -121,8 +126,12 @@ def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred
     out_dtype = validation.out_dtype(preferred_element_type, lhs.dtype)
     impl = backend.choose(implementation)
     sizes = validation.clamp_group_sizes(group_sizes, lhs.shape[0])
-    offset = validation.group_offset_array(group_offset)
+    offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
     num_groups = group_sizes.shape[0] if num_groups is None else int(num_groups)
+    (m, k), n = lhs.shape, rhs.shape[1]
+    empty = validation.zeros_if_empty((num_groups, k, n), out_dtype, (m, k, n, num_groups), lhs, rhs)
+    if empty is not None:
+        return empty
     lhs, rhs, sizes, offset = vma.match_vma(lhs, rhs.astype(lhs.dtype), sizes, offset)
     precision = validation.kernel_precision(precision, impl)
     return _tgmm(lhs, rhs, sizes, offset, num_groups, out_dtype, impl, precision)

@@ -91,8 +91,8 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
                                    activation=activation, score_fn=score_fn, implementation=implementation)
     check_weights(x, router_logits, w_gate, w_up, w_down)
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    weights, ids = route(router_logits.reshape(-1, router_logits.shape[-1]), top_k, score_fn=score_fn)
+    x2 = reference.flatten_tokens(x)
+    weights, ids = route(reference.flatten_tokens(router_logits), top_k, score_fn=score_fn)
     if fused_ops.use_fused(fused, implementation):
         return fused_experts_ffn(x2, weights, ids, w_gate, w_up, w_down, activation=activation,
                                  implementation=implementation).reshape(shape)

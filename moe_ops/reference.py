@@ -8,17 +8,20 @@ Row/group conventions shared by all ops (``G`` groups, ``M`` rows, ``group_sizes
 1. Group ``g`` owns rows ``[start[g], start[g] + group_sizes[g])`` with ``start = cumsum(group_sizes) - group_sizes``.
 2. Rows at or beyond ``sum(group_sizes)`` belong to no group: ``gmm`` writes zeros there, ``tgmm`` ignores them.
 3. With ``group_offset`` (expert sharding), only groups ``[group_offset, group_offset + G_local)`` are local; rows of
-   other groups behave like rows beyond the sum (zero output, zero contribution, zero gradient).
+   other groups behave like rows beyond the sum (zero output, zero contribution, zero gradient). An offset outside
+   ``[0, G)`` makes no group local.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 
 __all__ = [
     "row_group_ids", "gmm", "tgmm", "route", "sort_by_expert", "inverse_permutation", "permute", "unpermute",
-    "moe_ffn", "moe_ffn_dense", "activate",
+    "moe_ffn", "moe_ffn_dense", "activate", "flatten_tokens",
 ]
 
 
@@ -30,7 +33,9 @@ def row_group_ids(group_sizes: jax.Array, num_rows: int) -> jax.Array:
 
 def _local_row_ids(group_sizes, num_rows, group_offset, num_local):
     """Local group id per row in ``[0, num_local)``, or ``-1`` for rows of non-local groups / beyond the sum."""
-    offset = jnp.int32(0) if group_offset is None else jnp.asarray(group_offset, jnp.int32).reshape(())
+    offset = jnp.int32(0) if group_offset is None else jnp.asarray(group_offset).reshape(())
+    num_groups = group_sizes.shape[0]
+    offset = jnp.where((offset >= 0) & (offset < num_groups), offset, num_groups).astype(jnp.int32)  # else no local
     group = row_group_ids(group_sizes, num_rows)
     local = group - offset
     return jnp.where((local >= 0) & (local < num_local) & (group < group_sizes.shape[0]), local, -1)
@@ -124,6 +129,11 @@ def unpermute(y_sorted, sort_idx, weights):
     return out.astype(y_sorted.dtype)
 
 
+def flatten_tokens(a):
+    """[..., D] -> [T, D] with ``T = prod(leading dims)`` (also for T = 0 or D = 0, where ``reshape(-1, D)`` fails)."""
+    return a.reshape(math.prod(a.shape[:-1]), a.shape[-1])
+
+
 def activate(gate, up, activation="silu"):
     """Gated activation of the SwiGLU family, in f32: ``act(gate) * up``."""
     acts = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
@@ -135,8 +145,8 @@ def activate(gate, up, activation="silu"):
 def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax"):
     """Routed SwiGLU experts through route -> permute -> gmm -> unpermute, all reference twins."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    weights, ids = route(router_logits.reshape(-1, router_logits.shape[-1]), top_k, score_fn=score_fn)
+    x2 = flatten_tokens(x)
+    weights, ids = route(flatten_tokens(router_logits), top_k, score_fn=score_fn)
     xs, sizes, sort_idx = permute(x2, ids, w_gate.shape[0])
     h = activate(gmm(xs, w_gate, sizes), gmm(xs, w_up, sizes), activation).astype(x.dtype)
     y = gmm(h, w_down, sizes)
@@ -148,8 +158,8 @@ def moe_ffn_dense(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="
 
     O(T·E·D·F) work: the ground truth for small shapes, never a fast path."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).astype(jnp.float32)
-    weights, ids = route(router_logits.reshape(-1, router_logits.shape[-1]), top_k, score_fn=score_fn)
+    x2 = flatten_tokens(x).astype(jnp.float32)
+    weights, ids = route(flatten_tokens(router_logits), top_k, score_fn=score_fn)
     combine = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(ids, w_gate.shape[0], dtype=jnp.float32))
     f32 = lambda w: w.astype(jnp.float32)
     gate = jnp.einsum("td,edf->tef", x2, f32(w_gate), precision="highest")

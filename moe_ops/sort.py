@@ -96,6 +96,10 @@ def permute(x, expert_ids, num_experts, *, n_valid=None, implementation=None):
         raise ValueError(f"expert_ids must be [T, k] with T={x.shape[0]} (x is {tuple(x.shape)}), "
                          f"got {tuple(expert_ids.shape)}")
     impl = backend.choose(implementation)
+    t, k = expert_ids.shape
+    x_sorted = validation.zeros_if_empty((t * k, x.shape[1]), x.dtype, (t * k, x.shape[1]), x)
+    if x_sorted is not None:
+        return x_sorted, group_sizes, sort_idx
     x_, sort_idx_ = vma.match_vma(x, sort_idx)
     x_sorted = _gather(x_, sort_idx_, _n_valid_array(n_valid), expert_ids.shape[1], impl)
     return x_sorted, group_sizes, sort_idx
@@ -113,5 +117,9 @@ def unpermute(y_sorted, sort_idx, weights, *, n_valid=None, implementation=None)
         raise ValueError(f"y_sorted [T*k,D], sort_idx [T*k] and weights [T,k] disagree: y_sorted "
                          f"{tuple(y_sorted.shape)}, sort_idx {tuple(sort_idx.shape)}, weights {tuple(weights.shape)}")
     impl = backend.choose(implementation)
+    shape = (weights.shape[0], y_sorted.shape[1])
+    empty = validation.zeros_if_empty(shape, y_sorted.dtype, (sort_idx.shape[0], shape[1]), y_sorted, weights)
+    if empty is not None:
+        return empty
     y_sorted, sort_idx, weights = vma.match_vma(y_sorted, sort_idx.astype(jnp.int32), weights)
     return _combine(y_sorted, sort_idx, weights, _n_valid_array(n_valid), impl)

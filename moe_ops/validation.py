@@ -4,14 +4,19 @@ Static problems (ranks, dims, dtypes) raise ``ValueError`` / ``TypeError`` at tr
 expected shape or dtype. Value problems that live on device (group sizes summing past ``M``, negative sizes, expert
 ids out of range) cannot be seen at trace time without a host sync, so the fast path *defines* them instead:
 
-* ``sum(group_sizes) > M``: groups are truncated at row ``M`` (``clamp_group_sizes``); no kernel reads or writes
-  out of bounds. Negative sizes count as zero.
+* ``sum(group_sizes) > M``: groups are truncated at row ``M`` (``clamp_group_sizes``, saturating: no overflow for
+  any integer input, e.g. ``[5, 2**31-1, 0]``); no kernel reads or writes out of bounds. Negative sizes count as zero.
+* ``group_offset`` outside ``[0, G)``: no group is local, so ``gmm`` / ``gather_gmm`` rows are zero, ``tgmm`` blocks
+  are zero and every gradient is zero (``group_offset_array``), the same on every backend.
 * expert ids outside ``[0, E)``: the token copy is dropped (sorted after every valid row, counted in no group, so it
   contributes zero to the output and gets zero gradient).
 
 Inside ``with moe_ops.checked():`` (or with ``MOE_OPS_CHECKED=1``) the ops add a device-to-host callback that raises
 ``ValueError`` with the offending values instead; under ``jit`` it surfaces as a runtime error carrying that message.
 Checks are decided at trace time: a function that ``jit`` already traced outside the block keeps its unchecked trace.
+
+Degenerate shapes (a zero M, T, K, N, D, top_k, G or G_local) are not errors: every op returns correctly shaped zeros
+(``zeros_if_empty``) and every gradient is zero.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from moe_ops import vma
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _state = threading.local()
@@ -110,25 +117,65 @@ def kernel_precision(precision, impl):
     return jax.lax.Precision.HIGHEST
 
 
-def group_offset_array(group_offset):
-    """``group_offset`` (None, int, or int array of shape () or (1,)) -> int32 array of shape (1,)."""
+def group_offset_array(group_offset, num_groups=None):
+    """``group_offset`` (None, int, or int array of shape () or (1,)) -> int32 array of shape (1,).
+
+    With ``num_groups`` (G = ``len(group_sizes)``): an offset outside ``[0, G)`` selects *no* local groups on every
+    backend (it becomes G: ``gmm`` returns zeros, ``tgmm`` zero blocks, all gradients zero); inside ``checked()`` it
+    raises ``ValueError`` instead."""
     if group_offset is None:
         return jnp.zeros((1,), jnp.int32)
     offset = jnp.asarray(group_offset)
     if not jnp.issubdtype(offset.dtype, jnp.integer) or offset.size != 1 or offset.ndim > 1:
         raise TypeError(f"group_offset must be an integer scalar or shape-(1,) array, got {offset.dtype}{offset.shape}")
-    return offset.reshape(1).astype(jnp.int32)
+    offset = offset.reshape(1)
+    if offset.dtype.itemsize < 4:
+        offset = offset.astype(jnp.int32)
+    if num_groups is None:
+        return offset.astype(jnp.int32)
+    if checks_enabled():
+        _runtime_check(lambda o: 0 <= int(o[0]) < num_groups,
+                       lambda o: f"group_offset must lie in [0, G={num_groups}) (G = len(group_sizes)); got {o[0]}",
+                       offset)
+    in_range = (offset >= 0) & (offset < num_groups)  # compared in the input dtype: no wrap on the cast
+    return jnp.where(in_range, offset.astype(jnp.int32), jnp.int32(num_groups)).astype(jnp.int32)
+
+
+def _saturating_add(cap):
+    """``(a, b) -> min(a + b, cap)`` for ``a, b`` in ``[0, cap]``, computed as ``a + min(b, cap - a)``: associative
+    and never past ``cap``, so no intermediate can overflow."""
+    return lambda a, b: a + jnp.minimum(b, cap - a)
 
 
 def clamp_group_sizes(group_sizes, num_rows):
-    """Sizes with negatives as zero and groups truncated at ``num_rows`` (so ``sum <= num_rows``), int32."""
-    sizes = group_sizes.astype(jnp.int32)
+    """Sizes with negatives as zero and groups truncated at ``num_rows`` (so ``sum <= num_rows``), int32.
+
+    Saturating for every integer input: each size is first clipped to ``[0, num_rows]`` in its own dtype (no wrap
+    on the cast to int32), and the running end of the groups is a saturating prefix sum that never passes
+    ``num_rows`` (``[5, 2**31-1, 0]`` with M=16 -> ``[5, 11, 0]``; ``[MAX, MIN, MAX]`` -> ``[16, 0, 0]``)."""
+    dtype = jnp.dtype(group_sizes.dtype)
+    if dtype.itemsize < 4 or dtype == jnp.int32:
+        sizes = jnp.clip(group_sizes.astype(jnp.int32), 0, num_rows)
+    else:  # int64 / uint32 / uint64: num_rows fits the dtype; clip before narrowing
+        sizes = jnp.clip(group_sizes, 0, num_rows).astype(jnp.int32)
     if checks_enabled():
-        _runtime_check(lambda s: (s >= 0).all() and s.sum() <= num_rows,
-                       lambda s: f"group_sizes must be >= 0 and sum to at most M={num_rows}; got sum {s.sum()}, "
-                                 f"min {s.min()}", sizes)
-    ends = jnp.minimum(jnp.cumsum(jnp.maximum(sizes, 0)), num_rows)
+        _runtime_check(lambda s: (s >= 0).all() and s.astype(np.int64).sum() <= num_rows,
+                       lambda s: f"group_sizes must be >= 0 and sum to at most M={num_rows}; got sum "
+                                 f"{s.astype(np.int64).sum()}, min {s.min() if s.size else 0}", group_sizes)
+    if sizes.shape[0] == 0:
+        return sizes
+    ends = jax.lax.associative_scan(_saturating_add(jnp.int32(num_rows)), sizes)
     return jnp.diff(ends, prepend=jnp.zeros((1,), jnp.int32)).astype(jnp.int32)
+
+
+def zeros_if_empty(shape, dtype, dims, *like):
+    """Degenerate shapes: ``zeros(shape, dtype)`` (varying over the manual axes of ``like``) when any of ``dims`` is
+    0, else ``None``. Every public op returns this early, so no kernel ever sees a zero-size dimension; gradients of
+    the inputs are then zeros of their own (possibly empty) shapes."""
+    if all(int(d) > 0 for d in dims):
+        return None
+    out = jnp.zeros(shape, dtype)
+    return vma.like(out, vma.match_vma(*like)[0]) if like else out
 
 
 def check_expert_ids(expert_ids, num_experts):
@@ -169,7 +216,7 @@ def check_tgmm(lhs, rhs, group_sizes, num_groups):
     int_array("group_sizes", group_sizes, 1)
     if lhs.shape[0] != rhs.shape[0]:
         raise ValueError(f"lhs [M,K] and rhs [M,N] must share M, got lhs {tuple(lhs.shape)}, rhs {tuple(rhs.shape)}")
-    if num_groups is not None and not (isinstance(num_groups, (int, np.integer)) and 0 < num_groups
+    if num_groups is not None and not (isinstance(num_groups, (int, np.integer)) and 0 <= num_groups
                                        <= group_sizes.shape[0]):
-        raise ValueError(f"num_groups must be a static int in [1, len(group_sizes)={group_sizes.shape[0]}], "
+        raise ValueError(f"num_groups must be a static int in [0, len(group_sizes)={group_sizes.shape[0]}], "
                          f"got {num_groups!r}")

@@ -1,7 +1,13 @@
-"""XLA backend: the kernel-level interface of ``backend`` built from ``lax.ragged_dot`` and gathers.
+"""XLA backend: the kernel-level interface of ``backend`` built from plain XLA ops (what ``implementation=None``
+runs on CPU).
 
-It is what ``implementation=None`` runs on CPU. Sharded groups are handled by routing the rows of non-local groups
-(and rows beyond the sum) to two zero "guard" experts, so ``ragged_dot`` needs no ``group_offset``.
+The grouped matmuls loop (``lax.fori_loop``, a dynamic trip count) over a device-side row-tile schedule
+(``row_tiles``), like the GPU kernels: each tile of at most ``BLOCK_ROWS`` rows lies inside one local group and is
+multiplied by that group's weights only (``dynamic_slice``). Rows outside the tile's group are discarded with
+``jnp.where`` (a select, never a multiply by zero), so no row ever sees another expert's weights: a NaN / Inf in one
+expert, in rows of non-local groups or in rows beyond ``sum(group_sizes)`` stays where it is, and those rows come
+out as exact zeros. Memory is O(M*(K+N) + G_local*K*N) (no densified ``[G, M, N]`` product, unlike
+``lax.ragged_dot`` on XLA:CPU); work is one ``[BM, K] x [K, N]`` dot per tile.
 """
 
 from __future__ import annotations
@@ -10,56 +16,110 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.custom_batching import custom_vmap
+from jax import lax
 
-from moe_ops import reference
+from moe_ops import reference, vma
 
-
-def _vmap_by_broadcast(fn):
-    """``lax.ragged_dot`` batches only when lhs, rhs and group sizes are all batched ("vmap over any dim but 0 -
-    NYI" otherwise): under ``jax.vmap`` broadcast the unbatched operands first (a shared rhs is then copied per
-    batch; the Triton backend folds without copying, see ``kernels.triton.batching``)."""
-    @functools.wraps(fn)
-    def wrapped(*arrays, **static):
-        call = custom_vmap(lambda *xs: fn(*xs, **static))
-
-        @call.def_vmap
-        def rule(size, batched, *xs):
-            xs = [x if b else jnp.broadcast_to(x, (size,) + x.shape) for x, b in zip(xs, batched)]
-            return jax.vmap(lambda *ys: fn(*ys, **static))(*xs), True
-
-        return call(*arrays)
-    return wrapped
+BLOCK_ROWS = 256  # most rows per tile (CPU: large enough to amortise the loop, small enough to waste little)
+MIN_BLOCK_ROWS = 64
 
 
-def _guarded_sizes(group_sizes, group_offset, num_local, num_rows):
-    """[before, local sizes..., after]: rows before/after the local groups go to guard experts."""
-    offset = group_offset[0]
-    g = jnp.arange(group_sizes.shape[0])
-    local = jnp.where((g >= offset) & (g < offset + num_local), group_sizes, 0)
-    before = jnp.sum(jnp.where(g < offset, group_sizes, 0))
-    local_sizes = jax.lax.dynamic_slice(jnp.pad(local, (0, num_local)), (offset,), (num_local,))
-    after = num_rows - before - jnp.sum(local_sizes)
-    return jnp.concatenate([before[None], local_sizes, after[None]]).astype(jnp.int32)
+def block_rows(num_rows, num_local):
+    """Static tile height: about the mean group size (so a group wastes at most about one tile's worth of rows),
+    a power of two in ``[MIN_BLOCK_ROWS, BLOCK_ROWS]``, and never more than ``num_rows``."""
+    mean = max(1, num_rows // max(1, num_local))
+    return min(num_rows, BLOCK_ROWS, max(MIN_BLOCK_ROWS, 1 << (mean - 1).bit_length()))
 
 
-@_vmap_by_broadcast
+def row_tiles(group_sizes, group_offset, num_local, num_rows, block_rows):
+    """Schedule of the row tiles of the local groups, in row order: (group [S], start [S], end [S], count) with
+    ``S = cdiv(num_rows, block_rows) + num_local`` (static) and ``count`` (device scalar) tiles in use.
+
+    Group sizes are clamped (``>= 0``, sum ``<= num_rows``); local group ``j`` is global group ``group_offset + j``
+    (empty when that id is outside ``[0, G)``). Tile ``i < count`` covers rows ``[start_i, end_i)`` of group
+    ``group_i`` with ``0 < end_i - start_i <= block_rows``; the tiles partition the rows of the local groups."""
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    ids = group_offset.reshape(()).astype(jnp.int32) + jnp.arange(num_local, dtype=jnp.int32)
+    valid = (ids >= 0) & (ids < sizes.shape[0])
+    safe = jnp.clip(ids, 0, sizes.shape[0] - 1)
+    g_end = jnp.where(valid, ends[safe], 0)
+    g_start = jnp.where(valid, g_end - sizes[safe], 0)
+    tiles = (g_end - g_start + block_rows - 1) // block_rows
+    tiles_end = jnp.cumsum(tiles)
+    tile = jnp.arange(-(-num_rows // block_rows) + num_local, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(tiles_end, tile, side="right"), num_local - 1).astype(jnp.int32)
+    start = g_start[group] + (tile - (tiles_end[group] - tiles[group])) * block_rows
+    end = jnp.minimum(start + block_rows, g_end[group])
+    return group, start, end, tiles_end[-1]
+
+
+def _tile_loop(group_sizes, group_offset, num_local, num_rows, body, init):
+    """``fori_loop`` of ``body(group, window_start, rows_valid[BM], carry)`` over the tiles of ``row_tiles``. The
+    window ``[window_start, window_start + BM)`` always lies inside ``[0, num_rows)`` (a tile near the end is shifted
+    back); ``rows_valid`` marks its rows that belong to the tile."""
+    bm = block_rows(num_rows, num_local)
+    group, start, end, count = row_tiles(group_sizes, group_offset, num_local, num_rows, bm)
+
+    def step(i, carry):
+        window = jnp.minimum(start[i], num_rows - bm)
+        rows = window + jnp.arange(bm, dtype=jnp.int32)
+        return body(group[i], window, (rows >= start[i]) & (rows < end[i]), carry)
+
+    return lax.fori_loop(0, count, step, vma.like(init, group_sizes))  # carry typed like the operands (shard_map)
+
+
+def _precision(precision):
+    return lax.Precision.HIGHEST if precision is None else precision
+
+
+def _rows(a, window, bm):
+    return lax.dynamic_slice_in_dim(a, window, bm, 0)
+
+
+def _grouped_rows(load_rows, num_rows, rhs, group_sizes, group_offset, transpose_rhs, out_dtype, row_scale=None,
+                  precision=None):
+    """[num_rows, N]: ``load_rows(window, bm) [bm, K] @ rhs[group]`` per tile (times ``row_scale(window, bm)`` [bm]
+    f32 when given), written to the tile's valid rows only; zeros elsewhere."""
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+    bm = block_rows(num_rows, rhs.shape[0])
+
+    def body(g, window, valid, out):
+        w = lax.dynamic_index_in_dim(rhs, g, 0, keepdims=False)
+        prod = lax.dot_general(load_rows(window, bm), w, dims, precision=_precision(precision),
+                               preferred_element_type=jnp.float32)
+        if row_scale is not None:
+            prod = prod * row_scale(window, bm)[:, None]
+        new = jnp.where(valid[:, None], prod.astype(out.dtype), _rows(out, window, bm))
+        return lax.dynamic_update_slice_in_dim(out, new, window, 0)
+
+    return _tile_loop(group_sizes, group_offset, rhs.shape[0], num_rows, body,
+                      jnp.zeros((num_rows, n), out_dtype))
+
+
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, precision=None):
-    if transpose_rhs:
-        rhs = jnp.swapaxes(rhs, 1, 2)
-    zero = jnp.zeros((1,) + rhs.shape[1:], rhs.dtype)
-    sizes = _guarded_sizes(group_sizes, group_offset, rhs.shape[0], lhs.shape[0])
-    return jax.lax.ragged_dot(lhs, jnp.concatenate([zero, rhs, zero]), sizes, precision=precision,
-                              preferred_element_type=jnp.float32).astype(out_dtype)
+    """lhs [M,K] x rhs [G_local,K,N] ([G_local,N,K] with ``transpose_rhs``) -> [M,N]; zeros outside local groups.
+    ``precision``: the tiles' dot precision (default HIGHEST: f32 inputs give exact f32 products)."""
+    return _grouped_rows(lambda window, bm: _rows(lhs, window, bm), lhs.shape[0], rhs, group_sizes, group_offset,
+                         transpose_rhs, out_dtype, precision=precision)
 
 
-@_vmap_by_broadcast
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, precision=None):
-    sizes = _guarded_sizes(group_sizes, group_offset, num_groups, lhs.shape[0])
-    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
-                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-    out = jax.lax.ragged_dot_general(lhs, rhs, sizes, dims, precision=precision, preferred_element_type=jnp.float32)
-    return out[1:-1].astype(out_dtype)
+    """lhs [M,K]^T x rhs [M,N] per local group -> [num_groups, K, N] (f32 accumulation); empty groups are zero."""
+    m, k = lhs.shape
+    bm = block_rows(m, num_groups)
+
+    def body(g, window, valid, out):
+        a = jnp.where(valid[:, None], _rows(lhs, window, bm), 0)
+        b = jnp.where(valid[:, None], _rows(rhs, window, bm), 0)
+        prod = lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_precision(precision),
+                               preferred_element_type=jnp.float32)
+        acc = lax.dynamic_index_in_dim(out, g, 0, keepdims=True) + prod[None]
+        return lax.dynamic_update_slice_in_dim(out, acc, g, 0)
+
+    out = jnp.zeros((num_groups, k, rhs.shape[1]), jnp.float32)
+    return _tile_loop(group_sizes, group_offset, num_groups, m, body, out).astype(out_dtype)
 
 
 # Token permutation. ``n_valid`` (valid-prefix form): sorted rows ``>= n_valid`` are zeros in ``gather_rows`` and
@@ -103,17 +163,20 @@ def combine_weight_grad(dout, y, sort_idx, k, n_valid=None):
     return jnp.einsum("tkd,td->tk", gathered, dout.astype(jnp.float32), precision="highest")
 
 
-# Fused dispatch / combine (the optional ``gather_gmm`` / ``scatter_gmm`` of the interface): reference twins that
-# compose the functions above, so they *do* materialise the permuted rows; ``moe_ffn(fused=True)`` runs everywhere.
+# Fused dispatch / combine (the optional ``gather_gmm`` / ``scatter_gmm`` of the interface). ``gather_gmm`` gathers
+# each tile's rows from x inside the loop (no permuted copy of x); ``scatter_gmm`` is the grouped matmul followed by
+# ``combine_rows`` (its [T*k, N] expert-order output is the size of a slot buffer anyway).
 
 
 def gather_gmm(x, rhs, group_sizes, group_offset, sort_idx, k, *, transpose_rhs, out_dtype, row_weights=None):
     """x [T,K] -> [T*k,N]: ``x[sort_idx[i] // k] @ rhs[group(i)]`` (* ``row_weights.flat[sort_idx[i]]`` in f32)."""
-    out = gmm(x[sort_idx // k], rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs,
-              out_dtype=out_dtype if row_weights is None else jnp.float32)
+    slots = lambda window, bm: lax.dynamic_slice_in_dim(sort_idx, window, bm, 0)
+    load = lambda window, bm: jnp.take(x, slots(window, bm) // k, axis=0, mode="clip")
+    scale = None
     if row_weights is not None:
-        out = (out * row_weights.reshape(-1).astype(jnp.float32)[sort_idx][:, None]).astype(out_dtype)
-    return out
+        flat = row_weights.reshape(-1).astype(jnp.float32)
+        scale = lambda window, bm: jnp.take(flat, slots(window, bm), mode="clip")
+    return _grouped_rows(load, sort_idx.shape[0], rhs, group_sizes, group_offset, transpose_rhs, out_dtype, scale)
 
 
 def scatter_gmm(h, rhs, group_sizes, group_offset, sort_idx, weights, *, transpose_rhs, out_dtype):

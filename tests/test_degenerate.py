@@ -1,0 +1,97 @@
+"""Degenerate shapes (T=0, M=0, G=0, G_local=0, K=0, N=0, D=0, F=0, top_k=0): every op on every backend returns
+correctly shaped zeros, and every gradient is zeros shaped like its input; top_k=0 in the layer is a named error."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moe_ops
+from tests.helpers import keys, randn
+
+BACKENDS = ["xla", "triton", "pallas"]
+
+
+def _check_zeros(out, shape, dtype=jnp.float32, what=""):
+    assert out.shape == shape and out.dtype == dtype, f"{what}: {out.shape} {out.dtype} != {shape} {dtype}"
+    assert np.all(np.asarray(out, np.float32) == 0), f"{what}: not all zeros"
+
+
+def _check_op(fn, args, out_shape, what):
+    """Forward zeros of ``out_shape``; the gradient of ``sum(out * probe)`` wrt every float arg is zeros of its
+    shape (the probe is random, so an op that leaked a non-zero would show)."""
+    out = jax.jit(fn)(*args)
+    _check_zeros(out, out_shape, what=what)
+    probe = randn(keys(9, 1)[0], out_shape)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * probe), tuple(range(len(args)))))(*args)
+    for i, (g, a) in enumerate(zip(grads, args)):
+        _check_zeros(g, a.shape, a.dtype, f"{what} d(arg {i})")
+
+
+# (M, K, N, G, G_local)
+GMM_DIMS = {"M0": (0, 8, 4, 3, 3), "K0": (16, 0, 4, 3, 3), "N0": (16, 8, 0, 3, 3), "G0": (16, 8, 4, 0, 0),
+            "G_local0": (16, 8, 4, 3, 0)}
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dims", list(GMM_DIMS))
+def test_gmm_tgmm(impl, dims):
+    m, k, n, g, gl = GMM_DIMS[dims]
+    k1, k2, k3 = keys(1, 3)
+    lhs, rhs, rhs2 = randn(k1, (m, k)), randn(k2, (gl, k, n)), randn(k3, (m, n))
+    sizes = jnp.full((g,), m // 2, jnp.int32)
+    _check_op(lambda a, b: moe_ops.gmm(a, b, sizes, implementation=impl), (lhs, rhs), (m, n), f"{impl} gmm {dims}")
+    _check_op(lambda a, b: moe_ops.gmm(a, jnp.swapaxes(b, 1, 2), sizes, transpose_rhs=True, implementation=impl),
+              (lhs, rhs), (m, n), f"{impl} gmm transposed {dims}")
+    _check_op(lambda a, b: moe_ops.tgmm(a, b, sizes, num_groups=gl, implementation=impl), (lhs, rhs2),
+              (gl, k, n), f"{impl} tgmm {dims}")
+
+
+# (T, top_k, D)
+SORT_DIMS = {"T0": (0, 2, 8), "top_k0": (6, 0, 8), "D0": (6, 2, 0)}
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dims", list(SORT_DIMS))
+def test_permute_unpermute_and_fused(impl, dims):
+    t, k, d = SORT_DIMS[dims]
+    k1, k2, k3, k4 = keys(2, 4)
+    x, y, w = randn(k1, (t, d)), randn(k2, (t * k, d)), jax.nn.softmax(randn(k3, (t, k)))
+    ids = jax.random.randint(k4, (t, k), 0, 4)
+    xs, sizes, sort_idx = moe_ops.permute(x, ids, 4, implementation=impl)
+    assert sizes.shape == (4,) and sort_idx.shape == (t * k,) and int(sizes.sum()) == t * k
+    _check_op(lambda a: moe_ops.permute(a, ids, 4, implementation=impl)[0], (x,), (t * k, d), f"{impl} permute")
+    _check_op(lambda a, b: moe_ops.unpermute(a, sort_idx, b, implementation=impl),
+              (y, w), (t, d), f"{impl} unpermute")
+    if impl == "pallas":  # no fused ops (moe_ffn falls back)
+        return
+    rhs = randn(k2, (4, d, 5))
+    _check_op(lambda a, b: moe_ops.gather_gmm(a, b, sizes, sort_idx, implementation=impl), (x, rhs), (t * k, 5),
+              f"{impl} gather_gmm")
+    _check_op(lambda a, b, c: moe_ops.scatter_gmm(a, b, sizes, sort_idx, c, implementation=impl), (y, rhs, w),
+              (t, 5), f"{impl} scatter_gmm")
+
+
+# (T, D, F)
+LAYER_DIMS = {"T0": (0, 8, 4), "D0": (5, 0, 4), "F0": (5, 8, 0)}
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dims", list(LAYER_DIMS))
+def test_moe_ffn(impl, dims):
+    t, d, f = LAYER_DIMS[dims]
+    k = keys(3, 5)
+    args = (randn(k[0], (t, d)), randn(k[1], (t, 4)), randn(k[2], (4, d, f)), randn(k[3], (4, d, f)),
+            randn(k[4], (4, f, d)))
+    for fused in (False, True):
+        _check_op(lambda *a: moe_ops.moe_ffn(*a, top_k=2, implementation=impl, fused=fused), args, (t, d),
+                  f"{impl} moe_ffn fused={fused} {dims}")
+    assert moe_ops.reference.moe_ffn_dense(*args, top_k=2).shape == (t, d)
+
+
+def test_top_k_zero_is_a_named_error():
+    x, logits, w = jnp.ones((5, 8)), jnp.ones((5, 4)), jnp.ones((4, 8, 8))
+    with pytest.raises(ValueError, match=r"top_k must be an int in \[1, E=4\], got 0"):
+        moe_ops.moe_ffn(x, logits, w, w, w, top_k=0)
+    with pytest.raises(ValueError, match=r"num_experts must be a positive static int, got 0"):
+        moe_ops.permute(x, jnp.zeros((5, 2), jnp.int32), 0)
