@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 
 from moe_ops import fused as fused_ops
 from moe_ops import reference, validation

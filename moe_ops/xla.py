@@ -12,9 +12,7 @@ out as exact zeros. Memory is O(M*(K+N) + G_local*K*N) (no densified ``[G, M, N]
 
 from __future__ import annotations
 
-import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
