@@ -43,7 +43,7 @@ def register_aot(family: str):
 
 
 def registered_families() -> list[str]:
-    import kernels.triton.gmm, kernels.triton.sort  # noqa: F401  (importing a family registers it)
+    import kernels.triton.gmm, kernels.triton.sort, kernels.triton.swiglu  # noqa: F401  (importing a family registers it)
     return sorted(_REGISTRY)
 
 
