@@ -30,8 +30,8 @@ them makes ``moe_ffn`` run the unfused path). ``M = T*k`` expert-sorted rows, ``
   -> [T, N]``: ``sum_j weights[t,j] * (h @ rhs[g])[inverse[t*k+j]]`` (f32 sum); rows outside local groups
   contribute zero.
 * ``swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype)
-  -> [M, F]``: ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` in f32, one kernel (``moe_ops.swiglu``; Triton only,
-  the others compose their GMMs).
+  -> [M, F]``: ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` in f32, one kernel (``moe_ops.swiglu``; Triton and
+  Pallas; XLA composes its GMMs).
 """
 
 from __future__ import annotations

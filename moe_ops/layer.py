@@ -75,7 +75,7 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
     ``fused``: gather / scatter inside the GMMs instead of permute / unpermute (``fused_experts_ffn``). ``None``
     (default) fuses on the backends of ``moe_ops.fused.FUSED_BY_DEFAULT`` (Triton, Pallas); ``True`` fuses wherever
     the backend provides the fused ops (Triton, Pallas, XLA twins); ``False`` never fuses. On backends with that
-    kernel (Triton) the fused path runs gate, up and the activation as one op (``moe_ops.swiglu``). Same results
+    kernel (Triton, Pallas) the fused path runs gate, up and the activation as one op (``moe_ops.swiglu``). Same results
     either way (up to rounding).
     ``sharding`` (a ``MoEShardingConfig``): run the expert-parallel partitioned op (``moe_ops.partitioned``; its
     per-shard layers use the default ``fused=None``)."""

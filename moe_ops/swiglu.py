@@ -6,15 +6,18 @@ with ``gate`` / ``up`` [M, F] never stored (``moe_ffn``'s fused path).
 w_up [G_local,D,F] as given (no interleaved copy). Rows of non-local groups and rows beyond ``sum(group_sizes)``
 are zero. The activation runs in f32 on the f32 accumulators (``reference.activate``'s activations).
 
-Backends provide ``swiglu_gmm`` optionally (``moe_ops.backend``): Triton runs one kernel that reads each A row once
-into two accumulators (``kernels.triton.swiglu``); elsewhere the op composes the backend's (gather-)GMMs.
+Backends provide ``swiglu_gmm`` optionally (``moe_ops.backend``): Triton and Pallas run one kernel that reads each A
+row once into two accumulators (``kernels.triton.swiglu``, ``kernels.pallas.swiglu``); the XLA backend composes its
+(gather-)GMMs.
 
 Custom VJP. Residuals are only the op's inputs (x, w_gate, w_up, group_sizes, group_offset, sort_idx): nothing of
 size [M, F] is saved; ``gate`` / ``up`` are recomputed in the backward (two (gather-)GMMs, the cost of one more
 forward of this op), which keeps the peak of ``jax.grad`` at or below the unfused path's (whose activation saves
 both). Then, for ``dh`` [M,F]:
 
-* ``dgate = dh * up * act'(gate)``, ``dup = dh * act(gate)`` in f32 (the VJP of ``reference.activate``, elementwise);
+* ``gate`` / ``up`` recomputed in x's dtype (as the unfused path stores them), then ``dgate = dh * up * act'(gate)``,
+  ``dup = dh * act(gate)`` in f32 (the VJP of ``reference.activate``, an XLA elementwise pass; not fused into a GMM
+  epilogue);
 * ``dw_gate = tgmm(x_sorted, dgate)``, ``dw_up = tgmm(x_sorted, dup)`` (``x_sorted = gather_rows(x)``, transient);
 * ``dx_sorted = gmm(dgate, w_gate^T) + gmm(dup, w_up^T)``, and with the gather ``dx = combine_rows(dx_sorted,
   sort_idx, ones)``: a per-token sum of its k rows in a fixed order, no scatter-add.
@@ -73,10 +76,11 @@ def _swiglu_fwd(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dty
 def _swiglu_bwd(k, activation, out_dtype, impl, residuals, dh):
     x, w_gate, w_up, sizes, offset, sort_idx = residuals
     f32 = jnp.dtype(jnp.float32)
-    gate = _project(x, w_gate, sizes, offset, sort_idx, k, f32, impl)          # recomputed, transient
-    up = _project(x, w_up, sizes, offset, sort_idx, k, f32, impl)
+    # Recomputed, transient, in x's dtype: the size of the residuals the unfused path keeps (and its numerics).
+    gate = _project(x, w_gate, sizes, offset, sort_idx, k, x.dtype, impl)
+    up = _project(x, w_up, sizes, offset, sort_idx, k, x.dtype, impl)
     _, act_vjp = jax.vjp(lambda g, u: reference.activate(g, u, activation), gate, up)
-    dgate, dup = (d.astype(x.dtype) for d in act_vjp(dh.astype(f32)))         # zero rows outside local groups
+    dgate, dup = (d.astype(x.dtype) for d in act_vjp(dh.astype(f32)))  # f32 inside; zero rows outside local groups
     x_sorted = x if sort_idx is None else _gather(x, sort_idx, None, k, impl)
     dw_gate = _tgmm(x_sorted, dgate, sizes, offset, w_gate.shape[0], w_gate.dtype, impl)
     dw_up = _tgmm(x_sorted, dup, sizes, offset, w_up.shape[0], w_up.dtype, impl)

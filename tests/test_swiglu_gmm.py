@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 import moe_ops
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.pallas import swiglu as ps, tiling
 from kernels.triton import swiglu as ts
 from moe_ops import reference as R
-from moe_ops import swiglu
+from moe_ops import backend, swiglu
 from tests.helpers import TOL, assert_close, keys, randn
 from tests.test_fused import CFG, E, K, T, TOP_K, _grads, _offset, _routed, _seed
 from tests.test_moe_ffn import SHAPES, layer_inputs, loss
@@ -80,7 +83,50 @@ def test_errors_name_the_argument():
         moe_ops.swiglu_gmm(x, w_gate, w_up, sizes, sort_idx, activation="tanh", implementation="xla")
     with pytest.raises(ValueError, match="multiple of T"):
         moe_ops.swiglu_gmm(x, w_gate, w_up, sizes, sort_idx[:-1], implementation="xla")
-    assert swiglu.has_kernel("triton") and not swiglu.has_kernel("xla")
+    assert swiglu.has_kernel("triton") and swiglu.has_kernel("pallas") and not swiglu.has_kernel("xla")
+
+
+@pytest.fixture
+def strict_interpreter():
+    try:
+        yield pltpu.InterpretParams(out_of_bounds_reads="raise", detect_races=True, uninitialized_memory="nan")
+    finally:
+        pltpu.reset_tpu_interpret_mode_state()
+
+
+@pytest.mark.parametrize("activation,gather", [("silu", True), ("gelu", False)])
+def test_pallas_kernel_strict_interpreter(activation, gather, strict_interpreter):
+    """The Pallas kernel: no out-of-bounds reads, no races, every row written (uninitialised memory is NaN); a middle
+    shard, a partial K block (K = 200 against 128) and two F blocks, gathered and plain row maps."""
+    ids, sizes, sort_idx = _routed("uneven_dropped", 31)
+    x = randn(keys(31, 1)[0], (T, 200) if gather else (T * TOP_K, 200))
+    w_gate, w_up = _weights(32, 2, d=200, f=256)
+    out = jax.block_until_ready(ps.swiglu_gmm(x, w_gate, w_up, sizes, _offset(1), sort_idx if gather else None,
+                                              TOP_K, activation=activation, out_dtype=jnp.float32,
+                                              tiling=tiling.Tiling(16, 128, 128), interpret=strict_interpreter))
+    assert_close(out, _ref(x, w_gate, w_up, sizes, ids, 1, activation, gather), 1e-5, f"pallas {activation}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_pallas_lowers_to_mosaic_through_public_api(dtype, monkeypatch):
+    """jax.export(platforms=["tpu"]) of jax.grad through moe_ops.swiglu_gmm (the kernel and its backward GMMs) and of
+    the fused layer, with interpret mode forced off as on a TPU host."""
+    monkeypatch.setattr(backend, "pallas_interpret", lambda: False)
+    sds = jax.ShapeDtypeStruct
+    t, k, d, f, e = 256, 2, 512, 768, 8
+
+    def grads(x, w_gate, w_up, sizes, sort_idx):
+        fn = lambda *a: jnp.sum(moe_ops.swiglu_gmm(*a, sizes, sort_idx, implementation="pallas").astype(jnp.float32))
+        return jax.grad(fn, argnums=(0, 1, 2))(x, w_gate, w_up)
+
+    args = (sds((t, d), dtype), sds((e, d, f), dtype), sds((e, d, f), dtype), sds((e,), jnp.int32),
+            sds((t * k,), jnp.int32))
+    text = jax.export.export(jax.jit(grads), platforms=["tpu"])(*args).mlir_module()
+    assert text.count("tpu_custom_call") >= 4
+    layer = lambda *a: moe_ops.moe_ffn(*a, top_k=k, implementation="pallas")
+    largs = (sds((t, d), dtype), sds((t, e), jnp.float32), sds((e, d, f), dtype), sds((e, d, f), dtype),
+             sds((e, f, d), dtype))
+    assert "tpu_custom_call" in jax.export.export(jax.jit(layer), platforms=["tpu"])(*largs).mlir_module()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,12 +172,13 @@ def _temp_bytes(fn, *args):
     return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-def test_fused_grad_peak_memory_not_above_unfused():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_fused_grad_peak_memory_not_above_unfused(dtype):
     """Temp (peak working set) of the compiled jax.grad(moe_ffn): fused (gather / gate-up-act / scatter ops, no
     [T*k, F] residual) <= unfused (permute, three GMMs, unpermute). Triton through the bridge: every kernel is one
     custom call, so the program's buffers are those a GPU run allocates (kernel workspaces aside)."""
     b, s, d, f, e = 1, 64, 32, 96, 8
-    x, logits, ws = layer_inputs((b, s, d, f, e), "balanced", seed=3)
+    x, logits, ws = layer_inputs((b, s, d, f, e), "balanced", seed=3, dtype=dtype)
     cot = randn(keys(5, 1)[0], x.shape)
     temps = {}
     for fused_arg in (True, False):

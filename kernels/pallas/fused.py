@@ -64,7 +64,7 @@ def _rhs_spec(t, transpose_rhs):
             else pl.BlockSpec((None, t.tk, t.tn), _gmm_rhs_index))
 
 
-def _tiling(tiling, m, k, n, num_local, in_dtype, out_dtype, *, gather):
+def fused_tiling(tiling, m, k, n, num_local, in_dtype, out_dtype, *, gather):
     t = _resolve(tiling, "gmm", m, k, n, num_local, in_dtype, out_dtype, False)
     if gather and tiling is None:
         sub, kp = tiling_lib.sublane(in_dtype, out_dtype), pl.cdiv(k, t.tk) * t.tk
@@ -79,7 +79,7 @@ def _tiling(tiling, m, k, n, num_local, in_dtype, out_dtype, *, gather):
     return t
 
 
-def _call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, out_spec, out_shape, scratch, interpret, cost):
+def fused_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, out_spec, out_shape, scratch, interpret, cost):
     """The gmm grid ``(n, step, k)`` with the schedule prefetched and the f32 accumulator as first scratch."""
     return pl.pallas_call(
         kernel, out_shape=out_shape,
@@ -92,25 +92,38 @@ def _call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, out_spec, ou
 
 
 # ---------------------------------------------------------------------------------------------------- gather
-def _gather_kernel(sched, x_hbm, idx_hbm, rhs_ref, *refs, top_k, num_rows, tiles_k, k_rem, transpose_rhs, has_w):
-    """lhs rows fetched from token order (module doc), then the gmm kernel on the VMEM tile."""
-    w_ref = refs[0] if has_w else None
-    out_ref, acc_ref, xtile, idx_smem, sems = refs[-5:]
+def gathered_lhs(sched, x_hbm, idx_hbm, xtile, idx_smem, sems, *, top_k, num_rows, tiles_k):
+    """In a gmm-schedule kernel: fetch the step's row tile of token-order x into ``xtile`` when it is new (module
+    doc) and return the ref of the current K block of it (the lhs block)."""
     s, kb = pl.program_id(1), pl.program_id(2)
-    tm, tk = acc_ref.shape[0], xtile.shape[1] // tiles_k
-    flags, tile = sched.flags[s], sched.data_tiles[s]
+    tm, tk = xtile.shape[0], xtile.shape[1] // tiles_k
+    tile = sched.data_tiles[s]
     prev = jnp.maximum(s - 1, 0)
     fresh = (s == 0) | (sched.data_tiles[prev] != tile) | ~_has(sched.flags[prev], COMPUTE)
     cols = x_hbm.shape[1]
     dst = (lambda r: pl.ds(r, 1)) if cols == xtile.shape[1] else (lambda r: (pl.ds(r, 1), pl.ds(0, cols)))
 
-    @pl.when(_has(flags, COMPUTE) & (kb == 0) & fresh)
+    @pl.when(_has(sched.flags[s], COMPUTE) & (kb == 0) & fresh)
     def _fetch():
         _load_indices(idx_hbm, idx_smem, tile, sems.at[0])
         _row_dmas(x_hbm, xtile, sems.at[1], tm, live=lambda r: tile * tm + r < num_rows,
                   src_row=lambda r: lax.div(jnp.clip(idx_smem[r], 0, num_rows - 1), top_k), dst_slot=dst)
 
-    lhs_ref = xtile if tiles_k == 1 else xtile.at[:, pl.ds(pl.multiple_of(kb * tk, tk), tk)]
+    return xtile if tiles_k == 1 else xtile.at[:, pl.ds(pl.multiple_of(kb * tk, tk), tk)]
+
+
+def gather_scratch(t, kdim, dtype):
+    """Scratch of ``gathered_lhs``: the x tile, the SMEM indices, two DMA semaphores."""
+    return [pltpu.VMEM((t.tm, pl.cdiv(kdim, t.tk) * t.tk), dtype), pltpu.SMEM((t.tm,), jnp.int32),
+            pltpu.SemaphoreType.DMA((2,))]
+
+
+def _gather_kernel(sched, x_hbm, idx_hbm, rhs_ref, *refs, top_k, num_rows, tiles_k, k_rem, transpose_rhs, has_w):
+    """lhs rows fetched from token order (module doc), then the gmm kernel on the VMEM tile."""
+    w_ref = refs[0] if has_w else None
+    out_ref, acc_ref, xtile, idx_smem, sems = refs[-5:]
+    lhs_ref = gathered_lhs(sched, x_hbm, idx_hbm, xtile, idx_smem, sems, top_k=top_k, num_rows=num_rows,
+                           tiles_k=tiles_k)
     _gmm_kernel(sched, lhs_ref, rhs_ref, out_ref, acc_ref, tiles_k=tiles_k, k_rem=k_rem, transpose_rhs=transpose_rhs,
                 has_existing=False, row_scale_ref=w_ref)
 
@@ -120,7 +133,7 @@ def _gather_gmm(x, rhs, group_sizes, group_offset, sort_idx, row_weights, *, top
                 interpret):
     (m,), (_, kdim), num_local = sort_idx.shape, x.shape, rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    t = _tiling(tiling, m, kdim, n, num_local, x.dtype, out_dtype, gather=True)
+    t = fused_tiling(tiling, m, kdim, n, num_local, x.dtype, out_dtype, gather=True)
     tiles_k = pl.cdiv(kdim, t.tk)
     sched, num_steps = gmm_schedule(group_sizes, group_offset, num_local, m, t.tm, tiles_k)
     has_w = row_weights is not None
@@ -131,13 +144,12 @@ def _gather_gmm(x, rhs, group_sizes, group_offset, sort_idx, row_weights, *, top
         operands.append(row_weights.reshape(-1).astype(jnp.float32)[sort_idx][:, None])
     kernel = functools.partial(_gather_kernel, top_k=top_k, num_rows=m, tiles_k=tiles_k, k_rem=kdim % t.tk,
                                transpose_rhs=transpose_rhs, has_w=has_w)
-    scratch = [pltpu.VMEM((t.tm, tiles_k * t.tk), x.dtype), pltpu.SMEM((t.tm,), jnp.int32),
-               pltpu.SemaphoreType.DMA((2,))]
+    scratch = gather_scratch(t, kdim, x.dtype)
     item = jnp.dtype(x.dtype).itemsize
     cost = pl.CostEstimate(flops=2 * m * kdim * n, transcendentals=0,
                            bytes_accessed=item * (m * kdim + num_local * kdim * n) + jnp.dtype(out_dtype).itemsize
                            * m * n)
-    return _call(kernel, sched, num_steps, tiles_k, t, operands, in_specs,
+    return fused_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs,
                  pl.BlockSpec((t.tm, t.tn), _gmm_out_index), jax.ShapeDtypeStruct((m, n), out_dtype), scratch,
                  interpret, cost)
 
@@ -183,7 +195,7 @@ def _scatter_slots(h, rhs, group_sizes, group_offset, sort_idx, weights, *, tran
                    interpret):
     (m, kdim), num_local = h.shape, rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    t = _tiling(tiling, m, kdim, n, num_local, h.dtype, out_dtype, gather=False)
+    t = fused_tiling(tiling, m, kdim, n, num_local, h.dtype, out_dtype, gather=False)
     tiles_k = pl.cdiv(kdim, t.tk)
     sched, num_steps = gmm_schedule(group_sizes, group_offset, num_local, m, t.tm, tiles_k)
     in_specs = [pl.BlockSpec((t.tm, t.tk), _gmm_lhs_index), _rhs_spec(t, transpose_rhs),
@@ -197,7 +209,7 @@ def _scatter_slots(h, rhs, group_sizes, group_offset, sort_idx, weights, *, tran
     cost = pl.CostEstimate(flops=2 * m * kdim * n, transcendentals=0,
                            bytes_accessed=item * (m * kdim * pl.cdiv(n, t.tn) + num_local * kdim * n)
                            + jnp.dtype(out_dtype).itemsize * m * n)
-    return _call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, pl.BlockSpec(memory_space=pl.ANY),
+    return fused_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, pl.BlockSpec(memory_space=pl.ANY),
                  jax.ShapeDtypeStruct((m, n), out_dtype), scratch, interpret, cost)
 
 
