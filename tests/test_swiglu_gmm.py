@@ -185,3 +185,16 @@ def test_fused_grad_peak_memory_not_above_unfused(dtype):
         layer = lambda *a, top_k, fz=fused_arg: moe_ops.moe_ffn(*a, top_k=top_k, implementation="triton", fused=fz)
         temps[fused_arg] = _temp_bytes(jax.grad(loss(layer, 2, cot), argnums=range(5)), x, logits, *ws)
     assert temps[True] <= temps[False], temps
+
+
+def test_layer_benchmark_variants():
+    """benchmarks/layer.py measures default / fused-no-swiglu / unfused where moe_ffn fuses by default (layer suite
+    only), and each variant takes its path."""
+    from benchmarks import layer as bench_layer  # noqa: PLC0415 (benchmarks sit above moe_ops)
+    assert bench_layer.variants_for("pallas", "layer") == bench_layer.VARIANTS
+    assert bench_layer.variants_for("xla", "layer") == ("moe_ffn",)
+    assert bench_layer.variants_for("triton", "main") == ("moe_ffn",)
+    x, logits, ws = layer_inputs(SHAPES["xla"], "balanced", seed=2)
+    outs = [bench_layer._layer("xla", 2, v)(x, logits, *ws) for v in bench_layer.VARIANTS]
+    for v, o in zip(bench_layer.VARIANTS[1:], outs[1:]):
+        assert_close(o, outs[0], 1e-5, v)
