@@ -203,3 +203,15 @@ def test_public_fused_ops_lower_to_mosaic(dtype, monkeypatch):
     largs = (sds((t, d), dtype), sds((t, e), jnp.float32), sds((e, d, f), dtype), sds((e, d, f), dtype),
              sds((e, f, d), dtype))
     assert "tpu_custom_call" in jax.export.export(jax.jit(layer), platforms=["tpu"])(*largs).mlir_module()
+
+
+@pytest.mark.parametrize("chip", sorted(tiling.CHIPS))
+def test_fused_heuristic_fits_vmem(chip):
+    """The fused tilings of the benchmark layer shapes (gate/up gather, down scatter) fit the chip's VMEM budget."""
+    from benchmarks.shapes import LAYER_SHAPES  # noqa: PLC0415
+    budget = tiling.CHIPS[chip].budget_bytes
+    for s in LAYER_SHAPES.values():
+        for gather, (k, n) in ((True, (s.d, s.f)), (False, (s.f, s.d))):
+            t = pf.fused_tiling(None, s.t * s.topk, k, n, s.e, jnp.bfloat16, jnp.bfloat16, gather=gather, chip=chip)
+            assert pf.fused_vmem_bytes(t, k, jnp.bfloat16, jnp.bfloat16, gather=gather) <= budget, (s.name, t)
+            assert gather or n % t.tn == 0

@@ -64,18 +64,29 @@ def _rhs_spec(t, transpose_rhs):
             else pl.BlockSpec((None, t.tk, t.tn), _gmm_rhs_index))
 
 
-def fused_tiling(tiling, m, k, n, num_local, in_dtype, out_dtype, *, gather):
+def fused_vmem_bytes(t, k, in_dtype, out_dtype, *, gather):
+    """VMEM of a fused call: the gmm blocks (``tiling.vmem_bytes``) plus the gathered x tile (gather) or the output
+    tile kept for the slot DMAs (scatter)."""
+    extra = (t.tm * pl.cdiv(k, t.tk) * t.tk * jnp.dtype(in_dtype).itemsize if gather
+             else t.tm * t.tn * jnp.dtype(out_dtype).itemsize)
+    return tiling_lib.vmem_bytes("gmm", t, in_dtype, out_dtype) + extra
+
+
+def fused_tiling(tiling, m, k, n, num_local, in_dtype, out_dtype, *, gather, chip=None):
+    """The gmm tiling (explicit or heuristic); the heuristic's then gets ``tn | N`` (scatter) and ``tm`` halved until
+    the gathered x tile takes at most ``GATHER_TILE_BYTES`` and the whole call fits the chip's VMEM budget."""
     t = _resolve(tiling, "gmm", m, k, n, num_local, in_dtype, out_dtype, False)
-    if gather and tiling is None:
-        sub, kp = tiling_lib.sublane(in_dtype, out_dtype), pl.cdiv(k, t.tk) * t.tk
-        tm = t.tm
-        while tm > sub and tm * kp * jnp.dtype(in_dtype).itemsize > GATHER_TILE_BYTES:
-            tm //= 2
-        t = dataclasses.replace(t, tm=tm)
     if not gather and n % t.tn:
         if tiling is not None:
             raise ValueError(f"scatter_gmm needs tn to divide N={n} (whole row-segment DMAs), got {t}")
         t = dataclasses.replace(t, tn=n)
+    if tiling is None:
+        sub, kp = tiling_lib.sublane(in_dtype, out_dtype), pl.cdiv(k, t.tk) * t.tk
+        budget = tiling_lib.CHIPS[chip or tiling_lib.detect_chip()].budget_bytes
+        over = lambda t: (fused_vmem_bytes(t, k, in_dtype, out_dtype, gather=gather) > budget
+                          or (gather and t.tm * kp * jnp.dtype(in_dtype).itemsize > GATHER_TILE_BYTES))
+        while t.tm > sub and over(t):
+            t = dataclasses.replace(t, tm=max(sub, t.tm // 2))
     return t
 
 
