@@ -39,9 +39,32 @@ def make_inputs(shape: LayerShape, dtype, pattern: routing.Pattern, seed: int):
     return (x, logits.astype(dtype), w_gate, w_up, w_down), ct
 
 
+# The layer suite's moe_ffn variants on backends that fuse by default (op name -> path): the default (fused, gate/up
+# and the activation in one op where the backend has that kernel), fused dispatch / combine with gate / up as two
+# gather-GMMs and the activation in XLA, and the unfused permute -> gmm -> unpermute path.
+VARIANTS = ("moe_ffn", "moe_ffn:fused-no-swiglu", "moe_ffn:unfused")
+
+
+def _layer(impl: str, top_k: int, variant: str = "moe_ffn"):
+    if variant == "moe_ffn:unfused":
+        return functools.partial(moe_ops.moe_ffn, top_k=top_k, implementation=impl, fused=False)
+    if variant == "moe_ffn:fused-no-swiglu":
+        def layer(x, logits, w_gate, w_up, w_down):
+            weights, ids = moe_ops.route(logits.reshape(-1, logits.shape[-1]), top_k)
+            return moe_ops.fused_experts_ffn(x.reshape(-1, x.shape[-1]), weights, ids, w_gate, w_up, w_down,
+                                             implementation=impl, swiglu=False).reshape(x.shape)
+        return layer
+    return functools.partial(moe_ops.moe_ffn, top_k=top_k, implementation=impl)
+
+
+def variants_for(impl: str, suite: str) -> tuple[str, ...]:
+    """Variants measured for ``impl``: all of them in the layer suite where ``fused=None`` fuses, else the default."""
+    return VARIANTS if suite == "layer" and moe_ops.fused.use_fused(None, impl) else VARIANTS[:1]
+
+
 @functools.cache
-def forward_fn(impl: str, top_k: int):
-    return jax.jit(lambda *args: moe_ops.moe_ffn(*args, top_k=top_k, implementation=impl))
+def forward_fn(impl: str, top_k: int, variant: str = "moe_ffn"):
+    return jax.jit(_layer(impl, top_k, variant))
 
 
 def _loss(f, ct):
@@ -49,12 +72,12 @@ def _loss(f, ct):
 
 
 @functools.cache
-def fwd_bwd_fn(impl: str, top_k: int):
-    """(args, ct) -> (loss, (dx, dlogits, dw_gate, dw_up, dw_down)); one jit per (impl, k) so shapes share it."""
+def fwd_bwd_fn(impl: str, top_k: int, variant: str = "moe_ffn"):
+    """(args, ct) -> (loss, (dx, dlogits, dw_gate, dw_up, dw_down)); one jit per (impl, k, variant) so shapes share
+    it."""
     def run(*args_ct):
         *args, ct = args_ct
-        f = functools.partial(moe_ops.moe_ffn, top_k=top_k, implementation=impl)
-        return jax.value_and_grad(_loss(f, ct), argnums=tuple(range(5)))(*args)
+        return jax.value_and_grad(_loss(_layer(impl, top_k, variant), ct), argnums=tuple(range(5)))(*args)
     return jax.jit(run)
 
 
@@ -131,9 +154,13 @@ def run_case(avail: env.Availability, shape: LayerShape, dtype, pattern: routing
     common["config"] = env.kernel_config(avail.implementation, "gmm", m=shape.t * shape.topk, k=shape.d,
                                          n=shape.f, e=shape.e, dtype=dtype_name)
     out = []
-    jobs = (("fwd", forward_fn(avail.implementation, shape.topk), [a for a, _ in sets], ("out",), 1),
-            ("fwd+bwd", fwd_bwd_fn(avail.implementation, shape.topk), [a + (c,) for a, c in sets], GRAD_NAMES, 3))
-    for pass_, fn, inputs, names, flop_mult in jobs:
+    impl = avail.implementation
+    jobs = [(v, "fwd", forward_fn(impl, shape.topk, v), [a for a, _ in sets], ("out",), 1)
+            for v in variants_for(impl, suite)]
+    jobs += [(v, "fwd+bwd", fwd_bwd_fn(impl, shape.topk, v), [a + (c,) for a, c in sets], GRAD_NAMES, 3)
+             for v in variants_for(impl, suite)]
+    for variant, pass_, fn, inputs, names, flop_mult in jobs:
+        common["op"] = variant
         try:
             timing, parity = measure(fn, inputs, warmup=warmup, repeats=repeats,
                                      check=_checker(ref, names, TOL[dtype_name]))

@@ -43,7 +43,7 @@ def register_aot(family: str):
 
 
 def registered_families() -> list[str]:
-    import kernels.triton.gmm, kernels.triton.gmm_tma, kernels.triton.sort  # noqa: F401  (importing registers)
+    import kernels.triton.gmm, kernels.triton.gmm_tma, kernels.triton.sort, kernels.triton.swiglu  # noqa: F401
     return sorted(_REGISTRY)
 
 

@@ -5,7 +5,7 @@ Layers: ``kernels`` (Triton GPU / Pallas TPU kernels) -> ``moe_ops`` (validation
 ``benchmarks``. ``moe_ops.reference`` holds the pure-jnp twins every kernel is tested against.
 """
 
-from moe_ops import fused, imbalance, integrations, reference, sharding
+from moe_ops import fused, imbalance, integrations, reference, sharding, swiglu
 from moe_ops.backend import IMPLEMENTATIONS, resolve as resolve_implementation
 from moe_ops.fused import gather_gmm, scatter_gmm
 from moe_ops.gmm import gmm, tgmm
@@ -14,6 +14,7 @@ from moe_ops.partitioned import moe_ffn_partitioned, moe_ffn_shard
 from moe_ops.ragged import RaggedDotDimensionNumbers, ragged_dot, ragged_dot_general
 from moe_ops.sharding import MoEShardingConfig
 from moe_ops.sort import permute, sort_by_expert, unpermute
+from moe_ops.swiglu import swiglu_gmm
 from moe_ops.validation import checked
 
 __version__ = "0.1.0"
@@ -23,7 +24,7 @@ __all__ = [
     # jax.lax.ragged_dot(_general) signatures on these kernels
     "ragged_dot", "ragged_dot_general", "RaggedDotDimensionNumbers",
     # fused dispatch / combine (gather / scatter inside the GMMs)
-    "gather_gmm", "scatter_gmm", "fused_experts_ffn", "fused",
+    "gather_gmm", "scatter_gmm", "fused_experts_ffn", "fused", "swiglu_gmm", "swiglu",
     # expert parallelism
     "MoEShardingConfig", "moe_ffn_partitioned", "moe_ffn_shard", "sharding", "imbalance",
     # ground truth and backend choice

@@ -26,9 +26,10 @@ reading ``x`` for them, and ``combine_rows`` / ``combine_weight_grad`` never rea
 contribute zero). ``sort_idx`` is always a full permutation of ``[0, N)``; slots that must not be routed carry an
 out-of-range expert id, sort last, and ``n_valid = sum(group_sizes)`` covers exactly the routed rows.
 
-Optional fused dispatch / combine (``moe_ops.fused``; Triton and XLA provide them, Pallas does not, and
-``moe_ffn`` then runs the unfused path; under ``implementation=None`` a backend without them runs the composition of
-its own ``gather_rows`` / ``gmm`` / ``combine_rows``, see ``compose_gather_gmm``). ``M = T*k`` expert-sorted rows, ``slot = sort_idx[i]``:
+Optional fused dispatch / combine (``moe_ops.fused``; Triton, Pallas and XLA provide them; a backend without them
+makes ``moe_ffn`` run the unfused path; under ``implementation=None`` a backend without them runs the composition of
+its own ``gather_rows`` / ``gmm`` / ``combine_rows``, see ``compose_gather_gmm``). ``M = T*k`` expert-sorted rows,
+``slot = sort_idx[i]``:
 
 * ``gather_gmm(x[T,K], rhs, group_sizes, group_offset, sort_idx[M], k, *, transpose_rhs, out_dtype,
   row_weights=None) -> [M, N]``: ``x[slot // k] @ rhs[group(i)]`` (times ``row_weights.flat[slot]`` when given),
@@ -36,6 +37,9 @@ its own ``gather_rows`` / ``gmm`` / ``combine_rows``, see ``compose_gather_gmm``
 * ``scatter_gmm(h[M,K], rhs, group_sizes, group_offset, sort_idx[M], weights[T,k], *, transpose_rhs, out_dtype)
   -> [T, N]``: ``sum_j weights[t,j] * (h @ rhs[g])[inverse[t*k+j]]`` (f32 sum); rows outside local groups
   contribute zero.
+* ``swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype)
+  -> [M, F]``: ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` in f32, one kernel (``moe_ops.swiglu``; Triton and
+  Pallas; XLA composes its GMMs).
 """
 
 from __future__ import annotations

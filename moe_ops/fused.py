@@ -19,8 +19,8 @@ kernels (no scatter-add, nothing densified):
   recomputed), ``drhs = tgmm(h, gather_rows(dout, weights))``.
 
 Inside a user's ``shard_map`` the ops align their operands' manual-axis variance like the other public ops
-(``moe_ops.vma``). Backends provide ``gather_gmm`` / ``scatter_gmm`` optionally (``moe_ops.backend``): Triton (fused kernels) and XLA
-(reference twins) do, Pallas does not (``supports_fused``; ``moe_ffn`` then runs the unfused path).
+(``moe_ops.vma``). Backends provide ``gather_gmm`` / ``scatter_gmm`` optionally (``moe_ops.backend``): Triton and Pallas
+(fused kernels) and XLA (reference twins) do (``supports_fused``; without them ``moe_ffn`` runs the unfused path).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from moe_ops.sort import _combine, _gather, sort_by_expert
 
 __all__ = ["gather_gmm", "scatter_gmm", "sort_by_expert", "supports_fused", "use_fused", "FUSED_BY_DEFAULT"]
 
-FUSED_BY_DEFAULT = ("triton",)  # backends where ``moe_ffn(fused=None)`` takes the fused path
+FUSED_BY_DEFAULT = ("triton", "pallas")  # backends where ``moe_ffn(fused=None)`` takes the fused path
 
 
 def supports_fused(implementation=None) -> bool:
@@ -49,7 +49,7 @@ def use_fused(fused, implementation=None) -> bool:
     """``moe_ffn``'s choice: ``None`` -> fused on ``FUSED_BY_DEFAULT`` backends, and always for
     ``implementation=None``, whose fused ops are chosen per lowering platform (the Triton kernels on GPUs; elsewhere
     the backend's own composition, which is the unfused path op for op); ``True`` -> fused where the backend
-    supports it (Pallas does not: unfused path, by design); ``False`` -> unfused."""
+    supports it (unfused path otherwise); ``False`` -> unfused."""
     if fused is None:
         return backend.choose(implementation) is None or implementation in FUSED_BY_DEFAULT
     return bool(fused) and supports_fused(implementation)

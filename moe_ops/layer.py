@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from moe_ops import fused as fused_ops
 from moe_ops import reference, validation
+from moe_ops.swiglu import has_kernel as swiglu_has_kernel, swiglu_gmm
 from moe_ops.gmm import gmm
 from moe_ops.sort import permute, unpermute
 
@@ -60,16 +61,22 @@ def check_weights(x, router_logits, w_gate, w_up, w_down):
                          f"{tuple(router_logits.shape)}")
 
 
-def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activation="silu", implementation=None):
+def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activation="silu", implementation=None,
+                      swiglu: bool | None = None):
     """The fused form of permute -> ``experts_ffn`` -> unpermute: x [T,D] (token order), weights / expert_ids [T,k]
     -> [T,D]. The gate / up GMMs gather their rows from x, the down GMM scatters weighted rows back to token order
-    (``moe_ops.fused``): no permuted copy of x or of the output is built."""
+    (``moe_ops.fused``): no permuted copy of x or of the output is built. ``swiglu``: gate, up and the activation
+    as one op (``moe_ops.swiglu``: gate / up never stored, recomputed in the backward); ``None`` -> where the backend
+    has that kernel (``swiglu.has_kernel``), ``False`` -> two gather-GMMs and the activation in XLA."""
     check_expert_weights(x, w_gate, w_up, w_down)
     kw = dict(implementation=implementation)
     sizes, sort_idx = fused_ops.sort_by_expert(expert_ids, w_gate.shape[0], **kw)
-    gate = fused_ops.gather_gmm(x, w_gate, sizes, sort_idx, **kw)
-    up = fused_ops.gather_gmm(x, w_up, sizes, sort_idx, **kw)
-    h = reference.activate(gate, up, activation).astype(x.dtype)
+    if swiglu or (swiglu is None and swiglu_has_kernel(implementation)):
+        h = swiglu_gmm(x, w_gate, w_up, sizes, sort_idx, activation=activation, **kw)
+    else:
+        gate = fused_ops.gather_gmm(x, w_gate, sizes, sort_idx, **kw)
+        up = fused_ops.gather_gmm(x, w_up, sizes, sort_idx, **kw)
+        h = reference.activate(gate, up, activation).astype(x.dtype)
     return fused_ops.scatter_gmm(h, w_down, sizes, sort_idx, weights, **kw)
 
 
@@ -79,9 +86,10 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
 
     route (top-k of the softmax, renormalised) -> permute -> gate/up/down grouped matmuls -> weighted unpermute.
     ``fused``: gather / scatter inside the GMMs instead of permute / unpermute (``fused_experts_ffn``). ``None``
-    (default) fuses on the backends of ``moe_ops.fused.FUSED_BY_DEFAULT`` (Triton); ``True`` fuses wherever the
-    backend provides the fused ops (Triton, XLA twins) and explicitly falls back to the unfused path on Pallas, which
-    has none; ``False`` never fuses. Same results either way (up to rounding).
+    (default) fuses on the backends of ``moe_ops.fused.FUSED_BY_DEFAULT`` (Triton, Pallas); ``True`` fuses wherever
+    the backend provides the fused ops (Triton, Pallas, XLA twins); ``False`` never fuses. On backends with that
+    kernel (Triton, Pallas) the fused path runs gate, up and the activation as one op (``moe_ops.swiglu``). Same results
+    either way (up to rounding).
     ``sharding`` (a ``MoEShardingConfig``): run the expert-parallel partitioned op (``moe_ops.partitioned``; its
     per-shard layers use the default ``fused=None``)."""
     if sharding is not None:

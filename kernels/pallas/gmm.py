@@ -175,7 +175,9 @@ def _gmm_out_index(n, s, k, sched):
     return sched.m_tiles[s], n
 
 
-def _gmm_kernel(sched, lhs_ref, rhs_ref, *refs, tiles_k, k_rem, transpose_rhs, has_existing, precision):
+def _gmm_kernel(sched, lhs_ref, rhs_ref, *refs, tiles_k, k_rem, transpose_rhs, has_existing, precision=None,
+                row_scale_ref=None):
+    """``row_scale_ref`` (fused ops, [tm, 1] f32): scales the group's accumulator rows before the store."""
     existing_ref = refs[0] if has_existing else None
     out_ref, acc_ref = refs[-2:]
     s, k = pl.program_id(1), pl.program_id(2)
@@ -207,7 +209,7 @@ def _gmm_kernel(sched, lhs_ref, rhs_ref, *refs, tiles_k, k_rem, transpose_rhs, h
         @pl.when(_has(flags, COMPUTE))
         def _group_rows():
             mask = _row_mask(sched, s, sched.m_tiles[s], out_ref.shape)
-            new = base + acc_ref[...]
+            new = base + (acc_ref[...] if row_scale_ref is None else acc_ref[...] * row_scale_ref[...])
 
             @pl.when(_has(flags, FIRST))
             def _first_visit():

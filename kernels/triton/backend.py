@@ -8,6 +8,7 @@ variant does not batch yet."""
 
 from kernels.platform import on_platforms
 from kernels.triton import batching as _batching, fused as _fused, gmm as _gmm, gmm_tma as _gmm_tma
+from kernels.triton import swiglu as _swiglu
 
 TRITON_PLATFORMS = ("cpu", "cuda", "rocm")
 _triton = on_platforms(*TRITON_PLATFORMS)
@@ -38,6 +39,7 @@ combine_rows = _triton(_batching.combine_rows)
 combine_weight_grad = _triton(_batching.combine_weight_grad)
 gather_gmm = _triton(_fused.gather_gmm)
 scatter_gmm = _triton(_fused.scatter_gmm)
+swiglu_gmm = _triton(_swiglu.swiglu_gmm)
 
 __all__ = ["gmm", "tgmm", "sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "gather_gmm",
-           "scatter_gmm", "TRITON_PLATFORMS"]
+           "scatter_gmm", "swiglu_gmm", "TRITON_PLATFORMS"]

@@ -1,0 +1,237 @@
+"""Fused dispatch / combine for the Pallas grouped matmul (the optional ``gather_gmm`` / ``scatter_gmm`` of the
+``moe_ops.backend`` interface; same contract as ``kernels.triton.fused``): the routed MoE layer never materialises a
+permuted copy of its tokens or of its output.
+
+Both run ``kernels.pallas.gmm._gmm_kernel`` over the ``M = T*k`` expert-sorted rows with the gmm schedule (grid
+``(n, step, k)``, invariants G1-G5 of ``kernels.pallas.gmm``), ``slot = sort_idx[i]`` for sorted row ``i``:
+
+* ``gather_gmm``: x [T,K] stays in HBM (``memory_space=ANY``). On the first COMPUTE step of a row tile (``k == 0``,
+  and the previous step was not a COMPUTE step of the same tile) the tile's ``tm`` entries of ``sort_idx`` are copied
+  into SMEM and one row DMA per live row (``tile*tm + r < M``) brings ``x[slot // k, :]`` into a ``[tm, K]`` VMEM
+  tile; the K blocks of that tile are then read from VMEM (``lhs = tile[:, k*tk : (k+1)*tk]``), and a tile shared by
+  several groups is fetched once. The row DMAs of a tile run concurrently but are waited for before the matmul
+  (not double-buffered against it). Optional ``row_weights`` scale the group's f32 accumulator rows in the store.
+* ``scatter_gmm``: the output tile lives in a VMEM scratch; the store scales each row by ``w.flat[slot]`` in f32
+  (``row_scale_ref`` of the gmm kernel). After the tile's last visit (the next step has another tile or is a NOOP)
+  each live row is DMAed to row ``slot`` of a token-major ``[T*k, N]`` buffer (``out_dtype``). ``sort_idx`` is a
+  permutation, so every row is written exactly once per column block (no atomics); rows of non-local groups and
+  rows beyond ``sum(group_sizes)`` were stored as zeros (G2/G3) and contribute nothing. The k slots of each token
+  are then summed in f32 in slot order (``sum_slots``, an XLA reduction): deterministic.
+
+VMEM: gather holds one ``[tm, cdiv(K, tk)*tk]`` x-dtype tile besides the gmm blocks (``tm`` is halved until it takes
+at most ``GATHER_TILE_BYTES``); scatter holds a second ``[tm, tn]`` out-dtype tile. Scatter needs ``tn | N`` (whole
+row-segment DMAs): the heuristic falls back to ``tn = N`` otherwise. ``sort_idx`` entries are clamped, so no DMA ever
+leaves its buffer even for a non-permutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.pallas import tiling as tiling_lib
+from kernels.pallas.gmm import (COMPUTE, STORE, _gmm_kernel, _gmm_out_index, _gmm_rhs_index, _gmm_rhs_t_index,
+                                _gmm_lhs_index, _has, _resolve, gmm_schedule)
+from kernels.pallas.sort import _blocked, _load_indices, _row_dmas
+from kernels.platform import tpu_or_interpret
+
+__all__ = ["gather_gmm", "scatter_gmm", "sum_slots", "GATHER_TILE_BYTES"]
+
+GATHER_TILE_BYTES = 4 * 1024 * 1024  # the gathered [tm, K] x tile (single-buffered), on top of the gmm blocks
+
+
+def sum_slots(slots, num_tokens, top_k, out_dtype):
+    """[T*k, N] token-major slots -> [T, N]: ``out[t] = sum_j slots[t*k + j]`` in f32 (slot order), ``out_dtype``."""
+    return slots.astype(jnp.float32).reshape(num_tokens, top_k, -1).sum(axis=1).astype(out_dtype)
+
+
+def _row_scale_index(n, s, k, sched):
+    return sched.m_tiles[s], 0
+
+
+def _rhs_spec(t, transpose_rhs):
+    return (pl.BlockSpec((None, t.tn, t.tk), _gmm_rhs_t_index) if transpose_rhs
+            else pl.BlockSpec((None, t.tk, t.tn), _gmm_rhs_index))
+
+
+def fused_vmem_bytes(t, k, in_dtype, out_dtype, *, gather):
+    """VMEM of a fused call: the gmm blocks (``tiling.vmem_bytes``) plus the gathered x tile (gather) or the output
+    tile kept for the slot DMAs (scatter)."""
+    extra = (t.tm * pl.cdiv(k, t.tk) * t.tk * jnp.dtype(in_dtype).itemsize if gather
+             else t.tm * t.tn * jnp.dtype(out_dtype).itemsize)
+    return tiling_lib.vmem_bytes("gmm", t, in_dtype, out_dtype) + extra
+
+
+def fused_tiling(tiling, m, k, n, num_local, in_dtype, out_dtype, *, gather, chip=None):
+    """The gmm tiling (explicit or heuristic); the heuristic's then gets ``tn | N`` (scatter) and ``tm`` halved until
+    the gathered x tile takes at most ``GATHER_TILE_BYTES`` and the whole call fits the chip's VMEM budget."""
+    t = _resolve(tiling, "gmm", m, k, n, num_local, in_dtype, out_dtype, False)
+    if not gather and n % t.tn:
+        if tiling is not None:
+            raise ValueError(f"scatter_gmm needs tn to divide N={n} (whole row-segment DMAs), got {t}")
+        t = dataclasses.replace(t, tn=n)
+    if tiling is None:
+        sub, kp = tiling_lib.sublane(in_dtype, out_dtype), pl.cdiv(k, t.tk) * t.tk
+        budget = tiling_lib.CHIPS[chip or tiling_lib.detect_chip()].budget_bytes
+        over = lambda t: (fused_vmem_bytes(t, k, in_dtype, out_dtype, gather=gather) > budget
+                          or (gather and t.tm * kp * jnp.dtype(in_dtype).itemsize > GATHER_TILE_BYTES))
+        while t.tm > sub and over(t):
+            t = dataclasses.replace(t, tm=max(sub, t.tm // 2))
+    return t
+
+
+def fused_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, out_spec, out_shape, scratch, interpret, cost):
+    """The gmm grid ``(n, step, k)`` with the schedule prefetched and the f32 accumulator as first scratch."""
+    return pl.pallas_call(
+        kernel, out_shape=out_shape,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, in_specs=in_specs, out_specs=out_spec,
+            grid=(pl.cdiv(out_shape.shape[1], t.tn), num_steps, tiles_k),
+            scratch_shapes=[pltpu.VMEM((t.tm, t.tn), jnp.float32)] + scratch),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+        interpret=interpret, cost_estimate=cost)(sched, *operands)
+
+
+# ---------------------------------------------------------------------------------------------------- gather
+def gathered_lhs(sched, x_hbm, idx_hbm, xtile, idx_smem, sems, *, top_k, num_rows, tiles_k):
+    """In a gmm-schedule kernel: fetch the step's row tile of token-order x into ``xtile`` when it is new (module
+    doc) and return the ref of the current K block of it (the lhs block)."""
+    s, kb = pl.program_id(1), pl.program_id(2)
+    tm, tk = xtile.shape[0], xtile.shape[1] // tiles_k
+    tile = sched.data_tiles[s]
+    prev = jnp.maximum(s - 1, 0)
+    fresh = (s == 0) | (sched.data_tiles[prev] != tile) | ~_has(sched.flags[prev], COMPUTE)
+    cols = x_hbm.shape[1]
+    dst = (lambda r: pl.ds(r, 1)) if cols == xtile.shape[1] else (lambda r: (pl.ds(r, 1), pl.ds(0, cols)))
+
+    @pl.when(_has(sched.flags[s], COMPUTE) & (kb == 0) & fresh)
+    def _fetch():
+        _load_indices(idx_hbm, idx_smem, tile, sems.at[0])
+        _row_dmas(x_hbm, xtile, sems.at[1], tm, live=lambda r: tile * tm + r < num_rows,
+                  src_row=lambda r: lax.div(jnp.clip(idx_smem[r], 0, num_rows - 1), top_k), dst_slot=dst)
+
+    return xtile if tiles_k == 1 else xtile.at[:, pl.ds(pl.multiple_of(kb * tk, tk), tk)]
+
+
+def gather_scratch(t, kdim, dtype):
+    """Scratch of ``gathered_lhs``: the x tile, the SMEM indices, two DMA semaphores."""
+    return [pltpu.VMEM((t.tm, pl.cdiv(kdim, t.tk) * t.tk), dtype), pltpu.SMEM((t.tm,), jnp.int32),
+            pltpu.SemaphoreType.DMA((2,))]
+
+
+def _gather_kernel(sched, x_hbm, idx_hbm, rhs_ref, *refs, top_k, num_rows, tiles_k, k_rem, transpose_rhs, has_w):
+    """lhs rows fetched from token order (module doc), then the gmm kernel on the VMEM tile."""
+    w_ref = refs[0] if has_w else None
+    out_ref, acc_ref, xtile, idx_smem, sems = refs[-5:]
+    lhs_ref = gathered_lhs(sched, x_hbm, idx_hbm, xtile, idx_smem, sems, top_k=top_k, num_rows=num_rows,
+                           tiles_k=tiles_k)
+    _gmm_kernel(sched, lhs_ref, rhs_ref, out_ref, acc_ref, tiles_k=tiles_k, k_rem=k_rem, transpose_rhs=transpose_rhs,
+                has_existing=False, row_scale_ref=w_ref)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "transpose_rhs", "out_dtype", "tiling", "interpret"))
+def _gather_gmm(x, rhs, group_sizes, group_offset, sort_idx, row_weights, *, top_k, transpose_rhs, out_dtype, tiling,
+                interpret):
+    (m,), (_, kdim), num_local = sort_idx.shape, x.shape, rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    t = fused_tiling(tiling, m, kdim, n, num_local, x.dtype, out_dtype, gather=True)
+    tiles_k = pl.cdiv(kdim, t.tk)
+    sched, num_steps = gmm_schedule(group_sizes, group_offset, num_local, m, t.tm, tiles_k)
+    has_w = row_weights is not None
+    in_specs = [pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY), _rhs_spec(t, transpose_rhs)]
+    operands = [x, _blocked(sort_idx, t.tm), rhs]
+    if has_w:  # the routing weights in sorted order: a tiny XLA gather, [M, 1] f32
+        in_specs.append(pl.BlockSpec((t.tm, 1), _row_scale_index))
+        operands.append(row_weights.reshape(-1).astype(jnp.float32)[sort_idx][:, None])
+    kernel = functools.partial(_gather_kernel, top_k=top_k, num_rows=m, tiles_k=tiles_k, k_rem=kdim % t.tk,
+                               transpose_rhs=transpose_rhs, has_w=has_w)
+    scratch = gather_scratch(t, kdim, x.dtype)
+    item = jnp.dtype(x.dtype).itemsize
+    cost = pl.CostEstimate(flops=2 * m * kdim * n, transcendentals=0,
+                           bytes_accessed=item * (m * kdim + num_local * kdim * n) + jnp.dtype(out_dtype).itemsize
+                           * m * n)
+    return fused_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs,
+                 pl.BlockSpec((t.tm, t.tn), _gmm_out_index), jax.ShapeDtypeStruct((m, n), out_dtype), scratch,
+                 interpret, cost)
+
+
+@tpu_or_interpret
+def gather_gmm(x, rhs, group_sizes, group_offset, sort_idx, k, *, transpose_rhs, out_dtype, row_weights=None,
+               tiling=None, interpret=None):
+    """x [T,K] (token order), rhs [G_local,K,N] ([G_local,N,K] if ``transpose_rhs``), clamped group_sizes [G],
+    group_offset int32[1], sort_idx [T*k] -> [T*k, N]: ``out[i] = x[sort_idx[i] // k] @ rhs[group(i)]`` (times
+    ``row_weights.flat[sort_idx[i]]`` in f32 when given); rows outside local groups are zero. ``tiling`` /
+    ``interpret`` as for ``kernels.pallas.gmm.gmm``."""
+    m = sort_idx.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    if m == 0 or x.shape[1] == 0:
+        return jnp.zeros((m, n), out_dtype)
+    return _gather_gmm(x, rhs, group_sizes, group_offset, sort_idx.astype(jnp.int32), row_weights, top_k=int(k),
+                       transpose_rhs=bool(transpose_rhs), out_dtype=jnp.dtype(out_dtype), tiling=tiling,
+                       interpret=interpret)
+
+
+# --------------------------------------------------------------------------------------------------- scatter
+def _scatter_kernel(sched, h_ref, rhs_ref, w_ref, idx_hbm, slots_hbm, acc_ref, otile, idx_smem, sems, *, num_rows,
+                    tiles_k, k_rem, transpose_rhs):
+    """The gmm kernel into a VMEM tile (rows scaled by their weight), then row DMAs to the token-major slots."""
+    n, s, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    _gmm_kernel(sched, h_ref, rhs_ref, otile, acc_ref, tiles_k=tiles_k, k_rem=k_rem, transpose_rhs=transpose_rhs,
+                has_existing=False, row_scale_ref=w_ref)
+    tm, tn = otile.shape
+    size = sched.flags.shape[0]
+    nxt = jnp.minimum(s + 1, size - 1)
+    tile = sched.m_tiles[s]
+    last = (s == size - 1) | (sched.m_tiles[nxt] != tile) | (sched.flags[nxt] == 0)
+
+    @pl.when((kb == tiles_k - 1) & _has(sched.flags[s], STORE) & last)
+    def _scatter():
+        _load_indices(idx_hbm, idx_smem, tile, sems.at[0])
+        col = pl.ds(pl.multiple_of(n * tn, tn), tn)
+        _row_dmas(otile, slots_hbm, sems.at[1], tm, live=lambda r: tile * tm + r < num_rows, src_row=lambda r: r,
+                  dst_slot=lambda r: (pl.ds(jnp.clip(idx_smem[r], 0, num_rows - 1), 1), col))
+
+
+@functools.partial(jax.jit, static_argnames=("transpose_rhs", "out_dtype", "tiling", "interpret"))
+def _scatter_slots(h, rhs, group_sizes, group_offset, sort_idx, weights, *, transpose_rhs, out_dtype, tiling,
+                   interpret):
+    (m, kdim), num_local = h.shape, rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    t = fused_tiling(tiling, m, kdim, n, num_local, h.dtype, out_dtype, gather=False)
+    tiles_k = pl.cdiv(kdim, t.tk)
+    sched, num_steps = gmm_schedule(group_sizes, group_offset, num_local, m, t.tm, tiles_k)
+    in_specs = [pl.BlockSpec((t.tm, t.tk), _gmm_lhs_index), _rhs_spec(t, transpose_rhs),
+                pl.BlockSpec((t.tm, 1), _row_scale_index), pl.BlockSpec(memory_space=pl.ANY)]
+    w_sorted = weights.reshape(-1).astype(jnp.float32)[sort_idx][:, None]     # [M, 1] f32, a tiny XLA gather
+    operands = [h, rhs, w_sorted, _blocked(sort_idx, t.tm)]
+    kernel = functools.partial(_scatter_kernel, num_rows=m, tiles_k=tiles_k, k_rem=kdim % t.tk,
+                               transpose_rhs=transpose_rhs)
+    scratch = [pltpu.VMEM((t.tm, t.tn), out_dtype), pltpu.SMEM((t.tm,), jnp.int32), pltpu.SemaphoreType.DMA((2,))]
+    item = jnp.dtype(h.dtype).itemsize
+    cost = pl.CostEstimate(flops=2 * m * kdim * n, transcendentals=0,
+                           bytes_accessed=item * (m * kdim * pl.cdiv(n, t.tn) + num_local * kdim * n)
+                           + jnp.dtype(out_dtype).itemsize * m * n)
+    return fused_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, pl.BlockSpec(memory_space=pl.ANY),
+                 jax.ShapeDtypeStruct((m, n), out_dtype), scratch, interpret, cost)
+
+
+@tpu_or_interpret
+def scatter_gmm(h, rhs, group_sizes, group_offset, sort_idx, weights, *, transpose_rhs, out_dtype, tiling=None,
+                interpret=None):
+    """h [T*k,K] (expert-sorted rows), rhs as in ``gather_gmm``, sort_idx [T*k], weights [T,k] -> [T, N]:
+    ``out[t] = sum_j weights[t,j] * (h @ rhs[g])[inverse[t*k+j]]``; the [T*k, N] slot buffer is in ``out_dtype``,
+    the k-slot sum in f32."""
+    t, k = weights.shape
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    if t == 0 or h.shape[1] == 0:
+        return jnp.zeros((t, n), out_dtype)
+    slots = _scatter_slots(h, rhs, group_sizes, group_offset, sort_idx.astype(jnp.int32), weights,
+                           transpose_rhs=bool(transpose_rhs), out_dtype=jnp.dtype(out_dtype), tiling=tiling,
+                           interpret=interpret)
+    return sum_slots(slots, t, k, out_dtype)

@@ -1,0 +1,132 @@
+"""Gate/up projections + gated activation in one Pallas grouped matmul (the optional ``swiglu_gmm`` of the
+``moe_ops.backend`` interface; same contract as ``kernels.triton.swiglu``): ``h = act(x_i @ w_gate[g]) *
+(x_i @ w_up[g])`` [M, F], ``gate`` / ``up`` never written to HBM.
+
+The gmm schedule and grid ``(n, step, k)`` of ``kernels.pallas.gmm`` (invariants G1-G5), with the lhs rows gathered
+from token-order x by ``kernels.pallas.fused.gathered_lhs`` (row DMAs into a VMEM tile through ``sort_idx // k``;
+without ``sort_idx`` the identity row map). Each K step multiplies the one lhs block by the ``w_gate`` and the
+``w_up`` block (as given, [G_local, K, F]) into two f32 accumulators; the store applies the activation in f32
+(silu, gelu (tanh form, = ``jax.nn.gelu``), relu) and writes only the group's rows of ``h`` (zeros for rows of no
+local group, as in gmm). VMEM: the gathered x tile, two double-buffered rhs blocks, two f32 accumulators (the
+heuristic halves the gmm heuristic's ``tn`` when it is a multiple of 256, so the last two take one gmm tile's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.pallas.fused import _rhs_spec, fused_call, fused_tiling, gather_scratch, gathered_lhs
+from kernels.platform import tpu_or_interpret
+from kernels.pallas.gmm import COMPUTE, FIRST, STORE, _has, _keep, _row_mask, gmm_schedule
+from kernels.pallas.sort import _blocked
+
+__all__ = ["swiglu_gmm", "ACTIVATIONS"]
+
+
+def _silu(g):
+    return g / (1.0 + jnp.exp(-g))
+
+
+def _gelu(g):
+    return 0.5 * g * (1.0 + jnp.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+
+
+ACTIVATIONS = {"silu": _silu, "gelu": _gelu, "relu": lambda g: jnp.maximum(g, 0.0)}
+
+
+def _swiglu_kernel(sched, x_hbm, idx_hbm, wg_ref, wu_ref, out_ref, acc_g, acc_u, xtile, idx_smem, sems, *, top_k,
+                   num_rows, tiles_k, k_rem, activation):
+    s, kb = pl.program_id(1), pl.program_id(2)
+    flags = sched.flags[s]
+    lhs_ref = gathered_lhs(sched, x_hbm, idx_hbm, xtile, idx_smem, sems, top_k=top_k, num_rows=num_rows,
+                           tiles_k=tiles_k)
+
+    @pl.when(_has(flags, COMPUTE))
+    def _accumulate():
+        @pl.when(kb == 0)
+        def _zero():
+            acc_g[...] = jnp.zeros_like(acc_g)
+            acc_u[...] = jnp.zeros_like(acc_u)
+
+        lhs, wg, wu = lhs_ref[...], wg_ref[...], wu_ref[...]
+        if k_rem:  # the last K block is partial: zero the columns past K in every operand
+            limit = jnp.where(kb == tiles_k - 1, k_rem, lhs.shape[1])
+            lhs = _keep(lax.broadcasted_iota(jnp.int32, lhs.shape, 1) < limit, lhs)
+            wg = _keep(lax.broadcasted_iota(jnp.int32, wg.shape, 0) < limit, wg)
+            wu = _keep(lax.broadcasted_iota(jnp.int32, wu.shape, 0) < limit, wu)
+        dims = (((1,), (0,)), ((), ()))
+        acc_g[...] += lax.dot_general(lhs, wg, dims, preferred_element_type=jnp.float32)
+        acc_u[...] += lax.dot_general(lhs, wu, dims, preferred_element_type=jnp.float32)
+
+    @pl.when((kb == tiles_k - 1) & _has(flags, STORE))
+    def _store():
+        @pl.when(~_has(flags, COMPUTE))
+        def _no_local_rows():
+            out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
+
+        @pl.when(_has(flags, COMPUTE))
+        def _group_rows():
+            mask = _row_mask(sched, s, sched.m_tiles[s], out_ref.shape)
+            h = ACTIVATIONS[activation](acc_g[...]) * acc_u[...]
+
+            @pl.when(_has(flags, FIRST))
+            def _first_visit():
+                out_ref[...] = jnp.where(mask, h, 0.0).astype(out_ref.dtype)
+
+            @pl.when(~_has(flags, FIRST))
+            def _revisit():
+                out_ref[...] = jnp.where(mask, h, out_ref[...].astype(jnp.float32)).astype(out_ref.dtype)
+
+
+def _out_index(n, s, k, sched):
+    return sched.m_tiles[s], n
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "activation", "out_dtype", "tiling", "interpret"))
+def _swiglu(x, w_gate, w_up, group_sizes, group_offset, sort_idx, *, top_k, activation, out_dtype, tiling,
+            interpret):
+    (m,), kdim, (num_local, _, n) = sort_idx.shape, x.shape[1], w_gate.shape
+    t = fused_tiling(tiling, m, kdim, n, num_local, x.dtype, out_dtype, gather=True)
+    if tiling is None and t.tn % 256 == 0:  # two rhs blocks / accumulators of tn/2 take the VMEM of one gmm tile
+        t = dataclasses.replace(t, tn=t.tn // 2)
+    tiles_k = pl.cdiv(kdim, t.tk)
+    sched, num_steps = gmm_schedule(group_sizes, group_offset, num_local, m, t.tm, tiles_k)
+    rhs_spec = _rhs_spec(t, False)
+    in_specs = [pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY), rhs_spec, rhs_spec]
+    kernel = functools.partial(_swiglu_kernel, top_k=top_k, num_rows=m, tiles_k=tiles_k, k_rem=kdim % t.tk,
+                               activation=activation)
+    scratch = [pltpu.VMEM((t.tm, t.tn), jnp.float32)] + gather_scratch(t, kdim, x.dtype)
+    item = jnp.dtype(x.dtype).itemsize
+    cost = pl.CostEstimate(flops=4 * m * kdim * n, transcendentals=m * n,
+                           bytes_accessed=item * (m * kdim + 2 * num_local * kdim * n)
+                           + jnp.dtype(out_dtype).itemsize * m * n)
+    return fused_call(kernel, sched, num_steps, tiles_k, t, [x, _blocked(sort_idx, t.tm), w_gate, w_up], in_specs,
+                      pl.BlockSpec((t.tm, t.tn), _out_index), jax.ShapeDtypeStruct((m, n), out_dtype), scratch,
+                      interpret, cost)
+
+
+@tpu_or_interpret
+def swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype,
+               tiling=None, interpret=None):
+    """x [M,K] (or [T,K] in token order with ``sort_idx`` [M = T*k]), w_gate / w_up [G_local,K,F], clamped
+    group_sizes [G], group_offset int32[1] -> h [M,F] (``out_dtype``): ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])``
+    in f32; rows outside local groups are zero. ``tiling`` (``Tiling``: tn is the F block of each of the two
+    projections) / ``interpret`` as for ``kernels.pallas.gmm.gmm``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    m = x.shape[0] if sort_idx is None else sort_idx.shape[0]
+    n = w_gate.shape[2]
+    if m == 0 or x.shape[1] == 0:
+        return jnp.zeros((m, n), out_dtype)
+    if sort_idx is None:
+        sort_idx, k = jnp.arange(m, dtype=jnp.int32), 1   # the identity row map
+    return _swiglu(x, w_gate, w_up, group_sizes, group_offset, sort_idx.astype(jnp.int32), top_k=int(k),
+                   activation=activation, out_dtype=jnp.dtype(out_dtype), tiling=tiling,
+                   interpret=interpret)

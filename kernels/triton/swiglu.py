@@ -1,0 +1,143 @@
+"""Gate/up projections + gated activation in one Triton grouped matmul (the optional ``swiglu_gmm`` of the
+``moe_ops.backend`` interface): ``h = act(x @ w_gate[g]) * (x @ w_up[g])`` with ``gate`` / ``up`` never written.
+
+``_swiglu_kernel`` is a sibling of ``kernels.triton.gmm._gmm_kernel`` (same device-side row-tile schedule, swizzle
+and gather row map; plain ``gmm`` is untouched): each K step loads the A tile once and the two B tiles (``w_gate``,
+``w_up`` [G_local, K, N] as given, no interleaved copy) into two f32 accumulators; the epilogue applies ``ACT``
+(0 silu, 1 gelu (tanh form, = ``jax.nn.gelu``), 2 relu) in f32 and stores only ``h`` [M, N] (``N = F``). With
+``GATHER`` the A rows are ``x[sort_idx[i] // TOP_K]`` (x in token order). Zero-fill tiles store zeros.
+
+Configs: the gmm config of the shape with ``block_n`` halved (``swiglu_config``): two B tiles of ``BN/2`` take the
+shared memory, and two ``BM x BN/2`` f32 accumulators the registers, of one gmm tile. (Keeping ``BN``: the sm90
+"medium" tile spilled ~1.5 KB and "decode" needed 240 KiB of shared memory in the AOT check.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from kernels.registry import TARGETS, register_aot
+from kernels.triton import schedule, tuning
+from kernels.triton.bridge import load_jax_triton
+from kernels.triton.gmm import _AOT_G, _AOT_M, _AOT_TOP_K, _ZERO_FILL, _aot_case, _aot_points, _launch_options
+from kernels.triton.gmm import _sorted_slots, _swizzle
+
+__all__ = ["swiglu_gmm", "swiglu_config", "ACTIVATIONS"]
+
+ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}  # the gated activations of ``moe_ops.reference.activate``
+
+
+@triton.jit
+def _activate(gate, up, ACT: tl.constexpr):
+    """``act(gate) * up`` in f32 (ACT codes in ``ACTIVATIONS``; gelu is the tanh form, tanh(z) = 2 sigmoid(2z) - 1)."""
+    if ACT == 0:
+        a = gate * tl.sigmoid(gate)
+    elif ACT == 1:
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        a = gate * tl.sigmoid(2.0 * inner)  # = 0.5 * gate * (1 + tanh(inner))
+    else:
+        a = tl.maximum(gate, 0.0)
+    return a * up
+
+
+@triton.jit
+def _swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, tiles_ptr, sort_idx_ptr, out_ptr,
+                   K: tl.constexpr, N: tl.constexpr, NUM_ROW_TILES: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                   GATHER: tl.constexpr, TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr, ACT: tl.constexpr):
+    """One BM x BN tile of ``h[rows] = act(lhs[rows] @ wg[group]) * (lhs[rows] @ wu[group])``."""
+    tile_m, tile_n = _swizzle(tl.program_id(0), NUM_ROW_TILES, tl.cdiv(N, BN), GROUP_M)
+    group = tl.load(tiles_ptr + tile_m)
+    row_start = tl.load(tiles_ptr + NUM_ROW_TILES + tile_m)
+    row_end = tl.load(tiles_ptr + 2 * NUM_ROW_TILES + tile_m)
+    offs_m = tl.arange(0, BM)
+    offs_n = tile_n * BN + tl.arange(0, BN)
+    out_ptrs = out_ptr + row_start.to(tl.int64) * N + offs_m[:, None] * N + offs_n[None, :]
+    store_mask = (offs_m[:, None] < row_end - row_start) & (offs_n[None, :] < N)
+    if group >= 0:
+        offs_k = tl.arange(0, BK)
+        rows = tl.minimum(offs_m, row_end - row_start - 1)  # clamped: loads stay inside the tile's own rows
+        cols = offs_n % N if N % BN != 0 else offs_n
+        if GATHER:
+            slots = _sorted_slots(sort_idx_ptr, row_start, row_end, offs_m, NUM_SLOTS)
+            a_ptrs = lhs_ptr + (slots // TOP_K).to(tl.int64)[:, None] * K + offs_k[None, :]
+        else:
+            a_ptrs = lhs_ptr + row_start.to(tl.int64) * K + rows[:, None] * K + offs_k[None, :]
+        b_off = group.to(tl.int64) * (K * N) + offs_k[:, None] * N + cols[None, :]
+        g_ptrs, u_ptrs = wg_ptr + b_off, wu_ptr + b_off
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BK)):
+            if K % BK == 0:
+                a = tl.load(a_ptrs)
+                bg = tl.load(g_ptrs)
+                bu = tl.load(u_ptrs)
+            else:
+                k_left = K - k * BK
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                bg = tl.load(g_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+                bu = tl.load(u_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc_g = tl.dot(a, bg, acc_g, input_precision="ieee")
+            acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
+            a_ptrs += BK
+            g_ptrs += BK * N
+            u_ptrs += BK * N
+        tl.store(out_ptrs, _activate(acc_g, acc_u, ACT).to(out_ptr.dtype.element_ty), mask=store_mask)
+    elif group == _ZERO_FILL:
+        tl.store(out_ptrs, tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty), mask=store_mask)
+
+
+def swiglu_config(cfg: tuning.GmmConfig) -> tuning.GmmConfig:
+    """The gmm config with ``block_n`` halved (module doc; at least 16)."""
+    return dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 2))
+
+
+def swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype,
+               config=None):
+    """x [M,K] (or [T,K] in token order with ``sort_idx`` [M = T*k]), w_gate / w_up [G_local,K,F], clamped
+    group_sizes [G], group_offset int32[1] -> h [M,F] in ``out_dtype``: ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])``
+    in f32 (``x_i = x[sort_idx[i] // k]`` with ``sort_idx``); rows outside local groups are zero."""
+    jt = load_jax_triton()
+    gather = sort_idx is not None
+    m = sort_idx.shape[0] if gather else x.shape[0]
+    kdim, (num_local, _, n) = x.shape[1], w_gate.shape
+    if m == 0:
+        return jnp.zeros((0, n), out_dtype)
+    cfg = config or swiglu_config(tuning.pick_config("gmm", m, kdim, n, num_local, x.dtype))
+    tiles = schedule.gmm_row_tiles(group_sizes, group_offset, m, num_local, cfg.block_m)
+    num_row_tiles = tiles.shape[1]
+    idx = sort_idx.astype(jnp.int32) if gather else jnp.zeros((1,), jnp.int32)
+    return jt.triton_call(
+        x, w_gate, w_up, tiles.reshape(-1), idx, kernel=_swiglu_kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(num_row_tiles * triton.cdiv(n, cfg.block_n),), name="moe_swiglu_gmm",
+        K=kdim, N=n, NUM_ROW_TILES=num_row_tiles, GATHER=gather, TOP_K=int(k) if gather else 1,
+        NUM_SLOTS=m if gather else 1, ACT=ACTIVATIONS[activation], **_launch_options(cfg))
+
+
+@register_aot("swiglu")
+def aot_cases(target: str):
+    """Every shipped gmm config of ``target`` (``swiglu_config``) at the gmm family's shapes: the gather form with
+    silu (the layer's) everywhere, plus gelu / relu and the plain (no gather) form at bf16 on the Mixtral-like shape."""
+    backend = TARGETS[target][0]
+    cases = []
+    for dtype_name, dtype, suffix, k, n in _aot_points():
+        for entry, gmm_cfg in tuning.shipped(target, "gmm", dtype).items():
+            cfg = swiglu_config(gmm_cfg)
+            tiles = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
+            full = not suffix and dtype_name == "bf16"   # the epilogue variants once per config, at bf16
+            variants = [(True, a) for a in ACTIVATIONS] + [(False, "silu")] if full else [(True, "silu")]
+            for gather, act in variants:
+                case = _aot_case(f"swiglu_{'gather_' if gather else ''}{act}", _swiglu_kernel, dtype_name, cfg,
+                                 backend, f"{entry}:{dtype_name}{suffix}", K=k, N=n, NUM_ROW_TILES=tiles,
+                                 GATHER=gather, TOP_K=_AOT_TOP_K if gather else 1,
+                                 NUM_SLOTS=_AOT_M if gather else 1, ACT=ACTIVATIONS[act])
+                sig = dict(lhs_ptr=f"*{dtype_name}", wg_ptr=f"*{dtype_name}", wu_ptr=f"*{dtype_name}",
+                           tiles_ptr="*i32", sort_idx_ptr="*i32", out_ptr=f"*{dtype_name}")
+                cases.append(dataclasses.replace(case, signature={**sig, **{c: "constexpr" for c in case.constexprs}}))
+    return cases

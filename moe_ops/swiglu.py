@@ -1,0 +1,122 @@
+"""Gate/up projections and the gated activation as one op: ``h = act(x @ w_gate[g]) * (x @ w_up[g])`` [M, F],
+with ``gate`` / ``up`` [M, F] never stored (``moe_ffn``'s fused path).
+
+``swiglu_gmm(x, w_gate, w_up, group_sizes, sort_idx=None)``: x [M,D] in expert order, or x [T,D] in token order with
+``sort_idx`` [M = T*k] (the gather row map of ``moe_ops.fused``: row i reads ``x[sort_idx[i] // k]``); w_gate /
+w_up [G_local,D,F] as given (no interleaved copy). Rows of non-local groups and rows beyond ``sum(group_sizes)``
+are zero. The activation runs in f32 on the f32 accumulators (``reference.activate``'s activations).
+
+Backends provide ``swiglu_gmm`` optionally (``moe_ops.backend``): Triton and Pallas run one kernel that reads each A
+row once into two accumulators (``kernels.triton.swiglu``, ``kernels.pallas.swiglu``); the XLA backend composes its
+(gather-)GMMs.
+
+Custom VJP. Residuals are only the op's inputs (x, w_gate, w_up, group_sizes, group_offset, sort_idx): nothing of
+size [M, F] is saved; ``gate`` / ``up`` are recomputed in the backward (two (gather-)GMMs, the cost of one more
+forward of this op), which keeps the peak of ``jax.grad`` at or below the unfused path's (whose activation saves
+both). Then, for ``dh`` [M,F]:
+
+* ``gate`` / ``up`` recomputed in x's dtype (as the unfused path stores them), then ``dgate = dh * up * act'(gate)``,
+  ``dup = dh * act(gate)`` in f32 (the VJP of ``reference.activate``, an XLA elementwise pass; not fused into a GMM
+  epilogue);
+* ``dw_gate = tgmm(x_sorted, dgate)``, ``dw_up = tgmm(x_sorted, dup)`` (``x_sorted = gather_rows(x)``, transient);
+* ``dx_sorted = gmm(dgate, w_gate^T) + gmm(dup, w_up^T)``, and with the gather ``dx = combine_rows(dx_sorted,
+  sort_idx, ones)``: a per-token sum of its k rows in a fixed order, no scatter-add.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from moe_ops import backend, reference, validation, vma
+from moe_ops.fused import _check_rows
+from moe_ops.gmm import _gmm, _tgmm
+from moe_ops.sort import _combine, _gather
+
+__all__ = ["swiglu_gmm", "has_kernel"]
+
+
+def has_kernel(implementation=None) -> bool:
+    """Whether the backend of ``implementation`` runs gate/up + activation as one kernel."""
+    return hasattr(backend.ops(implementation), "swiglu_gmm")
+
+
+def _project(x, w, sizes, offset, sort_idx, k, out_dtype, impl):
+    """x @ w over the sorted rows (through the gather row map when ``sort_idx`` is given) -> [M, F]."""
+    if sort_idx is None:
+        return backend.ops(impl).gmm(x, w, sizes, offset, transpose_rhs=False, out_dtype=out_dtype)
+    ops = backend.ops(impl)
+    if hasattr(ops, "gather_gmm"):
+        return ops.gather_gmm(x, w, sizes, offset, sort_idx, k, transpose_rhs=False, out_dtype=out_dtype)
+    return ops.gmm(ops.gather_rows(x, sort_idx, k), w, sizes, offset, transpose_rhs=False, out_dtype=out_dtype)
+
+
+def _forward(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
+    ops = backend.ops(impl)
+    if hasattr(ops, "swiglu_gmm"):
+        return ops.swiglu_gmm(x, w_gate, w_up, sizes, offset, sort_idx, k, activation=activation, out_dtype=out_dtype)
+    f32 = jnp.dtype(jnp.float32)
+    gate = _project(x, w_gate, sizes, offset, sort_idx, k, f32, impl)
+    up = _project(x, w_up, sizes, offset, sort_idx, k, f32, impl)
+    return reference.activate(gate, up, activation).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _swiglu(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
+    return vma.like(_forward(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl), x)
+
+
+def _swiglu_fwd(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
+    out = _swiglu(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl)
+    return out, (x, w_gate, w_up, sizes, offset, sort_idx)   # no [M, F] residual (module doc)
+
+
+def _swiglu_bwd(k, activation, out_dtype, impl, residuals, dh):
+    x, w_gate, w_up, sizes, offset, sort_idx = residuals
+    f32 = jnp.dtype(jnp.float32)
+    # Recomputed, transient, in x's dtype: the size of the residuals the unfused path keeps (and its numerics).
+    gate = _project(x, w_gate, sizes, offset, sort_idx, k, x.dtype, impl)
+    up = _project(x, w_up, sizes, offset, sort_idx, k, x.dtype, impl)
+    _, act_vjp = jax.vjp(lambda g, u: reference.activate(g, u, activation), gate, up)
+    dgate, dup = (d.astype(x.dtype) for d in act_vjp(dh.astype(f32)))  # f32 inside; zero rows outside local groups
+    x_sorted = x if sort_idx is None else _gather(x, sort_idx, None, k, impl)
+    dw_gate = _tgmm(x_sorted, dgate, sizes, offset, w_gate.shape[0], w_gate.dtype, impl)
+    dw_up = _tgmm(x_sorted, dup, sizes, offset, w_up.shape[0], w_up.dtype, impl)
+    dx_sorted = (_gmm(dgate, w_gate, sizes, offset, True, f32, impl)
+                 + _gmm(dup, w_up, sizes, offset, True, f32, impl)).astype(x.dtype)
+    if sort_idx is None:
+        return dx_sorted, dw_gate, dw_up, None, None, None
+    dx = _combine(dx_sorted, sort_idx, jnp.ones((x.shape[0], k), jnp.float32), None, impl)
+    return dx, dw_gate, dw_up, None, None, None
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def swiglu_gmm(x, w_gate, w_up, group_sizes, sort_idx=None, *, group_offset=None, activation="silu",
+               preferred_element_type=None, implementation=None):
+    """h [M,F] = ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` over expert-sorted rows (module doc): x [M,D], or x [T,D]
+    in token order with sort_idx [M = T*k]; w_gate / w_up [G_local,D,F]; group_sizes [G]."""
+    validation.check_gmm(x, w_gate, group_sizes, False)
+    validation.float_array("w_up", w_up, 3)
+    if tuple(w_up.shape) != tuple(w_gate.shape):
+        raise ValueError(f"w_up must have w_gate's shape [G_local,D,F]={tuple(w_gate.shape)}, got "
+                         f"{tuple(w_up.shape)}")
+    reference.activate(jnp.zeros(()), jnp.zeros(()), activation)  # raises ValueError naming the activations
+    out_dtype = validation.out_dtype(preferred_element_type, x.dtype)
+    impl = backend.choose(implementation)
+    k = 1
+    if sort_idx is not None:
+        k = _check_rows(sort_idx, x.shape[0], "x is [T, D]")
+        sort_idx = sort_idx.astype(jnp.int32)
+    rows = x.shape[0] if sort_idx is None else sort_idx.shape[0]
+    sizes = validation.clamp_group_sizes(group_sizes, rows)
+    offset = validation.group_offset_array(group_offset)
+    if sort_idx is None:
+        x, w_gate, w_up, sizes, offset = vma.match_vma(x, w_gate.astype(x.dtype), w_up.astype(x.dtype), sizes, offset)
+    else:
+        x, w_gate, w_up, sizes, offset, sort_idx = vma.match_vma(x, w_gate.astype(x.dtype), w_up.astype(x.dtype),
+                                                                 sizes, offset, sort_idx)
+    return _swiglu(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl)
