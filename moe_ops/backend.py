@@ -50,15 +50,16 @@ import types
 import warnings
 
 import jax
+import jax.numpy as jnp
 
 from kernels import platform
-from moe_ops import validation
+from moe_ops import reference, validation
 
 IMPLEMENTATIONS = ("xla", "triton", "pallas")
 _MODULES = {"xla": "moe_ops.xla", "triton": "kernels.triton.backend", "pallas": "kernels.pallas.backend"}
 _DEFAULT_FOR_PLATFORM = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "pallas"}
 INTERFACE = ("gmm", "tgmm", "sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "gather_gmm",
-             "scatter_gmm")
+             "scatter_gmm", "swiglu_gmm")
 
 
 def choose(implementation: str | None) -> str | None:
@@ -118,8 +119,7 @@ def _rule(module, name, impl, precision=None):
     """``module.name`` (with ``precision`` as that backend runs it, ``validation.kernel_precision``), or for the
     optional fused ops the composition of the module's own row ops and gmm."""
     if not hasattr(module, name):
-        return platform.Rule.of({"gather_gmm": compose_gather_gmm, "scatter_gmm": compose_scatter_gmm}[name],
-                                ops=module)
+        return platform.Rule.of(_COMPOSED[name], ops=module)
     if precision is None:  # the caller asked for none: the backend's default
         return platform.Rule(getattr(module, name))
     try:
@@ -145,3 +145,17 @@ def compose_scatter_gmm(h, rhs, group_sizes, group_offset, sort_idx, weights, *,
     """``scatter_gmm`` from a backend's ``gmm`` + ``combine_rows`` (materialises the expert output)."""
     y = ops.gmm(h, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype)
     return ops.combine_rows(y, sort_idx, weights)
+
+
+def compose_swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, ops, activation,
+                       out_dtype):
+    """``swiglu_gmm`` from a backend's (gather-)GMMs and the activation in XLA (materialises gate and up)."""
+    def project(w):
+        if sort_idx is None:
+            return ops.gmm(x, w, group_sizes, group_offset, transpose_rhs=False, out_dtype=jnp.float32)
+        gather = getattr(ops, "gather_gmm", None) or functools.partial(compose_gather_gmm, ops=ops)
+        return gather(x, w, group_sizes, group_offset, sort_idx, k, transpose_rhs=False, out_dtype=jnp.float32)
+    return reference.activate(project(w_gate), project(w_up), activation).astype(out_dtype)
+
+
+_COMPOSED = {"gather_gmm": compose_gather_gmm, "scatter_gmm": compose_scatter_gmm, "swiglu_gmm": compose_swiglu_gmm}

@@ -29,6 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
 
 from moe_ops import backend, reference, validation, vma
 from moe_ops.fused import _check_rows
@@ -54,9 +55,28 @@ def _project(x, w, sizes, offset, sort_idx, k, out_dtype, impl):
 
 
 def _forward(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
-    ops = backend.ops(impl)
-    if hasattr(ops, "swiglu_gmm"):
-        return ops.swiglu_gmm(x, w_gate, w_up, sizes, offset, sort_idx, k, activation=activation, out_dtype=out_dtype)
+    if not hasattr(backend.ops(impl), "swiglu_gmm"):
+        return _composed(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl)
+    operands = (x, w_gate, w_up, sizes, offset) + (() if sort_idx is None else (sort_idx,))
+
+    def split(args):
+        return args[:5] + ((args[5],) if sort_idx is not None else (None,))
+
+    @custom_vmap
+    def one_kernel(*args):
+        return backend.ops(impl).swiglu_gmm(*split(args), k, activation=activation, out_dtype=out_dtype)
+
+    @one_kernel.def_vmap
+    def batched(axis_size, in_batched, *args):  # the kernel has no batching rule: batch the composition instead,
+        del axis_size                          # whose (gather-)GMMs fold the batch (kernels.triton.batching)
+        composed = lambda *a: _composed(*split(a), k, activation, out_dtype, impl)  # noqa: E731
+        return jax.vmap(composed, in_axes=[0 if b else None for b in in_batched])(*args), True
+
+    return one_kernel(*operands)
+
+
+def _composed(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
+    """gate / up through the backend's (gather-)GMMs, the activation in XLA."""
     f32 = jnp.dtype(jnp.float32)
     gate = _project(x, w_gate, sizes, offset, sort_idx, k, f32, impl)
     up = _project(x, w_up, sizes, offset, sort_idx, k, f32, impl)
