@@ -33,7 +33,8 @@ import jax
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
-__all__ = ["Rule", "platform_call", "dispatch", "lowering_platform", "tpu_or_interpret", "on_platforms", "PLATFORMS"]
+__all__ = ["Rule", "platform_call", "dispatch", "lowering_platform", "tpu_or_interpret", "interpret_mode",
+           "on_platforms", "PLATFORMS"]
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 _state = threading.local()
@@ -161,15 +162,29 @@ def dispatch(rules: Mapping[str, Rule], default: Rule | None, args, kwargs):
     return platform_call({p: split(r) for p, r in rules.items()}, *(v for _, v in dynamic), default=split(default))
 
 
+@contextlib.contextmanager
+def interpret_mode(params):
+    """Pallas calls traced inside the block use ``params`` (``True`` or a hashable ``pltpu.InterpretParams``, e.g. a
+    strict one in tests) as their interpret mode off TPU."""
+    previous = getattr(_state, "interpret", True)
+    _state.interpret = params
+    try:
+        yield
+    finally:
+        _state.interpret = previous
+
+
 def tpu_or_interpret(fn):
     """Decorate a Pallas TPU entry point that takes ``interpret``: ``interpret=None`` becomes Mosaic when lowered
-    for TPU and interpret mode when lowered for any other platform, so ``jax.export(..., platforms=["tpu"])`` from
-    a CPU host emits the Mosaic kernel. An explicit ``interpret`` is passed through unchanged."""
+    for TPU and interpret mode (``interpret_mode``'s, default ``True``) when lowered for any other platform, so
+    ``jax.export(..., platforms=["tpu"])`` from a CPU host emits the Mosaic kernel. An explicit ``interpret`` is
+    passed through unchanged."""
     @functools.wraps(fn)
     def wrapper(*args, interpret=None, **kwargs):
         if interpret is not None:
             return fn(*args, interpret=interpret, **kwargs)
-        return dispatch({"tpu": Rule.of(fn, interpret=False)}, Rule.of(fn, interpret=True), args, kwargs)
+        default = Rule.of(fn, interpret=getattr(_state, "interpret", True))
+        return dispatch({"tpu": Rule.of(fn, interpret=False)}, default, args, kwargs)
     return wrapper
 
 

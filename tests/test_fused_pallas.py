@@ -16,7 +16,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 import moe_ops
 from kernels.pallas import fused as pf, tiling
-from moe_ops import backend, fused, reference as R
+from moe_ops import fused, reference as R
 from tests.helpers import TOL, assert_close, keys, randn
 from tests.test_fused import E, T, TOP_K, _grads, _offset, _rhs, _routed, _seed, expert_ids
 from tests.test_moe_ffn import SHAPES, layer_inputs, loss
@@ -179,12 +179,11 @@ def test_moe_ffn_default_fuses_on_pallas(num_experts, top_k, routing, dtype, mon
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Mosaic lowering through the public API (interpret mode forced off, as on a TPU host).
+# Mosaic lowering through the public API (Mosaic chosen per lowering platform from this CPU host).
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_public_fused_ops_lower_to_mosaic(dtype, monkeypatch):
-    monkeypatch.setattr(backend, "pallas_interpret", lambda: False)
     sds = jax.ShapeDtypeStruct
     t, k, d, f, e = 256, 2, 512, 384, 8
     sizes, idx = sds((e,), jnp.int32), sds((t * k,), jnp.int32)

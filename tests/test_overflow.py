@@ -129,13 +129,11 @@ def checked_backend(monkeypatch, request):
     elif impl == "pallas":
         from jax.experimental.pallas import tpu as pltpu
 
-        from kernels.pallas import gmm as pallas_gmm
-        from kernels.pallas import sort as pallas_sort
+        from kernels.platform import interpret_mode
         strict = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
-        monkeypatch.setattr(pallas_gmm, "_interpret", lambda interpret: strict)
-        monkeypatch.setattr(pallas_sort, "_interpret", lambda interpret: strict)
         try:
-            yield impl, []
+            with interpret_mode(strict):
+                yield impl, []
         finally:
             pltpu.reset_tpu_interpret_mode_state()
     else:
