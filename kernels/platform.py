@@ -19,6 +19,8 @@ Invariants:
 3. The primitive has no differentiation rules: callers put it under a ``custom_vjp`` (every ``moe_ops`` op does).
    It batches by ``vmap``-ing every rule (each rule must batch).
 4. Outputs carry no manual-axis variance (like ``triton_call`` / ``pure_callback``); ``moe_ops.vma.like`` re-types.
+5. The effects of the abstract-value rule (e.g. the ordered callbacks of a strict Pallas interpreter) are the
+   primitive's effects, so their tokens thread through its lowering.
 """
 
 from __future__ import annotations
@@ -92,20 +94,20 @@ def platform_call(rules: Mapping[str, Rule], *args, default: Rule | None = None)
     if unknown:
         raise ValueError(f"unknown platforms {sorted(unknown)}; expected some of {PLATFORMS}")
     first = default if default is not None else next(iter(rules.values()))
-    out_shapes = jax.eval_shape(first, *args)
+    traced, out_shapes = jax.make_jaxpr(first, return_shape=True)(*args)
     leaves, out_tree = jax.tree.flatten(out_shapes)
     avals = tuple(jax.core.ShapedArray(s.shape, s.dtype) for s in leaves)
     outs = platform_call_p.bind(*args, rules=tuple(sorted(rules.items())), default=default, out_tree=out_tree,
-                                out_avals=avals)
+                                out_avals=avals, rule_effects=frozenset(traced.effects))
     return jax.tree.unflatten(out_tree, outs)
 
 
-def _abstract_eval(*_args, out_avals, **_params):
-    return list(out_avals)
+def _abstract_eval(*_args, out_avals, rule_effects, **_params):
+    return list(out_avals), set(rule_effects)
 
 
 def _lower_for(platform):
-    def lower(ctx, *args, rules, default, out_tree, out_avals):
+    def lower(ctx, *args, rules, default, out_tree, out_avals, rule_effects):
         rule = dict(rules).get(platform, default)
         if rule is None:
             raise NotImplementedError(f"no kernel for platform {platform!r}: this op has rules for "
@@ -115,7 +117,7 @@ def _lower_for(platform):
     return lower
 
 
-def _batch(args, dims, *, rules, default, out_tree, out_avals):
+def _batch(args, dims, *, rules, default, out_tree, out_avals, rule_effects):
     def batched(rule):
         return None if rule is None else Rule.of(jax.vmap(rule, in_axes=tuple(dims)))
     outs = platform_call({p: batched(r) for p, r in rules}, *args, default=batched(default))
@@ -128,7 +130,7 @@ def _eager(params):
     return jax.jit(lambda *args: platform_call_p.bind(*args, **dict(params)))
 
 
-platform_call_p.def_abstract_eval(_abstract_eval)
+platform_call_p.def_effectful_abstract_eval(_abstract_eval)
 platform_call_p.def_impl(lambda *args, **params: _eager(tuple(sorted(params.items())))(*args))
 batching.primitive_batchers[platform_call_p] = _batch
 for _platform in PLATFORMS:

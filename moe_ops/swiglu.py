@@ -132,8 +132,11 @@ def swiglu_gmm(x, w_gate, w_up, group_sizes, sort_idx=None, *, group_offset=None
         k = _check_rows(sort_idx, x.shape[0], "x is [T, D]")
         sort_idx = sort_idx.astype(jnp.int32)
     rows = x.shape[0] if sort_idx is None else sort_idx.shape[0]
+    empty = validation.zeros_if_empty((rows, w_gate.shape[2]), out_dtype, (rows, *x.shape, *w_gate.shape), x, w_gate)
+    if empty is not None:
+        return empty
     sizes = validation.clamp_group_sizes(group_sizes, rows)
-    offset = validation.group_offset_array(group_offset)
+    offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
     if sort_idx is None:
         x, w_gate, w_up, sizes, offset = vma.match_vma(x, w_gate.astype(x.dtype), w_up.astype(x.dtype), sizes, offset)
     else:

@@ -45,6 +45,8 @@ def test_gmm_tgmm(impl, dims):
               (lhs, rhs), (m, n), f"{impl} gmm transposed {dims}")
     _check_op(lambda a, b: moe_ops.tgmm(a, b, sizes, num_groups=gl, implementation=impl), (lhs, rhs2),
               (gl, k, n), f"{impl} tgmm {dims}")
+    _check_op(lambda a, b, c: moe_ops.swiglu_gmm(a, b, c, sizes, implementation=impl), (lhs, rhs, rhs + 1),
+              (m, n), f"{impl} swiglu_gmm {dims}")
 
 
 # (T, top_k, D)
