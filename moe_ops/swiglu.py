@@ -55,7 +55,8 @@ def _project(x, w, sizes, offset, sort_idx, k, out_dtype, impl):
 
 
 def _forward(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
-    if not hasattr(backend.ops(impl), "swiglu_gmm"):
+    rows = x.shape[0] if sort_idx is None else sort_idx.shape[0]
+    if not hasattr(backend.ops(impl), "swiglu_gmm") or not isinstance(rows, int):  # no kernel, or symbolic rows
         return _composed(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl)
     operands = (x, w_gate, w_up, sizes, offset) + (() if sort_idx is None else (sort_idx,))
 

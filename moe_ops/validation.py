@@ -172,7 +172,7 @@ def zeros_if_empty(shape, dtype, dims, *like):
     """Degenerate shapes: ``zeros(shape, dtype)`` (varying over the manual axes of ``like``) when any of ``dims`` is
     0, else ``None``. Every public op returns this early, so no kernel ever sees a zero-size dimension; gradients of
     the inputs are then zeros of their own (possibly empty) shapes."""
-    if all(int(d) > 0 for d in dims):
+    if all(not isinstance(d, (int, np.integer)) or d > 0 for d in dims):  # symbolic dims (jax.export) are >= 1
         return None
     out = jnp.zeros(shape, dtype)
     return vma.like(out, vma.match_vma(*like)[0]) if like else out

@@ -24,7 +24,10 @@ MIN_BLOCK_ROWS = 64
 
 def block_rows(num_rows, num_local):
     """Static tile height: about the mean group size (so a group wastes at most about one tile's worth of rows),
-    a power of two in ``[MIN_BLOCK_ROWS, BLOCK_ROWS]``, and never more than ``num_rows``."""
+    a power of two in ``[MIN_BLOCK_ROWS, BLOCK_ROWS]``, and never more than ``num_rows``. A symbolic row count
+    (``jax.export`` shape polymorphism) gets ``BLOCK_ROWS``: the entry points pad such rows by that much."""
+    if not isinstance(num_rows, int):
+        return BLOCK_ROWS
     mean = max(1, num_rows // max(1, num_local))
     return min(num_rows, BLOCK_ROWS, max(MIN_BLOCK_ROWS, 1 << (mean - 1).bit_length()))
 
@@ -96,15 +99,30 @@ def _grouped_rows(load_rows, num_rows, rhs, group_sizes, group_offset, transpose
                       jnp.zeros((num_rows, n), out_dtype))
 
 
+def _symbolic_pad(num_rows) -> int:
+    """Rows to append so a static ``BLOCK_ROWS`` tile fits a symbolic row count (0 for a static one)."""
+    return 0 if isinstance(num_rows, int) else BLOCK_ROWS
+
+
+def _padded(a, pad):
+    return a if not pad else jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)])
+
+
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, precision=None):
     """lhs [M,K] x rhs [G_local,K,N] ([G_local,N,K] with ``transpose_rhs``) -> [M,N]; zeros outside local groups.
     ``precision``: the tiles' dot precision (default HIGHEST: f32 inputs give exact f32 products)."""
-    return _grouped_rows(lambda window, bm: _rows(lhs, window, bm), lhs.shape[0], rhs, group_sizes, group_offset,
-                         transpose_rhs, out_dtype, precision=precision)
+    m = lhs.shape[0]
+    pad = _symbolic_pad(m)
+    lhs = _padded(lhs, pad)  # the padding rows lie past sum(group_sizes) <= M: no tile uses them
+    out = _grouped_rows(lambda window, bm: _rows(lhs, window, bm), m + pad, rhs, group_sizes, group_offset,
+                        transpose_rhs, out_dtype, precision=precision)
+    return out[:m] if pad else out
 
 
 def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, precision=None):
     """lhs [M,K]^T x rhs [M,N] per local group -> [num_groups, K, N] (f32 accumulation); empty groups are zero."""
+    pad = _symbolic_pad(lhs.shape[0])
+    lhs, rhs = _padded(lhs, pad), _padded(rhs, pad)
     m, k = lhs.shape
     bm = block_rows(m, num_groups)
 
@@ -168,13 +186,17 @@ def combine_weight_grad(dout, y, sort_idx, k, n_valid=None):
 
 def gather_gmm(x, rhs, group_sizes, group_offset, sort_idx, k, *, transpose_rhs, out_dtype, row_weights=None):
     """x [T,K] -> [T*k,N]: ``x[sort_idx[i] // k] @ rhs[group(i)]`` (* ``row_weights.flat[sort_idx[i]]`` in f32)."""
+    rows = sort_idx.shape[0]
+    pad = _symbolic_pad(rows)
+    sort_idx = _padded(sort_idx, pad)
     slots = lambda window, bm: lax.dynamic_slice_in_dim(sort_idx, window, bm, 0)
     load = lambda window, bm: jnp.take(x, slots(window, bm) // k, axis=0, mode="clip")
     scale = None
     if row_weights is not None:
         flat = row_weights.reshape(-1).astype(jnp.float32)
         scale = lambda window, bm: jnp.take(flat, slots(window, bm), mode="clip")
-    return _grouped_rows(load, sort_idx.shape[0], rhs, group_sizes, group_offset, transpose_rhs, out_dtype, scale)
+    out = _grouped_rows(load, rows + pad, rhs, group_sizes, group_offset, transpose_rhs, out_dtype, scale)
+    return out[:rows] if pad else out
 
 
 def scatter_gmm(h, rhs, group_sizes, group_offset, sort_idx, weights, *, transpose_rhs, out_dtype):

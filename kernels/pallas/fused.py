@@ -38,7 +38,8 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels.pallas import tiling as tiling_lib
 from kernels.pallas.gmm import (COMPUTE, STORE, _gmm_kernel, _gmm_out_index, _gmm_rhs_index, _gmm_rhs_t_index,
                                 _gmm_lhs_index, _has, _resolve, gmm_schedule)
-from kernels.pallas.sort import _blocked, _load_indices, _row_dmas
+from kernels.pallas.gmm import gmm as plain_gmm
+from kernels.pallas.sort import _blocked, _load_indices, _row_dmas, combine_rows, gather_rows
 from kernels.platform import tpu_or_interpret
 
 __all__ = ["gather_gmm", "scatter_gmm", "sum_slots", "GATHER_TILE_BYTES"]
@@ -172,6 +173,10 @@ def gather_gmm(x, rhs, group_sizes, group_offset, sort_idx, k, *, transpose_rhs,
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     if m == 0 or x.shape[1] == 0:
         return jnp.zeros((m, n), out_dtype)
+    if not isinstance(m, int):  # symbolic rows (jax.export): the composition, whose kernels run at M's static bound
+        rows = gather_rows(x, sort_idx, k, row_weights, interpret=interpret)
+        return plain_gmm(rows, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+                         tiling=tiling, interpret=interpret)
     return _gather_gmm(x, rhs, group_sizes, group_offset, sort_idx.astype(jnp.int32), row_weights, top_k=int(k),
                        transpose_rhs=bool(transpose_rhs), out_dtype=jnp.dtype(out_dtype), tiling=tiling,
                        interpret=interpret)
@@ -231,6 +236,10 @@ def scatter_gmm(h, rhs, group_sizes, group_offset, sort_idx, weights, *, transpo
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     if t == 0 or h.shape[1] == 0:
         return jnp.zeros((t, n), out_dtype)
+    if not isinstance(h.shape[0], int):  # symbolic rows (jax.export): the composition (see gather_gmm)
+        y = plain_gmm(h, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+                      tiling=tiling, interpret=interpret)
+        return combine_rows(y, sort_idx, weights, interpret=interpret)
     slots = _scatter_slots(h, rhs, group_sizes, group_offset, sort_idx.astype(jnp.int32), weights,
                            transpose_rhs=bool(transpose_rhs), out_dtype=jnp.dtype(out_dtype), tiling=tiling,
                            interpret=interpret)
