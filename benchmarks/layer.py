@@ -43,9 +43,12 @@ def make_inputs(shape: LayerShape, dtype, pattern: routing.Pattern, seed: int):
 # and the activation in one op where the backend has that kernel), fused dispatch / combine with gate / up as two
 # gather-GMMs and the activation in XLA, and the unfused permute -> gmm -> unpermute path.
 VARIANTS = ("moe_ffn", "moe_ffn:fused-no-swiglu", "moe_ffn:unfused")
+DENSE = "reference:moe_ffn_dense"  # the einsum ground truth, timed beside the XLA backend in the CPU main job
 
 
 def _layer(impl: str, top_k: int, variant: str = "moe_ffn"):
+    if variant == DENSE:
+        return functools.partial(moe_ops.reference.moe_ffn_dense, top_k=top_k)
     if variant == "moe_ffn:unfused":
         return functools.partial(moe_ops.moe_ffn, top_k=top_k, implementation=impl, fused=False)
     if variant == "moe_ffn:fused-no-swiglu":
@@ -58,7 +61,10 @@ def _layer(impl: str, top_k: int, variant: str = "moe_ffn"):
 
 
 def variants_for(impl: str, suite: str) -> tuple[str, ...]:
-    """Variants measured for ``impl``: all of them in the layer suite where ``fused=None`` fuses, else the default."""
+    """Variants measured for ``impl``: all of them in the layer suite where ``fused=None`` fuses, else the default;
+    the CPU main job also times the dense einsum reference on the XLA rows (the bar the XLA backend must beat)."""
+    if suite == "main" and impl == "xla":
+        return VARIANTS[:1] + (DENSE,)
     return VARIANTS if suite == "layer" and moe_ops.fused.use_fused(None, impl) else VARIANTS[:1]
 
 
