@@ -34,6 +34,7 @@ import triton.language as tl
 
 from kernels.registry import TARGETS, AotCase, register_aot
 from kernels.triton import schedule, tuning
+from kernels.triton.gmm import _swizzle  # the pointer kernel's GROUP_M tile order
 from kernels.triton.scratch import triton_call_with_scratch
 
 __all__ = ["gmm", "tgmm", "eligible", "variant", "use_variant", "VARIANTS"]
@@ -75,14 +76,6 @@ def eligible(*operands) -> bool:
     and at least one row."""
     return all(jnp.dtype(a.dtype).itemsize == 2 and (a.shape[-1] * 2) % 16 == 0 and a.shape[0] > 0
                for a in operands)
-
-
-@triton.jit
-def _swizzle(tile, num_row_tiles, num_col_tiles, GROUP_M: tl.constexpr):
-    width = GROUP_M * num_col_tiles
-    first = (tile // width) * GROUP_M
-    height = tl.minimum(num_row_tiles - first, GROUP_M)
-    return first + (tile % width) % height, (tile % width) // height
 
 
 @triton.jit
