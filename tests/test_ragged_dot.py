@@ -43,8 +43,12 @@ def _sizes(prefix, num_rows, seed, num_groups=4):
     return jnp.stack(flat).reshape(prefix + (num_groups,)) if prefix else flat[0]
 
 
+QUICK_LAYOUTS = ("gmm_k_first", "gmm_batch")  # the quick loop keeps one layout of gmm and one batch mode
+
+
 def _params(names):
-    return [pytest.param(name, impl, id=f"{name}-{impl}") for name in names for impl in IMPLS]
+    return [pytest.param(name, impl, id=f"{name}-{impl}", marks=[] if name in QUICK_LAYOUTS else [pytest.mark.slow])
+            for name in names for impl in IMPLS]
 
 
 @pytest.mark.parametrize("name,impl", _params(DIMS))

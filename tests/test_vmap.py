@@ -72,7 +72,7 @@ def check_vmap(op, ref, args, in_axes, diff, tol, seed=0):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", [m if m == "all_batched" else pytest.param(m, marks=pytest.mark.slow) for m in MODES])
 def test_gmm_vmap(impl, mode):
     ax_l, ax_r, ax_s = MODES[mode]
     kl, kr = keys(1, 2)
