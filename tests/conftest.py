@@ -1,6 +1,7 @@
 """Test rig: 8 CPU devices for sharding tests, f32 matmuls at full precision, fast hypothesis profile."""
 
 import os
+import pathlib
 
 from kernels.host import prefer_cpu_without_accelerator  # noqa: E402  (imports no JAX)
 
@@ -10,12 +11,29 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 import hypothesis  # noqa: E402
+import pytest  # noqa: E402
 
 hypothesis.settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
                                      suppress_health_check=list(hypothesis.HealthCheck))
 hypothesis.settings.register_profile("full", max_examples=60, deadline=None,
                                      suppress_health_check=list(hypothesis.HealthCheck))
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_MEASURED_SLOW = pathlib.Path(__file__).with_name("slow_tests.txt")
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Tests listed in ``slow_tests.txt`` (each measured at 1 s or more in the quick loop on a 2-core machine) are
+    marked slow too, so ``-m "not slow"`` stays a short loop; CI runs them all."""
+    if not _MEASURED_SLOW.exists():
+        return
+    listed = {line.strip() for line in _MEASURED_SLOW.read_text().splitlines() if line.strip()
+              and not line.startswith("#")}
+    for item in items:
+        if item.nodeid in listed:
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_configure(config):
