@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "row_group_ids", "gmm", "tgmm", "route", "sort_by_expert", "inverse_permutation", "permute", "unpermute",
-    "moe_ffn", "moe_ffn_dense", "activate", "flatten_tokens",
+    "moe_ffn", "moe_ffn_dense", "activate", "activation_grad", "swiglu_down_bwd", "flatten_tokens",
 ]
 
 
@@ -140,6 +140,43 @@ def activate(gate, up, activation="silu"):
     if activation not in acts:
         raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
     return acts[activation](gate.astype(jnp.float32)) * up.astype(jnp.float32)
+
+
+def activation_grad(gate, activation="silu"):
+    """``(act(gate), act'(gate))`` in f32, the derivative written out (what kernel epilogues compute); gelu is
+    ``jax.nn.gelu``'s tanh form."""
+    g = gate.astype(jnp.float32)
+    if activation == "silu":
+        s = jax.nn.sigmoid(g)
+        return g * s, s * (1.0 + g * (1.0 - s))
+    if activation == "gelu":
+        c, a = math.sqrt(2.0 / math.pi), 0.044715
+        th = jnp.tanh(c * (g + a * g ** 3))
+        return 0.5 * g * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * c * (1.0 + 3.0 * a * g * g)
+    if activation == "relu":
+        return jnp.maximum(g, 0.0), (g > 0).astype(jnp.float32)
+    raise ValueError(f"activation must be one of ['gelu', 'relu', 'silu'], got {activation!r}")
+
+
+def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, sort_idx, w_sorted, top_k, *, group_offset=None,
+                    activation="silu"):
+    """Backward of ``h = act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` followed by the weighted down projection
+    ``out[t] += w_sorted[i] * (h_i @ w_down[g])`` (``x_i = x[sort_idx[i] // top_k]``, the row's token ``t``), up to
+    the row level: x / dout [T,D] in token order, w_gate / w_up [G_local,D,F], w_down [G_local,F,D], sort_idx [M],
+    w_sorted [M] (routing weight of sorted row i) -> (dgate, dup, h [M,F] in x's dtype, dweights_sorted [M] f32):
+
+    ``a_i = dout[t] @ w_down[g]^T`` (f32), ``dh_i = w_sorted[i] * a_i``, ``dgate_i = dh_i * up_i * act'(gate_i)``,
+    ``dup_i = dh_i * act(gate_i)``, ``h_i = act(gate_i) * up_i``, ``dweights_sorted[i] = <h_i, a_i>`` (all f32 from
+    f32 ``gate`` / ``up`` / ``a``). Rows of non-local groups and rows beyond ``sum(group_sizes)`` are zero."""
+    rows = x[sort_idx // top_k]
+    kw = dict(group_offset=group_offset, preferred_element_type=jnp.float32)
+    gate, up = gmm(rows, w_gate, group_sizes, **kw), gmm(rows, w_up, group_sizes, **kw)
+    a = gmm(dout[sort_idx // top_k], w_down, group_sizes, transpose_rhs=True, **kw)
+    act, dact = activation_grad(gate, activation)
+    dh = a * w_sorted.astype(jnp.float32)[:, None]
+    h = act * up
+    return ((dh * up * dact).astype(x.dtype), (dh * act).astype(x.dtype), h.astype(x.dtype),
+            jnp.sum(h * a, axis=1))
 
 
 def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax"):
