@@ -40,6 +40,10 @@ its own ``gather_rows`` / ``gmm`` / ``combine_rows``, see ``compose_gather_gmm``
 * ``swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype)
   -> [M, F]``: ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` in f32, one kernel (``moe_ops.swiglu``; Triton and
   Pallas; XLA composes its GMMs).
+* ``swiglu_down_bwd(x[T,D], dout[T,D], w_gate, w_up, w_down, group_sizes, group_offset, sort_idx[M], w_sorted[M],
+  k, *, activation) -> (dgate, dup, h [M,F] in x's dtype, dweights_sorted [M] f32)``: the backward of swiglu_gmm
+  followed by the weighted down projection, gate / up recomputed and the activation derivative applied in the
+  epilogue of the down projection's dlhs GMM (``reference.swiglu_down_bwd``; Triton and Pallas; XLA composes).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ IMPLEMENTATIONS = ("xla", "triton", "pallas")
 _MODULES = {"xla": "moe_ops.xla", "triton": "kernels.triton.backend", "pallas": "kernels.pallas.backend"}
 _DEFAULT_FOR_PLATFORM = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "pallas"}
 INTERFACE = ("gmm", "tgmm", "sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "gather_gmm",
-             "scatter_gmm", "swiglu_gmm")
+             "scatter_gmm", "swiglu_gmm", "swiglu_down_bwd")
 
 
 def choose(implementation: str | None) -> str | None:
@@ -158,4 +162,20 @@ def compose_swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None
     return reference.activate(project(w_gate), project(w_up), activation).astype(out_dtype)
 
 
-_COMPOSED = {"gather_gmm": compose_gather_gmm, "scatter_gmm": compose_scatter_gmm, "swiglu_gmm": compose_swiglu_gmm}
+def compose_swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, k, *, ops,
+                            activation):
+    """``swiglu_down_bwd`` from a backend's gather-GMMs and XLA elementwise math (materialises gate, up and the
+    down projection's dlhs in f32)."""
+    gather = getattr(ops, "gather_gmm", None) or functools.partial(compose_gather_gmm, ops=ops)
+
+    def project(rows, w, transpose):
+        return gather(rows, w, group_sizes, group_offset, sort_idx, k, transpose_rhs=transpose, out_dtype=jnp.float32)
+    gate, up, a = project(x, w_gate, False), project(x, w_up, False), project(dout, w_down, True)
+    act, dact = reference.activation_grad(gate, activation)
+    dh, h = a * w_sorted.astype(jnp.float32)[:, None], act * up
+    return ((dh * up * dact).astype(x.dtype), (dh * act).astype(x.dtype), h.astype(x.dtype),
+            jnp.sum(h * a, axis=1))
+
+
+_COMPOSED = {"gather_gmm": compose_gather_gmm, "scatter_gmm": compose_scatter_gmm, "swiglu_gmm": compose_swiglu_gmm,
+             "swiglu_down_bwd": compose_swiglu_down_bwd}

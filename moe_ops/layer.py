@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from moe_ops import fused as fused_ops
 from moe_ops import reference, validation
-from moe_ops.swiglu import has_kernel as swiglu_has_kernel, swiglu_gmm
+from moe_ops.validation import check_expert_weights
+from moe_ops.swiglu import has_kernel as swiglu_has_kernel, swiglu_ffn
 from moe_ops.gmm import gmm
 from moe_ops.sort import permute, unpermute
 
@@ -34,23 +35,6 @@ def experts_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, activation="silu
     return gmm(h, w_down, group_sizes, **kw)
 
 
-def check_expert_weights(x, w_gate, w_up, w_down, x_name="x"):
-    """x [..., D] and the SwiGLU weights w_gate / w_up [E,D,F], w_down [E,F,D]: floats of matching shapes (errors
-    name the user's argument)."""
-    validation.float_array(x_name, x)
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        validation.float_array(name, w, 3)
-    e, d, f = w_gate.shape
-    if x.shape[-1] != d:
-        raise ValueError(f"{x_name} [..., D] must have D={d} to match w_gate [E,D,F] {tuple(w_gate.shape)}, got "
-                         f"{tuple(x.shape)}")
-    if tuple(w_up.shape) != (e, d, f):
-        raise ValueError(f"w_up must be [E,D,F]={(e, d, f)} like w_gate, got {tuple(w_up.shape)}")
-    if tuple(w_down.shape) != (e, f, d):
-        raise ValueError(f"w_down must be [E,F,D]={(e, f, d)} (w_gate is [E,D,F]={(e, d, f)}), got "
-                         f"{tuple(w_down.shape)}")
-
-
 def check_weights(x, router_logits, w_gate, w_up, w_down):
     """``moe_ffn``'s arguments: x [..., D], router_logits [..., E], w_gate / w_up [E,D,F], w_down [E,F,D]."""
     check_expert_weights(x, w_gate, w_up, w_down)
@@ -72,11 +56,10 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
     kw = dict(implementation=implementation)
     sizes, sort_idx = fused_ops.sort_by_expert(expert_ids, w_gate.shape[0], **kw)
     if swiglu or (swiglu is None and swiglu_has_kernel(implementation)):
-        h = swiglu_gmm(x, w_gate, w_up, sizes, sort_idx, activation=activation, **kw)
-    else:
-        gate = fused_ops.gather_gmm(x, w_gate, sizes, sort_idx, **kw)
-        up = fused_ops.gather_gmm(x, w_up, sizes, sort_idx, **kw)
-        h = reference.activate(gate, up, activation).astype(x.dtype)
+        return swiglu_ffn(x, w_gate, w_up, w_down, sizes, sort_idx, weights, activation=activation, **kw)
+    gate = fused_ops.gather_gmm(x, w_gate, sizes, sort_idx, **kw)
+    up = fused_ops.gather_gmm(x, w_up, sizes, sort_idx, **kw)
+    h = reference.activate(gate, up, activation).astype(x.dtype)
     return fused_ops.scatter_gmm(h, w_down, sizes, sort_idx, weights, **kw)
 
 

@@ -36,7 +36,7 @@ from moe_ops.fused import _check_rows
 from moe_ops.gmm import _gmm, _tgmm
 from moe_ops.sort import _combine, _gather
 
-__all__ = ["swiglu_gmm", "has_kernel"]
+__all__ = ["swiglu_gmm", "swiglu_ffn", "has_kernel"]
 
 
 def has_kernel(implementation=None) -> bool:
@@ -54,34 +54,44 @@ def _project(x, w, sizes, offset, sort_idx, k, out_dtype, impl):
     return ops.gmm(ops.gather_rows(x, sort_idx, k), w, sizes, offset, transpose_rhs=False, out_dtype=out_dtype)
 
 
-def _forward(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
-    rows = x.shape[0] if sort_idx is None else sort_idx.shape[0]
-    if not hasattr(backend.ops(impl), "swiglu_gmm") or not isinstance(rows, int):  # no kernel, or symbolic rows
-        return _composed(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl)
-    operands = (x, w_gate, w_up, sizes, offset) + (() if sort_idx is None else (sort_idx,))
+def _one_kernel(name, operands, composed, *, rows, impl, **static):
+    """``backend.ops(impl).<name>(*operands, **static)`` where that kernel exists and ``rows`` is static, else
+    ``composed(*operands)``. Under ``jax.vmap`` the kernel (it has no batching rule) gives way to the composition,
+    whose (gather-)GMMs fold the batch (``kernels.triton.batching``). ``None`` operands are passed through as such."""
+    if not hasattr(backend.ops(impl), name) or not isinstance(rows, int):
+        return composed(*operands)
+    present = [i for i, a in enumerate(operands) if a is not None]
 
-    def split(args):
-        return args[:5] + ((args[5],) if sort_idx is not None else (None,))
+    def full(args):
+        filled = list(operands)
+        for i, a in zip(present, args):
+            filled[i] = a
+        return filled
 
     @custom_vmap
-    def one_kernel(*args):
-        return backend.ops(impl).swiglu_gmm(*split(args), k, activation=activation, out_dtype=out_dtype)
+    def kernel(*args):
+        return getattr(backend.ops(impl), name)(*full(args), **static)
 
-    @one_kernel.def_vmap
-    def batched(axis_size, in_batched, *args):  # the kernel has no batching rule: batch the composition instead,
-        del axis_size                          # whose (gather-)GMMs fold the batch (kernels.triton.batching)
-        composed = lambda *a: _composed(*split(a), k, activation, out_dtype, impl)  # noqa: E731
-        return jax.vmap(composed, in_axes=[0 if b else None for b in in_batched])(*args), True
+    @kernel.def_vmap
+    def batched(axis_size, in_batched, *args):
+        del axis_size
+        out = jax.vmap(lambda *a: composed(*full(a)), in_axes=[0 if b else None for b in in_batched])(*args)
+        return out, jax.tree.map(lambda _: True, out)
 
-    return one_kernel(*operands)
+    return kernel(*(operands[i] for i in present))
 
 
-def _composed(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
+def _forward(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
+    composed = functools.partial(_composed_forward, k=k, activation=activation, out_dtype=out_dtype, impl=impl)
+    rows = x.shape[0] if sort_idx is None else sort_idx.shape[0]
+    return _one_kernel("swiglu_gmm", (x, w_gate, w_up, sizes, offset, sort_idx), composed, rows=rows, impl=impl,
+                       k=k, activation=activation, out_dtype=out_dtype)
+
+
+def _composed_forward(x, w_gate, w_up, sizes, offset, sort_idx, *, k, activation, out_dtype, impl):
     """gate / up through the backend's (gather-)GMMs, the activation in XLA."""
-    f32 = jnp.dtype(jnp.float32)
-    gate = _project(x, w_gate, sizes, offset, sort_idx, k, f32, impl)
-    up = _project(x, w_up, sizes, offset, sort_idx, k, f32, impl)
-    return reference.activate(gate, up, activation).astype(out_dtype)
+    return backend.compose_swiglu_gmm(x, w_gate, w_up, sizes, offset, sort_idx, k, ops=backend.ops(impl),
+                                      activation=activation, out_dtype=out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
@@ -102,15 +112,21 @@ def _swiglu_bwd(k, activation, out_dtype, impl, residuals, dh):
     up = _project(x, w_up, sizes, offset, sort_idx, k, x.dtype, impl)
     _, act_vjp = jax.vjp(lambda g, u: reference.activate(g, u, activation), gate, up)
     dgate, dup = (d.astype(x.dtype) for d in act_vjp(dh.astype(f32)))  # f32 inside; zero rows outside local groups
-    x_sorted = x if sort_idx is None else _gather(x, sort_idx, None, k, impl)
+    return _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl) + (None, None, None)
+
+
+def _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl):
+    """(dx, dw_gate, dw_up) from the [M, F] cotangents of gate and up: two TGMMs over the (gathered) x rows and
+    ``dx_sorted = dgate @ w_gate^T + dup @ w_up^T``, summed per token (fixed order, no scatter-add) with the gather."""
+    f32 = jnp.dtype(jnp.float32)
+    x_sorted = x if sort_idx is None else _gather(x, sort_idx, None, k, impl)   # transient
     dw_gate = _tgmm(x_sorted, dgate, sizes, offset, w_gate.shape[0], w_gate.dtype, impl)
     dw_up = _tgmm(x_sorted, dup, sizes, offset, w_up.shape[0], w_up.dtype, impl)
     dx_sorted = (_gmm(dgate, w_gate, sizes, offset, True, f32, impl)
                  + _gmm(dup, w_up, sizes, offset, True, f32, impl)).astype(x.dtype)
     if sort_idx is None:
-        return dx_sorted, dw_gate, dw_up, None, None, None
-    dx = _combine(dx_sorted, sort_idx, jnp.ones((x.shape[0], k), jnp.float32), None, impl)
-    return dx, dw_gate, dw_up, None, None, None
+        return dx_sorted, dw_gate, dw_up
+    return _combine(dx_sorted, sort_idx, jnp.ones((x.shape[0], k), jnp.float32), None, impl), dw_gate, dw_up
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
@@ -144,3 +160,71 @@ def swiglu_gmm(x, w_gate, w_up, group_sizes, sort_idx=None, *, group_offset=None
         x, w_gate, w_up, sizes, offset, sort_idx = vma.match_vma(x, w_gate.astype(x.dtype), w_up.astype(x.dtype),
                                                                  sizes, offset, sort_idx)
     return _swiglu(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gate/up + activation + weighted down projection with its fused backward.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _ffn(x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx, k, activation, impl):
+    h = _forward(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, x.dtype, impl)
+    out = backend.ops(impl).scatter_gmm(h, w_down, sizes, offset, sort_idx, weights, transpose_rhs=False,
+                                        out_dtype=x.dtype)
+    return vma.like(out, x)
+
+
+def _ffn_fwd(x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx, k, activation, impl):
+    out = _ffn(x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx, k, activation, impl)
+    return out, (x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx)   # inputs only: nothing [M, F]
+
+
+def _ffn_bwd(k, activation, impl, residuals, dout):
+    x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx = residuals
+    dout = dout.astype(x.dtype)
+    w_sorted = weights.reshape(-1).astype(jnp.float32)[sort_idx]
+    composed = functools.partial(_composed_down_bwd, k=k, activation=activation, impl=impl)
+    dgate, dup, h, dw_sorted = _one_kernel(
+        "swiglu_down_bwd", (x, dout, w_gate, w_up, w_down, sizes, offset, sort_idx, w_sorted), composed,
+        rows=sort_idx.shape[0], impl=impl, k=k, activation=activation)
+    dgate, dup, h = (vma.like(a, x) for a in (dgate, dup, h))
+    dx, dw_gate, dw_up = _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl)
+    dy = vma.like(backend.ops(impl).gather_rows(dout, sort_idx, k, row_weights=weights), dout)   # w * dout[token]
+    dw_down = _tgmm(h, dy, sizes, offset, w_down.shape[0], w_down.dtype, impl)
+    dweights = jnp.zeros_like(dw_sorted).at[sort_idx].set(dw_sorted, unique_indices=True)  # permutation write
+    dweights = vma.like(dweights.reshape(weights.shape).astype(weights.dtype), weights)
+    return dx, dw_gate, dw_up, dw_down, dweights, None, None, None
+
+
+def _composed_down_bwd(x, dout, w_gate, w_up, w_down, sizes, offset, sort_idx, w_sorted, *, k, activation, impl):
+    return backend.compose_swiglu_down_bwd(x, dout, w_gate, w_up, w_down, sizes, offset, sort_idx, w_sorted, k,
+                                           ops=backend.ops(impl), activation=activation)
+
+
+_ffn.defvjp(_ffn_fwd, _ffn_bwd)
+
+
+def swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights, *, group_offset=None, activation="silu",
+               implementation=None):
+    """The routed experts on token-order rows, fused: x [T,D], w_gate / w_up [G_local,D,F], w_down [G_local,F,D],
+    group_sizes [G], sort_idx [T*k] (``sort_by_expert``), weights [T,k] -> [T,D] in x's dtype,
+    ``out[t] = sum_j weights[t,j] * (act(x_t @ w_gate[e]) * (x_t @ w_up[e])) @ w_down[e]`` for the local experts
+    ``e`` of token ``t``'s copies (module doc: one forward kernel for gate / up / activation, the weighted scatter
+    in the down GMM; the backward's gate / up recompute and activation derivative in one kernel)."""
+    validation.check_expert_weights(x, w_gate, w_up, w_down)
+    validation.float_array("weights", weights, 2)
+    k = _check_rows(sort_idx, x.shape[0], "x is [T, D]")
+    if tuple(weights.shape) != (x.shape[0], k):
+        raise ValueError(f"weights must be [T,k]={(x.shape[0], k)} (x is [T,D], sort_idx [T*k]), got "
+                         f"{tuple(weights.shape)}")
+    reference.activate(jnp.zeros(()), jnp.zeros(()), activation)  # raises ValueError naming the activations
+    impl = backend.choose(implementation)
+    rows = sort_idx.shape[0]
+    dims = (rows, *x.shape, *w_gate.shape)
+    empty = validation.zeros_if_empty(tuple(x.shape), x.dtype, dims, x, w_gate, weights)
+    if empty is not None:
+        return empty
+    sizes = validation.clamp_group_sizes(group_sizes, rows)
+    offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
+    x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx = vma.match_vma(
+        x, *(w.astype(x.dtype) for w in (w_gate, w_up, w_down)), weights, sizes, offset, sort_idx.astype(jnp.int32))
+    return _ffn(x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx, k, activation, impl)

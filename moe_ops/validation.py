@@ -220,3 +220,20 @@ def check_tgmm(lhs, rhs, group_sizes, num_groups):
                                        <= group_sizes.shape[0]):
         raise ValueError(f"num_groups must be a static int in [0, len(group_sizes)={group_sizes.shape[0]}], "
                          f"got {num_groups!r}")
+
+
+def check_expert_weights(x, w_gate, w_up, w_down, x_name="x"):
+    """x [..., D] and the SwiGLU weights w_gate / w_up [E,D,F], w_down [E,F,D]: floats of matching shapes (errors
+    name the user's argument)."""
+    float_array(x_name, x)
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        float_array(name, w, 3)
+    e, d, f = w_gate.shape
+    if x.shape[-1] != d:
+        raise ValueError(f"{x_name} [..., D] must have D={d} to match w_gate [E,D,F] {tuple(w_gate.shape)}, got "
+                         f"{tuple(x.shape)}")
+    if tuple(w_up.shape) != (e, d, f):
+        raise ValueError(f"w_up must be [E,D,F]={(e, d, f)} like w_gate, got {tuple(w_up.shape)}")
+    if tuple(w_down.shape) != (e, f, d):
+        raise ValueError(f"w_down must be [E,F,D]={(e, f, d)} (w_gate is [E,D,F]={(e, d, f)}), got "
+                         f"{tuple(w_down.shape)}")

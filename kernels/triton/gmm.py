@@ -49,6 +49,17 @@ def _swizzle(pid, num_rows_of_tiles, num_cols_of_tiles, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(tiles_ptr, NUM_ROW_TILES: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile of a gmm-schedule kernel: (group, row start, row end, column tile) from the
+    ``schedule.gmm_row_tiles`` table (row ``tile_m`` of its three rows) and the GROUP_M swizzle."""
+    tile_m, tile_n = _swizzle(tl.program_id(0), NUM_ROW_TILES, tl.cdiv(N, BN), GROUP_M)
+    group = tl.load(tiles_ptr + tile_m)
+    row_start = tl.load(tiles_ptr + NUM_ROW_TILES + tile_m)
+    row_end = tl.load(tiles_ptr + 2 * NUM_ROW_TILES + tile_m)
+    return group, row_start, row_end, tile_n
+
+
+@triton.jit
 def _sorted_slots(sort_idx_ptr, row_start, row_end, offs_m, NUM_SLOTS: tl.constexpr):
     """Fused row maps: the token-major slot ``sort_idx[row]`` of each sorted row of a tile. Rows past the tile's end
     are clamped into it (idle tiles, start = end = 0, read row 0) and values are clamped to ``[0, NUM_SLOTS)``, so
@@ -72,10 +83,7 @@ def _gmm_kernel(lhs_ptr, rhs_ptr, tiles_ptr, sort_idx_ptr, w_ptr, out_ptr,
       WEIGHTED: the f32 accumulator row is scaled by ``w[slot]`` before the store;
       SCATTER:  the tile row is stored to output row ``slot`` (token-major; a permutation write, no atomics).
     """
-    tile_m, tile_n = _swizzle(tl.program_id(0), NUM_ROW_TILES, tl.cdiv(N, BN), GROUP_M)
-    group = tl.load(tiles_ptr + tile_m)
-    row_start = tl.load(tiles_ptr + NUM_ROW_TILES + tile_m)
-    row_end = tl.load(tiles_ptr + 2 * NUM_ROW_TILES + tile_m)
+    group, row_start, row_end, tile_n = _row_tile(tiles_ptr, NUM_ROW_TILES, N, BN, GROUP_M)
     offs_m = tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
     if GATHER or SCATTER or WEIGHTED:

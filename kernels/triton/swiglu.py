@@ -25,9 +25,9 @@ from kernels.registry import TARGETS, register_aot
 from kernels.triton import schedule, tuning
 from kernels.triton.bridge import load_jax_triton
 from kernels.triton.gmm import _AOT_G, _AOT_M, _AOT_TOP_K, _ZERO_FILL, _aot_case, _aot_points, _launch_options
-from kernels.triton.gmm import _sorted_slots, _swizzle
+from kernels.triton.gmm import _row_tile, _sorted_slots
 
-__all__ = ["swiglu_gmm", "swiglu_config", "ACTIVATIONS"]
+__all__ = ["swiglu_gmm", "swiglu_down_bwd", "swiglu_config", "swiglu_bwd_config", "ACTIVATIONS"]
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}  # the gated activations of ``moe_ops.reference.activate``
 
@@ -46,15 +46,27 @@ def _activate(gate, up, ACT: tl.constexpr):
 
 
 @triton.jit
+def _activation_grad(gate, ACT: tl.constexpr):
+    """``(act(gate), act'(gate))`` in f32 (``moe_ops.reference.activation_grad``)."""
+    if ACT == 0:
+        s = tl.sigmoid(gate)
+        return gate * s, s * (1.0 + gate * (1.0 - s))
+    elif ACT == 1:
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        th = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        return (0.5 * gate * (1.0 + th),
+                0.5 * (1.0 + th) + 0.5 * gate * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * gate * gate))
+    else:
+        return tl.maximum(gate, 0.0), (gate > 0.0).to(tl.float32)
+
+
+@triton.jit
 def _swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, tiles_ptr, sort_idx_ptr, out_ptr,
                    K: tl.constexpr, N: tl.constexpr, NUM_ROW_TILES: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                    GATHER: tl.constexpr, TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr, ACT: tl.constexpr):
     """One BM x BN tile of ``h[rows] = act(lhs[rows] @ wg[group]) * (lhs[rows] @ wu[group])``."""
-    tile_m, tile_n = _swizzle(tl.program_id(0), NUM_ROW_TILES, tl.cdiv(N, BN), GROUP_M)
-    group = tl.load(tiles_ptr + tile_m)
-    row_start = tl.load(tiles_ptr + NUM_ROW_TILES + tile_m)
-    row_end = tl.load(tiles_ptr + 2 * NUM_ROW_TILES + tile_m)
+    group, row_start, row_end, tile_n = _row_tile(tiles_ptr, NUM_ROW_TILES, N, BN, GROUP_M)
     offs_m = tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
     out_ptrs = out_ptr + row_start.to(tl.int64) * N + offs_m[:, None] * N + offs_n[None, :]
@@ -120,6 +132,95 @@ def swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *
         NUM_SLOTS=m if gather else 1, ACT=ACTIVATIONS[activation], **_launch_options(cfg))
 
 
+@triton.jit
+def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, sort_idx_ptr, ws_ptr,
+                            dgate_ptr, dup_ptr, h_ptr, part_ptr,
+                            K: tl.constexpr, N: tl.constexpr, NUM_ROW_TILES: tl.constexpr, NUM_SLOTS: tl.constexpr,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                            TOP_K: tl.constexpr, ACT: tl.constexpr):
+    """One BM x BN tile (sorted rows x F columns) of the fused backward (``swiglu_down_bwd``): ``gate`` / ``up``
+    (x rows @ w_gate / w_up) and ``a`` (dout rows @ w_down^T) in three f32 accumulators over K = D, then the
+    epilogue writes dgate, dup, h and this column tile's partial ``sum_f h * a`` (``part[tile_n, row]``)."""
+    group, row_start, row_end, tile_n = _row_tile(tiles_ptr, NUM_ROW_TILES, N, BN, GROUP_M)
+    offs_m = tl.arange(0, BM)
+    offs_n = tile_n * BN + tl.arange(0, BN)
+    live = offs_m < row_end - row_start
+    out_off = row_start.to(tl.int64) * N + offs_m[:, None] * N + offs_n[None, :]
+    store_mask = live[:, None] & (offs_n[None, :] < N)
+    part_ptrs = part_ptr + tile_n * NUM_SLOTS + row_start + offs_m
+    if group >= 0:
+        offs_k = tl.arange(0, BK)
+        cols = offs_n % N if N % BN != 0 else offs_n
+        tokens = (_sorted_slots(sort_idx_ptr, row_start, row_end, offs_m, NUM_SLOTS) // TOP_K).to(tl.int64)
+        x_ptrs = x_ptr + tokens[:, None] * K + offs_k[None, :]
+        d_ptrs = dout_ptr + tokens[:, None] * K + offs_k[None, :]
+        w_off = group.to(tl.int64) * (K * N)
+        g_ptrs = wg_ptr + w_off + offs_k[:, None] * N + cols[None, :]
+        u_ptrs = wu_ptr + w_off + offs_k[:, None] * N + cols[None, :]
+        t_ptrs = wd_ptr + w_off + offs_k[:, None] + cols[None, :] * K   # w_down[g] [F, D] read as [D, F]
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_a = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BK)):
+            if K % BK == 0:
+                xa, da = tl.load(x_ptrs), tl.load(d_ptrs)
+                bg, bu, bt = tl.load(g_ptrs), tl.load(u_ptrs), tl.load(t_ptrs)
+            else:
+                a_mask = offs_k[None, :] < K - k * BK
+                b_mask = offs_k[:, None] < K - k * BK
+                xa, da = tl.load(x_ptrs, mask=a_mask, other=0.0), tl.load(d_ptrs, mask=a_mask, other=0.0)
+                bg, bu = tl.load(g_ptrs, mask=b_mask, other=0.0), tl.load(u_ptrs, mask=b_mask, other=0.0)
+                bt = tl.load(t_ptrs, mask=b_mask, other=0.0)
+            acc_g = tl.dot(xa, bg, acc_g, input_precision="ieee")
+            acc_u = tl.dot(xa, bu, acc_u, input_precision="ieee")
+            acc_a = tl.dot(da, bt, acc_a, input_precision="ieee")
+            x_ptrs += BK
+            d_ptrs += BK
+            g_ptrs += BK * N
+            u_ptrs += BK * N
+            t_ptrs += BK
+        act, dact = _activation_grad(acc_g, ACT)
+        dh = acc_a * tl.load(ws_ptr + row_start + tl.minimum(offs_m, row_end - row_start - 1))[:, None]
+        h = act * acc_u
+        dtype = dgate_ptr.dtype.element_ty
+        tl.store(dgate_ptr + out_off, (dh * acc_u * dact).to(dtype), mask=store_mask)
+        tl.store(dup_ptr + out_off, (dh * act).to(dtype), mask=store_mask)
+        tl.store(h_ptr + out_off, h.to(dtype), mask=store_mask)
+        tl.store(part_ptrs, tl.sum(tl.where(offs_n[None, :] < N, h * acc_a, 0.0), axis=1), mask=live)
+    elif group == _ZERO_FILL:
+        zeros = tl.zeros((BM, BN), dtype=dgate_ptr.dtype.element_ty)
+        tl.store(dgate_ptr + out_off, zeros, mask=store_mask)
+        tl.store(dup_ptr + out_off, zeros, mask=store_mask)
+        tl.store(h_ptr + out_off, zeros, mask=store_mask)
+        tl.store(part_ptrs, tl.zeros((BM,), dtype=tl.float32), mask=live)
+
+
+def swiglu_bwd_config(cfg: tuning.GmmConfig) -> tuning.GmmConfig:
+    """The gmm config with ``block_n`` quartered (at least 16): three ``BM x BN/4`` accumulators take the registers,
+    and five operand tiles per stage the shared memory, of about one gmm tile."""
+    return dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 4))
+
+
+def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, k, *, activation,
+                    config=None):
+    """x / dout [T,D] (token order), w_gate / w_up [G_local,D,F], w_down [G_local,F,D], clamped group_sizes [G],
+    group_offset int32[1], sort_idx [M = T*k], w_sorted [M] f32 -> (dgate, dup, h [M,F] in x's dtype,
+    dweights_sorted [M] f32), the contract of ``moe_ops.reference.swiglu_down_bwd``: one kernel, gate / up / a never
+    written; the per-column-tile partials of ``<h_i, a_i>`` are summed here (f32, fixed order)."""
+    jt = load_jax_triton()
+    m, (num_local, kdim, n) = sort_idx.shape[0], w_gate.shape
+    cfg = config or swiglu_bwd_config(tuning.pick_config("gmm", m, kdim, n, num_local, x.dtype))
+    tiles = schedule.gmm_row_tiles(group_sizes, group_offset, m, num_local, cfg.block_m)
+    num_row_tiles, col_tiles = tiles.shape[1], triton.cdiv(n, cfg.block_n)
+    rows = jax.ShapeDtypeStruct((m, n), x.dtype)
+    dgate, dup, h, part = jt.triton_call(
+        x, dout, w_gate, w_up, w_down, tiles.reshape(-1), sort_idx.astype(jnp.int32), w_sorted.astype(jnp.float32),
+        kernel=_swiglu_down_bwd_kernel, out_shape=[rows, rows, rows, jax.ShapeDtypeStruct((col_tiles, m), jnp.float32)],
+        grid=(num_row_tiles * col_tiles,), name="moe_swiglu_down_bwd", K=kdim, N=n, NUM_ROW_TILES=num_row_tiles,
+        NUM_SLOTS=m, TOP_K=int(k), ACT=ACTIVATIONS[activation], **_launch_options(cfg))
+    return dgate, dup, h, jnp.sum(part, axis=0)
+
+
 @register_aot("swiglu")
 def aot_cases(target: str):
     """Every shipped gmm config of ``target`` (``swiglu_config``) at the gmm family's shapes: the gather form with
@@ -140,4 +241,21 @@ def aot_cases(target: str):
                 sig = dict(lhs_ptr=f"*{dtype_name}", wg_ptr=f"*{dtype_name}", wu_ptr=f"*{dtype_name}",
                            tiles_ptr="*i32", sort_idx_ptr="*i32", out_ptr=f"*{dtype_name}")
                 cases.append(dataclasses.replace(case, signature={**sig, **{c: "constexpr" for c in case.constexprs}}))
+            cases += _bwd_aot_cases(backend, entry, gmm_cfg, dtype_name, suffix, k, n, full)
+    return cases
+
+
+def _bwd_aot_cases(backend, entry, gmm_cfg, dtype_name, suffix, k, n, every_activation):
+    """``_swiglu_down_bwd_kernel`` at one (config, dtype, shape) point: silu, plus gelu / relu when asked."""
+    cfg = swiglu_bwd_config(gmm_cfg)
+    tiles = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
+    cases = []
+    for act in ACTIVATIONS if every_activation else ("silu",):
+        case = _aot_case(f"swiglu_down_bwd_{act}", _swiglu_down_bwd_kernel, dtype_name, cfg, backend,
+                         f"{entry}:{dtype_name}{suffix}", K=k, N=n, NUM_ROW_TILES=tiles, NUM_SLOTS=_AOT_M,
+                         TOP_K=_AOT_TOP_K, ACT=ACTIVATIONS[act])
+        rows, f32 = f"*{dtype_name}", "*fp32"
+        sig = dict(x_ptr=rows, dout_ptr=rows, wg_ptr=rows, wu_ptr=rows, wd_ptr=rows, tiles_ptr="*i32",
+                   sort_idx_ptr="*i32", ws_ptr=f32, dgate_ptr=rows, dup_ptr=rows, h_ptr=rows, part_ptr=f32)
+        cases.append(dataclasses.replace(case, signature={**sig, **{c: "constexpr" for c in case.constexprs}}))
     return cases
