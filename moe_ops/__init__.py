@@ -14,7 +14,7 @@ from moe_ops.partitioned import moe_ffn_partitioned, moe_ffn_shard
 from moe_ops.ragged import RaggedDotDimensionNumbers, ragged_dot, ragged_dot_general
 from moe_ops.sharding import MoEShardingConfig
 from moe_ops.sort import permute, sort_by_expert, unpermute
-from moe_ops.swiglu import swiglu_gmm
+from moe_ops.swiglu import swiglu_ffn, swiglu_gmm
 from moe_ops.validation import checked
 
 __version__ = "0.1.0"
@@ -24,7 +24,7 @@ __all__ = [
     # jax.lax.ragged_dot(_general) signatures on these kernels
     "ragged_dot", "ragged_dot_general", "RaggedDotDimensionNumbers",
     # fused dispatch / combine (gather / scatter inside the GMMs)
-    "gather_gmm", "scatter_gmm", "fused_experts_ffn", "fused", "swiglu_gmm", "swiglu",
+    "gather_gmm", "scatter_gmm", "fused_experts_ffn", "fused", "swiglu_gmm", "swiglu_ffn", "swiglu",
     # expert parallelism
     "MoEShardingConfig", "moe_ffn_partitioned", "moe_ffn_shard", "sharding", "imbalance",
     # ground truth and backend choice

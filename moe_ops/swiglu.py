@@ -1,26 +1,29 @@
 """Gate/up projections and the gated activation as one op: ``h = act(x @ w_gate[g]) * (x @ w_up[g])`` [M, F],
-with ``gate`` / ``up`` [M, F] never stored (``moe_ffn``'s fused path).
+with ``gate`` / ``up`` [M, F] never stored; and the whole routed expert FFN on top of it (``moe_ffn``'s fused path).
 
 ``swiglu_gmm(x, w_gate, w_up, group_sizes, sort_idx=None)``: x [M,D] in expert order, or x [T,D] in token order with
 ``sort_idx`` [M = T*k] (the gather row map of ``moe_ops.fused``: row i reads ``x[sort_idx[i] // k]``); w_gate /
 w_up [G_local,D,F] as given (no interleaved copy). Rows of non-local groups and rows beyond ``sum(group_sizes)``
-are zero. The activation runs in f32 on the f32 accumulators (``reference.activate``'s activations).
+are zero. The activation runs in f32 on the f32 accumulators (``reference.activate``'s activations). Custom VJP
+with only the inputs as residuals: ``gate`` / ``up`` recomputed in x's dtype (two (gather-)GMMs), the activation's
+VJP in XLA, ``dw_gate`` / ``dw_up`` by TGMM over the (gathered) x rows, ``dx = dgate @ w_gate^T + dup @ w_up^T``
+summed per token by ``combine_rows`` (fixed order, no scatter-add).
 
-Backends provide ``swiglu_gmm`` optionally (``moe_ops.backend``): Triton and Pallas run one kernel that reads each A
-row once into two accumulators (``kernels.triton.swiglu``, ``kernels.pallas.swiglu``); the XLA backend composes its
-(gather-)GMMs.
+``swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights)`` -> [T,D]: ``swiglu_gmm`` with the gather,
+then the weighted down projection back to token order (``scatter_gmm``). Custom VJP, residuals = the inputs only
+(nothing of size [M, F] or [M, D] is kept between forward and backward). Backward, for ``dout`` [T,D]:
 
-Custom VJP. Residuals are only the op's inputs (x, w_gate, w_up, group_sizes, group_offset, sort_idx): nothing of
-size [M, F] is saved; ``gate`` / ``up`` are recomputed in the backward (two (gather-)GMMs, the cost of one more
-forward of this op), which keeps the peak of ``jax.grad`` at or below the unfused path's (whose activation saves
-both). Then, for ``dh`` [M,F]:
+1. ``swiglu_down_bwd`` (one kernel on Triton and Pallas, ``reference.swiglu_down_bwd`` is its twin; XLA composes):
+   per row tile, ``gate`` / ``up`` (x rows @ w_gate / w_up) and ``a = dout[token] @ w_down^T`` accumulate over D
+   in three f32 accumulators, and the epilogue writes ``dgate = w*a*up*act'(gate)``, ``dup = w*a*act(gate)``,
+   ``h = act(gate)*up`` (x's dtype) and the routing-weight gradient ``<h_i, a_i>`` (f32). ``gate`` / ``up`` /
+   ``a`` never reach memory: recomputing them here costs one more forward of the gate/up GMMs and saves keeping
+   ``h`` (or gate and up) from the forward.
+2. ``dw_down = tgmm(h, w * dout[token])``, ``dw_gate`` / ``dw_up`` / ``dx`` as for ``swiglu_gmm``, and
+   ``dweights`` a permutation write of ``<h_i, a_i>`` to slot order.
 
-* ``gate`` / ``up`` recomputed in x's dtype (as the unfused path stores them), then ``dgate = dh * up * act'(gate)``,
-  ``dup = dh * act(gate)`` in f32 (the VJP of ``reference.activate``, an XLA elementwise pass; not fused into a GMM
-  epilogue);
-* ``dw_gate = tgmm(x_sorted, dgate)``, ``dw_up = tgmm(x_sorted, dup)`` (``x_sorted = gather_rows(x)``, transient);
-* ``dx_sorted = gmm(dgate, w_gate^T) + gmm(dup, w_up^T)``, and with the gather ``dx = combine_rows(dx_sorted,
-  sort_idx, ones)``: a per-token sum of its k rows in a fixed order, no scatter-add.
+Backends provide ``swiglu_gmm`` / ``swiglu_down_bwd`` optionally (``moe_ops.backend``). Under ``jax.vmap`` the
+kernels give way to their compositions (``custom_vmap``), whose (gather-)GMMs fold the batch.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 
 from moe_ops import backend, reference, validation, vma
-from moe_ops.fused import _check_rows
+from moe_ops.fused import _check_rows, _scatter_gmm
 from moe_ops.gmm import _gmm, _tgmm
-from moe_ops.sort import _combine, _gather
+from moe_ops.sort import _gather
 
 __all__ = ["swiglu_gmm", "swiglu_ffn", "has_kernel"]
 
@@ -116,17 +119,21 @@ def _swiglu_bwd(k, activation, out_dtype, impl, residuals, dh):
 
 
 def _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl):
-    """(dx, dw_gate, dw_up) from the [M, F] cotangents of gate and up: two TGMMs over the (gathered) x rows and
-    ``dx_sorted = dgate @ w_gate^T + dup @ w_up^T``, summed per token (fixed order, no scatter-add) with the gather."""
-    f32 = jnp.dtype(jnp.float32)
+    """(dx, dw_gate, dw_up) from the [M, F] cotangents of gate and up: two TGMMs over the (gathered) x rows, and
+    ``dx = dgate @ w_gate^T + dup @ w_up^T`` per sorted row, in x's dtype as the unfused path has it. With the
+    gather each product goes straight back to token order (``scatter_gmm`` with unit weights: the k rows of a token
+    summed in f32 in a fixed order, no scatter-add), so no [M, D] f32 buffer exists."""
     x_sorted = x if sort_idx is None else _gather(x, sort_idx, None, k, impl)   # transient
     dw_gate = _tgmm(x_sorted, dgate, sizes, offset, w_gate.shape[0], w_gate.dtype, impl)
     dw_up = _tgmm(x_sorted, dup, sizes, offset, w_up.shape[0], w_up.dtype, impl)
-    dx_sorted = (_gmm(dgate, w_gate, sizes, offset, True, f32, impl)
-                 + _gmm(dup, w_up, sizes, offset, True, f32, impl)).astype(x.dtype)
     if sort_idx is None:
-        return dx_sorted, dw_gate, dw_up
-    return _combine(dx_sorted, sort_idx, jnp.ones((x.shape[0], k), jnp.float32), None, impl), dw_gate, dw_up
+        return (_gmm(dgate, w_gate, sizes, offset, True, x.dtype, impl)
+                + _gmm(dup, w_up, sizes, offset, True, x.dtype, impl)), dw_gate, dw_up
+    ones = jnp.ones((x.shape[0], k), jnp.float32)
+    f32 = jnp.dtype(jnp.float32)
+    dx = sum(_scatter_gmm(d, w, ones, sizes, offset, sort_idx, True, x.dtype, impl).astype(f32)
+             for d, w in ((dgate, w_gate), (dup, w_up)))
+    return dx.astype(x.dtype), dw_gate, dw_up
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from kernels.groups import local_bounds
 from moe_ops import reference, vma
 
 BLOCK_ROWS = 256  # most rows per tile (CPU: large enough to amortise the loop, small enough to waste little)
@@ -39,13 +40,7 @@ def row_tiles(group_sizes, group_offset, num_local, num_rows, block_rows):
     Group sizes are clamped (``>= 0``, sum ``<= num_rows``); local group ``j`` is global group ``group_offset + j``
     (empty when that id is outside ``[0, G)``). Tile ``i < count`` covers rows ``[start_i, end_i)`` of group
     ``group_i`` with ``0 < end_i - start_i <= block_rows``; the tiles partition the rows of the local groups."""
-    sizes = group_sizes.astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    ids = group_offset.reshape(()).astype(jnp.int32) + jnp.arange(num_local, dtype=jnp.int32)
-    valid = (ids >= 0) & (ids < sizes.shape[0])
-    safe = jnp.clip(ids, 0, sizes.shape[0] - 1)
-    g_end = jnp.where(valid, ends[safe], 0)
-    g_start = jnp.where(valid, g_end - sizes[safe], 0)
+    g_start, g_end = local_bounds(group_sizes, group_offset, num_local)
     tiles = (g_end - g_start + block_rows - 1) // block_rows
     tiles_end = jnp.cumsum(tiles)
     tile = jnp.arange(-(-num_rows // block_rows) + num_local, dtype=jnp.int32)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from kernels.groups import local_bounds
 from kernels.shapes import static_upper_bound  # noqa: F401  (re-exported: used by the Triton wrappers)
 
 ZERO_FILL = -1
@@ -40,21 +41,9 @@ def max_row_tiles(num_rows: int, block_m: int, num_local: int) -> int:
     return -(-num_rows // block_m) + num_local + 1
 
 
-def _local_bounds(group_sizes, group_offset, num_local):
-    """(start, end) int32[G_local] of each local group's rows; empty where the global id is out of range."""
-    sizes = group_sizes.astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    ids = group_offset.reshape(()).astype(jnp.int32) + jnp.arange(num_local, dtype=jnp.int32)
-    valid = (ids >= 0) & (ids < sizes.shape[0])
-    safe = jnp.clip(ids, 0, sizes.shape[0] - 1)
-    end = jnp.where(valid, ends[safe], 0)
-    start = jnp.where(valid, end - sizes[safe], 0)
-    return start, end
-
-
 def tgmm_group_bounds(group_sizes, group_offset, num_local):
     """int32[3, G_local]: (local group, first row, one past the last row), longest group first (module docstring)."""
-    start, end = _local_bounds(group_sizes, group_offset, num_local)
+    start, end = local_bounds(group_sizes, group_offset, num_local)
     order = jnp.argsort(start - end, stable=True).astype(jnp.int32)
     return jnp.stack([order, start[order], end[order]]).astype(jnp.int32)
 
@@ -63,7 +52,7 @@ def gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, block_m, num_t
     """int32[3, T]: (local group | ZERO_FILL | IDLE, row start, row end) per row tile (invariants 1-5). ``T`` is
     ``num_tiles`` when given (a static bound >= ``max_row_tiles``, e.g. for a symbolic ``num_rows``: the extra
     tiles are IDLE), else ``max_row_tiles(num_rows, block_m, num_local)``."""
-    start, end = _local_bounds(group_sizes, group_offset, num_local)
+    start, end = local_bounds(group_sizes, group_offset, num_local)
     # Local groups are contiguous in row order, so the local region is [first start, last end) of the non-empty.
     nonempty = end > start
     lo = jnp.min(jnp.where(nonempty, start, num_rows)).astype(jnp.int32)

@@ -1,0 +1,22 @@
+"""Group-row bookkeeping shared by the backends' tile schedules (pure ``jnp``, no Triton): where each local group's
+rows lie in the expert-sorted row order."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+__all__ = ["local_bounds"]
+
+
+def local_bounds(group_sizes, group_offset, num_local):
+    """(start, end) int32[G_local] of each local group's rows, for clamped ``group_sizes`` [G] and ``group_offset``
+    int32[1]: local group ``j`` is global group ``group_offset + j``, empty (start = end = 0) when that id is outside
+    ``[0, G)``."""
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    ids = group_offset.reshape(()).astype(jnp.int32) + jnp.arange(num_local, dtype=jnp.int32)
+    valid = (ids >= 0) & (ids < sizes.shape[0])
+    safe = jnp.clip(ids, 0, sizes.shape[0] - 1)
+    end = jnp.where(valid, ends[safe], 0)
+    start = jnp.where(valid, end - sizes[safe], 0)
+    return start, end

@@ -1,0 +1,132 @@
+"""The fused expert FFN (``moe_ops.swiglu.swiglu_ffn``: gate/up + activation, weighted down projection to token
+order) and its one-kernel backward (``swiglu_down_bwd``): the Triton kernel (bridge, outputs poisoned) and the XLA
+composition against ``reference.swiglu_down_bwd``; the op's five gradients against ``jax.grad`` of the reference
+composition on an expert shard; vmap; argument errors.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.triton import swiglu as ts
+from moe_ops import backend, swiglu
+from moe_ops import reference as R
+from tests.helpers import TOL, assert_close, keys, randn
+from tests.test_fused import CFG, E, K, T, TOP_K, _offset, _routed, _seed
+
+F = 24
+
+
+def _operands(seed, g_local, dtype, d=K, f=F):
+    ks = keys(seed, 6)
+    return dict(x=randn(ks[0], (T, d), dtype), dout=randn(ks[1], (T, d), dtype),
+                w_gate=randn(ks[2], (g_local, d, f), dtype, d ** -0.5),
+                w_up=randn(ks[3], (g_local, d, f), dtype, d ** -0.5),
+                w_down=randn(ks[4], (g_local, f, d), dtype, f ** -0.5),
+                weights=jax.random.uniform(ks[5], (T, TOP_K), jnp.float32, 0.1, 1.0))
+
+
+def _kernel_args(o, sizes, sort_idx, off):
+    w_sorted = o["weights"].reshape(-1)[sort_idx]
+    return (o["x"], o["dout"], o["w_gate"], o["w_up"], o["w_down"], sizes, _offset(off), sort_idx, w_sorted)
+
+
+def _check_rows(got, ref, sizes, off, g_local, tol, what):
+    names = ("dgate", "dup", "h", "dweights_sorted")
+    for name, a, b in zip(names, got, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
+        assert_close(a, b, tol, f"{what} {name}")
+    outside = np.asarray(R._local_row_ids(sizes, T * TOP_K, off, g_local)) < 0
+    for name, a in zip(names, got):
+        assert np.all(np.asarray(a)[outside] == 0), f"{what} {name}: rows outside local groups must be zero"
+
+
+@pytest.mark.parametrize("routing,activation,off,g_local,dtype", [
+    ("uneven_dropped", "silu", 0, E, jnp.float32),
+    ("empty_groups", "gelu", 2, 3, jnp.float32),
+    ("one_expert", "relu", 1, 2, jnp.float32),
+    ("all_dropped", "silu", 0, E, jnp.float32),
+    ("uneven_dropped", "gelu", 1, 3, jnp.bfloat16),
+])
+def test_triton_kernel_parity(routing, activation, off, g_local, dtype):
+    """One kernel: gate / up / a in three accumulators, the epilogue's dgate, dup, h and the <h, a> partials; K=20
+    and F=24 are not multiples of the 16-wide tiles (masked K, wrapped columns); group_offset shards."""
+    _, sizes, sort_idx = _routed(routing, _seed(routing, "down_bwd"))
+    o = _operands(_seed(routing, activation, "ops"), g_local, dtype)
+    args = _kernel_args(o, sizes, sort_idx, off)
+    got = ts.swiglu_down_bwd(*args, TOP_K, activation=activation, config=CFG)
+    ref = R.swiglu_down_bwd(*args[:6], sort_idx, args[-1], TOP_K, group_offset=off, activation=activation)
+    _check_rows(got, ref, sizes, off, g_local, TOL[dtype], f"triton {routing}")
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+def test_xla_composition_matches_reference(activation):
+    _, sizes, sort_idx = _routed("uneven_dropped", 7)
+    o = _operands(_seed("xla", activation), 3, jnp.float32)
+    args = _kernel_args(o, sizes, sort_idx, 1)
+    got = backend.compose_swiglu_down_bwd(*args, TOP_K, ops=backend.ops("xla"), activation=activation)
+    ref = R.swiglu_down_bwd(*args[:6], sort_idx, args[-1], TOP_K, group_offset=1, activation=activation)
+    _check_rows(got, ref, sizes, 1, 3, 1e-5, "xla")
+
+
+def _reference_ffn(x, w_gate, w_up, w_down, weights, sizes, sort_idx, off, activation):
+    """permute -> gate / up / act -> down -> weighted unpermute, all reference twins, on the expert shard."""
+    xs = x[sort_idx // TOP_K]
+    kw = dict(group_offset=off, preferred_element_type=jnp.float32)
+    h = R.activate(R.gmm(xs, w_gate, sizes, **kw), R.gmm(xs, w_up, sizes, **kw), activation).astype(x.dtype)
+    return R.unpermute(R.gmm(h, w_down, sizes, **kw), sort_idx, weights).astype(x.dtype)
+
+
+OP_CASES = [("triton", "silu"), ("xla", "gelu"), pytest.param("triton", "gelu", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("impl,activation", OP_CASES)
+def test_op_gradients_on_expert_shard(impl, activation):
+    """Forward and the five gradients (x, w_gate, w_up, w_down, weights) of the custom VJP vs jax.grad of the
+    reference composition, on the middle shard of experts (others: zero output, zero gradient)."""
+    _, sizes, sort_idx = _routed("uneven_dropped", 11)
+    o = _operands(_seed(impl, activation, "op"), 3, jnp.float32)
+    cot = randn(keys(_seed(impl, "cot"), 1)[0], (T, K))
+    inputs = (o["x"], o["w_gate"], o["w_up"], o["w_down"], o["weights"])
+    ours = lambda *a: swiglu.swiglu_ffn(*a[:4], sizes, sort_idx, a[4], group_offset=1, activation=activation,
+                                        implementation=impl)
+    ref = lambda *a: _reference_ffn(*a, sizes, sort_idx, 1, activation)
+    assert_close(jax.jit(ours)(*inputs), ref(*inputs), 1e-5, "forward")
+    grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=range(5))
+    got = jax.block_until_ready(jax.jit(grads(ours))(*inputs))
+    for name, g, e in zip(("dx", "dw_gate", "dw_up", "dw_down", "dweights"), got, grads(ref)(*inputs)):
+        assert_close(g, e, 1e-5, name)
+
+
+def test_vmap_matches_per_example():
+    """Under vmap the kernels give way to the composition (custom_vmap): same values and gradients per example."""
+    _, sizes, sort_idx = _routed("empty_groups", 5)
+    batch = [_operands(_seed("vmap", i), E, jnp.float32) for i in range(2)]
+    stacked = {n: jnp.stack([b[n] for b in batch]) for n in batch[0]}
+
+    def loss(x, w_gate, w_up, w_down, weights):
+        out = swiglu.swiglu_ffn(x, w_gate, w_up, w_down, sizes, sort_idx, weights, implementation="triton")
+        return jnp.sum(out * out)
+    value_grad = jax.value_and_grad(loss, argnums=range(5))
+    names = ("x", "w_gate", "w_up", "w_down", "weights")
+    v, g = jax.jit(jax.vmap(value_grad))(*(stacked[n] for n in names))
+    for i, b in enumerate(batch):
+        vi, gi = value_grad(*(b[n] for n in names))
+        assert_close(v[i], vi, 1e-5, "value")
+        for name, a, e in zip(names, g, gi):
+            assert_close(a[i], e, 1e-5, f"d{name}")
+
+
+def test_errors_name_the_argument():
+    _, sizes, sort_idx = _routed("uneven_dropped", 1)
+    o = _operands(1, E, jnp.float32)
+    args = (o["x"], o["w_gate"], o["w_up"], o["w_down"], sizes, sort_idx)
+    with pytest.raises(ValueError, match="weights"):
+        swiglu.swiglu_ffn(*args, o["weights"][:, :1])
+    with pytest.raises(ValueError, match="w_down"):
+        swiglu.swiglu_ffn(*args[:3], o["w_down"][:, :, :3], *args[4:], o["weights"])
+    with pytest.raises(ValueError, match="sort_idx"):
+        swiglu.swiglu_ffn(*args[:5], sort_idx[:-1], o["weights"])
+    with pytest.raises(ValueError, match="activation"):
+        swiglu.swiglu_ffn(*args, o["weights"], activation="tanh")
