@@ -193,6 +193,7 @@ def main(argv=None) -> int:
     print(report.header(doc))
     print(report.table(records))
     print(report.summary_table(doc["summary"]))
+    print(report.targets_table(doc["targets"]))
     json_path = args.json or os.path.join(args.out_dir, f"{stamp}.json")
     plot_path = args.plot or os.path.join(args.out_dir, f"{stamp}.png")
     report.write_json(doc, json_path)
