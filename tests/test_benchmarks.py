@@ -150,6 +150,7 @@ def _layer_run(tmp_path, argv):
     return rc, doc, [r for r in doc["records"] if r["suite"] == "layer"]
 
 
+@pytest.mark.slow
 def test_layer_suite_compositions_tiny(tmp_path, monkeypatch, capsys):
     """The layer compositions run beside moe_ops on the same inputs, pass the same dense parity check (forward and
     the five gradients), take part in the ratios; a missing tokamax is an unavailable row with its reason."""
