@@ -189,11 +189,30 @@ def _prepare(shape: LayerShape, dtype, pattern: routing.Pattern, n_sets: int, se
     return sets, ref, routing.describe(np.bincount(np.asarray(ids).ravel(), minlength=shape.e))
 
 
+_COMPILED: dict = {}
+
+
+def _compile(fn, args):
+    """``fn.lower(*args).compile()``, once per (jitted function, argument shapes and dtypes): cases that differ only
+    in their routing pattern share the executable, as ``jax.jit``'s own cache would."""
+    key = (fn, tuple((a.shape, a.dtype) for a in args))
+    if key not in _COMPILED:
+        _COMPILED[key] = fn.lower(*args).compile()
+    return _COMPILED[key]
+
+
+def clear_caches() -> None:
+    """Forget every jitted and compiled layer function (retrace after monkeypatching a backend)."""
+    for fn in (forward_fn, fwd_bwd_fn, peer_fns):
+        fn.cache_clear()
+    _COMPILED.clear()
+
+
 def _measure_row(fn, inputs, check, warmup, repeats, common, flops, limit):
     """Compile ``fn`` for the inputs, read its memory, run and check it: one record (an OOM or error included)."""
     pass_ = common.pop("pass_")
     try:
-        compiled = fn.lower(*inputs[0]).compile()
+        compiled = _compile(fn, inputs[0])
         memory = compiled_memory(compiled)
         if memory and limit and memory["peak_bytes"] > limit:
             return record(pass_=pass_, status="oom", memory=memory, **common,
