@@ -68,8 +68,9 @@ def add_ratios(records: list[dict], ceilings: dict) -> None:
     """Fill ``ratio_to`` (other's time / this time: > 1 means this is faster), ``slowdown_vs_balanced`` and
     ``pct_of_ceiling`` (TFLOP/s vs the dense matmul, or GB/s vs the copy rate) in place. Emulated records take no
     part: they get none of the three and are no other record's comparison. Rows compared: same suite, op family
-    (``op_family``), pass, shape, dtype and pattern; our fused layer rows also get ``peak_vs_unfused`` /
-    ``temp_vs_unfused`` (their compiled peak / temp bytes over the same implementation's ``moe_ffn:unfused`` row)."""
+    (``op_family``), pass, shape, dtype and pattern. Our fused layer rows, emulated ones included, also get
+    ``peak_vs_unfused`` / ``temp_vs_unfused``: their compiled peak / temp bytes over the same implementation's
+    ``moe_ffn:unfused`` row."""
     timed = [r for r in records if r["status"] == "ok" and r["time_ms"] and not r["emulated"]]
     for r in records:  # an emulated time (interpreter / interpret mode) says nothing about the hardware: no ratios
         if r["emulated"] and r["status"] == "ok":
@@ -91,12 +92,14 @@ def add_ratios(records: list[dict], ceilings: dict) -> None:
             r["pct_of_ceiling"], r["ceiling"] = 100 * r["gbps"] / ceilings["copy_gbps"], "copy"
         elif basis == "matmul" and r["tflops"] and ceilings.get("matmul_tflops"):
             r["pct_of_ceiling"], r["ceiling"] = 100 * r["tflops"] / ceilings["matmul_tflops"], "matmul"
-    for r in timed:
-        if r["kind"] != "moe_ops" or op_family(r["op"]) != "moe_ffn" or r["op"] == "moe_ffn:unfused":
+    # memory ratios also on emulated rows: buffer sizes are a property of the compiled program, not of its speed
+    unfused = {(_key(u), u["implementation"]): u["memory"] for u in records
+               if u["status"] == "ok" and u["op"] == "moe_ffn:unfused" and u["memory"]}
+    for r in records:
+        base = unfused.get((_key(r), r["implementation"]))
+        if r["status"] != "ok" or r["kind"] != "moe_ops" or r["op"] == "moe_ffn:unfused" or not r["memory"] \
+                or op_family(r["op"]) != "moe_ffn" or not base:
             continue
-        unfused = [u for u in groups[_key(r)] if u["op"] == "moe_ffn:unfused"
-                   and u["implementation"] == r["implementation"] and u["memory"]]
-        if r["memory"] and unfused:
-            mem, base = r["memory"], unfused[0]["memory"]
-            r["peak_vs_unfused"] = mem["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
-            r["temp_vs_unfused"] = mem["temp_bytes"] / base["temp_bytes"] if base["temp_bytes"] else None
+        mem = r["memory"]
+        r["peak_vs_unfused"] = mem["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
+        r["temp_vs_unfused"] = mem["temp_bytes"] / base["temp_bytes"] if base["temp_bytes"] else None

@@ -207,16 +207,20 @@ def test_layer_tokamax_composition_and_memory_limit(tmp_path, monkeypatch):
 def test_peak_vs_unfused_and_targets():
     """Fused rows get peak / temp ratios to their unfused twin, variant and peer rows are in each other's
     ``ratio_to``, and the issue-12 targets are judged from them."""
-    def rec(op, impl, ms, peak, temp, kind="moe_ops"):
+    def rec(op, impl, ms, peak, temp, kind="moe_ops", emulated=None):
         return records.record(suite="layer", op=op, pass_="fwd+bwd", implementation=impl, kind=kind,
                               shape={"name": "s"}, dtype="bfloat16", pattern={"name": "balanced", "label": "balanced"},
-                              timing=timing.Timing(ms / 1e3, (ms / 1e3,), 0, 1, 1), flops=1e9,
+                              timing=timing.Timing(ms / 1e3, (ms / 1e3,), 0, 1, 1), flops=1e9, emulated=emulated,
                               memory={"peak_bytes": peak, "temp_bytes": temp}, extra={"ceiling_basis": "matmul"})
     recs = [rec("moe_ffn", "triton", 1.0, 60, 20), rec("moe_ffn:fused-no-swiglu", "triton", 1.1, 80, 40),
             rec("moe_ffn:unfused", "triton", 1.25, 100, 50),
             rec("moe_ffn", "lax.ragged_dot+argsort", 3.0, 300, 200, "peer"),
             rec("moe_ffn", "tokamax:mosaic+argsort", 1.8, 120, 60, "peer")]
-    records.add_ratios(recs, {"matmul_tflops": 1.0})
+    emu = [rec("moe_ffn", "pallas", 50.0, 90, 30, emulated="interpret"),
+           rec("moe_ffn:unfused", "pallas", 40.0, 100, 60, emulated="interpret")]
+    records.add_ratios(recs + emu, {"matmul_tflops": 1.0})
+    assert emu[0]["ratio_to"] == {} and emu[0]["peak_vs_unfused"] == pytest.approx(0.9)  # memory, not speed
+    assert emu[0]["temp_vs_unfused"] == pytest.approx(0.5) and "pallas" not in recs[0]["ratio_to"]
     fused = recs[0]
     assert fused["ratio_to"] == pytest.approx({"triton:fused-no-swiglu": 1.1, "triton:unfused": 1.25,
                                                "lax.ragged_dot+argsort": 3.0, "tokamax:mosaic+argsort": 1.8})
