@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="bench_out", help="folder of the default JSON / PNG (default bench_out)")
     p.add_argument("--shapes", help="comma list of preset names of the suite (default: all)")
     p.add_argument("--impl", help="comma list of moe_ops implementations (default: all of xla,triton,pallas)")
-    p.add_argument("--peers", help="comma list of GMM peers: lax.ragged_dot,tokamax:mosaic,torch._grouped_mm")
+    p.add_argument("--peers", help="comma list of peers: GMM lax.ragged_dot,tokamax:mosaic,torch._grouped_mm; "
+                   "the layer suite composes the layer around lax.ragged_dot / tokamax (default: all)")
     p.add_argument("--patterns", help="routing patterns: balanced, hot:W:f, zipf:s (comma list)")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
                    help="default bfloat16 on GPU, float32 on CPU")
@@ -138,12 +139,24 @@ def run_sort(args, plan: Plan, entries: list) -> list[dict]:
 
 
 def run_layer(args, plan: Plan, entries: list) -> list[dict]:
+    """Per (shape, pattern): every moe_ops implementation, then the layer compositions (``peers.layer_peers``) on the
+    same inputs."""
     avails = _availability(env.parse_impls(args.impl), "layer", plan, "layer", entries)
+    names = [s.strip() for s in args.peers.split(",") if s.strip()] if args.peers else None
+    peer_list = peers.layer_peers(names)
+    if names and not peer_list:
+        print(f"note: suite layer: none of --peers {args.peers} has a layer composition "
+              f"(known: {', '.join(peers.LAYER_GEMMS)})", file=sys.stderr)
+    entries += [{"suite": "layer", "kind": "peer", "requested": p.requested, "implementation": p.name,
+                 "available": p.available, "reason": p.reason or p.note, "emulated": None} for p in peer_list]
     shape_list = shapes.select(shapes.LAYER_TINY if plan.tiny else shapes.LAYER_SHAPES, args.shapes)
     cases = []
-    for a in avails:
-        w, r = (plan.emu_warmup, plan.emu_repeats) if a.emulated else (plan.warmup, plan.repeats)
-        cases += [(a, s, p, w, r) for s in shape_list for p in _patterns(args, "layer")]
+    for s in shape_list:
+        for p in _patterns(args, "layer"):
+            for a in avails:
+                w, r = (plan.emu_warmup, plan.emu_repeats) if a.emulated else (plan.warmup, plan.repeats)
+                cases.append((a, s, p, w, r))
+            cases += [(peer, s, p, plan.warmup, plan.repeats) for peer in peer_list]
     return layer.run_suite(cases, plan.dtype, progress=plan.progress)
 
 
@@ -180,6 +193,7 @@ def main(argv=None) -> int:
     print(report.header(doc))
     print(report.table(records))
     print(report.summary_table(doc["summary"]))
+    print(report.targets_table(doc["targets"]))
     json_path = args.json or os.path.join(args.out_dir, f"{stamp}.json")
     plot_path = args.plot or os.path.join(args.out_dir, f"{stamp}.png")
     report.write_json(doc, json_path)

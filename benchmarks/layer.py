@@ -1,10 +1,15 @@
-"""The full MoE layer suite (and the CPU main job): ``moe_ops.moe_ffn`` forward and forward+backward.
+"""The full MoE layer suite (and the CPU main job): ``moe_ops.moe_ffn`` forward and forward+backward, and in the
+layer suite the same layer composed in JAX around ``lax.ragged_dot`` / ``tokamax.ragged_dot`` (``peers.layer_peers``).
 
 Forward+backward is ``jax.value_and_grad`` of ``sum(moe_ffn(...) * ct)`` over x, router logits and all three weight
 tensors. Parity: against ``moe_ops.reference.moe_ffn_dense`` (forward output and the five gradients). At large
 shapes the dense reference runs on a token subset that is still exact: every token routed to one sampled expert plus
 64 random tokens (outputs and dx/dlogits of those tokens, and the sampled expert's weight gradients, depend on nothing
 else).
+
+Every measured function is compiled once (``jax.jit(f).lower(*args).compile()``); that executable is what is timed,
+and its ``memory_analysis()`` gives the row's ``memory`` (``compiled_memory``). A program whose compiled footprint
+exceeds the device's memory limit is reported as status ``oom`` without being run.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import moe_ops
-from benchmarks import env, routing
+from benchmarks import env, peers, routing
 from benchmarks.records import record
 from benchmarks.shapes import LayerShape
 from benchmarks.timing import Parity, Progress, measure, random_normal, rel_err, rotations_for
@@ -77,14 +82,55 @@ def _loss(f, ct):
     return lambda *args: jnp.sum(f(*args).astype(jnp.float32) * ct.astype(jnp.float32))
 
 
-@functools.cache
-def fwd_bwd_fn(impl: str, top_k: int, variant: str = "moe_ffn"):
-    """(args, ct) -> (loss, (dx, dlogits, dw_gate, dw_up, dw_down)); one jit per (impl, k, variant) so shapes share
-    it."""
+def _value_and_grad(layer_fn):
+    """(args..., ct) -> (loss, (dx, dlogits, dw_gate, dw_up, dw_down)), jitted."""
     def run(*args_ct):
         *args, ct = args_ct
-        return jax.value_and_grad(_loss(_layer(impl, top_k, variant), ct), argnums=tuple(range(5)))(*args)
+        return jax.value_and_grad(_loss(layer_fn, ct), argnums=tuple(range(5)))(*args)
     return jax.jit(run)
+
+
+@functools.cache
+def fwd_bwd_fn(impl: str, top_k: int, variant: str = "moe_ffn"):
+    """One jit per (impl, k, variant) so shapes share it."""
+    return _value_and_grad(_layer(impl, top_k, variant))
+
+
+@functools.cache
+def peer_fns(peer, top_k: int):
+    """(forward, forward+backward) jits of a layer composition (``peers.LayerPeer``)."""
+    return jax.jit(peer.layer(top_k)), _value_and_grad(peer.layer(top_k))
+
+
+MEMORY_SOURCE = "compiled memory_analysis: peak = argument + output + temp - alias bytes"
+
+
+def compiled_memory(compiled) -> dict | None:
+    """Bytes of one compiled program (``compiled.memory_analysis()``), or None where the backend gives none.
+
+    ``argument_bytes`` (inputs), ``output_bytes``, ``alias_bytes`` (outputs sharing an input buffer: 0 here, nothing
+    is donated), ``temp_bytes`` (XLA's temp allocation, into which buffer assignment packs every intermediate by
+    liveness: the peak of the intermediates live at once, custom-call outputs and workspaces included) and
+    ``peak_bytes = argument + output + temp - alias``: the device memory the call holds at its peak. Host memory of
+    host callbacks (the Triton interpreter bridge) is not in it."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - a backend without the analysis: the row has no memory figure, still timed
+        return None
+    if stats is None:
+        return None
+    arg, out = int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes)
+    temp, alias = int(stats.temp_size_in_bytes), int(stats.alias_size_in_bytes)
+    return {"peak_bytes": arg + out + temp - alias, "argument_bytes": arg, "output_bytes": out, "temp_bytes": temp,
+            "alias_bytes": alias, "source": MEMORY_SOURCE}
+
+
+def device_bytes_limit() -> int | None:
+    """The device's allocatable bytes (``memory_stats()["bytes_limit"]``; None on CPU)."""
+    try:
+        return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001 - no limit known: programs are run and an OOM is caught when it happens
+        return None
 
 
 def _subset(shape: LayerShape, ids: np.ndarray, seed: int):
@@ -135,56 +181,109 @@ def _checker(ref: dict, names, tol: float):
     return check
 
 
-def run_case(avail: env.Availability, shape: LayerShape, dtype, pattern: routing.Pattern, *,
-             warmup: int, repeats: int, seed: int = 0, suite: str = "layer") -> list[dict]:
-    """Forward and forward+backward records of one (implementation, shape, pattern)."""
-    dtype_name = jnp.dtype(dtype).name
-    common = dict(suite=suite, op="moe_ffn", implementation=avail.implementation, requested=avail.requested,
-                  kind="moe_ops", shape=shape.as_dict(), dtype=dtype_name,
-                  pattern=pattern.as_dict(), emulated=avail.emulated,
-                  extra={"ceiling_basis": "matmul"})
-    if not avail.available:
-        return [record(pass_=p, status="unavailable", reason=avail.reason, **common) for p in ("fwd", "fwd+bwd")]
-    bytes_per_set = 2 * shape.t * shape.d * jnp.dtype(dtype).itemsize + 3 * shape.e * shape.d * shape.f * \
-        jnp.dtype(dtype).itemsize
-    n_sets = 1 if avail.emulated else rotations_for(bytes_per_set)
+def _prepare(shape: LayerShape, dtype, pattern: routing.Pattern, n_sets: int, seed: int):
+    """(input sets, dense reference, routing description) of one case, or the exception that prevented them."""
     try:
         sets = [make_inputs(shape, dtype, pattern, seed + i) for i in range(n_sets)]
         ref = oracle(shape, *sets[0], seed=seed)
     except Exception as exc:  # noqa: BLE001 - without inputs and a reference there is no checked measurement
+        return exc
+    _, ids = moe_ops.reference.route(sets[0][0][1].astype(jnp.float32), shape.topk)
+    return sets, ref, routing.describe(np.bincount(np.asarray(ids).ravel(), minlength=shape.e))
+
+
+_COMPILED: dict = {}
+
+
+def _compile(fn, args):
+    """``fn.lower(*args).compile()``, once per (jitted function, argument shapes and dtypes): cases that differ only
+    in their routing pattern share the executable, as ``jax.jit``'s own cache would."""
+    key = (fn, tuple((a.shape, a.dtype) for a in args))
+    if key not in _COMPILED:
+        _COMPILED[key] = fn.lower(*args).compile()
+    return _COMPILED[key]
+
+
+def clear_caches() -> None:
+    """Forget every jitted and compiled layer function (retrace after monkeypatching a backend)."""
+    for fn in (forward_fn, fwd_bwd_fn, peer_fns):
+        fn.cache_clear()
+    _COMPILED.clear()
+
+
+def _measure_row(fn, inputs, check, warmup, repeats, common, flops, limit):
+    """Compile ``fn`` for the inputs, read its memory, run and check it: one record (an OOM or error included)."""
+    pass_ = common.pop("pass_")
+    try:
+        compiled = _compile(fn, inputs[0])
+        memory = compiled_memory(compiled)
+        if memory and limit and memory["peak_bytes"] > limit:
+            return record(pass_=pass_, status="oom", memory=memory, **common,
+                          reason=f"compiled program needs {memory['peak_bytes'] / 2**30:.2f} GiB "
+                                 f"> device limit {limit / 2**30:.2f} GiB (not run)")
+        timing, parity = measure(compiled, inputs, warmup=warmup, repeats=repeats, check=check)
+    except Exception as exc:  # noqa: BLE001 - reported as the row's status, never swallowed
+        return record(pass_=pass_, status="oom" if env.is_oom(exc) else "error", reason=env.reason(exc), **common)
+    return record(pass_=pass_, timing=timing, parity=parity, flops=flops, memory=memory, **common)
+
+
+def run_case(contender, shape: LayerShape, dtype, pattern: routing.Pattern, *, warmup: int, repeats: int,
+             seed: int = 0, suite: str = "layer", prepared: dict | None = None) -> list[dict]:
+    """Forward and forward+backward records of one (contender, shape, pattern): ``contender`` is a moe_ops
+    implementation (``env.Availability``: every variant of ``variants_for``) or a layer composition
+    (``peers.LayerPeer``). ``prepared`` (a dict) keeps the last case's inputs and reference for the next contender."""
+    dtype_name = jnp.dtype(dtype).name
+    is_peer = isinstance(contender, peers.LayerPeer)
+    impl = contender.name if is_peer else contender.implementation
+    emulated = None if is_peer else contender.emulated
+    common = dict(suite=suite, op="moe_ffn", implementation=impl, requested=contender.requested,
+                  kind="peer" if is_peer else "moe_ops", shape=shape.as_dict(), dtype=dtype_name,
+                  pattern=pattern.as_dict(), emulated=emulated,
+                  extra={"ceiling_basis": "matmul", "note": contender.note if is_peer else ""})
+    if not contender.available:
+        return [record(pass_=p, status="unavailable", reason=contender.reason, **common) for p in ("fwd", "fwd+bwd")]
+    itemsize = jnp.dtype(dtype).itemsize
+    bytes_per_set = 2 * shape.t * shape.d * itemsize + 3 * shape.e * shape.d * shape.f * itemsize
+    n_sets = 1 if emulated else rotations_for(bytes_per_set)
+    prepared = {} if prepared is None else prepared
+    key = (shape, dtype_name, pattern.label, n_sets, seed)
+    if prepared.get("key") != key:
+        prepared.clear()  # drop the previous case's device buffers before making this one's
+        prepared.update(key=key, value=_prepare(shape, dtype, pattern, n_sets, seed))
+    if isinstance(prepared["value"], Exception):
+        exc = prepared["value"]
         return [record(pass_=p, status="oom" if env.is_oom(exc) else "error",
                        reason=f"inputs / dense reference failed: {env.reason(exc)}", **common)
                 for p in ("fwd", "fwd+bwd")]
-    _, ids = moe_ops.reference.route(sets[0][0][1].astype(jnp.float32), shape.topk)
-    common["routing"] = routing.describe(np.bincount(np.asarray(ids).ravel(), minlength=shape.e))
-    common["config"] = env.kernel_config(avail.implementation, "gmm", m=shape.t * shape.topk, k=shape.d,
-                                         n=shape.f, e=shape.e, dtype=dtype_name)
+    sets, ref, common["routing"] = prepared["value"]
+    if is_peer:
+        fwd, fb = peer_fns(contender, shape.topk)
+        fns = [("moe_ffn", fwd, fb)]
+    else:
+        common["config"] = env.kernel_config(impl, "gmm", m=shape.t * shape.topk, k=shape.d, n=shape.f,
+                                             e=shape.e, dtype=dtype_name)
+        fns = [(v, forward_fn(impl, shape.topk, v), fwd_bwd_fn(impl, shape.topk, v))
+               for v in variants_for(impl, suite)]
+    limit = device_bytes_limit()
     out = []
-    impl = avail.implementation
-    jobs = [(v, "fwd", forward_fn(impl, shape.topk, v), [a for a, _ in sets], ("out",), 1)
-            for v in variants_for(impl, suite)]
-    jobs += [(v, "fwd+bwd", fwd_bwd_fn(impl, shape.topk, v), [a + (c,) for a, c in sets], GRAD_NAMES, 3)
-             for v in variants_for(impl, suite)]
-    for variant, pass_, fn, inputs, names, flop_mult in jobs:
-        common["op"] = variant
-        try:
-            timing, parity = measure(fn, inputs, warmup=warmup, repeats=repeats,
-                                     check=_checker(ref, names, TOL[dtype_name]))
-        except Exception as exc:  # noqa: BLE001 - reported as the row's status, never swallowed
-            out.append(record(pass_=pass_, status="oom" if env.is_oom(exc) else "error", reason=env.reason(exc),
-                              **common))
-            continue
-        out.append(record(pass_=pass_, timing=timing, parity=parity, flops=flop_mult * shape.flops(), **common))
+    for pass_, names, mult in (("fwd", ("out",), 1), ("fwd+bwd", GRAD_NAMES, 3)):
+        inputs = [a for a, _ in sets] if pass_ == "fwd" else [a + (c,) for a, c in sets]
+        for variant, fwd, fb in fns:
+            out.append(_measure_row(fwd if pass_ == "fwd" else fb, inputs, _checker(ref, names, TOL[dtype_name]),
+                                    warmup, repeats, {**common, "op": variant, "pass_": pass_},
+                                    mult * shape.flops(), limit))
     return out
 
 
 def run_suite(cases, dtype, *, progress=True, suite="layer") -> list[dict]:
-    """cases: (Availability, LayerShape, Pattern, warmup, repeats) tuples, run in order under one progress bar."""
+    """cases: (contender, LayerShape, Pattern, warmup, repeats) tuples, run in order under one progress bar;
+    consecutive cases of the same shape and pattern share their inputs and dense reference."""
     bar = Progress(len(cases), suite, enabled=progress)
-    records = []
-    for avail, shape, pattern, warmup, repeats in cases:
-        records += run_case(avail, shape, dtype, pattern, warmup=warmup, repeats=repeats,
-                            suite=suite)
-        bar.step(f"{avail.implementation} {shape.name} {pattern.label}")
+    records, prepared = [], {}
+    for contender, shape, pattern, warmup, repeats in cases:
+        records += run_case(contender, shape, dtype, pattern, warmup=warmup, repeats=repeats, suite=suite,
+                            prepared=prepared)
+        name = contender.name if isinstance(contender, peers.LayerPeer) else contender.implementation
+        bar.step(f"{name} {shape.name} {pattern.label}")
     bar.close()
     return records

@@ -4,13 +4,15 @@ A peer that cannot run here is returned as ``Peer(available=False, reason=...)``
 
 * ``lax.ragged_dot``      always importable; its backward densifies (out of memory at DeepSeek-like shapes: caught
                           per measurement and reported as status ``oom``).
-* ``tokamax:mosaic``      when ``import tokamax`` works (its Mosaic GPU kernel; GPU only). tokamax 0.0.17 imports
-                          ``xprof`` at import time: when that is the only failure, a stub ``xprof.cli.tools`` module
-                          is put on ``sys.modules`` and the peer's label says so.
+* ``tokamax:mosaic``      when ``import tokamax`` works (its Mosaic GPU kernel; GPU only; the layer composition uses
+                          ``tokamax:xla`` off a GPU). tokamax 0.0.17 imports ``xprof`` at import time: when that is
+                          the only failure, a stub ``xprof.cli.tools`` module is put on ``sys.modules`` and the
+                          peer's label says so.
 * ``torch._grouped_mm``   when torch with CUDA is present (CUTLASS grouped GEMM; autograd for forward+backward).
 
-Each peer exposes ``fwd(lhs, rhs, group_sizes_np)`` and ``fwd_bwd(...)`` builders returning a callable on prepared
-inputs, so the GMM suite times them exactly like ``moe_ops``.
+Each GMM peer exposes ``prepare(lhs, rhs, group_sizes_np, ct)``, ``fwd`` and ``fwd_bwd`` callables on the prepared
+inputs, so the GMM suite times them exactly like ``moe_ops``. The layer suite's peers (``layer_peers``) are the whole
+routed SwiGLU layer composed in JAX around ``lax.ragged_dot`` / ``tokamax.ragged_dot`` (``composed_layer``).
 """
 
 from __future__ import annotations
@@ -41,61 +43,80 @@ class Peer:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# lax.ragged_dot
+# Other libraries' grouped matmuls: lax.ragged_dot and tokamax.ragged_dot (the GMM peers and the GEMMs of the layer
+# compositions).
 
 
-def _lax_peer() -> Peer:
-    def prepare(lhs, rhs, sizes, ct):
-        return lhs, rhs, jnp.asarray(sizes, jnp.int32), ct
+@dataclasses.dataclass(frozen=True)
+class RaggedDot:
+    """A peer's grouped matmul ``fn(lhs [M,K], rhs [G,K,N], group_sizes [G]) -> [M,N]`` in lhs's dtype."""
+    name: str
+    available: bool
+    reason: str = ""
+    fn: Callable | None = None
+    note: str = ""
 
-    def f(lhs, rhs, gs):
+
+def lax_ragged_dot() -> RaggedDot:
+    def fn(lhs, rhs, gs):
         return jax.lax.ragged_dot(lhs, rhs, gs, preferred_element_type=jnp.float32).astype(lhs.dtype)
-
-    def fb(lhs, rhs, gs, ct):
-        _, vjp = jax.vjp(lambda a, b: f(a, b, gs), lhs, rhs)
-        return vjp(ct)
-
-    return Peer("lax.ragged_dot", True, prepare=prepare, fwd=jax.jit(lambda a, b, g, _ct: f(a, b, g)),
-                fwd_bwd=jax.jit(fb))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tokamax
+    return RaggedDot("lax.ragged_dot", True, fn=fn)
 
 
 def _import_tokamax():
-    """(module, note). Retries once with an ``xprof`` stub when that is the only missing piece."""
+    """(module, note). Retries once with an ``xprof`` stub when that is the only missing piece. tokamax parses its
+    absl flags from ``sys.argv`` on first use (which rejects this harness's own options): they are marked parsed."""
+    note = ""
     try:
         import tokamax
-        return tokamax, ""
     except ModuleNotFoundError as exc:
         if not (exc.name or "").startswith("xprof"):
             raise
-    for name in ("xprof", "xprof.cli", "xprof.cli.tools"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules["xprof.cli.tools"].get_kernel_stats_tool = None
-    import tokamax
-    return tokamax, "xprof stubbed"
+        for name in ("xprof", "xprof.cli", "xprof.cli.tools"):
+            sys.modules.setdefault(name, types.ModuleType(name))
+        sys.modules["xprof.cli.tools"].get_kernel_stats_tool = None
+        import tokamax
+        note = "xprof stubbed"
+    try:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+    except ImportError:
+        pass
+    return tokamax, note
 
 
-def _tokamax_peer() -> Peer:
-    name = "tokamax:mosaic"
-    if not env.on_gpu():
-        return Peer(name, False, f"tokamax's Mosaic GPU kernel needs a GPU (backend is {jax.default_backend()})")
+def tokamax_ragged_dot(*, gpu_only: bool = True) -> RaggedDot:
+    """``tokamax.ragged_dot`` with its Mosaic GPU kernel (``tokamax:mosaic``); off a GPU, unavailable when
+    ``gpu_only``, else its ``"xla"`` implementation, named ``tokamax:xla`` (so a CPU run exercises the peer)."""
+    impl = "mosaic" if env.on_gpu() or gpu_only else "xla"
+    name = f"tokamax:{impl}"
+    if impl == "mosaic" and not env.on_gpu():
+        return RaggedDot(name, False, f"tokamax's Mosaic GPU kernel needs a GPU (backend is {jax.default_backend()})")
     try:
         tokamax, note = _import_tokamax()
     except Exception as exc:  # noqa: BLE001 - reported as the peer's reason
-        return Peer(name, False, env.reason(exc))
+        return RaggedDot(name, False, env.reason(exc))
 
-    def f(lhs, rhs, gs):
-        return tokamax.ragged_dot(lhs, rhs, gs, implementation="mosaic")
+    def fn(lhs, rhs, gs):
+        return tokamax.ragged_dot(lhs, rhs, gs, implementation=impl).astype(lhs.dtype)
+    return RaggedDot(name, True, fn=fn, note=note)
+
+
+def _gmm_peer(rd: RaggedDot) -> Peer:
+    """The GMM suite's peer around a grouped matmul: forward, and forward+backward as (dlhs, drhs) by ``jax.vjp``."""
+    if not rd.available:
+        return Peer(rd.name, False, rd.reason, note=rd.note)
+
+    def prepare(lhs, rhs, sizes, ct):
+        return lhs, rhs, jnp.asarray(sizes, jnp.int32), ct
 
     def fb(lhs, rhs, gs, ct):
-        _, vjp = jax.vjp(lambda a, b: f(a, b, gs), lhs, rhs)
+        _, vjp = jax.vjp(lambda a, b: rd.fn(a, b, gs), lhs, rhs)
         return vjp(ct)
 
-    return Peer(name, True, prepare=_lax_peer().prepare, fwd=jax.jit(lambda a, b, g, _ct: f(a, b, g)),
-                fwd_bwd=jax.jit(fb), note=note)
+    return Peer(rd.name, True, prepare=prepare, fwd=jax.jit(lambda a, b, g, _ct: rd.fn(a, b, g)),
+                fwd_bwd=jax.jit(fb), note=rd.note)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,7 +162,9 @@ def _torch_peer() -> Peer:
 
 
 def gmm_peers(names=None) -> list[Peer]:
-    builders = {"lax.ragged_dot": _lax_peer, "tokamax:mosaic": _tokamax_peer, "torch._grouped_mm": _torch_peer}
+    builders = {"lax.ragged_dot": lambda: _gmm_peer(lax_ragged_dot()),
+                "tokamax:mosaic": lambda: _gmm_peer(tokamax_ragged_dot(gpu_only=True)),
+                "torch._grouped_mm": _torch_peer}
     return [builders[n]() for n in (names or builders)]
 
 
@@ -176,3 +199,50 @@ def ceilings(tiny: bool, *, repeats: int = 10) -> tuple[dict, list[dict]]:
     out["matmul_tflops"], out["copy_gbps"] = mm_rec["tflops"], cp_rec["gbps"]
     recs += [mm_rec, cp_rec]
     return out, recs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The layer built from other libraries' pieces: the best pure-JAX composition of moe_ffn.
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPeer:
+    """``moe_ffn`` composed in JAX around a peer's grouped matmul (``composed_layer``); rows are named
+    ``<gemm>+argsort`` (e.g. ``lax.ragged_dot+argsort``)."""
+    name: str
+    requested: str
+    available: bool
+    reason: str = ""
+    gemm: Callable | None = None
+    note: str = ""
+
+    def layer(self, top_k: int) -> Callable:
+        return lambda x, logits, w_gate, w_up, w_down: composed_layer(self.gemm, x, logits, w_gate, w_up, w_down,
+                                                                      top_k=top_k)
+
+
+def composed_layer(gemm, x, logits, w_gate, w_up, w_down, *, top_k: int):
+    """route (softmax top-k, renormalised) -> stable argsort of the expert ids -> take of the token rows -> ``gemm``
+    for gate / up -> SwiGLU in f32 -> ``gemm`` for down -> weighted combine (inverse permutation, take, f32 einsum
+    over k): ``moe_ops.reference.moe_ffn`` with its grouped matmuls replaced by ``gemm``; jax autodiff for the
+    backward. x [T,D], logits [T,E]."""
+    from moe_ops import reference  # noqa: PLC0415 (keeps this module importable without moe_ops' backends)
+    weights, ids = reference.route(logits, top_k)
+    xs, sizes, sort_idx = reference.permute(x, ids, w_gate.shape[0])
+    h = reference.activate(gemm(xs, w_gate, sizes), gemm(xs, w_up, sizes)).astype(x.dtype)
+    return reference.unpermute(gemm(h, w_down, sizes), sort_idx, weights)
+
+
+LAYER_GEMMS = {"lax.ragged_dot": lax_ragged_dot, "tokamax": lambda: tokamax_ragged_dot(gpu_only=False)}
+
+
+def layer_peers(names=None) -> list[LayerPeer]:
+    """The layer compositions (all by default); ``names`` as for ``--peers`` (``tokamax:mosaic`` selects the tokamax
+    composition; GMM-only peers such as ``torch._grouped_mm`` have no composition here and select nothing)."""
+    wanted = None if names is None else {n.split(":")[0] for n in names}
+    out = []
+    for key, build in LAYER_GEMMS.items():
+        if wanted is None or key in wanted:
+            rd = build()
+            out.append(LayerPeer(f"{rd.name}+argsort", key, rd.available, rd.reason, rd.fn, rd.note))
+    return out

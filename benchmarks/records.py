@@ -9,14 +9,14 @@ import datetime
 
 from benchmarks import env
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: memory, peak_vs_unfused, temp_vs_unfused; ratios across moe_ffn variants / peers
 
 
 def record(*, suite: str, op: str, pass_: str, implementation: str, kind: str, shape: dict, dtype: str,
            pattern: dict | None = None, requested: str | None = None, emulated: str | None = None,
            status: str = "ok", reason: str = "", timing=None, parity=None, flops: float | None = None,
            bytes_moved: float | None = None, config: str | None = None, routing: dict | None = None,
-           extra: dict | None = None) -> dict:
+           memory: dict | None = None, extra: dict | None = None) -> dict:
     """A measurement (``status`` ok) or the reason there is none (unavailable / error / oom / parity_fail)."""
     rec = {
         "schema_version": SCHEMA_VERSION, "suite": suite, "op": op, "pass": pass_,
@@ -26,6 +26,7 @@ def record(*, suite: str, op: str, pass_: str, implementation: str, kind: str, s
         "time_ms": None, "samples_ms": None, "warmup": None, "repeats": None, "rotations": None,
         "flops": flops, "tflops": None, "bytes": bytes_moved, "gbps": None,
         "ceiling_basis": None, "pct_of_ceiling": None, "ceiling": None, "ratio_to": {}, "slowdown_vs_balanced": None,
+        "memory": memory, "peak_vs_unfused": None, "temp_vs_unfused": None,
         "parity": parity.as_dict() if parity is not None else None, "note": "",
         "device": env.device(), "versions": env.versions(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -45,15 +46,31 @@ def record(*, suite: str, op: str, pass_: str, implementation: str, kind: str, s
     return rec
 
 
+def op_family(op: str) -> str:
+    """The op whose rows are compared with each other: the layer variants (``moe_ffn:unfused``, ...) and the layer
+    peers are all ``moe_ffn``; every other op is its own family."""
+    return "moe_ffn" if op.startswith("moe_ffn") else op
+
+
+def contender(rec: dict) -> str:
+    """The name a row goes by in other rows' ``ratio_to``: its implementation, plus the variant for layer variants
+    (``triton:unfused``, ``triton:fused-no-swiglu``)."""
+    op = rec["op"]
+    return rec["implementation"] if op == op_family(op) else f"{rec['implementation']}:{op.split(':', 1)[1]}"
+
+
 def _key(rec: dict) -> tuple:
-    return rec["suite"], rec["op"], rec["pass"], rec["shape"].get("name"), rec["dtype"], \
+    return rec["suite"], op_family(rec["op"]), rec["pass"], rec["shape"].get("name"), rec["dtype"], \
         (rec["pattern"] or {}).get("label")
 
 
 def add_ratios(records: list[dict], ceilings: dict) -> None:
     """Fill ``ratio_to`` (other's time / this time: > 1 means this is faster), ``slowdown_vs_balanced`` and
     ``pct_of_ceiling`` (TFLOP/s vs the dense matmul, or GB/s vs the copy rate) in place. Emulated records take no
-    part: they get none of the three and are no other record's comparison."""
+    part: they get none of the three and are no other record's comparison. Rows compared: same suite, op family
+    (``op_family``), pass, shape, dtype and pattern. Our fused layer rows, emulated ones included, also get
+    ``peak_vs_unfused`` / ``temp_vs_unfused``: their compiled peak / temp bytes over the same implementation's
+    ``moe_ffn:unfused`` row."""
     timed = [r for r in records if r["status"] == "ok" and r["time_ms"] and not r["emulated"]]
     for r in records:  # an emulated time (interpreter / interpret mode) says nothing about the hardware: no ratios
         if r["emulated"] and r["status"] == "ok":
@@ -64,10 +81,10 @@ def add_ratios(records: list[dict], ceilings: dict) -> None:
     for r in timed:
         for other in groups[_key(r)]:
             if other is not r:
-                r["ratio_to"][other["implementation"]] = other["time_ms"] / r["time_ms"]
+                r["ratio_to"][contender(other)] = other["time_ms"] / r["time_ms"]
         if r["pattern"] and r["pattern"].get("name") != "balanced":
             key = _key(r)[:-1] + ("balanced",)
-            base = [b for b in groups.get(key, []) if b["implementation"] == r["implementation"]]
+            base = [b for b in groups.get(key, []) if contender(b) == contender(r)]
             if base:
                 r["slowdown_vs_balanced"] = r["time_ms"] / base[0]["time_ms"]
         basis = r.get("ceiling_basis")
@@ -75,3 +92,14 @@ def add_ratios(records: list[dict], ceilings: dict) -> None:
             r["pct_of_ceiling"], r["ceiling"] = 100 * r["gbps"] / ceilings["copy_gbps"], "copy"
         elif basis == "matmul" and r["tflops"] and ceilings.get("matmul_tflops"):
             r["pct_of_ceiling"], r["ceiling"] = 100 * r["tflops"] / ceilings["matmul_tflops"], "matmul"
+    # memory ratios also on emulated rows: buffer sizes are a property of the compiled program, not of its speed
+    unfused = {(_key(u), u["implementation"]): u["memory"] for u in records
+               if u["status"] == "ok" and u["op"] == "moe_ffn:unfused" and u["memory"]}
+    for r in records:
+        base = unfused.get((_key(r), r["implementation"]))
+        if r["status"] != "ok" or r["kind"] != "moe_ops" or r["op"] == "moe_ffn:unfused" or not r["memory"] \
+                or op_family(r["op"]) != "moe_ffn" or not base:
+            continue
+        mem = r["memory"]
+        r["peak_vs_unfused"] = mem["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
+        r["temp_vs_unfused"] = mem["temp_bytes"] / base["temp_bytes"] if base["temp_bytes"] else None

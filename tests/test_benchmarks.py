@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks import __main__ as bench
-from benchmarks import records, routing, timing
+from benchmarks import layer, records, report, routing, timing
 from moe_ops import backend
 
 RECORD_KEYS = {
@@ -21,9 +21,11 @@ RECORD_KEYS = {
     "status", "reason", "shape", "dtype", "pattern", "routing", "config", "time_ms", "samples_ms", "warmup",
     "repeats", "rotations", "flops", "tflops", "bytes", "gbps", "ceiling_basis", "pct_of_ceiling", "ceiling",
     "ratio_to", "slowdown_vs_balanced", "parity", "note", "device", "versions", "timestamp",
+    "memory", "peak_vs_unfused", "temp_vs_unfused",
 }
+MEMORY_KEYS = {"peak_bytes", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "source"}
 DOC_KEYS = {"schema_version", "command", "started", "finished", "device", "versions", "routing_source", "ceilings",
-            "implementations", "summary", "records"}
+            "implementations", "summary", "targets", "records"}
 STATUSES = {"ok", "unavailable", "error", "oom", "parity_fail"}
 QUICK = ["--repeats", "2", "--warmup", "1", "--no-progress"]
 
@@ -42,6 +44,11 @@ def _check_schema(doc):
             assert rec["time_ms"] > 0 and len(rec["samples_ms"]) == rec["repeats"]
             assert rec["time_ms"] == pytest.approx(float(np.median(rec["samples_ms"])))
             assert rec["tflops"] or rec["gbps"]
+            if rec["suite"] in ("main", "layer"):  # every measured layer row carries its compiled memory
+                mem = rec["memory"]
+                assert set(mem) == MEMORY_KEYS and mem["peak_bytes"] > 0
+                assert mem["peak_bytes"] == (mem["argument_bytes"] + mem["output_bytes"] + mem["temp_bytes"]
+                                             - mem["alias_bytes"])
         else:
             assert rec["reason"], rec
             assert rec["time_ms"] is None
@@ -129,6 +136,102 @@ def test_gmm_and_sort_suites_tiny(tmp_path, capsys):
     exact = [r for r in sort if r["op"] == "permute" and r["pass"] == "fwd"]
     assert exact and all(r["parity"]["tol"] == 0.0 and r["parity"]["max_rel_err"] == 0.0 for r in exact)
     assert not [r for r in doc["records"] if r["suite"] == "layer"]
+
+
+LAYER_ONE = ["layer", "--tiny", "--impl", "xla", "--shapes", "qwen3-30b", "--patterns", "balanced", *QUICK]
+COMPOSITIONS = {"lax.ragged_dot+argsort", "tokamax:xla+argsort"}
+
+
+def _layer_run(tmp_path, argv):
+    out_json = tmp_path / "layer.json"
+    rc = bench.main(argv + ["--json", str(out_json)])
+    doc = json.loads(out_json.read_text())
+    _check_schema(doc)
+    return rc, doc, [r for r in doc["records"] if r["suite"] == "layer"]
+
+
+@pytest.mark.slow
+def test_layer_suite_compositions_tiny(tmp_path, monkeypatch, capsys):
+    """The layer compositions run beside moe_ops on the same inputs, pass the same dense parity check (forward and
+    the five gradients), take part in the ratios; a missing tokamax is an unavailable row with its reason."""
+    from benchmarks import peers
+
+    def no_tokamax():
+        raise ModuleNotFoundError("No module named 'tokamax'", name="tokamax")
+    monkeypatch.setattr(peers, "_import_tokamax", no_tokamax)
+    rc, doc, recs = _layer_run(tmp_path, LAYER_ONE)
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    lax = [r for r in recs if r["implementation"] == "lax.ragged_dot+argsort"]
+    assert {r["pass"] for r in lax} == {"fwd", "fwd+bwd"}
+    for r in lax:
+        assert r["kind"] == "peer" and r["requested"] == "lax.ragged_dot" and r["op"] == "moe_ffn"
+        assert r["status"] == "ok" and r["parity"]["ok"] and "moe_ffn_dense" in r["parity"]["against"]
+        assert set(r["parity"]["errors"]) == ({"out"} if r["pass"] == "fwd" else set(layer.GRAD_NAMES))
+        assert "xla" in r["ratio_to"]
+    tok = [r for r in recs if r["requested"] == "tokamax"]
+    assert len(tok) == 2 and all(r["status"] == "unavailable" and "No module named 'tokamax'" in r["reason"]
+                                 for r in tok)
+    assert any("tokamax" in ln and "UNAVAILABLE" in ln and "No module named 'tokamax'" in ln
+               for ln in printed.splitlines())
+    entries = {e["requested"]: e for e in doc["implementations"] if e["suite"] == "layer"}
+    assert entries["lax.ragged_dot"]["available"] and not entries["tokamax"]["available"]
+    ours = [r for r in recs if r["implementation"] == "xla"]
+    assert len(ours) == 2 and all(r["ratio_to"].keys() == {"lax.ragged_dot+argsort"} for r in ours)
+    summ = {s["pass"]: s for s in doc["summary"] if s["suite"] == "layer"}
+    assert set(summ["fwd+bwd"]["geomean_ratio_to"]) == {"lax.ragged_dot+argsort"}
+    assert "peak MB" in printed and not doc["targets"]  # XLA's moe_ffn does not fuse: no fused-path targets
+
+
+@pytest.mark.slow
+def test_layer_tokamax_composition_and_memory_limit(tmp_path, monkeypatch):
+    """With tokamax importable its composition runs (``tokamax:xla`` off a GPU) and passes parity; a program whose
+    compiled peak exceeds the device limit is an ``oom`` row, not run (lax.ragged_dot's backward is a masked dense
+    dot on XLA:CPU, G times the memory: over the 1 MiB limit set here, while our rows fit)."""
+    pytest.importorskip("tokamax")
+    monkeypatch.setattr(layer, "device_bytes_limit", lambda: 1 << 20)
+    rc, _, recs = _layer_run(tmp_path, LAYER_ONE)
+    assert rc == 0
+    tok = [r for r in recs if r["implementation"] == "tokamax:xla+argsort" and r["pass"] == "fwd"]
+    assert tok and tok[0]["status"] == "ok" and tok[0]["parity"]["ok"]
+    for r in recs:
+        assert r["memory"], r
+        over = r["memory"]["peak_bytes"] > 1 << 20
+        assert r["status"] == ("oom" if over else "ok"), r
+        assert not over or ("not run" in r["reason"] and r["time_ms"] is None)
+    assert any(r["status"] == "oom" and r["implementation"] in COMPOSITIONS and r["pass"] == "fwd+bwd"
+               for r in recs)
+    assert all(r["status"] == "ok" for r in recs if r["implementation"] == "xla")
+
+
+def test_peak_vs_unfused_and_targets():
+    """Fused rows get peak / temp ratios to their unfused twin, variant and peer rows are in each other's
+    ``ratio_to``, and the issue-12 targets are judged from them."""
+    def rec(op, impl, ms, peak, temp, kind="moe_ops", emulated=None):
+        return records.record(suite="layer", op=op, pass_="fwd+bwd", implementation=impl, kind=kind,
+                              shape={"name": "s"}, dtype="bfloat16", pattern={"name": "balanced", "label": "balanced"},
+                              timing=timing.Timing(ms / 1e3, (ms / 1e3,), 0, 1, 1), flops=1e9, emulated=emulated,
+                              memory={"peak_bytes": peak, "temp_bytes": temp}, extra={"ceiling_basis": "matmul"})
+    recs = [rec("moe_ffn", "triton", 1.0, 60, 20), rec("moe_ffn:fused-no-swiglu", "triton", 1.1, 80, 40),
+            rec("moe_ffn:unfused", "triton", 1.25, 100, 50),
+            rec("moe_ffn", "lax.ragged_dot+argsort", 3.0, 300, 200, "peer"),
+            rec("moe_ffn", "tokamax:mosaic+argsort", 1.8, 120, 60, "peer")]
+    emu = [rec("moe_ffn", "pallas", 50.0, 90, 30, emulated="interpret"),
+           rec("moe_ffn:unfused", "pallas", 40.0, 100, 60, emulated="interpret")]
+    records.add_ratios(recs + emu, {"matmul_tflops": 1.0})
+    assert emu[0]["ratio_to"] == {} and emu[0]["peak_vs_unfused"] == pytest.approx(0.9)  # memory, not speed
+    assert emu[0]["temp_vs_unfused"] == pytest.approx(0.5) and "pallas" not in recs[0]["ratio_to"]
+    fused = recs[0]
+    assert fused["ratio_to"] == pytest.approx({"triton:fused-no-swiglu": 1.1, "triton:unfused": 1.25,
+                                               "lax.ragged_dot+argsort": 3.0, "tokamax:mosaic+argsort": 1.8})
+    assert fused["peak_vs_unfused"] == pytest.approx(0.6) and fused["temp_vs_unfused"] == pytest.approx(0.4)
+    assert recs[1]["peak_vs_unfused"] == pytest.approx(0.8)
+    assert all(r["peak_vs_unfused"] is None for r in recs[2:])
+    assert recs[3]["ratio_to"]["triton"] == pytest.approx(1 / 3)
+    (t,) = report.targets(recs)
+    assert t["best_composition"] == "tokamax:mosaic+argsort" and t["vs_best_composition"] == pytest.approx(1.8)
+    assert t["met"] == {"vs_best_composition": False, "vs_unfused": True, "peak_vs_unfused": True}
+    assert "vs best composition (tokamax:mosaic+argsort) 1.80x [NOT met]" in report.targets_table([t])
 
 
 def test_wrong_implementation_fails_the_run(tmp_path, monkeypatch, capsys):

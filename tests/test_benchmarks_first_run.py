@@ -59,12 +59,10 @@ def test_tolerance_failure_prints_fail_and_exits_1(monkeypatch, capsys):
 
 @pytest.fixture()
 def fresh_layer_jits():
-    """The layer suite caches its jitted functions: retrace around a monkeypatched backend."""
-    for fn in (layer.forward_fn, layer.fwd_bwd_fn):
-        fn.cache_clear()
+    """The layer suite caches its jitted and compiled functions: retrace around a monkeypatched backend."""
+    layer.clear_caches()
     yield
-    for fn in (layer.forward_fn, layer.fwd_bwd_fn):
-        fn.cache_clear()
+    layer.clear_caches()
 
 
 def test_wrong_implementation_is_named_in_fail_line(monkeypatch, capsys, fresh_layer_jits):
