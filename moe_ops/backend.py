@@ -40,10 +40,14 @@ its own ``gather_rows`` / ``gmm`` / ``combine_rows``, see ``compose_gather_gmm``
 * ``swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype)
   -> [M, F]``: ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` in f32, one kernel (``moe_ops.swiglu``; Triton and
   Pallas; XLA composes its GMMs).
+* ``swiglu_gmm_saved(...same...) -> (h, gate, up)``: also writes gate / up [M, F] in ``out_dtype`` (Triton; others
+  compose).
 * ``swiglu_down_bwd(x[T,D], dout[T,D], w_gate, w_up, w_down, group_sizes, group_offset, sort_idx[M], w_sorted[M],
   k, *, activation) -> (dgate, dup, h [M,F] in x's dtype, dweights_sorted [M] f32)``: the backward of swiglu_gmm
   followed by the weighted down projection, gate / up recomputed and the activation derivative applied in the
   epilogue of the down projection's dlhs GMM (``reference.swiglu_down_bwd``; Triton and Pallas; XLA composes).
+* ``swiglu_down_bwd_saved(dout, w_down, gate[M,F], up[M,F], group_sizes, group_offset, sort_idx, w_sorted, k, *,
+  activation)``: the same outputs from saved gate / up (Triton; others compose).
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ IMPLEMENTATIONS = ("xla", "triton", "pallas")
 _MODULES = {"xla": "moe_ops.xla", "triton": "kernels.triton.backend", "pallas": "kernels.pallas.backend"}
 _DEFAULT_FOR_PLATFORM = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "pallas"}
 INTERFACE = ("gmm", "tgmm", "sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "gather_gmm",
-             "scatter_gmm", "swiglu_gmm", "swiglu_down_bwd")
+             "scatter_gmm", "swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd", "swiglu_down_bwd_saved")
 
 
 def choose(implementation: str | None) -> str | None:
@@ -154,28 +158,53 @@ def compose_scatter_gmm(h, rhs, group_sizes, group_offset, sort_idx, weights, *,
 def compose_swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, ops, activation,
                        out_dtype):
     """``swiglu_gmm`` from a backend's (gather-)GMMs and the activation in XLA (materialises gate and up)."""
-    def project(w):
-        if sort_idx is None:
-            return ops.gmm(x, w, group_sizes, group_offset, transpose_rhs=False, out_dtype=jnp.float32)
-        gather = getattr(ops, "gather_gmm", None) or functools.partial(compose_gather_gmm, ops=ops)
-        return gather(x, w, group_sizes, group_offset, sort_idx, k, transpose_rhs=False, out_dtype=jnp.float32)
-    return reference.activate(project(w_gate), project(w_up), activation).astype(out_dtype)
+    h, _, _ = compose_swiglu_gmm_saved(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, ops=ops,
+                                       activation=activation, out_dtype=out_dtype)
+    return h   # (XLA drops the unused gate / up casts)
 
 
 def compose_swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, k, *, ops,
                             activation):
     """``swiglu_down_bwd`` from a backend's gather-GMMs and XLA elementwise math (materialises gate, up and the
     down projection's dlhs in f32)."""
-    gather = getattr(ops, "gather_gmm", None) or functools.partial(compose_gather_gmm, ops=ops)
+    gather = _gather_gmm_of(ops)
 
     def project(rows, w, transpose):
         return gather(rows, w, group_sizes, group_offset, sort_idx, k, transpose_rhs=transpose, out_dtype=jnp.float32)
     gate, up, a = project(x, w_gate, False), project(x, w_up, False), project(dout, w_down, True)
+    return _activation_epilogue(a, gate, up, w_sorted, activation, x.dtype)
+
+
+def compose_swiglu_gmm_saved(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, ops, activation,
+                             out_dtype):
+    """``swiglu_gmm_saved`` from a backend's (gather-)GMMs: gate / up in ``out_dtype``, h from the f32 products."""
+    gather = _gather_gmm_of(ops)
+    gate, up = (gather(x, w, group_sizes, group_offset, sort_idx, k, transpose_rhs=False, out_dtype=jnp.float32)
+                if sort_idx is not None else
+                ops.gmm(x, w, group_sizes, group_offset, transpose_rhs=False, out_dtype=jnp.float32)
+                for w in (w_gate, w_up))
+    return (reference.activate(gate, up, activation).astype(out_dtype), gate.astype(out_dtype), up.astype(out_dtype))
+
+
+def compose_swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, sort_idx, w_sorted, k, *, ops,
+                                  activation):
+    """``swiglu_down_bwd_saved`` from a backend's gather-GMM and XLA elementwise math."""
+    a = _gather_gmm_of(ops)(dout, w_down, group_sizes, group_offset, sort_idx, k, transpose_rhs=True,
+                            out_dtype=jnp.float32)
+    return _activation_epilogue(a, gate.astype(jnp.float32), up.astype(jnp.float32), w_sorted, activation, dout.dtype)
+
+
+def _gather_gmm_of(ops):
+    return getattr(ops, "gather_gmm", None) or functools.partial(compose_gather_gmm, ops=ops)
+
+
+def _activation_epilogue(a, gate, up, w_sorted, activation, dtype):
+    """(dgate, dup, h in ``dtype``, <h, a> f32) from the f32 ``a = dout @ w_down^T``, gate and up."""
     act, dact = reference.activation_grad(gate, activation)
     dh, h = a * w_sorted.astype(jnp.float32)[:, None], act * up
-    return ((dh * up * dact).astype(x.dtype), (dh * act).astype(x.dtype), h.astype(x.dtype),
-            jnp.sum(h * a, axis=1))
+    return (dh * up * dact).astype(dtype), (dh * act).astype(dtype), h.astype(dtype), jnp.sum(h * a, axis=1)
 
 
 _COMPOSED = {"gather_gmm": compose_gather_gmm, "scatter_gmm": compose_scatter_gmm, "swiglu_gmm": compose_swiglu_gmm,
-             "swiglu_down_bwd": compose_swiglu_down_bwd}
+             "swiglu_gmm_saved": compose_swiglu_gmm_saved, "swiglu_down_bwd": compose_swiglu_down_bwd,
+             "swiglu_down_bwd_saved": compose_swiglu_down_bwd_saved}

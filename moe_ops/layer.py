@@ -46,17 +46,19 @@ def check_weights(x, router_logits, w_gate, w_up, w_down):
 
 
 def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activation="silu", implementation=None,
-                      swiglu: bool | None = None):
+                      swiglu: bool | None = None, recompute: bool = False):
     """The fused form of permute -> ``experts_ffn`` -> unpermute: x [T,D] (token order), weights / expert_ids [T,k]
     -> [T,D]. The gate / up GMMs gather their rows from x, the down GMM scatters weighted rows back to token order
     (``moe_ops.fused``): no permuted copy of x or of the output is built. ``swiglu``: gate, up and the activation
-    as one op (``moe_ops.swiglu``: gate / up never stored, recomputed in the backward); ``None`` -> where the backend
-    has that kernel (``swiglu.has_kernel``), ``False`` -> two gather-GMMs and the activation in XLA."""
+    as one op with its fused backward (``moe_ops.swiglu.swiglu_ffn``); ``None`` -> where the backend has that kernel
+    (``swiglu.has_kernel``), ``False`` -> two gather-GMMs and the activation in XLA. ``recompute`` (swiglu path):
+    recompute gate / up in the backward instead of saving them (``swiglu_ffn``)."""
     check_expert_weights(x, w_gate, w_up, w_down)
     kw = dict(implementation=implementation)
     sizes, sort_idx = fused_ops.sort_by_expert(expert_ids, w_gate.shape[0], **kw)
     if swiglu or (swiglu is None and swiglu_has_kernel(implementation)):
-        return swiglu_ffn(x, w_gate, w_up, w_down, sizes, sort_idx, weights, activation=activation, **kw)
+        return swiglu_ffn(x, w_gate, w_up, w_down, sizes, sort_idx, weights, activation=activation,
+                          recompute=recompute, **kw)
     gate = fused_ops.gather_gmm(x, w_gate, sizes, sort_idx, **kw)
     up = fused_ops.gather_gmm(x, w_up, sizes, sort_idx, **kw)
     h = reference.activate(gate, up, activation).astype(x.dtype)

@@ -10,17 +10,22 @@ VJP in XLA, ``dw_gate`` / ``dw_up`` by TGMM over the (gathered) x rows, ``dx = d
 summed per token by ``combine_rows`` (fixed order, no scatter-add).
 
 ``swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights)`` -> [T,D]: ``swiglu_gmm`` with the gather,
-then the weighted down projection back to token order (``scatter_gmm``). Custom VJP, residuals = the inputs only
-(nothing of size [M, F] or [M, D] is kept between forward and backward). Backward, for ``dout`` [T,D]:
+then the weighted down projection back to token order (``scatter_gmm``). Custom VJP; residuals (``recompute``):
 
-1. ``swiglu_down_bwd`` (one kernel on Triton and Pallas, ``reference.swiglu_down_bwd`` is its twin; XLA composes):
-   per row tile, ``gate`` / ``up`` (x rows @ w_gate / w_up) and ``a = dout[token] @ w_down^T`` accumulate over D
-   in three f32 accumulators, and the epilogue writes ``dgate = w*a*up*act'(gate)``, ``dup = w*a*act(gate)``,
-   ``h = act(gate)*up`` (x's dtype) and the routing-weight gradient ``<h_i, a_i>`` (f32). ``gate`` / ``up`` /
-   ``a`` never reach memory: recomputing them here costs one more forward of the gate/up GMMs and saves keeping
-   ``h`` (or gate and up) from the forward.
-2. ``dw_down = tgmm(h, w * dout[token])``, ``dw_gate`` / ``dw_up`` / ``dx`` as for ``swiglu_gmm``, and
-   ``dweights`` a permutation write of ``<h_i, a_i>`` to slot order.
+* default: the inputs plus ``gate`` / ``up`` [M, F] in x's dtype, written by the forward kernel from its
+  accumulators (``swiglu_gmm_saved``; the unfused path keeps those two, the permuted x and ``h``). No extra matmul.
+* ``recompute=True``: the inputs only; the backward recomputes gate / up (one more gate/up GMM, about 22 % more
+  layer flops) and nothing of size [M, F] or [M, D] lives between forward and backward.
+
+Backward, for ``dout`` [T,D]:
+
+1. One kernel on Triton (``swiglu_down_bwd`` / ``swiglu_down_bwd_saved``; twin ``reference.swiglu_down_bwd``):
+   per row tile ``a = dout[token] @ w_down^T`` accumulates over D in f32 (with recompute, gate and up in two more
+   accumulators; saved, they are loaded in the epilogue), and the epilogue writes ``dgate = w*a*up*act'(gate)``,
+   ``dup = w*a*act(gate)``, ``h = act(gate)*up`` (x's dtype) and the routing-weight gradient ``<h_i, a_i>``
+   (f32): ``a`` and ``dh`` never reach memory.
+2. ``dw_down = tgmm(h, w * dout[token])``, ``dw_gate`` / ``dw_up`` by TGMM over the gathered x rows, ``dx`` scattered
+   straight back to token order (``_input_grads``), ``dweights`` a permutation write of ``<h_i, a_i>``.
 
 Backends provide ``swiglu_gmm`` / ``swiglu_down_bwd`` optionally (``moe_ops.backend``). Under ``jax.vmap`` the
 kernels give way to their compositions (``custom_vmap``), whose (gather-)GMMs fold the batch.
@@ -172,27 +177,41 @@ def swiglu_gmm(x, w_gate, w_up, group_sizes, sort_idx=None, *, group_offset=None
 # ---------------------------------------------------------------------------------------------------------------
 # gate/up + activation + weighted down projection with its fused backward.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _ffn(x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx, k, activation, impl):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _ffn(x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx, k, activation, recompute, impl):
     h = _forward(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, x.dtype, impl)
+    return _down(h, w_down, weights, sizes, offset, sort_idx, impl)
+
+
+def _down(h, w_down, weights, sizes, offset, sort_idx, impl):
     out = backend.ops(impl).scatter_gmm(h, w_down, sizes, offset, sort_idx, weights, transpose_rhs=False,
-                                        out_dtype=x.dtype)
-    return vma.like(out, x)
+                                        out_dtype=h.dtype)
+    return vma.like(out, h)
 
 
-def _ffn_fwd(x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx, k, activation, impl):
-    out = _ffn(x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx, k, activation, impl)
-    return out, (x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx)   # inputs only: nothing [M, F]
+def _ffn_fwd(x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx, k, activation, recompute, impl):
+    inputs = (x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx)
+    if recompute:  # residuals: the inputs only
+        return _ffn(*inputs, k, activation, recompute, impl), (inputs, None)
+    composed = functools.partial(_composed_saved, k=k, activation=activation, impl=impl)
+    h, gate, up = _one_kernel("swiglu_gmm_saved", (x, w_gate, w_up, sizes, offset, sort_idx), composed,
+                              rows=sort_idx.shape[0], impl=impl, k=k, activation=activation, out_dtype=x.dtype)
+    return _down(vma.like(h, x), w_down, weights, sizes, offset, sort_idx, impl), (inputs, (gate, up))
 
 
-def _ffn_bwd(k, activation, impl, residuals, dout):
-    x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx = residuals
+def _ffn_bwd(k, activation, recompute, impl, residuals, dout):
+    (x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx), saved = residuals
     dout = dout.astype(x.dtype)
     w_sorted = weights.reshape(-1).astype(jnp.float32)[sort_idx]
-    composed = functools.partial(_composed_down_bwd, k=k, activation=activation, impl=impl)
-    dgate, dup, h, dw_sorted = _one_kernel(
-        "swiglu_down_bwd", (x, dout, w_gate, w_up, w_down, sizes, offset, sort_idx, w_sorted), composed,
-        rows=sort_idx.shape[0], impl=impl, k=k, activation=activation)
+    static = dict(rows=sort_idx.shape[0], impl=impl, k=k, activation=activation)
+    if saved is None:
+        composed = functools.partial(_composed_down_bwd, k=k, activation=activation, impl=impl)
+        operands = (x, dout, w_gate, w_up, w_down, sizes, offset, sort_idx, w_sorted)
+        dgate, dup, h, dw_sorted = _one_kernel("swiglu_down_bwd", operands, composed, **static)
+    else:
+        composed = functools.partial(_composed_down_bwd_saved, k=k, activation=activation, impl=impl)
+        operands = (dout, w_down, *saved, sizes, offset, sort_idx, w_sorted)
+        dgate, dup, h, dw_sorted = _one_kernel("swiglu_down_bwd_saved", operands, composed, **static)
     dgate, dup, h = (vma.like(a, x) for a in (dgate, dup, h))
     dx, dw_gate, dw_up = _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl)
     dy = vma.like(backend.ops(impl).gather_rows(dout, sort_idx, k, row_weights=weights), dout)   # w * dout[token]
@@ -202,21 +221,33 @@ def _ffn_bwd(k, activation, impl, residuals, dout):
     return dx, dw_gate, dw_up, dw_down, dweights, None, None, None
 
 
+def _composed_saved(x, w_gate, w_up, sizes, offset, sort_idx, *, k, activation, impl):
+    return backend.compose_swiglu_gmm_saved(x, w_gate, w_up, sizes, offset, sort_idx, k, ops=backend.ops(impl),
+                                            activation=activation, out_dtype=x.dtype)
+
+
 def _composed_down_bwd(x, dout, w_gate, w_up, w_down, sizes, offset, sort_idx, w_sorted, *, k, activation, impl):
     return backend.compose_swiglu_down_bwd(x, dout, w_gate, w_up, w_down, sizes, offset, sort_idx, w_sorted, k,
                                            ops=backend.ops(impl), activation=activation)
+
+
+def _composed_down_bwd_saved(dout, w_down, gate, up, sizes, offset, sort_idx, w_sorted, *, k, activation, impl):
+    return backend.compose_swiglu_down_bwd_saved(dout, w_down, gate, up, sizes, offset, sort_idx, w_sorted, k,
+                                                 ops=backend.ops(impl), activation=activation)
 
 
 _ffn.defvjp(_ffn_fwd, _ffn_bwd)
 
 
 def swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights, *, group_offset=None, activation="silu",
-               implementation=None):
+               recompute=False, implementation=None):
     """The routed experts on token-order rows, fused: x [T,D], w_gate / w_up [G_local,D,F], w_down [G_local,F,D],
     group_sizes [G], sort_idx [T*k] (``sort_by_expert``), weights [T,k] -> [T,D] in x's dtype,
     ``out[t] = sum_j weights[t,j] * (act(x_t @ w_gate[e]) * (x_t @ w_up[e])) @ w_down[e]`` for the local experts
     ``e`` of token ``t``'s copies (module doc: one forward kernel for gate / up / activation, the weighted scatter
-    in the down GMM; the backward's gate / up recompute and activation derivative in one kernel)."""
+    in the down GMM, the activation derivative in the epilogue of the backward's down dlhs GMM). ``recompute``:
+    keep only the inputs for the backward and recompute gate / up there (least memory, one more gate/up GMM)
+    instead of saving them (default: two [T*k, F] residuals in x's dtype, no extra matmul)."""
     validation.check_expert_weights(x, w_gate, w_up, w_down)
     validation.float_array("weights", weights, 2)
     k = _check_rows(sort_idx, x.shape[0], "x is [T, D]")
@@ -234,4 +265,4 @@ def swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights, *, group
     offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
     x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx = vma.match_vma(
         x, *(w.astype(x.dtype) for w in (w_gate, w_up, w_down)), weights, sizes, offset, sort_idx.astype(jnp.int32))
-    return _ffn(x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx, k, activation, impl)
+    return _ffn(x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx, k, activation, bool(recompute), impl)

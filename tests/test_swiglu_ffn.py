@@ -51,13 +51,27 @@ def _check_rows(got, ref, sizes, off, g_local, tol, what):
 ])
 def test_triton_kernel_parity(routing, activation, off, g_local, dtype):
     """One kernel: gate / up / a in three accumulators, the epilogue's dgate, dup, h and the <h, a> partials; K=20
-    and F=24 are not multiples of the 16-wide tiles (masked K, wrapped columns); group_offset shards."""
+    and F=24 are not multiples of the 16-wide tiles (masked K, wrapped columns); group_offset shards. The saved
+    mode: the forward kernel's gate / up (checked against the reference projections) fed to the saved-mode kernel,
+    which must give the same outputs."""
     _, sizes, sort_idx = _routed(routing, _seed(routing, "down_bwd"))
     o = _operands(_seed(routing, activation, "ops"), g_local, dtype)
     args = _kernel_args(o, sizes, sort_idx, off)
-    got = ts.swiglu_down_bwd(*args, TOP_K, activation=activation, config=CFG)
     ref = R.swiglu_down_bwd(*args[:6], sort_idx, args[-1], TOP_K, group_offset=off, activation=activation)
+    got = ts.swiglu_down_bwd(*args, TOP_K, activation=activation, config=CFG)
     _check_rows(got, ref, sizes, off, g_local, TOL[dtype], f"triton {routing}")
+
+    h, gate, up = ts.swiglu_gmm_saved(o["x"], o["w_gate"], o["w_up"], sizes, _offset(off), sort_idx, TOP_K,
+                                      activation=activation, out_dtype=dtype, config=CFG)
+    kw = dict(group_offset=off, preferred_element_type=jnp.float32)
+    rows = o["x"][sort_idx // TOP_K]
+    for name, a, w in (("gate", gate, o["w_gate"]), ("up", up, o["w_up"])):
+        assert_close(a, R.gmm(rows, w, sizes, **kw).astype(dtype), TOL[dtype], f"saved {name}")
+    assert_close(h, ref[2], TOL[dtype], "forward h")
+    saved = ts.swiglu_down_bwd_saved(o["dout"], o["w_down"], gate, up, *args[5:], TOP_K, activation=activation,
+                                     config=CFG)
+    tol = TOL[dtype] if dtype == jnp.float32 else 5e-2  # bf16 gate / up residuals, as the unfused path keeps them
+    _check_rows(saved, ref, sizes, off, g_local, tol, f"triton saved {routing}")
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
@@ -65,9 +79,15 @@ def test_xla_composition_matches_reference(activation):
     _, sizes, sort_idx = _routed("uneven_dropped", 7)
     o = _operands(_seed("xla", activation), 3, jnp.float32)
     args = _kernel_args(o, sizes, sort_idx, 1)
-    got = backend.compose_swiglu_down_bwd(*args, TOP_K, ops=backend.ops("xla"), activation=activation)
+    xla = backend.ops("xla")
+    got = backend.compose_swiglu_down_bwd(*args, TOP_K, ops=xla, activation=activation)
     ref = R.swiglu_down_bwd(*args[:6], sort_idx, args[-1], TOP_K, group_offset=1, activation=activation)
     _check_rows(got, ref, sizes, 1, 3, 1e-5, "xla")
+    _, gate, up = backend.compose_swiglu_gmm_saved(o["x"], o["w_gate"], o["w_up"], sizes, _offset(1), sort_idx, TOP_K,
+                                                   ops=xla, activation=activation, out_dtype=jnp.float32)
+    saved = backend.compose_swiglu_down_bwd_saved(o["dout"], o["w_down"], gate, up, *args[5:], TOP_K, ops=xla,
+                                                  activation=activation)
+    _check_rows(saved, ref, sizes, 1, 3, 1e-5, "xla saved")
 
 
 def _reference_ffn(x, w_gate, w_up, w_down, weights, sizes, sort_idx, off, activation):
@@ -78,11 +98,12 @@ def _reference_ffn(x, w_gate, w_up, w_down, weights, sizes, sort_idx, off, activ
     return R.unpermute(R.gmm(h, w_down, sizes, **kw), sort_idx, weights).astype(x.dtype)
 
 
-OP_CASES = [("triton", "silu"), ("xla", "gelu"), pytest.param("triton", "gelu", marks=pytest.mark.slow)]
+OP_CASES = [("triton", "silu", False), ("xla", "gelu", False), ("triton", "gelu", True),
+            pytest.param("xla", "silu", True, marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("impl,activation", OP_CASES)
-def test_op_gradients_on_expert_shard(impl, activation):
+@pytest.mark.parametrize("impl,activation,recompute", OP_CASES)
+def test_op_gradients_on_expert_shard(impl, activation, recompute):
     """Forward and the five gradients (x, w_gate, w_up, w_down, weights) of the custom VJP vs jax.grad of the
     reference composition, on the middle shard of experts (others: zero output, zero gradient)."""
     _, sizes, sort_idx = _routed("uneven_dropped", 11)
@@ -90,7 +111,7 @@ def test_op_gradients_on_expert_shard(impl, activation):
     cot = randn(keys(_seed(impl, "cot"), 1)[0], (T, K))
     inputs = (o["x"], o["w_gate"], o["w_up"], o["w_down"], o["weights"])
     ours = lambda *a: swiglu.swiglu_ffn(*a[:4], sizes, sort_idx, a[4], group_offset=1, activation=activation,
-                                        implementation=impl)
+                                        recompute=recompute, implementation=impl)
     ref = lambda *a: _reference_ffn(*a, sizes, sort_idx, 1, activation)
     assert_close(jax.jit(ours)(*inputs), ref(*inputs), 1e-5, "forward")
     grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=range(5))
@@ -99,14 +120,16 @@ def test_op_gradients_on_expert_shard(impl, activation):
         assert_close(g, e, 1e-5, name)
 
 
-def test_vmap_matches_per_example():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_vmap_matches_per_example(recompute):
     """Under vmap the kernels give way to the composition (custom_vmap): same values and gradients per example."""
     _, sizes, sort_idx = _routed("empty_groups", 5)
     batch = [_operands(_seed("vmap", i), E, jnp.float32) for i in range(2)]
     stacked = {n: jnp.stack([b[n] for b in batch]) for n in batch[0]}
 
     def loss(x, w_gate, w_up, w_down, weights):
-        out = swiglu.swiglu_ffn(x, w_gate, w_up, w_down, sizes, sort_idx, weights, implementation="triton")
+        out = swiglu.swiglu_ffn(x, w_gate, w_up, w_down, sizes, sort_idx, weights, recompute=recompute,
+                                implementation="triton")
         return jnp.sum(out * out)
     value_grad = jax.value_and_grad(loss, argnums=range(5))
     names = ("x", "w_gate", "w_up", "w_down", "weights")

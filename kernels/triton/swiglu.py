@@ -22,6 +22,7 @@ shared memory, and two ``BM x BN/2`` f32 accumulators the registers, of one gmm 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,8 @@ from kernels.triton.bridge import load_jax_triton
 from kernels.triton.gmm import _AOT_G, _AOT_M, _AOT_TOP_K, _ZERO_FILL, _aot_case, _aot_points, _launch_options
 from kernels.triton.gmm import _row_tile, _sorted_slots
 
-__all__ = ["swiglu_gmm", "swiglu_down_bwd", "swiglu_config", "swiglu_bwd_config", "ACTIVATIONS"]
+__all__ = ["swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd", "swiglu_down_bwd_saved", "swiglu_config",
+           "swiglu_bwd_config", "ACTIVATIONS"]
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}  # the gated activations of ``moe_ops.reference.activate``
 
@@ -68,47 +70,66 @@ def _activation_grad(gate, ACT: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, tiles_ptr, sort_idx_ptr, out_ptr,
+def _projections(lhs_ptr, wg_ptr, wu_ptr, group, row_start, row_end, offs_m, offs_n, sort_idx_ptr,
+                 K: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 GATHER: tl.constexpr, TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr):
+    """(gate, up) f32 [BM, BN] of a tile: its A rows (``lhs[sort_idx[row] // TOP_K]`` with GATHER) times the
+    ``wg`` / ``wu`` [G, K, N] tiles of ``group``, each A tile loaded once for both."""
+    offs_k = tl.arange(0, BK)
+    cols = offs_n % N if N % BN != 0 else offs_n
+    if GATHER:
+        slots = _sorted_slots(sort_idx_ptr, row_start, row_end, offs_m, NUM_SLOTS)
+        a_ptrs = lhs_ptr + (slots // TOP_K).to(tl.int64)[:, None] * K + offs_k[None, :]
+    else:
+        rows = tl.minimum(offs_m, row_end - row_start - 1)  # clamped: loads stay inside the tile's own rows
+        a_ptrs = lhs_ptr + row_start.to(tl.int64) * K + rows[:, None] * K + offs_k[None, :]
+    b_off = group.to(tl.int64) * (K * N) + offs_k[:, None] * N + cols[None, :]
+    g_ptrs, u_ptrs = wg_ptr + b_off, wu_ptr + b_off
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BK)):
+        if K % BK == 0:
+            a, bg, bu = tl.load(a_ptrs), tl.load(g_ptrs), tl.load(u_ptrs)
+        else:
+            k_left = K - k * BK
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            bg = tl.load(g_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            bu = tl.load(u_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc_g = tl.dot(a, bg, acc_g, input_precision="ieee")
+        acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
+        a_ptrs += BK
+        g_ptrs += BK * N
+        u_ptrs += BK * N
+    return acc_g, acc_u
+
+
+@triton.jit
+def _swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, tiles_ptr, sort_idx_ptr, out_ptr, gate_ptr, up_ptr,
                    K: tl.constexpr, N: tl.constexpr, NUM_ROW_TILES: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                   GATHER: tl.constexpr, TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr, ACT: tl.constexpr):
-    """One BM x BN tile of ``h[rows] = act(lhs[rows] @ wg[group]) * (lhs[rows] @ wu[group])``."""
+                   GATHER: tl.constexpr, TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr, ACT: tl.constexpr,
+                   STORE_GATE_UP: tl.constexpr):
+    """One BM x BN tile of ``h[rows] = act(lhs[rows] @ wg[group]) * (lhs[rows] @ wu[group])``; with
+    STORE_GATE_UP also ``gate`` / ``up`` (in the output dtype: the backward's residuals)."""
     group, row_start, row_end, tile_n = _row_tile(tiles_ptr, NUM_ROW_TILES, N, BN, GROUP_M)
     offs_m = tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
-    out_ptrs = out_ptr + row_start.to(tl.int64) * N + offs_m[:, None] * N + offs_n[None, :]
+    out_off = row_start.to(tl.int64) * N + offs_m[:, None] * N + offs_n[None, :]
     store_mask = (offs_m[:, None] < row_end - row_start) & (offs_n[None, :] < N)
+    dtype = out_ptr.dtype.element_ty
     if group >= 0:
-        offs_k = tl.arange(0, BK)
-        rows = tl.minimum(offs_m, row_end - row_start - 1)  # clamped: loads stay inside the tile's own rows
-        cols = offs_n % N if N % BN != 0 else offs_n
-        if GATHER:
-            slots = _sorted_slots(sort_idx_ptr, row_start, row_end, offs_m, NUM_SLOTS)
-            a_ptrs = lhs_ptr + (slots // TOP_K).to(tl.int64)[:, None] * K + offs_k[None, :]
-        else:
-            a_ptrs = lhs_ptr + row_start.to(tl.int64) * K + rows[:, None] * K + offs_k[None, :]
-        b_off = group.to(tl.int64) * (K * N) + offs_k[:, None] * N + cols[None, :]
-        g_ptrs, u_ptrs = wg_ptr + b_off, wu_ptr + b_off
-        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BK)):
-            if K % BK == 0:
-                a = tl.load(a_ptrs)
-                bg = tl.load(g_ptrs)
-                bu = tl.load(u_ptrs)
-            else:
-                k_left = K - k * BK
-                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-                bg = tl.load(g_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-                bu = tl.load(u_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            acc_g = tl.dot(a, bg, acc_g, input_precision="ieee")
-            acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
-            a_ptrs += BK
-            g_ptrs += BK * N
-            u_ptrs += BK * N
-        tl.store(out_ptrs, _activate(acc_g, acc_u, ACT).to(out_ptr.dtype.element_ty), mask=store_mask)
+        gate, up = _projections(lhs_ptr, wg_ptr, wu_ptr, group, row_start, row_end, offs_m, offs_n, sort_idx_ptr,
+                                K, N, BM, BN, BK, GATHER, TOP_K, NUM_SLOTS)
+        tl.store(out_ptr + out_off, _activate(gate, up, ACT).to(dtype), mask=store_mask)
+        if STORE_GATE_UP:
+            tl.store(gate_ptr + out_off, gate.to(dtype), mask=store_mask)
+            tl.store(up_ptr + out_off, up.to(dtype), mask=store_mask)
     elif group == _ZERO_FILL:
-        tl.store(out_ptrs, tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty), mask=store_mask)
+        zeros = tl.zeros((BM, BN), dtype=dtype)
+        tl.store(out_ptr + out_off, zeros, mask=store_mask)
+        if STORE_GATE_UP:
+            tl.store(gate_ptr + out_off, zeros, mask=store_mask)
+            tl.store(up_ptr + out_off, zeros, mask=store_mask)
 
 
 def swiglu_config(cfg: tuning.GmmConfig) -> tuning.GmmConfig:
@@ -121,33 +142,46 @@ def swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *
     """x [M,K] (or [T,K] in token order with ``sort_idx`` [M = T*k]), w_gate / w_up [G_local,K,F], clamped
     group_sizes [G], group_offset int32[1] -> h [M,F] in ``out_dtype``: ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])``
     in f32 (``x_i = x[sort_idx[i] // k]`` with ``sort_idx``); rows outside local groups are zero."""
-    jt = load_jax_triton()
+    return _forward(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, out_dtype, config, False)[0]
+
+
+def swiglu_gmm_saved(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype,
+                     config=None):
+    """``swiglu_gmm`` that also writes ``gate`` and ``up`` [M,F] (``out_dtype``; the residuals of the saved-mode
+    backward, ``swiglu_down_bwd_saved``) from the same accumulators -> (h, gate, up)."""
+    return _forward(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, out_dtype, config, True)
+
+
+def _forward(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, out_dtype, config, store_gate_up):
     gather = sort_idx is not None
     m = sort_idx.shape[0] if gather else x.shape[0]
     kdim, (num_local, _, n) = x.shape[1], w_gate.shape
     if m == 0:
-        return jnp.zeros((0, n), out_dtype)
+        return (jnp.zeros((0, n), out_dtype),) * 3
     cfg = config or swiglu_config(tuning.pick_config("gmm", m, kdim, n, num_local, x.dtype))
     tiles = schedule.gmm_row_tiles(group_sizes, group_offset, m, num_local, cfg.block_m)
     num_row_tiles = tiles.shape[1]
     idx = sort_idx.astype(jnp.int32) if gather else jnp.zeros((1,), jnp.int32)
-    return jt.triton_call(
+    rows = jax.ShapeDtypeStruct((m, n) if store_gate_up else (1,), out_dtype)  # gate / up, or unused placeholders
+    return tuple(load_jax_triton().triton_call(
         x, w_gate, w_up, tiles.reshape(-1), idx, kernel=_swiglu_kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        out_shape=[jax.ShapeDtypeStruct((m, n), out_dtype), rows, rows],
         grid=(num_row_tiles * triton.cdiv(n, cfg.block_n),), name="moe_swiglu_gmm",
         K=kdim, N=n, NUM_ROW_TILES=num_row_tiles, GATHER=gather, TOP_K=int(k) if gather else 1,
-        NUM_SLOTS=m if gather else 1, ACT=ACTIVATIONS[activation], **_launch_options(cfg))
+        NUM_SLOTS=m if gather else 1, ACT=ACTIVATIONS[activation], STORE_GATE_UP=store_gate_up,
+        **_launch_options(cfg)))
 
 
 @triton.jit
-def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, sort_idx_ptr, ws_ptr,
-                            dgate_ptr, dup_ptr, h_ptr, part_ptr,
+def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, sort_idx_ptr, ws_ptr, gate_ptr,
+                            up_ptr, dgate_ptr, dup_ptr, h_ptr, part_ptr,
                             K: tl.constexpr, N: tl.constexpr, NUM_ROW_TILES: tl.constexpr, NUM_SLOTS: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                            TOP_K: tl.constexpr, ACT: tl.constexpr):
-    """One BM x BN tile (sorted rows x F columns) of the fused backward (``swiglu_down_bwd``): ``gate`` / ``up``
-    (x rows @ w_gate / w_up) and ``a`` (dout rows @ w_down^T) in three f32 accumulators over K = D, then the
-    epilogue writes dgate, dup, h and this column tile's partial ``sum_f h * a`` (``part[tile_n, row]``)."""
+                            TOP_K: tl.constexpr, ACT: tl.constexpr, RECOMPUTE: tl.constexpr):
+    """One BM x BN tile (sorted rows x F columns) of the fused backward: ``a = dout rows @ w_down^T`` (f32, over
+    K = D) with ``gate`` / ``up`` recomputed (RECOMPUTE: x rows @ w_gate / w_up, ``_projections``) or loaded (the
+    saved [M, N] residuals); the epilogue writes dgate, dup, h and this column tile's partial ``sum_f h * a``
+    (``part[tile_n, row]``)."""
     group, row_start, row_end, tile_n = _row_tile(tiles_ptr, NUM_ROW_TILES, N, BN, GROUP_M)
     offs_m = tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
@@ -156,41 +190,32 @@ def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, 
     store_mask = live[:, None] & (offs_n[None, :] < N)
     part_ptrs = part_ptr + tile_n * NUM_SLOTS + row_start + offs_m
     if group >= 0:
+        if RECOMPUTE:
+            gate, up = _projections(x_ptr, wg_ptr, wu_ptr, group, row_start, row_end, offs_m, offs_n, sort_idx_ptr,
+                                    K, N, BM, BN, BK, True, TOP_K, NUM_SLOTS)
+        else:
+            gate = tl.load(gate_ptr + out_off, mask=store_mask, other=0.0).to(tl.float32)
+            up = tl.load(up_ptr + out_off, mask=store_mask, other=0.0).to(tl.float32)
         offs_k = tl.arange(0, BK)
         cols = offs_n % N if N % BN != 0 else offs_n
         tokens = (_sorted_slots(sort_idx_ptr, row_start, row_end, offs_m, NUM_SLOTS) // TOP_K).to(tl.int64)
-        x_ptrs = x_ptr + tokens[:, None] * K + offs_k[None, :]
         d_ptrs = dout_ptr + tokens[:, None] * K + offs_k[None, :]
-        w_off = group.to(tl.int64) * (K * N)
-        g_ptrs = wg_ptr + w_off + offs_k[:, None] * N + cols[None, :]
-        u_ptrs = wu_ptr + w_off + offs_k[:, None] * N + cols[None, :]
-        t_ptrs = wd_ptr + w_off + offs_k[:, None] + cols[None, :] * K   # w_down[g] [F, D] read as [D, F]
-        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        t_ptrs = wd_ptr + group.to(tl.int64) * (K * N) + offs_k[:, None] + cols[None, :] * K  # w_down[g] as [D, F]
         acc_a = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BK)):
             if K % BK == 0:
-                xa, da = tl.load(x_ptrs), tl.load(d_ptrs)
-                bg, bu, bt = tl.load(g_ptrs), tl.load(u_ptrs), tl.load(t_ptrs)
+                da, bt = tl.load(d_ptrs), tl.load(t_ptrs)
             else:
-                a_mask = offs_k[None, :] < K - k * BK
-                b_mask = offs_k[:, None] < K - k * BK
-                xa, da = tl.load(x_ptrs, mask=a_mask, other=0.0), tl.load(d_ptrs, mask=a_mask, other=0.0)
-                bg, bu = tl.load(g_ptrs, mask=b_mask, other=0.0), tl.load(u_ptrs, mask=b_mask, other=0.0)
-                bt = tl.load(t_ptrs, mask=b_mask, other=0.0)
-            acc_g = tl.dot(xa, bg, acc_g, input_precision="ieee")
-            acc_u = tl.dot(xa, bu, acc_u, input_precision="ieee")
+                da = tl.load(d_ptrs, mask=offs_k[None, :] < K - k * BK, other=0.0)
+                bt = tl.load(t_ptrs, mask=offs_k[:, None] < K - k * BK, other=0.0)
             acc_a = tl.dot(da, bt, acc_a, input_precision="ieee")
-            x_ptrs += BK
             d_ptrs += BK
-            g_ptrs += BK * N
-            u_ptrs += BK * N
             t_ptrs += BK
-        act, dact = _activation_grad(acc_g, ACT)
+        act, dact = _activation_grad(gate, ACT)
         dh = acc_a * tl.load(ws_ptr + row_start + tl.minimum(offs_m, row_end - row_start - 1))[:, None]
-        h = act * acc_u
+        h = act * up
         dtype = dgate_ptr.dtype.element_ty
-        tl.store(dgate_ptr + out_off, (dh * acc_u * dact).to(dtype), mask=store_mask)
+        tl.store(dgate_ptr + out_off, (dh * up * dact).to(dtype), mask=store_mask)
         tl.store(dup_ptr + out_off, (dh * act).to(dtype), mask=store_mask)
         tl.store(h_ptr + out_off, h.to(dtype), mask=store_mask)
         tl.store(part_ptrs, tl.sum(tl.where(offs_n[None, :] < N, h * acc_a, 0.0), axis=1), mask=live)
@@ -214,17 +239,35 @@ def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, so
     group_offset int32[1], sort_idx [M = T*k], w_sorted [M] f32 -> (dgate, dup, h [M,F] in x's dtype,
     dweights_sorted [M] f32), the contract of ``moe_ops.reference.swiglu_down_bwd``: one kernel, gate / up / a never
     written; the per-column-tile partials of ``<h_i, a_i>`` are summed here (f32, fixed order)."""
-    jt = load_jax_triton()
-    m, (num_local, kdim, n) = sort_idx.shape[0], w_gate.shape
-    cfg = config or swiglu_bwd_config(tuning.pick_config("gmm", m, kdim, n, num_local, x.dtype))
+    placeholder = jnp.zeros((1,), x.dtype)
+    return _backward(x, dout, w_gate, w_up, w_down, placeholder, placeholder, group_sizes, group_offset, sort_idx,
+                     w_sorted, k, activation, config, True)
+
+
+def swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, sort_idx, w_sorted, k, *, activation,
+                          config=None):
+    """``swiglu_down_bwd`` from the saved gate / up [M,F] (``swiglu_gmm_saved``) instead of x / w_gate / w_up: the
+    down projection's dlhs GMM with the activation derivative in its epilogue."""
+    g, f, d = w_down.shape
+    shape = jax.ShapeDtypeStruct((g, d, f), w_down.dtype)   # the [G, D, F] geometry the kernel reads from w_gate
+    weights = jnp.zeros((1,), w_down.dtype)                 # unused with RECOMPUTE=False
+    return _backward(dout, dout, weights, weights, w_down, gate, up, group_sizes, group_offset, sort_idx, w_sorted,
+                     k, activation, config, False, shape)
+
+
+def _backward(x, dout, w_gate, w_up, w_down, gate, up, group_sizes, group_offset, sort_idx, w_sorted, k, activation,
+              config, recompute, gate_shape=None):
+    m, (num_local, kdim, n) = sort_idx.shape[0], (gate_shape or w_gate).shape
+    cfg = config or swiglu_bwd_config(tuning.pick_config("gmm", m, kdim, n, num_local, dout.dtype))
     tiles = schedule.gmm_row_tiles(group_sizes, group_offset, m, num_local, cfg.block_m)
     num_row_tiles, col_tiles = tiles.shape[1], triton.cdiv(n, cfg.block_n)
-    rows = jax.ShapeDtypeStruct((m, n), x.dtype)
-    dgate, dup, h, part = jt.triton_call(
+    rows = jax.ShapeDtypeStruct((m, n), dout.dtype)
+    dgate, dup, h, part = load_jax_triton().triton_call(
         x, dout, w_gate, w_up, w_down, tiles.reshape(-1), sort_idx.astype(jnp.int32), w_sorted.astype(jnp.float32),
-        kernel=_swiglu_down_bwd_kernel, out_shape=[rows, rows, rows, jax.ShapeDtypeStruct((col_tiles, m), jnp.float32)],
+        gate, up, kernel=_swiglu_down_bwd_kernel,
+        out_shape=[rows, rows, rows, jax.ShapeDtypeStruct((col_tiles, m), jnp.float32)],
         grid=(num_row_tiles * col_tiles,), name="moe_swiglu_down_bwd", K=kdim, N=n, NUM_ROW_TILES=num_row_tiles,
-        NUM_SLOTS=m, TOP_K=int(k), ACT=ACTIVATIONS[activation], **_launch_options(cfg))
+        NUM_SLOTS=m, TOP_K=int(k), ACT=ACTIVATIONS[activation], RECOMPUTE=recompute, **_launch_options(cfg))
     return dgate, dup, h, jnp.sum(part, axis=0)
 
 
@@ -239,30 +282,34 @@ def aot_cases(target: str):
             cfg = swiglu_config(gmm_cfg)
             tiles = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
             full = not suffix and dtype_name == "bf16"   # the epilogue variants once per config, at bf16
-            variants = [(True, a) for a in ACTIVATIONS] + [(False, "silu")] if full else [(True, "silu")]
-            for gather, act in variants:
-                case = _aot_case(f"swiglu_{'gather_' if gather else ''}{act}", _swiglu_kernel, dtype_name, cfg,
-                                 backend, f"{entry}:{dtype_name}{suffix}", K=k, N=n, NUM_ROW_TILES=tiles,
-                                 GATHER=gather, TOP_K=_AOT_TOP_K if gather else 1,
-                                 NUM_SLOTS=_AOT_M if gather else 1, ACT=ACTIVATIONS[act])
-                sig = dict(lhs_ptr=f"*{dtype_name}", wg_ptr=f"*{dtype_name}", wu_ptr=f"*{dtype_name}",
-                           tiles_ptr="*i32", sort_idx_ptr="*i32", out_ptr=f"*{dtype_name}")
+            variants = [(True, a, s) for a in ACTIVATIONS for s in (False, True)] + [(False, "silu", False)] \
+                if full else [(True, "silu", True)]
+            for gather, act, saved in variants:
+                name = f"swiglu_{'gather_' if gather else ''}{act}{'_saved' if saved else ''}"
+                case = _aot_case(name, _swiglu_kernel, dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}",
+                                 K=k, N=n, NUM_ROW_TILES=tiles, GATHER=gather, TOP_K=_AOT_TOP_K if gather else 1,
+                                 NUM_SLOTS=_AOT_M if gather else 1, ACT=ACTIVATIONS[act], STORE_GATE_UP=saved)
+                rows = f"*{dtype_name}"
+                sig = dict(lhs_ptr=rows, wg_ptr=rows, wu_ptr=rows, tiles_ptr="*i32", sort_idx_ptr="*i32",
+                           out_ptr=rows, gate_ptr=rows, up_ptr=rows)
                 cases.append(dataclasses.replace(case, signature={**sig, **{c: "constexpr" for c in case.constexprs}}))
             cases += _bwd_aot_cases(backend, entry, gmm_cfg, dtype_name, suffix, k, n, full)
     return cases
 
 
 def _bwd_aot_cases(backend, entry, gmm_cfg, dtype_name, suffix, k, n, every_activation):
-    """``_swiglu_down_bwd_kernel`` at one (config, dtype, shape) point: silu, plus gelu / relu when asked."""
+    """``_swiglu_down_bwd_kernel`` at one (config, dtype, shape) point, recomputing and saved mode: silu, plus
+    gelu / relu when asked."""
     cfg = swiglu_bwd_config(gmm_cfg)
     tiles = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
     cases = []
-    for act in ACTIVATIONS if every_activation else ("silu",):
-        case = _aot_case(f"swiglu_down_bwd_{act}", _swiglu_down_bwd_kernel, dtype_name, cfg, backend,
-                         f"{entry}:{dtype_name}{suffix}", K=k, N=n, NUM_ROW_TILES=tiles, NUM_SLOTS=_AOT_M,
-                         TOP_K=_AOT_TOP_K, ACT=ACTIVATIONS[act])
+    for act, recompute in itertools.product(ACTIVATIONS if every_activation else ("silu",), (True, False)):
+        case = _aot_case(f"swiglu_down_bwd_{act}{'' if recompute else '_saved'}", _swiglu_down_bwd_kernel,
+                         dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}", K=k, N=n, NUM_ROW_TILES=tiles,
+                         NUM_SLOTS=_AOT_M, TOP_K=_AOT_TOP_K, ACT=ACTIVATIONS[act], RECOMPUTE=recompute)
         rows, f32 = f"*{dtype_name}", "*fp32"
         sig = dict(x_ptr=rows, dout_ptr=rows, wg_ptr=rows, wu_ptr=rows, wd_ptr=rows, tiles_ptr="*i32",
-                   sort_idx_ptr="*i32", ws_ptr=f32, dgate_ptr=rows, dup_ptr=rows, h_ptr=rows, part_ptr=f32)
+                   sort_idx_ptr="*i32", ws_ptr=f32, gate_ptr=rows, up_ptr=rows, dgate_ptr=rows, dup_ptr=rows,
+                   h_ptr=rows, part_ptr=f32)
         cases.append(dataclasses.replace(case, signature={**sig, **{c: "constexpr" for c in case.constexprs}}))
     return cases
