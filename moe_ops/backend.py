@@ -37,6 +37,10 @@ its own ``gather_rows`` / ``gmm`` / ``combine_rows``, see ``compose_gather_gmm``
 * ``scatter_gmm(h[M,K], rhs, group_sizes, group_offset, sort_idx[M], weights[T,k], *, transpose_rhs, out_dtype)
   -> [T, N]``: ``sum_j weights[t,j] * (h @ rhs[g])[inverse[t*k+j]]`` (f32 sum); rows outside local groups
   contribute zero.
+* ``gather_tgmm(lhs, rhs, group_sizes, group_offset, sort_idx[M], k, *, num_groups, out_dtype, gather_lhs,
+  gather_rhs, rhs_weights=None) -> [G_local, K, N]``: ``tgmm`` with lhs [T,K] / rhs [T,N] read in token order
+  through ``sort_idx // k`` where flagged, rhs rows times ``rhs_weights.flat[slot]`` (Triton; others compose with
+  ``gather_rows``).
 * ``swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype)
   -> [M, F]``: ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` in f32, one kernel (``moe_ops.swiglu``; Triton and
   Pallas; XLA composes its GMMs).
@@ -67,7 +71,7 @@ IMPLEMENTATIONS = ("xla", "triton", "pallas")
 _MODULES = {"xla": "moe_ops.xla", "triton": "kernels.triton.backend", "pallas": "kernels.pallas.backend"}
 _DEFAULT_FOR_PLATFORM = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "pallas"}
 INTERFACE = ("gmm", "tgmm", "sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "gather_gmm",
-             "scatter_gmm", "swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd", "swiglu_down_bwd_saved")
+             "scatter_gmm", "gather_tgmm", "swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd", "swiglu_down_bwd_saved")
 
 
 def choose(implementation: str | None) -> str | None:
@@ -194,6 +198,16 @@ def compose_swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_off
     return _activation_epilogue(a, gate.astype(jnp.float32), up.astype(jnp.float32), w_sorted, activation, dout.dtype)
 
 
+def compose_gather_tgmm(lhs, rhs, group_sizes, group_offset, sort_idx, k, *, ops, num_groups, out_dtype, gather_lhs,
+                       gather_rhs, rhs_weights=None):
+    """``gather_tgmm`` from a backend's ``gather_rows`` + ``tgmm`` (materialises the gathered operands)."""
+    if gather_lhs:
+        lhs = ops.gather_rows(lhs, sort_idx, k)
+    if gather_rhs:
+        rhs = ops.gather_rows(rhs, sort_idx, k, row_weights=rhs_weights)
+    return ops.tgmm(lhs, rhs, group_sizes, group_offset, num_groups=num_groups, out_dtype=out_dtype)
+
+
 def _gather_gmm_of(ops):
     return getattr(ops, "gather_gmm", None) or functools.partial(compose_gather_gmm, ops=ops)
 
@@ -206,5 +220,5 @@ def _activation_epilogue(a, gate, up, w_sorted, activation, dtype):
 
 
 _COMPOSED = {"gather_gmm": compose_gather_gmm, "scatter_gmm": compose_scatter_gmm, "swiglu_gmm": compose_swiglu_gmm,
-             "swiglu_gmm_saved": compose_swiglu_gmm_saved, "swiglu_down_bwd": compose_swiglu_down_bwd,
+             "gather_tgmm": compose_gather_tgmm, "swiglu_gmm_saved": compose_swiglu_gmm_saved, "swiglu_down_bwd": compose_swiglu_down_bwd,
              "swiglu_down_bwd_saved": compose_swiglu_down_bwd_saved}

@@ -42,7 +42,6 @@ from jax.custom_batching import custom_vmap
 from moe_ops import backend, reference, validation, vma
 from moe_ops.fused import _check_rows, _scatter_gmm
 from moe_ops.gmm import _gmm, _tgmm
-from moe_ops.sort import _gather
 
 __all__ = ["swiglu_gmm", "swiglu_ffn", "has_kernel"]
 
@@ -62,7 +61,7 @@ def _project(x, w, sizes, offset, sort_idx, k, out_dtype, impl):
     return ops.gmm(ops.gather_rows(x, sort_idx, k), w, sizes, offset, transpose_rhs=False, out_dtype=out_dtype)
 
 
-def _one_kernel(name, operands, composed, *, rows, impl, **static):
+def _one_kernel(name, operands, composed, *, rows, impl, call=None, **static):
     """``backend.ops(impl).<name>(*operands, **static)`` where that kernel exists and ``rows`` is static, else
     ``composed(*operands)``. Under ``jax.vmap`` the kernel (it has no batching rule) gives way to the composition,
     whose (gather-)GMMs fold the batch (``kernels.triton.batching``). ``None`` operands are passed through as such."""
@@ -76,9 +75,11 @@ def _one_kernel(name, operands, composed, *, rows, impl, **static):
             filled[i] = a
         return filled
 
+    call = call or getattr(backend.ops(impl), name)
+
     @custom_vmap
     def kernel(*args):
-        return getattr(backend.ops(impl), name)(*full(args), **static)
+        return call(*full(args), **static)
 
     @kernel.def_vmap
     def batched(axis_size, in_batched, *args):
@@ -128,12 +129,13 @@ def _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl):
     ``dx = dgate @ w_gate^T + dup @ w_up^T`` per sorted row, in x's dtype as the unfused path has it. With the
     gather each product goes straight back to token order (``scatter_gmm`` with unit weights: the k rows of a token
     summed in f32 in a fixed order, no scatter-add), so no [M, D] f32 buffer exists."""
-    x_sorted = x if sort_idx is None else _gather(x, sort_idx, None, k, impl)   # transient
-    dw_gate = _tgmm(x_sorted, dgate, sizes, offset, w_gate.shape[0], w_gate.dtype, impl)
-    dw_up = _tgmm(x_sorted, dup, sizes, offset, w_up.shape[0], w_up.dtype, impl)
     if sort_idx is None:
+        dw_gate = _tgmm(x, dgate, sizes, offset, w_gate.shape[0], w_gate.dtype, impl)
+        dw_up = _tgmm(x, dup, sizes, offset, w_up.shape[0], w_up.dtype, impl)
         return (_gmm(dgate, w_gate, sizes, offset, True, x.dtype, impl)
                 + _gmm(dup, w_up, sizes, offset, True, x.dtype, impl)), dw_gate, dw_up
+    dw_gate, dw_up = (_gather_tgmm(x, d, sizes, offset, sort_idx, None, k, w.shape[0], w.dtype, True, impl)
+                      for d, w in ((dgate, w_gate), (dup, w_up)))
     ones = jnp.ones((x.shape[0], k), jnp.float32)
     f32 = jnp.dtype(jnp.float32)
     dx = sum(_scatter_gmm(d, w, ones, sizes, offset, sort_idx, True, x.dtype, impl).astype(f32)
@@ -214,11 +216,26 @@ def _ffn_bwd(k, activation, recompute, impl, residuals, dout):
         dgate, dup, h, dw_sorted = _one_kernel("swiglu_down_bwd_saved", operands, composed, **static)
     dgate, dup, h = (vma.like(a, x) for a in (dgate, dup, h))
     dx, dw_gate, dw_up = _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl)
-    dy = vma.like(backend.ops(impl).gather_rows(dout, sort_idx, k, row_weights=weights), dout)   # w * dout[token]
-    dw_down = _tgmm(h, dy, sizes, offset, w_down.shape[0], w_down.dtype, impl)
+    dw_down = _gather_tgmm(h, dout, sizes, offset, sort_idx, weights, k, w_down.shape[0], w_down.dtype, False, impl)
     dweights = jnp.zeros_like(dw_sorted).at[sort_idx].set(dw_sorted, unique_indices=True)  # permutation write
     dweights = vma.like(dweights.reshape(weights.shape).astype(weights.dtype), weights)
     return dx, dw_gate, dw_up, dw_down, dweights, None, None, None
+
+
+def _gather_tgmm(lhs, rhs, sizes, offset, sort_idx, rhs_weights, k, num_groups, out_dtype, gather_lhs, impl):
+    """``tgmm`` with one operand read in token order (``gather_tgmm``: lhs when ``gather_lhs``, else rhs, scaled by
+    ``rhs_weights``): no gathered [M, *] copy where the backend has the kernel."""
+    static = dict(k=k, num_groups=num_groups, out_dtype=out_dtype, gather_lhs=gather_lhs, gather_rhs=not gather_lhs)
+
+    def composed(lhs, rhs, sizes, offset, sort_idx, rhs_weights):
+        return backend.compose_gather_tgmm(lhs, rhs, sizes, offset, sort_idx, ops=backend.ops(impl),
+                                           rhs_weights=rhs_weights, **static)
+
+    def kernel_call(lhs, rhs, sizes, offset, sort_idx, rhs_weights, **kw):
+        return backend.ops(impl).gather_tgmm(lhs, rhs, sizes, offset, sort_idx, rhs_weights=rhs_weights, **kw)
+    out = _one_kernel("gather_tgmm", (lhs, rhs, sizes, offset, sort_idx, rhs_weights), composed,
+                      rows=sort_idx.shape[0], impl=impl, call=kernel_call, **static)
+    return vma.like(out, lhs)
 
 
 def _composed_saved(x, w_gate, w_up, sizes, offset, sort_idx, *, k, activation, impl):

@@ -32,7 +32,7 @@ from kernels.registry import TARGETS, AotCase, register_aot
 from kernels.triton import batching, schedule, tuning
 from kernels.triton.bridge import triton_call
 
-__all__ = ["gmm", "tgmm", "launch_gmm", "RowMap"]
+__all__ = ["gmm", "tgmm", "gather_tgmm", "launch_gmm", "RowMap"]
 
 _ZERO_FILL = tl.constexpr(schedule.ZERO_FILL)  # row-tile group ids the kernel reads (see schedule, invariant 3)
 
@@ -126,12 +126,36 @@ def _gmm_kernel(lhs_ptr, rhs_ptr, tiles_ptr, sort_idx_ptr, w_ptr, out_ptr,
 
 
 @triton.jit
-def _tgmm_kernel(lhs_ptr, rhs_ptr, bounds_ptr, out_ptr,
+def _tgmm_rows(ptr, rows, cols, WIDTH: tl.constexpr, GATHER: tl.constexpr, sort_idx_ptr, TOP_K: tl.constexpr,
+               NUM_SLOTS: tl.constexpr):
+    """Pointers to the ``rows`` (sorted order) of a TGMM operand [*, WIDTH] at ``cols``; with GATHER the operand is
+    in token order and row ``r`` reads ``ptr[sort_idx[r] // TOP_K]`` (rows and slots clamped into their buffers)."""
+    if GATHER:
+        slots = tl.load(sort_idx_ptr + tl.minimum(rows, NUM_SLOTS - 1))
+        src = (tl.minimum(tl.maximum(slots, 0), NUM_SLOTS - 1) // TOP_K).to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
+    return ptr + src[:, None] * WIDTH + cols[None, :]
+
+
+@triton.jit
+def _tgmm_weighted(b, rows, sort_idx_ptr, w_ptr, NUM_SLOTS: tl.constexpr):
+    """b [BM, BN] rows scaled by the slot weight ``w[sort_idx[row]]`` in f32, back in b's dtype."""
+    slots = tl.minimum(tl.maximum(tl.load(sort_idx_ptr + tl.minimum(rows, NUM_SLOTS - 1)), 0), NUM_SLOTS - 1)
+    return (b.to(tl.float32) * tl.load(w_ptr + slots)[:, None]).to(b.dtype)
+
+
+@triton.jit
+def _tgmm_kernel(lhs_ptr, rhs_ptr, bounds_ptr, sort_idx_ptr, w_ptr, out_ptr,
                  K: tl.constexpr, N: tl.constexpr, NUM_GROUPS: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                 GATHER_LHS: tl.constexpr, GATHER_RHS: tl.constexpr, WEIGHTED_RHS: tl.constexpr,
+                 TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr):
     """One BK x BN tile of ``out[g] = lhs[rows of g].T @ rhs[rows of g]``, reducing the group's rows BM at a time:
     an unmasked steady-state loop over the full chunks, then one masked tail chunk. Groups come longest first
-    (``schedule.tgmm_group_bounds``)."""
+    (``schedule.tgmm_group_bounds``). Row maps (constexpr, all False for plain ``tgmm``): GATHER_LHS / GATHER_RHS
+    read that operand in token order through ``sort_idx // TOP_K`` (``_tgmm_rows``), WEIGHTED_RHS scales the rhs
+    rows by ``w[sort_idx[row]]`` (``w`` in slot order)."""
     tiles_k = tl.cdiv(K, BK)
     tiles_per_group = tiles_k * tl.cdiv(N, BN)
     pid = tl.program_id(0)
@@ -145,18 +169,31 @@ def _tgmm_kernel(lhs_ptr, rhs_ptr, bounds_ptr, out_ptr,
     offs_n = tile_n * BN + tl.arange(0, BN)
     ks = offs_k % K if K % BK != 0 else offs_k  # wrapped: loads stay in bounds, stores are masked
     ns = offs_n % N if N % BN != 0 else offs_n
-    a_ptrs = lhs_ptr + start.to(tl.int64) * K + offs_m[:, None] * K + ks[None, :]
-    b_ptrs = rhs_ptr + start.to(tl.int64) * N + offs_m[:, None] * N + ns[None, :]
+    rows = start + offs_m
+    a_ptrs = _tgmm_rows(lhs_ptr, rows, ks, K, GATHER_LHS, sort_idx_ptr, TOP_K, NUM_SLOTS)
+    b_ptrs = _tgmm_rows(rhs_ptr, rows, ns, N, GATHER_RHS, sort_idx_ptr, TOP_K, NUM_SLOTS)
     acc = tl.zeros((BK, BN), dtype=tl.float32)
     full_chunks = (end - start) // BM
     for _ in range(0, full_chunks):  # every row of the chunk is in the group: no mask
-        acc = tl.dot(tl.trans(tl.load(a_ptrs)), tl.load(b_ptrs), acc, input_precision="ieee")
-        a_ptrs += BM * K
-        b_ptrs += BM * N
+        b = tl.load(b_ptrs)
+        if WEIGHTED_RHS:
+            b = _tgmm_weighted(b, rows, sort_idx_ptr, w_ptr, NUM_SLOTS)
+        acc = tl.dot(tl.trans(tl.load(a_ptrs)), b, acc, input_precision="ieee")
+        rows += BM
+        if GATHER_LHS:
+            a_ptrs = _tgmm_rows(lhs_ptr, rows, ks, K, True, sort_idx_ptr, TOP_K, NUM_SLOTS)
+        else:
+            a_ptrs += BM * K
+        if GATHER_RHS:
+            b_ptrs = _tgmm_rows(rhs_ptr, rows, ns, N, True, sort_idx_ptr, TOP_K, NUM_SLOTS)
+        else:
+            b_ptrs += BM * N
     rows_left = end - start - full_chunks * BM
     if rows_left > 0:  # the tail: rows past the group's end are zero
         a = tl.load(a_ptrs, mask=offs_m[:, None] < rows_left, other=0.0)
         b = tl.load(b_ptrs, mask=offs_m[:, None] < rows_left, other=0.0)
+        if WEIGHTED_RHS:
+            b = _tgmm_weighted(b, rows, sort_idx_ptr, w_ptr, NUM_SLOTS)
         acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
     out_ptrs = out_ptr + group.to(tl.int64) * (K * N) + offs_k[:, None] * N + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
@@ -242,12 +279,38 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, config=N
 def _tgmm_call(lhs, rhs, bounds, *, out_dtype, cfg):
     """The ``_tgmm_kernel`` launch over precomputed group bounds int32[3, G_local] (``schedule.tgmm_group_bounds``:
     local group, start, end; longest first) -> [G_local, K, N]."""
+    unused = jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32)
+    return _launch_tgmm(lhs, rhs, bounds, *unused, out_dtype=out_dtype, cfg=cfg, **_PLAIN_TGMM_ROWS)
+
+
+_PLAIN_TGMM_ROWS = dict(GATHER_LHS=False, GATHER_RHS=False, WEIGHTED_RHS=False, TOP_K=1, NUM_SLOTS=1)
+
+
+def _launch_tgmm(lhs, rhs, bounds, sort_idx, weights, *, out_dtype, cfg, **row_maps):
     k, n, num_groups = lhs.shape[1], rhs.shape[1], bounds.shape[1]
     grid = num_groups * triton.cdiv(k, cfg.block_k) * triton.cdiv(n, cfg.block_n)
     return triton_call(
-        lhs, rhs, bounds.reshape(-1), kernel=_tgmm_kernel,
+        lhs, rhs, bounds.reshape(-1), sort_idx, weights, kernel=_tgmm_kernel,
         out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), grid=(grid,), name="moe_tgmm",
-        K=k, N=n, NUM_GROUPS=num_groups, **_launch_options(cfg))
+        K=k, N=n, NUM_GROUPS=num_groups, **row_maps, **_launch_options(cfg))
+
+
+def gather_tgmm(lhs, rhs, group_sizes, group_offset, sort_idx, k, *, num_groups, out_dtype, gather_lhs,
+                gather_rhs, rhs_weights=None, config=None):
+    """``tgmm`` whose operands may be read in token order: lhs [T,K] with ``gather_lhs`` (else [M,K]), rhs [T,N]
+    with ``gather_rhs`` (else [M,N]), sort_idx [M = T*k]: sorted row ``i`` of a gathered operand is its row
+    ``sort_idx[i] // k``; ``rhs_weights`` [T,k] (with ``gather_rhs``) scales rhs row ``i`` by
+    ``rhs_weights.flat[sort_idx[i]]`` -> [G_local, K, N]. No gathered copy is built. (No batching rule: under
+    ``jax.vmap`` callers use the composition, ``moe_ops``.)"""
+    m = sort_idx.shape[0]
+    kdim, n = lhs.shape[1], rhs.shape[1]
+    cfg = config or tuning.pick_config("tgmm", m, kdim, n, num_groups, lhs.dtype)
+    bounds = schedule.tgmm_group_bounds(group_sizes, group_offset, num_groups)
+    weighted = rhs_weights is not None
+    weights = rhs_weights.reshape(-1).astype(jnp.float32) if weighted else jnp.zeros((1,), jnp.float32)
+    return _launch_tgmm(lhs, rhs, bounds, sort_idx.astype(jnp.int32), weights, out_dtype=out_dtype, cfg=cfg,
+                        GATHER_LHS=bool(gather_lhs), GATHER_RHS=bool(gather_rhs), WEIGHTED_RHS=weighted,
+                        TOP_K=int(k), NUM_SLOTS=m)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,7 +330,9 @@ def _aot_case(name, fn, dtype, cfg, backend, config_name, out_dtype=None, **cons
                          w_ptr="*fp32", out_ptr=f"*{out_dtype or dtype}")
         constexprs = {**_PLAIN_ROWS, **constexprs}
     else:
-        signature = dict(lhs_ptr=f"*{dtype}", rhs_ptr=f"*{dtype}", bounds_ptr="*i32", out_ptr=f"*{out_dtype or dtype}")
+        signature = dict(lhs_ptr=f"*{dtype}", rhs_ptr=f"*{dtype}", bounds_ptr="*i32", sort_idx_ptr="*i32",
+                         w_ptr="*fp32", out_ptr=f"*{out_dtype or dtype}")
+        constexprs = {**_PLAIN_TGMM_ROWS, **constexprs}
     constexprs.update(BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m)
     signature.update({c: "constexpr" for c in constexprs})
     return AotCase(name, config_name, fn, signature, constexprs, cfg.compile_options(backend))
@@ -324,4 +389,14 @@ def fused_aot_cases(target: str):
                 cases.append(_aot_case(name, _gmm_kernel, dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}",
                                        out_dtype=out_dtype, K=k, N=n, TRANSPOSE_RHS=transpose, NUM_ROW_TILES=tiles,
                                        TOP_K=_AOT_TOP_K, NUM_SLOTS=_AOT_M, **flags))
+        for entry, cfg in tuning.shipped(target, "tgmm", dtype).items():
+            for name, flags in _GATHER_TGMM_VARIANTS.items():
+                cases.append(_aot_case(name, _tgmm_kernel, dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}",
+                                       K=k, N=n, NUM_GROUPS=_AOT_G, TOP_K=_AOT_TOP_K, NUM_SLOTS=_AOT_M, **flags))
     return cases
+
+
+# gather_tgmm as the fused SwiGLU backward uses it: x gathered for dw_gate / dw_up, dout gathered and weighted for
+# dw_down.
+_GATHER_TGMM_VARIANTS = {"tgmm_gather_lhs": dict(GATHER_LHS=True),
+                         "tgmm_gather_rhs_weighted": dict(GATHER_RHS=True, WEIGHTED_RHS=True)}
