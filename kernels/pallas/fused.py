@@ -121,14 +121,17 @@ def fused_tiling(tiling, m, k, n, num_local, in_dtype, out_dtype, *, gather, chi
     return t
 
 
-def fused_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, out_spec, out_shape, scratch, interpret, cost):
-    """The gmm grid ``(n, step, k)`` with the schedule prefetched and the f32 accumulator as first scratch."""
+def fused_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, out_spec, out_shape, scratch, interpret, cost,
+               accs=1):
+    """The gmm grid ``(n, step, k)`` (n over the columns of the first output) with the schedule prefetched and
+    ``accs`` f32 ``[tm, tn]`` accumulators as first scratch."""
+    cols = (out_shape[0] if isinstance(out_shape, (list, tuple)) else out_shape).shape[1]
     return pl.pallas_call(
         kernel, out_shape=out_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, in_specs=in_specs, out_specs=out_spec,
-            grid=(pl.cdiv(out_shape.shape[1], t.tn), num_steps, tiles_k),
-            scratch_shapes=[pltpu.VMEM((t.tm, t.tn), jnp.float32)] + scratch),
+            grid=(pl.cdiv(cols, t.tn), num_steps, tiles_k),
+            scratch_shapes=[pltpu.VMEM((t.tm, t.tn), jnp.float32)] * accs + scratch),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=interpret, cost_estimate=cost)(sched, *operands)
 

@@ -82,14 +82,14 @@ def _swiglu(x, w_gate, w_up, group_sizes, group_offset, sort_idx, *, top_k, acti
     in_specs = [pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY), rhs_spec, rhs_spec]
     kernel = functools.partial(_swiglu_kernel, top_k=top_k, num_rows=m, tiles_k=tiles_k, k_rem=kdim % t.tk,
                                activation=activation)
-    scratch = [pltpu.VMEM((t.tm, t.tn), jnp.float32)] + gather_scratch(t, kdim, x.dtype)
+    scratch = gather_scratch(t, kdim, x.dtype)
     item = jnp.dtype(x.dtype).itemsize
     cost = pl.CostEstimate(flops=4 * m * kdim * n, transcendentals=m * n,
                            bytes_accessed=item * (m * kdim + 2 * num_local * kdim * n)
                            + jnp.dtype(out_dtype).itemsize * m * n)
     return fused_call(kernel, sched, num_steps, tiles_k, t, [x, _blocked(sort_idx, t.tm), w_gate, w_up], in_specs,
                       pl.BlockSpec((t.tm, t.tn), _out_index), jax.ShapeDtypeStruct((m, n), out_dtype), scratch,
-                      interpret, cost)
+                      interpret, cost, accs=2)
 
 
 @tpu_or_interpret
