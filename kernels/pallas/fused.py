@@ -28,8 +28,8 @@ Both run ``kernels.pallas.gmm._gmm_kernel`` over the ``M = T*k`` expert-sorted r
 VMEM (``Footprint``): gather holds two ``[tm, cdiv(K, tk)*tk]`` x-dtype tiles per gathered source besides the
 pipelined rhs / out blocks and f32 accumulators (``tm`` is halved until one buffer of all sources takes at most
 ``GATHER_TILE_BYTES``, then ``tn`` / ``tm`` until the call fits); scatter holds a second ``[tm, tn]`` out-dtype tile.
-Scatter needs ``tn | N`` (whole row-segment DMAs): the heuristic falls back to ``tn = N`` otherwise. ``sort_idx`` entries are clamped, so no DMA ever
-leaves its buffer even for a non-permutation.
+Scatter needs ``tn | N`` (whole row-segment DMAs): the heuristic falls back to ``tn = N`` otherwise. ``sort_idx``
+entries are clamped, so no DMA ever leaves its buffer even for a non-permutation.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from kernels.pallas.fused import (Footprint, _rhs_spec, accumulate, fused_call, fused_tiling, gather_scratch,
                                   gathered_lhs, store_group_rows)
