@@ -9,7 +9,7 @@ Both run ``kernels.pallas.gmm._gmm_kernel`` over the ``M = T*k`` expert-sorted r
   double-buffered row-DMA pipeline over the schedule's fresh row tiles (the first COMPUTE step, ``k == 0``, of a tile
   not computed by the previous step). Local rows are contiguous, so the COMPUTE tiles of one column block are the
   consecutive tiles ``first..last`` (``_local_tiles``) and tile ``j`` lives in buffer ``j % 2``. At the fresh step of
-  tile ``j``: if ``j == first`` its ``tm`` entries of ``sort_idx`` are copied into SMEM slot ``j % 2`` and one row
+  tile ``j``: if ``j == first`` its ``tm`` entries of ``sort_idx`` are copied into SMEM buffer ``j % 2`` and one row
   DMA per live row (``j*tm + r < M``) starts, bringing ``x[slot // k, :]`` into a ``[tm, K]`` VMEM tile (cold start);
   then tile ``j``'s DMAs are waited for; then, if ``j < last``, tile ``j+1``'s indices and row DMAs are started into
   the other buffer, so they run while tile ``j`` computes (over all its K blocks and group visits). The pipeline
@@ -144,16 +144,16 @@ def _local_tiles(sched, tm):
     return lax.div(sched.starts[0], tm), lax.div(sched.ends[sched.ends.shape[0] - 1] - 1, tm)
 
 
-def _tile_dmas(srcs, bufs, idx_smem, sem, tile, slot, *, top_k, num_rows):
-    """(start, wait): the row DMAs ``bufs[j][slot, r] = srcs[j][idx_smem[slot, r] // top_k]`` of the live rows of
-    row tile ``tile``, all on ``sem`` (the waits rebuild the same descriptors)."""
+def _tile_dmas(srcs, bufs, idx_smem, sem, tile, half, *, top_k, num_rows):
+    """(start, wait): the row DMAs ``bufs[j][half, r] = srcs[j][idx_smem[half, r] // top_k]`` of the live rows of
+    row tile ``tile`` into buffer ``half``, all on ``sem`` (the waits rebuild the same descriptors)."""
     tm = bufs[0].shape[1]
 
     def copies(r):
-        row = lax.div(jnp.clip(idx_smem[slot, r], 0, num_rows - 1), top_k)
+        row = lax.div(jnp.clip(idx_smem[half, r], 0, num_rows - 1), top_k)
         for src, buf in zip(srcs, bufs):
             cols = src.shape[1]
-            dst = buf.at[slot, pl.ds(r, 1)] if cols == buf.shape[2] else buf.at[slot, pl.ds(r, 1), pl.ds(0, cols)]
+            dst = buf.at[half, pl.ds(r, 1)] if cols == buf.shape[2] else buf.at[half, pl.ds(r, 1), pl.ds(0, cols)]
             yield pltpu.make_async_copy(src.at[pl.ds(row, 1)], dst, sem)
 
     def run(method):
@@ -176,7 +176,7 @@ def gathered_lhs(sched, srcs, idx_hbm, bufs, idx_smem, sems, *, top_k, num_rows,
     tm, kp = bufs[0].shape[1], bufs[0].shape[2]
     tk = kp // tiles_k
     tile = sched.data_tiles[s]
-    slot = lax.rem(tile, 2)
+    half = lax.rem(tile, 2)
     prev = jnp.maximum(s - 1, 0)
     fresh = (s == 0) | (sched.data_tiles[prev] != tile) | ~_has(sched.flags[prev], COMPUTE)
     first, last = _local_tiles(sched, tm)
@@ -184,23 +184,23 @@ def gathered_lhs(sched, srcs, idx_hbm, bufs, idx_smem, sems, *, top_k, num_rows,
 
     @pl.when(_has(sched.flags[s], COMPUTE) & (kb == 0) & fresh)
     def _pipeline():
-        start, wait = dmas(sems.at[1 + slot], tile, slot)
+        start, wait = dmas(sems.at[1 + half], tile, half)
 
         @pl.when(tile == first)
         def _cold_start():
-            _load_indices(idx_hbm, idx_smem.at[slot], tile, sems.at[0])
+            _load_indices(idx_hbm, idx_smem.at[half], tile, sems.at[0])
             start()
 
         wait()
 
         @pl.when(tile < last)
         def _prefetch_next():
-            _load_indices(idx_hbm, idx_smem.at[1 - slot], tile + 1, sems.at[0])
-            dmas(sems.at[2 - slot], tile + 1, 1 - slot)[0]()
+            _load_indices(idx_hbm, idx_smem.at[1 - half], tile + 1, sems.at[0])
+            dmas(sems.at[2 - half], tile + 1, 1 - half)[0]()
 
     if tiles_k == 1:
-        return [buf.at[slot] for buf in bufs]
-    return [buf.at[slot, :, pl.ds(pl.multiple_of(kb * tk, tk), tk)] for buf in bufs]
+        return [buf.at[half] for buf in bufs]
+    return [buf.at[half, :, pl.ds(pl.multiple_of(kb * tk, tk), tk)] for buf in bufs]
 
 
 def accumulate(sched, accs, products, *, tiles_k, k_rem):
