@@ -15,6 +15,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.pallas import fused as pf, swiglu_bwd as pb, tiling
+from kernels.platform import interpret_mode
 from moe_ops import reference as R
 from tests.helpers import TOL, assert_close, keys, randn
 
@@ -165,9 +166,11 @@ def test_bf16(routing, off, g_local):
 
 @pytest.mark.slow
 def test_heuristic_tiling_and_symbolic_rows_composition():
-    """The heuristic tiling (whole-dim blocks) and the composition a symbolic M runs (called directly here)."""
+    """The heuristic tiling (whole-dim blocks) through the platform dispatch (``interpret=None`` on CPU: interpret
+    mode, here the poisoned one), and the composition a symbolic M runs (called directly here)."""
     ops, sizes, sort_idx = make_case("empty_groups", seed=7)
-    run_and_check(ops, sizes, sort_idx, TOP_K, t=None)
+    with interpret_mode(POISON):
+        run_and_check(ops, sizes, sort_idx, TOP_K, t=None, interpret=None)
     args = [ops[n] for n in ("x", "dout", "w_gate", "w_up", "w_down")]
     got = pb._composed(*args, sizes, jnp.array([1], jnp.int32), sort_idx, ops["w_sorted"], TOP_K,
                        activation="gelu", tiling=None, interpret=POISON)
