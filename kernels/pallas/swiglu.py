@@ -9,7 +9,7 @@ without ``sort_idx`` the identity row map). Each K step multiplies the one lhs b
 (silu, gelu (tanh form, = ``jax.nn.gelu``), relu) and writes only the group's rows of ``h`` (zeros for rows of no
 local group, as in gmm). VMEM (``FOOTPRINT``): the two gathered x buffers, two double-buffered rhs blocks, two f32
 accumulators (``fused_tiling`` halves the gmm heuristic's ``tn`` when it is a multiple of 256, so the last two take
-one gmm tile's, then fits the budget).
+one gmm tile's, then halves ``tn`` or ``tm`` until the call fits the budget).
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ def _silu(g):
     return g / (1.0 + jnp.exp(-g))
 
 
+_GELU_C, _GELU_A = 0.7978845608028654, 0.044715   # sqrt(2 / pi) and the cubic coefficient of the tanh form
+
+
 def _gelu(g):
-    return 0.5 * g * (1.0 + jnp.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+    return 0.5 * g * (1.0 + jnp.tanh(_GELU_C * (g + _GELU_A * g * g * g)))
 
 
 ACTIVATIONS = {"silu": _silu, "gelu": _gelu, "relu": lambda g: jnp.maximum(g, 0.0)}
@@ -47,7 +50,7 @@ def act_and_grad(g, activation):
         sig = 1.0 / (1.0 + jnp.exp(-g))
         return g * sig, sig * (1.0 + g * (1.0 - sig))
     if activation == "gelu":
-        c, a = 0.7978845608028654, 0.044715
+        c, a = _GELU_C, _GELU_A
         th = jnp.tanh(c * (g + a * g * g * g))
         return 0.5 * g * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * c * (1.0 + 3.0 * a * g * g)
     return jnp.maximum(g, 0.0), (g > 0).astype(jnp.float32)
