@@ -88,6 +88,31 @@ def test_strict_interpreter_gather_gmm(strict_interpreter):
     assert_close(out, ref, 1e-5, "strict weighted gather_gmm")
 
 
+@pytest.mark.parametrize("routing,off", [("uneven_dropped", 1), pytest.param("one_expert", 0, marks=pytest.mark.slow)])
+def test_strict_interpreter_gather_pipeline(routing, off, strict_interpreter):
+    """The double-buffered row DMAs of ``gathered_lhs``: 8-row tiles (five consecutive row tiles, the last partial,
+    each prefetched while the previous computes; tiles shared by two groups fetched once), two K blocks, three column
+    blocks (the pipeline restarts at each: after the last step of one block the next fresh tile is step 0 of the
+    next), and with ``off = 1`` a cold start past row tile 0 (group 0's rows are not local)."""
+    ids, sizes, sort_idx = _routed(routing, 41)
+    k1, k2 = keys(41, 2)
+    x, rhs = randn(k1, (T, K)), _rhs(k2, E, False, jnp.float32, K, 384)
+    out = _gather(x, rhs, sizes, off, sort_idx, interpret=strict_interpreter, t=tiling.Tiling(8, 128, 128))
+    ref = R.gmm(R.permute(x, ids, E)[0], rhs, sizes, group_offset=off)
+    assert_close(out, ref, 1e-5, f"pipelined gather_gmm {routing}")
+    if off:
+        assert int(sizes[0]) >= 8, "group 0 should fill the first row tile (cold start past tile 0)"
+
+
+def test_gather_vmem_counts_both_buffers():
+    """``fused_vmem_bytes`` of a gather counts two [tm, Kp] buffers per gathered source (Kp: K rounded up to tk)."""
+    t, dt = tiling.Tiling(128, 512, 256), jnp.bfloat16
+    base = pf.fused_vmem_bytes(t, 1000, dt, dt, gather=True, footprint=pf.Footprint(sources=0))
+    assert pf.fused_vmem_bytes(t, 1000, dt, dt, gather=True) - base == 2 * 128 * 1024 * 2
+    two = pf.fused_vmem_bytes(t, 1000, dt, dt, gather=True, footprint=pf.Footprint(sources=2))
+    assert two - base == 4 * 128 * 1024 * 2
+
+
 def test_strict_interpreter_scatter_gmm(strict_interpreter):
     """No out-of-bounds reads, no races, every slot written: the last shard, transposed rhs, two column blocks."""
     _, sizes, sort_idx = _routed("uneven_dropped", 22)

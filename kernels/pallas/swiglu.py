@@ -7,82 +7,66 @@ from token-order x by ``kernels.pallas.fused.gathered_lhs`` (row DMAs into a VME
 without ``sort_idx`` the identity row map). Each K step multiplies the one lhs block by the ``w_gate`` and the
 ``w_up`` block (as given, [G_local, K, F]) into two f32 accumulators; the store applies the activation in f32
 (silu, gelu (tanh form, = ``jax.nn.gelu``), relu) and writes only the group's rows of ``h`` (zeros for rows of no
-local group, as in gmm). VMEM: the gathered x tile, two double-buffered rhs blocks, two f32 accumulators (the
-heuristic halves the gmm heuristic's ``tn`` when it is a multiple of 256, so the last two take one gmm tile's).
+local group, as in gmm). VMEM (``FOOTPRINT``): the two gathered x buffers, two double-buffered rhs blocks, two f32
+accumulators (``fused_tiling`` halves the gmm heuristic's ``tn`` when it is a multiple of 256, so the last two take
+one gmm tile's, then halves ``tn`` or ``tm`` until the call fits the budget).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
-from kernels.pallas.fused import _rhs_spec, fused_call, fused_tiling, gather_scratch, gathered_lhs
+from kernels.pallas.fused import (Footprint, _rhs_spec, accumulate, fused_call, fused_tiling, gather_scratch,
+                                  gathered_lhs, store_group_rows)
 from kernels.platform import tpu_or_interpret
-from kernels.pallas.gmm import COMPUTE, FIRST, STORE, _has, _keep, _row_mask, gmm_schedule
+from kernels.pallas.gmm import STORE, _has, gmm_schedule
 from kernels.pallas.sort import _blocked
 
-__all__ = ["swiglu_gmm", "ACTIVATIONS"]
+__all__ = ["swiglu_gmm", "ACTIVATIONS", "act_and_grad"]
 
 
 def _silu(g):
     return g / (1.0 + jnp.exp(-g))
 
 
+_GELU_C, _GELU_A = 0.7978845608028654, 0.044715   # sqrt(2 / pi) and the cubic coefficient of the tanh form
+
+
 def _gelu(g):
-    return 0.5 * g * (1.0 + jnp.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+    return 0.5 * g * (1.0 + jnp.tanh(_GELU_C * (g + _GELU_A * g * g * g)))
 
 
 ACTIVATIONS = {"silu": _silu, "gelu": _gelu, "relu": lambda g: jnp.maximum(g, 0.0)}
+FOOTPRINT = Footprint(sources=1, rhs=2, outs=1, accs=2)   # the gathered x, w_gate / w_up blocks, h, gate / up
+
+
+def act_and_grad(g, activation):
+    """``(act(g), act'(g))`` of f32 ``g``, the derivative written out (= ``moe_ops.reference.activation_grad``)."""
+    if activation == "silu":
+        sig = 1.0 / (1.0 + jnp.exp(-g))
+        return g * sig, sig * (1.0 + g * (1.0 - sig))
+    if activation == "gelu":
+        c, a = _GELU_C, _GELU_A
+        th = jnp.tanh(c * (g + a * g * g * g))
+        return 0.5 * g * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * c * (1.0 + 3.0 * a * g * g)
+    return jnp.maximum(g, 0.0), (g > 0).astype(jnp.float32)
 
 
 def _swiglu_kernel(sched, x_hbm, idx_hbm, wg_ref, wu_ref, out_ref, acc_g, acc_u, xtile, idx_smem, sems, *, top_k,
                    num_rows, tiles_k, k_rem, activation):
     s, kb = pl.program_id(1), pl.program_id(2)
-    flags = sched.flags[s]
-    lhs_ref = gathered_lhs(sched, x_hbm, idx_hbm, xtile, idx_smem, sems, top_k=top_k, num_rows=num_rows,
-                           tiles_k=tiles_k)
+    lhs_ref, = gathered_lhs(sched, [x_hbm], idx_hbm, [xtile], idx_smem, sems, top_k=top_k, num_rows=num_rows,
+                            tiles_k=tiles_k)
+    accumulate(sched, [acc_g, acc_u], [(lhs_ref, wg_ref, False), (lhs_ref, wu_ref, False)], tiles_k=tiles_k,
+               k_rem=k_rem)
 
-    @pl.when(_has(flags, COMPUTE))
-    def _accumulate():
-        @pl.when(kb == 0)
-        def _zero():
-            acc_g[...] = jnp.zeros_like(acc_g)
-            acc_u[...] = jnp.zeros_like(acc_u)
-
-        lhs, wg, wu = lhs_ref[...], wg_ref[...], wu_ref[...]
-        if k_rem:  # the last K block is partial: zero the columns past K in every operand
-            limit = jnp.where(kb == tiles_k - 1, k_rem, lhs.shape[1])
-            lhs = _keep(lax.broadcasted_iota(jnp.int32, lhs.shape, 1) < limit, lhs)
-            wg = _keep(lax.broadcasted_iota(jnp.int32, wg.shape, 0) < limit, wg)
-            wu = _keep(lax.broadcasted_iota(jnp.int32, wu.shape, 0) < limit, wu)
-        dims = (((1,), (0,)), ((), ()))
-        acc_g[...] += lax.dot_general(lhs, wg, dims, preferred_element_type=jnp.float32)
-        acc_u[...] += lax.dot_general(lhs, wu, dims, preferred_element_type=jnp.float32)
-
-    @pl.when((kb == tiles_k - 1) & _has(flags, STORE))
+    @pl.when((kb == tiles_k - 1) & _has(sched.flags[s], STORE))
     def _store():
-        @pl.when(~_has(flags, COMPUTE))
-        def _no_local_rows():
-            out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
-
-        @pl.when(_has(flags, COMPUTE))
-        def _group_rows():
-            mask = _row_mask(sched, s, sched.m_tiles[s], out_ref.shape)
-            h = ACTIVATIONS[activation](acc_g[...]) * acc_u[...]
-
-            @pl.when(_has(flags, FIRST))
-            def _first_visit():
-                out_ref[...] = jnp.where(mask, h, 0.0).astype(out_ref.dtype)
-
-            @pl.when(~_has(flags, FIRST))
-            def _revisit():
-                out_ref[...] = jnp.where(mask, h, out_ref[...].astype(jnp.float32)).astype(out_ref.dtype)
+        store_group_rows(sched, s, [out_ref], lambda: [ACTIVATIONS[activation](acc_g[...]) * acc_u[...]])
 
 
 def _out_index(n, s, k, sched):
@@ -93,23 +77,21 @@ def _out_index(n, s, k, sched):
 def _swiglu(x, w_gate, w_up, group_sizes, group_offset, sort_idx, *, top_k, activation, out_dtype, tiling,
             interpret):
     (m,), kdim, (num_local, _, n) = sort_idx.shape, x.shape[1], w_gate.shape
-    t = fused_tiling(tiling, m, kdim, n, num_local, x.dtype, out_dtype, gather=True)
-    if tiling is None and t.tn % 256 == 0:  # two rhs blocks / accumulators of tn/2 take the VMEM of one gmm tile
-        t = dataclasses.replace(t, tn=t.tn // 2)
+    t = fused_tiling(tiling, m, kdim, n, num_local, x.dtype, out_dtype, gather=True, footprint=FOOTPRINT)
     tiles_k = pl.cdiv(kdim, t.tk)
     sched, num_steps = gmm_schedule(group_sizes, group_offset, num_local, m, t.tm, tiles_k)
     rhs_spec = _rhs_spec(t, False)
     in_specs = [pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY), rhs_spec, rhs_spec]
     kernel = functools.partial(_swiglu_kernel, top_k=top_k, num_rows=m, tiles_k=tiles_k, k_rem=kdim % t.tk,
                                activation=activation)
-    scratch = [pltpu.VMEM((t.tm, t.tn), jnp.float32)] + gather_scratch(t, kdim, x.dtype)
+    scratch = gather_scratch(t, kdim, x.dtype)
     item = jnp.dtype(x.dtype).itemsize
     cost = pl.CostEstimate(flops=4 * m * kdim * n, transcendentals=m * n,
                            bytes_accessed=item * (m * kdim + 2 * num_local * kdim * n)
                            + jnp.dtype(out_dtype).itemsize * m * n)
     return fused_call(kernel, sched, num_steps, tiles_k, t, [x, _blocked(sort_idx, t.tm), w_gate, w_up], in_specs,
                       pl.BlockSpec((t.tm, t.tn), _out_index), jax.ShapeDtypeStruct((m, n), out_dtype), scratch,
-                      interpret, cost)
+                      interpret, cost, accs=2)
 
 
 @tpu_or_interpret

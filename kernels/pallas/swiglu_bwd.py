@@ -1,0 +1,139 @@
+"""Backward of the routed SwiGLU + weighted down projection up to the row level in one Pallas kernel (the optional
+``swiglu_down_bwd`` of the ``moe_ops.backend`` interface; twin ``moe_ops.reference.swiglu_down_bwd``, its contract).
+
+The gmm schedule and grid ``(n, step, k)`` of ``kernels.pallas.gmm`` (invariants G1-G5; ``n`` over F blocks, ``k``
+over D blocks). The x and dout rows of a row tile are gathered from token order through ``sort_idx // top_k`` by
+``kernels.pallas.fused.gathered_lhs`` (two sources on one double-buffered row-DMA pipeline, sharing the SMEM indices).
+Each K step adds, in three f32 accumulators, ``gate = x @ w_gate[g]``, ``up = x @ w_up[g]`` and ``a = dout @
+w_down[g]^T`` (the ``[tn, tk]`` block of ``w_down [G_local, F, D]`` read as stored, contracted on its last dim). The
+store (last k) works in f32: ``act, act' = act_and_grad(gate)``, ``dh = w_sorted * a``, ``dgate = dh * up * act'``,
+``dup = dh * act``, ``h = act * up`` (written in x's dtype) and the row partial ``sum_{f in block} h * a`` (columns
+past F masked) into ``dw_partial [tiles_n, M, 1]`` f32; ``dweights_sorted = dw_partial.sum(0)`` afterwards in XLA
+(fixed order, deterministic, no atomics). All four outputs go through ``store_group_rows``: a tile shared by two
+groups is visited twice and each visit writes only its group's rows (the first also zeroes the others); tiles with
+no local rows are written as zeros, so rows of non-local groups / beyond ``sum(group_sizes)`` are zero everywhere.
+``gate`` / ``up`` / ``a`` never leave VMEM.
+
+VMEM (``FOOTPRINT``): two gathered sources x two buffers, three double-buffered rhs blocks, three output blocks,
+three f32 accumulators, the ``w_sorted`` and ``dw_partial`` row blocks; ``fused_tiling`` shrinks ``tn`` / ``tm`` to
+fit. A symbolic M (shape-polymorphic ``jax.export``) runs the composition (row gathers, three plain GMMs in f32, the
+same epilogue in XLA), whose kernels run at M's static bound.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels.pallas.fused import (Footprint, _rhs_spec, _row_scale_index, accumulate, fused_call, fused_tiling,
+                                  gather_scratch, gathered_lhs, store_group_rows)
+from kernels.pallas.gmm import STORE, _has, gmm_schedule
+from kernels.pallas.gmm import gmm as plain_gmm
+from kernels.pallas.sort import _blocked, gather_rows
+from kernels.pallas.swiglu import ACTIVATIONS, act_and_grad
+from kernels.platform import tpu_or_interpret
+
+__all__ = ["swiglu_down_bwd", "FOOTPRINT"]
+
+# x / dout gathered, w_gate / w_up / w_down blocks, dgate / dup / h blocks, gate / up / a, w_sorted / dw_partial rows
+FOOTPRINT = Footprint(sources=2, rhs=3, outs=3, accs=3, rows=2)
+
+
+def _epilogue(gate, up, a, w, activation, col_mask=None):
+    """f32 gate / up / a [rows, f], w [rows, 1] -> [dgate, dup, h, sum_f h*a [rows, 1]] (f32); ``col_mask`` keeps
+    the columns past F (garbage of a partial block) out of the sum."""
+    act, dact = act_and_grad(gate, activation)
+    dh, h = a * w, act * up
+    ha = h * a if col_mask is None else jnp.where(col_mask, h * a, 0.0)
+    return [dh * up * dact, dh * act, h, jnp.sum(ha, axis=1, keepdims=True)]
+
+
+def _bwd_kernel(sched, x_hbm, dout_hbm, idx_hbm, wg_ref, wu_ref, wd_ref, w_ref, dgate_ref, dup_ref, h_ref, dwp_ref,
+                acc_g, acc_u, acc_a, xbuf, dbuf, idx_smem, sems, *, top_k, num_rows, tiles_k, k_rem, n_cols,
+                activation):
+    n, s, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    x_blk, d_blk = gathered_lhs(sched, [x_hbm, dout_hbm], idx_hbm, [xbuf, dbuf], idx_smem, sems, top_k=top_k,
+                                num_rows=num_rows, tiles_k=tiles_k)
+    accumulate(sched, [acc_g, acc_u, acc_a], [(x_blk, wg_ref, False), (x_blk, wu_ref, False), (d_blk, wd_ref, True)],
+               tiles_k=tiles_k, k_rem=k_rem)
+    tn = acc_g.shape[1]
+    col_mask = None
+    if n_cols % tn:  # a partial last F block: its columns past F are garbage
+        col_mask = lax.broadcasted_iota(jnp.int32, acc_g.shape, 1) < n_cols - n * tn
+
+    @pl.when((kb == tiles_k - 1) & _has(sched.flags[s], STORE))
+    def _store():
+        store_group_rows(sched, s, [dgate_ref, dup_ref, h_ref, dwp_ref],
+                         lambda: _epilogue(acc_g[...], acc_u[...], acc_a[...], w_ref[...], activation, col_mask))
+
+
+def _out_index(n, s, k, sched):
+    return sched.m_tiles[s], n
+
+
+def _partial_index(n, s, k, sched):
+    return n, sched.m_tiles[s], 0
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "activation", "tiling", "interpret"))
+def _swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, *, top_k,
+                     activation, tiling, interpret):
+    (m,), kdim, (num_local, _, n) = sort_idx.shape, x.shape[1], w_gate.shape
+    t = fused_tiling(tiling, m, kdim, n, num_local, x.dtype, x.dtype, gather=True, footprint=FOOTPRINT)
+    tiles_k, tiles_n = pl.cdiv(kdim, t.tk), pl.cdiv(n, t.tn)
+    sched, num_steps = gmm_schedule(group_sizes, group_offset, num_local, m, t.tm, tiles_k)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    in_specs = [any_spec, any_spec, any_spec, _rhs_spec(t, False), _rhs_spec(t, False), _rhs_spec(t, True),
+                pl.BlockSpec((t.tm, 1), _row_scale_index)]
+    operands = [x, dout, _blocked(sort_idx, t.tm), w_gate, w_up, w_down,
+                w_sorted.reshape(-1).astype(jnp.float32)[:, None]]
+    out_specs = [pl.BlockSpec((t.tm, t.tn), _out_index)] * 3 + [pl.BlockSpec((None, t.tm, 1), _partial_index)]
+    out_shape = ([jax.ShapeDtypeStruct((m, n), x.dtype)] * 3
+                 + [jax.ShapeDtypeStruct((tiles_n, m, 1), jnp.float32)])
+    kernel = functools.partial(_bwd_kernel, top_k=top_k, num_rows=m, tiles_k=tiles_k, k_rem=kdim % t.tk, n_cols=n,
+                               activation=activation)
+    item = jnp.dtype(x.dtype).itemsize
+    cost = pl.CostEstimate(flops=6 * m * kdim * n, transcendentals=m * n,
+                           bytes_accessed=item * (2 * m * kdim * tiles_n + 3 * num_local * kdim * n + 3 * m * n)
+                           + 4 * m * (1 + tiles_n))
+    dgate, dup, h, partial = fused_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, out_specs,
+                                        out_shape, gather_scratch(t, kdim, [x.dtype, dout.dtype]), interpret, cost,
+                                        accs=3)
+    return dgate, dup, h, jnp.sum(partial[:, :, 0], axis=0)
+
+
+def _composed(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, k, *, activation,
+              tiling, interpret):
+    """The same outputs from row gathers and three plain GMMs (f32 out) and the epilogue in XLA: rows outside local
+    groups have gate = up = a = 0, hence zero outputs."""
+    rows, drows = (gather_rows(v, sort_idx, k, interpret=interpret) for v in (x, dout))
+    kw = dict(out_dtype=jnp.float32, tiling=tiling, interpret=interpret)
+    gate = plain_gmm(rows, w_gate, group_sizes, group_offset, transpose_rhs=False, **kw)
+    up = plain_gmm(rows, w_up, group_sizes, group_offset, transpose_rhs=False, **kw)
+    a = plain_gmm(drows, w_down, group_sizes, group_offset, transpose_rhs=True, **kw)
+    dgate, dup, h, dw = _epilogue(gate, up, a, w_sorted.astype(jnp.float32)[:, None], activation)
+    return dgate.astype(x.dtype), dup.astype(x.dtype), h.astype(x.dtype), dw[:, 0]
+
+
+@tpu_or_interpret
+def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, k, *, activation,
+                    tiling=None, interpret=None):
+    """x / dout [T,D] (token order), w_gate / w_up [G_local,D,F], w_down [G_local,F,D], clamped group_sizes [G],
+    group_offset int32[1], sort_idx [M = T*k], w_sorted [M] f32 -> (dgate, dup, h [M,F] in x's dtype,
+    dweights_sorted [M] f32), as ``moe_ops.reference.swiglu_down_bwd``; rows outside local groups are zero.
+    ``tiling`` (tn: the F block, tk: the D block) / ``interpret`` as for ``kernels.pallas.gmm.gmm``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    m, f = sort_idx.shape[0], w_gate.shape[2]
+    if isinstance(m, int) and (m == 0 or x.shape[1] == 0 or f == 0 or w_gate.shape[0] == 0):
+        zeros = jnp.zeros((m, f), x.dtype)
+        return zeros, zeros, zeros, jnp.zeros((m,), jnp.float32)
+    args = (x, dout, w_gate, w_up, w_down, group_sizes, group_offset)
+    if not isinstance(m, int):  # symbolic rows (jax.export): the composition, as gather_gmm does
+        return _composed(*args, sort_idx, w_sorted, k, activation=activation, tiling=tiling, interpret=interpret)
+    return _swiglu_down_bwd(*args, sort_idx.astype(jnp.int32), w_sorted, top_k=int(k), activation=activation,
+                            tiling=tiling, interpret=interpret)
