@@ -191,3 +191,57 @@ def test_symbolic_rows_export_lowers_to_mosaic():
     fn = lambda *a: pb.swiglu_down_bwd(*a, k, activation="silu")
     text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
     assert "tpu_custom_call" in text and "callback" not in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saved mode (``swiglu_ffn``'s default): the forward kernel also writes gate / up, the backward kernel reads them.
+
+def _saved_mode(ops, sizes, sort_idx, off, activation, interpret):
+    from kernels.pallas import swiglu as ps  # noqa: PLC0415
+    offset = jnp.array([off], jnp.int32)
+    h, gate, up = ps.swiglu_gmm_saved(ops["x"], ops["w_gate"], ops["w_up"], sizes, offset, sort_idx, TOP_K,
+                                      activation=activation, out_dtype=ops["x"].dtype, tiling=T8,
+                                      interpret=interpret)
+    kw = dict(group_offset=off, preferred_element_type=jnp.float32)
+    rows = ops["x"][sort_idx // TOP_K]
+    for name, got, w in (("gate", gate, ops["w_gate"]), ("up", up, ops["w_up"])):
+        assert_close(got, R.gmm(rows, w, sizes, **kw), TOL[jnp.float32], f"saved {name}")
+    outs = pb.swiglu_down_bwd_saved(ops["dout"], ops["w_down"], gate, up, sizes, offset, sort_idx, ops["w_sorted"],
+                                    TOP_K, activation=activation, tiling=T8, interpret=interpret)
+    ref = R.swiglu_down_bwd(ops["x"], ops["dout"], ops["w_gate"], ops["w_up"], ops["w_down"], sizes, sort_idx,
+                            ops["w_sorted"], TOP_K, group_offset=off, activation=activation)
+    assert_close(h, ref[2], TOL[jnp.float32], "forward h")
+    outside = np.asarray(R._local_row_ids(sizes, sort_idx.shape[0], off, ops["w_gate"].shape[0])) < 0
+    for name, g, e in zip(NAMES, jax.block_until_ready(outs), ref):
+        assert g.shape == e.shape and g.dtype == e.dtype, name
+        assert_close(g, e, TOL[jnp.float32], f"saved {name}")
+        assert np.all(np.asarray(g)[outside] == 0), f"saved {name}: rows outside local groups"
+
+
+@pytest.mark.parametrize("routing,off,g_local", [("uneven_dropped", 3, 3),
+                                                 pytest.param("one_expert", 0, E, marks=pytest.mark.slow)])
+def test_saved_mode_parity(routing, off, g_local):
+    """gate / up written by the forward kernel, then the one-accumulator backward kernel reading them: the same
+    outputs as the recomputing kernel's twin (partial K / F blocks, shared tiles, a shard of experts)."""
+    ops, sizes, sort_idx = make_case(routing, g_local=g_local, seed=5)
+    _saved_mode(ops, sizes, sort_idx, off, "gelu", POISON)
+
+
+def test_saved_mode_strict_interpreter(strict_interpreter):
+    ops, sizes, sort_idx = make_case("uneven_dropped", g_local=4, seed=6)
+    _saved_mode(ops, sizes, sort_idx, 2, "silu", strict_interpreter)
+
+
+def test_saved_mode_lowers_to_mosaic():
+    from kernels.pallas import swiglu as ps  # noqa: PLC0415
+    sds = jax.ShapeDtypeStruct
+    t, k, e, d, f = 256, 2, 8, 512, 768
+    dtype = jnp.bfloat16
+    sizes, offset, idx = sds((e,), jnp.int32), sds((1,), jnp.int32), sds((t * k,), jnp.int32)
+    fwd = lambda x, wg, wu, s, o, i: ps.swiglu_gmm_saved(x, wg, wu, s, o, i, k, activation="silu", out_dtype=dtype)
+    bwd = lambda *a: pb.swiglu_down_bwd_saved(*a, k, activation="silu")
+    for fn, args in ((fwd, (sds((t, d), dtype), sds((e, d, f), dtype), sds((e, d, f), dtype), sizes, offset, idx)),
+                     (bwd, (sds((t, d), dtype), sds((e, f, d), dtype), sds((t * k, f), dtype), sds((t * k, f), dtype),
+                            sizes, offset, idx, sds((t * k,), jnp.float32)))):
+        text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+        assert text.count("tpu_custom_call") == 1 and "callback" not in text

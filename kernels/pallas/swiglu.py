@@ -1,6 +1,7 @@
 """Gate/up projections + gated activation in one Pallas grouped matmul (the optional ``swiglu_gmm`` of the
 ``moe_ops.backend`` interface; same contract as ``kernels.triton.swiglu``): ``h = act(x_i @ w_gate[g]) *
-(x_i @ w_up[g])`` [M, F], ``gate`` / ``up`` never written to HBM.
+(x_i @ w_up[g])`` [M, F], ``gate`` / ``up`` not written to HBM (``swiglu_gmm_saved``: written too, from the same
+accumulators, as the saved-mode backward's residuals).
 
 The gmm schedule and grid ``(n, step, k)`` of ``kernels.pallas.gmm`` (invariants G1-G5), with the lhs rows gathered
 from token-order x by ``kernels.pallas.fused.gathered_lhs`` (row DMAs into a VMEM tile through ``sort_idx // k``;
@@ -26,7 +27,7 @@ from kernels.platform import tpu_or_interpret
 from kernels.pallas.gmm import STORE, _has, gmm_schedule
 from kernels.pallas.sort import _blocked
 
-__all__ = ["swiglu_gmm", "ACTIVATIONS", "act_and_grad"]
+__all__ = ["swiglu_gmm", "swiglu_gmm_saved", "ACTIVATIONS", "act_and_grad"]
 
 
 def _silu(g):
@@ -42,6 +43,7 @@ def _gelu(g):
 
 ACTIVATIONS = {"silu": _silu, "gelu": _gelu, "relu": lambda g: jnp.maximum(g, 0.0)}
 FOOTPRINT = Footprint(sources=1, rhs=2, outs=1, accs=2)   # the gathered x, w_gate / w_up blocks, h, gate / up
+FOOTPRINT_SAVED = Footprint(sources=1, rhs=2, outs=3, accs=2)  # and the gate / up output blocks
 
 
 def act_and_grad(g, activation):
@@ -56,42 +58,50 @@ def act_and_grad(g, activation):
     return jnp.maximum(g, 0.0), (g > 0).astype(jnp.float32)
 
 
-def _swiglu_kernel(sched, x_hbm, idx_hbm, wg_ref, wu_ref, out_ref, acc_g, acc_u, xtile, idx_smem, sems, *, top_k,
-                   num_rows, tiles_k, k_rem, activation):
+def _swiglu_kernel(sched, x_hbm, idx_hbm, wg_ref, wu_ref, *refs, top_k, num_rows, tiles_k, k_rem, activation,
+                   saved):
+    """h (and with ``saved`` gate / up, in h's dtype, from the same accumulators) of a gmm-schedule step."""
+    outs, (acc_g, acc_u, xtile, idx_smem, sems) = refs[:-5], refs[-5:]
     s, kb = pl.program_id(1), pl.program_id(2)
     lhs_ref, = gathered_lhs(sched, [x_hbm], idx_hbm, [xtile], idx_smem, sems, top_k=top_k, num_rows=num_rows,
                             tiles_k=tiles_k)
     accumulate(sched, [acc_g, acc_u], [(lhs_ref, wg_ref, False), (lhs_ref, wu_ref, False)], tiles_k=tiles_k,
                k_rem=k_rem)
 
+    def values():
+        gate, up = acc_g[...], acc_u[...]
+        return [ACTIVATIONS[activation](gate) * up] + ([gate, up] if saved else [])
+
     @pl.when((kb == tiles_k - 1) & _has(sched.flags[s], STORE))
     def _store():
-        store_group_rows(sched, s, [out_ref], lambda: [ACTIVATIONS[activation](acc_g[...]) * acc_u[...]])
+        store_group_rows(sched, s, list(outs), values)
 
 
 def _out_index(n, s, k, sched):
     return sched.m_tiles[s], n
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "activation", "out_dtype", "tiling", "interpret"))
+@functools.partial(jax.jit, static_argnames=("top_k", "activation", "out_dtype", "tiling", "interpret", "saved"))
 def _swiglu(x, w_gate, w_up, group_sizes, group_offset, sort_idx, *, top_k, activation, out_dtype, tiling,
-            interpret):
+            interpret, saved=False):
     (m,), kdim, (num_local, _, n) = sort_idx.shape, x.shape[1], w_gate.shape
-    t = fused_tiling(tiling, m, kdim, n, num_local, x.dtype, out_dtype, gather=True, footprint=FOOTPRINT)
+    footprint = FOOTPRINT_SAVED if saved else FOOTPRINT
+    t = fused_tiling(tiling, m, kdim, n, num_local, x.dtype, out_dtype, gather=True, footprint=footprint)
     tiles_k = pl.cdiv(kdim, t.tk)
     sched, num_steps = gmm_schedule(group_sizes, group_offset, num_local, m, t.tm, tiles_k)
     rhs_spec = _rhs_spec(t, False)
     in_specs = [pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY), rhs_spec, rhs_spec]
     kernel = functools.partial(_swiglu_kernel, top_k=top_k, num_rows=m, tiles_k=tiles_k, k_rem=kdim % t.tk,
-                               activation=activation)
+                               activation=activation, saved=saved)
     scratch = gather_scratch(t, kdim, x.dtype)
     item = jnp.dtype(x.dtype).itemsize
     cost = pl.CostEstimate(flops=4 * m * kdim * n, transcendentals=m * n,
                            bytes_accessed=item * (m * kdim + 2 * num_local * kdim * n)
                            + jnp.dtype(out_dtype).itemsize * m * n)
+    outs = 3 if saved else 1
     return fused_call(kernel, sched, num_steps, tiles_k, t, [x, _blocked(sort_idx, t.tm), w_gate, w_up], in_specs,
-                      pl.BlockSpec((t.tm, t.tn), _out_index), jax.ShapeDtypeStruct((m, n), out_dtype), scratch,
-                      interpret, cost, accs=2)
+                      [pl.BlockSpec((t.tm, t.tn), _out_index)] * outs, [jax.ShapeDtypeStruct((m, n), out_dtype)] * outs,
+                      scratch, interpret, cost, accs=2)
 
 
 @tpu_or_interpret
@@ -101,14 +111,28 @@ def swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *
     group_sizes [G], group_offset int32[1] -> h [M,F] (``out_dtype``): ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])``
     in f32; rows outside local groups are zero. ``tiling`` (``Tiling``: tn is the F block of each of the two
     projections) / ``interpret`` as for ``kernels.pallas.gmm.gmm``."""
+    return _call(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, out_dtype, tiling, interpret,
+                 False)[0]
+
+
+@tpu_or_interpret
+def swiglu_gmm_saved(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype,
+                     tiling=None, interpret=None):
+    """``swiglu_gmm`` that also writes ``gate`` / ``up`` [M,F] (``out_dtype``, from the same accumulators) ->
+    (h, gate, up): the residuals of ``kernels.pallas.swiglu_bwd.swiglu_down_bwd_saved``."""
+    return _call(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, out_dtype, tiling, interpret,
+                 True)
+
+
+def _call(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, out_dtype, tiling, interpret, saved):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     m = x.shape[0] if sort_idx is None else sort_idx.shape[0]
     n = w_gate.shape[2]
     if m == 0 or x.shape[1] == 0:
-        return jnp.zeros((m, n), out_dtype)
+        return (jnp.zeros((m, n), out_dtype),) * 3
     if sort_idx is None:
         sort_idx, k = jnp.arange(m, dtype=jnp.int32), 1   # the identity row map
-    return _swiglu(x, w_gate, w_up, group_sizes, group_offset, sort_idx.astype(jnp.int32), top_k=int(k),
-                   activation=activation, out_dtype=jnp.dtype(out_dtype), tiling=tiling,
-                   interpret=interpret)
+    return tuple(_swiglu(x, w_gate, w_up, group_sizes, group_offset, sort_idx.astype(jnp.int32), top_k=int(k),
+                         activation=activation, out_dtype=jnp.dtype(out_dtype), tiling=tiling, interpret=interpret,
+                         saved=saved))

@@ -37,10 +37,12 @@ from kernels.pallas.sort import _blocked, gather_rows
 from kernels.pallas.swiglu import ACTIVATIONS, act_and_grad
 from kernels.platform import tpu_or_interpret
 
-__all__ = ["swiglu_down_bwd", "FOOTPRINT"]
+__all__ = ["swiglu_down_bwd", "swiglu_down_bwd_saved", "FOOTPRINT", "FOOTPRINT_SAVED"]
 
 # x / dout gathered, w_gate / w_up / w_down blocks, dgate / dup / h blocks, gate / up / a, w_sorted / dw_partial rows
 FOOTPRINT = Footprint(sources=2, rhs=3, outs=3, accs=3, rows=2)
+# saved mode: dout gathered, w_down blocks, gate / up in and dgate / dup / h out blocks, a, the two row blocks
+FOOTPRINT_SAVED = Footprint(sources=1, rhs=1, outs=5, accs=1, rows=2)
 
 
 def _epilogue(gate, up, a, w, activation, col_mask=None):
@@ -55,15 +57,12 @@ def _epilogue(gate, up, a, w, activation, col_mask=None):
 def _bwd_kernel(sched, x_hbm, dout_hbm, idx_hbm, wg_ref, wu_ref, wd_ref, w_ref, dgate_ref, dup_ref, h_ref, dwp_ref,
                 acc_g, acc_u, acc_a, xbuf, dbuf, idx_smem, sems, *, top_k, num_rows, tiles_k, k_rem, n_cols,
                 activation):
-    n, s, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    s, kb = pl.program_id(1), pl.program_id(2)
     x_blk, d_blk = gathered_lhs(sched, [x_hbm, dout_hbm], idx_hbm, [xbuf, dbuf], idx_smem, sems, top_k=top_k,
                                 num_rows=num_rows, tiles_k=tiles_k)
     accumulate(sched, [acc_g, acc_u, acc_a], [(x_blk, wg_ref, False), (x_blk, wu_ref, False), (d_blk, wd_ref, True)],
                tiles_k=tiles_k, k_rem=k_rem)
-    tn = acc_g.shape[1]
-    col_mask = None
-    if n_cols % tn:  # a partial last F block: its columns past F are garbage
-        col_mask = lax.broadcasted_iota(jnp.int32, acc_g.shape, 1) < n_cols - n * tn
+    col_mask = _col_mask(acc_g.shape, n_cols)  # a partial last F block: its columns past F are garbage
 
     @pl.when((kb == tiles_k - 1) & _has(sched.flags[s], STORE))
     def _store():
@@ -91,19 +90,70 @@ def _swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, s
                 pl.BlockSpec((t.tm, 1), _row_scale_index)]
     operands = [x, dout, _blocked(sort_idx, t.tm), w_gate, w_up, w_down,
                 w_sorted.reshape(-1).astype(jnp.float32)[:, None]]
-    out_specs = [pl.BlockSpec((t.tm, t.tn), _out_index)] * 3 + [pl.BlockSpec((None, t.tm, 1), _partial_index)]
-    out_shape = ([jax.ShapeDtypeStruct((m, n), x.dtype)] * 3
-                 + [jax.ShapeDtypeStruct((tiles_n, m, 1), jnp.float32)])
     kernel = functools.partial(_bwd_kernel, top_k=top_k, num_rows=m, tiles_k=tiles_k, k_rem=kdim % t.tk, n_cols=n,
                                activation=activation)
     item = jnp.dtype(x.dtype).itemsize
     cost = pl.CostEstimate(flops=6 * m * kdim * n, transcendentals=m * n,
                            bytes_accessed=item * (2 * m * kdim * tiles_n + 3 * num_local * kdim * n + 3 * m * n)
                            + 4 * m * (1 + tiles_n))
+    return _bwd_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, (m, n), x.dtype,
+                     gather_scratch(t, kdim, [x.dtype, dout.dtype]), interpret, cost, accs=3)
+
+
+def _bwd_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, shape, dtype, scratch, interpret, cost, accs):
+    """The pallas_call of a backward kernel: dgate / dup / h [M, F] blocks and the [tiles_n, M, 1] partials of
+    ``<h, a>``, summed here -> (dgate, dup, h, dweights_sorted [M] f32)."""
+    m, n = shape
+    out_specs = [pl.BlockSpec((t.tm, t.tn), _out_index)] * 3 + [pl.BlockSpec((None, t.tm, 1), _partial_index)]
+    out_shape = [jax.ShapeDtypeStruct((m, n), dtype)] * 3 + [jax.ShapeDtypeStruct((pl.cdiv(n, t.tn), m, 1),
+                                                                                 jnp.float32)]
     dgate, dup, h, partial = fused_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, out_specs,
-                                        out_shape, gather_scratch(t, kdim, [x.dtype, dout.dtype]), interpret, cost,
-                                        accs=3)
+                                        out_shape, scratch, interpret, cost, accs=accs)
     return dgate, dup, h, jnp.sum(partial[:, :, 0], axis=0)
+
+
+def _col_mask(shape, n_cols):
+    """Columns of the current F block that lie inside F (None when F is a multiple of the block)."""
+    tn = shape[1]
+    if n_cols % tn == 0:
+        return None
+    return lax.broadcasted_iota(jnp.int32, shape, 1) < n_cols - pl.program_id(0) * tn
+
+
+def _saved_kernel(sched, dout_hbm, idx_hbm, wd_ref, gate_ref, up_ref, w_ref, dgate_ref, dup_ref, h_ref, dwp_ref,
+                  acc_a, dbuf, idx_smem, sems, *, top_k, num_rows, tiles_k, k_rem, n_cols, activation):
+    """Saved mode: only ``a = dout @ w_down^T`` accumulates; the epilogue reads the gate / up blocks."""
+    s, kb = pl.program_id(1), pl.program_id(2)
+    d_blk, = gathered_lhs(sched, [dout_hbm], idx_hbm, [dbuf], idx_smem, sems, top_k=top_k, num_rows=num_rows,
+                          tiles_k=tiles_k)
+    accumulate(sched, [acc_a], [(d_blk, wd_ref, True)], tiles_k=tiles_k, k_rem=k_rem)
+    col_mask = _col_mask(acc_a.shape, n_cols)
+
+    @pl.when((kb == tiles_k - 1) & _has(sched.flags[s], STORE))
+    def _store():
+        store_group_rows(sched, s, [dgate_ref, dup_ref, h_ref, dwp_ref],
+                         lambda: _epilogue(gate_ref[...].astype(jnp.float32), up_ref[...].astype(jnp.float32),
+                                           acc_a[...], w_ref[...], activation, col_mask))
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "activation", "tiling", "interpret"))
+def _swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, sort_idx, w_sorted, *, top_k,
+                           activation, tiling, interpret):
+    (m,), kdim, (num_local, n, _) = sort_idx.shape, dout.shape[1], w_down.shape
+    t = fused_tiling(tiling, m, kdim, n, num_local, dout.dtype, dout.dtype, gather=True, footprint=FOOTPRINT_SAVED)
+    tiles_k, tiles_n = pl.cdiv(kdim, t.tk), pl.cdiv(n, t.tn)
+    sched, num_steps = gmm_schedule(group_sizes, group_offset, num_local, m, t.tm, tiles_k)
+    any_spec, block = pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec((t.tm, t.tn), _out_index)
+    in_specs = [any_spec, any_spec, _rhs_spec(t, True), block, block, pl.BlockSpec((t.tm, 1), _row_scale_index)]
+    operands = [dout, _blocked(sort_idx, t.tm), w_down, gate, up, w_sorted.reshape(-1).astype(jnp.float32)[:, None]]
+    kernel = functools.partial(_saved_kernel, top_k=top_k, num_rows=m, tiles_k=tiles_k, k_rem=kdim % t.tk,
+                               n_cols=n, activation=activation)
+    item = jnp.dtype(dout.dtype).itemsize
+    cost = pl.CostEstimate(flops=2 * m * kdim * n, transcendentals=m * n,
+                           bytes_accessed=item * (m * kdim * tiles_n + num_local * kdim * n + 5 * m * n)
+                           + 4 * m * (1 + tiles_n))
+    return _bwd_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, (m, n), dout.dtype,
+                     gather_scratch(t, kdim, [dout.dtype]), interpret, cost, accs=1)
 
 
 def _composed(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, k, *, activation,
@@ -137,3 +187,26 @@ def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, so
         return _composed(*args, sort_idx, w_sorted, k, activation=activation, tiling=tiling, interpret=interpret)
     return _swiglu_down_bwd(*args, sort_idx.astype(jnp.int32), w_sorted, top_k=int(k), activation=activation,
                             tiling=tiling, interpret=interpret)
+
+
+@tpu_or_interpret
+def swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, sort_idx, w_sorted, k, *, activation,
+                          tiling=None, interpret=None):
+    """``swiglu_down_bwd`` from the saved gate / up [M,F] (``swiglu_gmm_saved``): one accumulator ``a = dout @
+    w_down^T`` over D and the same epilogue, reading the gate / up blocks (the dlhs GMM of the down projection with the
+    activation derivative in its epilogue). Symbolic M: the composition."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    m, f = sort_idx.shape[0], w_down.shape[1]
+    if isinstance(m, int) and (m == 0 or dout.shape[1] == 0 or f == 0 or w_down.shape[0] == 0):
+        zeros = jnp.zeros((m, f), dout.dtype)
+        return zeros, zeros, zeros, jnp.zeros((m,), jnp.float32)
+    if not isinstance(m, int):
+        drows = gather_rows(dout, sort_idx, k, interpret=interpret)
+        a = plain_gmm(drows, w_down, group_sizes, group_offset, transpose_rhs=True, out_dtype=jnp.float32,
+                      tiling=tiling, interpret=interpret)
+        outs = _epilogue(gate.astype(jnp.float32), up.astype(jnp.float32), a, w_sorted.astype(jnp.float32)[:, None],
+                         activation)
+        return tuple(o.astype(dout.dtype) for o in outs[:3]) + (outs[3][:, 0],)
+    return _swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, sort_idx.astype(jnp.int32),
+                                  w_sorted, top_k=int(k), activation=activation, tiling=tiling, interpret=interpret)

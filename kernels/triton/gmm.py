@@ -32,7 +32,7 @@ from kernels.registry import TARGETS, AotCase, register_aot
 from kernels.triton import batching, schedule, tuning
 from kernels.triton.bridge import triton_call
 
-__all__ = ["gmm", "tgmm", "gather_tgmm", "launch_gmm", "RowMap"]
+__all__ = ["gmm", "tgmm", "gather_tgmm", "gather_tgmm_config", "launch_gmm", "RowMap"]
 
 _ZERO_FILL = tl.constexpr(schedule.ZERO_FILL)  # row-tile group ids the kernel reads (see schedule, invariant 3)
 
@@ -295,6 +295,14 @@ def _launch_tgmm(lhs, rhs, bounds, sort_idx, weights, *, out_dtype, cfg, **row_m
         K=k, N=n, NUM_GROUPS=num_groups, **row_maps, **_launch_options(cfg))
 
 
+def gather_tgmm_config(cfg: tuning.GmmConfig, dtype, weighted: bool) -> tuning.GmmConfig:
+    """The tgmm config; with weighted f32 rhs rows ``block_n`` halved (the f32 scaling of the [BM, BN] rhs chunk in
+    registers spilled 1.2 KB on sm90 at the full tile in the AOT check)."""
+    if weighted and tuning.is_f32(dtype):
+        return dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 2))
+    return cfg
+
+
 def gather_tgmm(lhs, rhs, group_sizes, group_offset, sort_idx, k, *, num_groups, out_dtype, gather_lhs,
                 gather_rhs, rhs_weights=None, config=None):
     """``tgmm`` whose operands may be read in token order: lhs [T,K] with ``gather_lhs`` (else [M,K]), rhs [T,N]
@@ -304,9 +312,10 @@ def gather_tgmm(lhs, rhs, group_sizes, group_offset, sort_idx, k, *, num_groups,
     ``jax.vmap`` callers use the composition, ``moe_ops``.)"""
     m = sort_idx.shape[0]
     kdim, n = lhs.shape[1], rhs.shape[1]
-    cfg = config or tuning.pick_config("tgmm", m, kdim, n, num_groups, lhs.dtype)
-    bounds = schedule.tgmm_group_bounds(group_sizes, group_offset, num_groups)
     weighted = rhs_weights is not None
+    cfg = config or gather_tgmm_config(tuning.pick_config("tgmm", m, kdim, n, num_groups, lhs.dtype), lhs.dtype,
+                                       weighted)
+    bounds = schedule.tgmm_group_bounds(group_sizes, group_offset, num_groups)
     weights = rhs_weights.reshape(-1).astype(jnp.float32) if weighted else jnp.zeros((1,), jnp.float32)
     return _launch_tgmm(lhs, rhs, bounds, sort_idx.astype(jnp.int32), weights, out_dtype=out_dtype, cfg=cfg,
                         GATHER_LHS=bool(gather_lhs), GATHER_RHS=bool(gather_rhs), WEIGHTED_RHS=weighted,
@@ -323,16 +332,18 @@ _AOT_DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
 
 def _aot_case(name, fn, dtype, cfg, backend, config_name, out_dtype=None, **constexprs):
-    """One compile of ``fn`` with ``dtype`` operands (``out_dtype`` output, default the same); ``_gmm_kernel``
-    cases default to the plain row maps (``_PLAIN_ROWS``)."""
+    """One compile of ``fn`` with ``dtype`` operands (``out_dtype`` output, default the same); ``_gmm_kernel`` /
+    ``_tgmm_kernel`` cases default to the plain row maps (``_PLAIN_ROWS`` / ``_PLAIN_TGMM_ROWS``)."""
     if fn is _gmm_kernel:
         signature = dict(lhs_ptr=f"*{dtype}", rhs_ptr=f"*{dtype}", tiles_ptr="*i32", sort_idx_ptr="*i32",
                          w_ptr="*fp32", out_ptr=f"*{out_dtype or dtype}")
         constexprs = {**_PLAIN_ROWS, **constexprs}
-    else:
+    elif fn is _tgmm_kernel:
         signature = dict(lhs_ptr=f"*{dtype}", rhs_ptr=f"*{dtype}", bounds_ptr="*i32", sort_idx_ptr="*i32",
                          w_ptr="*fp32", out_ptr=f"*{out_dtype or dtype}")
         constexprs = {**_PLAIN_TGMM_ROWS, **constexprs}
+    else:  # another family's kernel: its caller sets the pointer signature
+        signature = {}
     constexprs.update(BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m)
     signature.update({c: "constexpr" for c in constexprs})
     return AotCase(name, config_name, fn, signature, constexprs, cfg.compile_options(backend))
@@ -389,8 +400,9 @@ def fused_aot_cases(target: str):
                 cases.append(_aot_case(name, _gmm_kernel, dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}",
                                        out_dtype=out_dtype, K=k, N=n, TRANSPOSE_RHS=transpose, NUM_ROW_TILES=tiles,
                                        TOP_K=_AOT_TOP_K, NUM_SLOTS=_AOT_M, **flags))
-        for entry, cfg in tuning.shipped(target, "tgmm", dtype).items():
+        for entry, table_cfg in tuning.shipped(target, "tgmm", dtype).items():
             for name, flags in _GATHER_TGMM_VARIANTS.items():
+                cfg = gather_tgmm_config(table_cfg, dtype, flags.get("WEIGHTED_RHS", False))
                 cases.append(_aot_case(name, _tgmm_kernel, dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}",
                                        K=k, N=n, NUM_GROUPS=_AOT_G, TOP_K=_AOT_TOP_K, NUM_SLOTS=_AOT_M, **flags))
     return cases
