@@ -99,8 +99,9 @@ def _reference_ffn(x, w_gate, w_up, w_down, weights, sizes, sort_idx, off, activ
     return R.unpermute(R.gmm(h, w_down, sizes, **kw), sort_idx, weights).astype(x.dtype)
 
 
-OP_CASES = [("triton", "silu", False), ("xla", "gelu", False), ("triton", "gelu", True),
-            pytest.param("xla", "silu", True, marks=pytest.mark.slow)]
+OP_CASES = [("triton", "silu", False), ("xla", "gelu", False), ("triton", "gelu", True), ("pallas", "silu", False),
+            pytest.param("xla", "silu", True, marks=pytest.mark.slow),
+            pytest.param("pallas", "gelu", True, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("impl,activation,recompute", OP_CASES)
@@ -108,8 +109,9 @@ def test_op_gradients_on_expert_shard(impl, activation, recompute):
     """Forward and the five gradients (x, w_gate, w_up, w_down, weights) of the custom VJP vs jax.grad of the
     reference composition, on the middle shard of experts (others: zero output, zero gradient)."""
     _, sizes, sort_idx = _routed("uneven_dropped", 11)
-    o = _operands(_seed(impl, activation, "op"), 3, jnp.float32)
-    cot = randn(keys(_seed(impl, "cot"), 1)[0], (T, K))
+    d, f = (128, 128) if impl == "pallas" else (K, F)   # Pallas: lane-dense blocks
+    o = _operands(_seed(impl, activation, "op"), 3, jnp.float32, d, f)
+    cot = randn(keys(_seed(impl, "cot"), 1)[0], (T, d))
     inputs = (o["x"], o["w_gate"], o["w_up"], o["w_down"], o["weights"])
     ours = lambda *a: swiglu.swiglu_ffn(*a[:4], sizes, sort_idx, a[4], group_offset=1, activation=activation,
                                         recompute=recompute, implementation=impl)
