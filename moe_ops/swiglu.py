@@ -267,10 +267,11 @@ def swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights, *, group
     instead of saving them (default: two [T*k, F] residuals in x's dtype, no extra matmul)."""
     validation.check_expert_weights(x, w_gate, w_up, w_down)
     validation.float_array("weights", weights, 2)
-    k = _check_rows(sort_idx, x.shape[0], "x is [T, D]")
-    if tuple(weights.shape) != (x.shape[0], k):
-        raise ValueError(f"weights must be [T,k]={(x.shape[0], k)} (x is [T,D], sort_idx [T*k]), got "
-                         f"{tuple(weights.shape)}")
+    validation.int_array("sort_idx", sort_idx, 1)
+    t, k = weights.shape
+    if t != x.shape[0] or sort_idx.shape[0] != t * k:
+        raise ValueError(f"x [T,D], weights [T,k] and sort_idx [T*k] disagree: x {tuple(x.shape)}, weights "
+                         f"{tuple(weights.shape)}, sort_idx {tuple(sort_idx.shape)}")
     reference.activate(jnp.zeros(()), jnp.zeros(()), activation)  # raises ValueError naming the activations
     impl = backend.choose(implementation)
     rows = sort_idx.shape[0]

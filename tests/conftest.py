@@ -40,3 +40,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: tests over ~5 s each on 2 cores (interpret-mode and hypothesis "
                             "sweeps, AOT compiles, second partitioners / dtypes / routings of a kept fast case); CI "
                             "runs them, -m 'not slow' skips them")
+
+
+@pytest.fixture
+def strict_interpreter():
+    """``tests.helpers.STRICT`` interpret params; the TPU interpret-mode state is reset afterwards."""
+    from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+    from tests.helpers import STRICT  # noqa: PLC0415
+    try:
+        yield STRICT
+    finally:
+        pltpu.reset_tpu_interpret_mode_state()

@@ -10,6 +10,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from hypothesis import strategies as st
+from jax.experimental.pallas import tpu as pltpu
 
 # name -> function (num_groups, num_rows, rng) -> int32 numpy sizes
 GROUP_CASES = {
@@ -75,3 +76,9 @@ def assert_close(actual, expected, tol, what=""):
 
 # Tolerances by input dtype (norm-relative): f32 kernels in the interpreter are f32-exact up to summation order.
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+
+
+# Pallas interpret-mode parameters: outputs poisoned (an unwritten element is NaN) and out-of-bounds reads raise;
+# STRICT also detects races between DMAs and compute (the ``strict_interpreter`` fixture of ``conftest.py``).
+POISON = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
+STRICT = pltpu.InterpretParams(out_of_bounds_reads="raise", detect_races=True, uninitialized_memory="nan")

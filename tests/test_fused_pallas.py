@@ -12,19 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import tpu as pltpu
 
 import moe_ops
 from kernels.pallas import fused as pf, tiling
 from moe_ops import fused, reference as R
-from tests.helpers import TOL, assert_close, keys, randn
+from tests.helpers import POISON, TOL, assert_close, keys, randn
 from tests.test_fused import E, T, TOP_K, _grads, _offset, _rhs, _routed, _seed, expert_ids
 from tests.test_moe_ffn import SHAPES, layer_inputs, loss
 
 K = N = 256
 T16 = tiling.Tiling(16, 128, 128)
-POISON = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
-STRICT = pltpu.InterpretParams(out_of_bounds_reads="raise", detect_races=True, uninitialized_memory="nan")
 # (routing, dtype, transpose_rhs): every routing once, both rhs layouts, bf16 once (interpret mode is slow)
 PARITY_CASES = [("uneven_dropped", jnp.float32, False), ("empty_groups", jnp.bfloat16, True),
                 ("one_expert", jnp.float32, True), ("all_dropped", jnp.float32, False)]
@@ -67,14 +64,6 @@ def test_gather_and_scatter_parity(routing, dtype, transpose):
         assert np.all(np.asarray(out) == 0)
     else:
         assert_close(out, ref, TOL[dtype], f"scatter_gmm {routing}")
-
-
-@pytest.fixture
-def strict_interpreter():
-    try:
-        yield STRICT
-    finally:
-        pltpu.reset_tpu_interpret_mode_state()
 
 
 def test_strict_interpreter_gather_gmm(strict_interpreter):

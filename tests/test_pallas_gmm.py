@@ -15,21 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
-from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 import moe_ops
 from benchmarks.shapes import GMM_SHAPES
 from kernels.pallas import tiling
 from moe_ops import reference
-from tests.helpers import GROUP_CASES, TOL, assert_close, group_sizes, group_sizes_strategy, keys, randn
+from tests.helpers import POISON, GROUP_CASES, TOL, assert_close, group_sizes, group_sizes_strategy, keys, randn
 
 pg = importlib.import_module("kernels.pallas.gmm")  # the module (``kernels.pallas.gmm`` may resolve to the function)
 
 M, K, N, G = 70, 256, 256, 6
 T16, T32 = tiling.Tiling(16, 128, 128), tiling.Tiling(32, 128, 128)
-POISON = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
-STRICT = pltpu.InterpretParams(out_of_bounds_reads="raise", detect_races=True, uninitialized_memory="nan")
 # (group_offset, G_local): every group local, then the first, a middle and the last shard.
 SHARDS = {"all": (0, G), "first": (0, 2), "middle": (2, 2), "last": (4, 2)}
 
@@ -259,15 +256,6 @@ def test_shard_map_expert_shards_match_unsharded():
     y, dw = f(lhs, rhs, rhs2, sizes)
     assert_close(y, reference.gmm(lhs, rhs, sizes), TOL[jnp.float32], "sharded gmm")
     assert_close(dw, reference.tgmm(lhs, rhs2, sizes), TOL[jnp.float32], "sharded tgmm")
-
-
-# ----------------------------------------------------------------------------------------- strict interpreter
-@pytest.fixture
-def strict_interpreter():
-    try:
-        yield STRICT
-    finally:
-        pltpu.reset_tpu_interpret_mode_state()
 
 
 @pytest.mark.slow

@@ -12,17 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import tpu as pltpu
 
 from kernels.pallas import fused as pf, swiglu_bwd as pb, tiling
 from kernels.platform import interpret_mode
 from moe_ops import reference as R
-from tests.helpers import TOL, assert_close, keys, randn
+from tests.helpers import POISON, TOL, assert_close, keys, randn
 
 T, TOP_K, E, D, F = 13, 2, 8, 200, 200
 T8 = tiling.Tiling(8, 128, 128)
-POISON = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
-STRICT = pltpu.InterpretParams(out_of_bounds_reads="raise", detect_races=True, uninitialized_memory="nan")
 NAMES = ("dgate", "dup", "h", "dweights_sorted")
 
 
@@ -95,14 +92,6 @@ def test_strict_interpreter(strict_interpreter):
     written: a middle shard, relu, partial K and F blocks, shared tiles."""
     ops, sizes, sort_idx = make_case("uneven_dropped", g_local=4, seed=3)
     run_and_check(ops, sizes, sort_idx, TOP_K, off=2, activation="relu", interpret=strict_interpreter)
-
-
-@pytest.fixture
-def strict_interpreter():
-    try:
-        yield STRICT
-    finally:
-        pltpu.reset_tpu_interpret_mode_state()
 
 
 def test_empty_dims_give_zeros():

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import moe_ops
-from jax.experimental.pallas import tpu as pltpu
 
 from kernels.pallas import swiglu as ps, tiling
 from kernels.triton import swiglu as ts
@@ -84,14 +83,6 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="multiple of T"):
         moe_ops.swiglu_gmm(x, w_gate, w_up, sizes, sort_idx[:-1], implementation="xla")
     assert swiglu.has_kernel("triton") and swiglu.has_kernel("pallas") and not swiglu.has_kernel("xla")
-
-
-@pytest.fixture
-def strict_interpreter():
-    try:
-        yield pltpu.InterpretParams(out_of_bounds_reads="raise", detect_races=True, uninitialized_memory="nan")
-    finally:
-        pltpu.reset_tpu_interpret_mode_state()
 
 
 @pytest.mark.parametrize("activation,gather", [("silu", True), ("gelu", False)])

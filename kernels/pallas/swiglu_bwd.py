@@ -169,6 +169,16 @@ def _composed(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx
     return dgate.astype(x.dtype), dup.astype(x.dtype), h.astype(x.dtype), dw[:, 0]
 
 
+def _degenerate(activation, m, f, other_dims, dtype):
+    """Checks ``activation``; the zero outputs when M, F or one of ``other_dims`` (D, G_local) is 0, else None."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if isinstance(m, int) and 0 in (m, f, *other_dims):
+        zeros = jnp.zeros((m, f), dtype)
+        return zeros, zeros, zeros, jnp.zeros((m,), jnp.float32)
+    return None
+
+
 @tpu_or_interpret
 def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, k, *, activation,
                     tiling=None, interpret=None):
@@ -176,12 +186,10 @@ def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, so
     group_offset int32[1], sort_idx [M = T*k], w_sorted [M] f32 -> (dgate, dup, h [M,F] in x's dtype,
     dweights_sorted [M] f32), as ``moe_ops.reference.swiglu_down_bwd``; rows outside local groups are zero.
     ``tiling`` (tn: the F block, tk: the D block) / ``interpret`` as for ``kernels.pallas.gmm.gmm``."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    m, f = sort_idx.shape[0], w_gate.shape[2]
-    if isinstance(m, int) and (m == 0 or x.shape[1] == 0 or f == 0 or w_gate.shape[0] == 0):
-        zeros = jnp.zeros((m, f), x.dtype)
-        return zeros, zeros, zeros, jnp.zeros((m,), jnp.float32)
+    m = sort_idx.shape[0]
+    empty = _degenerate(activation, m, w_gate.shape[2], (x.shape[1], w_gate.shape[0]), x.dtype)
+    if empty is not None:
+        return empty
     args = (x, dout, w_gate, w_up, w_down, group_sizes, group_offset)
     if not isinstance(m, int):  # symbolic rows (jax.export): the composition, as gather_gmm does
         return _composed(*args, sort_idx, w_sorted, k, activation=activation, tiling=tiling, interpret=interpret)
@@ -195,12 +203,10 @@ def swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, sor
     """``swiglu_down_bwd`` from the saved gate / up [M,F] (``swiglu_gmm_saved``): one accumulator ``a = dout @
     w_down^T`` over D and the same epilogue, reading the gate / up blocks (the dlhs GMM of the down projection with the
     activation derivative in its epilogue). Symbolic M: the composition."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    m, f = sort_idx.shape[0], w_down.shape[1]
-    if isinstance(m, int) and (m == 0 or dout.shape[1] == 0 or f == 0 or w_down.shape[0] == 0):
-        zeros = jnp.zeros((m, f), dout.dtype)
-        return zeros, zeros, zeros, jnp.zeros((m,), jnp.float32)
+    m = sort_idx.shape[0]
+    empty = _degenerate(activation, m, w_down.shape[1], (dout.shape[1], w_down.shape[0]), dout.dtype)
+    if empty is not None:
+        return empty
     if not isinstance(m, int):
         drows = gather_rows(dout, sort_idx, k, interpret=interpret)
         a = plain_gmm(drows, w_down, group_sizes, group_offset, transpose_rhs=True, out_dtype=jnp.float32,
