@@ -66,6 +66,16 @@ def test_tma_gmm_epilogues(case, epilogue):
     assert_close(out, reference.gmm(lhs, rhs, sizes, group_offset=off), TOL[jnp.float32], f"{case} {epilogue}")
 
 
+def test_tma_gmm_unaligned_output_rows():
+    """``transpose_rhs`` with N whose output rows are not 16-byte aligned (N=54 f32: 216 B): the rhs descriptor only
+    needs K aligned, the output takes the masked store and no output descriptor is built (its stride is illegal)."""
+    k1, k2 = keys(_seed("tma-unaligned"), 2)
+    lhs, rhs, sizes = randn(k1, (M, K)), _rhs(k2, G, True, n=54), group_sizes("uneven", G, M, seed=6)
+    assert not gmm_tma.epilogue("cpu", CFG, 54, jnp.float32).tma_store
+    out = gmm_tma.gmm(lhs, rhs, sizes, _offset(None), transpose_rhs=True, out_dtype=jnp.float32, config=CFG)
+    assert_close(out, reference.gmm(lhs, rhs, sizes, transpose_rhs=True), TOL[jnp.float32], "unaligned N")
+
+
 def test_order_tiles_partitions_whole_partial_idle():
     """Whole tiles (full BM rows, or ending at M) first, then partial ones, then IDLE, each in table order."""
     sizes = jnp.array([20, 0, 16, 30], jnp.int32)          # M = 70: groups of 20, 16, 30 rows, 4 rows beyond the sum

@@ -142,8 +142,11 @@ def _gmm_tma_kernel(lhs_ptr, rhs_ptr, tiles_ptr, out_ptr,
         b_desc = tl.make_tensor_descriptor(rhs_ptr, shape=[G, N, K], strides=[N * K, K, 1], block_shape=[1, BN, BK])
     else:
         b_desc = tl.make_tensor_descriptor(rhs_ptr, shape=[G, K, N], strides=[K * N, N, 1], block_shape=[1, BK, BN])
-    c_block_n: tl.constexpr = BN // 2 if SPLIT_EPILOGUE else BN
-    c_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, c_block_n])
+    if TMA_STORE:  # only then: the output row stride may not be 16-byte aligned (N isn't checked by ``eligible``)
+        c_block_n: tl.constexpr = BN // 2 if SPLIT_EPILOGUE else BN
+        c_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, c_block_n])
+    else:
+        c_desc = out_ptr  # unused by the pointer store
     whole = tl.load(tiles_ptr + 3 * NUM_ROW_TILES)       # row tiles whose block rows below M are all their own
     active = tl.load(tiles_ptr + 3 * NUM_ROW_TILES + 1)  # row tiles before the first IDLE one
     pid = tl.program_id(0)
