@@ -2,12 +2,13 @@
 
     python -m kernels.aot [--target sm90|gfx950|gfx942|all] [--family gmm ...] [--via-jax]
 
-prints one row per kernel x config as it compiles (target, shared memory / LDS bytes, spills, TMA instructions in
-the sm90 SASS as ``UTMALDG/UTMASTG`` counts, global scratch bytes per program, ok) and exits non-zero on any failure
-or any register spill (sm90: ptxas's spill bytes; AMD: the sgpr + vgpr spill counts of the amdgcn metadata). ``--via-jax`` compiles the same cases through jax-triton's real
-``triton_kernel_call`` lowering instead (needs ``moe-ops[lowering]``; ``kernels.lowering``) and reports the decoded
-launch: kernel, warps, shared memory against the target's limit. On ROCm only num_warps / num_stages / num_ctas /
-enable_fp_fusion reach the compiler through jax-triton 0.3.1; waves_per_eu, matrix_instr_nonkdim and kpack do not.
+prints one row per kernel x config as it compiles (target, shared memory / LDS bytes, spills, TMA instructions in the
+sm90 SASS as ``UTMALDG/UTMASTG`` counts, global scratch bytes per program, ok) and exits non-zero on any failure or
+any register spill (sm90: ptxas's spill bytes; AMD: the sgpr + vgpr spill counts of the amdgcn metadata).
+``--via-jax`` compiles the same cases through jax-triton's real ``triton_kernel_call`` lowering instead (needs
+``moe-ops[lowering]``; ``kernels.lowering``) and reports the decoded launch: kernel, warps, shared memory against the
+target's limit. On ROCm only num_warps / num_stages / num_ctas / enable_fp_fusion reach the compiler through
+jax-triton 0.3.1; waves_per_eu, matrix_instr_nonkdim and kpack do not.
 """
 
 from __future__ import annotations
