@@ -10,23 +10,27 @@ lhs as a 2-D ``[M, K]`` descriptor with ``[BM, BK]`` blocks, rhs as a 3-D ``[G, 
 ``transpose_rhs``) descriptor with ``[1, BK, BN]`` blocks. TMA zero-fills out-of-bounds elements, so no K mask and no
 N wrap are needed. The descriptors live in global scratch (``kernels.triton.scratch``).
 
-Epilogue (``Epilogue``, ``_store_tile``). A TMA store writes a whole ``[BM, BN]`` box, clipped only at the tensor's
+Epilogue (``Epilogue``, ``_tile_loop``). A TMA store writes a whole ``[BM, BN]`` box, clipped only at the tensor's
 bounds ``[M, N]``. So it is used only for a tile whose rows below M are all its own: ``row_end - row_start == BM``
 or ``row_end == M`` (the rows past M are clipped). A partial tile (a group's last tile) ends inside the block, and
 a box store would overwrite the next tile's rows (another group's, or another batch's under vmap): it takes the
-masked pointer store. A per-tile descriptor whose shape ends at ``row_end`` would clip those rows too, but costs a
-descriptor write + fence per tile and a scratch slot the in-flight stores still read; not done. On sm_90 the store
-is split into two ``BN/2`` halves (``SPLIT_EPILOGUE``): half the staging buffer, so a 4th load stage still fits
-(``tma_config``), and the async stores drain while the next tile's loads run. Zero-fill tiles store zeros the same
-way; idle tiles are never visited.
+masked pointer store. ``order_tiles`` partitions the table into whole, partial, IDLE tiles, and each program walks
+its share of the whole tiles (TMA store) in one loop, then of the partial ones (pointer store) in a second loop
+that continues the same round robin: one loop holding both stores spilled 48-136 B on sm_90. A per-tile
+descriptor whose shape ends at ``row_end`` would clip the foreign rows too, but costs a descriptor write + fence per
+tile and rewrites a scratch slot that in-flight stores still read; not done. On sm_90 the store is split into two
+``BN/2`` halves (``SPLIT_EPILOGUE``): half the staging buffer, so a 4th load stage still fits (``tma_config``); the
+async stores drain while the next tile's loads run. Zero-fill tiles store zeros the same way; IDLE tiles are never
+visited. AMD (no TMA) and outputs whose rows are not 16-byte aligned take the pointer store for every tile.
 
 Invariants (beyond those of the schedule):
-1. Tile ``t`` of a program is ``pid + i * num_programs``; the flattened index is ``row_tile * cols + col`` through
-   the swizzle over the *active* row tiles only, so every (active row tile, column tile) is visited exactly once.
+1. The (row tile x column tile) list is ``[whole tiles] + [partial tiles]`` (IDLE ones left out), each part
+   swizzled over its own row tiles; list entry ``j`` belongs to program ``j % num_programs``, so every (active row
+   tile, column tile) is visited exactly once.
 2. Rows of the A block past the tile's end belong to another tile or lie past M (zero-filled): they only feed
    accumulator rows that are never stored (a tile with such rows below M takes the masked store).
-3. The table's IDLE tiles come after every active one (``_gmm_tma_call`` partitions it: vmap's folded table has
-   them between batches).
+3. The kernel's table is ``order_tiles``' partition (whole, partial, IDLE) with the two counts appended; vmap's
+   folded table, whose IDLE tiles lie between batches, is partitioned after folding.
 4. Eligible calls only (``eligible``): bf16 / f16, 16-byte aligned row strides, plain row maps (the fused gather
    keeps cp.async: TMA cannot gather arbitrary rows on sm_90). Anything else runs the pointer kernel.
 """
