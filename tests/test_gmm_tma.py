@@ -1,7 +1,8 @@
 """The persistent TMA GMM variant (``kernels.triton.gmm_tma``, ``MOE_OPS_GMM_VARIANT=tma``) and its global scratch
-(``kernels.triton.scratch``): interpreter parity against ``moe_ops.reference`` (tensor descriptors run in the Triton
-interpreter), gradients through the public op, the scratch operand in jax-triton's real CUDA / ROCm lowering, and
-TMA instructions in the sm_90 SASS.
+(``kernels.triton.scratch``): interpreter parity against ``moe_ops.reference`` (tensor descriptors, TMA stores
+included, run in the Triton interpreter) for every epilogue, ``jax.vmap`` against per-example calls, gradients through
+the public op, the scratch operand in jax-triton's real CUDA / ROCm lowering, TMA loads and stores in the sm_90 SASS,
+and the persistent kernel's AMD builds (CU-count programs, no spills).
 """
 
 import jax
@@ -12,7 +13,7 @@ from hypothesis import given, strategies as st
 import moe_ops
 from kernels import aot, lowering
 from kernels.registry import cases_for
-from kernels.triton import gmm_tma, schedule, tuning
+from kernels.triton import gmm as tg, gmm_tma, schedule, tuning
 from moe_ops import reference
 from tests.helpers import GROUP_CASES, TOL, assert_close, group_sizes, group_sizes_strategy, keys, randn
 from tests.test_triton_gmm import CFG, SHARDS, G, K, M, N, _offset, _rhs, _seed
@@ -46,6 +47,119 @@ def test_tma_tgmm_parity(case, shard):
     out = gmm_tma.tgmm(lhs, rhs, sizes, _offset(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
     ref = reference.tgmm(lhs, rhs, sizes, group_offset=off, num_groups=g_local)
     assert_close(out, ref, TOL[jnp.float32], f"tma tgmm {case} {shard}")
+
+
+EPILOGUES = {"tma_split": gmm_tma.Epilogue(True, True), "tma_whole": gmm_tma.Epilogue(True, False),
+             "pointer": gmm_tma.Epilogue(False, False)}
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("case", ["uneven", "one_hot_group", "sum_below_m"])
+def test_tma_gmm_epilogues(case, epilogue):
+    """Each store path on its own: whole tiles through the output descriptor (in halves or not) and partial tiles by
+    the masked store, or every tile by the masked store; the last shard (zero-fill rows before and after)."""
+    off, g_local = SHARDS["last"]
+    k1, k2 = keys(_seed("tma-epilogue", case, epilogue), 2)
+    lhs, rhs, sizes = randn(k1, (M, K)), _rhs(k2, g_local, False), group_sizes(case, G, M, seed=5)
+    out = gmm_tma.gmm(lhs, rhs, sizes, _offset(off), transpose_rhs=False, out_dtype=jnp.float32, config=CFG,
+                      ep=EPILOGUES[epilogue])
+    assert_close(out, reference.gmm(lhs, rhs, sizes, group_offset=off), TOL[jnp.float32], f"{case} {epilogue}")
+
+
+def test_tma_gmm_unaligned_output_rows():
+    """``transpose_rhs`` with N whose output rows are not 16-byte aligned (N=54 f32: 216 B): the rhs descriptor only
+    needs K aligned, the output takes the masked store and no output descriptor is built (its stride is illegal)."""
+    k1, k2 = keys(_seed("tma-unaligned"), 2)
+    lhs, rhs, sizes = randn(k1, (M, K)), _rhs(k2, G, True, n=54), group_sizes("uneven", G, M, seed=6)
+    assert not gmm_tma.epilogue("cpu", CFG, 54, jnp.float32).tma_store
+    out = gmm_tma.gmm(lhs, rhs, sizes, _offset(None), transpose_rhs=True, out_dtype=jnp.float32, config=CFG)
+    assert_close(out, reference.gmm(lhs, rhs, sizes, transpose_rhs=True), TOL[jnp.float32], "unaligned N")
+
+
+def test_order_tiles_partitions_whole_partial_idle():
+    """Whole tiles (full BM rows, or ending at M) first, then partial ones, then IDLE, each in table order."""
+    sizes = jnp.array([20, 0, 16, 30], jnp.int32)          # M = 70: groups of 20, 16, 30 rows, 4 rows beyond the sum
+    tiles = schedule.gmm_row_tiles(sizes, _offset(0), 70, 4, 16)
+    ordered, (whole, active) = gmm_tma.order_tiles(tiles, 70, 16)
+    group, start, end = (list(map(int, row)) for row in ordered)
+    assert (int(whole), int(active)) == (4, 6)
+    assert list(zip(start, end))[:6] == [(0, 16), (20, 36), (36, 52), (66, 70),  # whole; (66, 70) ends at M
+                                         (16, 20), (52, 66)]                     # a group's last, partial tile
+    assert group[:6] == [0, 2, 3, schedule.ZERO_FILL, 0, 3]
+    assert all(g == schedule.IDLE for g in group[6:])
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["kn", "nk"])
+@pytest.mark.parametrize("shared_rhs", [False, True], ids=["batched_rhs", "shared_rhs"])
+def test_tma_gmm_vmap_matches_per_example(shared_rhs, transpose):
+    """``jax.vmap`` folds the batch into one persistent launch (rows ``[B*M, K]``, rhs ``[B*G, K, N]`` or shared):
+    equal to the per-example calls, with per-batch group sizes (one with every row in one group, one all empty)."""
+    b, (off, g_local) = 3, SHARDS["last"]
+    k1, k2 = keys(_seed("tma-vmap", shared_rhs, transpose), 2)
+    lhs = randn(k1, (b, M, K))
+    rhs = _rhs(k2, g_local, transpose) if shared_rhs else jnp.stack([_rhs(k, g_local, transpose)
+                                                                         for k in keys(7, b)])
+    sizes = jnp.stack([group_sizes("uneven", G, M, seed=1), group_sizes("one_hot_group", G, M),
+                       group_sizes("all_empty", G, M)])
+
+    def one(a, w, s):
+        return gmm_tma.gmm(a, w, s, _offset(off), transpose_rhs=transpose, out_dtype=jnp.float32, config=CFG)
+    out = jax.vmap(one, in_axes=(0, None if shared_rhs else 0, 0))(lhs, rhs, sizes)
+    jaxpr = str(jax.make_jaxpr(jax.vmap(one, in_axes=(0, None if shared_rhs else 0, 0)))(lhs, rhs, sizes))
+    assert jaxpr.count("moe_triton_scratch_call") == 1 and f"f32[{b * M},{N}]" in jaxpr  # one folded launch
+    for i in range(b):
+        w = rhs if shared_rhs else rhs[i]
+        assert jnp.array_equal(out[i], one(lhs[i], w, sizes[i])), i
+        assert_close(out[i], reference.gmm(lhs[i], w, sizes[i], group_offset=off, transpose_rhs=transpose),
+                     TOL[jnp.float32], f"vmap example {i}")
+
+
+def test_tma_tgmm_vmap_matches_per_example():
+    b, (off, g_local) = 2, SHARDS["first"]
+    k1, k2 = keys(_seed("tma-tgmm-vmap"), 2)
+    lhs, rhs = randn(k1, (b, M, K)), randn(k2, (b, M, N))
+    sizes = jnp.stack([group_sizes("uneven", G, M, seed=2), group_sizes("sum_below_m", G, M, seed=3)])
+
+    def one(a, c, s):
+        return gmm_tma.tgmm(a, c, s, _offset(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
+    out = jax.vmap(one)(lhs, rhs, sizes)
+    for i in range(b):
+        assert jnp.array_equal(out[i], one(lhs[i], rhs[i], sizes[i])), i
+        assert_close(out[i], reference.tgmm(lhs[i], rhs[i], sizes[i], group_offset=off, num_groups=g_local),
+                     TOL[jnp.float32], f"vmap tgmm example {i}")
+
+
+def test_public_op_vmap_with_the_variant(monkeypatch):
+    """``MOE_OPS_GMM_VARIANT=tma``: ``vmap`` of bf16 ``moe_ops.gmm`` and its gradients runs the descriptor kernels
+    (no fallback) and matches the reference per example."""
+    monkeypatch.setenv("MOE_OPS_GMM_VARIANT", "tma")
+    b = 2
+    k1, k2, k3 = keys(47, 3)
+    lhs, rhs = randn(k1, (b, M, 48), jnp.bfloat16), randn(k2, (3, 48, 64), jnp.bfloat16)
+    sizes = jnp.stack([group_sizes("empty_groups", G, M), group_sizes("uneven", G, M, seed=9)])
+    cot = randn(k3, (b, M, 64))
+
+    def loss(fn):
+        return lambda a, w, s, c: jnp.sum(fn(a, w, s).astype(jnp.float32) * c)
+    ours = lambda a, w, s: moe_ops.gmm(a, w, s, group_offset=1, implementation="triton")
+    want = lambda a, w, s: reference.gmm(a, w, s, group_offset=1)
+    launched = []
+
+    def recording(launch):
+        return lambda *a, kernel, **kw: launched.append((kernel.__name__, a[0].shape)) or launch(*a, kernel=kernel,
+                                                                                                 **kw)
+    monkeypatch.setattr(gmm_tma, "triton_call_with_scratch", recording(gmm_tma.triton_call_with_scratch))
+    monkeypatch.setattr(tg, "triton_call", recording(tg.triton_call))
+    batched = jax.jit(jax.vmap(jax.value_and_grad(loss(ours), argnums=(0, 1)), in_axes=(0, None, 0, 0)))
+    got = batched(lhs, rhs, sizes, cot)
+    # custom_vmap also traces the per-example call (for its output types); the launches are the folded ones.
+    assert {name for name, _ in launched} == {"_gmm_tma_kernel", "_tgmm_tma_kernel"}, launched  # no pointer kernel
+    assert {("_gmm_tma_kernel", (b * M, 48)), ("_gmm_tma_kernel", (b * M, 64)),
+            ("_tgmm_tma_kernel", (b * M, 48))} <= set(launched), launched
+    for i in range(b):
+        ref = jax.value_and_grad(loss(want), argnums=(0, 1))(lhs[i], rhs, sizes[i], cot[i])
+        for name, g, r in zip(("loss", "dlhs", "drhs"), jax.tree.leaves(got), jax.tree.leaves(ref)):
+            assert_close(g[i], r, TOL[jnp.bfloat16], f"{name} example {i}")
 
 
 @given(data=st.data())
@@ -123,12 +237,50 @@ def test_scratch_operand_in_the_real_lowering(monkeypatch, arch):
     assert not launch.problems(arch, num_warps=cfg.num_warps)
 
 
+@needs_plugin
+def test_vmap_lowers_to_one_folded_launch(monkeypatch):
+    """Under ``jax.vmap`` the real CUDA lowering has one ``_gmm_tma_kernel`` launch over ``B*M`` rows, with its
+    scratch operand (no per-example loop, no pointer fallback)."""
+    monkeypatch.setenv("MOE_OPS_GMM_VARIANT", "tma")
+    b, m, k, n, g = 2, 2048, 1024, 2048, 8
+    args = (jnp.zeros((b, m, k), jnp.bfloat16), jnp.zeros((g, k, n), jnp.bfloat16), jnp.full((b, g), m // g, jnp.int32))
+    with lowering.pinned_targets():
+        text = jax.jit(jax.vmap(lambda a, w, s: moe_ops.gmm(a, w, s), in_axes=(0, None, 0))).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
+    (launch,) = lowering.kernel_calls(text)
+    cfg = tuning.pick_config("gmm", m, k, n, g, jnp.bfloat16, arch="sm90")
+    folded_tiles = b * schedule.max_row_tiles(m, cfg.block_m, g) * (n // cfg.block_n)
+    programs = min(tuning.NUM_SMS["sm90"], folded_tiles)
+    assert launch.kernel == "_gmm_tma_kernel" and launch.grid == (programs, 1, 1)
+    assert launch.num_parameters == launch.num_operands + 2
+    assert f"tensor<{programs * gmm_tma.SCRATCH_PER_PROGRAM}xui8>" in text and f"tensor<{b * m}x{n}xbf16>" in text
+
+
 @pytest.mark.slow
 def test_sm90_sass_has_tma_and_scratch_fits():
+    """TMA loads in every descriptor kernel, TMA stores (the epilogue) in every GMM, no spills, scratch and shared
+    memory within bounds; the large config gets 4 stages next to the split epilogue's staging buffer."""
     reports = [aot.compile_case(c, "sm90") for c in cases_for("sm90", ["gmm_tma"])]
     assert reports and all(r.clean for r in reports), [r for r in reports if not r.clean]
-    assert all(r.tma > 0 for r in reports), [(r.config, r.tma) for r in reports]
+    assert all(r.tma_loads > 0 for r in reports), [(r.config, r.tma_loads) for r in reports]
+    gmms = [r for r in reports if r.kernel.startswith("gmm_tma")]
+    assert gmms and all(r.tma_stores > 0 for r in gmms), [(r.kernel, r.config, r.tma_stores) for r in gmms]
     assert all(0 < r.scratch_bytes <= gmm_tma.SCRATCH_PER_PROGRAM for r in reports)
     assert all(r.shared_bytes <= lowering.SHARED_LIMIT["sm90"] for r in reports)
     large = tuning.TABLES["sm90"]["gmm"]["large"]
-    assert gmm_tma.tma_config(large, 2, "sm90").num_stages == 4 > large.num_stages  # deeper where it fits
+    cfg, ep = gmm_tma.gmm_setup("sm90", large, 14336, jnp.bfloat16, jnp.bfloat16)
+    assert ep == gmm_tma.Epilogue(True, True) and cfg.num_stages == 4 > large.num_stages  # deeper where it fits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["gfx950", "gfx942"])
+def test_amd_persistent_builds_fill_the_cus_without_spills(target):
+    """The persistent variant on AMD: one program per CU (256 on gfx950, 304 on gfx942) at the AOT shape, every
+    shipped 16-bit config compiled with no VGPR / SGPR spills and LDS within the target's limit."""
+    cases = cases_for(target, ["gmm_tma"])
+    assert {c.constexprs["NUM_PROGRAMS"] for c in cases if "NUM_PROGRAMS" in c.constexprs} == {
+        tuning.NUM_SMS[target]}
+    assert all(not c.constexprs.get("TMA_STORE", False) for c in cases)  # no TMA on AMD: the masked store
+    reports = [aot.compile_case(c, target) for c in cases]
+    assert all(r.ok and r.spills == 0 for r in reports), [(r.kernel, r.config, r.spills, r.error) for r in reports]
+    assert all(r.shared_bytes <= lowering.SHARED_LIMIT[target] for r in reports)

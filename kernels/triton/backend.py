@@ -2,9 +2,8 @@
 
 Each function lowers for cpu (the interpreter bridge), cuda and rocm, and is traced when lowered, so its tile
 config comes from the target's tuning table (``kernels.platform.on_platforms``, ``tuning.detect_arch``). Every
-function of the pointer kernels batches under ``jax.vmap`` (``kernels.triton.batching``): gmm / tgmm / the fused ops
-at their kernel launch, the sort and row functions through the wrappers imported from there. The descriptor (TMA)
-variant does not batch yet."""
+function batches under ``jax.vmap`` (``kernels.triton.batching``): gmm / tgmm (pointer and descriptor variants) / the
+fused ops at their kernel launch, the sort and row functions through the wrappers imported from there."""
 
 from kernels.platform import on_platforms
 from kernels.triton import batching as _batching, fused as _fused, gmm as _gmm, gmm_tma as _gmm_tma

@@ -8,15 +8,30 @@ descriptor loads to buffer loads, so there it is the persistent variant sized to
 GROUP_M swizzle. Operands load through device-side tensor descriptors (``tl.make_tensor_descriptor``: TMA on sm_90):
 lhs as a 2-D ``[M, K]`` descriptor with ``[BM, BK]`` blocks, rhs as a 3-D ``[G, K, N]`` (``[G, N, K]`` with
 ``transpose_rhs``) descriptor with ``[1, BK, BN]`` blocks. TMA zero-fills out-of-bounds elements, so no K mask and no
-N wrap are needed. The store is a masked pointer store: a tile must not write the rows of its neighbours (a TMA
-store of a whole block would). The descriptors live in global scratch (``kernels.triton.scratch``).
+N wrap are needed. The descriptors live in global scratch (``kernels.triton.scratch``).
+
+Epilogue (``Epilogue``, ``_tile_loop``). A TMA store writes a whole ``[BM, BN]`` box, clipped only at the tensor's
+bounds ``[M, N]``. So it is used only for a tile whose rows below M are all its own: ``row_end - row_start == BM``
+or ``row_end == M`` (the rows past M are clipped). A partial tile (a group's last tile) ends inside the block, and
+a box store would overwrite the next tile's rows (another group's, or another batch's under vmap): it takes the
+masked pointer store. ``order_tiles`` partitions the table into whole, partial, IDLE tiles, and each program walks
+its share of the whole tiles (TMA store) in one loop, then of the partial ones (pointer store) in a second loop
+that continues the same round robin: one loop holding both stores spilled 48-136 B on sm_90. A per-tile
+descriptor whose shape ends at ``row_end`` would clip the foreign rows too, but costs a descriptor write + fence per
+tile and rewrites a scratch slot that in-flight stores still read; not done. On sm_90 the store is split into two
+``BN/2`` halves (``SPLIT_EPILOGUE``): half the staging buffer, so a 4th load stage still fits (``tma_config``); the
+async stores drain while the next tile's loads run. Zero-fill tiles store zeros the same way; IDLE tiles are never
+visited. AMD (no TMA) and outputs whose rows are not 16-byte aligned take the pointer store for every tile.
 
 Invariants (beyond those of the schedule):
-1. Tile ``t`` of a program is ``pid + i * num_programs``; the flattened index is ``row_tile * cols + col`` through
-   the swizzle over the *active* row tiles only, so every (active row tile, column tile) is visited exactly once.
+1. The (row tile x column tile) list is ``[whole tiles] + [partial tiles]`` (IDLE ones left out), each part
+   swizzled over its own row tiles; list entry ``j`` belongs to program ``j % num_programs``, so every (active row
+   tile, column tile) is visited exactly once.
 2. Rows of the A block past the tile's end belong to another tile or lie past M (zero-filled): they only feed
-   accumulator rows that the masked store discards.
-3. Eligible calls only (``eligible``): bf16 / f16, 16-byte aligned row strides, plain row maps (the fused gather
+   accumulator rows that are never stored (a tile with such rows below M takes the masked store).
+3. The kernel's table is ``order_tiles``' partition (whole, partial, IDLE) with the two counts appended; vmap's
+   folded table, whose IDLE tiles lie between batches, is partitioned after folding.
+4. Eligible calls only (``eligible``): bf16 / f16, 16-byte aligned row strides, plain row maps (the fused gather
    keeps cp.async: TMA cannot gather arbitrary rows on sm_90). Anything else runs the pointer kernel.
 """
 
@@ -32,8 +47,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-from kernels.registry import TARGETS, AotCase, register_aot
-from kernels.triton import schedule, tuning
+from kernels.triton import batching, schedule, tuning
 from kernels.triton.gmm import _swizzle  # the pointer kernel's GROUP_M tile order
 from kernels.triton.scratch import triton_call_with_scratch
 
@@ -41,8 +55,8 @@ __all__ = ["gmm", "tgmm", "eligible", "variant", "use_variant", "VARIANTS"]
 
 VARIANTS = ("pointer", "tma", "persistent")  # "persistent" names the same kernel by what it is on AMD
 DESCRIPTOR_BYTES = 128          # one CUtensorMap
-SCRATCH_PER_PROGRAM = 2 * DESCRIPTOR_BYTES  # lhs + rhs descriptors
-_ZERO_FILL = tl.constexpr(schedule.ZERO_FILL)
+SCRATCH_PER_PROGRAM = 3 * DESCRIPTOR_BYTES  # gmm: lhs, rhs and output descriptors
+TGMM_SCRATCH_PER_PROGRAM = 2 * DESCRIPTOR_BYTES  # tgmm: lhs and rhs
 _INTERPRETER_PROGRAMS = 3       # a few programs on CPU, so the persistent loop takes several tiles each
 
 
@@ -79,31 +93,23 @@ def eligible(*operands) -> bool:
 
 
 @triton.jit
-def _gmm_tma_kernel(lhs_ptr, rhs_ptr, tiles_ptr, out_ptr,
-                    M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, G: tl.constexpr,
-                    TRANSPOSE_RHS: tl.constexpr, NUM_ROW_TILES: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                    NUM_STAGES: tl.constexpr):
-    """Persistent program ``pid``: every ``NUM_PROGRAMS``-th output tile (module docstring)."""
-    a_desc = tl.make_tensor_descriptor(lhs_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
-    if TRANSPOSE_RHS:
-        b_desc = tl.make_tensor_descriptor(rhs_ptr, shape=[G, N, K], strides=[N * K, K, 1], block_shape=[1, BN, BK])
-    else:
-        b_desc = tl.make_tensor_descriptor(rhs_ptr, shape=[G, K, N], strides=[K * N, N, 1], block_shape=[1, BK, BN])
+def _tile_loop(a_desc, b_desc, c_desc, out_ptr, tiles_ptr, row_lo, row_hi, first,
+               K: tl.constexpr, N: tl.constexpr, TRANSPOSE_RHS: tl.constexpr, NUM_ROW_TILES: tl.constexpr,
+               NUM_PROGRAMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr, TMA_STORE: tl.constexpr, SPLIT: tl.constexpr):
+    """The (row tile in ``[row_lo, row_hi)``) x (column tile) list, GROUP_M-swizzled, from list index ``first`` in
+    steps of ``NUM_PROGRAMS``: K loop through the descriptors, then a TMA store of the whole tile (``TMA_STORE``;
+    in two ``BN/2`` halves with ``SPLIT``) or the masked pointer store."""
     num_col_tiles: tl.constexpr = (N + BN - 1) // BN
-    active_rows = tl.load(tiles_ptr + 3 * NUM_ROW_TILES)  # row tiles before the first IDLE one
     offs_m = tl.arange(0, BM)
-    offs_n_base = tl.arange(0, BN)
-    for tile in tl.range(tl.program_id(0), active_rows * num_col_tiles, NUM_PROGRAMS):
-        tile_m, tile_n = _swizzle(tile, active_rows, num_col_tiles, GROUP_M)
+    for tile in tl.range(first, (row_hi - row_lo) * num_col_tiles, NUM_PROGRAMS):
+        tile_m, tile_n = _swizzle(tile, row_hi - row_lo, num_col_tiles, GROUP_M)
+        tile_m += row_lo
         group = tl.load(tiles_ptr + tile_m)
         row_start = tl.load(tiles_ptr + NUM_ROW_TILES + tile_m)
         row_end = tl.load(tiles_ptr + 2 * NUM_ROW_TILES + tile_m)
-        offs_n = tile_n * BN + offs_n_base
-        out_ptrs = out_ptr + row_start.to(tl.int64) * N + offs_m[:, None] * N + offs_n[None, :]
-        store_mask = (offs_m[:, None] < row_end - row_start) & (offs_n[None, :] < N)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        if group >= 0:
+        if group >= 0:  # local group: the product; ZERO_FILL (non-local / beyond the sum): zeros
             g = tl.maximum(group, 0)
             for k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
                 a = a_desc.load([row_start, k * BK])
@@ -112,8 +118,51 @@ def _gmm_tma_kernel(lhs_ptr, rhs_ptr, tiles_ptr, out_ptr,
                 else:
                     b = b_desc.load([g, k * BK, tile_n * BN]).reshape(BK, BN)
                 acc = tl.dot(a, b, acc, input_precision="ieee")
-        if group >= _ZERO_FILL:  # local group: the product; non-local / beyond the sum: zeros
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
+        out = acc.to(out_ptr.dtype.element_ty)
+        col = tile_n * BN
+        if TMA_STORE and SPLIT:
+            left, right = tl.split(tl.permute(tl.reshape(out, (BM, 2, BN // 2)), (0, 2, 1)))
+            c_desc.store([row_start, col], left)
+            c_desc.store([row_start, col + BN // 2], right)
+        elif TMA_STORE:
+            c_desc.store([row_start, col], out)
+        else:
+            offs_n = col + tl.arange(0, BN)
+            out_ptrs = out_ptr + row_start.to(tl.int64) * N + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(out_ptrs, out, mask=(offs_m[:, None] < row_end - row_start) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _gmm_tma_kernel(lhs_ptr, rhs_ptr, tiles_ptr, out_ptr,
+                    M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, G: tl.constexpr,
+                    TRANSPOSE_RHS: tl.constexpr, NUM_ROW_TILES: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                    NUM_STAGES: tl.constexpr, TMA_STORE: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
+    """Persistent program ``pid`` (module docstring): with ``TMA_STORE``, first its share of the whole row tiles
+    (table entries ``[0, whole)``, TMA-stored), then of the partial ones (``[whole, active)``, masked pointer
+    store), continuing the same round robin; without, its share of all active tiles through the pointer store."""
+    a_desc = tl.make_tensor_descriptor(lhs_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+    if TRANSPOSE_RHS:
+        b_desc = tl.make_tensor_descriptor(rhs_ptr, shape=[G, N, K], strides=[N * K, K, 1], block_shape=[1, BN, BK])
+    else:
+        b_desc = tl.make_tensor_descriptor(rhs_ptr, shape=[G, K, N], strides=[K * N, N, 1], block_shape=[1, BK, BN])
+    if TMA_STORE:  # only then: the output row stride may not be 16-byte aligned (N isn't checked by ``eligible``)
+        c_block_n: tl.constexpr = BN // 2 if SPLIT_EPILOGUE else BN
+        c_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, c_block_n])
+    else:
+        c_desc = out_ptr  # unused by the pointer store
+    whole = tl.load(tiles_ptr + 3 * NUM_ROW_TILES)       # row tiles whose block rows below M are all their own
+    active = tl.load(tiles_ptr + 3 * NUM_ROW_TILES + 1)  # row tiles before the first IDLE one
+    pid = tl.program_id(0)
+    if TMA_STORE:
+        _tile_loop(a_desc, b_desc, c_desc, out_ptr, tiles_ptr, 0, whole, pid, K, N, TRANSPOSE_RHS, NUM_ROW_TILES,
+                   NUM_PROGRAMS, BM, BN, BK, GROUP_M, NUM_STAGES, True, SPLIT_EPILOGUE)
+        first = (pid - whole * ((N + BN - 1) // BN) % NUM_PROGRAMS + NUM_PROGRAMS) % NUM_PROGRAMS
+        _tile_loop(a_desc, b_desc, c_desc, out_ptr, tiles_ptr, whole, active, first, K, N, TRANSPOSE_RHS,
+                   NUM_ROW_TILES, NUM_PROGRAMS, BM, BN, BK, GROUP_M, NUM_STAGES, False, False)
+    else:
+        _tile_loop(a_desc, b_desc, c_desc, out_ptr, tiles_ptr, 0, active, pid, K, N, TRANSPOSE_RHS, NUM_ROW_TILES,
+                   NUM_PROGRAMS, BM, BN, BK, GROUP_M, NUM_STAGES, False, False)
 
 
 @triton.jit
@@ -159,90 +208,125 @@ SM90_SHARED = 227 * 1024
 MAX_STAGES = 4
 
 
-def tma_config(cfg: tuning.GmmConfig, itemsize: int, arch: str) -> tuning.GmmConfig:
-    """The pointer config with as many pipeline stages (up to 4) as sm_90's shared memory holds: TMA loads have no
-    register cost per stage, so deeper pipelines are free where they fit. Other targets keep the table's stages."""
+@dataclasses.dataclass(frozen=True)
+class Epilogue:
+    """How ``_gmm_tma_kernel`` stores a tile: ``tma_store`` (whole tiles through the output descriptor, partial ones
+    by the masked pointer store) and ``split`` (the TMA store in two ``BN/2`` halves: half the staging buffer)."""
+
+    tma_store: bool
+    split: bool
+
+    def constexprs(self) -> dict:
+        return dict(TMA_STORE=self.tma_store, SPLIT_EPILOGUE=self.tma_store and self.split)
+
+
+def epilogue(arch: str, cfg: tuning.GmmConfig, n: int, out_dtype) -> Epilogue:
+    """TMA store where output rows are 16-byte aligned (the descriptor's row stride), split for ``BN >= 128`` (the
+    staging buffer then competes with a 4th pipeline stage). On AMD (no TMA) the masked pointer store, as the
+    pointer kernel does; the interpreter ("cpu") takes the sm90 choice."""
+    aligned = (n * jnp.dtype(out_dtype).itemsize) % 16 == 0
+    return Epilogue(tma_store=aligned and not arch.startswith("gfx"), split=cfg.block_n >= 128 or arch == "cpu")
+
+
+def tma_config(cfg: tuning.GmmConfig, itemsize: int, arch: str, staging_bytes: int = 0) -> tuning.GmmConfig:
+    """The pointer config with as many pipeline stages (up to 4) as sm_90's shared memory holds next to
+    ``staging_bytes`` of epilogue buffer: TMA loads have no register cost per stage, so deeper pipelines are free
+    where they fit. Other targets keep the table's stages."""
     if arch != "sm90":
         return cfg
     per_stage = (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * itemsize
-    stages = max(cfg.num_stages, min(MAX_STAGES, SM90_SHARED // per_stage))
+    stages = max(cfg.num_stages, min(MAX_STAGES, (SM90_SHARED - staging_bytes) // per_stage))
     return dataclasses.replace(cfg, num_stages=stages)
 
 
-def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, config=None):
-    """``gmm.tgmm``'s contract (lhs [M,K], rhs [M,N] -> [G_local,K,N]) with TMA operands. The caller checks
-    ``eligible`` (for ``lhs`` and ``rhs`` rows)."""
-    m, k = lhs.shape
-    n = rhs.shape[1]
-    arch = tuning.detect_arch()
-    cfg = config or tuning.pick_config("tgmm", m, k, n, num_groups, lhs.dtype, arch=arch)
-    bounds = schedule.tgmm_group_bounds(group_sizes, group_offset, num_groups)
-    grid = num_groups * triton.cdiv(k, cfg.block_k) * triton.cdiv(n, cfg.block_n)
-    return triton_call_with_scratch(
-        lhs, rhs, bounds.reshape(-1), kernel=_tgmm_tma_kernel,
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), grid=grid, scratch_bytes=SCRATCH_PER_PROGRAM,
-        name="moe_tgmm_tma", num_warps=cfg.num_warps, num_stages=cfg.num_stages, M=m, K=k, N=n,
-        NUM_GROUPS=num_groups, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m,
-        NUM_STAGES=cfg.num_stages)
+def staging_bytes(cfg: tuning.GmmConfig, ep: Epilogue, out_dtype) -> int:
+    """Shared memory of the TMA-store staging buffer (one ``BM x BN`` tile, or a half when split)."""
+    if not ep.tma_store:
+        return 0
+    return cfg.block_m * (cfg.block_n // 2 if ep.split else cfg.block_n) * jnp.dtype(out_dtype).itemsize
 
 
 def num_programs(arch: str, total_tiles: int) -> int:
-    """``min(#SMs, tiles)`` on a GPU; a few programs under the interpreter."""
+    """``min(#SMs / #CUs, tiles)`` on a GPU (``tuning.NUM_SMS``: 132 sm90, 256 gfx950, 304 gfx942); a few programs
+    under the interpreter."""
     sms = tuning.NUM_SMS.get(arch, _INTERPRETER_PROGRAMS)
     return max(1, min(sms, total_tiles))
 
 
-def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, config=None):
+def gmm_setup(arch, base: tuning.GmmConfig, n, dtype, out_dtype, ep=None, deepen=True):
+    """(config, epilogue) of a GMM launch: ``base`` with ``tma_config``'s stages (when ``deepen``) next to the
+    epilogue's staging buffer."""
+    ep = ep or epilogue(arch, base, n, out_dtype)
+    if not deepen:
+        return base, ep
+    return tma_config(base, jnp.dtype(dtype).itemsize, arch, staging_bytes(base, ep, out_dtype)), ep
+
+
+def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, config=None, ep: Epilogue | None = None):
     """``gmm.gmm``'s contract (lhs [M,K], rhs [G_local,K,N] / [G_local,N,K] -> [M,N], zero rows outside local
-    groups) through the persistent TMA kernel. The caller checks ``eligible``."""
+    groups) through the persistent TMA kernel. The caller checks ``eligible``. Batches under ``jax.vmap`` like the
+    pointer kernel (``batching.fold_gmm``: rows and row tiles fold into ``[B*M, K]``, rhs into ``[B*G, K, N]``)."""
     m, k = lhs.shape
     num_local = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     arch = tuning.detect_arch()
-    cfg = config or tma_config(tuning.pick_config("gmm", m, k, n, num_local, lhs.dtype, arch=arch),
-                               jnp.dtype(lhs.dtype).itemsize, arch)
+    base = config or tuning.pick_config("gmm", m, k, n, num_local, lhs.dtype, arch=arch)
+    cfg, ep = gmm_setup(arch, base, n, lhs.dtype, out_dtype, ep, deepen=config is None)
     tiles = schedule.gmm_row_tiles(group_sizes, group_offset, m, num_local, cfg.block_m)
+    return _gmm_tma_call(lhs, rhs, tiles, None, None, rows=batching.GmmRows(m), n=n,
+                         transpose_rhs=bool(transpose_rhs), out_dtype=out_dtype, cfg=cfg, arch=arch, ep=ep)
+
+
+@batching.folds_batch(batching.fold_gmm)
+def _gmm_tma_call(lhs, rhs, tiles, _sort_idx, _weights, *, rows, n, transpose_rhs, out_dtype, cfg, arch, ep):
+    """The persistent launch over a row-tile table int32[3, T] (``jax.vmap`` folds the batch into it first), passed
+    to the kernel as ``[whole tiles, partial tiles, IDLE tiles]`` (``order_tiles``) + the two counts."""
+    tiles, counts = order_tiles(tiles, rows.num_rows, cfg.block_m)
     num_row_tiles = tiles.shape[1]
-    active = jnp.sum(tiles[0] != schedule.IDLE, dtype=jnp.int32)[None]
     programs = num_programs(arch, num_row_tiles * triton.cdiv(n, cfg.block_n))
     return triton_call_with_scratch(
-        lhs, rhs, jnp.concatenate([tiles.reshape(-1), active]), kernel=_gmm_tma_kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid=programs, scratch_bytes=SCRATCH_PER_PROGRAM,
-        name="moe_gmm_tma", num_warps=cfg.num_warps, num_stages=cfg.num_stages, M=m, K=k, N=n, G=num_local,
-        TRANSPOSE_RHS=bool(transpose_rhs), NUM_ROW_TILES=num_row_tiles, NUM_PROGRAMS=programs, BM=cfg.block_m,
-        BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages)
+        lhs, rhs, jnp.concatenate([tiles.reshape(-1), counts]), kernel=_gmm_tma_kernel,
+        out_shape=jax.ShapeDtypeStruct((rows.num_rows, n), out_dtype), grid=programs,
+        scratch_bytes=SCRATCH_PER_PROGRAM, name="moe_gmm_tma", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        M=rows.num_rows, K=lhs.shape[1], N=n, G=rhs.shape[0], TRANSPOSE_RHS=transpose_rhs,
+        NUM_ROW_TILES=num_row_tiles, NUM_PROGRAMS=programs, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
+        GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages, **ep.constexprs())
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# AOT cases: every shipped 16-bit gmm config of a target x transpose, and every 16-bit tgmm config, at the AOT check's
-# Mixtral-like shape.
+def order_tiles(tiles, num_rows, block_m):
+    """(int32[3, T] table, int32[2] (whole, active)): a stable partition of the row tiles into whole ones (every
+    block row below ``num_rows`` is the tile's own: a TMA store may write the box), partial ones, then IDLE. Stable,
+    so a group's tiles stay adjacent (L2 order); a vmap-folded table's per-batch IDLE tiles move to the end."""
+    group, start, end = tiles[0], tiles[1], tiles[2]
+    idle = group == schedule.IDLE
+    whole = ~idle & ((end - start == block_m) | (end == num_rows))
+    order = jnp.argsort(jnp.where(whole, 0, jnp.where(idle, 2, 1)), stable=True)
+    counts = jnp.stack([jnp.sum(whole), jnp.sum(~idle)]).astype(jnp.int32)
+    return tiles[:, order], counts
 
-_AOT_M, _AOT_G, _AOT_K, _AOT_N = 16384, 8, 4096, 14336
+
+def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, config=None):
+    """``gmm.tgmm``'s contract (lhs [M,K], rhs [M,N] -> [G_local,K,N]) with TMA operands. The caller checks
+    ``eligible`` (for ``lhs`` and ``rhs`` rows). Batches under ``jax.vmap`` (``batching.fold_tgmm``)."""
+    m, k = lhs.shape
+    n = rhs.shape[1]
+    cfg = config or tuning.pick_config("tgmm", m, k, n, num_groups, lhs.dtype, arch=tuning.detect_arch())
+    bounds = schedule.tgmm_group_bounds(group_sizes, group_offset, num_groups)
+    return _tgmm_tma_call(lhs, rhs, bounds, out_dtype=out_dtype, cfg=cfg)
 
 
-@register_aot("gmm_tma")
-def aot_cases(target: str):
-    backend = TARGETS[target][0]
-    arch = target if target in tuning.NUM_SMS else "sm90"
-    cases = []
-    for dtype_name, dtype in (("bf16", jnp.bfloat16),):
-        for entry, table_cfg in tuning.shipped(target, "gmm", dtype).items():
-            cfg = tma_config(table_cfg, jnp.dtype(dtype).itemsize, target)
-            rows = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
-            for transpose in (False, True):
-                constexprs = dict(M=_AOT_M, K=_AOT_K, N=_AOT_N, G=_AOT_G, TRANSPOSE_RHS=transpose,
-                                  NUM_ROW_TILES=rows, NUM_PROGRAMS=num_programs(arch, rows * -(-_AOT_N // cfg.block_n)),
-                                  BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m,
-                                  NUM_STAGES=cfg.num_stages)
-                signature = dict(lhs_ptr=f"*{dtype_name}", rhs_ptr=f"*{dtype_name}", tiles_ptr="*i32",
-                                 out_ptr=f"*{dtype_name}", **{c: "constexpr" for c in constexprs})
-                cases.append(AotCase("gmm_tma_transposed" if transpose else "gmm_tma", f"{entry}:{dtype_name}",
-                                     _gmm_tma_kernel, signature, constexprs, cfg.compile_options(backend)))
-        for entry, cfg in tuning.shipped(target, "tgmm", dtype).items():
-            constexprs = dict(M=_AOT_M, K=_AOT_K, N=_AOT_N, NUM_GROUPS=_AOT_G, BM=cfg.block_m, BN=cfg.block_n,
-                              BK=cfg.block_k, GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages)
-            signature = dict(lhs_ptr=f"*{dtype_name}", rhs_ptr=f"*{dtype_name}", bounds_ptr="*i32",
-                             out_ptr=f"*{dtype_name}", **{c: "constexpr" for c in constexprs})
-            cases.append(AotCase("tgmm_tma", f"{entry}:{dtype_name}", _tgmm_tma_kernel, signature, constexprs,
-                                 cfg.compile_options(backend)))
-    return cases
+@batching.folds_batch(batching.fold_tgmm)
+def _tgmm_tma_call(lhs, rhs, bounds, *, out_dtype, cfg):
+    """The ``_tgmm_tma_kernel`` launch over group bounds int32[3, G_local] -> [G_local, K, N]."""
+    m, k = lhs.shape
+    n, num_groups = rhs.shape[1], bounds.shape[1]
+    grid = num_groups * triton.cdiv(k, cfg.block_k) * triton.cdiv(n, cfg.block_n)
+    return triton_call_with_scratch(
+        lhs, rhs, bounds.reshape(-1), kernel=_tgmm_tma_kernel,
+        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), grid=grid,
+        scratch_bytes=TGMM_SCRATCH_PER_PROGRAM, name="moe_tgmm_tma", num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, M=m, K=k, N=n, NUM_GROUPS=num_groups, BM=cfg.block_m, BN=cfg.block_n,
+        BK=cfg.block_k, GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages)
+
+
+from kernels.triton import gmm_tma_aot  # noqa: E402,F401  (registers the "gmm_tma" AOT family)
