@@ -208,9 +208,12 @@ def test_tuning_tables_and_heuristic():
     assert tuning.heuristic("gmm", 16384, 4096, 14336, 8, jnp.bfloat16, "sm90") == "large"
     cpu = tuning.pick_config("gmm", 16384, 4096, 14336, 8, jnp.bfloat16, arch="cpu")
     assert max(cpu.block_m, cpu.block_n, cpu.block_k) <= tuning.CPU_MAX_TILE
-    assert tuning.detect_arch() == "cpu"
     with pytest.raises(ValueError):
         tuning.GmmConfig(48, 32, 32)
+    if jax.default_backend() != "cpu":  # a GPU host (benchmarks/run_on_gpu.sh): its table, and autotune may run
+        assert tuning.detect_arch() in tuning.TABLES
+        return
+    assert tuning.detect_arch() == "cpu"
     with pytest.raises(RuntimeError, match="GPU"):
         tuning.autotune("gmm", 64, 32, 32, 2, jnp.bfloat16)
 

@@ -32,7 +32,8 @@ import triton.language as tl
 from kernels.registry import TARGETS, register_aot
 from kernels.triton import schedule, tuning
 from kernels.triton.bridge import load_jax_triton
-from kernels.triton.gmm import _AOT_G, _AOT_M, _AOT_TOP_K, _ZERO_FILL, _aot_case, _aot_points, _launch_options
+from kernels.triton.gmm import _AOT_DTYPES, _AOT_G, _AOT_M, _AOT_TOP_K, _ZERO_FILL, _aot_case, _aot_points
+from kernels.triton.gmm import _launch_options
 from kernels.triton.gmm import _row_tile, _sorted_slots
 
 __all__ = ["swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd", "swiglu_down_bwd_saved", "swiglu_config",
@@ -227,10 +228,20 @@ def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, 
         tl.store(part_ptrs, tl.zeros((BM,), dtype=tl.float32), mask=live)
 
 
-def swiglu_bwd_config(cfg: tuning.GmmConfig) -> tuning.GmmConfig:
-    """The gmm config with ``block_n`` quartered (at least 16): recomputing, three ``BM x BN/4`` accumulators take
-    the registers, and five operand tiles per stage the shared memory, of about one gmm tile; in saved mode ``a``,
+# Saved-mode backward on Hopper, 16-bit: measured on an H200 at the Qwen3-30B shape (benchmarks/RESULTS.md,
+# 2026-11-26) at 1.49 ms against 1.96 ms for the quartered 128x64 large tile (128x64 / 64x128 with 4 warps: 1.85 /
+# 1.73 ms): each column tile re-reads its gathered dout rows, and smaller row tiles spread them over more SMs.
+_SM90_SAVED_BWD = tuning.GmmConfig(64, 64, 64, group_m=8, num_warps=4, num_stages=4)
+
+
+def swiglu_bwd_config(cfg: tuning.GmmConfig, *, recompute: bool = True, arch: str | None = None,
+                      dtype=None) -> tuning.GmmConfig:
+    """The backward's config from the gmm config of the shape: saved mode on sm90 with 16-bit inputs, the measured
+    ``_SM90_SAVED_BWD``; otherwise ``block_n`` quartered (at least 16): recomputing, three ``BM x BN/4`` accumulators
+    take the registers, and five operand tiles per stage the shared memory, of about one gmm tile; in saved mode ``a``,
     gate and up are three f32 tiles in the epilogue (halving instead spilled 1.2-2.7 KB on sm90 in the AOT check)."""
+    if not recompute and arch == "sm90" and dtype is not None and not tuning.is_f32(dtype):
+        return _SM90_SAVED_BWD
     return dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 4))
 
 
@@ -259,7 +270,9 @@ def swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, sor
 def _backward(x, dout, w_gate, w_up, w_down, gate, up, group_sizes, group_offset, sort_idx, w_sorted, k, activation,
               config, recompute, gate_shape=None):
     m, (num_local, kdim, n) = sort_idx.shape[0], (gate_shape or w_gate).shape
-    cfg = config or swiglu_bwd_config(tuning.pick_config("gmm", m, kdim, n, num_local, dout.dtype))
+    arch = tuning.detect_arch()
+    cfg = config or swiglu_bwd_config(tuning.pick_config("gmm", m, kdim, n, num_local, dout.dtype, arch=arch),
+                                      recompute=recompute, arch=arch, dtype=dout.dtype)
     tiles = schedule.gmm_row_tiles(group_sizes, group_offset, m, num_local, cfg.block_m)
     num_row_tiles, col_tiles = tiles.shape[1], triton.cdiv(n, cfg.block_n)
     rows = jax.ShapeDtypeStruct((m, n), dout.dtype)
@@ -294,16 +307,16 @@ def aot_cases(target: str):
                 sig = dict(lhs_ptr=rows, wg_ptr=rows, wu_ptr=rows, tiles_ptr="*i32", sort_idx_ptr="*i32",
                            out_ptr=rows, gate_ptr=rows, up_ptr=rows)
                 cases.append(dataclasses.replace(case, signature={**sig, **{c: "constexpr" for c in case.constexprs}}))
-            cases += _bwd_aot_cases(backend, entry, gmm_cfg, dtype_name, suffix, k, n, full)
+            cases += _bwd_aot_cases(target, backend, entry, gmm_cfg, dtype_name, suffix, k, n, full)
     return cases
 
 
-def _bwd_aot_cases(backend, entry, gmm_cfg, dtype_name, suffix, k, n, every_activation):
+def _bwd_aot_cases(target, backend, entry, gmm_cfg, dtype_name, suffix, k, n, every_activation):
     """``_swiglu_down_bwd_kernel`` at one (config, dtype, shape) point, recomputing and saved mode: silu, plus
     gelu / relu when asked."""
     cases = []
     for act, recompute in itertools.product(ACTIVATIONS if every_activation else ("silu",), (True, False)):
-        cfg = swiglu_bwd_config(gmm_cfg)
+        cfg = swiglu_bwd_config(gmm_cfg, recompute=recompute, arch=target, dtype=_AOT_DTYPES[dtype_name])
         tiles = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
         case = _aot_case(f"swiglu_down_bwd_{act}{'' if recompute else '_saved'}", _swiglu_down_bwd_kernel,
                          dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}", K=k, N=n, NUM_ROW_TILES=tiles,
