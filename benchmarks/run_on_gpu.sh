@@ -17,14 +17,27 @@ fi
 python3 - <<'PY'
 import jax, triton; print("device:", jax.devices()[0], "| jax", jax.__version__, "| triton", triton.__version__)
 PY
-# 1. The kernels on the device against the reference (parity + gradients; the interpreter-only tests skip nothing).
-timeout 300 python3 -m pytest -q -x tests/test_triton_gmm.py tests/test_sort.py tests/test_fused.py -k "not pallas" \
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
+# QUICK=1 fits a 15-minute device lease (what ran on 2026-11-26, benchmarks/RESULTS.md): the quick tests, three GMM
+# shapes and the Qwen3 layer, balanced routing only. Without it: every test and every shape (longer than 15 minutes).
+quick=${QUICK:-0}
+marks=$([ "$quick" = 1 ] && echo "not slow" || echo "slow or not slow")
+# 1. The kernels on the device against the reference (parity + gradients; pytest-xdist is in the GPU image).
+timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 --maxfail=8 -m "$marks" tests/test_triton_gmm.py \
+  tests/test_sort.py tests/test_fused.py tests/test_swiglu_ffn.py -k "not pallas and not xla and not shard_map" \
   2>&1 | tee "$out/gpu_tests.log" | tail -5
-# 1b. The persistent TMA GMM variant (global scratch through triton_call: first run on a GPU) on its own tests and
-#     through the public op suite; the default flips only once this passes and the gmm suite shows it faster.
-MOE_OPS_GMM_VARIANT=tma timeout 300 python3 -m pytest -q tests/test_gmm_tma.py tests/test_triton_gmm.py -k "not pallas" \
+# 1b. The persistent TMA GMM variant (global scratch through triton_call) on its own tests; the default flips only
+#     once the gmm suite shows it faster.
+MOE_OPS_GMM_VARIANT=tma timeout 200 python3 -m pytest -q -p no:cacheprovider -n 8 -m "$marks" tests/test_gmm_tma.py \
   2>&1 | tee "$out/gpu_tests_tma.log" | tail -5
 # 2. The suites, one time limit each; every figure is a ratio to peers and ceilings measured in the same run.
+if [ "$quick" = 1 ]; then
+  python3 -m benchmarks gmm --impl triton --shapes mixtral-w1,qwen3-30b-w1,decode --patterns balanced \
+    --peers lax.ragged_dot,torch._grouped_mm --no-progress --json "$out/gmm.json" 2>&1 | tee "$out/gmm.log" | tail -30
+  python3 -m benchmarks layer --impl triton --shapes qwen3-30b --patterns balanced --peers lax.ragged_dot \
+    --no-progress --json "$out/layer.json" 2>&1 | tee "$out/layer.log" | tail -25
+  exit 0
+fi
 for suite in gmm sort layer; do
   timeout 540 python3 -m benchmarks "$suite" --json "$out/$suite.json" --plot "$out/$suite.png" --no-progress \
     2>&1 | tee "$out/$suite.log" | tail -40
