@@ -32,8 +32,8 @@ import triton.language as tl
 from kernels.registry import TARGETS, register_aot
 from kernels.triton import schedule, tuning
 from kernels.triton.bridge import load_jax_triton
-from kernels.triton.gmm import _AOT_DTYPES, _AOT_G, _AOT_M, _AOT_TOP_K, _ZERO_FILL, _aot_case, _aot_points
-from kernels.triton.gmm import _launch_options
+from kernels.triton.gmm import _ZERO_FILL, _launch_options
+from kernels.triton.gmm_aot import _AOT_DTYPES, _AOT_G, _AOT_M, _AOT_TOP_K, _aot_case, _aot_points
 from kernels.triton.gmm import _row_tile, _sorted_slots
 
 __all__ = ["swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd", "swiglu_down_bwd_saved", "swiglu_config",
