@@ -197,8 +197,8 @@ def test_fused_ops_in_shard_map_grads_of_replicated_weights(impl):
 def test_moe_ffn_fused_matches_dense(impl, fused_arg, takes_fused, monkeypatch):
     """Forward and all five gradients, f32; the default (None) on Triton is the fused path, False the unfused one."""
     calls = []
-    real = fused.scatter_gmm
-    monkeypatch.setattr(fused, "scatter_gmm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = fused.sort_by_expert   # the fused path's first step (the unfused path sorts inside permute)
+    monkeypatch.setattr(fused, "sort_by_expert", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     x, logits, ws = layer_inputs(SHAPES[impl], "hot", seed=5)
     top_k = 2
     ours = jax.jit(lambda *a, top_k: moe_ops.moe_ffn(*a, top_k=top_k, implementation=impl, fused=fused_arg),

@@ -169,8 +169,8 @@ def test_moe_ffn_default_fuses_on_pallas(num_experts, top_k, routing, dtype, mon
     """moe_ffn(fused=None) on Pallas takes the fused path; forward and all five gradients match the dense layer (f32
     reference on the same values) and the unfused Pallas path."""
     calls = []
-    real = fused.scatter_gmm
-    monkeypatch.setattr(fused, "scatter_gmm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = fused.sort_by_expert   # the fused path's first step (the unfused path sorts inside permute)
+    monkeypatch.setattr(fused, "sort_by_expert", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     b, s, d, f, _ = SHAPES["pallas"]
     x, logits, ws = layer_inputs((b, s, d, f, num_experts), routing, seed=top_k, dtype=dtype)
     tol = TOL[dtype]
