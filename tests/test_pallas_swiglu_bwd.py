@@ -234,3 +234,30 @@ def test_saved_mode_lowers_to_mosaic():
                             sizes, offset, idx, sds((t * k,), jnp.float32)))):
         text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
         assert text.count("tpu_custom_call") == 1 and "callback" not in text
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_layer_grad_lowers_to_the_fused_kernels(recompute):
+    """jax.export(platforms=["tpu"]) of jax.grad through the public fused layer: Mosaic only (no interpreter
+    callback), with the saved-mode pair (forward gate/up kernel + ``_saved_kernel``) or the recomputing backward
+    kernel (``_bwd_kernel``, and no forward gate/up kernel at all)."""
+    import re  # noqa: PLC0415
+    import moe_ops  # noqa: PLC0415
+    sds = jax.ShapeDtypeStruct
+    t, k, d, f, e = 256, 2, 512, 768, 8
+    dtype = jnp.bfloat16
+
+    def loss(x, logits, w_gate, w_up, w_down):
+        weights, ids = moe_ops.route(logits, k)
+        out = moe_ops.fused_experts_ffn(x, weights, ids, w_gate, w_up, w_down, implementation="pallas",
+                                        recompute=recompute)
+        return jnp.sum(out.astype(jnp.float32))
+    args = (sds((t, d), dtype), sds((t, e), jnp.float32), sds((e, d, f), dtype), sds((e, d, f), dtype),
+            sds((e, f, d), dtype))
+    text = jax.export.export(jax.jit(jax.grad(loss, argnums=range(5))), platforms=["tpu"])(*args).mlir_module()
+    names = set(re.findall(r'kernel_name = "([^"]+)"', text))
+    assert "callback" not in text
+    if recompute:
+        assert "_bwd_kernel" in names and "_swiglu_kernel" not in names, names
+    else:
+        assert {"_saved_kernel", "_swiglu_kernel"} <= names, names
