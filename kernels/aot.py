@@ -153,17 +153,41 @@ def lower_case_via_jax(case: AotCase, target: str) -> AotReport:
                          error=(message[-1] if message else type(e).__name__)[:200])
 
 
-def check(targets=("sm90", "gfx950"), families=None, *, via_jax=False, on_report=None) -> list[AotReport]:
-    """Compile (or, ``via_jax``, lower through jax-triton) every case; ``on_report(report)`` is called as each
-    finishes."""
-    run = lower_case_via_jax if via_jax else compile_case
+def check(targets=("sm90", "gfx950"), families=None, *, via_jax=False, on_report=None, workers=1) -> list[AotReport]:
+    """Compile (or, ``via_jax``, lower through jax-triton) every case, in case order; ``on_report(report)`` is called
+    for each in that order. ``workers > 1`` compiles in that many spawned processes (each rebuilds the case list
+    and compiles every ``workers``-th case; Triton's compiler is not thread-safe, threads failed a case now and
+    then); lowering via jax stays in this process."""
     reports = []
     for t in targets:
-        for case in cases_for(t, families):
-            reports.append(run(case, t))
+        n = len(cases_for(t, families))
+        if workers > 1 and not via_jax and n > 1:
+            done = _compile_in_processes(t, families, n, workers)
+        else:
+            run = lower_case_via_jax if via_jax else compile_case
+            done = (run(case, t) for case in cases_for(t, families))
+        for report in done:
+            reports.append(report)
             if on_report is not None:
-                on_report(reports[-1])
+                on_report(report)
     return reports
+
+
+def _compile_in_processes(target, families, n, workers) -> list[AotReport]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    shares = [list(range(i, n, workers)) for i in range(min(workers, n))]
+    with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_compile_share, [(target, families, share) for share in shares]))
+    by_index = {i: r for share, reports in zip(shares, results) for i, r in zip(share, reports)}
+    return [by_index[i] for i in range(n)]
+
+
+def _compile_share(job) -> list[AotReport]:
+    """A worker process: compile cases ``share`` of ``cases_for(target, families)``."""
+    target, families, share = job
+    cases = cases_for(target, families)
+    return [compile_case(cases[i], target) for i in share]
 
 
 def _print_row(r: AotReport) -> None:
@@ -179,6 +203,8 @@ def main(argv=None) -> int:
     parser.add_argument("--family", action="append", help="kernel family to compile (default: all registered)")
     parser.add_argument("--via-jax", action="store_true",
                         help="lower through jax-triton's real CUDA / ROCm path and decode the launch")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="compile in this many processes (default: one per CPU; rows print per target)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.family or ()) - set(registered_families()))
     if unknown:
@@ -193,7 +219,7 @@ def main(argv=None) -> int:
     targets = list(TARGETS) if args.target == "all" else [args.target]
     print(f"{'target':8} {'kernel':28} {'config':36} {'smem/LDS':>9} {'spills':>6} {'ldg/stg':>7} {'scratch':>7}  ok",
           flush=True)
-    reports = check(targets, args.family, via_jax=args.via_jax, on_report=_print_row)
+    reports = check(targets, args.family, via_jax=args.via_jax, on_report=_print_row, workers=args.workers)
     failures = [r for r in reports if not r.clean]
     print(f"{len(reports)} compiles, {len(failures)} failures")
     return 1 if failures or not reports else 0
