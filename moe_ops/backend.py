@@ -171,18 +171,18 @@ def compose_swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_of
                             activation):
     """``swiglu_down_bwd`` from a backend's gather-GMMs and XLA elementwise math (materialises gate, up and the
     down projection's dlhs in f32)."""
-    gather = _gather_gmm_of(ops)
+    gather = gather_gmm_of(ops)
 
     def project(rows, w, transpose):
         return gather(rows, w, group_sizes, group_offset, sort_idx, k, transpose_rhs=transpose, out_dtype=jnp.float32)
     gate, up, a = project(x, w_gate, False), project(x, w_up, False), project(dout, w_down, True)
-    return _activation_epilogue(a, gate, up, w_sorted, activation, x.dtype)
+    return reference.swiglu_down_epilogue(a, gate, up, w_sorted, activation, x.dtype)
 
 
 def compose_swiglu_gmm_saved(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, ops, activation,
                              out_dtype):
     """``swiglu_gmm_saved`` from a backend's (gather-)GMMs: gate / up in ``out_dtype``, h from the f32 products."""
-    gather = _gather_gmm_of(ops)
+    gather = gather_gmm_of(ops)
     gate, up = (gather(x, w, group_sizes, group_offset, sort_idx, k, transpose_rhs=False, out_dtype=jnp.float32)
                 if sort_idx is not None else
                 ops.gmm(x, w, group_sizes, group_offset, transpose_rhs=False, out_dtype=jnp.float32)
@@ -193,9 +193,9 @@ def compose_swiglu_gmm_saved(x, w_gate, w_up, group_sizes, group_offset, sort_id
 def compose_swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, sort_idx, w_sorted, k, *, ops,
                                   activation):
     """``swiglu_down_bwd_saved`` from a backend's gather-GMM and XLA elementwise math."""
-    a = _gather_gmm_of(ops)(dout, w_down, group_sizes, group_offset, sort_idx, k, transpose_rhs=True,
+    a = gather_gmm_of(ops)(dout, w_down, group_sizes, group_offset, sort_idx, k, transpose_rhs=True,
                             out_dtype=jnp.float32)
-    return _activation_epilogue(a, gate.astype(jnp.float32), up.astype(jnp.float32), w_sorted, activation, dout.dtype)
+    return reference.swiglu_down_epilogue(a, gate.astype(jnp.float32), up.astype(jnp.float32), w_sorted, activation, dout.dtype)
 
 
 def compose_gather_tgmm(lhs, rhs, group_sizes, group_offset, sort_idx, k, *, ops, num_groups, out_dtype, gather_lhs,
@@ -208,17 +208,11 @@ def compose_gather_tgmm(lhs, rhs, group_sizes, group_offset, sort_idx, k, *, ops
     return ops.tgmm(lhs, rhs, group_sizes, group_offset, num_groups=num_groups, out_dtype=out_dtype)
 
 
-def _gather_gmm_of(ops):
+def gather_gmm_of(ops):
+    """A backend's ``gather_gmm``, or the composition of its ``gather_rows`` + ``gmm``."""
     return getattr(ops, "gather_gmm", None) or functools.partial(compose_gather_gmm, ops=ops)
 
 
-def _activation_epilogue(a, gate, up, w_sorted, activation, dtype):
-    """(dgate, dup, h in ``dtype``, <h, a> f32) from the f32 ``a = dout @ w_down^T``, gate and up."""
-    act, dact = reference.activation_grad(gate, activation)
-    dh, h = a * w_sorted.astype(jnp.float32)[:, None], act * up
-    return (dh * up * dact).astype(dtype), (dh * act).astype(dtype), h.astype(dtype), jnp.sum(h * a, axis=1)
-
-
-_COMPOSED = {"gather_gmm": compose_gather_gmm, "scatter_gmm": compose_scatter_gmm, "swiglu_gmm": compose_swiglu_gmm,
-             "gather_tgmm": compose_gather_tgmm, "swiglu_gmm_saved": compose_swiglu_gmm_saved, "swiglu_down_bwd": compose_swiglu_down_bwd,
-             "swiglu_down_bwd_saved": compose_swiglu_down_bwd_saved}
+_COMPOSED = {"gather_gmm": compose_gather_gmm, "scatter_gmm": compose_scatter_gmm, "gather_tgmm": compose_gather_tgmm,
+             "swiglu_gmm": compose_swiglu_gmm, "swiglu_gmm_saved": compose_swiglu_gmm_saved,
+             "swiglu_down_bwd": compose_swiglu_down_bwd, "swiglu_down_bwd_saved": compose_swiglu_down_bwd_saved}

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 __all__ = [
     "row_group_ids", "gmm", "tgmm", "route", "sort_by_expert", "inverse_permutation", "permute", "unpermute",
-    "moe_ffn", "moe_ffn_dense", "activate", "activation_grad", "swiglu_down_bwd", "flatten_tokens",
+    "moe_ffn", "moe_ffn_dense", "activate", "activation_grad", "swiglu_down_bwd", "swiglu_down_epilogue",
+    "flatten_tokens",
 ]
 
 
@@ -172,11 +173,15 @@ def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, sort_idx, w_sort
     kw = dict(group_offset=group_offset, preferred_element_type=jnp.float32)
     gate, up = gmm(rows, w_gate, group_sizes, **kw), gmm(rows, w_up, group_sizes, **kw)
     a = gmm(dout[sort_idx // top_k], w_down, group_sizes, transpose_rhs=True, **kw)
+    return swiglu_down_epilogue(a, gate, up, w_sorted, activation, x.dtype)
+
+
+def swiglu_down_epilogue(a, gate, up, w_sorted, activation, dtype):
+    """The row-wise end of ``swiglu_down_bwd`` from f32 ``a`` / ``gate`` / ``up`` [M,F] and ``w_sorted`` [M] ->
+    (dgate, dup, h in ``dtype``, ``<h_i, a_i>`` f32)."""
     act, dact = activation_grad(gate, activation)
-    dh = a * w_sorted.astype(jnp.float32)[:, None]
-    h = act * up
-    return ((dh * up * dact).astype(x.dtype), (dh * act).astype(x.dtype), h.astype(x.dtype),
-            jnp.sum(h * a, axis=1))
+    dh, h = a * w_sorted.astype(jnp.float32)[:, None], act * up
+    return (dh * up * dact).astype(dtype), (dh * act).astype(dtype), h.astype(dtype), jnp.sum(h * a, axis=1)
 
 
 def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax"):

@@ -7,7 +7,7 @@ w_up [G_local,D,F] as given (no interleaved copy). Rows of non-local groups and 
 are zero. The activation runs in f32 on the f32 accumulators (``reference.activate``'s activations). Custom VJP
 with only the inputs as residuals: ``gate`` / ``up`` recomputed in x's dtype (two (gather-)GMMs), the activation's
 VJP in XLA, ``dw_gate`` / ``dw_up`` by TGMM over the (gathered) x rows, ``dx = dgate @ w_gate^T + dup @ w_up^T``
-summed per token by ``combine_rows`` (fixed order, no scatter-add).
+taken back to token order by scatter-GMMs with unit weights (fixed order, no scatter-add).
 
 ``swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights)`` -> [T,D]: ``swiglu_gmm`` with the gather,
 then the weighted down projection back to token order (``scatter_gmm``). Custom VJP; residuals (``recompute``):
@@ -58,12 +58,10 @@ def has_kernel(implementation=None) -> bool:
 
 def _project(x, w, sizes, offset, sort_idx, k, out_dtype, impl):
     """x @ w over the sorted rows (through the gather row map when ``sort_idx`` is given) -> [M, F]."""
-    if sort_idx is None:
-        return backend.ops(impl).gmm(x, w, sizes, offset, transpose_rhs=False, out_dtype=out_dtype)
     ops = backend.ops(impl)
-    if hasattr(ops, "gather_gmm"):
-        return ops.gather_gmm(x, w, sizes, offset, sort_idx, k, transpose_rhs=False, out_dtype=out_dtype)
-    return ops.gmm(ops.gather_rows(x, sort_idx, k), w, sizes, offset, transpose_rhs=False, out_dtype=out_dtype)
+    if sort_idx is None:
+        return ops.gmm(x, w, sizes, offset, transpose_rhs=False, out_dtype=out_dtype)
+    return backend.gather_gmm_of(ops)(x, w, sizes, offset, sort_idx, k, transpose_rhs=False, out_dtype=out_dtype)
 
 
 def _one_kernel(name, operands, composed, *, rows, impl, call=None, **static):
