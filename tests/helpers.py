@@ -82,3 +82,20 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 # STRICT also detects races between DMAs and compute (the ``strict_interpreter`` fixture of ``conftest.py``).
 POISON = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
 STRICT = pltpu.InterpretParams(out_of_bounds_reads="raise", detect_races=True, uninitialized_memory="nan")
+
+
+def fused_layer_grad(implementation, recompute, top_k=2, shape=(256, 512, 768, 8), dtype=jnp.bfloat16):
+    """(jax.grad over all five inputs of the public fused layer ``fused_experts_ffn`` with routing, its argument
+    ShapeDtypeStructs) at ``shape`` (T, D, F, E): what the lowering tests export for a platform."""
+    import moe_ops  # noqa: PLC0415 (tests.helpers also serves kernel-level tests)
+    t, d, f, e = shape
+
+    def loss(x, logits, w_gate, w_up, w_down):
+        weights, ids = moe_ops.route(logits, top_k)
+        out = moe_ops.fused_experts_ffn(x, weights, ids, w_gate, w_up, w_down, implementation=implementation,
+                                        recompute=recompute)
+        return jnp.sum(out.astype(jnp.float32))
+    sds = jax.ShapeDtypeStruct
+    args = (sds((t, d), dtype), sds((t, e), jnp.float32), sds((e, d, f), dtype), sds((e, d, f), dtype),
+            sds((e, f, d), dtype))
+    return jax.grad(loss, argnums=range(5)), args

@@ -16,7 +16,7 @@ import pytest
 from kernels.pallas import fused as pf, swiglu_bwd as pb, tiling
 from kernels.platform import interpret_mode
 from moe_ops import reference as R
-from tests.helpers import POISON, TOL, assert_close, keys, randn
+from tests.helpers import POISON, TOL, fused_layer_grad, assert_close, keys, randn
 
 T, TOP_K, E, D, F = 13, 2, 8, 200, 200
 T8 = tiling.Tiling(8, 128, 128)
@@ -242,19 +242,8 @@ def test_layer_grad_lowers_to_the_fused_kernels(recompute):
     callback), with the saved-mode pair (forward gate/up kernel + ``_saved_kernel``) or the recomputing backward
     kernel (``_bwd_kernel``, and no forward gate/up kernel at all)."""
     import re  # noqa: PLC0415
-    import moe_ops  # noqa: PLC0415
-    sds = jax.ShapeDtypeStruct
-    t, k, d, f, e = 256, 2, 512, 768, 8
-    dtype = jnp.bfloat16
-
-    def loss(x, logits, w_gate, w_up, w_down):
-        weights, ids = moe_ops.route(logits, k)
-        out = moe_ops.fused_experts_ffn(x, weights, ids, w_gate, w_up, w_down, implementation="pallas",
-                                        recompute=recompute)
-        return jnp.sum(out.astype(jnp.float32))
-    args = (sds((t, d), dtype), sds((t, e), jnp.float32), sds((e, d, f), dtype), sds((e, d, f), dtype),
-            sds((e, f, d), dtype))
-    text = jax.export.export(jax.jit(jax.grad(loss, argnums=range(5))), platforms=["tpu"])(*args).mlir_module()
+    grad, args = fused_layer_grad("pallas", recompute)
+    text = jax.export.export(jax.jit(grad), platforms=["tpu"])(*args).mlir_module()
     names = set(re.findall(r'kernel_name = "([^"]+)"', text))
     assert "callback" not in text
     if recompute:

@@ -14,6 +14,7 @@ import pytest
 import moe_ops
 from kernels import aot, lowering
 from moe_ops import export_check
+from tests.helpers import fused_layer_grad
 from kernels.registry import cases_for, registered_families
 from kernels.triton import schedule, tuning
 
@@ -196,20 +197,9 @@ def test_precision_is_chosen_per_platform():
 def test_recompute_mode_grad_launches_no_forward_kernel_on_gpu():
     """``fused_experts_ffn(recompute=True)``'s gradient exported for cuda: the recomputing backward kernel, the
     row-gathering TGMMs (``_tgmm_kernel`` reading token-order rows) and no forward gate/up kernel, no row gather of x."""
-    sds = jax.ShapeDtypeStruct
-    t, k, d, f, e = 256, 2, 512, 768, 8
-    dtype = jnp.bfloat16
-
-    def loss(x, logits, w_gate, w_up, w_down):
-        weights, ids = moe_ops.route(logits, k)
-        out = moe_ops.fused_experts_ffn(x, weights, ids, w_gate, w_up, w_down, implementation="triton",
-                                        recompute=True)
-        return jnp.sum(out.astype(jnp.float32))
-    args = (sds((t, d), dtype), sds((t, e), jnp.float32), sds((e, d, f), dtype), sds((e, d, f), dtype),
-            sds((e, f, d), dtype))
+    grad, args = fused_layer_grad("triton", recompute=True)
     with lowering.pinned_targets():
-        text = jax.export.export(jax.jit(jax.grad(loss, argnums=range(5))), platforms=["cuda"],
-                                 disabled_checks=[TRITON_CALL])(*args).mlir_module()
+        text = jax.export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=[TRITON_CALL])(*args).mlir_module()
     kernels = [c.kernel for c in lowering.kernel_calls(text)]
     assert kernels.count("_swiglu_down_bwd_kernel") == 1 and "_swiglu_kernel" not in kernels, kernels
     assert kernels.count("_tgmm_kernel") == 3 and "_gather_rows_kernel" not in kernels, kernels
