@@ -258,6 +258,11 @@ def _cache_store(arch: str, bucket: str, cfg: GmmConfig) -> None:
         os.replace(path + ".tmp", path)
 
 
+def store(arch: str, kind: str, m: int, k: int, n: int, g: int, dtype, cfg: GmmConfig) -> None:
+    """Cache ``cfg`` for the shape bucket of (kind, m, k, n, g, dtype) on ``arch`` (``pick_config`` prefers it)."""
+    _cache_store(arch, _bucket(kind, m, k, n, g, dtype), cfg)
+
+
 def autotune(kind: str, m: int, k: int, n: int, g: int, dtype, candidates=None, reps: int = 10) -> GmmConfig:
     """Time every candidate (default: the arch's shipped entries for ``dtype``) on random data with balanced groups,
     cache the fastest under (arch, shape bucket, dtype) and return it. Real GPUs only; never called by tests.
@@ -268,7 +273,7 @@ def autotune(kind: str, m: int, k: int, n: int, g: int, dtype, candidates=None, 
     candidates = list(shipped(arch, kind, dtype).values()) if candidates is None else list(candidates)
     with jax.ensure_compile_time_eval():
         best = _fastest(kind, m, k, n, g, dtype, candidates, reps)
-    _cache_store(arch, _bucket(kind, m, k, n, g, dtype), best)
+    store(arch, kind, m, k, n, g, dtype, best)
     return best
 
 

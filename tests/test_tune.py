@@ -1,0 +1,51 @@
+"""The GPU config sweep (``benchmarks.tune``): its candidate grid, and one sweep step run through the Triton
+interpreter on CPU (timings there mean nothing; the plumbing — parity against the shipped config, rows, errors — is
+what is checked)."""
+
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import shapes, tune
+from kernels.triton import tuning
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-w1", "decode", "mixtral-w1"])
+@pytest.mark.parametrize("arch", ["sm90", "gfx950", "gfx942"])
+def test_candidates_fit_and_start_with_shipped(name, arch):
+    for problem in tune.problems(shapes.GMM_SHAPES[name], tune.KINDS):
+        grid = tune.candidates(problem, arch)
+        shipped = list(tuning.shipped(arch, problem.table, jnp.bfloat16).values())
+        assert grid[:len(shipped)] == shipped and len(set(grid)) == len(grid)
+        extra = grid[len(shipped):]
+        assert (10 if arch == "sm90" else 2) <= len(extra) <= 60, (problem, len(extra))
+        assert all(tune._smem_bytes(problem.table, c, 2) <= tune.SHARED_LIMIT[arch] for c in extra)
+        assert all(c.num_stages == 2 for c in extra) or arch == "sm90"
+
+
+def test_decode_candidates_keep_tiles_short():
+    (gmm,) = tune.problems(shapes.GMM_SHAPES["decode"], ["gmm"])  # 8 rows per group
+    assert {c.block_m for c in tune.candidates(gmm)[3:]} == {64}
+
+
+def test_problems_swap_dims_for_dlhs():
+    fwd, dlhs, tg = tune.problems(shapes.GmmShape("s", 64, 32, 48, 4), tune.KINDS)
+    assert (fwd.k, fwd.n, dlhs.k, dlhs.n, tg.k, tg.n) == (32, 48, 48, 32, 32, 48)
+    assert (fwd.table, dlhs.table, tg.table) == ("gmm", "gmm", "tgmm")
+
+
+@pytest.mark.parametrize("kind", tune.KINDS)
+def test_sweep_step_through_interpreter(kind):
+    problem = tune.Problem("tiny", kind, m=64, k=32, n=48, g=4)
+    result = tune.sweep(problem, jnp.float32, arch="cpu", budget_s=0.0, repeats=1)
+    timed = [r for r in result["rows"] if "ms" in r]
+    assert len(timed) == 1 and timed[0]["tflops"] > 0 and timed[0]["fields"]["block_m"] >= 16
+    assert all(r["error"] == "time budget spent" for r in result["rows"] if "ms" not in r)
+
+
+def test_cli_list_runs_on_cpu_and_timing_refuses(capsys):
+    assert tune.main(["--list", "--shapes", "decode", "--kinds", "gmm"]) == 0
+    assert "decode gmm:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        tune.main(["--shapes", "decode"])
+    with pytest.raises(SystemExit):
+        tune.main(["--list", "--kinds", "nope"])
