@@ -155,39 +155,50 @@ def lower_case_via_jax(case: AotCase, target: str) -> AotReport:
 
 def check(targets=("sm90", "gfx950"), families=None, *, via_jax=False, on_report=None, workers=1) -> list[AotReport]:
     """Compile (or, ``via_jax``, lower through jax-triton) every case, in case order; ``on_report(report)`` is called
-    for each in that order. ``workers > 1`` compiles in that many spawned processes (each rebuilds the case list
-    and compiles every ``workers``-th case; Triton's compiler is not thread-safe, threads failed a case now and
-    then); lowering via jax stays in this process."""
+    for each in that order. ``workers > 1`` runs in that many spawned processes (see ``run_cases``)."""
     reports = []
     for t in targets:
-        n = len(cases_for(t, families))
-        if workers > 1 and not via_jax and n > 1:
-            done = _compile_in_processes(t, families, n, workers)
-        else:
-            run = lower_case_via_jax if via_jax else compile_case
-            done = (run(case, t) for case in cases_for(t, families))
-        for report in done:
+        for report in run_cases(t, families, range(len(cases_for(t, families))), via_jax=via_jax, workers=workers):
             reports.append(report)
             if on_report is not None:
                 on_report(report)
     return reports
 
 
-def _compile_in_processes(target, families, n, workers) -> list[AotReport]:
+def run_cases(target, families, indices, *, via_jax=False, workers=1) -> list[AotReport]:
+    """Reports for cases ``indices`` of ``cases_for(target, families)``, in that order. With ``workers > 1`` each
+    of that many spawned processes rebuilds the case list and takes every ``workers``-th index (Triton's compiler
+    is not thread-safe: threads failed a case now and then)."""
+    indices = list(indices)
+    if workers <= 1 or len(indices) <= 1:
+        cases = cases_for(target, families)
+        return [_run_one(cases[i], target, via_jax) for i in indices]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    shares = [list(range(i, n, workers)) for i in range(min(workers, n))]
+    shares = [indices[i::workers] for i in range(min(workers, len(indices)))]
     with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = list(pool.map(_compile_share, [(target, families, share) for share in shares]))
+        results = list(pool.map(_run_share, [(target, families, share, via_jax) for share in shares]))
     by_index = {i: r for share, reports in zip(shares, results) for i, r in zip(share, reports)}
-    return [by_index[i] for i in range(n)]
+    return [by_index[i] for i in indices]
 
 
-def _compile_share(job) -> list[AotReport]:
-    """A worker process: compile cases ``share`` of ``cases_for(target, families)``."""
-    target, families, share = job
+def _run_one(case, target, via_jax) -> AotReport:
+    return lower_case_via_jax(case, target) if via_jax else compile_case(case, target)
+
+
+def _run_share(job) -> list[AotReport]:
+    """A worker process: cases ``share`` of ``cases_for(target, families)``."""
+    target, families, share, via_jax = job
+    if via_jax:
+        _lowering_only_jax()
     cases = cases_for(target, families)
-    return [compile_case(cases[i], target) for i in share]
+    return [_run_one(cases[i], target, via_jax) for i in share]
+
+
+def _lowering_only_jax() -> None:
+    """Lowering never initialises an (absent) GPU: JAX runs on the CPU unless platforms were chosen."""
+    import jax
+    jax.config.update("jax_platforms", jax.config.jax_platforms or "cpu")
 
 
 def _print_row(r: AotReport) -> None:
@@ -210,8 +221,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown --family {', '.join(unknown)}; valid: {', '.join(registered_families())}")
     if args.via_jax:
-        import jax  # lowering only: never initialise an (absent) GPU
-        jax.config.update("jax_platforms", jax.config.jax_platforms or "cpu")
+        _lowering_only_jax()
         from kernels.lowering import unavailable_reason
         if unavailable_reason():
             parser.error(f"--via-jax: {unavailable_reason()}")
