@@ -16,7 +16,8 @@ transpose of the global map once (a) the cotangent of an output replicated over 
 (b) the gradient of an input replicated over axes R' is psum'd over R' (``_replicated_axes``).
 
 Shardy (default) gets a ``sharding_rule``; the old GSPMD partitioner gets ``infer_sharding_from_operands`` /
-``propagate_user_sharding``; both use the same ``plan``. On one device the op runs ``layer.moe_ffn``.
+``propagate_user_sharding``; both use the same ``plan``. On one device the op runs ``layer.moe_ffn``, and so does
+an empty problem (a zero T, D or F: zeros out, zero gradients, no collective with zero-sized operands).
 Inside a user's ``shard_map`` call ``moe_ffn_shard`` directly.
 """
 
@@ -275,6 +276,9 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
     if not isinstance(top_k, int) or not 1 <= top_k <= w_gate.shape[0]:
         raise ValueError(f"top_k must be an int in [1, E={w_gate.shape[0]}], got {top_k!r}")
     dims = (math.prod(x.shape[:-1]), w_gate.shape[0], w_gate.shape[2])
+    if 0 in x.shape or 0 in w_gate.shape:  # nothing to exchange: zeros and zero gradients, as on one device
+        return layer.moe_ffn(x, router_logits, w_gate, w_up, w_down, top_k=top_k, activation=activation,
+                             score_fn=score_fn, implementation=implementation)
     mesh = _known_mesh(x, router_logits, w_gate, w_up, w_down)
     if mesh is not None:  # the partition rule's own checks, at trace time (else they fail inside the compiler)
         plan(sharding, mesh, None, *dims)

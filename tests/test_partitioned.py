@@ -317,3 +317,22 @@ def test_unsharded_call_runs_single_device_body():
     ref_out, ref_grads = value_and_grads(functools.partial(reference.moe_ffn_dense, top_k=K), args, dy)
     for a, r in zip((out, *grads), (ref_out, *ref_grads)):
         assert_close(a, r, TOL[jnp.float32], "single device")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("tdf", [(0, D, F), (T, D, 0)], ids=["no_tokens", "f0"])
+def test_empty_problem_gives_zeros_and_zero_grads(strategy, tdf):
+    """Zero tokens or F = 0 on an expert mesh: correctly shaped zeros and zero gradients (the backward once failed
+    at partition time with zero-sized collectives)."""
+    t, d, f = tdf
+    mesh = make_mesh((2, 4), ("data", "expert"))
+    ks = keys(41, 5)
+    args = (randn(ks[0], (t, d)), randn(ks[1], (t, E)), randn(ks[2], (E, d, f)), randn(ks[3], (E, d, f)),
+            randn(ks[4], (E, f, d)))
+    specs = (P(("data", "expert")),) * 2 + weight_specs(strategy, "expert")
+    placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
+    fn = functools.partial(moe_ffn, top_k=K, sharding=MoEShardingConfig(strategy=strategy))
+    out, grads = jax.jit(functools.partial(value_and_grads, fn))(placed, jnp.ones((t, d)))
+    assert out.shape == (t, d) and not np.any(np.asarray(out))
+    for g, a in zip(grads, args):
+        assert g.shape == a.shape and not np.any(np.asarray(g))
