@@ -141,6 +141,26 @@ def test_ragged_dot_group_size_dtypes_match_lax(impl, sizes):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_ragged_dot_wide_group_sizes_match_lax(impl):
+    """Failed before the fix: ragged_dot cast sizes to int32 (and scaled them by the row fold) before clamping, so
+    uint32 2**32 - 1 became -1 (no rows), int64 2**32 + 3 under x64 became 3 and a folded 2**30 x 3 wrapped; lax
+    (and moe_ops.gmm) give those groups every remaining row."""
+    lhs, rhs, _, _ = _data(10)
+    for sizes in (jnp.array([2**32 - 1, 0, 0, 0], jnp.uint32), jnp.array([3, 2**31, 5, 0], jnp.uint32)):
+        assert_close(moe_ops.ragged_dot(lhs, rhs, sizes, implementation=impl), jax.lax.ragged_dot(lhs, rhs, sizes),
+                     1e-6, str(sizes))
+    folded = lhs.reshape(8, 4, K)                         # ragged dim 0, free dim 1 folds into rows (x4)
+    dims = jax.lax.RaggedDotDimensionNumbers((([2], [1]), ([], [])), [0], [0])
+    sizes = jnp.array([2, 2**30, 0, 0], jnp.int32)
+    assert_close(moe_ops.ragged_dot_general(folded, rhs, sizes, dims, implementation=impl),
+                 jax.lax.ragged_dot_general(folded, rhs, sizes, dims), 1e-6, "folded")
+    with jax.enable_x64(True):
+        sizes = jnp.array([2**32 + 3, 0, 0, 0], jnp.int64)
+        assert_close(moe_ops.ragged_dot(lhs, rhs, sizes, implementation=impl), jax.lax.ragged_dot(lhs, rhs, sizes),
+                     1e-6, "int64")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("precision", [None, jax.lax.Precision.DEFAULT, "highest",
                                        (jax.lax.Precision.HIGH, jax.lax.Precision.HIGHEST)])
 def test_ragged_dot_precision_values_match_lax(impl, precision):
