@@ -254,6 +254,10 @@ def test_nan_and_inf_stay_in_their_rows(impl):
     x_nan = X.at[3, 0].set(jnp.nan)
     y = moe_ops.moe_ffn(x_nan, LOGITS, WG, WU, WD, top_k=TOPK, **kw)
     assert np.where(np.isnan(np.asarray(y)).any(1))[0].tolist() == [3]
+    unused = LOGITS.at[:, 3].set(-1e9)                             # no token picks expert 3, whose weights are NaN
+    y, dx = jax.value_and_grad(lambda a: moe_ops.moe_ffn(a, unused, WG, WU, WD.at[3].set(jnp.nan), top_k=TOPK,
+                                                         **kw).sum())(X)
+    assert np.isfinite(float(y)) and np.isfinite(np.asarray(dx)).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -333,3 +337,7 @@ def test_adapter_and_route_argument_errors():
         maxtext.tgmm(XS, H, SIZES)                       # lhs given as [m, k]: megablox's layout is [k, m]
     with pytest.raises(TypeError, match=r"bias must be None or an array of shape \[E\]=\(4,\), got list"):
         moe_ops.route(LOGITS, 2, bias=[0.0, 1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"num_actual_groups must be None or a static int in \[0, len"):
+        maxtext.tgmm(XS.T, H, SIZES, num_actual_groups=5)
+    with pytest.raises(ValueError, match=r"batch_size \* sequence_length = 5 \* 3 tokens, got weights \(12, 2\)"):
+        maxtext.unpermute(XS, SIDX, W, 5, 3)

@@ -46,6 +46,11 @@ def tgmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=(128,
     if getattr(lhs, "ndim", None) != 2 or getattr(rhs, "ndim", None) != 2 or lhs.shape[1] != rhs.shape[0]:
         raise ValueError(f"lhs must be megablox.tgmm's [k, m] and rhs [m, n] with the same m, got lhs "
                          f"{tuple(getattr(lhs, 'shape', ()))}, rhs {tuple(getattr(rhs, 'shape', ()))}")
+    num_groups = getattr(group_sizes, "shape", (None,))[0]
+    if num_actual_groups is not None and not (validation.is_static_int(num_actual_groups)
+                                              and 0 <= num_actual_groups <= (num_groups or 0)):
+        raise ValueError(f"num_actual_groups must be None or a static int in [0, len(group_sizes)={num_groups}], "
+                         f"got {num_actual_groups!r}")
     out = moe_ops.tgmm(jnp.swapaxes(lhs, 0, 1), rhs, group_sizes, group_offset=group_offset,
                        num_groups=num_actual_groups,
                        preferred_element_type=jnp.float32 if existing_out is not None else preferred_element_type,
@@ -95,6 +100,9 @@ def unpermute(intermediate, sorted_selected_experts, weights, batch_size, sequen
     accumulation, intermediate's dtype. ``use_custom_sort_vjp`` / ``group_sizes``: accepted, unused."""
     del use_custom_sort_vjp, group_sizes
     k = weights.shape[-1]
+    if weights.size // k != batch_size * sequence_length:
+        raise ValueError(f"weights [B,S,k] must hold batch_size * sequence_length = {batch_size} * {sequence_length} "
+                         f"tokens, got weights {tuple(weights.shape)}")
     out = moe_ops.unpermute(intermediate, sorted_selected_experts, weights.reshape(-1, k),
                             implementation=implementation)
     return out.reshape(batch_size, sequence_length, -1)
