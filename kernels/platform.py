@@ -32,6 +32,8 @@ import threading
 from collections.abc import Callable, Mapping
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
@@ -150,9 +152,11 @@ def _split_call(*dynamic, rule, dynamic_keys, static_args, static_kwargs):
 
 
 def dispatch(rules: Mapping[str, Rule], default: Rule | None, args, kwargs):
-    """``platform_call`` of ``rule(*args, **kwargs)``: ``jax.Array`` arguments (tracers included) are operands,
-    every other argument (ints, dtypes, configs, None) must be hashable and is folded into the rules."""
-    items = list(enumerate(args)) + sorted(kwargs.items())
+    """``platform_call`` of ``rule(*args, **kwargs)``: ``jax.Array`` arguments (tracers included) and NumPy arrays
+    (converted with ``jnp.asarray``) are operands, every other argument (ints, dtypes, configs, None) must be
+    hashable and is folded into the rules."""
+    items = [(key, jnp.asarray(v) if isinstance(v, np.ndarray) else v)
+             for key, v in list(enumerate(args)) + sorted(kwargs.items())]
     dynamic = [(key, v) for key, v in items if isinstance(v, jax.Array)]
     static = [(key, v) for key, v in items if not isinstance(v, jax.Array)]
     common = dict(dynamic_keys=tuple(k for k, _ in dynamic),

@@ -124,7 +124,7 @@ _scatter_gmm.defvjp(_scatter_gmm_fwd, _scatter_gmm_bwd)
 
 def _check_rows(sort_idx, num_tokens, what):
     """sort_idx [T*k] int -> k (static), checking that its length is a multiple of ``num_tokens``."""
-    validation.int_array("sort_idx", sort_idx, 1)
+    validation.sort_idx_array(sort_idx)
     n = sort_idx.shape[0]
     if (num_tokens == 0 and n != 0) or (num_tokens and n % num_tokens):
         raise ValueError(f"sort_idx [T*k] must have a multiple of T={num_tokens} entries ({what}), got {n}")
@@ -143,7 +143,8 @@ def gather_gmm(x, rhs, group_sizes, sort_idx, *, group_offset=None, transpose_rh
                preferred_element_type=None, implementation=None):
     """Grouped matmul reading token-order rows: x [T,K], rhs [G_local,K,N] ([G_local,N,K] with ``transpose_rhs``),
     group_sizes [G], sort_idx [T*k] -> [T*k,N] in expert order, ``out[i] = x[sort_idx[i] // k] @ rhs[group(i)]``;
-    equal to ``gmm(permute(x)[0], rhs, group_sizes)`` without building the permuted copy."""
+    equal to ``gmm(permute(x)[0], rhs, group_sizes)`` without building the permuted copy (mixed float inputs are
+    multiplied in their promoted dtype, as in ``gmm``)."""
     validation.check_gmm(x, rhs, group_sizes, transpose_rhs)
     k = _check_rows(sort_idx, x.shape[0], "x is [T, K]")
     out_dtype = validation.out_dtype(preferred_element_type, x.dtype)
@@ -155,7 +156,9 @@ def gather_gmm(x, rhs, group_sizes, sort_idx, *, group_offset=None, transpose_rh
         return empty
     sizes = validation.clamp_group_sizes(group_sizes, sort_idx.shape[0])
     offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
-    x, rhs, sizes, offset, sort_idx = vma.match_vma(x, rhs.astype(x.dtype), sizes, offset, sort_idx.astype(jnp.int32))
+    dtype = validation.compute_dtype(x, rhs)
+    x, rhs, sizes, offset, sort_idx = vma.match_vma(x.astype(dtype), rhs.astype(dtype), sizes, offset,
+                                                    sort_idx.astype(jnp.int32))
     return _gather_gmm(x, rhs, sizes, offset, sort_idx, k, bool(transpose_rhs), out_dtype, impl)
 
 
@@ -169,7 +172,7 @@ def scatter_gmm(h, rhs, group_sizes, sort_idx, weights, *, group_offset=None, tr
     if not (h.shape[0] == sort_idx.shape[0] == weights.shape[0] * weights.shape[1]):
         raise ValueError(f"h [T*k,K], sort_idx [T*k] and weights [T,k] disagree: h {tuple(h.shape)}, sort_idx "
                          f"{tuple(sort_idx.shape)}, weights {tuple(weights.shape)}")
-    validation.int_array("sort_idx", sort_idx, 1)
+    validation.sort_idx_array(sort_idx)
     out_dtype = validation.out_dtype(preferred_element_type, h.dtype)
     impl = _fused_ops_for(implementation)
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -179,6 +182,7 @@ def scatter_gmm(h, rhs, group_sizes, sort_idx, weights, *, group_offset=None, tr
         return empty
     sizes = validation.clamp_group_sizes(group_sizes, h.shape[0])
     offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
-    h, rhs, weights, sizes, offset, sort_idx = vma.match_vma(h, rhs.astype(h.dtype), weights, sizes, offset,
-                                                            sort_idx.astype(jnp.int32))
+    dtype = validation.compute_dtype(h, rhs)
+    h, rhs, weights, sizes, offset, sort_idx = vma.match_vma(h.astype(dtype), rhs.astype(dtype), weights, sizes,
+                                                            offset, sort_idx.astype(jnp.int32))
     return _scatter_gmm(h, rhs, weights, sizes, offset, sort_idx, bool(transpose_rhs), out_dtype, impl)

@@ -95,7 +95,9 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
     with ``existing_out`` [M,N] (dtype = the output dtype), as those rows of ``existing_out`` (megablox semantics:
     local-group rows are overwritten, every other row is kept; its gradient is ``dout`` on the kept rows, zero on
     the overwritten ones). ``sum(group_sizes) > M`` truncates the last groups at row M (see ``validation``).
-    ``precision``: as for ``jax.lax.dot`` (see ``validation.kernel_precision`` for what each backend runs)."""
+    ``precision``: as for ``jax.lax.dot`` (see ``validation.kernel_precision`` for what each backend runs).
+    Mixed float inputs (e.g. bf16 lhs, f32 rhs) are multiplied in their promoted dtype (as ``lax.dot`` and megablox
+    do); the output dtype stays ``preferred_element_type``, else lhs's dtype."""
     validation.check_gmm(lhs, rhs, group_sizes, transpose_rhs)
     out_dtype = validation.out_dtype(preferred_element_type, lhs.dtype)
     validation.check_existing_out(existing_out, (lhs.shape[0], rhs.shape[1 if transpose_rhs else 2]), out_dtype)
@@ -106,7 +108,8 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
         return out
     sizes = validation.clamp_group_sizes(group_sizes, lhs.shape[0])
     offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
-    lhs, rhs, sizes, offset = vma.match_vma(lhs, rhs.astype(lhs.dtype), sizes, offset)
+    dtype = validation.compute_dtype(lhs, rhs)
+    lhs, rhs, sizes, offset = vma.match_vma(lhs.astype(dtype), rhs.astype(dtype), sizes, offset)
     precision = validation.kernel_precision(precision, impl)
     if out is None:
         out = _gmm(lhs, rhs, sizes, offset, bool(transpose_rhs), out_dtype, impl, precision)
@@ -121,7 +124,8 @@ def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred
     """Grouped matmul with a ragged contraction: lhs [M,K], rhs [M,N] -> [G_local,K,N],
     ``out[g] = lhs[rows of g].T @ rhs[rows of g]`` for local groups; empty groups give zeros.
 
-    ``num_groups`` (static) is G_local; it defaults to ``len(group_sizes)``."""
+    ``num_groups`` (static) is G_local; it defaults to ``len(group_sizes)``. Mixed float inputs are multiplied in
+    their promoted dtype; the output is ``preferred_element_type``, else lhs's dtype."""
     validation.check_tgmm(lhs, rhs, group_sizes, num_groups)
     out_dtype = validation.out_dtype(preferred_element_type, lhs.dtype)
     impl = backend.choose(implementation)
@@ -132,6 +136,7 @@ def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred
     empty = validation.zeros_if_empty((num_groups, k, n), out_dtype, (m, k, n, num_groups), lhs, rhs)
     if empty is not None:
         return empty
-    lhs, rhs, sizes, offset = vma.match_vma(lhs, rhs.astype(lhs.dtype), sizes, offset)
+    dtype = validation.compute_dtype(lhs, rhs)
+    lhs, rhs, sizes, offset = vma.match_vma(lhs.astype(dtype), rhs.astype(dtype), sizes, offset)
     precision = validation.kernel_precision(precision, impl)
     return _tgmm(lhs, rhs, sizes, offset, num_groups, out_dtype, impl, precision)

@@ -17,8 +17,11 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
     """Top-k routing: logits [T,E] -> (weights [T,k] f32, expert_ids [T,k] int32); ``bias`` [E] moves selection only."""
     validation.float_array("logits", logits, 2)
     num_experts = logits.shape[1]
-    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+    if not validation.is_static_int(top_k) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an int in [1, E={num_experts}], got {top_k!r}")
+    top_k = int(top_k)
+    if bias is not None and not hasattr(bias, "shape"):
+        raise TypeError(f"bias must be None or an array of shape [E]=({num_experts},), got {type(bias).__name__}")
     if bias is not None and tuple(bias.shape) != (num_experts,):
         raise ValueError(f"bias must have shape [E]=({num_experts},), got {tuple(bias.shape)}")
     return reference.route(logits, top_k, score_fn=score_fn, bias=bias, renormalize=renormalize)
@@ -26,8 +29,10 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
 
 def experts_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, activation="silu", group_offset=None,
                 implementation=None):
-    """SwiGLU experts on expert-sorted rows: x_sorted [M,D] -> [M,D] (rows of non-local groups are zero)."""
+    """SwiGLU experts on expert-sorted rows: x_sorted [M,D] -> [M,D] (rows of non-local groups are zero). Like every
+    layer here it computes in x's dtype: weights of another float dtype are cast to it (as the fused path does)."""
     check_expert_weights(x_sorted, w_gate, w_up, w_down, x_name="x_sorted")
+    w_gate, w_up, w_down = (w.astype(x_sorted.dtype) for w in (w_gate, w_up, w_down))
     kw = dict(group_offset=group_offset, implementation=implementation)
     gate = gmm(x_sorted, w_gate, group_sizes, **kw)
     up = gmm(x_sorted, w_up, group_sizes, **kw)
@@ -53,12 +58,19 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
     as one op with its fused backward (``moe_ops.swiglu.swiglu_ffn``); ``None`` -> where the backend has that kernel
     (``swiglu.has_kernel``), ``False`` -> two gather-GMMs and the activation in XLA. ``recompute`` (swiglu path):
     recompute gate / up in the backward instead of saving them (``swiglu_ffn``)."""
+    validation.float_array("x", x, 2)
     check_expert_weights(x, w_gate, w_up, w_down)
+    validation.float_array("weights", weights, 2)
+    validation.int_array("expert_ids", expert_ids, 2)
+    if tuple(weights.shape) != tuple(expert_ids.shape) or expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"weights and expert_ids must both be [T, k] with T={x.shape[0]} (x is {tuple(x.shape)}), "
+                         f"got weights {tuple(weights.shape)}, expert_ids {tuple(expert_ids.shape)}")
     kw = dict(implementation=implementation)
     sizes, sort_idx = fused_ops.sort_by_expert(expert_ids, w_gate.shape[0], **kw)
     if swiglu or (swiglu is None and swiglu_has_kernel(implementation)):
         return swiglu_ffn(x, w_gate, w_up, w_down, sizes, sort_idx, weights, activation=activation,
                           recompute=recompute, **kw)
+    w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))  # layers compute in x's dtype
     gate = fused_ops.gather_gmm(x, w_gate, sizes, sort_idx, **kw)
     up = fused_ops.gather_gmm(x, w_up, sizes, sort_idx, **kw)
     h = reference.activate(gate, up, activation).astype(x.dtype)

@@ -130,10 +130,15 @@ def _vmapped(fn, lhs, rhs, sizes, rhs_levels, implementation):
     return fn(lhs, rhs, sizes)
 
 
-def _sizes(group_sizes, lead_shape, scale):
+def _sizes(group_sizes, lead_shape, scale, limit):
     """Group sizes as ``lead_shape + (g,)`` (1-D sizes broadcast: batching rules want every operand batched), times
-    the row fold."""
-    sizes = group_sizes.astype(jnp.int32) * scale
+    the row fold. Each size is first clipped to ``[-1, limit]`` (``limit`` = the ragged dim's length) in its own
+    dtype, so neither the cast to int32 (uint32 ``2**32 - 1``, int64 under x64) nor the fold can wrap; a negative
+    size stays negative (zero rows for ``gmm`` / ``tgmm``, reported by ``checked()``)."""
+    if jnp.dtype(group_sizes.dtype).itemsize < 4:
+        group_sizes = group_sizes.astype(jnp.int32)
+    low = -1 if jnp.issubdtype(group_sizes.dtype, jnp.signedinteger) else 0
+    sizes = jnp.clip(group_sizes, low, limit).astype(jnp.int32) * scale
     return jnp.broadcast_to(sizes.reshape(lead_shape + (sizes.shape[-1],)) if sizes.ndim > 1 else sizes,
                             lead_shape + (sizes.shape[-1],))
 
@@ -153,7 +158,7 @@ def _ragged_rows(lhs, rhs, group_sizes, dims, ragged, group_offset, kw):
     n = _prod(rhs.shape, rfree)
     lhs2 = jnp.transpose(lhs, lead + row_axes + list(lc)).reshape(lead_shape + (num_rows, k))
     rhs2 = jnp.transpose(rhs, list(rb) + [gdim] + list(rc) + rfree).reshape(bshape + (rhs.shape[gdim], k, n))
-    sizes = _sizes(group_sizes, lead_shape, _prod(lhs.shape, row_axes[1:]))
+    sizes = _sizes(group_sizes, lead_shape, _prod(lhs.shape, row_axes[1:]), lhs.shape[ragged])
     fn = lambda a, b, s: gmm(a, b, s, group_offset=group_offset, **kw)
     out = _vmapped(fn, lhs2, rhs2, sizes, len(lb), kw["implementation"])   # lead_shape + (num_rows, n)
     out = out.reshape(lead_shape + tuple(lhs.shape[a] for a in row_axes) + tuple(rhs.shape[a] for a in rfree))
@@ -179,7 +184,7 @@ def _ragged_contraction(lhs, rhs, group_sizes, dims, ragged, kw):
     num_rows, m, n = _prod(lhs.shape, l_rows), _prod(lhs.shape, lfree), _prod(rhs.shape, rfree)
     lhs2 = jnp.transpose(lhs, l_lead + l_rows + lfree).reshape(lead_shape + (num_rows, m))
     rhs2 = jnp.transpose(rhs, r_lead + r_rows + rfree).reshape(lead_shape + (num_rows, n))
-    sizes = _sizes(group_sizes, lead_shape, _prod(lhs.shape, l_rows[1:]))
+    sizes = _sizes(group_sizes, lead_shape, _prod(lhs.shape, l_rows[1:]), lhs.shape[ragged])
     out_dtype = kw["preferred_element_type"]
     summed = len(l_lead) > len(lb)
     kw = dict(kw, preferred_element_type=jnp.float32 if summed else out_dtype)

@@ -100,8 +100,8 @@ def sort_by_expert(expert_ids, num_experts):
     """expert_ids [T,k] -> (group_sizes [E] int32, sort_idx [T*k] int32): a stable sort of the flat ids. Ids
     outside ``[0, E)`` sort after every valid row and are counted in no group (so a following ``gmm`` gives them
     zeros)."""
-    flat = expert_ids.reshape(-1).astype(jnp.int32)
-    key = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    flat = expert_ids.reshape(-1)  # range test in the ids' own dtype: a wide id must not wrap onto a valid one
+    key = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts).astype(jnp.int32)
     sort_idx = jnp.argsort(key, stable=True).astype(jnp.int32)
     group_sizes = jnp.zeros((num_experts + 1,), jnp.int32).at[key].add(1)[:num_experts]
     return group_sizes, sort_idx

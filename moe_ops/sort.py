@@ -72,6 +72,8 @@ def _n_valid_array(n_valid):
     value = jnp.asarray(n_valid)
     if not jnp.issubdtype(value.dtype, jnp.integer) or value.size != 1 or value.ndim > 1:
         raise TypeError(f"n_valid must be None or an integer scalar / shape-(1,) array, got {value.dtype}{value.shape}")
+    if value.dtype != jnp.int32 and value.dtype.itemsize >= 4:   # saturate in its own dtype: no wrap (uint32 2**32-1)
+        value = jnp.clip(value, 0, jnp.iinfo(jnp.int32).max)
     return value.reshape(1).astype(jnp.int32)
 
 
@@ -79,10 +81,12 @@ def sort_by_expert(expert_ids, num_experts, *, implementation=None):
     """expert_ids [T,k] int -> (group_sizes [E] int32, sort_idx [T*k] int32): ``permute`` without the row copy
     (stable in flat index within an expert; ids outside ``[0, E)`` sort last and are counted in no group)."""
     validation.int_array("expert_ids", expert_ids, 2)
-    if not isinstance(num_experts, int) or num_experts < 1:
+    if not validation.is_static_int(num_experts) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive static int, got {num_experts!r}")
+    num_experts = int(num_experts)
     validation.check_expert_ids(expert_ids, num_experts)
-    return backend.ops(implementation).sort_by_expert(expert_ids.astype(jnp.int32), num_experts)
+    return backend.ops(implementation).sort_by_expert(validation.expert_ids_int32(expert_ids, num_experts),
+                                                      num_experts)
 
 
 def permute(x, expert_ids, num_experts, *, n_valid=None, implementation=None):
@@ -111,7 +115,7 @@ def unpermute(y_sorted, sort_idx, weights, *, n_valid=None, implementation=None)
     ``sort_idx`` must be a permutation of ``[0, T*k)`` (as ``permute`` returns). With ``n_valid``, y rows
     ``>= n_valid`` are ignored (contribute zero, get zero gradient)."""
     validation.float_array("y_sorted", y_sorted, 2)
-    validation.int_array("sort_idx", sort_idx, 1)
+    validation.sort_idx_array(sort_idx)
     validation.float_array("weights", weights, 2)
     if not (sort_idx.shape[0] == y_sorted.shape[0] == weights.shape[0] * weights.shape[1]):
         raise ValueError(f"y_sorted [T*k,D], sort_idx [T*k] and weights [T,k] disagree: y_sorted "

@@ -280,9 +280,11 @@ def swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights, *, group
     in the down GMM, the activation derivative in the epilogue of the backward's down dlhs GMM). ``recompute``:
     keep only the inputs for the backward and recompute gate / up there (least memory, one more gate/up GMM)
     instead of saving them (default: two [T*k, F] residuals in x's dtype, no extra matmul)."""
+    validation.float_array("x", x, 2)
     validation.check_expert_weights(x, w_gate, w_up, w_down)
+    validation.check_group_sizes(group_sizes, w_gate.shape[0], "w_gate")
     validation.float_array("weights", weights, 2)
-    validation.int_array("sort_idx", sort_idx, 1)
+    validation.sort_idx_array(sort_idx)
     t, k = weights.shape
     if t != x.shape[0] or sort_idx.shape[0] != t * k:
         raise ValueError(f"x [T,D], weights [T,k] and sort_idx [T*k] disagree: x {tuple(x.shape)}, weights "

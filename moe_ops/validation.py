@@ -9,7 +9,9 @@ ids out of range) cannot be seen at trace time without a host sync, so the fast 
 * ``group_offset`` outside ``[0, G)``: no group is local, so ``gmm`` / ``gather_gmm`` rows are zero, ``tgmm`` blocks
   are zero and every gradient is zero (``group_offset_array``), the same on every backend.
 * expert ids outside ``[0, E)``: the token copy is dropped (sorted after every valid row, counted in no group, so it
-  contributes zero to the output and gets zero gradient).
+  contributes zero to the output and gets zero gradient), whatever the ids' integer width (``expert_ids_int32``).
+* a ``sort_idx`` that is not a permutation of ``[0, T*k)`` (``unpermute``, ``gather_gmm``, ``scatter_gmm``,
+  ``swiglu_*``): unspecified rows, never an out-of-bounds access (``sort_idx_array``; checked mode only).
 
 Inside ``with moe_ops.checked():`` (or with ``MOE_OPS_CHECKED=1``) the ops add a device-to-host callback that raises
 ``ValueError`` with the offending values instead; under ``jit`` it surfaces as a runtime error carrying that message.
@@ -70,11 +72,22 @@ def float_array(name, x, ndim=None):
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
 
 
+def is_static_int(value) -> bool:
+    """A Python or NumPy integer (not a bool, not a traced value): what static sizes such as ``top_k`` take."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def int_array(name, x, ndim):
     if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(f"{name} must be an integer array, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.ndim != ndim:
         raise ValueError(f"{name} must have rank {ndim}, got shape {tuple(x.shape)}")
+
+
+def compute_dtype(lhs, rhs):
+    """The dtype a grouped matmul multiplies ``lhs`` and ``rhs`` in: their promoted float dtype (bf16 x f32 -> f32,
+    bf16 x f16 -> f32), as ``jax.lax.dot`` and megablox do, so a mixed call never silently rounds the wider operand."""
+    return jnp.promote_types(lhs.dtype, rhs.dtype)
 
 
 def out_dtype(preferred_element_type, default):
@@ -178,11 +191,41 @@ def zeros_if_empty(shape, dtype, dims, *like):
     return vma.like(out, vma.match_vma(*like)[0]) if like else out
 
 
+def sort_idx_array(sort_idx):
+    """``sort_idx`` [N] int (as ``sort_by_expert`` returns): must be a permutation of ``[0, N)``. That cannot be seen
+    at trace time; other values give unspecified rows (never an out-of-bounds access). Inside ``checked()`` a
+    non-permutation raises ``ValueError`` at run time."""
+    int_array("sort_idx", sort_idx, 1)
+    if checks_enabled():
+        _runtime_check(lambda s: np.array_equal(np.sort(s.astype(np.int64)), np.arange(s.shape[0])),
+                       lambda s: f"sort_idx must be a permutation of [0, {s.shape[0]}) (as sort_by_expert returns); "
+                                 f"got min {s.min() if s.size else 0}, max {s.max() if s.size else 0}, "
+                                 f"{s.shape[0] - np.unique(s).size} duplicates", sort_idx)
+
+
 def check_expert_ids(expert_ids, num_experts):
     if checks_enabled():
         _runtime_check(lambda e: ((e >= 0) & (e < num_experts)).all(),
                        lambda e: f"expert_ids must lie in [0, {num_experts}); got min {e.min()}, max {e.max()}",
                        expert_ids)
+
+
+def check_group_sizes(group_sizes, num_local, rhs_name="rhs"):
+    """group_sizes [G] int with G >= the G_local=``num_local`` groups that ``rhs_name`` holds."""
+    int_array("group_sizes", group_sizes, 1)
+    if num_local > group_sizes.shape[0]:
+        raise ValueError(f"{rhs_name} has {num_local} groups but group_sizes has only {group_sizes.shape[0]}: "
+                         f"{rhs_name}.shape[0] (G_local) must be <= len(group_sizes) (G)")
+
+
+def expert_ids_int32(expert_ids, num_experts):
+    """Integer expert ids -> int32 with every id outside ``[0, E)`` kept out of range (-1): the range test runs in
+    the input dtype, so no wide id (int64 ``2**32 + 1`` under x64, uint64) wraps onto a valid expert."""
+    dtype = jnp.dtype(expert_ids.dtype)
+    if dtype == jnp.int32 or (dtype.itemsize < 4):
+        return expert_ids.astype(jnp.int32)
+    valid = (expert_ids >= 0) & (expert_ids < num_experts)
+    return jnp.where(valid, expert_ids.astype(jnp.int32), jnp.int32(-1))
 
 
 def check_gmm(lhs, rhs, group_sizes, transpose_rhs):
@@ -216,7 +259,7 @@ def check_tgmm(lhs, rhs, group_sizes, num_groups):
     int_array("group_sizes", group_sizes, 1)
     if lhs.shape[0] != rhs.shape[0]:
         raise ValueError(f"lhs [M,K] and rhs [M,N] must share M, got lhs {tuple(lhs.shape)}, rhs {tuple(rhs.shape)}")
-    if num_groups is not None and not (isinstance(num_groups, (int, np.integer)) and 0 <= num_groups
+    if num_groups is not None and not (is_static_int(num_groups) and 0 <= num_groups
                                        <= group_sizes.shape[0]):
         raise ValueError(f"num_groups must be a static int in [0, len(group_sizes)={group_sizes.shape[0]}], "
                          f"got {num_groups!r}")

@@ -5,6 +5,9 @@
   ignored: tiles come from this package's per-backend tuning (the Pallas one is VMEM-aware), and the backend (and
   Pallas interpret mode off TPU) is chosen by ``implementation`` as for ``moe_ops.gmm``. ``existing_out`` keeps
   megablox's forward semantics; its gradient is ``dout`` on the kept rows only (megablox passes all of ``dout``).
+* ``tgmm``: ``megablox.tgmm``'s signature: lhs is ``[k, m]`` (megablox's layout, transposed here), rhs ``[m, n]``
+  -> ``[num_actual_groups or num_groups, k, n]``; ``existing_out`` is *added* to the result (megablox accumulates
+  into it); ``tiling`` / ``interpret`` ignored as for ``gmm``.
 * ``permute`` / ``unpermute``: ``RoutedMoE.permute`` / ``unpermute`` without ``self``: the routing is MaxText's
   default (``top_k`` of the logits, softmax over the k logits = softmax then renormalise), the model settings
   become keyword-only arguments. ``sorted_selected_experts`` is the stable argsort of the flat expert ids (the
@@ -19,8 +22,9 @@ import jax
 import jax.numpy as jnp
 
 import moe_ops
+from moe_ops import validation
 
-__all__ = ["gmm", "permute", "unpermute", "local_permute", "get_all_to_all_params"]
+__all__ = ["gmm", "tgmm", "permute", "unpermute", "local_permute", "get_all_to_all_params"]
 
 
 def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=(128, 128, 128), group_offset=None,
@@ -31,6 +35,31 @@ def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=(128, 
     return moe_ops.gmm(lhs, rhs, group_sizes, group_offset=group_offset, transpose_rhs=transpose_rhs,
                        preferred_element_type=preferred_element_type, existing_out=existing_out,
                        implementation=implementation)
+
+
+def tgmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=(128, 128, 128), group_offset=None,
+         num_actual_groups=None, existing_out=None, interpret=False, *, implementation=None):
+    """``megablox.tgmm``: lhs [k,m] x rhs [m,n] -> [num_actual_groups, k, n] (``num_actual_groups`` defaults to
+    ``len(group_sizes)``), ``out[g] = lhs[:, rows of group_offset + g] @ rhs[rows of group_offset + g]``, plus
+    ``existing_out`` when given (megablox accumulates into it). ``tiling`` / ``interpret``: ignored (module doc)."""
+    del tiling, interpret
+    if getattr(lhs, "ndim", None) != 2 or getattr(rhs, "ndim", None) != 2 or lhs.shape[1] != rhs.shape[0]:
+        raise ValueError(f"lhs must be megablox.tgmm's [k, m] and rhs [m, n] with the same m, got lhs "
+                         f"{tuple(getattr(lhs, 'shape', ()))}, rhs {tuple(getattr(rhs, 'shape', ()))}")
+    num_groups = getattr(group_sizes, "shape", (None,))[0]
+    if num_actual_groups is not None and not (validation.is_static_int(num_actual_groups)
+                                              and 0 <= num_actual_groups <= (num_groups or 0)):
+        raise ValueError(f"num_actual_groups must be None or a static int in [0, len(group_sizes)={num_groups}], "
+                         f"got {num_actual_groups!r}")
+    out = moe_ops.tgmm(jnp.swapaxes(lhs, 0, 1), rhs, group_sizes, group_offset=group_offset,
+                       num_groups=num_actual_groups,
+                       preferred_element_type=jnp.float32 if existing_out is not None else preferred_element_type,
+                       implementation=implementation)
+    if existing_out is None:
+        return out
+    out_dtype = validation.out_dtype(preferred_element_type, lhs.dtype)
+    validation.check_existing_out(existing_out, out.shape, out_dtype)
+    return (out + existing_out.astype(jnp.float32)).astype(out_dtype)
 
 
 def _route(gate_logits, num_experts_per_tok):
@@ -71,6 +100,9 @@ def unpermute(intermediate, sorted_selected_experts, weights, batch_size, sequen
     accumulation, intermediate's dtype. ``use_custom_sort_vjp`` / ``group_sizes``: accepted, unused."""
     del use_custom_sort_vjp, group_sizes
     k = weights.shape[-1]
+    if weights.size // k != batch_size * sequence_length:
+        raise ValueError(f"weights [B,S,k] must hold batch_size * sequence_length = {batch_size} * {sequence_length} "
+                         f"tokens, got weights {tuple(weights.shape)}")
     out = moe_ops.unpermute(intermediate, sorted_selected_experts, weights.reshape(-1, k),
                             implementation=implementation)
     return out.reshape(batch_size, sequence_length, -1)
