@@ -6,6 +6,8 @@ and (with ``group_offset``) local groups at the first, a middle and the last sha
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -99,3 +101,75 @@ def fused_layer_grad(implementation, recompute, top_k=2, shape=(256, 512, 768, 8
     args = (sds((t, d), dtype), sds((t, e), jnp.float32), sds((e, d, f), dtype), sds((e, d, f), dtype),
             sds((e, f, d), dtype))
     return jax.grad(loss, argnums=range(5)), args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Case plumbing shared by the kernel and op tests.
+
+def case_seed(*parts):
+    """A deterministic seed per test case (``hash`` of a str varies between processes)."""
+    return zlib.crc32(repr(parts).encode()) % 10_000
+
+
+def offset_array(off):
+    """``group_offset`` as the kernels take it: int32[1] (None -> 0)."""
+    return jnp.array([0 if off is None else off], jnp.int32)
+
+
+def grads_of(fn, args, cot):
+    """Gradients of ``sum(fn(*args) * cot)`` (in f32) with respect to every argument."""
+    return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot), argnums=tuple(range(len(args))))(*args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The MoE layer end to end: inputs per implementation and the loss whose gradients the tests compare.
+
+# Small shapes: the Triton interpreter and Pallas interpret mode are slow on CPU. Pallas tiles want 128-lane dims.
+SHAPES = {"xla": (2, 24, 32, 48, 6), "triton": (2, 12, 16, 24, 4), "pallas": (2, 12, 128, 128, 4)}
+
+
+def layer_inputs(shape, routing, seed=0, dtype=jnp.float32):
+    b, s, d, f, e = shape
+    k = keys(seed, 5)
+    x = randn(k[0], (b, s, d), dtype)
+    logits = randn(k[1], (b, s, e))
+    if routing == "one_expert":
+        logits = logits.at[..., 1].add(30.0)  # every token's top choice is expert 1
+    elif routing == "hot":
+        logits = logits.at[..., 0].add(2.0)
+    ws = [randn(k[2], (e, d, f), dtype, d ** -0.5), randn(k[3], (e, d, f), dtype, d ** -0.5),
+          randn(k[4], (e, f, d), dtype, f ** -0.5)]
+    return x, logits, ws
+
+
+def loss(fn, top_k, cotangent):
+    return lambda x, lg, wg, wu, wd: jnp.sum(fn(x, lg, wg, wu, wd, top_k=top_k).astype(jnp.float32) * cotangent)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokens sharded over a shard_map, replicated weights: sum over shards vs the unsharded sum.
+
+SUM_SHARDS = 4
+
+
+def _mesh():
+    """A SUM_SHARDS-device mesh, built when a test needs it (so these helpers import on a 1-GPU host too; the CPU runs
+    force 8 host devices in conftest.py)."""
+    return jax.make_mesh((SUM_SHARDS,), ("d",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:SUM_SHARDS])
+
+
+def sharded_sum(per_shard):
+    """sum over shards of per_shard(token block, replicated args...), through shard_map (check_vma on)."""
+    def total(tokens, *replicated):
+        f = jax.shard_map(lambda t, *r: per_shard(t, *r)[None], mesh=_mesh(),
+                          in_specs=(jax.P("d"),) + (jax.P(),) * len(replicated), out_specs=jax.P("d"))
+        return f(tokens, *replicated).sum()
+    return total
+
+
+def unsharded_sum(per_shard):
+    def total(tokens, *replicated):
+        blocks = jnp.split(tokens, SUM_SHARDS)
+        return sum(per_shard(b, *replicated) for b in blocks)
+    return total

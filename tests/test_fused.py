@@ -8,57 +8,17 @@ below 0 and at or above E sort last, beyond ``sum(group_sizes)``) and every copy
 multiples of the 16x16x16 test tiles (T*k = 39 rows, K = 20, N = 24).
 """
 
-import zlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import moe_ops
-from kernels.triton import fused as tf, tuning
+from kernels.triton import fused as tf
 from moe_ops import fused, reference as R
-from tests.helpers import TOL, assert_close, keys, randn
-from tests.test_moe_ffn import SHAPES, layer_inputs, loss
-from tests.test_shard_map_ops import sharded_sum, unsharded_sum
-
-T, TOP_K, K, N, E = 13, 3, 20, 24, 5
-CFG = tuning.GmmConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1)
-ROUTINGS = ["uneven_dropped", "empty_groups", "one_expert", "all_dropped"]
-
-
-def _seed(*parts):
-    return zlib.crc32(repr(parts).encode()) % 10_000
-
-
-def expert_ids(routing, seed):
-    """[T, k] int32 expert ids for a named routing (ids outside [0, E) are dropped copies)."""
-    rng = np.random.default_rng(seed)
-    if routing == "uneven_dropped":
-        ids = rng.choice(np.arange(-1, E + 1), size=(T, TOP_K), p=[0.1, 0.4, 0.2, 0.1, 0.05, 0.05, 0.1])
-    elif routing == "empty_groups":
-        ids = rng.choice([0, 2, 4], size=(T, TOP_K))
-    elif routing == "one_expert":
-        ids = np.full((T, TOP_K), 2)
-    else:
-        ids = np.where(rng.random((T, TOP_K)) < 0.5, -3, E)
-    return jnp.asarray(ids, jnp.int32)
-
-
-def _routed(routing, seed):
-    """(ids, group_sizes, sort_idx) from the reference permutation."""
-    ids = expert_ids(routing, seed)
-    _, sizes, sort_idx = R.permute(jnp.zeros((T, 1)), ids, E)
-    return ids, sizes, sort_idx
-
-
-def _rhs(key, g, transpose, dtype, k=K, n=N):
-    return randn(key, (g, n, k) if transpose else (g, k, n), dtype)
-
-
-def _offset(off):
-    return jnp.array([off], jnp.int32)
-
+from tests.helpers import (SHAPES, TOL, assert_close, case_seed, grads_of, keys, layer_inputs, loss, offset_array,
+                           randn, sharded_sum, unsharded_sum)
+from tests.routed_cases import CFG, E, K, N, ROUTINGS, T, TOP_K, expert_ids, rand_rhs, routed
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernel-level parity (Triton backend functions, explicit small tiles).
@@ -70,10 +30,10 @@ DTYPE_IDS = ["f32-kn", "f32-nk", "bf16-kn"]
 @pytest.mark.parametrize("dtype,transpose", DTYPE_CASES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_gather_gmm_parity(routing, dtype, transpose):
-    ids, sizes, sort_idx = _routed(routing, _seed(routing))
-    k1, k2 = keys(_seed(routing, transpose, str(dtype)), 2)
-    x, rhs = randn(k1, (T, K), dtype), _rhs(k2, E, transpose, dtype)
-    out = tf.gather_gmm(x, rhs, sizes, _offset(0), sort_idx, TOP_K, transpose_rhs=transpose, out_dtype=dtype,
+    ids, sizes, sort_idx = routed(routing, case_seed(routing))
+    k1, k2 = keys(case_seed(routing, transpose, str(dtype)), 2)
+    x, rhs = randn(k1, (T, K), dtype), rand_rhs(k2, E, transpose, dtype)
+    out = tf.gather_gmm(x, rhs, sizes, offset_array(0), sort_idx, TOP_K, transpose_rhs=transpose, out_dtype=dtype,
                         config=CFG)
     ref = R.gmm(R.permute(x, ids, E)[0], rhs, sizes, transpose_rhs=transpose)
     assert out.dtype == dtype and out.shape == (T * TOP_K, N)
@@ -85,11 +45,11 @@ def test_gather_gmm_parity(routing, dtype, transpose):
 @pytest.mark.parametrize("dtype,transpose", DTYPE_CASES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_scatter_gmm_parity(routing, dtype, transpose):
-    _, sizes, sort_idx = _routed(routing, _seed(routing))
-    k1, k2, k3 = keys(_seed(routing, transpose, str(dtype), "s"), 3)
-    h, rhs = randn(k1, (T * TOP_K, K), dtype), _rhs(k2, E, transpose, dtype)  # rows beyond the sum are not zero
+    _, sizes, sort_idx = routed(routing, case_seed(routing))
+    k1, k2, k3 = keys(case_seed(routing, transpose, str(dtype), "s"), 3)
+    h, rhs = randn(k1, (T * TOP_K, K), dtype), rand_rhs(k2, E, transpose, dtype)  # rows beyond the sum are not zero
     weights = jax.random.uniform(k3, (T, TOP_K), jnp.float32, 0.1, 1.0)
-    out = tf.scatter_gmm(h, rhs, sizes, _offset(0), sort_idx, weights, transpose_rhs=transpose, out_dtype=dtype,
+    out = tf.scatter_gmm(h, rhs, sizes, offset_array(0), sort_idx, weights, transpose_rhs=transpose, out_dtype=dtype,
                          config=CFG)
     ref = R.unpermute(R.gmm(h, rhs, sizes, transpose_rhs=transpose, preferred_element_type=jnp.float32), sort_idx,
                       weights)
@@ -103,16 +63,16 @@ def test_scatter_gmm_parity(routing, dtype, transpose):
 @pytest.mark.parametrize("off,g_local", [(0, 2), (2, 3)], ids=["first", "last"])
 def test_sharded_groups_and_row_weights(off, g_local):
     """group_offset (rows of non-local groups are zero / contribute zero) and the gather's row-weight epilogue."""
-    ids, sizes, sort_idx = _routed("uneven_dropped", 7 + off)
+    ids, sizes, sort_idx = routed("uneven_dropped", 7 + off)
     k1, k2, k3, k4 = keys(40 + off, 4)
     x, h = randn(k1, (T, K)), randn(k2, (T * TOP_K, K))
-    rhs = _rhs(k3, g_local, False, jnp.float32)
+    rhs = rand_rhs(k3, g_local, False, jnp.float32)
     weights = jax.random.uniform(k4, (T, TOP_K), jnp.float32, 0.1, 1.0)
-    out = tf.gather_gmm(x, rhs, sizes, _offset(off), sort_idx, TOP_K, transpose_rhs=False, out_dtype=jnp.float32,
+    out = tf.gather_gmm(x, rhs, sizes, offset_array(off), sort_idx, TOP_K, transpose_rhs=False, out_dtype=jnp.float32,
                         row_weights=weights, config=CFG)
     ref = R.gmm(R.permute(x, ids, E)[0], rhs, sizes, group_offset=off) * weights.reshape(-1)[sort_idx][:, None]
     assert_close(out, ref, 1e-5, "weighted gather_gmm")
-    out = tf.scatter_gmm(h, rhs, sizes, _offset(off), sort_idx, weights, transpose_rhs=False, out_dtype=jnp.float32,
+    out = tf.scatter_gmm(h, rhs, sizes, offset_array(off), sort_idx, weights, transpose_rhs=False, out_dtype=jnp.float32,
                          config=CFG)
     ref = R.unpermute(R.gmm(h, rhs, sizes, group_offset=off), sort_idx, weights)
     assert_close(out, ref, 1e-5, "sharded scatter_gmm")
@@ -122,36 +82,32 @@ def test_sharded_groups_and_row_weights(off, g_local):
 # Public ops: forward and custom VJPs vs jax.grad of the unfused reference composition.
 
 
-def _grads(fn, args, cot):
-    return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot), argnums=tuple(range(len(args))))(*args)
-
-
 @pytest.mark.parametrize("transpose", [False, True], ids=["kn", "nk"])
 @pytest.mark.parametrize("impl", ["triton", "xla"])
 def test_gather_gmm_gradients(impl, transpose):
-    ids, sizes, sort_idx = _routed("uneven_dropped", 3)
-    k1, k2, k3 = keys(_seed(impl, transpose, "gg"), 3)
-    x, rhs, cot = randn(k1, (T, K)), _rhs(k2, E, transpose, jnp.float32), randn(k3, (T * TOP_K, N))
+    ids, sizes, sort_idx = routed("uneven_dropped", 3)
+    k1, k2, k3 = keys(case_seed(impl, transpose, "gg"), 3)
+    x, rhs, cot = randn(k1, (T, K)), rand_rhs(k2, E, transpose, jnp.float32), randn(k3, (T * TOP_K, N))
     ours = lambda a, b: fused.gather_gmm(a, b, sizes, sort_idx, transpose_rhs=transpose, implementation=impl)
     ref = lambda a, b: R.gmm(R.permute(a, ids, E)[0], b, sizes, transpose_rhs=transpose)
     assert_close(jax.jit(ours)(x, rhs), ref(x, rhs), 1e-5, "forward")
-    for name, g, w in zip(("dx", "drhs"), jax.jit(lambda a, b: _grads(ours, (a, b), cot))(x, rhs),
-                          _grads(ref, (x, rhs), cot)):
+    for name, g, w in zip(("dx", "drhs"), jax.jit(lambda a, b: grads_of(ours, (a, b), cot))(x, rhs),
+                          grads_of(ref, (x, rhs), cot)):
         assert_close(g, w, 1e-5, name)
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["kn", "nk"])
 @pytest.mark.parametrize("impl", ["triton", "xla"])
 def test_scatter_gmm_gradients(impl, transpose):
-    _, sizes, sort_idx = _routed("uneven_dropped", 4)
-    k1, k2, k3, k4 = keys(_seed(impl, transpose, "sg"), 4)
-    h, rhs, cot = randn(k1, (T * TOP_K, K)), _rhs(k2, E, transpose, jnp.float32), randn(k3, (T, N))
+    _, sizes, sort_idx = routed("uneven_dropped", 4)
+    k1, k2, k3, k4 = keys(case_seed(impl, transpose, "sg"), 4)
+    h, rhs, cot = randn(k1, (T * TOP_K, K)), rand_rhs(k2, E, transpose, jnp.float32), randn(k3, (T, N))
     weights = jax.random.uniform(k4, (T, TOP_K), jnp.float32, 0.1, 1.0)
     ours = lambda a, b, w: fused.scatter_gmm(a, b, sizes, sort_idx, w, transpose_rhs=transpose, implementation=impl)
     ref = lambda a, b, w: R.unpermute(R.gmm(a, b, sizes, transpose_rhs=transpose), sort_idx, w)
     assert_close(jax.jit(ours)(h, rhs, weights), ref(h, rhs, weights), 1e-5, "forward")
-    got = jax.jit(lambda *a: _grads(ours, a, cot))(h, rhs, weights)
-    want = _grads(ref, (h, rhs, weights), cot)
+    got = jax.jit(lambda *a: grads_of(ours, a, cot))(h, rhs, weights)
+    want = grads_of(ref, (h, rhs, weights), cot)
     for name, g, w in zip(("dh", "drhs", "dweights"), got, want):
         assert_close(g, w, 1e-5, name)
     beyond = np.asarray(got[0])[int(jnp.sum(sizes)):]  # dropped copies: exactly zero gradient
@@ -168,8 +124,8 @@ def test_fused_ops_in_shard_map_grads_of_replicated_weights(impl):
     t = 4  # tokens per shard
     ids = expert_ids("uneven_dropped", 8)[:t]
     _, sizes, sort_idx = R.permute(jnp.zeros((t, 1)), ids, E)
-    k1, k2, k3, k4 = keys(_seed(impl, "shard_map"), 4)
-    x, w_in, w_out = randn(k1, (4 * t, K)), _rhs(k2, E, False, jnp.float32), _rhs(k3, E, False, jnp.float32, N, K)
+    k1, k2, k3, k4 = keys(case_seed(impl, "shard_map"), 4)
+    x, w_in, w_out = randn(k1, (4 * t, K)), rand_rhs(k2, E, False, jnp.float32), rand_rhs(k3, E, False, jnp.float32, N, K)
     weights = jax.random.uniform(k4, (t, TOP_K), jnp.float32, 0.1, 1.0)
 
     def per_shard(tokens, w_in, w_out, weights, gather_gmm, scatter_gmm):
@@ -235,7 +191,7 @@ def test_fused_choice_and_errors(monkeypatch):
     assert fused.use_fused(True, "xla") and not fused.use_fused(False, "triton")
     assert all(fused.supports_fused(i) for i in ("triton", "xla", "pallas"))
     assert fused.use_fused(None, "pallas") and fused.use_fused(True, "pallas")
-    _, sizes, sort_idx = _routed("uneven_dropped", 1)
+    _, sizes, sort_idx = routed("uneven_dropped", 1)
     x, rhs = randn(keys(1, 1)[0], (T, K)), jnp.ones((E, K, N))
     monkeypatch.setattr(fused, "supports_fused", lambda impl=None: impl != "pallas")  # a backend without them
     with pytest.raises(NotImplementedError, match="pallas"):

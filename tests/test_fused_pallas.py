@@ -16,9 +16,9 @@ import pytest
 import moe_ops
 from kernels.pallas import fused as pf, tiling
 from moe_ops import fused, reference as R
-from tests.helpers import POISON, TOL, assert_close, keys, randn
-from tests.test_fused import E, T, TOP_K, _grads, _offset, _rhs, _routed, _seed, expert_ids
-from tests.test_moe_ffn import SHAPES, layer_inputs, loss
+from tests.helpers import (POISON, SHAPES, TOL, assert_close, case_seed, grads_of, keys, layer_inputs, loss, offset_array,
+                           randn)
+from tests.routed_cases import E, T, TOP_K, expert_ids, rand_rhs, routed
 
 K = N = 256
 T16 = tiling.Tiling(16, 128, 128)
@@ -33,12 +33,12 @@ _ready = jax.block_until_ready
 
 
 def _gather(x, rhs, sizes, off, sort_idx, transpose=False, dtype=None, interpret=POISON, t=T16, **kw):
-    return _ready(pf.gather_gmm(x, rhs, sizes, _offset(off), sort_idx, TOP_K, transpose_rhs=transpose,
+    return _ready(pf.gather_gmm(x, rhs, sizes, offset_array(off), sort_idx, TOP_K, transpose_rhs=transpose,
                                 out_dtype=dtype or x.dtype, tiling=t, interpret=interpret, **kw))
 
 
 def _scatter(h, rhs, sizes, off, sort_idx, w, transpose=False, dtype=None, interpret=POISON, t=T16):
-    return _ready(pf.scatter_gmm(h, rhs, sizes, _offset(off), sort_idx, w, transpose_rhs=transpose,
+    return _ready(pf.scatter_gmm(h, rhs, sizes, offset_array(off), sort_idx, w, transpose_rhs=transpose,
                                  out_dtype=dtype or h.dtype, tiling=t, interpret=interpret))
 
 
@@ -48,10 +48,10 @@ def _weights(key):
 
 @pytest.mark.parametrize("routing,dtype,transpose", PARITY_CASES, ids=[c[0] for c in PARITY_CASES])
 def test_gather_and_scatter_parity(routing, dtype, transpose):
-    ids, sizes, sort_idx = _routed(routing, _seed(routing))
-    k1, k2, k3, k4 = keys(_seed(routing, transpose, str(dtype), "pallas"), 4)
+    ids, sizes, sort_idx = routed(routing, case_seed(routing))
+    k1, k2, k3, k4 = keys(case_seed(routing, transpose, str(dtype), "pallas"), 4)
     x, h = randn(k1, (T, K), dtype), randn(k2, (T * TOP_K, K), dtype)  # rows beyond the sum are not zero
-    rhs, w = _rhs(k3, E, transpose, dtype, K, N), _weights(k4)
+    rhs, w = rand_rhs(k3, E, transpose, dtype, K, N), _weights(k4)
     out = _gather(x, rhs, sizes, 0, sort_idx, transpose)
     ref = R.gmm(R.permute(x, ids, E)[0], rhs, sizes, transpose_rhs=transpose)
     assert out.dtype == dtype and out.shape == (T * TOP_K, N)
@@ -69,9 +69,9 @@ def test_gather_and_scatter_parity(routing, dtype, transpose):
 def test_strict_interpreter_gather_gmm(strict_interpreter):
     """No out-of-bounds reads, no races, every row written: a middle shard, row weights, a partial K block, and a
     row tile shared by several groups (fetched once, read by each)."""
-    ids, sizes, sort_idx = _routed("uneven_dropped", 21)
+    ids, sizes, sort_idx = routed("uneven_dropped", 21)
     k1, k2, k3 = keys(21, 3)
-    x, rhs, w = randn(k1, (T, 200)), _rhs(k2, 2, False, jnp.float32, 200, N), _weights(k3)
+    x, rhs, w = randn(k1, (T, 200)), rand_rhs(k2, 2, False, jnp.float32, 200, N), _weights(k3)
     out = _gather(x, rhs, sizes, 1, sort_idx, row_weights=w, interpret=strict_interpreter)
     ref = R.gmm(R.permute(x, ids, E)[0], rhs, sizes, group_offset=1) * w.reshape(-1)[sort_idx][:, None]
     assert_close(out, ref, 1e-5, "strict weighted gather_gmm")
@@ -83,9 +83,9 @@ def test_strict_interpreter_gather_pipeline(routing, off, strict_interpreter):
     each prefetched while the previous computes; tiles shared by two groups fetched once), two K blocks, three column
     blocks (the pipeline restarts at each: after the last step of one block the next fresh tile is step 0 of the
     next), and with ``off = 1`` a cold start past row tile 0 (group 0's rows are not local)."""
-    ids, sizes, sort_idx = _routed(routing, 41)
+    ids, sizes, sort_idx = routed(routing, 41)
     k1, k2 = keys(41, 2)
-    x, rhs = randn(k1, (T, K)), _rhs(k2, E, False, jnp.float32, K, 384)
+    x, rhs = randn(k1, (T, K)), rand_rhs(k2, E, False, jnp.float32, K, 384)
     out = _gather(x, rhs, sizes, off, sort_idx, interpret=strict_interpreter, t=tiling.Tiling(8, 128, 128))
     ref = R.gmm(R.permute(x, ids, E)[0], rhs, sizes, group_offset=off)
     assert_close(out, ref, 1e-5, f"pipelined gather_gmm {routing}")
@@ -104,9 +104,9 @@ def test_gather_vmem_counts_both_buffers():
 
 def test_strict_interpreter_scatter_gmm(strict_interpreter):
     """No out-of-bounds reads, no races, every slot written: the last shard, transposed rhs, two column blocks."""
-    _, sizes, sort_idx = _routed("uneven_dropped", 22)
+    _, sizes, sort_idx = routed("uneven_dropped", 22)
     k1, k2, k3 = keys(22, 3)
-    h, rhs, w = randn(k1, (T * TOP_K, K)), _rhs(k2, 2, True, jnp.float32, K, N), _weights(k3)
+    h, rhs, w = randn(k1, (T * TOP_K, K)), rand_rhs(k2, 2, True, jnp.float32, K, N), _weights(k3)
     out = _scatter(h, rhs, sizes, 3, sort_idx, w, transpose=True, interpret=strict_interpreter)
     ref = R.unpermute(R.gmm(h, rhs, sizes, group_offset=3, transpose_rhs=True), sort_idx, w)
     assert_close(out, ref, 1e-5, "strict sharded scatter_gmm")
@@ -114,16 +114,16 @@ def test_strict_interpreter_scatter_gmm(strict_interpreter):
 
 def test_heuristic_tiling_and_tn_rule():
     """Default tilings run (tiny whole-dim blocks), and scatter refuses a tn that does not divide N."""
-    ids, sizes, sort_idx = _routed("empty_groups", 5)
+    ids, sizes, sort_idx = routed("empty_groups", 5)
     k1, k2, k3 = keys(5, 3)
-    x, rhs, w = randn(k1, (T, 20)), _rhs(k2, E, False, jnp.float32, 20, 24), _weights(k3)
+    x, rhs, w = randn(k1, (T, 20)), rand_rhs(k2, E, False, jnp.float32, 20, 24), _weights(k3)
     hid, ref = _gather(x, rhs, sizes, 0, sort_idx, t=None), R.gmm(R.permute(x, ids, E)[0], rhs, sizes)
     assert_close(hid, ref, 1e-5, "heuristic gather")
     back = jnp.swapaxes(rhs, 1, 2)                                  # [E, 24, 20]
     out = _scatter(hid, back, sizes, 0, sort_idx, w, t=None)
     assert_close(out, R.unpermute(R.gmm(ref, back, sizes), sort_idx, w), 1e-5, "heuristic scatter")
     with pytest.raises(ValueError, match="tn to divide"):
-        _scatter(randn(k1, (T * TOP_K, K)), _rhs(k2, E, False, jnp.float32, K, 384), sizes, 0, sort_idx, w,
+        _scatter(randn(k1, (T * TOP_K, K)), rand_rhs(k2, E, False, jnp.float32, K, 384), sizes, 0, sort_idx, w,
                  t=tiling.Tiling(16, 128, 256))
 
 
@@ -133,9 +133,9 @@ def test_heuristic_tiling_and_tn_rule():
 
 def test_public_ops_gradients_pallas():
     """gather_gmm (dx, drhs) and scatter_gmm (dh, drhs, dweights) vs jax.grad of the reference composition."""
-    ids, sizes, sort_idx = _routed("uneven_dropped", 3)
-    k1, k2, k3, k4, k5 = keys(_seed("pallas", "grads"), 5)
-    x, w_in, w_out = randn(k1, (T, K)), _rhs(k2, E, False, jnp.float32, K, N), _rhs(k3, E, True, jnp.float32, N, K)
+    ids, sizes, sort_idx = routed("uneven_dropped", 3)
+    k1, k2, k3, k4, k5 = keys(case_seed("pallas", "grads"), 5)
+    x, w_in, w_out = randn(k1, (T, K)), rand_rhs(k2, E, False, jnp.float32, K, N), rand_rhs(k3, E, True, jnp.float32, N, K)
     w, cot = _weights(k4), randn(k5, (T, K))
 
     def ours(a, b, c, wt):
@@ -148,8 +148,8 @@ def test_public_ops_gradients_pallas():
 
     args = (x, w_in, w_out, w)
     assert_close(_ready(jax.jit(ours)(*args)), ref(*args), 1e-5, "forward")
-    got = _ready(jax.jit(lambda *a: _grads(ours, a, cot))(*args))
-    for name, g, e in zip(("dx", "dw_in", "dw_out", "dweights"), got, _grads(ref, args, cot)):
+    got = _ready(jax.jit(lambda *a: grads_of(ours, a, cot))(*args))
+    for name, g, e in zip(("dx", "dw_in", "dw_out", "dweights"), got, grads_of(ref, args, cot)):
         assert_close(g, e, 1e-5, name)
     dropped = np.asarray(expert_ids("uneven_dropped", 3)).reshape(-1)
     dropped = (dropped < 0) | (dropped >= E)

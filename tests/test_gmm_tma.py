@@ -15,8 +15,9 @@ from kernels import aot, lowering
 from kernels.registry import cases_for
 from kernels.triton import gmm as tg, gmm_tma, schedule, tuning
 from moe_ops import reference
-from tests.helpers import GROUP_CASES, TOL, assert_close, group_sizes, group_sizes_strategy, keys, randn
-from tests.test_triton_gmm import CFG, SHARDS, G, K, M, N, _offset, _rhs, _seed
+from tests.gmm_cases import CFG, SHARDS, G, K, M, N, rand_rhs
+from tests.helpers import (GROUP_CASES, TOL, assert_close, case_seed, group_sizes, group_sizes_strategy, keys,
+                           offset_array, randn)
 
 needs_plugin = pytest.mark.skipif(lowering.unavailable_reason() is not None,
                                   reason=str(lowering.unavailable_reason()))
@@ -30,9 +31,9 @@ def test_tma_gmm_parity(case, shard, transpose):
     """Tiny non-tile-multiple shapes (M=70, K=40, N=56; 16x32x16 tiles), every group case, three programs walking
     the tile list: every row written (outputs are poisoned), zeros outside local groups."""
     off, g_local = SHARDS[shard]
-    k1, k2 = keys(_seed("tma", case, shard, transpose), 2)
-    lhs, rhs, sizes = randn(k1, (M, K)), _rhs(k2, g_local, transpose), group_sizes(case, G, M, seed=3)
-    out = gmm_tma.gmm(lhs, rhs, sizes, _offset(off), transpose_rhs=transpose, out_dtype=jnp.float32, config=CFG)
+    k1, k2 = keys(case_seed("tma", case, shard, transpose), 2)
+    lhs, rhs, sizes = randn(k1, (M, K)), rand_rhs(k2, g_local, transpose), group_sizes(case, G, M, seed=3)
+    out = gmm_tma.gmm(lhs, rhs, sizes, offset_array(off), transpose_rhs=transpose, out_dtype=jnp.float32, config=CFG)
     ref = reference.gmm(lhs, rhs, sizes, group_offset=off, transpose_rhs=transpose)
     assert_close(out, ref, TOL[jnp.float32], f"tma gmm {case} {shard}")
 
@@ -42,9 +43,9 @@ def test_tma_gmm_parity(case, shard, transpose):
 def test_tma_tgmm_parity(case, shard):
     """TGMM with TMA operands: full chunks unmasked, the tail chunk zeroed past the group's end in registers."""
     off, g_local = SHARDS[shard]
-    k1, k2 = keys(_seed("tma-tgmm", case, shard), 2)
+    k1, k2 = keys(case_seed("tma-tgmm", case, shard), 2)
     lhs, rhs, sizes = randn(k1, (M, K)), randn(k2, (M, N)), group_sizes(case, G, M, seed=4)
-    out = gmm_tma.tgmm(lhs, rhs, sizes, _offset(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
+    out = gmm_tma.tgmm(lhs, rhs, sizes, offset_array(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
     ref = reference.tgmm(lhs, rhs, sizes, group_offset=off, num_groups=g_local)
     assert_close(out, ref, TOL[jnp.float32], f"tma tgmm {case} {shard}")
 
@@ -59,9 +60,9 @@ def test_tma_gmm_epilogues(case, epilogue):
     """Each store path on its own: whole tiles through the output descriptor (in halves or not) and partial tiles by
     the masked store, or every tile by the masked store; the last shard (zero-fill rows before and after)."""
     off, g_local = SHARDS["last"]
-    k1, k2 = keys(_seed("tma-epilogue", case, epilogue), 2)
-    lhs, rhs, sizes = randn(k1, (M, K)), _rhs(k2, g_local, False), group_sizes(case, G, M, seed=5)
-    out = gmm_tma.gmm(lhs, rhs, sizes, _offset(off), transpose_rhs=False, out_dtype=jnp.float32, config=CFG,
+    k1, k2 = keys(case_seed("tma-epilogue", case, epilogue), 2)
+    lhs, rhs, sizes = randn(k1, (M, K)), rand_rhs(k2, g_local, False), group_sizes(case, G, M, seed=5)
+    out = gmm_tma.gmm(lhs, rhs, sizes, offset_array(off), transpose_rhs=False, out_dtype=jnp.float32, config=CFG,
                       ep=EPILOGUES[epilogue])
     assert_close(out, reference.gmm(lhs, rhs, sizes, group_offset=off), TOL[jnp.float32], f"{case} {epilogue}")
 
@@ -69,17 +70,17 @@ def test_tma_gmm_epilogues(case, epilogue):
 def test_tma_gmm_unaligned_output_rows():
     """``transpose_rhs`` with N whose output rows are not 16-byte aligned (N=54 f32: 216 B): the rhs descriptor only
     needs K aligned, the output takes the masked store and no output descriptor is built (its stride is illegal)."""
-    k1, k2 = keys(_seed("tma-unaligned"), 2)
-    lhs, rhs, sizes = randn(k1, (M, K)), _rhs(k2, G, True, n=54), group_sizes("uneven", G, M, seed=6)
+    k1, k2 = keys(case_seed("tma-unaligned"), 2)
+    lhs, rhs, sizes = randn(k1, (M, K)), rand_rhs(k2, G, True, n=54), group_sizes("uneven", G, M, seed=6)
     assert not gmm_tma.epilogue("cpu", CFG, 54, jnp.float32).tma_store
-    out = gmm_tma.gmm(lhs, rhs, sizes, _offset(None), transpose_rhs=True, out_dtype=jnp.float32, config=CFG)
+    out = gmm_tma.gmm(lhs, rhs, sizes, offset_array(None), transpose_rhs=True, out_dtype=jnp.float32, config=CFG)
     assert_close(out, reference.gmm(lhs, rhs, sizes, transpose_rhs=True), TOL[jnp.float32], "unaligned N")
 
 
 def test_order_tiles_partitions_whole_partial_idle():
     """Whole tiles (full BM rows, or ending at M) first, then partial ones, then IDLE, each in table order."""
     sizes = jnp.array([20, 0, 16, 30], jnp.int32)          # M = 70: groups of 20, 16, 30 rows, 4 rows beyond the sum
-    tiles = schedule.gmm_row_tiles(sizes, _offset(0), 70, 4, 16)
+    tiles = schedule.gmm_row_tiles(sizes, offset_array(0), 70, 4, 16)
     ordered, (whole, active) = gmm_tma.order_tiles(tiles, 70, 16)
     group, start, end = (list(map(int, row)) for row in ordered)
     assert (int(whole), int(active)) == (4, 6)
@@ -95,15 +96,15 @@ def test_tma_gmm_vmap_matches_per_example(shared_rhs, transpose):
     """``jax.vmap`` folds the batch into one persistent launch (rows ``[B*M, K]``, rhs ``[B*G, K, N]`` or shared):
     equal to the per-example calls, with per-batch group sizes (one with every row in one group, one all empty)."""
     b, (off, g_local) = 3, SHARDS["last"]
-    k1, k2 = keys(_seed("tma-vmap", shared_rhs, transpose), 2)
+    k1, k2 = keys(case_seed("tma-vmap", shared_rhs, transpose), 2)
     lhs = randn(k1, (b, M, K))
-    rhs = _rhs(k2, g_local, transpose) if shared_rhs else jnp.stack([_rhs(k, g_local, transpose)
+    rhs = rand_rhs(k2, g_local, transpose) if shared_rhs else jnp.stack([rand_rhs(k, g_local, transpose)
                                                                          for k in keys(7, b)])
     sizes = jnp.stack([group_sizes("uneven", G, M, seed=1), group_sizes("one_hot_group", G, M),
                        group_sizes("all_empty", G, M)])
 
     def one(a, w, s):
-        return gmm_tma.gmm(a, w, s, _offset(off), transpose_rhs=transpose, out_dtype=jnp.float32, config=CFG)
+        return gmm_tma.gmm(a, w, s, offset_array(off), transpose_rhs=transpose, out_dtype=jnp.float32, config=CFG)
     out = jax.vmap(one, in_axes=(0, None if shared_rhs else 0, 0))(lhs, rhs, sizes)
     jaxpr = str(jax.make_jaxpr(jax.vmap(one, in_axes=(0, None if shared_rhs else 0, 0)))(lhs, rhs, sizes))
     assert jaxpr.count("moe_triton_scratch_call") == 1 and f"f32[{b * M},{N}]" in jaxpr  # one folded launch
@@ -116,12 +117,12 @@ def test_tma_gmm_vmap_matches_per_example(shared_rhs, transpose):
 
 def test_tma_tgmm_vmap_matches_per_example():
     b, (off, g_local) = 2, SHARDS["first"]
-    k1, k2 = keys(_seed("tma-tgmm-vmap"), 2)
+    k1, k2 = keys(case_seed("tma-tgmm-vmap"), 2)
     lhs, rhs = randn(k1, (b, M, K)), randn(k2, (b, M, N))
     sizes = jnp.stack([group_sizes("uneven", G, M, seed=2), group_sizes("sum_below_m", G, M, seed=3)])
 
     def one(a, c, s):
-        return gmm_tma.tgmm(a, c, s, _offset(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
+        return gmm_tma.tgmm(a, c, s, offset_array(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
     out = jax.vmap(one)(lhs, rhs, sizes)
     for i in range(b):
         assert jnp.array_equal(out[i], one(lhs[i], rhs[i], sizes[i])), i
@@ -170,11 +171,11 @@ def test_tma_gmm_random_group_sizes(data):
     off = data.draw(st.integers(0, g - g_local))
     transpose = data.draw(st.booleans())
     k1, k2 = keys(data.draw(st.integers(0, 10**6)), 2)
-    lhs, rhs = randn(k1, (m, k)), _rhs(k2, g_local, transpose, k=k, n=n)
-    out = gmm_tma.gmm(lhs, rhs, sizes, _offset(off), transpose_rhs=transpose, out_dtype=jnp.float32, config=CFG)
+    lhs, rhs = randn(k1, (m, k)), rand_rhs(k2, g_local, transpose, k=k, n=n)
+    out = gmm_tma.gmm(lhs, rhs, sizes, offset_array(off), transpose_rhs=transpose, out_dtype=jnp.float32, config=CFG)
     assert_close(out, reference.gmm(lhs, rhs, sizes, group_offset=off, transpose_rhs=transpose), 1e-5, "tma gmm")
     rhs2 = randn(k1, (m, n))
-    out = gmm_tma.tgmm(lhs, rhs2, sizes, _offset(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
+    out = gmm_tma.tgmm(lhs, rhs2, sizes, offset_array(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
     assert_close(out, reference.tgmm(lhs, rhs2, sizes, group_offset=off, num_groups=g_local), 1e-5, "tma tgmm")
 
 
@@ -184,7 +185,7 @@ def test_public_op_uses_the_variant_with_gradients(monkeypatch, transpose):
     both through the TMA kernels too)."""
     monkeypatch.setenv("MOE_OPS_GMM_VARIANT", "tma")
     k1, k2, k3 = keys(41 + transpose, 3)
-    lhs, rhs = randn(k1, (M, 48), jnp.bfloat16), _rhs(k2, 3, transpose, jnp.bfloat16, k=48, n=64)
+    lhs, rhs = randn(k1, (M, 48), jnp.bfloat16), rand_rhs(k2, 3, transpose, jnp.bfloat16, k=48, n=64)
     sizes, cot = group_sizes("empty_groups", G, M), randn(k3, (M, 64))
     kw = dict(group_offset=1, transpose_rhs=transpose)
 

@@ -3,34 +3,13 @@ forward and gradients of x, router logits and all three weights, for every imple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import moe_ops
 from moe_ops import reference as R
-from tests.helpers import assert_close, keys, randn
+from tests.helpers import SHAPES, assert_close, keys, layer_inputs, loss, randn
 
 IMPLS = ["xla", "triton", "pallas"]
-# Small shapes: the Triton interpreter and Pallas interpret mode are slow on CPU. Pallas tiles want 128-lane dims.
-SHAPES = {"xla": (2, 24, 32, 48, 6), "triton": (2, 12, 16, 24, 4), "pallas": (2, 12, 128, 128, 4)}
-
-
-def layer_inputs(shape, routing, seed=0, dtype=jnp.float32):
-    b, s, d, f, e = shape
-    k = keys(seed, 5)
-    x = randn(k[0], (b, s, d), dtype)
-    logits = randn(k[1], (b, s, e))
-    if routing == "one_expert":
-        logits = logits.at[..., 1].add(30.0)  # every token's top choice is expert 1
-    elif routing == "hot":
-        logits = logits.at[..., 0].add(2.0)
-    ws = [randn(k[2], (e, d, f), dtype, d ** -0.5), randn(k[3], (e, d, f), dtype, d ** -0.5),
-          randn(k[4], (e, f, d), dtype, f ** -0.5)]
-    return x, logits, ws
-
-
-def loss(fn, top_k, cotangent):
-    return lambda x, lg, wg, wu, wd: jnp.sum(fn(x, lg, wg, wu, wd, top_k=top_k).astype(jnp.float32) * cotangent)
 
 
 @pytest.mark.parametrize("routing", ["balanced", pytest.param("hot", marks=pytest.mark.slow),

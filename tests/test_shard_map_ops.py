@@ -7,31 +7,9 @@ import pytest
 
 import moe_ops
 from moe_ops import reference as R
-from tests.helpers import assert_close, keys, randn
-
-SHARDS = 4
+from tests.helpers import assert_close, keys, randn, sharded_sum, unsharded_sum
 
 
-def _mesh():
-    """A SHARDS-device mesh, built when a test needs it (so these helpers import on a 1-GPU host too; the CPU runs
-    force 8 host devices in conftest.py)."""
-    return jax.make_mesh((SHARDS,), ("d",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:SHARDS])
-
-
-def sharded_sum(per_shard):
-    """sum over shards of per_shard(token block, replicated args...), through shard_map (check_vma on)."""
-    def total(tokens, *replicated):
-        f = jax.shard_map(lambda t, *r: per_shard(t, *r)[None], mesh=_mesh(),
-                          in_specs=(jax.P("d"),) + (jax.P(),) * len(replicated), out_specs=jax.P("d"))
-        return f(tokens, *replicated).sum()
-    return total
-
-
-def unsharded_sum(per_shard):
-    def total(tokens, *replicated):
-        blocks = jnp.split(tokens, SHARDS)
-        return sum(per_shard(b, *replicated) for b in blocks)
-    return total
 
 
 @pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "triton"])

@@ -13,8 +13,8 @@ import moe_ops
 from kernels.triton import gmm as tgmm_kernels, swiglu as ts
 from moe_ops import backend, swiglu
 from moe_ops import reference as R
-from tests.helpers import TOL, assert_close, keys, randn
-from tests.test_fused import CFG, E, K, T, TOP_K, _offset, _routed, _seed
+from tests.helpers import TOL, assert_close, case_seed, keys, layer_inputs, loss, offset_array, randn
+from tests.routed_cases import CFG, E, K, T, TOP_K, routed
 
 F = 24
 
@@ -30,7 +30,7 @@ def _operands(seed, g_local, dtype, d=K, f=F):
 
 def _kernel_args(o, sizes, sort_idx, off):
     w_sorted = o["weights"].reshape(-1)[sort_idx]
-    return (o["x"], o["dout"], o["w_gate"], o["w_up"], o["w_down"], sizes, _offset(off), sort_idx, w_sorted)
+    return (o["x"], o["dout"], o["w_gate"], o["w_up"], o["w_down"], sizes, offset_array(off), sort_idx, w_sorted)
 
 
 def _check_rows(got, ref, sizes, off, g_local, tol, what):
@@ -55,14 +55,14 @@ def test_triton_kernel_parity(routing, activation, off, g_local, dtype):
     and F=24 are not multiples of the 16-wide tiles (masked K, wrapped columns); group_offset shards. The saved
     mode: the forward kernel's gate / up (checked against the reference projections) fed to the saved-mode kernel,
     which must give the same outputs."""
-    _, sizes, sort_idx = _routed(routing, _seed(routing, "down_bwd"))
-    o = _operands(_seed(routing, activation, "ops"), g_local, dtype)
+    _, sizes, sort_idx = routed(routing, case_seed(routing, "down_bwd"))
+    o = _operands(case_seed(routing, activation, "ops"), g_local, dtype)
     args = _kernel_args(o, sizes, sort_idx, off)
     ref = R.swiglu_down_bwd(*args[:6], sort_idx, args[-1], TOP_K, group_offset=off, activation=activation)
     got = ts.swiglu_down_bwd(*args, TOP_K, activation=activation, config=CFG)
     _check_rows(got, ref, sizes, off, g_local, TOL[dtype], f"triton {routing}")
 
-    h, gate, up = ts.swiglu_gmm_saved(o["x"], o["w_gate"], o["w_up"], sizes, _offset(off), sort_idx, TOP_K,
+    h, gate, up = ts.swiglu_gmm_saved(o["x"], o["w_gate"], o["w_up"], sizes, offset_array(off), sort_idx, TOP_K,
                                       activation=activation, out_dtype=dtype, config=CFG)
     kw = dict(group_offset=off, preferred_element_type=jnp.float32)
     rows = o["x"][sort_idx // TOP_K]
@@ -77,14 +77,14 @@ def test_triton_kernel_parity(routing, activation, off, g_local, dtype):
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
 def test_xla_composition_matches_reference(activation):
-    _, sizes, sort_idx = _routed("uneven_dropped", 7)
-    o = _operands(_seed("xla", activation), 3, jnp.float32)
+    _, sizes, sort_idx = routed("uneven_dropped", 7)
+    o = _operands(case_seed("xla", activation), 3, jnp.float32)
     args = _kernel_args(o, sizes, sort_idx, 1)
     xla = backend.ops("xla")
     got = backend.compose_swiglu_down_bwd(*args, TOP_K, ops=xla, activation=activation)
     ref = R.swiglu_down_bwd(*args[:6], sort_idx, args[-1], TOP_K, group_offset=1, activation=activation)
     _check_rows(got, ref, sizes, 1, 3, 1e-5, "xla")
-    _, gate, up = backend.compose_swiglu_gmm_saved(o["x"], o["w_gate"], o["w_up"], sizes, _offset(1), sort_idx, TOP_K,
+    _, gate, up = backend.compose_swiglu_gmm_saved(o["x"], o["w_gate"], o["w_up"], sizes, offset_array(1), sort_idx, TOP_K,
                                                    ops=xla, activation=activation, out_dtype=jnp.float32)
     saved = backend.compose_swiglu_down_bwd_saved(o["dout"], o["w_down"], gate, up, *args[5:], TOP_K, ops=xla,
                                                   activation=activation)
@@ -108,10 +108,10 @@ OP_CASES = [("triton", "silu", False), ("xla", "gelu", False), ("triton", "gelu"
 def test_op_gradients_on_expert_shard(impl, activation, recompute):
     """Forward and the five gradients (x, w_gate, w_up, w_down, weights) of the custom VJP vs jax.grad of the
     reference composition, on the middle shard of experts (others: zero output, zero gradient)."""
-    _, sizes, sort_idx = _routed("uneven_dropped", 11)
+    _, sizes, sort_idx = routed("uneven_dropped", 11)
     d, f = (128, 128) if impl == "pallas" else (K, F)   # Pallas: lane-dense blocks
-    o = _operands(_seed(impl, activation, "op"), 3, jnp.float32, d, f)
-    cot = randn(keys(_seed(impl, "cot"), 1)[0], (T, d))
+    o = _operands(case_seed(impl, activation, "op"), 3, jnp.float32, d, f)
+    cot = randn(keys(case_seed(impl, "cot"), 1)[0], (T, d))
     inputs = (o["x"], o["w_gate"], o["w_up"], o["w_down"], o["weights"])
     ours = lambda *a: swiglu.swiglu_ffn(*a[:4], sizes, sort_idx, a[4], group_offset=1, activation=activation,
                                         recompute=recompute, implementation=impl)
@@ -126,8 +126,8 @@ def test_op_gradients_on_expert_shard(impl, activation, recompute):
 @pytest.mark.parametrize("recompute", [False, True])
 def test_vmap_matches_per_example(recompute):
     """Under vmap the kernels give way to the composition (custom_vmap): same values and gradients per example."""
-    _, sizes, sort_idx = _routed("empty_groups", 5)
-    batch = [_operands(_seed("vmap", i), E, jnp.float32) for i in range(2)]
+    _, sizes, sort_idx = routed("empty_groups", 5)
+    batch = [_operands(case_seed("vmap", i), E, jnp.float32) for i in range(2)]
     stacked = {n: jnp.stack([b[n] for b in batch]) for n in batch[0]}
 
     def loss(x, w_gate, w_up, w_down, weights):
@@ -145,7 +145,7 @@ def test_vmap_matches_per_example(recompute):
 
 
 def test_errors_name_the_argument():
-    _, sizes, sort_idx = _routed("uneven_dropped", 1)
+    _, sizes, sort_idx = routed("uneven_dropped", 1)
     o = _operands(1, E, jnp.float32)
     args = (o["x"], o["w_gate"], o["w_up"], o["w_down"], sizes, sort_idx)
     with pytest.raises(ValueError, match="weights"):
@@ -163,14 +163,14 @@ def test_errors_name_the_argument():
 def test_triton_gather_tgmm_parity(gather_lhs, weighted, off, g_local, dtype):
     """TGMM with one operand read in token order (x for dw_gate / dw_up; dout, weighted, for dw_down): equal to
     tgmm of the gathered copy; the groups' rows are not multiples of the 16-row chunk (masked tail)."""
-    _, sizes, sort_idx = _routed("uneven_dropped", _seed("gather_tgmm", gather_lhs, weighted))
-    o = _operands(_seed("gtgmm", off), g_local, dtype)
-    sorted_rows = randn(keys(_seed("rows", off), 1)[0], (T * TOP_K, F), dtype)
+    _, sizes, sort_idx = routed("uneven_dropped", case_seed("gather_tgmm", gather_lhs, weighted))
+    o = _operands(case_seed("gtgmm", off), g_local, dtype)
+    sorted_rows = randn(keys(case_seed("rows", off), 1)[0], (T * TOP_K, F), dtype)
     gathered = o["x"][sort_idx // TOP_K]
     if weighted:
         gathered = (gathered.astype(jnp.float32) * o["weights"].reshape(-1)[sort_idx][:, None]).astype(dtype)
     lhs, rhs = (o["x"], sorted_rows) if gather_lhs else (sorted_rows, o["x"])
-    got = tgmm_kernels.gather_tgmm(lhs, rhs, sizes, _offset(off), sort_idx, TOP_K, num_groups=g_local,
+    got = tgmm_kernels.gather_tgmm(lhs, rhs, sizes, offset_array(off), sort_idx, TOP_K, num_groups=g_local,
                                    out_dtype=jnp.float32, gather_lhs=gather_lhs, gather_rhs=not gather_lhs,
                                    rhs_weights=o["weights"] if weighted else None, config=CFG)
     ref_lhs, ref_rhs = (gathered, sorted_rows) if gather_lhs else (sorted_rows, gathered)
@@ -185,7 +185,6 @@ def test_grad_temp_memory_well_below_unfused(recompute, bound):
     run's) at a fine-grained-expert shape: the fused path's temp bytes at most ``bound`` x the unfused path's.
     Measured 0.91 saved (gate / up kept, gathered x / dout copies in the backward) and 0.55 recompute (no [M, F]
     residual, TGMMs reading token-order rows)."""
-    from tests.test_moe_ffn import layer_inputs, loss  # noqa: PLC0415
     x, logits, ws = layer_inputs((1, 1024, 256, 128, 16), "balanced", seed=4, dtype=jnp.bfloat16)
     cot = randn(keys(6, 1)[0], x.shape, jnp.bfloat16)
     temps = {}

@@ -15,9 +15,8 @@ from kernels.pallas import swiglu as ps, tiling
 from kernels.triton import swiglu as ts
 from moe_ops import reference as R
 from moe_ops import swiglu
-from tests.helpers import TOL, assert_close, keys, randn
-from tests.test_fused import CFG, E, K, T, TOP_K, _grads, _offset, _routed, _seed
-from tests.test_moe_ffn import SHAPES, layer_inputs, loss
+from tests.helpers import SHAPES, TOL, assert_close, case_seed, grads_of, keys, layer_inputs, loss, offset_array, randn
+from tests.routed_cases import CFG, E, K, T, TOP_K, routed
 
 F = 24
 
@@ -42,10 +41,10 @@ def _ref(x, w_gate, w_up, sizes, ids, off, activation, gather=True):
 ])
 def test_triton_kernel_parity(routing, activation, gather, off, g_local, dtype):
     """h only (no gate / up), rows outside local groups zero; group_offset shards; gather and plain row maps."""
-    ids, sizes, sort_idx = _routed(routing, _seed(routing, "swiglu"))
-    x = randn(keys(_seed(routing, activation), 1)[0], (T, K) if gather else (T * TOP_K, K), dtype)
-    w_gate, w_up = _weights(_seed(routing, "w"), g_local, dtype)
-    out = ts.swiglu_gmm(x, w_gate, w_up, sizes, _offset(off), sort_idx if gather else None, TOP_K,
+    ids, sizes, sort_idx = routed(routing, case_seed(routing, "swiglu"))
+    x = randn(keys(case_seed(routing, activation), 1)[0], (T, K) if gather else (T * TOP_K, K), dtype)
+    w_gate, w_up = _weights(case_seed(routing, "w"), g_local, dtype)
+    out = ts.swiglu_gmm(x, w_gate, w_up, sizes, offset_array(off), sort_idx if gather else None, TOP_K,
                         activation=activation, out_dtype=dtype, config=CFG)
     ref = _ref(x, w_gate, w_up, sizes, ids, off, activation, gather)
     assert out.dtype == dtype and out.shape == (T * TOP_K, F)
@@ -59,22 +58,22 @@ def test_triton_kernel_parity(routing, activation, gather, off, g_local, dtype):
 def test_public_op_gradients(impl, gather, activation):
     """dx, dw_gate, dw_up of the custom VJP (recomputed gate / up, dx through combine_rows) vs jax.grad of the
     reference composition, on a middle expert shard (rows of other groups: zero output, zero gradient)."""
-    ids, sizes, sort_idx = _routed("uneven_dropped", 11)
+    ids, sizes, sort_idx = routed("uneven_dropped", 11)
     d, f = (128, 128) if impl == "pallas" else (K, F)
-    x = randn(keys(_seed(impl, "x"), 1)[0], (T, d) if gather else (T * TOP_K, d))
-    w_gate, w_up = _weights(_seed(impl, "w"), 3, d=d, f=f)
-    cot = randn(keys(_seed(impl, "cot"), 1)[0], (T * TOP_K, f))
+    x = randn(keys(case_seed(impl, "x"), 1)[0], (T, d) if gather else (T * TOP_K, d))
+    w_gate, w_up = _weights(case_seed(impl, "w"), 3, d=d, f=f)
+    cot = randn(keys(case_seed(impl, "cot"), 1)[0], (T * TOP_K, f))
     ours = lambda a, b, c: moe_ops.swiglu_gmm(a, b, c, sizes, sort_idx if gather else None, group_offset=1,
                                               activation=activation, implementation=impl)
     ref = lambda a, b, c: _ref(a, b, c, sizes, ids, 1, activation, gather)
     assert_close(jax.block_until_ready(jax.jit(ours)(x, w_gate, w_up)), ref(x, w_gate, w_up), 1e-5, "forward")
-    got = jax.block_until_ready(jax.jit(lambda *a: _grads(ours, a, cot))(x, w_gate, w_up))
-    for name, g, e in zip(("dx", "dw_gate", "dw_up"), got, _grads(ref, (x, w_gate, w_up), cot)):
+    got = jax.block_until_ready(jax.jit(lambda *a: grads_of(ours, a, cot))(x, w_gate, w_up))
+    for name, g, e in zip(("dx", "dw_gate", "dw_up"), got, grads_of(ref, (x, w_gate, w_up), cot)):
         assert_close(g, e, 1e-5, name)
 
 
 def test_errors_name_the_argument():
-    _, sizes, sort_idx = _routed("uneven_dropped", 1)
+    _, sizes, sort_idx = routed("uneven_dropped", 1)
     x, (w_gate, w_up) = jnp.ones((T, K)), _weights(1, E)
     with pytest.raises(ValueError, match="w_up"):
         moe_ops.swiglu_gmm(x, w_gate, w_up[:, :, :-1], sizes, sort_idx, implementation="xla")
@@ -89,10 +88,10 @@ def test_errors_name_the_argument():
 def test_pallas_kernel_strict_interpreter(activation, gather, strict_interpreter):
     """The Pallas kernel: no out-of-bounds reads, no races, every row written (uninitialised memory is NaN); a middle
     shard, a partial K block (K = 200 against 128) and two F blocks, gathered and plain row maps."""
-    ids, sizes, sort_idx = _routed("uneven_dropped", 31)
+    ids, sizes, sort_idx = routed("uneven_dropped", 31)
     x = randn(keys(31, 1)[0], (T, 200) if gather else (T * TOP_K, 200))
     w_gate, w_up = _weights(32, 2, d=200, f=256)
-    out = jax.block_until_ready(ps.swiglu_gmm(x, w_gate, w_up, sizes, _offset(1), sort_idx if gather else None,
+    out = jax.block_until_ready(ps.swiglu_gmm(x, w_gate, w_up, sizes, offset_array(1), sort_idx if gather else None,
                                               TOP_K, activation=activation, out_dtype=jnp.float32,
                                               tiling=tiling.Tiling(16, 128, 128), interpret=strict_interpreter))
     assert_close(out, _ref(x, w_gate, w_up, sizes, ids, 1, activation, gather), 1e-5, f"pallas {activation}")

@@ -5,8 +5,6 @@ deliberately not multiples of the test tiles (M=70, K=40, N=56 against 16x32x16 
 an explicit small config, the ``moe_ops`` paths use the CPU default from ``tuning.pick_config``.
 """
 
-import zlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,26 +14,9 @@ from hypothesis import given, strategies as st
 import moe_ops
 from kernels.triton import gmm as tg, schedule, tuning
 from moe_ops import reference
-from tests.helpers import GROUP_CASES, TOL, assert_close, group_sizes, group_sizes_strategy, keys, randn
-
-M, K, N, G = 70, 40, 56, 5
-CFG = tuning.GmmConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=1)
-# (group_offset, G_local): all groups, then the first, a middle and the last shard of size 2 / 1 / 2.
-SHARDS = {"all": (None, G), "first": (0, 2), "middle": (2, 1), "last": (3, 2)}
-
-
-def _seed(*parts):
-    """A deterministic seed per test case (``hash`` of a str varies between processes)."""
-    return zlib.crc32(repr(parts).encode()) % 10_000
-
-
-def _offset(off):
-    return jnp.array([0 if off is None else off], jnp.int32)
-
-
-def _rhs(key, g_local, transpose, dtype=jnp.float32, k=K, n=N):
-    return randn(key, (g_local, n, k) if transpose else (g_local, k, n), dtype)
-
+from tests.gmm_cases import CFG, SHARDS, G, K, M, N, rand_rhs
+from tests.helpers import (GROUP_CASES, TOL, assert_close, case_seed, grads_of, group_sizes, group_sizes_strategy, keys,
+                           offset_array, randn)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernel-level parity.
@@ -45,9 +26,9 @@ def _rhs(key, g_local, transpose, dtype=jnp.float32, k=K, n=N):
 @pytest.mark.parametrize("case", GROUP_CASES)
 def test_gmm_parity(case, shard, transpose):
     off, g_local = SHARDS[shard]
-    k1, k2 = keys(_seed(case, shard, transpose), 2)
-    lhs, rhs, sizes = randn(k1, (M, K)), _rhs(k2, g_local, transpose), group_sizes(case, G, M, seed=3)
-    out = tg.gmm(lhs, rhs, sizes, _offset(off), transpose_rhs=transpose, out_dtype=jnp.float32, config=CFG)
+    k1, k2 = keys(case_seed(case, shard, transpose), 2)
+    lhs, rhs, sizes = randn(k1, (M, K)), rand_rhs(k2, g_local, transpose), group_sizes(case, G, M, seed=3)
+    out = tg.gmm(lhs, rhs, sizes, offset_array(off), transpose_rhs=transpose, out_dtype=jnp.float32, config=CFG)
     ref = reference.gmm(lhs, rhs, sizes, group_offset=off, transpose_rhs=transpose)
     assert out.dtype == jnp.float32
     assert_close(out, ref, TOL[jnp.float32], f"gmm {case} {shard}")
@@ -57,9 +38,9 @@ def test_gmm_parity(case, shard, transpose):
 @pytest.mark.parametrize("case", GROUP_CASES)
 def test_tgmm_parity(case, shard):
     off, g_local = SHARDS[shard]
-    k1, k2 = keys(_seed(case, shard), 2)
+    k1, k2 = keys(case_seed(case, shard), 2)
     lhs, rhs, sizes = randn(k1, (M, K)), randn(k2, (M, N)), group_sizes(case, G, M, seed=4)
-    out = tg.tgmm(lhs, rhs, sizes, _offset(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
+    out = tg.tgmm(lhs, rhs, sizes, offset_array(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
     ref = reference.tgmm(lhs, rhs, sizes, group_offset=off, num_groups=g_local)
     assert out.shape == (g_local, K, N)
     assert_close(out, ref, TOL[jnp.float32], f"tgmm {case} {shard}")
@@ -74,10 +55,10 @@ def test_tile_multiples_and_other_tiles(cfg):
         k1, k2, k3 = keys(m + k + n, 3)
         lhs, sizes = randn(k1, (m, k)), group_sizes("uneven", 4, m, seed=m)
         rhs = randn(k2, (3, k, n))
-        out = tg.gmm(lhs, rhs, sizes, _offset(1), transpose_rhs=False, out_dtype=jnp.float32, config=cfg)
+        out = tg.gmm(lhs, rhs, sizes, offset_array(1), transpose_rhs=False, out_dtype=jnp.float32, config=cfg)
         assert_close(out, reference.gmm(lhs, rhs, sizes, group_offset=1), 1e-5, f"gmm {m}x{k}x{n}")
         rhs2 = randn(k3, (m, n))
-        out = tg.tgmm(lhs, rhs2, sizes, _offset(1), num_groups=3, out_dtype=jnp.float32, config=cfg)
+        out = tg.tgmm(lhs, rhs2, sizes, offset_array(1), num_groups=3, out_dtype=jnp.float32, config=cfg)
         assert_close(out, reference.tgmm(lhs, rhs2, sizes, group_offset=1, num_groups=3), 1e-5, f"tgmm {m}x{k}x{n}")
 
 
@@ -85,7 +66,7 @@ def test_tile_multiples_and_other_tiles(cfg):
 @pytest.mark.parametrize("out_dtype", [None, jnp.float32], ids=["out_in", "out_f32"])
 def test_low_precision_inputs(dtype, out_dtype):
     k1, k2, k3 = keys(11, 3)
-    lhs, rhs, sizes = randn(k1, (M, K), dtype), _rhs(k2, 3, False, dtype), group_sizes("empty_groups", G, M)
+    lhs, rhs, sizes = randn(k1, (M, K), dtype), rand_rhs(k2, 3, False, dtype), group_sizes("empty_groups", G, M)
     want = jnp.dtype(out_dtype or dtype)
     out = moe_ops.gmm(lhs, rhs, sizes, group_offset=1, preferred_element_type=out_dtype, implementation="triton")
     assert out.dtype == want
@@ -102,7 +83,7 @@ def test_low_precision_inputs(dtype, out_dtype):
 def test_jit_traced_group_sizes():
     """One jitted function, group sizes and offset traced: different routings reuse it and stay right."""
     k1, k2 = keys(5, 2)
-    lhs, rhs = randn(k1, (M, K)), _rhs(k2, 2, True)
+    lhs, rhs = randn(k1, (M, K)), rand_rhs(k2, 2, True)
     traces = []
 
     def traced_once(*args):
@@ -111,7 +92,7 @@ def test_jit_traced_group_sizes():
     fn = jax.jit(traced_once)
     for case, off in [("uneven", 0), ("one_hot_group", 2), ("sum_below_m", 3)]:
         sizes = group_sizes(case, G, M, seed=9)
-        out = fn(lhs, rhs, sizes, _offset(off))
+        out = fn(lhs, rhs, sizes, offset_array(off))
         assert_close(out, reference.gmm(lhs, rhs, sizes, group_offset=off, transpose_rhs=True), 1e-5, case)
     assert len(traces) == 1, "new group sizes / offset must not retrace"
 
@@ -119,21 +100,17 @@ def test_jit_traced_group_sizes():
 # ---------------------------------------------------------------------------------------------------------------
 # Gradients through moe_ops (generic custom VJP calling these kernels) vs jax.grad of the reference.
 
-def _grads(fn, args, cot):
-    return jax.grad(lambda a, b: jnp.sum(fn(a, b).astype(jnp.float32) * cot), argnums=(0, 1))(*args)
-
-
 @pytest.mark.parametrize("transpose", [False, True], ids=["kn", "nk"])
 @pytest.mark.parametrize("shard", ["all", "middle", "last"])
 def test_gmm_gradients(shard, transpose):
     off, g_local = SHARDS[shard]
     k1, k2, k3 = keys(21 + len(shard), 3)
-    lhs, rhs, sizes = randn(k1, (M, K)), _rhs(k2, g_local, transpose), group_sizes("sum_below_m", G, M, seed=2)
+    lhs, rhs, sizes = randn(k1, (M, K)), rand_rhs(k2, g_local, transpose), group_sizes("sum_below_m", G, M, seed=2)
     cot = randn(k3, (M, N))
     kw = dict(group_offset=off, transpose_rhs=transpose)
-    got = jax.jit(lambda a, b: _grads(lambda x, w: moe_ops.gmm(x, w, sizes, implementation="triton", **kw),
+    got = jax.jit(lambda a, b: grads_of(lambda x, w: moe_ops.gmm(x, w, sizes, implementation="triton", **kw),
                                       (a, b), cot))(lhs, rhs)
-    want = _grads(lambda x, w: reference.gmm(x, w, sizes, **kw), (lhs, rhs), cot)
+    want = grads_of(lambda x, w: reference.gmm(x, w, sizes, **kw), (lhs, rhs), cot)
     for name, g, w in zip(("dlhs", "drhs"), got, want):
         assert_close(g, w, 1e-5, name)
     if off is not None:  # rows of non-local groups get exactly zero gradient
@@ -148,8 +125,8 @@ def test_tgmm_gradients(shard):
     lhs, rhs, sizes = randn(k1, (M, K)), randn(k2, (M, N)), group_sizes("empty_groups", G, M, seed=5)
     cot = randn(k3, (g_local, K, N))
     kw = dict(group_offset=off, num_groups=g_local)
-    got = _grads(lambda a, b: moe_ops.tgmm(a, b, sizes, implementation="triton", **kw), (lhs, rhs), cot)
-    want = _grads(lambda a, b: reference.tgmm(a, b, sizes, **kw), (lhs, rhs), cot)
+    got = grads_of(lambda a, b: moe_ops.tgmm(a, b, sizes, implementation="triton", **kw), (lhs, rhs), cot)
+    want = grads_of(lambda a, b: reference.tgmm(a, b, sizes, **kw), (lhs, rhs), cot)
     for name, g, w in zip(("dlhs", "drhs"), got, want):
         assert_close(g, w, 1e-5, name)
 
@@ -166,11 +143,11 @@ def test_gmm_tgmm_random_group_sizes(data):
     off = data.draw(st.integers(0, g - g_local))
     transpose = data.draw(st.booleans())
     k1, k2, k3 = keys(data.draw(st.integers(0, 10**6)), 3)
-    lhs, rhs = randn(k1, (m, k)), _rhs(k2, g_local, transpose, k=k, n=n)
-    out = tg.gmm(lhs, rhs, sizes, _offset(off), transpose_rhs=transpose, out_dtype=jnp.float32, config=CFG)
+    lhs, rhs = randn(k1, (m, k)), rand_rhs(k2, g_local, transpose, k=k, n=n)
+    out = tg.gmm(lhs, rhs, sizes, offset_array(off), transpose_rhs=transpose, out_dtype=jnp.float32, config=CFG)
     assert_close(out, reference.gmm(lhs, rhs, sizes, group_offset=off, transpose_rhs=transpose), 1e-5, "gmm")
     rhs2 = randn(k3, (m, n))
-    out = tg.tgmm(lhs, rhs2, sizes, _offset(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
+    out = tg.tgmm(lhs, rhs2, sizes, offset_array(off), num_groups=g_local, out_dtype=jnp.float32, config=CFG)
     assert_close(out, reference.tgmm(lhs, rhs2, sizes, group_offset=off, num_groups=g_local), 1e-5, "tgmm")
 
 
@@ -186,7 +163,7 @@ def test_row_tile_schedule_invariants(data):
     sizes = np.asarray(data.draw(group_sizes_strategy(g, m)))
     g_local = data.draw(st.integers(1, g))
     off = data.draw(st.integers(0, g - g_local))
-    group, start, end = np.asarray(schedule.gmm_row_tiles(jnp.asarray(sizes), _offset(off), m, g_local, bm))
+    group, start, end = np.asarray(schedule.gmm_row_tiles(jnp.asarray(sizes), offset_array(off), m, g_local, bm))
     assert len(group) == schedule.max_row_tiles(m, bm, g_local)  # invariant 4: static worst case
     total = int(np.sum(group != schedule.IDLE))
     assert np.all(group[total:] == schedule.IDLE) and np.all(start[total:] == 0) and np.all(end[total:] == 0)
@@ -237,18 +214,18 @@ def test_amd_options_only_for_hip():
 @pytest.mark.parametrize("kind", ["gmm", "tgmm"])
 def test_shipped_tiles_in_the_interpreter(kind, arch):
     m, k, n, g = 300, 200, 264, 4  # not multiples of any shipped tile
-    k1, k2 = keys(_seed(kind, arch), 2)
+    k1, k2 = keys(case_seed(kind, arch), 2)
     lhs, sizes = randn(k1, (m, k)), jnp.array([90, 0, 130, 50], jnp.int32)  # an empty group, sum < m
     configs = {**tuning.shipped(arch, kind, jnp.bfloat16), **tuning.shipped(arch, kind, jnp.float32)}
     assert configs == tuning.TABLES[arch][kind]
     for name, cfg in configs.items():
         if kind == "gmm":
             rhs = randn(k2, (g, k, n))
-            out = tg.gmm(lhs, rhs, sizes, _offset(None), transpose_rhs=False, out_dtype=jnp.float32, config=cfg)
+            out = tg.gmm(lhs, rhs, sizes, offset_array(None), transpose_rhs=False, out_dtype=jnp.float32, config=cfg)
             ref = reference.gmm(lhs, rhs, sizes)
         else:
             rhs = randn(k2, (m, n))
-            out = tg.tgmm(lhs, rhs, sizes, _offset(None), num_groups=g, out_dtype=jnp.float32, config=cfg)
+            out = tg.tgmm(lhs, rhs, sizes, offset_array(None), num_groups=g, out_dtype=jnp.float32, config=cfg)
             ref = reference.tgmm(lhs, rhs, sizes)
         assert_close(out, ref, TOL[jnp.float32], f"{kind} {arch} {name}")
 
@@ -260,7 +237,7 @@ def test_tgmm_bounds_longest_first(data):
     sizes = data.draw(group_sizes_strategy(g, m))
     g_local = data.draw(st.integers(1, g))
     off = data.draw(st.integers(-1, g))
-    ids, start, end = np.asarray(schedule.tgmm_group_bounds(sizes, _offset(off), g_local))
+    ids, start, end = np.asarray(schedule.tgmm_group_bounds(sizes, offset_array(off), g_local))
     assert sorted(ids) == list(range(g_local))
     lengths = end - start
     assert np.all(np.diff(lengths) <= 0)
