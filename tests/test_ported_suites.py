@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import moe_ops
-from moe_ops import reference
 from moe_ops.integrations import maxtext
 from tests.helpers import TOL, assert_close, keys, randn
 
