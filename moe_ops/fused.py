@@ -50,6 +50,7 @@ def use_fused(fused, implementation=None) -> bool:
     ``implementation=None``, whose fused ops are chosen per lowering platform (the Triton kernels on GPUs; elsewhere
     the backend's own composition, which is the unfused path op for op); ``True`` -> fused where the backend
     supports it (unfused path otherwise); ``False`` -> unfused."""
+    validation.flag("fused", fused, optional=True)
     if fused is None:
         return backend.choose(implementation) is None or implementation in FUSED_BY_DEFAULT
     return bool(fused) and supports_fused(implementation)

@@ -58,6 +58,8 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
     as one op with its fused backward (``moe_ops.swiglu.swiglu_ffn``); ``None`` -> where the backend has that kernel
     (``swiglu.has_kernel``), ``False`` -> two gather-GMMs and the activation in XLA. ``recompute`` (swiglu path):
     recompute gate / up in the backward instead of saving them (``swiglu_ffn``)."""
+    validation.flag("swiglu", swiglu, optional=True)
+    validation.flag("recompute", recompute)
     validation.float_array("x", x, 2)
     check_expert_weights(x, w_gate, w_up, w_down)
     validation.float_array("weights", weights, 2)

@@ -280,6 +280,7 @@ def swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights, *, group
     in the down GMM, the activation derivative in the epilogue of the backward's down dlhs GMM). ``recompute``:
     keep only the inputs for the backward and recompute gate / up there (least memory, one more gate/up GMM)
     instead of saving them (default: two [T*k, F] residuals in x's dtype, no extra matmul)."""
+    validation.flag("recompute", recompute)
     validation.float_array("x", x, 2)
     validation.check_expert_weights(x, w_gate, w_up, w_down)
     validation.check_group_sizes(group_sizes, w_gate.shape[0], "w_gate")

@@ -72,6 +72,13 @@ def float_array(name, x, ndim=None):
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
 
 
+def flag(name, value, optional=False) -> None:
+    """A static switch: a Python / NumPy bool (or None when ``optional``). Strings such as ``"no"`` are truthy and
+    would silently pick the other path, so they are refused."""
+    if not (isinstance(value, (bool, np.bool_)) or (optional and value is None)):
+        raise TypeError(f"{name} must be {'None, ' if optional else ''}True or False, got {value!r}")
+
+
 def is_static_int(value) -> bool:
     """A Python or NumPy integer (not a bool, not a traced value): what static sizes such as ``top_k`` take."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

@@ -340,3 +340,18 @@ def test_adapter_and_route_argument_errors():
         maxtext.tgmm(XS.T, H, SIZES, num_actual_groups=5)
     with pytest.raises(ValueError, match=r"batch_size \* sequence_length = 5 \* 3 tokens, got weights \(12, 2\)"):
         maxtext.unpermute(XS, SIDX, W, 5, 3)
+
+
+def test_switches_take_bools_only():
+    """``fused`` / ``swiglu`` / ``recompute`` pick a code path: a string such as "no" is truthy and silently took the
+    fused path before; now every non-bool is a named TypeError (None where it means "the backend's default")."""
+    with pytest.raises(TypeError, match=r"fused must be None, True or False, got 'no'"):
+        moe_ops.moe_ffn(X, LOGITS, WG, WU, WD, top_k=TOPK, implementation="xla", fused="no")
+    with pytest.raises(TypeError, match=r"swiglu must be None, True or False, got 1"):
+        moe_ops.fused_experts_ffn(X, W, IDS, WG, WU, WD, implementation="xla", swiglu=1)
+    with pytest.raises(TypeError, match=r"recompute must be True or False, got None"):
+        moe_ops.fused_experts_ffn(X, W, IDS, WG, WU, WD, implementation="xla", recompute=None)
+    with pytest.raises(TypeError, match=r"recompute must be True or False, got 'yes'"):
+        moe_ops.swiglu_ffn(X, WG, WU, WD, SIZES, SIDX, W, implementation="xla", recompute="yes")
+    out = moe_ops.moe_ffn(X, LOGITS, WG, WU, WD, top_k=TOPK, implementation="xla", fused=np.bool_(False))
+    assert_close(out, _ffn_ref(), 1e-5, "fused=np.bool_(False)")
