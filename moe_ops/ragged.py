@@ -15,6 +15,9 @@ fold, so one kernel call covers them. Batch dims of both operands, and group siz
 Beyond lax: ``group_offset`` (lax 0.10 raises ``NotImplementedError`` for it) is supported in mode 1 with
 ``gmm``'s meaning: rhs holds ``G_local <= g`` groups, row block ``i`` uses ``rhs[i - group_offset]`` and rows of
 non-local groups come out as zeros. Negative group sizes, undefined in lax, count as zero here.
+
+Operands of a dtype no kernel takes (integers such as int8 with ``preferred_element_type=int32``, float8, float64)
+run ``jax.lax.ragged_dot_general`` itself, with lax's semantics (no ``group_offset``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_ops.gmm import gmm, tgmm
-from moe_ops import backend
+from moe_ops import backend, validation
 
 __all__ = ["ragged_dot", "ragged_dot_general", "RaggedDotDimensionNumbers"]
 
@@ -58,6 +61,12 @@ def ragged_dot_general(lhs, rhs, group_sizes, ragged_dot_dimension_numbers, prec
     out = _lax_out_aval(lhs, rhs, group_sizes, dims, precision, preferred_element_type, group_offset, mode)
     kw = dict(precision=precision, preferred_element_type=out.dtype, implementation=implementation)
     in_dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+    if jnp.dtype(in_dtype) not in [jnp.dtype(d) for d in validation.FLOAT_DTYPES]:  # integers, float8, float64: lax's own op (no kernel takes them)
+        if group_offset is not None:
+            raise ValueError(f"group_offset needs float32 / bfloat16 / float16 operands (the kernels' dtypes), got "
+                             f"lhs {lhs.dtype}, rhs {rhs.dtype}")
+        return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, dims, precision=precision,
+                                          preferred_element_type=preferred_element_type)
     lhs, rhs = lhs.astype(in_dtype), rhs.astype(in_dtype)
     if mode == "batch":
         if group_offset is not None:

@@ -129,6 +129,21 @@ def test_ragged_dot_dtypes_match_lax(impl, lhs_dtype, rhs_dtype, preferred):
     assert_close(ours, theirs, TOL[jnp.bfloat16] if narrow else 1e-6, str(ours.dtype))
 
 
+@pytest.mark.parametrize("dtypes", [(jnp.int8, jnp.int32), (jnp.int32, None), (jnp.float8_e4m3fn, jnp.float32)],
+                         ids=["int8_to_int32", "int32", "float8_to_f32"])
+def test_ragged_dot_other_dtypes_run_lax(dtypes):
+    """Integer and float8 operands (no kernel takes them) give lax's own result, exactly; with group_offset (a
+    kernel-only feature) they are a named error."""
+    in_dtype, preferred = dtypes
+    lhs, rhs, _, _ = _data(9)
+    lhs, rhs = (jnp.round(a * 3).astype(in_dtype) for a in (lhs, rhs))
+    ours = moe_ops.ragged_dot(lhs, rhs, SIZES, preferred_element_type=preferred)
+    theirs = jax.lax.ragged_dot(lhs, rhs, SIZES, preferred_element_type=preferred)
+    assert ours.dtype == theirs.dtype and np.array_equal(np.asarray(ours), np.asarray(theirs))
+    with pytest.raises(ValueError, match="group_offset needs float32 / bfloat16 / float16 operands"):
+        moe_ops.ragged_dot(lhs, rhs, SIZES, preferred_element_type=preferred, group_offset=jnp.array([1]))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("sizes", [
     np.array([7, 0, 11, 6], np.int64), jnp.array([7, 0, 11, 6], jnp.uint32), jnp.array([3, 2, 0, 1], jnp.int16),
