@@ -30,12 +30,12 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 --maxfail=8 -m "$marks
 #     once the gmm suite shows it faster.
 MOE_OPS_GMM_VARIANT=tma timeout 200 python3 -m pytest -q -p no:cacheprovider -n 8 -m "$marks" tests/test_gmm_tma.py \
   2>&1 | tee "$out/gpu_tests_tma.log" | tail -5
-# 1c. TUNE=1: sweep tile configs of the GMM / dlhs / TGMM kernels on TUNE_SHAPES (benchmarks/tune.py, about 40 s
-#     per problem at --budget-s 30) and keep the winners in $out/tuning.json, which the suites below then use
-#     (pick_config prefers cached winners); promote lasting ones into kernels/triton/tuning.py's tables.
+# 1c. TUNE=1: sweep tile configs of the GMM / dlhs / TGMM and SwiGLU kernels on TUNE_SHAPES (benchmarks/tune.py,
+#     about 25 s per problem at --budget-s 20). GMM winners go to $out/tuning.json, which the suites below then use
+#     (pick_config prefers cached winners); SwiGLU winners are printed. Promote lasting ones into the tables.
 if [ "${TUNE:-0}" = 1 ]; then
   export MOE_OPS_TUNING_CACHE="$out/tuning.json"
-  timeout 420 python3 -m benchmarks.tune --shapes "${TUNE_SHAPES:-qwen3-30b-w1,decode}" --budget-s 30 \
+  timeout 420 python3 -m benchmarks.tune --shapes "${TUNE_SHAPES:-qwen3-30b-w1,decode}" --budget-s 20 \
     --json "$out/tune.json" --write-cache 2>&1 | tee "$out/tune.log" | tail -60
 fi
 # 2. The suites, one time limit each; every figure is a ratio to peers and ceilings measured in the same run.
