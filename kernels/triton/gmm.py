@@ -124,24 +124,22 @@ def _gmm_kernel(lhs_ptr, rhs_ptr, tiles_ptr, sort_idx_ptr, w_ptr, out_ptr,
 
 
 @triton.jit
-def _chunk_slots(sort_idx_ptr, rows, NUM_SLOTS: tl.constexpr):
-    """The token-major slots ``sort_idx[rows]`` of a chunk's sorted rows (rows and slots clamped into their
-    buffers); loaded once per chunk for every row map that needs them."""
-    slots = tl.load(sort_idx_ptr + tl.minimum(rows, NUM_SLOTS - 1))
-    return tl.minimum(tl.maximum(slots, 0), NUM_SLOTS - 1)
-
-
-@triton.jit
-def _tgmm_rows(ptr, rows, slots, cols, WIDTH: tl.constexpr, GATHER: tl.constexpr, TOP_K: tl.constexpr):
+def _tgmm_rows(ptr, rows, cols, WIDTH: tl.constexpr, GATHER: tl.constexpr, sort_idx_ptr, TOP_K: tl.constexpr,
+               NUM_SLOTS: tl.constexpr):
     """Pointers to the ``rows`` (sorted order) of a TGMM operand [*, WIDTH] at ``cols``; with GATHER the operand is
-    in token order and row ``r`` reads ``ptr[slots[r] // TOP_K]`` (``_chunk_slots``)."""
-    src = (slots // TOP_K).to(tl.int64) if GATHER else rows.to(tl.int64)
+    in token order and row ``r`` reads ``ptr[sort_idx[r] // TOP_K]`` (rows and slots clamped into their buffers)."""
+    if GATHER:
+        slots = tl.load(sort_idx_ptr + tl.minimum(rows, NUM_SLOTS - 1))
+        src = (tl.minimum(tl.maximum(slots, 0), NUM_SLOTS - 1) // TOP_K).to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
     return ptr + src[:, None] * WIDTH + cols[None, :]
 
 
 @triton.jit
-def _tgmm_weighted(b, w_ptr, slots):
-    """b [BM, BN] rows scaled by their slot weights ``w[slots]`` in f32, back in b's dtype."""
+def _tgmm_weighted(b, rows, sort_idx_ptr, w_ptr, NUM_SLOTS: tl.constexpr):
+    """b [BM, BN] rows scaled by the slot weight ``w[sort_idx[row]]`` in f32, back in b's dtype."""
+    slots = tl.minimum(tl.maximum(tl.load(sort_idx_ptr + tl.minimum(rows, NUM_SLOTS - 1)), 0), NUM_SLOTS - 1)
     return (b.to(tl.float32) * tl.load(w_ptr + slots)[:, None]).to(b.dtype)
 
 
@@ -170,27 +168,22 @@ def _tgmm_kernel(lhs_ptr, rhs_ptr, bounds_ptr, sort_idx_ptr, w_ptr, out_ptr,
     ks = offs_k % K if K % BK != 0 else offs_k  # wrapped: loads stay in bounds, stores are masked
     ns = offs_n % N if N % BN != 0 else offs_n
     rows = start + offs_m
-    slots = rows  # unused unless a row map needs sort_idx
-    if GATHER_LHS or GATHER_RHS or WEIGHTED_RHS:
-        slots = _chunk_slots(sort_idx_ptr, rows, NUM_SLOTS)
-    a_ptrs = _tgmm_rows(lhs_ptr, rows, slots, ks, K, GATHER_LHS, TOP_K)
-    b_ptrs = _tgmm_rows(rhs_ptr, rows, slots, ns, N, GATHER_RHS, TOP_K)
+    a_ptrs = _tgmm_rows(lhs_ptr, rows, ks, K, GATHER_LHS, sort_idx_ptr, TOP_K, NUM_SLOTS)
+    b_ptrs = _tgmm_rows(rhs_ptr, rows, ns, N, GATHER_RHS, sort_idx_ptr, TOP_K, NUM_SLOTS)
     acc = tl.zeros((BK, BN), dtype=tl.float32)
     full_chunks = (end - start) // BM
     for _ in range(0, full_chunks):  # every row of the chunk is in the group: no mask
         b = tl.load(b_ptrs)
         if WEIGHTED_RHS:
-            b = _tgmm_weighted(b, w_ptr, slots)
+            b = _tgmm_weighted(b, rows, sort_idx_ptr, w_ptr, NUM_SLOTS)
         acc = tl.dot(tl.trans(tl.load(a_ptrs)), b, acc, input_precision="ieee")
         rows += BM
-        if GATHER_LHS or GATHER_RHS or WEIGHTED_RHS:
-            slots = _chunk_slots(sort_idx_ptr, rows, NUM_SLOTS)
         if GATHER_LHS:
-            a_ptrs = _tgmm_rows(lhs_ptr, rows, slots, ks, K, True, TOP_K)
+            a_ptrs = _tgmm_rows(lhs_ptr, rows, ks, K, True, sort_idx_ptr, TOP_K, NUM_SLOTS)
         else:
             a_ptrs += BM * K
         if GATHER_RHS:
-            b_ptrs = _tgmm_rows(rhs_ptr, rows, slots, ns, N, True, TOP_K)
+            b_ptrs = _tgmm_rows(rhs_ptr, rows, ns, N, True, sort_idx_ptr, TOP_K, NUM_SLOTS)
         else:
             b_ptrs += BM * N
     rows_left = end - start - full_chunks * BM
@@ -198,7 +191,7 @@ def _tgmm_kernel(lhs_ptr, rhs_ptr, bounds_ptr, sort_idx_ptr, w_ptr, out_ptr,
         a = tl.load(a_ptrs, mask=offs_m[:, None] < rows_left, other=0.0)
         b = tl.load(b_ptrs, mask=offs_m[:, None] < rows_left, other=0.0)
         if WEIGHTED_RHS:
-            b = _tgmm_weighted(b, w_ptr, slots)
+            b = _tgmm_weighted(b, rows, sort_idx_ptr, w_ptr, NUM_SLOTS)
         acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
     out_ptrs = out_ptr + group.to(tl.int64) * (K * N) + offs_k[:, None] * N + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
