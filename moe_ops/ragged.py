@@ -61,7 +61,7 @@ def ragged_dot_general(lhs, rhs, group_sizes, ragged_dot_dimension_numbers, prec
     out = _lax_out_aval(lhs, rhs, group_sizes, dims, precision, preferred_element_type, group_offset, mode)
     kw = dict(precision=precision, preferred_element_type=out.dtype, implementation=implementation)
     in_dtype = jnp.result_type(lhs.dtype, rhs.dtype)
-    if jnp.dtype(in_dtype) not in [jnp.dtype(d) for d in validation.FLOAT_DTYPES]:  # integers, float8, float64: lax's own op (no kernel takes them)
+    if not validation.is_kernel_float(in_dtype):  # integers, float8, float64: lax's own op (no kernel takes them)
         if group_offset is not None:
             raise ValueError(f"group_offset needs float32 / bfloat16 / float16 operands (the kernels' dtypes), got "
                              f"lhs {lhs.dtype}, rhs {rhs.dtype}")

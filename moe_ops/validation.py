@@ -62,13 +62,18 @@ def _runtime_check(predicate_fn, message_fn, *values):
     jax.debug.callback(callback, *values)
 
 
+def is_kernel_float(dtype) -> bool:
+    """Whether the kernels take ``dtype``: float32, bfloat16 or float16 (``FLOAT_DTYPES``)."""
+    return jnp.dtype(dtype) in [jnp.dtype(d) for d in FLOAT_DTYPES]
+
+
 def float_array(name, x, ndim=None):
     """``x`` (named ``name`` in errors) is a float array of rank ``ndim`` (any rank >= 1 when None)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if (x.ndim < 1) if ndim is None else (x.ndim != ndim):
         raise ValueError(f"{name} must have rank {'>= 1' if ndim is None else ndim}, got shape {tuple(x.shape)}")
-    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in FLOAT_DTYPES]:
+    if not is_kernel_float(x.dtype):
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
 
 
@@ -101,7 +106,7 @@ def out_dtype(preferred_element_type, default):
     if preferred_element_type is None:
         return jnp.dtype(default)
     dtype = jnp.dtype(preferred_element_type)
-    if dtype not in [jnp.dtype(d) for d in FLOAT_DTYPES]:
+    if not is_kernel_float(dtype):
         raise TypeError(f"preferred_element_type must be float32, bfloat16 or float16, got {dtype}")
     return dtype
 
