@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import shapes  # noqa: E402
-from benchmarks.timing import random_normal, rel_err  # noqa: E402
+from benchmarks.timing import measure, random_normal, rel_err  # noqa: E402
 from kernels.triton import tuning  # noqa: E402
 
 KINDS = ("gmm", "dlhs", "tgmm", "swiglu", "swiglu_bwd")
@@ -96,9 +96,10 @@ def picked(problem: Problem, dtype, arch: str) -> tuning.GmmConfig:
 
 
 def candidates(problem: Problem, arch: str = "sm90", dtype=jnp.bfloat16) -> list[tuning.GmmConfig]:
-    """The shipped entries for ``dtype`` (SwiGLU kinds: the config their kernel picks) first, then ``OUT_TILES`` x ``DEPTHS`` x stages (sm90: 3-5 within shared
-    memory; AMD: 2), pruned to tiles that fit the problem: gmm ``block_m`` at most max(64, 2 x rows per group) and
-    64x64 only for such short groups; no tile dimension above twice the problem's. About 20-45 per problem."""
+    """The shipped entries for ``dtype`` (SwiGLU kinds: the config their kernel picks) first, then ``OUT_TILES`` x
+    ``DEPTHS`` x stages (sm90: 3-5 within shared memory; AMD: 2), pruned to tiles that fit the problem: gmm
+    ``block_m`` at most max(64, 2 x rows per group) and 64x64 only for such short groups; no tile dimension above
+    twice the problem's; accumulator registers and shared memory within bounds. Up to about 45 per problem."""
     itemsize = jnp.dtype(dtype).itemsize
     rows_per_group = max(1, problem.m // max(problem.g, 1))
     short = rows_per_group <= 64
@@ -162,18 +163,9 @@ def _swiglu_runner(p: Problem, dtype, sizes, offset):
         dout, wd, gate, up, sizes, offset, sort_idx, weights, 1, activation="silu", config=cfg)
 
 
-def _time(fn, inputs, repeats: int) -> float:
-    jax.block_until_ready(fn(*inputs))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*inputs))
-        samples.append(time.perf_counter() - start)
-    return float(np.median(samples))
-
-
 def sweep(problem: Problem, dtype, *, arch: str, budget_s: float, repeats: int) -> dict:
-    """Time every candidate (until ``budget_s`` runs out; the first always) -> {shipped, rows: [{config, ms, tflops, error}]}."""
+    """Time every candidate (until ``budget_s`` runs out; the first always)
+    -> {shipped, rows: [{config, ms, tflops, error}]}."""
     inputs, run = _runner(problem, dtype)
     shipped = picked(problem, dtype, arch)
     want = jax.jit(lambda *xs: run(shipped, *xs))(*inputs)
@@ -188,7 +180,7 @@ def sweep(problem: Problem, dtype, *, arch: str, budget_s: float, repeats: int) 
             err = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(fn(*inputs)), jax.tree.leaves(want)))
             if not err <= tol:
                 raise ValueError(f"rel err {err:.2e} vs the shipped config > {tol}")
-            seconds = _time(fn, inputs, repeats)
+            seconds = measure(fn, [inputs], warmup=0, repeats=repeats)[0].median_s
         except Exception as exc:  # noqa: BLE001 - a config that does not compile / launch / agree is a row
             rows.append({"config": cfg.name, "error": str(exc).strip().splitlines()[-1][:160] if str(exc) else
                          type(exc).__name__})
