@@ -194,8 +194,9 @@ def compose_swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_off
                                   activation):
     """``swiglu_down_bwd_saved`` from a backend's gather-GMM and XLA elementwise math."""
     a = gather_gmm_of(ops)(dout, w_down, group_sizes, group_offset, sort_idx, k, transpose_rhs=True,
-                            out_dtype=jnp.float32)
-    return reference.swiglu_down_epilogue(a, gate.astype(jnp.float32), up.astype(jnp.float32), w_sorted, activation, dout.dtype)
+                           out_dtype=jnp.float32)
+    return reference.swiglu_down_epilogue(a, gate.astype(jnp.float32), up.astype(jnp.float32), w_sorted, activation,
+                                          dout.dtype)
 
 
 def compose_gather_tgmm(lhs, rhs, group_sizes, group_offset, sort_idx, k, *, ops, num_groups, out_dtype, gather_lhs,

@@ -262,7 +262,8 @@ def check_existing_out(existing_out, shape, dtype):
         raise TypeError(f"existing_out must be None or an array, got {type(existing_out).__name__}")
     if tuple(existing_out.shape) != tuple(shape) or jnp.dtype(existing_out.dtype) != jnp.dtype(dtype):
         raise ValueError(f"existing_out must be the output's shape {tuple(shape)} and dtype {jnp.dtype(dtype)} "
-                         f"(preferred_element_type, else lhs's dtype), got {existing_out.dtype}{tuple(existing_out.shape)}")
+                         f"(preferred_element_type, else lhs's dtype), got "
+                         f"{existing_out.dtype}{tuple(existing_out.shape)}")
 
 
 def check_tgmm(lhs, rhs, group_sizes, num_groups):

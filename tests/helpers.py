@@ -156,7 +156,8 @@ SUM_SHARDS = 4
 def _mesh():
     """A SUM_SHARDS-device mesh, built when a test needs it (so these helpers import on a 1-GPU host too; the CPU runs
     force 8 host devices in conftest.py)."""
-    return jax.make_mesh((SUM_SHARDS,), ("d",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:SUM_SHARDS])
+    return jax.make_mesh((SUM_SHARDS,), ("d",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:SUM_SHARDS])
 
 
 def sharded_sum(per_shard):

@@ -72,8 +72,8 @@ def test_sharded_groups_and_row_weights(off, g_local):
                         row_weights=weights, config=CFG)
     ref = R.gmm(R.permute(x, ids, E)[0], rhs, sizes, group_offset=off) * weights.reshape(-1)[sort_idx][:, None]
     assert_close(out, ref, 1e-5, "weighted gather_gmm")
-    out = tf.scatter_gmm(h, rhs, sizes, offset_array(off), sort_idx, weights, transpose_rhs=False, out_dtype=jnp.float32,
-                         config=CFG)
+    out = tf.scatter_gmm(h, rhs, sizes, offset_array(off), sort_idx, weights, transpose_rhs=False,
+                         out_dtype=jnp.float32, config=CFG)
     ref = R.unpermute(R.gmm(h, rhs, sizes, group_offset=off), sort_idx, weights)
     assert_close(out, ref, 1e-5, "sharded scatter_gmm")
 
@@ -125,7 +125,8 @@ def test_fused_ops_in_shard_map_grads_of_replicated_weights(impl):
     ids = expert_ids("uneven_dropped", 8)[:t]
     _, sizes, sort_idx = R.permute(jnp.zeros((t, 1)), ids, E)
     k1, k2, k3, k4 = keys(case_seed(impl, "shard_map"), 4)
-    x, w_in, w_out = randn(k1, (4 * t, K)), rand_rhs(k2, E, False, jnp.float32), rand_rhs(k3, E, False, jnp.float32, N, K)
+    x = randn(k1, (4 * t, K))
+    w_in, w_out = rand_rhs(k2, E, False, jnp.float32), rand_rhs(k3, E, False, jnp.float32, N, K)
     weights = jax.random.uniform(k4, (t, TOP_K), jnp.float32, 0.1, 1.0)
 
     def per_shard(tokens, w_in, w_out, weights, gather_gmm, scatter_gmm):

@@ -16,8 +16,8 @@ import pytest
 import moe_ops
 from kernels.pallas import fused as pf, tiling
 from moe_ops import fused, reference as R
-from tests.helpers import (POISON, SHAPES, TOL, assert_close, case_seed, grads_of, keys, layer_inputs, loss, offset_array,
-                           randn)
+from tests.helpers import (POISON, SHAPES, TOL, assert_close, case_seed, grads_of, keys, layer_inputs, loss,
+                           offset_array, randn)
 from tests.routed_cases import E, T, TOP_K, expert_ids, rand_rhs, routed
 
 K = N = 256
@@ -135,7 +135,8 @@ def test_public_ops_gradients_pallas():
     """gather_gmm (dx, drhs) and scatter_gmm (dh, drhs, dweights) vs jax.grad of the reference composition."""
     ids, sizes, sort_idx = routed("uneven_dropped", 3)
     k1, k2, k3, k4, k5 = keys(case_seed("pallas", "grads"), 5)
-    x, w_in, w_out = randn(k1, (T, K)), rand_rhs(k2, E, False, jnp.float32, K, N), rand_rhs(k3, E, True, jnp.float32, N, K)
+    x = randn(k1, (T, K))
+    w_in, w_out = rand_rhs(k2, E, False, jnp.float32, K, N), rand_rhs(k3, E, True, jnp.float32, N, K)
     w, cot = _weights(k4), randn(k5, (T, K))
 
     def ours(a, b, c, wt):

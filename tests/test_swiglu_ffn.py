@@ -84,8 +84,8 @@ def test_xla_composition_matches_reference(activation):
     got = backend.compose_swiglu_down_bwd(*args, TOP_K, ops=xla, activation=activation)
     ref = R.swiglu_down_bwd(*args[:6], sort_idx, args[-1], TOP_K, group_offset=1, activation=activation)
     _check_rows(got, ref, sizes, 1, 3, 1e-5, "xla")
-    _, gate, up = backend.compose_swiglu_gmm_saved(o["x"], o["w_gate"], o["w_up"], sizes, offset_array(1), sort_idx, TOP_K,
-                                                   ops=xla, activation=activation, out_dtype=jnp.float32)
+    _, gate, up = backend.compose_swiglu_gmm_saved(o["x"], o["w_gate"], o["w_up"], sizes, offset_array(1), sort_idx,
+                                                   TOP_K, ops=xla, activation=activation, out_dtype=jnp.float32)
     saved = backend.compose_swiglu_down_bwd_saved(o["dout"], o["w_down"], gate, up, *args[5:], TOP_K, ops=xla,
                                                   activation=activation)
     _check_rows(saved, ref, sizes, 1, 3, 1e-5, "xla saved")
