@@ -18,31 +18,33 @@ python3 - <<'PY'
 import jax, triton; print("device:", jax.devices()[0], "| jax", jax.__version__, "| triton", triton.__version__)
 PY
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
-# QUICK=1 fits a 15-minute device lease (what ran on 2026-11-26, benchmarks/RESULTS.md): the quick tests, three GMM
+# QUICK=1 fits a 15-minute device lease (benchmarks/RESULTS.md): the quick tests (not the TMA ones), three GMM
 # shapes and the Qwen3 layer, balanced routing only. Without it: every test and every shape (longer than 15 minutes).
 quick=${QUICK:-0}
 marks=$([ "$quick" = 1 ] && echo "not slow" || echo "slow or not slow")
 # 1. The kernels on the device against the reference (parity + gradients; pytest-xdist is in the GPU image).
-timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 --maxfail=8 -m "$marks" tests/test_triton_gmm.py \
-  tests/test_sort.py tests/test_fused.py tests/test_swiglu_ffn.py -k "not pallas and not xla and not shard_map" \
+timeout $([ "$quick" = 1 ] && echo 170 || echo 300) python3 -m pytest -q -p no:cacheprovider -n 8 --maxfail=8 \
+  -m "$marks" tests/test_triton_gmm.py tests/test_sort.py tests/test_fused.py tests/test_swiglu_ffn.py -k "not pallas and not xla and not shard_map" \
   2>&1 | tee "$out/gpu_tests.log" | tail -5
 # 1b. The persistent TMA GMM variant (global scratch through triton_call) on its own tests; the default flips only
 #     once the gmm suite shows it faster.
-MOE_OPS_GMM_VARIANT=tma timeout 200 python3 -m pytest -q -p no:cacheprovider -n 8 -m "$marks" tests/test_gmm_tma.py \
-  2>&1 | tee "$out/gpu_tests_tma.log" | tail -5
+[ "$quick" = 1 ] || MOE_OPS_GMM_VARIANT=tma timeout 200 python3 -m pytest -q -p no:cacheprovider -n 8 -m "$marks" \
+  tests/test_gmm_tma.py 2>&1 | tee "$out/gpu_tests_tma.log" | tail -5
 # 1c. TUNE=1: sweep tile configs of the GMM / dlhs / TGMM and SwiGLU kernels on TUNE_SHAPES (benchmarks/tune.py,
-#     about 25 s per problem at --budget-s 20). GMM winners go to $out/tuning.json, which the suites below then use
-#     (pick_config prefers cached winners); SwiGLU winners are printed. Promote lasting ones into the tables.
+#     TUNE_KINDS / TUNE_BUDGET, about budget + 5 s per problem). GMM winners go to $out/tuning.json, which the
+#     suites below then use (pick_config prefers cached winners); SwiGLU winners are printed. Promote lasting ones
+#     into the tables.
 if [ "${TUNE:-0}" = 1 ]; then
   export MOE_OPS_TUNING_CACHE="$out/tuning.json"
-  timeout 420 python3 -m benchmarks.tune --shapes "${TUNE_SHAPES:-qwen3-30b-w1,decode}" --budget-s 20 \
+  timeout "${TUNE_TIMEOUT:-420}" python3 -m benchmarks.tune --shapes "${TUNE_SHAPES:-qwen3-30b-w1,decode}" \
+    --kinds "${TUNE_KINDS:-gmm,dlhs,tgmm,swiglu,swiglu_bwd}" --budget-s "${TUNE_BUDGET:-20}" \
     --json "$out/tune.json" --write-cache 2>&1 | tee "$out/tune.log" | tail -60
 fi
 # 2. The suites, one time limit each; every figure is a ratio to peers and ceilings measured in the same run.
 if [ "$quick" = 1 ]; then
-  python3 -m benchmarks gmm --impl triton --shapes mixtral-w1,qwen3-30b-w1,decode --patterns balanced \
+  timeout 170 python3 -m benchmarks gmm --impl triton --shapes mixtral-w1,qwen3-30b-w1,decode --patterns balanced \
     --peers lax.ragged_dot,torch._grouped_mm --no-progress --json "$out/gmm.json" 2>&1 | tee "$out/gmm.log" | tail -30
-  python3 -m benchmarks layer --impl triton --shapes qwen3-30b --patterns balanced --peers lax.ragged_dot \
+  timeout 120 python3 -m benchmarks layer --impl triton --shapes qwen3-30b --patterns balanced --peers lax.ragged_dot \
     --no-progress --json "$out/layer.json" 2>&1 | tee "$out/layer.log" | tail -25
   exit 0
 fi

@@ -185,8 +185,13 @@ def test_tuning_tables_and_heuristic():
                 for dtype in (jnp.bfloat16, jnp.float32):
                     cfg = tuning.pick_config(kind, *shape, dtype, arch=arch)
                     assert cfg in tuning.shipped(arch, kind, dtype).values()
-    assert tuning.heuristic("gmm", 256, 7168, 2048, 32, jnp.bfloat16, "sm90") == "decode"
-    assert tuning.heuristic("gmm", 16384, 4096, 14336, 8, jnp.bfloat16, "sm90") == "large"
+    pick = lambda kind, shape, arch="sm90": tuning.heuristic(kind, *shape, jnp.bfloat16, arch)
+    decode, qwen3, mixtral = (256, 7168, 2048, 32), (65536, 2048, 768, 128), (16384, 4096, 14336, 8)
+    assert (pick("gmm", decode), pick("gmm", (2048, 7168, 2048, 32)), pick("gmm", decode, "gfx950")) == (
+        "thin", "decode", "decode")
+    assert (pick("gmm", qwen3), pick("gmm", (65536, 768, 2048, 128)), pick("gmm", mixtral)) == (
+        "narrow", "large", "large")
+    assert (pick("tgmm", decode), pick("tgmm", mixtral), pick("gmm", qwen3, "gfx950")) == ("medium", "large", "large")
     cpu = tuning.pick_config("gmm", 16384, 4096, 14336, 8, jnp.bfloat16, arch="cpu")
     assert max(cpu.block_m, cpu.block_n, cpu.block_k) <= tuning.CPU_MAX_TILE
     with pytest.raises(ValueError):

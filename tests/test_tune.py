@@ -25,7 +25,12 @@ def test_candidates_fit_and_start_with_shipped(name, arch):
 
 def test_decode_candidates_keep_tiles_short():
     (gmm,) = tune.problems(shapes.GMM_SHAPES["decode"], ["gmm"])  # 8 rows per group
-    assert {c.block_m for c in tune.candidates(gmm)[3:]} == {64}
+    extra = tune.candidates(gmm)[len(tuning.shipped("sm90", "gmm", jnp.bfloat16)):]
+    assert {c.block_m for c in extra} == {16, 32, 64}
+    thin = [c.block_m < 64 for c in extra]
+    assert thin == sorted(thin, reverse=True) and all(c.group_m == 1 for c in extra)  # the thin tiles first
+    (mixtral,) = tune.problems(shapes.GMM_SHAPES["mixtral-w1"], ["gmm"])
+    assert min(c.block_m for c in tune.candidates(mixtral)[len(tuning.shipped("sm90", "gmm", jnp.bfloat16)):]) == 64
 
 
 def test_problems_swap_dims_for_dlhs():
