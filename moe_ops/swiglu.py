@@ -13,12 +13,13 @@ taken back to token order by scatter-GMMs with unit weights (fixed order, no sca
 then the weighted down projection back to token order (``scatter_gmm``). Custom VJP; residuals (``recompute``):
 
 * default (speed): the inputs plus ``gate`` / ``up`` [M, F] in x's dtype, written by the forward kernel from its
-  accumulators (``swiglu_gmm_saved``; the unfused path keeps those two, the permuted x and ``h``). No extra matmul;
-  the backward's TGMMs read gathered copies of x / dout (transient [M, D]), which ran faster on an H200 than the
-  row-gathering TGMM (benchmarks/RESULTS.md).
+  accumulators (``swiglu_gmm_saved``; the unfused path keeps those two, the permuted x and ``h``). No extra matmul.
 * ``recompute=True`` (memory): the inputs only; the backward recomputes gate / up (one more gate/up GMM, about 22 %
-  more layer flops), and its TGMMs read x / dout in token order (``gather_tgmm``): nothing of size [M, F] lives
-  between forward and backward and no gathered [M, D] copy is built.
+  more layer flops): nothing of size [M, F] lives between forward and backward.
+
+Either way the backward's TGMMs read x / dout in token order (``gather_tgmm``), so no gathered [M, D] copy is built.
+Gathering x and dout once for plain TGMMs ran 0.7 ms faster at Qwen3-30B on an H200 but took the compiled peak of
+``jax.grad`` to 1.07x the unfused path's, whose peak the fused path must not exceed (benchmarks/RESULTS.md).
 
 Backward, for ``dout`` [T,D]:
 
@@ -27,8 +28,8 @@ Backward, for ``dout`` [T,D]:
    accumulators; saved, they are loaded in the epilogue), and the epilogue writes ``dgate = w*a*up*act'(gate)``,
    ``dup = w*a*act(gate)``, ``h = act(gate)*up`` (x's dtype) and the routing-weight gradient ``<h_i, a_i>``
    (f32): ``a`` and ``dh`` never reach memory.
-2. ``dw_down = tgmm(h, w * dout[token])``, ``dw_gate`` / ``dw_up`` by TGMM over the x rows (gathered copy or in-kernel
-   gather, above), ``dx`` scattered straight back to token order (``_input_grads``), ``dweights`` a permutation
+2. ``dw_down = tgmm(h, w * dout[token])``, ``dw_gate`` / ``dw_up`` by TGMM over the x rows (rows gathered in the
+   kernel), ``dx`` scattered straight back to token order (``_input_grads``), ``dweights`` a permutation
    write of ``<h_i, a_i>``.
 
 Backends provide ``swiglu_gmm`` / ``swiglu_down_bwd`` optionally (``moe_ops.backend``). Under ``jax.vmap`` the
@@ -46,7 +47,6 @@ from jax.custom_batching import custom_vmap
 from moe_ops import backend, reference, validation, vma
 from moe_ops.fused import _check_rows, _scatter_gmm
 from moe_ops.gmm import _gmm, _tgmm
-from moe_ops.sort import _gather
 
 __all__ = ["swiglu_gmm", "swiglu_ffn", "has_kernel"]
 
@@ -127,25 +127,19 @@ def _swiglu_bwd(k, activation, out_dtype, impl, residuals, dh):
     return _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl) + (None, None, None)
 
 
-def _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl, lean=True):
-    """(dx, dw_gate, dw_up) from the [M, F] cotangents of gate and up: two TGMMs over the (gathered) x rows, and
+def _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl):
+    """(dx, dw_gate, dw_up) from the [M, F] cotangents of gate and up: two TGMMs over the x rows, and
     ``dx = dgate @ w_gate^T + dup @ w_up^T`` per sorted row, in x's dtype as the unfused path has it. With the
     gather each product goes straight back to token order (``scatter_gmm`` with unit weights: the k rows of a token
-    summed in f32 in a fixed order, no scatter-add), so no [M, D] f32 buffer exists. ``lean``: the TGMMs read the x
-    rows in token order (``gather_tgmm``: no gathered copy); else x is gathered once for both (faster on an H200,
-    benchmarks/RESULTS.md)."""
+    summed in f32 in a fixed order, no scatter-add), so no [M, D] f32 buffer exists; the TGMMs read the x rows in
+    token order (``gather_tgmm``: no gathered copy)."""
     if sort_idx is None:
         dw_gate = _tgmm(x, dgate, sizes, offset, w_gate.shape[0], w_gate.dtype, impl)
         dw_up = _tgmm(x, dup, sizes, offset, w_up.shape[0], w_up.dtype, impl)
         return (_gmm(dgate, w_gate, sizes, offset, True, x.dtype, impl)
                 + _gmm(dup, w_up, sizes, offset, True, x.dtype, impl)), dw_gate, dw_up
-    if lean:
-        dw_gate, dw_up = (_gather_tgmm(x, d, sizes, offset, sort_idx, None, k, w.shape[0], w.dtype, True, impl)
-                          for d, w in ((dgate, w_gate), (dup, w_up)))
-    else:
-        x_sorted = _gather(x, sort_idx, None, k, impl)
-        dw_gate, dw_up = (_tgmm(x_sorted, d, sizes, offset, w.shape[0], w.dtype, impl)
-                          for d, w in ((dgate, w_gate), (dup, w_up)))
+    dw_gate, dw_up = (_gather_tgmm(x, d, sizes, offset, sort_idx, None, k, w.shape[0], w.dtype, True, impl)
+                      for d, w in ((dgate, w_gate), (dup, w_up)))
     ones = jnp.ones((x.shape[0], k), jnp.float32)
     f32 = jnp.dtype(jnp.float32)
     dx = sum(_scatter_gmm(d, w, ones, sizes, offset, sort_idx, True, x.dtype, impl).astype(f32)
@@ -225,13 +219,8 @@ def _ffn_bwd(k, activation, recompute, impl, residuals, dout):
         operands = (dout, w_down, *saved, sizes, offset, sort_idx, w_sorted)
         dgate, dup, h, dw_sorted = _one_kernel("swiglu_down_bwd_saved", operands, composed, **static)
     dgate, dup, h = (vma.like(a, x) for a in (dgate, dup, h))
-    dx, dw_gate, dw_up = _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl, lean=recompute)
-    if recompute:
-        dw_down = _gather_tgmm(h, dout, sizes, offset, sort_idx, weights, k, w_down.shape[0], w_down.dtype, False,
-                               impl)
-    else:
-        dy = vma.like(backend.ops(impl).gather_rows(dout, sort_idx, k, row_weights=weights), dout)  # w * dout[token]
-        dw_down = _tgmm(h, dy, sizes, offset, w_down.shape[0], w_down.dtype, impl)
+    dx, dw_gate, dw_up = _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl)
+    dw_down = _gather_tgmm(h, dout, sizes, offset, sort_idx, weights, k, w_down.shape[0], w_down.dtype, False, impl)
     dweights = jnp.zeros_like(dw_sorted).at[sort_idx].set(dw_sorted, unique_indices=True)  # permutation write
     dweights = vma.like(dweights.reshape(weights.shape).astype(weights.dtype), weights)
     return dx, dw_gate, dw_up, dw_down, dweights, None, None, None

@@ -92,12 +92,15 @@ def test_default_layer_launches_the_fused_kernels_on_gpu():
     """``moe_ffn(fused=None)`` exported for cuda from a CPU host runs the fused forward: gate / up and the activation
     in one kernel, the down GMM with its scatter epilogue, and no row gather / combine kernels (the unfused forward
     has both, and three GMMs). Its gradient runs the forward gate/up kernel once (writing the saved gate / up) and
-    the one fused backward kernel (the activation derivative in the down projection's dlhs GMM)."""
+    the one fused backward kernel (the activation derivative in the down projection's dlhs GMM), and row-gathering
+    TGMMs."""
     with lowering.pinned_targets():
         fused, unfused, grad = ([c.kernel for c in lowering.kernel_calls(_export(name, jnp.bfloat16, ["cuda"]))]
                                 for name in ("moe_ffn_fused", "moe_ffn_unfused", "moe_ffn_fused_grad"))
     assert fused.count("_swiglu_kernel") == 1 and fused.count("_gmm_kernel") == 1
     assert grad.count("_swiglu_down_bwd_kernel") == 1 and grad.count("_swiglu_kernel") == 1
+    # its TGMMs read x / dout in token order: no gathered [T*k, D] copy (those broke the peak-memory bound)
+    assert grad.count("_tgmm_kernel") == 3 and "_gather_rows_kernel" not in grad, grad
     assert unfused.count("_gmm_kernel") == 3
     assert not {"_gather_rows_kernel", "_combine_rows_kernel"} & set(fused)
     assert {"_gather_rows_kernel", "_combine_rows_kernel"} <= set(unfused)
@@ -197,7 +200,8 @@ def test_precision_is_chosen_per_platform():
 @needs_plugin
 def test_recompute_mode_grad_launches_no_forward_kernel_on_gpu():
     """``fused_experts_ffn(recompute=True)``'s gradient exported for cuda: the recomputing backward kernel, the
-    row-gathering TGMMs (``_tgmm_kernel`` reading token-order rows) and no forward gate/up kernel, no row gather of x."""
+    row-gathering TGMMs (``_tgmm_kernel`` reading token-order rows) and no forward gate/up kernel, no row gather of
+    x."""
     grad, args = fused_layer_grad("triton", recompute=True)
     with lowering.pinned_targets():
         text = jax.export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=[TRITON_CALL])(*args).mlir_module()

@@ -179,22 +179,29 @@ def test_triton_gather_tgmm_parity(gather_lhs, weighted, off, g_local, dtype):
     assert_close(got, ref, TOL[dtype], "gather_tgmm")
 
 
-@pytest.mark.parametrize("recompute,bound", [(False, 1.0), (True, 0.75)])
-def test_grad_temp_memory_well_below_unfused(recompute, bound):
-    """The compiled jax.grad(moe_ffn) on Triton (bridge: every kernel one custom call, so the buffers are a GPU
-    run's) at a fine-grained-expert shape: the fused path's temp bytes at most ``bound`` x the unfused path's.
-    Measured 0.91 saved (gate / up kept, gathered x / dout copies in the backward) and 0.55 recompute (no [M, F]
-    residual, TGMMs reading token-order rows)."""
-    x, logits, ws = layer_inputs((1, 1024, 256, 128, 16), "balanced", seed=4, dtype=jnp.bfloat16)
-    cot = randn(keys(6, 1)[0], x.shape, jnp.bfloat16)
+# (T, D, F, E, top_k): a small fine-grained shape, and Qwen3-30B's layer itself (compiled only, never run).
+MEMORY_SHAPES = {"small": (1024, 256, 128, 16, 8), "qwen3-30b": (8192, 2048, 768, 128, 8)}
+
+
+@pytest.mark.parametrize("shape", MEMORY_SHAPES)
+@pytest.mark.parametrize("recompute,bound", [(False, 0.8), (True, 0.9)])
+def test_grad_temp_memory_below_unfused(shape, recompute, bound):
+    """The compiled jax.grad of the layer on Triton (bridge: every kernel one custom call, so the buffers are a GPU
+    run's): the fused path's temp bytes at most ``bound`` x the unfused path's (issue 12: never above it). Measured
+    here (saved / recompute): small 0.64 / 0.55, Qwen3-30B 0.63 / 0.86. Gathering x and dout once in the saved
+    backward read 1.08 at Qwen3-30B (1.42 on an H200): the gathered [M, D] copies are hoisted to the program start."""
+    t, d, f, e, top_k = MEMORY_SHAPES[shape]
+    sds = jax.ShapeDtypeStruct
+    args = (sds((t, d), jnp.bfloat16), sds((t, e), jnp.bfloat16), sds((e, d, f), jnp.bfloat16),
+            sds((e, d, f), jnp.bfloat16), sds((e, f, d), jnp.bfloat16))
+    cot = jnp.ones((t, d), jnp.bfloat16)
     temps = {}
     for fused in (True, False):
         def layer(x, lg, *w, top_k, fused=fused):
             if not fused:
                 return moe_ops.moe_ffn(x, lg, *w, top_k=top_k, implementation="triton", fused=False)
-            weights, ids = moe_ops.route(lg.reshape(-1, lg.shape[-1]), top_k)
-            return moe_ops.fused_experts_ffn(x.reshape(-1, x.shape[-1]), weights, ids, *w, implementation="triton",
-                                             recompute=recompute).reshape(x.shape)
-        grad = jax.grad(loss(layer, 8, cot), argnums=range(5))
-        temps[fused] = jax.jit(grad).lower(x, logits, *ws).compile().memory_analysis().temp_size_in_bytes
-    assert temps[True] <= bound * temps[False], temps
+            weights, ids = moe_ops.route(lg, top_k)
+            return moe_ops.fused_experts_ffn(x, weights, ids, *w, implementation="triton", recompute=recompute)
+        grad = jax.grad(loss(layer, top_k, cot), argnums=range(5))
+        temps[fused] = jax.jit(grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    assert temps[True] <= bound * temps[False], (temps, temps[True] / temps[False])
