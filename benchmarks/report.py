@@ -182,11 +182,20 @@ def targets(records: list[dict]) -> list[dict]:
                "pattern": (r["pattern"] or {}).get("label"), "best_composition": best,
                "vs_best_composition": comps.get(best), "vs_unfused": r["ratio_to"].get(
                    f"{r['implementation']}:unfused"), "peak_vs_unfused": r["peak_vs_unfused"],
-               "temp_vs_unfused": r["temp_vs_unfused"]}
+               "temp_vs_unfused": r["temp_vs_unfused"], "peak_floor_vs_unfused": _peak_floor(r)}
         row["met"] = {k: (None if row[k] is None else (row[k] <= t if k == "peak_vs_unfused" else row[k] >= t))
                       for k, t in TARGETS.items()}
         out.append(row)
     return out
+
+
+def _peak_floor(r: dict) -> float | None:
+    """The lowest ``peak_vs_unfused`` any path can reach: the arguments and outputs (weights, inputs and their
+    gradients) over the unfused peak. At Qwen3-30B on an H200 it read 0.84, above the 0.7 target."""
+    mem, ratio = r["memory"] or {}, r["peak_vs_unfused"]
+    if not ratio or not mem.get("peak_bytes") or None in (mem.get("argument_bytes"), mem.get("output_bytes")):
+        return None
+    return (mem["argument_bytes"] + mem["output_bytes"] - mem.get("alias_bytes", 0)) * ratio / mem["peak_bytes"]
 
 
 def targets_table(rows: list[dict]) -> str:
@@ -202,7 +211,8 @@ def targets_table(rows: list[dict]) -> str:
                      f"{'x' if t['vs_best_composition'] else ''} [{verdict[m['vs_best_composition']]}], vs unfused "
                      f"{_fmt(t['vs_unfused'], '.2f')}x "
                      f"[{verdict[m['vs_unfused']]}], peak vs unfused {_fmt(t['peak_vs_unfused'], '.2f')} "
-                     f"(temp {_fmt(t['temp_vs_unfused'], '.2f')}) [{verdict[m['peak_vs_unfused']]}]")
+                     f"(temp {_fmt(t['temp_vs_unfused'], '.2f')}; arguments + outputs alone "
+                     f"{_fmt(t.get('peak_floor_vs_unfused'), '.2f')}) [{verdict[m['peak_vs_unfused']]}]")
     return "\n".join(lines)
 
 

@@ -228,7 +228,10 @@ def test_peak_vs_unfused_and_targets():
     assert recs[1]["peak_vs_unfused"] == pytest.approx(0.8)
     assert all(r["peak_vs_unfused"] is None for r in recs[2:])
     assert recs[3]["ratio_to"]["triton"] == pytest.approx(1 / 3)
+    fused["memory"].update(argument_bytes=30, output_bytes=12, alias_bytes=0)  # the unfused peak is 100
     (t,) = report.targets(recs)
+    assert t["peak_floor_vs_unfused"] == pytest.approx(0.42) and "arguments + outputs alone 0.42" in \
+        report.targets_table([t])
     assert t["best_composition"] == "tokamax:mosaic+argsort" and t["vs_best_composition"] == pytest.approx(1.8)
     assert t["met"] == {"vs_best_composition": False, "vs_unfused": True, "peak_vs_unfused": True}
     assert "vs best composition (tokamax:mosaic+argsort) 1.80x [NOT met]" in report.targets_table([t])
