@@ -31,7 +31,7 @@ import jax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from moe_ops import ep_strategies, layer
+from moe_ops import ep_strategies, layer, validation
 from moe_ops.sharding import MoEShardingConfig, choose_strategy, remove_axes, spec_axes, weight_spec
 
 __all__ = ["moe_ffn_partitioned", "moe_ffn_shard", "Plan", "plan"]
@@ -273,8 +273,9 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
     if not isinstance(sharding, MoEShardingConfig):
         raise TypeError(f"sharding must be a MoEShardingConfig, got {type(sharding).__name__}")
     layer.check_weights(x, router_logits, w_gate, w_up, w_down)
-    if not isinstance(top_k, int) or not 1 <= top_k <= w_gate.shape[0]:
+    if not validation.is_static_int(top_k) or not 1 <= top_k <= w_gate.shape[0]:
         raise ValueError(f"top_k must be an int in [1, E={w_gate.shape[0]}], got {top_k!r}")
+    top_k = int(top_k)  # a NumPy integer too, as ``layer.route`` takes it (the static part must hash as an int)
     dims = (math.prod(x.shape[:-1]), w_gate.shape[0], w_gate.shape[2])
     if 0 in x.shape or 0 in w_gate.shape:  # nothing to exchange: zeros and zero gradients, as on one device
         return layer.moe_ffn(x, router_logits, w_gate, w_up, w_down, top_k=top_k, activation=activation,

@@ -9,6 +9,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -142,3 +143,13 @@ def test_inside_shard_map_the_local_blocks_are_not_checked_against_the_mesh():
                        in_specs=(P("expert"),) * 2 + (P(),) * 3, out_specs=P("expert"), check_vma=False)
     out = jax.eval_shape(fn, *shapes(e=12))
     assert out.shape == (T, D)
+
+
+def test_partitioned_top_k_is_a_static_int():
+    """As on one device (``moe_ops.route``): a NumPy integer ``top_k`` traces like an int (before: 'must be an int'
+    on the partitioned path only), a bool is refused rather than taken as 1."""
+    mesh = make_mesh((8,), ("expert",))
+    with jax.set_mesh(mesh):
+        jax.jit(functools.partial(moe_ffn, top_k=np.int64(K), sharding=MoEShardingConfig())).trace(*shapes())
+        with pytest.raises(ValueError, match=r"top_k must be an int in \[1, E=8\], got True"):
+            jax.jit(functools.partial(moe_ffn, top_k=True, sharding=MoEShardingConfig())).trace(*shapes())
