@@ -1,7 +1,8 @@
 """Ahead-of-time compile of every registered Triton kernel family x shipped config, for real GPU targets, on CPU.
 
 ``kernels.aot.check`` must report zero failures for sm90 and gfx950 (and gfx942, whose table ships too); a register
-spill on any target is a failure (``AotReport.clean``). The user-facing CLI (``python -m kernels.aot``) is run once as a subprocess.
+spill on any target is a failure (``AotReport.clean``). The user-facing CLI (``python -m kernels.aot``) is run once
+as a subprocess.
 """
 
 import os
