@@ -232,16 +232,19 @@ def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, 
 # 2026-11-26) at 1.49 ms against 1.96 ms for the quartered 128x64 large tile (128x64 / 64x128 with 4 warps: 1.85 /
 # 1.73 ms): each column tile re-reads its gathered dout rows, and smaller row tiles spread them over more SMs.
 _SM90_SAVED_BWD = tuning.GmmConfig(64, 64, 64, group_m=8, num_warps=4, num_stages=4)
+# ... and for the gmm table's thin tiles (<= 16 rows per group): 0.498 ms against 0.554 for the 64x64 tile at the
+# decode shape (M256 D7168 F2048 E32, same sweep).
+_SM90_SAVED_BWD_THIN = tuning.GmmConfig(16, 128, 128, group_m=1, num_warps=4, num_stages=4)
 
 
 def swiglu_bwd_config(cfg: tuning.GmmConfig, *, recompute: bool = True, arch: str | None = None,
                       dtype=None) -> tuning.GmmConfig:
     """The backward's config from the gmm config of the shape: saved mode on sm90 with 16-bit inputs, the measured
-    ``_SM90_SAVED_BWD``; otherwise ``block_n`` quartered (at least 16): recomputing, three ``BM x BN/4`` accumulators
+    ``_SM90_SAVED_BWD`` (``_SM90_SAVED_BWD_THIN`` where the gmm config has thin row tiles); otherwise ``block_n`` quartered (at least 16): recomputing, three ``BM x BN/4`` accumulators
     take the registers, and five operand tiles per stage the shared memory, of about one gmm tile; in saved mode ``a``,
     gate and up are three f32 tiles in the epilogue (halving instead spilled 1.2-2.7 KB on sm90 in the AOT check)."""
     if not recompute and arch == "sm90" and dtype is not None and not tuning.is_f32(dtype):
-        return _SM90_SAVED_BWD
+        return _SM90_SAVED_BWD_THIN if cfg.block_m < 64 else _SM90_SAVED_BWD
     return dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 4))
 
 
