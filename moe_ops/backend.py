@@ -37,6 +37,9 @@ its own ``gather_rows`` / ``gmm`` / ``combine_rows``, see ``compose_gather_gmm``
 * ``scatter_gmm(h[M,K], rhs, group_sizes, group_offset, sort_idx[M], weights[T,k], *, transpose_rhs, out_dtype)
   -> [T, N]``: ``sum_j weights[t,j] * (h @ rhs[g])[inverse[t*k+j]]`` (f32 sum); rows outside local groups
   contribute zero.
+* ``scatter_gmm_sum(h, rhs, h2[M,K2], rhs2, group_sizes, group_offset, sort_idx, weights, *, transpose_rhs,
+  out_dtype) -> [T, N]``: ``scatter_gmm`` of ``h @ rhs[g] + h2 @ rhs2[g]`` (Triton: one launch, one slot buffer;
+  others: two ``scatter_gmm`` summed in f32).
 * ``gather_tgmm(lhs, rhs, group_sizes, group_offset, sort_idx[M], k, *, num_groups, out_dtype, gather_lhs,
   gather_rhs, rhs_weights=None) -> [G_local, K, N]``: ``tgmm`` with lhs [T,K] / rhs [T,N] read in token order
   through ``sort_idx // k`` where flagged, rhs rows times ``rhs_weights.flat[slot]`` (Triton; others compose with
@@ -71,7 +74,8 @@ IMPLEMENTATIONS = ("xla", "triton", "pallas")
 _MODULES = {"xla": "moe_ops.xla", "triton": "kernels.triton.backend", "pallas": "kernels.pallas.backend"}
 _DEFAULT_FOR_PLATFORM = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "pallas"}
 INTERFACE = ("gmm", "tgmm", "sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "gather_gmm",
-             "scatter_gmm", "gather_tgmm", "swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd", "swiglu_down_bwd_saved")
+             "scatter_gmm", "scatter_gmm_sum", "gather_tgmm", "swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd",
+             "swiglu_down_bwd_saved")
 
 
 def choose(implementation: str | None) -> str | None:
@@ -159,6 +163,15 @@ def compose_scatter_gmm(h, rhs, group_sizes, group_offset, sort_idx, weights, *,
     return ops.combine_rows(y, sort_idx, weights)
 
 
+def compose_scatter_gmm_sum(h, rhs, h2, rhs2, group_sizes, group_offset, sort_idx, weights, *, ops, transpose_rhs,
+                            out_dtype):
+    """``scatter_gmm_sum`` as two of the backend's ``scatter_gmm`` (or their composition), summed in f32."""
+    scatter = getattr(ops, "scatter_gmm", None) or functools.partial(compose_scatter_gmm, ops=ops)
+    parts = (scatter(a, w, group_sizes, group_offset, sort_idx, weights, transpose_rhs=transpose_rhs,
+                     out_dtype=out_dtype).astype(jnp.float32) for a, w in ((h, rhs), (h2, rhs2)))
+    return sum(parts).astype(out_dtype)
+
+
 def compose_swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, ops, activation,
                        out_dtype):
     """``swiglu_gmm`` from a backend's (gather-)GMMs and the activation in XLA (materialises gate and up)."""
@@ -214,6 +227,7 @@ def gather_gmm_of(ops):
     return getattr(ops, "gather_gmm", None) or functools.partial(compose_gather_gmm, ops=ops)
 
 
-_COMPOSED = {"gather_gmm": compose_gather_gmm, "scatter_gmm": compose_scatter_gmm, "gather_tgmm": compose_gather_tgmm,
+_COMPOSED = {"gather_gmm": compose_gather_gmm, "scatter_gmm": compose_scatter_gmm,
+             "scatter_gmm_sum": compose_scatter_gmm_sum, "gather_tgmm": compose_gather_tgmm,
              "swiglu_gmm": compose_swiglu_gmm, "swiglu_gmm_saved": compose_swiglu_gmm_saved,
              "swiglu_down_bwd": compose_swiglu_down_bwd, "swiglu_down_bwd_saved": compose_swiglu_down_bwd_saved}

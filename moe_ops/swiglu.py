@@ -7,7 +7,7 @@ w_up [G_local,D,F] as given (no interleaved copy). Rows of non-local groups and 
 are zero. The activation runs in f32 on the f32 accumulators (``reference.activate``'s activations). Custom VJP
 with only the inputs as residuals: ``gate`` / ``up`` recomputed in x's dtype (two (gather-)GMMs), the activation's
 VJP in XLA, ``dw_gate`` / ``dw_up`` by TGMM over the (gathered) x rows, ``dx = dgate @ w_gate^T + dup @ w_up^T``
-taken back to token order by scatter-GMMs with unit weights (fixed order, no scatter-add).
+taken back to token order by one scatter-GMM over both products with unit weights (fixed order, no scatter-add).
 
 ``swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights)`` -> [T,D]: ``swiglu_gmm`` with the gather,
 then the weighted down projection back to token order (``scatter_gmm``). Custom VJP; residuals (``recompute``):
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 
 from moe_ops import backend, reference, validation, vma
-from moe_ops.fused import _check_rows, _scatter_gmm
+from moe_ops.fused import _check_rows
 from moe_ops.gmm import _gmm, _tgmm
 
 __all__ = ["swiglu_gmm", "swiglu_ffn", "has_kernel"]
@@ -130,9 +130,9 @@ def _swiglu_bwd(k, activation, out_dtype, impl, residuals, dh):
 def _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl):
     """(dx, dw_gate, dw_up) from the [M, F] cotangents of gate and up: two TGMMs over the x rows, and
     ``dx = dgate @ w_gate^T + dup @ w_up^T`` per sorted row, in x's dtype as the unfused path has it. With the
-    gather each product goes straight back to token order (``scatter_gmm`` with unit weights: the k rows of a token
-    summed in f32 in a fixed order, no scatter-add), so no [M, D] f32 buffer exists; the TGMMs read the x rows in
-    token order (``gather_tgmm``: no gathered copy)."""
+    gather both products go straight back to token order in one ``scatter_gmm_sum`` (unit weights: the k rows of a
+    token summed in f32 in a fixed order, no scatter-add; on Triton one launch over K = 2F and one slot buffer), so
+    no [M, D] f32 buffer exists; the TGMMs read the x rows in token order (``gather_tgmm``: no gathered copy)."""
     if sort_idx is None:
         dw_gate = _tgmm(x, dgate, sizes, offset, w_gate.shape[0], w_gate.dtype, impl)
         dw_up = _tgmm(x, dup, sizes, offset, w_up.shape[0], w_up.dtype, impl)
@@ -141,10 +141,11 @@ def _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl):
     dw_gate, dw_up = (_gather_tgmm(x, d, sizes, offset, sort_idx, None, k, w.shape[0], w.dtype, True, impl)
                       for d, w in ((dgate, w_gate), (dup, w_up)))
     ones = jnp.ones((x.shape[0], k), jnp.float32)
-    f32 = jnp.dtype(jnp.float32)
-    dx = sum(_scatter_gmm(d, w, ones, sizes, offset, sort_idx, True, x.dtype, impl).astype(f32)
-             for d, w in ((dgate, w_gate), (dup, w_up)))
-    return dx.astype(x.dtype), dw_gate, dw_up
+    static = dict(transpose_rhs=True, out_dtype=x.dtype)
+    composed = functools.partial(backend.compose_scatter_gmm_sum, ops=backend.ops(impl), **static)
+    dx = _one_kernel("scatter_gmm_sum", (dgate, w_gate, dup, w_up, sizes, offset, sort_idx, ones), composed,
+                     rows=sort_idx.shape[0], impl=impl, **static)  # Triton: one K = 2F launch, one slot buffer
+    return vma.like(dx, x), dw_gate, dw_up
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

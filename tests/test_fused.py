@@ -60,6 +60,32 @@ def test_scatter_gmm_parity(routing, dtype, transpose):
         assert_close(out, ref, TOL[dtype], f"scatter_gmm {routing}")
 
 
+SUM_CASES = [(r, jnp.float32, t, 0, E) for r in ROUTINGS for t in (False, True)] + [
+    ("uneven_dropped", jnp.bfloat16, True, 0, E), ("uneven_dropped", jnp.float32, True, 2, 3),
+    ("one_expert", jnp.float32, False, 2, 1)]
+
+
+@pytest.mark.parametrize("routing,dtype,transpose,off,g_local", SUM_CASES)
+def test_scatter_gmm_sum_parity(routing, dtype, transpose, off, g_local):
+    """Two operand pairs in one launch (the second K2 = 28 wide, not a multiple of the 16-wide tiles): the scatter of
+    ``h @ rhs + h2 @ rhs2``, local groups only, against the reference composition in f32."""
+    _, sizes, sort_idx = routed(routing, case_seed(routing, "sum"))
+    k1, k2, k3, k4, k5 = keys(case_seed(routing, transpose, str(dtype), off, "sum"), 5)
+    h, h2 = randn(k1, (T * TOP_K, K), dtype), randn(k2, (T * TOP_K, 28), dtype)
+    rhs, rhs2 = rand_rhs(k3, g_local, transpose, dtype), rand_rhs(k4, g_local, transpose, dtype, k=28)
+    weights = jax.random.uniform(k5, (T, TOP_K), jnp.float32, 0.1, 1.0)
+    out = tf.scatter_gmm_sum(h, rhs, h2, rhs2, sizes, offset_array(off), sort_idx, weights, transpose_rhs=transpose,
+                             out_dtype=dtype, config=CFG)
+    kw = dict(group_offset=off, transpose_rhs=transpose, preferred_element_type=jnp.float32)
+    ref = R.unpermute(R.gmm(h, rhs, sizes, **kw) + R.gmm(h2, rhs2, sizes, **kw), sort_idx, weights)
+    assert out.dtype == dtype and out.shape == (T, N)
+    if routing == "all_dropped":
+        assert np.all(np.asarray(out) == 0)
+    else:
+        assert float(jnp.max(jnp.abs(ref))) > 0
+        assert_close(out, ref, TOL[dtype], f"scatter_gmm_sum {routing}")
+
+
 @pytest.mark.parametrize("off,g_local", [(0, 2), (2, 3)], ids=["first", "last"])
 def test_sharded_groups_and_row_weights(off, g_local):
     """group_offset (rows of non-local groups are zero / contribute zero) and the gather's row-weight epilogue."""

@@ -184,12 +184,13 @@ MEMORY_SHAPES = {"small": (1024, 256, 128, 16, 8), "qwen3-30b": (8192, 2048, 768
 
 
 @pytest.mark.parametrize("shape", MEMORY_SHAPES)
-@pytest.mark.parametrize("recompute,bound", [(False, 0.8), (True, 0.9)])
+@pytest.mark.parametrize("recompute,bound", [(False, 0.6), (True, 0.7)])
 def test_grad_temp_memory_below_unfused(shape, recompute, bound):
     """The compiled jax.grad of the layer on Triton (bridge: every kernel one custom call, so the buffers are a GPU
     run's): the fused path's temp bytes at most ``bound`` x the unfused path's (issue 12: never above it). Measured
-    here (saved / recompute): small 0.64 / 0.55, Qwen3-30B 0.63 / 0.86. Gathering x and dout once in the saved
-    backward read 1.08 at Qwen3-30B (1.42 on an H200): the gathered [M, D] copies are hoisted to the program start."""
+    here (saved / recompute): small 0.47 / 0.47, Qwen3-30B 0.42 / 0.42 (dx in one ``scatter_gmm_sum``; two
+    scatter-GMMs: 0.64 / 0.55 and 0.63 / 0.86). Gathering x and dout once in the saved backward read 1.08 at
+    Qwen3-30B (1.42 on an H200): the gathered [M, D] copies are hoisted to the program start."""
     t, d, f, e, top_k = MEMORY_SHAPES[shape]
     sds = jax.ShapeDtypeStruct
     args = (sds((t, d), jnp.bfloat16), sds((t, e), jnp.bfloat16), sds((e, d, f), jnp.bfloat16),

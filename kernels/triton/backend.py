@@ -38,6 +38,7 @@ combine_rows = _triton(_batching.combine_rows)
 combine_weight_grad = _triton(_batching.combine_weight_grad)
 gather_gmm = _triton(_fused.gather_gmm)
 scatter_gmm = _triton(_fused.scatter_gmm)
+scatter_gmm_sum = _triton(_fused.scatter_gmm_sum)
 gather_tgmm = _triton(_gmm.gather_tgmm)
 swiglu_gmm = _triton(_swiglu.swiglu_gmm)
 swiglu_gmm_saved = _triton(_swiglu.swiglu_gmm_saved)
@@ -45,5 +46,5 @@ swiglu_down_bwd = _triton(_swiglu.swiglu_down_bwd)
 swiglu_down_bwd_saved = _triton(_swiglu.swiglu_down_bwd_saved)
 
 __all__ = ["gmm", "tgmm", "sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "gather_gmm",
-           "scatter_gmm", "gather_tgmm", "swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd", "swiglu_down_bwd_saved",
+           "scatter_gmm", "scatter_gmm_sum", "gather_tgmm", "swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd", "swiglu_down_bwd_saved",
            "TRITON_PLATFORMS"]

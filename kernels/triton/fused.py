@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from kernels.triton.gmm import RowMap, launch_gmm
 
-__all__ = ["gather_gmm", "scatter_gmm", "sum_slots"]
+__all__ = ["gather_gmm", "scatter_gmm", "scatter_gmm_sum", "sum_slots"]
 
 
 def sum_slots(slots, num_tokens, top_k, out_dtype):
@@ -53,6 +53,22 @@ def scatter_gmm(h, rhs, group_sizes, group_offset, sort_idx, weights, *, transpo
         return jnp.zeros((0, n), out_dtype)
     slots = launch_gmm(h, rhs, group_sizes, group_offset, num_rows=h.shape[0], transpose_rhs=transpose_rhs,
                        out_dtype=out_dtype, config=config,
+                       row_map=RowMap(sort_idx, k, scatter=True, weights=weights.reshape(-1)))
+    return sum_slots(slots, t, k, out_dtype)
+
+
+def scatter_gmm_sum(h, rhs, h2, rhs2, group_sizes, group_offset, sort_idx, weights, *, transpose_rhs, out_dtype,
+                    config=None):
+    """``scatter_gmm(h, rhs) + scatter_gmm(h2, rhs2)`` in one launch: h2 [T*k, K2] and rhs2 (rhs's layout with K2)
+    add their product in the same f32 accumulator (one K + K2 loop per tile), so one [T*k, N] slot buffer is
+    written instead of two. The fused SwiGLU backward's ``dx = dgate @ w_gate^T + dup @ w_up^T``. (No batching
+    rule: under ``jax.vmap`` callers use the two-launch composition, ``moe_ops``.)"""
+    t, k = weights.shape
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    if t == 0:
+        return jnp.zeros((0, n), out_dtype)
+    slots = launch_gmm(h, rhs, group_sizes, group_offset, num_rows=h.shape[0], transpose_rhs=transpose_rhs,
+                       out_dtype=out_dtype, config=config, second=(h2, rhs2),
                        row_map=RowMap(sort_idx, k, scatter=True, weights=weights.reshape(-1)))
     return sum_slots(slots, t, k, out_dtype)
 

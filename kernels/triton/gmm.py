@@ -68,12 +68,32 @@ def _sorted_slots(sort_idx_ptr, row_start, row_end, offs_m, NUM_SLOTS: tl.conste
 
 
 @triton.jit
-def _gmm_kernel(lhs_ptr, rhs_ptr, tiles_ptr, sort_idx_ptr, w_ptr, out_ptr,
+def _k_loop(acc, a_ptrs, b_ptrs, offs_k, K: tl.constexpr, BK: tl.constexpr, stride_k: tl.constexpr):
+    """acc += A [BM, K] @ B [K, BN], BK columns of A (rows of B) per step; the K tail masked when BK does not divide
+    K. ``a_ptrs`` / ``b_ptrs`` point at the first [BM, BK] / [BK, BN] tiles."""
+    for k in range(0, tl.cdiv(K, BK)):
+        if K % BK == 0:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BK
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+        a_ptrs += BK
+        b_ptrs += BK * stride_k
+    return acc
+
+
+@triton.jit
+def _gmm_kernel(lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, tiles_ptr, sort_idx_ptr, w_ptr, out_ptr,
                 K: tl.constexpr, N: tl.constexpr, TRANSPOSE_RHS: tl.constexpr, NUM_ROW_TILES: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                 GATHER: tl.constexpr, SCATTER: tl.constexpr, WEIGHTED: tl.constexpr, TOP_K: tl.constexpr,
-                NUM_SLOTS: tl.constexpr):
-    """One BM x BN output tile of ``out[rows of tile] = lhs[rows] @ rhs[group]`` (see the module docstring).
+                NUM_SLOTS: tl.constexpr, K2: tl.constexpr):
+    """One BM x BN output tile of ``out[rows of tile] = lhs[rows] @ rhs[group]`` (see the module docstring), plus
+    ``lhs2[rows] @ rhs2[group]`` (lhs2 [*, K2], rhs2 [G, K2, N] / [G, N, K2], the same transpose) in the same f32
+    accumulator when ``K2 > 0`` (``lhs2_ptr`` / ``rhs2_ptr`` are unused placeholders otherwise).
 
     Fused row maps (constexpr, all False for plain ``gmm``; ``sort_idx`` / ``w`` are then unused), with
     ``slot = sort_idx[row]`` for sorted row ``row``:
@@ -103,18 +123,17 @@ def _gmm_kernel(lhs_ptr, rhs_ptr, tiles_ptr, sort_idx_ptr, w_ptr, out_ptr,
             a_ptrs = lhs_ptr + row_start.to(tl.int64) * K + rows[:, None] * K + offs_k[None, :]
         b_ptrs = (rhs_ptr + group.to(tl.int64) * (K * N)
                   + offs_k[:, None] * stride_k + cols[None, :] * stride_n)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BK)):
-            if K % BK == 0:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
+        acc = _k_loop(tl.zeros((BM, BN), dtype=tl.float32), a_ptrs, b_ptrs, offs_k, K, BK, stride_k)
+        if K2 > 0:
+            stride_k2: tl.constexpr = 1 if TRANSPOSE_RHS else N
+            stride_n2: tl.constexpr = K2 if TRANSPOSE_RHS else 1
+            if GATHER:
+                a2_ptrs = lhs2_ptr + (slots // TOP_K).to(tl.int64)[:, None] * K2 + offs_k[None, :]
             else:
-                k_left = K - k * BK
-                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-            a_ptrs += BK
-            b_ptrs += BK * stride_k
+                a2_ptrs = lhs2_ptr + row_start.to(tl.int64) * K2 + rows[:, None] * K2 + offs_k[None, :]
+            b2_ptrs = (rhs2_ptr + group.to(tl.int64) * (K2 * N)
+                       + offs_k[:, None] * stride_k2 + cols[None, :] * stride_n2)
+            acc = _k_loop(acc, a2_ptrs, b2_ptrs, offs_k, K2, BK, stride_k2)
         if WEIGHTED:
             acc = acc * tl.load(w_ptr + slots)[:, None]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
@@ -223,13 +242,16 @@ class RowMap:
 
 
 def launch_gmm(lhs, rhs, group_sizes, group_offset, *, num_rows, transpose_rhs, out_dtype, config=None,
-               row_map: RowMap | None = None):
+               row_map: RowMap | None = None, second=None):
     """``_gmm_kernel`` over ``num_rows`` sorted rows -> [num_rows, N] (``gmm`` and the fused ops of
-    ``kernels.triton.fused``). Without ``row_map``, lhs is [num_rows, K] and nothing is remapped."""
+    ``kernels.triton.fused``). Without ``row_map``, lhs is [num_rows, K] and nothing is remapped. ``second``
+    (lhs2 [*, K2], rhs2 as rhs with K2): ``lhs2 @ rhs2`` is added in the same accumulator, through the same row
+    maps (one launch over K + K2; no batching rule, so ``jax.vmap`` callers compose two launches instead)."""
     k = lhs.shape[1]
     num_local = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    cfg = config or tuning.pick_config("gmm", num_rows, k, n, num_local, lhs.dtype)
+    k2 = 0 if second is None else second[0].shape[1]
+    cfg = config or tuning.pick_config("gmm", num_rows, k + k2, n, num_local, lhs.dtype)
     num_tiles = schedule.static_upper_bound(schedule.max_row_tiles(num_rows, cfg.block_m, num_local), "row tiles")
     tiles = schedule.gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, cfg.block_m, num_tiles)
     if row_map is None:
@@ -239,20 +261,28 @@ def launch_gmm(lhs, rhs, group_sizes, group_offset, *, num_rows, transpose_rhs, 
         sort_idx = row_map.sort_idx.astype(jnp.int32)
         weights = row_map.weights.astype(jnp.float32) if row_map.weighted else jnp.zeros((1,), jnp.float32)
         rows = batching.GmmRows(num_rows, row_map.gather, row_map.scatter, row_map.weighted, row_map.top_k)
-    return _gmm_call(lhs, rhs, tiles, sort_idx, weights, rows=rows, n=n, transpose_rhs=bool(transpose_rhs),
-                     out_dtype=out_dtype, cfg=cfg)
+    static = dict(rows=rows, n=n, transpose_rhs=bool(transpose_rhs), out_dtype=out_dtype, cfg=cfg)
+    if second is None:
+        return _gmm_call(lhs, rhs, tiles, sort_idx, weights, **static)
+    return _launch_gmm(lhs, rhs, *second, tiles, sort_idx, weights, k2=k2, **static)
 
 
 @batching.folds_batch(batching.fold_gmm)
 def _gmm_call(lhs, rhs, tiles, sort_idx, weights, *, rows, n, transpose_rhs, out_dtype, cfg):
     """The ``_gmm_kernel`` launch over a precomputed row-tile table ``tiles`` int32[3, T] (``jax.vmap`` folds the
     batch into rows and tiles, see ``kernels.triton.batching``)."""
+    unused = jnp.zeros((1,), lhs.dtype)  # no second operand pair
+    return _launch_gmm(lhs, rhs, unused, unused, tiles, sort_idx, weights, k2=0, rows=rows, n=n,
+                       transpose_rhs=transpose_rhs, out_dtype=out_dtype, cfg=cfg)
+
+
+def _launch_gmm(lhs, rhs, lhs2, rhs2, tiles, sort_idx, weights, *, k2, rows, n, transpose_rhs, out_dtype, cfg):
     num_row_tiles = tiles.shape[1]
     return triton_call(
-        lhs, rhs, tiles.reshape(-1), sort_idx, weights, kernel=_gmm_kernel,
+        lhs, rhs, lhs2, rhs2, tiles.reshape(-1), sort_idx, weights, kernel=_gmm_kernel,
         out_shape=jax.ShapeDtypeStruct((rows.num_rows, n), out_dtype),
         grid=(num_row_tiles * triton.cdiv(n, cfg.block_n),), name="moe_gmm",
-        K=lhs.shape[1], N=n, TRANSPOSE_RHS=transpose_rhs, NUM_ROW_TILES=num_row_tiles, **rows.constexprs(),
+        K=lhs.shape[1], N=n, TRANSPOSE_RHS=transpose_rhs, NUM_ROW_TILES=num_row_tiles, K2=k2, **rows.constexprs(),
         **_launch_options(cfg))
 
 

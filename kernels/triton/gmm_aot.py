@@ -23,9 +23,9 @@ def _aot_case(name, fn, dtype, cfg, backend, config_name, out_dtype=None, **cons
     """One compile of ``fn`` with ``dtype`` operands (``out_dtype`` output, default the same); ``_gmm_kernel`` /
     ``_tgmm_kernel`` cases default to the plain row maps (``_PLAIN_ROWS`` / ``_PLAIN_TGMM_ROWS``)."""
     if fn is _gmm_kernel:
-        signature = dict(lhs_ptr=f"*{dtype}", rhs_ptr=f"*{dtype}", tiles_ptr="*i32", sort_idx_ptr="*i32",
-                         w_ptr="*fp32", out_ptr=f"*{out_dtype or dtype}")
-        constexprs = {**_PLAIN_ROWS, **constexprs}
+        signature = dict(lhs_ptr=f"*{dtype}", rhs_ptr=f"*{dtype}", lhs2_ptr=f"*{dtype}", rhs2_ptr=f"*{dtype}",
+                         tiles_ptr="*i32", sort_idx_ptr="*i32", w_ptr="*fp32", out_ptr=f"*{out_dtype or dtype}")
+        constexprs = {**_PLAIN_ROWS, "K2": 0, **constexprs}
     elif fn is _tgmm_kernel:
         signature = dict(lhs_ptr=f"*{dtype}", rhs_ptr=f"*{dtype}", bounds_ptr="*i32", sort_idx_ptr="*i32",
                          w_ptr="*fp32", out_ptr=f"*{out_dtype or dtype}")
@@ -64,12 +64,14 @@ def aot_cases(target: str):
 
 
 # The fused row maps (``kernels.triton.fused``) as the MoE layer uses them: gather (forward gate / up GMMs), weighted
-# scatter (forward down GMM) and gather with ``transpose_rhs`` into f32 (backward of the scatter GMM).
+# scatter (forward down GMM), gather with ``transpose_rhs`` into f32 (backward of the scatter GMM) and the two-pair
+# scatter of the SwiGLU backward's dx (``scatter_gmm_sum``; K2 = "K": the second pair as wide as the first).
 _AOT_TOP_K = 2
 _FUSED_VARIANTS = {
     "gmm_gather": (False, None, dict(GATHER=True)),
     "gmm_scatter": (False, None, dict(SCATTER=True, WEIGHTED=True)),
     "gmm_gather_transposed_f32out": (True, "fp32", dict(GATHER=True)),
+    "gmm_scatter_sum_transposed": (True, None, dict(SCATTER=True, WEIGHTED=True, K2="K")),
 }
 
 
@@ -85,6 +87,7 @@ def fused_aot_cases(target: str):
             for name, (transpose, out_dtype, flags) in _FUSED_VARIANTS.items():
                 if suffix and transpose:
                     continue
+                flags = {key: k if value == "K" else value for key, value in flags.items()}
                 cases.append(_aot_case(name, _gmm_kernel, dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}",
                                        out_dtype=out_dtype, K=k, N=n, TRANSPOSE_RHS=transpose, NUM_ROW_TILES=tiles,
                                        TOP_K=_AOT_TOP_K, NUM_SLOTS=_AOT_M, **flags))
