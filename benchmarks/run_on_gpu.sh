@@ -24,7 +24,8 @@ quick=${QUICK:-0}
 marks=$([ "$quick" = 1 ] && echo "not slow" || echo "slow or not slow")
 # 1. The kernels on the device against the reference (parity + gradients; pytest-xdist is in the GPU image).
 timeout $([ "$quick" = 1 ] && echo 170 || echo 300) python3 -m pytest -q -p no:cacheprovider -n 8 --maxfail=8 \
-  -m "$marks" tests/test_triton_gmm.py tests/test_sort.py tests/test_fused.py tests/test_swiglu_ffn.py -k "not pallas and not xla and not shard_map" \
+  -m "$marks" tests/test_triton_gmm.py tests/test_sort.py tests/test_fused.py tests/test_swiglu_ffn.py \
+  -k "not pallas and not xla and not shard_map" \
   2>&1 | tee "$out/gpu_tests.log" | tail -5
 # 1b. The persistent TMA GMM variant (global scratch through triton_call) on its own tests; the default flips only
 #     once the gmm suite shows it faster.
@@ -38,15 +39,19 @@ if [ "${TUNE:-0}" = 1 ]; then
   export MOE_OPS_TUNING_CACHE="$out/tuning.json"
   timeout "${TUNE_TIMEOUT:-420}" python3 -m benchmarks.tune --shapes "${TUNE_SHAPES:-qwen3-30b-w1,decode}" \
     --kinds "${TUNE_KINDS:-gmm,dlhs,tgmm,swiglu,swiglu_bwd}" --budget-s "${TUNE_BUDGET:-20}" \
-    --json "$out/tune.json" --write-cache 2>&1 | tee "$out/tune.log" | tail -60
+    --json "$out/tune.json" --write-cache 2>&1 | tee -a "$out/run.log" | tail -60
 fi
 # 2. The suites, one time limit each; every figure is a ratio to peers and ceilings measured in the same run.
 if [ "$quick" = 1 ]; then
   timeout 170 python3 -m benchmarks gmm --impl triton --shapes mixtral-w1,qwen3-30b-w1,decode --patterns balanced \
-    --peers lax.ragged_dot,torch._grouped_mm --no-progress --json "$out/gmm.json" 2>&1 | tee "$out/gmm.log" | tail -30
+    --peers lax.ragged_dot,torch._grouped_mm --no-progress --json "$out/gmm.json" 2>&1 | tee -a "$out/run.log" \
+    | tail -30
   timeout 120 python3 -m benchmarks layer --impl triton --shapes qwen3-30b --patterns balanced --peers lax.ragged_dot \
-    --no-progress --json "$out/layer.json" 2>&1 | tee "$out/layer.log" | tail -25
-  exit 0
+    --no-progress --json "$out/layer.json" 2>&1 | tee -a "$out/run.log" | tail -25
+  # The fused layer's kernels one by one against the compositions they replaced (benchmarks/pieces.py).
+  timeout 90 python3 -m benchmarks.pieces --shapes qwen3-30b --json "$out/pieces.json" 2>&1 | tee -a "$out/run.log" \
+    | tail -8
+  exit 0  # at most 8 files come back from a lease: the JSONs, gpu_tests.log and run.log
 fi
 for suite in gmm sort layer; do
   timeout 540 python3 -m benchmarks "$suite" --json "$out/$suite.json" --plot "$out/$suite.png" --no-progress \

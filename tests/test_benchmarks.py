@@ -204,6 +204,23 @@ def test_layer_tokamax_composition_and_memory_limit(tmp_path, monkeypatch):
     assert all(r["status"] == "ok" for r in recs if r["implementation"] == "xla")
 
 
+def test_layer_pieces_agree_with_their_alternatives(tmp_path, monkeypatch, capsys):
+    """``python -m benchmarks.pieces`` (tiny on CPU): every kernel of the fused layer runs, and each one-launch piece
+    matches the composition it replaced (gather_tgmm vs gather + tgmm, scatter_gmm_sum vs two scatters); a
+    disagreement is an error row and exit 1."""
+    from benchmarks import pieces
+    out = tmp_path / "pieces.json"
+    assert pieces.main(["--dtype", "float32", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6 and all("error" not in r and r["ms"] > 0 for r in rows)
+    pairs = [r for r in rows if r["alternative"]]
+    assert len(pairs) == 3 and all(r["rel_err"] <= 1e-4 for r in pairs)
+    assert "scatter_gmm_sum" in capsys.readouterr().out
+    monkeypatch.setitem(pieces.TOL, "float32", -1.0)  # nothing can agree now
+    assert pieces.main(["--dtype", "float32", "--repeats", "1", "--shapes", "mixtral"]) == 1
+    assert capsys.readouterr().out.count("ERROR disagrees") == 3
+
+
 def test_peak_vs_unfused_and_targets():
     """Fused rows get peak / temp ratios to their unfused twin, variant and peer rows are in each other's
     ``ratio_to``, and the issue-12 targets are judged from them."""

@@ -46,5 +46,5 @@ swiglu_down_bwd = _triton(_swiglu.swiglu_down_bwd)
 swiglu_down_bwd_saved = _triton(_swiglu.swiglu_down_bwd_saved)
 
 __all__ = ["gmm", "tgmm", "sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "gather_gmm",
-           "scatter_gmm", "scatter_gmm_sum", "gather_tgmm", "swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd", "swiglu_down_bwd_saved",
-           "TRITON_PLATFORMS"]
+           "scatter_gmm", "scatter_gmm_sum", "gather_tgmm", "swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd",
+           "swiglu_down_bwd_saved", "TRITON_PLATFORMS"]

@@ -240,9 +240,10 @@ _SM90_SAVED_BWD_THIN = tuning.GmmConfig(16, 128, 128, group_m=1, num_warps=4, nu
 def swiglu_bwd_config(cfg: tuning.GmmConfig, *, recompute: bool = True, arch: str | None = None,
                       dtype=None) -> tuning.GmmConfig:
     """The backward's config from the gmm config of the shape: saved mode on sm90 with 16-bit inputs, the measured
-    ``_SM90_SAVED_BWD`` (``_SM90_SAVED_BWD_THIN`` where the gmm config has thin row tiles); otherwise ``block_n`` quartered (at least 16): recomputing, three ``BM x BN/4`` accumulators
-    take the registers, and five operand tiles per stage the shared memory, of about one gmm tile; in saved mode ``a``,
-    gate and up are three f32 tiles in the epilogue (halving instead spilled 1.2-2.7 KB on sm90 in the AOT check)."""
+    ``_SM90_SAVED_BWD`` (``_SM90_SAVED_BWD_THIN`` where the gmm config has thin row tiles); otherwise ``block_n``
+    quartered (at least 16): recomputing, three ``BM x BN/4`` accumulators take the registers, and five operand
+    tiles per stage the shared memory, of about one gmm tile; in saved mode ``a``, gate and up are three f32 tiles in
+    the epilogue (halving instead spilled 1.2-2.7 KB on sm90 in the AOT check)."""
     if not recompute and arch == "sm90" and dtype is not None and not tuning.is_f32(dtype):
         return _SM90_SAVED_BWD_THIN if cfg.block_m < 64 else _SM90_SAVED_BWD
     return dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 4))
