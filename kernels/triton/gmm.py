@@ -68,9 +68,19 @@ def _sorted_slots(sort_idx_ptr, row_start, row_end, offs_m, NUM_SLOTS: tl.conste
 
 
 @triton.jit
-def _k_loop(acc, a_ptrs, b_ptrs, offs_k, K: tl.constexpr, BK: tl.constexpr, stride_k: tl.constexpr):
-    """acc += A [BM, K] @ B [K, BN], BK columns of A (rows of B) per step; the K tail masked when BK does not divide
-    K. ``a_ptrs`` / ``b_ptrs`` point at the first [BM, BK] / [BK, BN] tiles."""
+def _accumulate(acc, lhs_ptr, rhs_ptr, group, row_start, rows, slots, offs_k, cols, K: tl.constexpr,
+                N: tl.constexpr, BK: tl.constexpr, TRANSPOSE_RHS: tl.constexpr, GATHER: tl.constexpr,
+                TOP_K: tl.constexpr):
+    """acc += A [BM, K] @ B [K, BN], BK columns of A (rows of B) per step, the K tail masked when BK does not
+    divide K. A: the tile's ``rows`` of lhs [*, K] from ``row_start`` (with GATHER the token rows
+    ``slots // TOP_K``); B: columns ``cols`` of ``rhs[group]`` ([G, K, N], or [G, N, K] with TRANSPOSE_RHS)."""
+    stride_k: tl.constexpr = 1 if TRANSPOSE_RHS else N
+    stride_n: tl.constexpr = K if TRANSPOSE_RHS else 1
+    if GATHER:
+        a_ptrs = lhs_ptr + (slots // TOP_K).to(tl.int64)[:, None] * K + offs_k[None, :]
+    else:
+        a_ptrs = lhs_ptr + row_start.to(tl.int64) * K + rows[:, None] * K + offs_k[None, :]
+    b_ptrs = rhs_ptr + group.to(tl.int64) * (K * N) + offs_k[:, None] * stride_k + cols[None, :] * stride_n
     for k in range(0, tl.cdiv(K, BK)):
         if K % BK == 0:
             a = tl.load(a_ptrs)
@@ -104,6 +114,7 @@ def _gmm_kernel(lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, tiles_ptr, sort_idx_ptr, w
     group, row_start, row_end, tile_n = _row_tile(tiles_ptr, NUM_ROW_TILES, N, BN, GROUP_M)
     offs_m = tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
+    slots = offs_m  # unused unless a row map needs sort_idx
     if GATHER or SCATTER or WEIGHTED:
         slots = _sorted_slots(sort_idx_ptr, row_start, row_end, offs_m, NUM_SLOTS)
     if SCATTER:
@@ -115,25 +126,11 @@ def _gmm_kernel(lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, tiles_ptr, sort_idx_ptr, w
         offs_k = tl.arange(0, BK)
         rows = tl.minimum(offs_m, row_end - row_start - 1)  # clamped: loads stay inside the tile's own rows
         cols = offs_n % N if N % BN != 0 else offs_n  # wrapped: loads stay in bounds, stores are masked
-        stride_k: tl.constexpr = 1 if TRANSPOSE_RHS else N
-        stride_n: tl.constexpr = K if TRANSPOSE_RHS else 1
-        if GATHER:
-            a_ptrs = lhs_ptr + (slots // TOP_K).to(tl.int64)[:, None] * K + offs_k[None, :]
-        else:
-            a_ptrs = lhs_ptr + row_start.to(tl.int64) * K + rows[:, None] * K + offs_k[None, :]
-        b_ptrs = (rhs_ptr + group.to(tl.int64) * (K * N)
-                  + offs_k[:, None] * stride_k + cols[None, :] * stride_n)
-        acc = _k_loop(tl.zeros((BM, BN), dtype=tl.float32), a_ptrs, b_ptrs, offs_k, K, BK, stride_k)
+        acc = _accumulate(tl.zeros((BM, BN), dtype=tl.float32), lhs_ptr, rhs_ptr, group, row_start, rows, slots,
+                          offs_k, cols, K, N, BK, TRANSPOSE_RHS, GATHER, TOP_K)
         if K2 > 0:
-            stride_k2: tl.constexpr = 1 if TRANSPOSE_RHS else N
-            stride_n2: tl.constexpr = K2 if TRANSPOSE_RHS else 1
-            if GATHER:
-                a2_ptrs = lhs2_ptr + (slots // TOP_K).to(tl.int64)[:, None] * K2 + offs_k[None, :]
-            else:
-                a2_ptrs = lhs2_ptr + row_start.to(tl.int64) * K2 + rows[:, None] * K2 + offs_k[None, :]
-            b2_ptrs = (rhs2_ptr + group.to(tl.int64) * (K2 * N)
-                       + offs_k[:, None] * stride_k2 + cols[None, :] * stride_n2)
-            acc = _k_loop(acc, a2_ptrs, b2_ptrs, offs_k, K2, BK, stride_k2)
+            acc = _accumulate(acc, lhs2_ptr, rhs2_ptr, group, row_start, rows, slots, offs_k, cols, K2, N, BK,
+                              TRANSPOSE_RHS, GATHER, TOP_K)
         if WEIGHTED:
             acc = acc * tl.load(w_ptr + slots)[:, None]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
