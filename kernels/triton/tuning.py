@@ -77,8 +77,9 @@ C = GmmConfig
 # (128x256x64 x 3 stages), so the table also fits an A100's 163 KiB. "decode" (few rows per group) is bound by
 # reading the weights once: 2 tiles of 48 KiB in flight per SM are plenty; "thin" (<= 16 rows per group) reads them
 # with 16-row mma.sync tiles. "narrow" (N <= 1024): two 96 KiB CTAs per SM, one's epilogue under the other's loop.
-# Measured on an H200 (benchmarks/RESULTS.md, 2026-11-26): narrow 1.43x large on Qwen3-30B w1 (N = 768); thin
-# 1.18x / 1.45x decode on the decode shape's forward / dlhs (8 rows per group).
+# Swept on an H200 (benchmarks/RESULTS.md, 2026-11-26): narrow 0.599 vs 0.854 ms for large on Qwen3-30B w1 (N = 768)
+# in one sweep, where large was timed first (~5 % slow from clock ramp-up) and the suites on two machines could not
+# separate them; thin 1.18x / 1.45x decode on the decode shape's forward / dlhs (8 rows per group).
 _SM90 = {
     "gmm": {
         "large": C(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
