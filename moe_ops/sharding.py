@@ -35,7 +35,8 @@ class MoEShardingConfig:
     strategy: ``auto`` | ``all_to_all`` | ``ring`` | ``ep_tp`` (see ``moe_ops.partitioned``).
     expert_axis: mesh axis the experts are split over (EP). ``fsdp_axis``: mesh axis the expert weights are
     additionally sharded over on E (gathered at the op boundary); ignored when absent from the mesh.
-    batch_axes: mesh axes the token dim is sharded over when the operand sharding does not say (absent axes ignored).
+    batch_axes: mesh axes (a name or a sequence of names) the token dim is sharded over when the operand sharding
+    does not say; names absent from the mesh are ignored, so the default fits data / fsdp / expert meshes alike.
     capacity_factor: ``None`` = dropless; else the all-to-all receive buffer holds ``ceil(cf * T_local * top_k)``
     rows (capped at the dropless worst case) and copies past it are dropped deterministically (last sender's
     highest local experts first).
@@ -51,8 +52,13 @@ class MoEShardingConfig:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if not isinstance(self.batch_axes, tuple):
-            object.__setattr__(self, "batch_axes", tuple(self.batch_axes))
+        if not isinstance(self.expert_axis, str) or not isinstance(self.fsdp_axis, (str, type(None))):
+            raise TypeError(f"expert_axis must be a mesh axis name and fsdp_axis a name or None, got "
+                            f"{self.expert_axis!r} / {self.fsdp_axis!r}")
+        axes = (self.batch_axes,) if isinstance(self.batch_axes, str) else tuple(self.batch_axes)
+        if not all(isinstance(a, str) for a in axes):
+            raise TypeError(f"batch_axes must be a mesh axis name or a sequence of them, got {self.batch_axes!r}")
+        object.__setattr__(self, "batch_axes", axes)
         if self.fsdp_axis is not None and self.fsdp_axis == self.expert_axis:
             raise ValueError(f"fsdp_axis must differ from expert_axis, got both {self.expert_axis!r}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:

@@ -66,6 +66,11 @@ def test_config_and_strategy_choice():
     with pytest.raises(ValueError, match="capacity_factor"):
         MoEShardingConfig(capacity_factor=0.0)
     assert MoEShardingConfig(batch_axes=["expert"]).batch_axes == ("expert",)
+    assert MoEShardingConfig(batch_axes="data").batch_axes == ("data",)  # one name, not its letters
+    with pytest.raises(TypeError, match="batch_axes"):
+        MoEShardingConfig(batch_axes=("data", 1))
+    with pytest.raises(TypeError, match="expert_axis"):
+        MoEShardingConfig(expert_axis=("expert",))
     auto = MoEShardingConfig(ep_tp_max_tokens=64)
     assert choose_strategy(auto, 64, 4) == "ep_tp"
     assert choose_strategy(auto, 128, 4) == "all_to_all"
