@@ -228,10 +228,17 @@ def epilogue(arch: str, cfg: tuning.GmmConfig, n: int, out_dtype) -> Epilogue:
     return Epilogue(tma_store=aligned and not arch.startswith("gfx"), split=cfg.block_n >= 128 or arch == "cpu")
 
 
-def tma_config(cfg: tuning.GmmConfig, itemsize: int, arch: str, staging_bytes: int = 0) -> tuning.GmmConfig:
+def tma_config(cfg: tuning.GmmConfig, itemsize: int, arch: str, staging_bytes: int = 0,
+               out_itemsize: int = 2) -> tuning.GmmConfig:
     """The pointer config with as many pipeline stages (up to 4) as sm_90's shared memory holds next to
     ``staging_bytes`` of epilogue buffer: TMA loads have no register cost per stage, so deeper pipelines are free
-    where they fit. Other targets keep the table's stages."""
+    where they fit. AMD keeps the table's stages; there the persistent loop's carried state needs the registers
+    that a waves-per-EU cap takes (the capped gfx942 ``medium`` tile spilled 23 VGPRs under triton 3.6; jax-triton
+    0.3.1 does not pass the cap on anyway), and a 4-byte output halves ``block_k`` (the 256x128 f32 tile spilled 2
+    there)."""
+    if arch in ("gfx950", "gfx942"):
+        block_k = cfg.block_k // 2 if out_itemsize == 4 and cfg.block_k > 32 else cfg.block_k
+        return dataclasses.replace(cfg, waves_per_eu=0, block_k=block_k)
     if arch != "sm90":
         return cfg
     per_stage = (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * itemsize
@@ -259,7 +266,8 @@ def gmm_setup(arch, base: tuning.GmmConfig, n, dtype, out_dtype, ep=None, deepen
     ep = ep or epilogue(arch, base, n, out_dtype)
     if not deepen:
         return base, ep
-    return tma_config(base, jnp.dtype(dtype).itemsize, arch, staging_bytes(base, ep, out_dtype)), ep
+    return tma_config(base, jnp.dtype(dtype).itemsize, arch, staging_bytes(base, ep, out_dtype),
+                      jnp.dtype(out_dtype).itemsize), ep
 
 
 def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, config=None, ep: Epilogue | None = None):
