@@ -7,7 +7,8 @@ What the layer suite cannot show: where the fused forward+backward spends its ti
 
 * forward: ``swiglu_gmm_saved`` (gate/up + activation, writes h / gate / up), ``scatter_gmm`` (weighted down);
 * backward: ``swiglu_down_bwd_saved``; ``dw_gate``: ``gather_tgmm`` over x in token order vs ``gather_rows`` +
-  ``tgmm``; ``dw_down``: ``gather_tgmm`` over weighted dout vs ``gather_rows`` + ``tgmm``; ``dx``:
+  ``tgmm``; ``dw_down``: ``gather_tgmm`` of ``hw`` (the routing weight applied by the backward kernel) over dout
+  in token order vs ``gather_rows`` + ``tgmm``; ``dx``:
   ``scatter_gmm_sum`` (one launch) vs two ``scatter_gmm``.
 
 Each pair is checked to agree (norm-relative error <= the dtype's tolerance) before it is timed; a disagreement is
@@ -52,7 +53,7 @@ def _operands(shape: shapes.LayerShape, dtype, seed: int = 0) -> dict:
 def pieces(k: int, e: int, dtype):
     """[(name, fn, alternative name or None, alternative fn or None, flops per 2*M*D*F)]: each fn maps the operand
     dict (``_operands`` plus the forward's ``gate`` / ``up`` / ``h`` and the backward kernel's ``dgate`` / ``dup`` /
-    ``h_b``, see ``run``) to its outputs."""
+    ``hw``, see ``run``) to its outputs."""
     from kernels.triton import batching, fused, gmm, swiglu  # noqa: PLC0415 (Triton is optional)
     tg = dict(num_groups=e, out_dtype=dtype)
 
@@ -74,8 +75,8 @@ def pieces(k: int, e: int, dtype):
     def ones(a):
         return jnp.ones_like(a["weights"])
 
-    def gathered(a, name, row_weights=None):
-        return batching.gather_rows(a[name], a["sort_idx"], k, row_weights=row_weights)
+    def gathered(a, name):
+        return batching.gather_rows(a[name], a["sort_idx"], k)
     return [
         ("fwd swiglu_gmm_saved", fwd_swiglu, None, None, 2),
         ("fwd scatter_gmm (down)", lambda a: scatter(a, a["h"], a["w_down"], a["weights"], False), None, None, 1),
@@ -84,11 +85,10 @@ def pieces(k: int, e: int, dtype):
          lambda a: gmm.gather_tgmm(a["x"], a["dgate"], *common(a)[:2], a["sort_idx"], k, gather_lhs=True,
                                    gather_rhs=False, **tg),
          "gather_rows + tgmm", lambda a: gmm.tgmm(gathered(a, "x"), a["dgate"], *common(a)[:2], **tg), 1),
-        ("bwd dw_down gather_tgmm(w*dout)",
-         lambda a: gmm.gather_tgmm(a["h_b"], a["dout"], *common(a)[:2], a["sort_idx"], k, gather_lhs=False,
-                                   gather_rhs=True, rhs_weights=a["weights"], **tg),
-         "gather_rows + tgmm",
-         lambda a: gmm.tgmm(a["h_b"], gathered(a, "dout", a["weights"]), *common(a)[:2], **tg), 1),
+        ("bwd dw_down gather_tgmm(dout)",
+         lambda a: gmm.gather_tgmm(a["hw"], a["dout"], *common(a)[:2], a["sort_idx"], k, gather_lhs=False,
+                                   gather_rhs=True, **tg),
+         "gather_rows + tgmm", lambda a: gmm.tgmm(a["hw"], gathered(a, "dout"), *common(a)[:2], **tg), 1),
         ("bwd dx scatter_gmm_sum",
          lambda a: fused.scatter_gmm_sum(a["dgate"], a["w_gate"], a["dup"], a["w_up"], *common(a), ones(a),
                                          transpose_rhs=True, out_dtype=dtype),
@@ -107,7 +107,7 @@ def run(shape: shapes.LayerShape, dtype, repeats: int = 10) -> list[dict]:
     a = _operands(shape, dtype)
     table = pieces(shape.topk, shape.e, dtype)
     a["h"], a["gate"], a["up"] = jax.jit(table[0][1])(a)
-    a["dgate"], a["dup"], a["h_b"], _ = jax.jit(table[2][1])(a)
+    a["dgate"], a["dup"], a["hw"], _ = jax.jit(table[2][1])(a)
     mdf = 2.0 * shape.t * shape.topk * shape.d * shape.f
     tol = TOL[jnp.dtype(dtype).name]
     rows = []

@@ -41,16 +41,15 @@ its own ``gather_rows`` / ``gmm`` / ``combine_rows``, see ``compose_gather_gmm``
   out_dtype) -> [T, N]``: ``scatter_gmm`` of ``h @ rhs[g] + h2 @ rhs2[g]`` (Triton: one launch, one slot buffer;
   others: two ``scatter_gmm`` summed in f32).
 * ``gather_tgmm(lhs, rhs, group_sizes, group_offset, sort_idx[M], k, *, num_groups, out_dtype, gather_lhs,
-  gather_rhs, rhs_weights=None) -> [G_local, K, N]``: ``tgmm`` with lhs [T,K] / rhs [T,N] read in token order
-  through ``sort_idx // k`` where flagged, rhs rows times ``rhs_weights.flat[slot]`` (Triton; others compose with
-  ``gather_rows``).
+  gather_rhs) -> [G_local, K, N]``: ``tgmm`` with lhs [T,K] / rhs [T,N] read in token order through
+  ``sort_idx // k`` where flagged (Triton; others compose with ``gather_rows``).
 * ``swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype)
   -> [M, F]``: ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` in f32, one kernel (``moe_ops.swiglu``; Triton and
   Pallas; XLA composes its GMMs).
 * ``swiglu_gmm_saved(...same...) -> (h, gate, up)``: also writes gate / up [M, F] in ``out_dtype`` (Triton; others
   compose).
 * ``swiglu_down_bwd(x[T,D], dout[T,D], w_gate, w_up, w_down, group_sizes, group_offset, sort_idx[M], w_sorted[M],
-  k, *, activation) -> (dgate, dup, h [M,F] in x's dtype, dweights_sorted [M] f32)``: the backward of swiglu_gmm
+  k, *, activation) -> (dgate, dup, hw [M,F] in x's dtype, dweights_sorted [M] f32)``: the backward of swiglu_gmm
   followed by the weighted down projection, gate / up recomputed and the activation derivative applied in the
   epilogue of the down projection's dlhs GMM (``reference.swiglu_down_bwd``; Triton and Pallas; XLA composes).
 * ``swiglu_down_bwd_saved(dout, w_down, gate[M,F], up[M,F], group_sizes, group_offset, sort_idx, w_sorted, k, *,
@@ -213,12 +212,12 @@ def compose_swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_off
 
 
 def compose_gather_tgmm(lhs, rhs, group_sizes, group_offset, sort_idx, k, *, ops, num_groups, out_dtype, gather_lhs,
-                       gather_rhs, rhs_weights=None):
+                       gather_rhs):
     """``gather_tgmm`` from a backend's ``gather_rows`` + ``tgmm`` (materialises the gathered operands)."""
     if gather_lhs:
         lhs = ops.gather_rows(lhs, sort_idx, k)
     if gather_rhs:
-        rhs = ops.gather_rows(rhs, sort_idx, k, row_weights=rhs_weights)
+        rhs = ops.gather_rows(rhs, sort_idx, k)
     return ops.tgmm(lhs, rhs, group_sizes, group_offset, num_groups=num_groups, out_dtype=out_dtype)
 
 

@@ -164,11 +164,13 @@ def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, sort_idx, w_sort
     """Backward of ``h = act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` followed by the weighted down projection
     ``out[t] += w_sorted[i] * (h_i @ w_down[g])`` (``x_i = x[sort_idx[i] // top_k]``, the row's token ``t``), up to
     the row level: x / dout [T,D] in token order, w_gate / w_up [G_local,D,F], w_down [G_local,F,D], sort_idx [M],
-    w_sorted [M] (routing weight of sorted row i) -> (dgate, dup, h [M,F] in x's dtype, dweights_sorted [M] f32):
+    w_sorted [M] (routing weight of sorted row i) -> (dgate, dup, hw [M,F] in x's dtype, dweights_sorted [M] f32):
 
     ``a_i = dout[t] @ w_down[g]^T`` (f32), ``dh_i = w_sorted[i] * a_i``, ``dgate_i = dh_i * up_i * act'(gate_i)``,
-    ``dup_i = dh_i * act(gate_i)``, ``h_i = act(gate_i) * up_i``, ``dweights_sorted[i] = <h_i, a_i>`` (all f32 from
-    f32 ``gate`` / ``up`` / ``a``). Rows of non-local groups and rows beyond ``sum(group_sizes)`` are zero."""
+    ``dup_i = dh_i * act(gate_i)``, ``h_i = act(gate_i) * up_i``, ``hw_i = w_sorted[i] * h_i`` (the lhs of
+    ``dw_down = tgmm(hw, dout[token])``: the routing weight applied once here, not to every dout row in the TGMM),
+    ``dweights_sorted[i] = <h_i, a_i>`` (all f32 from f32 ``gate`` / ``up`` / ``a``). Rows of non-local groups and
+    rows beyond ``sum(group_sizes)`` are zero."""
     rows = x[sort_idx // top_k]
     kw = dict(group_offset=group_offset, preferred_element_type=jnp.float32)
     gate, up = gmm(rows, w_gate, group_sizes, **kw), gmm(rows, w_up, group_sizes, **kw)
@@ -178,10 +180,11 @@ def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, sort_idx, w_sort
 
 def swiglu_down_epilogue(a, gate, up, w_sorted, activation, dtype):
     """The row-wise end of ``swiglu_down_bwd`` from f32 ``a`` / ``gate`` / ``up`` [M,F] and ``w_sorted`` [M] ->
-    (dgate, dup, h in ``dtype``, ``<h_i, a_i>`` f32)."""
+    (dgate, dup, hw = w_sorted * h in ``dtype``, ``<h_i, a_i>`` f32)."""
     act, dact = activation_grad(gate, activation)
-    dh, h = a * w_sorted.astype(jnp.float32)[:, None], act * up
-    return (dh * up * dact).astype(dtype), (dh * act).astype(dtype), h.astype(dtype), jnp.sum(h * a, axis=1)
+    w = w_sorted.astype(jnp.float32)[:, None]
+    dh, h = a * w, act * up
+    return (dh * up * dact).astype(dtype), (dh * act).astype(dtype), (h * w).astype(dtype), jnp.sum(h * a, axis=1)
 
 
 def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax"):

@@ -26,11 +26,11 @@ Backward, for ``dout`` [T,D]:
 1. One kernel on Triton (``swiglu_down_bwd`` / ``swiglu_down_bwd_saved``; twin ``reference.swiglu_down_bwd``):
    per row tile ``a = dout[token] @ w_down^T`` accumulates over D in f32 (with recompute, gate and up in two more
    accumulators; saved, they are loaded in the epilogue), and the epilogue writes ``dgate = w*a*up*act'(gate)``,
-   ``dup = w*a*act(gate)``, ``h = act(gate)*up`` (x's dtype) and the routing-weight gradient ``<h_i, a_i>``
+   ``dup = w*a*act(gate)``, ``hw = w*act(gate)*up`` (x's dtype) and the routing-weight gradient ``<h_i, a_i>``
    (f32): ``a`` and ``dh`` never reach memory.
-2. ``dw_down = tgmm(h, w * dout[token])``, ``dw_gate`` / ``dw_up`` by TGMM over the x rows (rows gathered in the
-   kernel), ``dx`` scattered straight back to token order (``_input_grads``), ``dweights`` a permutation
-   write of ``<h_i, a_i>``.
+2. ``dw_down = tgmm(hw, dout[token])`` (the weight already in ``hw``, so the TGMM reads dout's rows as they are),
+   ``dw_gate`` / ``dw_up`` by TGMM over the x rows (rows gathered in the kernel), ``dx`` scattered straight back
+   to token order (``_input_grads``), ``dweights`` a permutation write of ``<h_i, a_i>``.
 
 Backends provide ``swiglu_gmm`` / ``swiglu_down_bwd`` optionally (``moe_ops.backend``). Under ``jax.vmap`` the
 kernels give way to their compositions (``custom_vmap``), whose (gather-)GMMs fold the batch.
@@ -138,7 +138,7 @@ def _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl):
         dw_up = _tgmm(x, dup, sizes, offset, w_up.shape[0], w_up.dtype, impl)
         return (_gmm(dgate, w_gate, sizes, offset, True, x.dtype, impl)
                 + _gmm(dup, w_up, sizes, offset, True, x.dtype, impl)), dw_gate, dw_up
-    dw_gate, dw_up = (_gather_tgmm(x, d, sizes, offset, sort_idx, None, k, w.shape[0], w.dtype, True, impl)
+    dw_gate, dw_up = (_gather_tgmm(x, d, sizes, offset, sort_idx, k, w.shape[0], w.dtype, True, impl)
                       for d, w in ((dgate, w_gate), (dup, w_up)))
     ones = jnp.ones((x.shape[0], k), jnp.float32)
     static = dict(transpose_rhs=True, out_dtype=x.dtype)
@@ -214,32 +214,27 @@ def _ffn_bwd(k, activation, recompute, impl, residuals, dout):
     if saved is None:
         composed = functools.partial(_composed_down_bwd, k=k, activation=activation, impl=impl)
         operands = (x, dout, w_gate, w_up, w_down, sizes, offset, sort_idx, w_sorted)
-        dgate, dup, h, dw_sorted = _one_kernel("swiglu_down_bwd", operands, composed, **static)
+        dgate, dup, hw, dw_sorted = _one_kernel("swiglu_down_bwd", operands, composed, **static)
     else:
         composed = functools.partial(_composed_down_bwd_saved, k=k, activation=activation, impl=impl)
         operands = (dout, w_down, *saved, sizes, offset, sort_idx, w_sorted)
-        dgate, dup, h, dw_sorted = _one_kernel("swiglu_down_bwd_saved", operands, composed, **static)
-    dgate, dup, h = (vma.like(a, x) for a in (dgate, dup, h))
+        dgate, dup, hw, dw_sorted = _one_kernel("swiglu_down_bwd_saved", operands, composed, **static)
+    dgate, dup, hw = (vma.like(a, x) for a in (dgate, dup, hw))
     dx, dw_gate, dw_up = _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl)
-    dw_down = _gather_tgmm(h, dout, sizes, offset, sort_idx, weights, k, w_down.shape[0], w_down.dtype, False, impl)
+    # hw = w * h (the kernel's epilogue applied the routing weight), so dout's rows are read unscaled
+    dw_down = _gather_tgmm(hw, dout, sizes, offset, sort_idx, k, w_down.shape[0], w_down.dtype, False, impl)
     dweights = jnp.zeros_like(dw_sorted).at[sort_idx].set(dw_sorted, unique_indices=True)  # permutation write
     dweights = vma.like(dweights.reshape(weights.shape).astype(weights.dtype), weights)
     return dx, dw_gate, dw_up, dw_down, dweights, None, None, None
 
 
-def _gather_tgmm(lhs, rhs, sizes, offset, sort_idx, rhs_weights, k, num_groups, out_dtype, gather_lhs, impl):
-    """``tgmm`` with one operand read in token order (``gather_tgmm``: lhs when ``gather_lhs``, else rhs, scaled by
-    ``rhs_weights``): no gathered [M, *] copy where the backend has the kernel."""
+def _gather_tgmm(lhs, rhs, sizes, offset, sort_idx, k, num_groups, out_dtype, gather_lhs, impl):
+    """``tgmm`` with one operand read in token order (``gather_tgmm``: lhs when ``gather_lhs``, else rhs): no
+    gathered [M, *] copy where the backend has the kernel."""
     static = dict(k=k, num_groups=num_groups, out_dtype=out_dtype, gather_lhs=gather_lhs, gather_rhs=not gather_lhs)
-
-    def composed(lhs, rhs, sizes, offset, sort_idx, rhs_weights):
-        return backend.compose_gather_tgmm(lhs, rhs, sizes, offset, sort_idx, ops=backend.ops(impl),
-                                           rhs_weights=rhs_weights, **static)
-
-    def kernel_call(lhs, rhs, sizes, offset, sort_idx, rhs_weights, **kw):
-        return backend.ops(impl).gather_tgmm(lhs, rhs, sizes, offset, sort_idx, rhs_weights=rhs_weights, **kw)
-    out = _one_kernel("gather_tgmm", (lhs, rhs, sizes, offset, sort_idx, rhs_weights), composed,
-                      rows=sort_idx.shape[0], impl=impl, call=kernel_call, **static)
+    composed = functools.partial(backend.compose_gather_tgmm, ops=backend.ops(impl), **static)
+    out = _one_kernel("gather_tgmm", (lhs, rhs, sizes, offset, sort_idx), composed, rows=sort_idx.shape[0],
+                      impl=impl, **static)
     return vma.like(out, lhs)
 
 

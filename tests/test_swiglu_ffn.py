@@ -34,7 +34,7 @@ def _kernel_args(o, sizes, sort_idx, off):
 
 
 def _check_rows(got, ref, sizes, off, g_local, tol, what):
-    names = ("dgate", "dup", "h", "dweights_sorted")
+    names = ("dgate", "dup", "hw", "dweights_sorted")
     for name, a, b in zip(names, got, ref):
         assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
         assert_close(a, b, tol, f"{what} {name}")
@@ -51,7 +51,7 @@ def _check_rows(got, ref, sizes, off, g_local, tol, what):
     ("uneven_dropped", "gelu", 1, 3, jnp.bfloat16),
 ])
 def test_triton_kernel_parity(routing, activation, off, g_local, dtype):
-    """One kernel: gate / up / a in three accumulators, the epilogue's dgate, dup, h and the <h, a> partials; K=20
+    """One kernel: gate / up / a in three accumulators, the epilogue's dgate, dup, hw = w * h and the <h, a> partials; K=20
     and F=24 are not multiples of the 16-wide tiles (masked K, wrapped columns); group_offset shards. The saved
     mode: the forward kernel's gate / up (checked against the reference projections) fed to the saved-mode kernel,
     which must give the same outputs."""
@@ -66,9 +66,10 @@ def test_triton_kernel_parity(routing, activation, off, g_local, dtype):
                                       activation=activation, out_dtype=dtype, config=CFG)
     kw = dict(group_offset=off, preferred_element_type=jnp.float32)
     rows = o["x"][sort_idx // TOP_K]
-    for name, a, w in (("gate", gate, o["w_gate"]), ("up", up, o["w_up"])):
-        assert_close(a, R.gmm(rows, w, sizes, **kw).astype(dtype), TOL[dtype], f"saved {name}")
-    assert_close(h, ref[2], TOL[dtype], "forward h")
+    projections = [R.gmm(rows, w, sizes, **kw) for w in (o["w_gate"], o["w_up"])]
+    for name, a, want in zip(("gate", "up"), (gate, up), projections):
+        assert_close(a, want.astype(dtype), TOL[dtype], f"saved {name}")
+    assert_close(h, R.activate(*projections, activation).astype(dtype), TOL[dtype], "forward h")
     saved = ts.swiglu_down_bwd_saved(o["dout"], o["w_down"], gate, up, *args[5:], TOP_K, activation=activation,
                                      config=CFG)
     tol = TOL[dtype] if dtype == jnp.float32 else 5e-2  # bf16 gate / up residuals, as the unfused path keeps them
@@ -158,22 +159,23 @@ def test_errors_name_the_argument():
         swiglu.swiglu_ffn(*args, o["weights"], activation="tanh")
 
 
-@pytest.mark.parametrize("gather_lhs,weighted,off,g_local,dtype", [
-    (True, False, 0, E, jnp.float32), (False, True, 1, 3, jnp.float32), (False, False, 2, 3, jnp.bfloat16)])
-def test_triton_gather_tgmm_parity(gather_lhs, weighted, off, g_local, dtype):
-    """TGMM with one operand read in token order (x for dw_gate / dw_up; dout, weighted, for dw_down): equal to
-    tgmm of the gathered copy; the groups' rows are not multiples of the 16-row chunk (masked tail)."""
-    _, sizes, sort_idx = routed("uneven_dropped", case_seed("gather_tgmm", gather_lhs, weighted))
+@pytest.mark.parametrize("gather_lhs,gather_rhs,off,g_local,dtype", [
+    (True, False, 0, E, jnp.float32), (False, True, 1, 3, jnp.float32), (False, True, 2, 3, jnp.bfloat16),
+    (True, True, 2, 3, jnp.float32)])
+def test_triton_gather_tgmm_parity(gather_lhs, gather_rhs, off, g_local, dtype):
+    """TGMM with operands read in token order (x for dw_gate / dw_up; dout for dw_down; both, one index load for
+    the two): equal to tgmm of the gathered copies; the groups' rows are not multiples of the 16-row chunk (masked
+    tail)."""
+    _, sizes, sort_idx = routed("uneven_dropped", case_seed("gather_tgmm", gather_lhs, gather_rhs))
     o = _operands(case_seed("gtgmm", off), g_local, dtype)
     sorted_rows = randn(keys(case_seed("rows", off), 1)[0], (T * TOP_K, F), dtype)
-    gathered = o["x"][sort_idx // TOP_K]
-    if weighted:
-        gathered = (gathered.astype(jnp.float32) * o["weights"].reshape(-1)[sort_idx][:, None]).astype(dtype)
-    lhs, rhs = (o["x"], sorted_rows) if gather_lhs else (sorted_rows, o["x"])
+    token_rows = randn(keys(case_seed("tokens", off), 1)[0], (T, F), dtype)
+    lhs = o["x"] if gather_lhs else sorted_rows
+    rhs = token_rows if gather_rhs else sorted_rows
     got = tgmm_kernels.gather_tgmm(lhs, rhs, sizes, offset_array(off), sort_idx, TOP_K, num_groups=g_local,
-                                   out_dtype=jnp.float32, gather_lhs=gather_lhs, gather_rhs=not gather_lhs,
-                                   rhs_weights=o["weights"] if weighted else None, config=CFG)
-    ref_lhs, ref_rhs = (gathered, sorted_rows) if gather_lhs else (sorted_rows, gathered)
+                                   out_dtype=jnp.float32, gather_lhs=gather_lhs, gather_rhs=gather_rhs, config=CFG)
+    ref_lhs = lhs[sort_idx // TOP_K] if gather_lhs else lhs
+    ref_rhs = rhs[sort_idx // TOP_K] if gather_rhs else rhs
     ref = R.tgmm(ref_lhs, ref_rhs, sizes, group_offset=off, num_groups=g_local, preferred_element_type=jnp.float32)
     assert float(jnp.max(jnp.abs(ref))) > 0
     assert_close(got, ref, TOL[dtype], "gather_tgmm")

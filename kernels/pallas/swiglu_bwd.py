@@ -7,7 +7,7 @@ over D blocks). The x and dout rows of a row tile are gathered from token order 
 Each K step adds, in three f32 accumulators, ``gate = x @ w_gate[g]``, ``up = x @ w_up[g]`` and ``a = dout @
 w_down[g]^T`` (the ``[tn, tk]`` block of ``w_down [G_local, F, D]`` read as stored, contracted on its last dim). The
 store (last k) works in f32: ``act, act' = act_and_grad(gate)``, ``dh = w_sorted * a``, ``dgate = dh * up * act'``,
-``dup = dh * act``, ``h = act * up`` (written in x's dtype) and the row partial ``sum_{f in block} h * a`` (columns
+``dup = dh * act``, ``hw = w_sorted * act * up`` (written in x's dtype) and the row partial ``sum_{f in block} h * a`` (columns
 past F masked) into ``dw_partial [tiles_n, M, 1]`` f32; ``dweights_sorted = dw_partial.sum(0)`` afterwards in XLA
 (fixed order, deterministic, no atomics). All four outputs go through ``store_group_rows``: a tile shared by two
 groups is visited twice and each visit writes only its group's rows (the first also zeroes the others); tiles with
@@ -46,12 +46,12 @@ FOOTPRINT_SAVED = Footprint(sources=1, rhs=1, outs=5, accs=1, rows=2)
 
 
 def _epilogue(gate, up, a, w, activation, col_mask=None):
-    """f32 gate / up / a [rows, f], w [rows, 1] -> [dgate, dup, h, sum_f h*a [rows, 1]] (f32); ``col_mask`` keeps
-    the columns past F (garbage of a partial block) out of the sum."""
+    """f32 gate / up / a [rows, f], w [rows, 1] -> [dgate, dup, hw = w * h, sum_f h*a [rows, 1]] (f32);
+    ``col_mask`` keeps the columns past F (garbage of a partial block) out of the sum."""
     act, dact = act_and_grad(gate, activation)
     dh, h = a * w, act * up
     ha = h * a if col_mask is None else jnp.where(col_mask, h * a, 0.0)
-    return [dh * up * dact, dh * act, h, jnp.sum(ha, axis=1, keepdims=True)]
+    return [dh * up * dact, dh * act, h * w, jnp.sum(ha, axis=1, keepdims=True)]
 
 
 def _bwd_kernel(sched, x_hbm, dout_hbm, idx_hbm, wg_ref, wu_ref, wd_ref, w_ref, dgate_ref, dup_ref, h_ref, dwp_ref,
@@ -101,15 +101,15 @@ def _swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, s
 
 
 def _bwd_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, shape, dtype, scratch, interpret, cost, accs):
-    """The pallas_call of a backward kernel: dgate / dup / h [M, F] blocks and the [tiles_n, M, 1] partials of
-    ``<h, a>``, summed here -> (dgate, dup, h, dweights_sorted [M] f32)."""
+    """The pallas_call of a backward kernel: dgate / dup / hw [M, F] blocks and the [tiles_n, M, 1] partials of
+    ``<h, a>``, summed here -> (dgate, dup, hw, dweights_sorted [M] f32)."""
     m, n = shape
     out_specs = [pl.BlockSpec((t.tm, t.tn), _out_index)] * 3 + [pl.BlockSpec((None, t.tm, 1), _partial_index)]
     out_shape = [jax.ShapeDtypeStruct((m, n), dtype)] * 3 + [jax.ShapeDtypeStruct((pl.cdiv(n, t.tn), m, 1),
                                                                                  jnp.float32)]
-    dgate, dup, h, partial = fused_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, out_specs,
+    dgate, dup, hw, partial = fused_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, out_specs,
                                         out_shape, scratch, interpret, cost, accs=accs)
-    return dgate, dup, h, jnp.sum(partial[:, :, 0], axis=0)
+    return dgate, dup, hw, jnp.sum(partial[:, :, 0], axis=0)
 
 
 def _col_mask(shape, n_cols):
@@ -165,8 +165,8 @@ def _composed(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx
     gate = plain_gmm(rows, w_gate, group_sizes, group_offset, transpose_rhs=False, **kw)
     up = plain_gmm(rows, w_up, group_sizes, group_offset, transpose_rhs=False, **kw)
     a = plain_gmm(drows, w_down, group_sizes, group_offset, transpose_rhs=True, **kw)
-    dgate, dup, h, dw = _epilogue(gate, up, a, w_sorted.astype(jnp.float32)[:, None], activation)
-    return dgate.astype(x.dtype), dup.astype(x.dtype), h.astype(x.dtype), dw[:, 0]
+    dgate, dup, hw, dw = _epilogue(gate, up, a, w_sorted.astype(jnp.float32)[:, None], activation)
+    return dgate.astype(x.dtype), dup.astype(x.dtype), hw.astype(x.dtype), dw[:, 0]
 
 
 def _degenerate(activation, m, f, other_dims, dtype):

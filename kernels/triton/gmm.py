@@ -30,7 +30,7 @@ import triton.language as tl
 from kernels.triton import batching, schedule, tuning
 from kernels.triton.bridge import triton_call
 
-__all__ = ["gmm", "tgmm", "gather_tgmm", "gather_tgmm_config", "launch_gmm", "RowMap"]
+__all__ = ["gmm", "tgmm", "gather_tgmm", "launch_gmm", "RowMap"]
 
 _ZERO_FILL = tl.constexpr(schedule.ZERO_FILL)  # row-tile group ids the kernel reads (see schedule, invariant 3)
 
@@ -140,36 +140,31 @@ def _gmm_kernel(lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, tiles_ptr, sort_idx_ptr, w
 
 
 @triton.jit
-def _tgmm_rows(ptr, rows, cols, WIDTH: tl.constexpr, GATHER: tl.constexpr, sort_idx_ptr, TOP_K: tl.constexpr,
-               NUM_SLOTS: tl.constexpr):
-    """Pointers to the ``rows`` (sorted order) of a TGMM operand [*, WIDTH] at ``cols``; with GATHER the operand is
-    in token order and row ``r`` reads ``ptr[sort_idx[r] // TOP_K]`` (rows and slots clamped into their buffers)."""
+def _tgmm_sources(rows, GATHER: tl.constexpr, sort_idx_ptr, TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr):
+    """int64 source rows of the sorted ``rows``: themselves, or with GATHER (operand in token order)
+    ``sort_idx[r] // TOP_K`` (rows and slots clamped into their buffers)."""
     if GATHER:
         slots = tl.load(sort_idx_ptr + tl.minimum(rows, NUM_SLOTS - 1))
-        src = (tl.minimum(tl.maximum(slots, 0), NUM_SLOTS - 1) // TOP_K).to(tl.int64)
-    else:
-        src = rows.to(tl.int64)
+        return (tl.minimum(tl.maximum(slots, 0), NUM_SLOTS - 1) // TOP_K).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.jit
+def _tgmm_rows(ptr, src, cols, WIDTH: tl.constexpr):
+    """Pointers to the ``src`` rows of a TGMM operand [*, WIDTH] at ``cols``."""
     return ptr + src[:, None] * WIDTH + cols[None, :]
 
 
 @triton.jit
-def _tgmm_weighted(b, rows, sort_idx_ptr, w_ptr, NUM_SLOTS: tl.constexpr):
-    """b [BM, BN] rows scaled by the slot weight ``w[sort_idx[row]]`` in f32, back in b's dtype."""
-    slots = tl.minimum(tl.maximum(tl.load(sort_idx_ptr + tl.minimum(rows, NUM_SLOTS - 1)), 0), NUM_SLOTS - 1)
-    return (b.to(tl.float32) * tl.load(w_ptr + slots)[:, None]).to(b.dtype)
-
-
-@triton.jit
-def _tgmm_kernel(lhs_ptr, rhs_ptr, bounds_ptr, sort_idx_ptr, w_ptr, out_ptr,
+def _tgmm_kernel(lhs_ptr, rhs_ptr, bounds_ptr, sort_idx_ptr, out_ptr,
                  K: tl.constexpr, N: tl.constexpr, NUM_GROUPS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                 GATHER_LHS: tl.constexpr, GATHER_RHS: tl.constexpr, WEIGHTED_RHS: tl.constexpr,
-                 TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr):
+                 GATHER_LHS: tl.constexpr, GATHER_RHS: tl.constexpr, TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr):
     """One BK x BN tile of ``out[g] = lhs[rows of g].T @ rhs[rows of g]``, reducing the group's rows BM at a time:
     an unmasked steady-state loop over the full chunks, then one masked tail chunk. Groups come longest first
-    (``schedule.tgmm_group_bounds``). Row maps (constexpr, all False for plain ``tgmm``): GATHER_LHS / GATHER_RHS
-    read that operand in token order through ``sort_idx // TOP_K`` (``_tgmm_rows``), WEIGHTED_RHS scales the rhs
-    rows by ``w[sort_idx[row]]`` (``w`` in slot order)."""
+    (``schedule.tgmm_group_bounds``). Row maps (constexpr, both False for plain ``tgmm``): GATHER_LHS / GATHER_RHS
+    read that operand in token order through ``sort_idx // TOP_K`` (``_tgmm_sources``; one index load per chunk
+    serves both)."""
     tiles_k = tl.cdiv(K, BK)
     tiles_per_group = tiles_k * tl.cdiv(N, BN)
     pid = tl.program_id(0)
@@ -184,30 +179,28 @@ def _tgmm_kernel(lhs_ptr, rhs_ptr, bounds_ptr, sort_idx_ptr, w_ptr, out_ptr,
     ks = offs_k % K if K % BK != 0 else offs_k  # wrapped: loads stay in bounds, stores are masked
     ns = offs_n % N if N % BN != 0 else offs_n
     rows = start + offs_m
-    a_ptrs = _tgmm_rows(lhs_ptr, rows, ks, K, GATHER_LHS, sort_idx_ptr, TOP_K, NUM_SLOTS)
-    b_ptrs = _tgmm_rows(rhs_ptr, rows, ns, N, GATHER_RHS, sort_idx_ptr, TOP_K, NUM_SLOTS)
+    gathered = _tgmm_sources(rows, True, sort_idx_ptr, TOP_K, NUM_SLOTS) if GATHER_LHS or GATHER_RHS else rows
+    a_ptrs = _tgmm_rows(lhs_ptr, gathered if GATHER_LHS else rows.to(tl.int64), ks, K)
+    b_ptrs = _tgmm_rows(rhs_ptr, gathered if GATHER_RHS else rows.to(tl.int64), ns, N)
     acc = tl.zeros((BK, BN), dtype=tl.float32)
     full_chunks = (end - start) // BM
     for _ in range(0, full_chunks):  # every row of the chunk is in the group: no mask
-        b = tl.load(b_ptrs)
-        if WEIGHTED_RHS:
-            b = _tgmm_weighted(b, rows, sort_idx_ptr, w_ptr, NUM_SLOTS)
-        acc = tl.dot(tl.trans(tl.load(a_ptrs)), b, acc, input_precision="ieee")
+        acc = tl.dot(tl.trans(tl.load(a_ptrs)), tl.load(b_ptrs), acc, input_precision="ieee")
         rows += BM
+        if GATHER_LHS or GATHER_RHS:
+            gathered = _tgmm_sources(rows, True, sort_idx_ptr, TOP_K, NUM_SLOTS)
         if GATHER_LHS:
-            a_ptrs = _tgmm_rows(lhs_ptr, rows, ks, K, True, sort_idx_ptr, TOP_K, NUM_SLOTS)
+            a_ptrs = _tgmm_rows(lhs_ptr, gathered, ks, K)
         else:
             a_ptrs += BM * K
         if GATHER_RHS:
-            b_ptrs = _tgmm_rows(rhs_ptr, rows, ns, N, True, sort_idx_ptr, TOP_K, NUM_SLOTS)
+            b_ptrs = _tgmm_rows(rhs_ptr, gathered, ns, N)
         else:
             b_ptrs += BM * N
     rows_left = end - start - full_chunks * BM
     if rows_left > 0:  # the tail: rows past the group's end are zero
         a = tl.load(a_ptrs, mask=offs_m[:, None] < rows_left, other=0.0)
         b = tl.load(b_ptrs, mask=offs_m[:, None] < rows_left, other=0.0)
-        if WEIGHTED_RHS:
-            b = _tgmm_weighted(b, rows, sort_idx_ptr, w_ptr, NUM_SLOTS)
         acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
     out_ptrs = out_ptr + group.to(tl.int64) * (K * N) + offs_k[:, None] * N + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
@@ -304,47 +297,34 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, config=N
 def _tgmm_call(lhs, rhs, bounds, *, out_dtype, cfg):
     """The ``_tgmm_kernel`` launch over precomputed group bounds int32[3, G_local] (``schedule.tgmm_group_bounds``:
     local group, start, end; longest first) -> [G_local, K, N]."""
-    unused = jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32)
-    return _launch_tgmm(lhs, rhs, bounds, *unused, out_dtype=out_dtype, cfg=cfg, **_PLAIN_TGMM_ROWS)
+    return _launch_tgmm(lhs, rhs, bounds, jnp.zeros((1,), jnp.int32), out_dtype=out_dtype, cfg=cfg,
+                        **_PLAIN_TGMM_ROWS)
 
 
-_PLAIN_TGMM_ROWS = dict(GATHER_LHS=False, GATHER_RHS=False, WEIGHTED_RHS=False, TOP_K=1, NUM_SLOTS=1)
+_PLAIN_TGMM_ROWS = dict(GATHER_LHS=False, GATHER_RHS=False, TOP_K=1, NUM_SLOTS=1)
 
 
-def _launch_tgmm(lhs, rhs, bounds, sort_idx, weights, *, out_dtype, cfg, **row_maps):
+def _launch_tgmm(lhs, rhs, bounds, sort_idx, *, out_dtype, cfg, **row_maps):
     k, n, num_groups = lhs.shape[1], rhs.shape[1], bounds.shape[1]
     grid = num_groups * triton.cdiv(k, cfg.block_k) * triton.cdiv(n, cfg.block_n)
     return triton_call(
-        lhs, rhs, bounds.reshape(-1), sort_idx, weights, kernel=_tgmm_kernel,
+        lhs, rhs, bounds.reshape(-1), sort_idx, kernel=_tgmm_kernel,
         out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), grid=(grid,), name="moe_tgmm",
         K=k, N=n, NUM_GROUPS=num_groups, **row_maps, **_launch_options(cfg))
 
 
-def gather_tgmm_config(cfg: tuning.GmmConfig, dtype, weighted: bool) -> tuning.GmmConfig:
-    """The tgmm config; with weighted f32 rhs rows ``block_n`` halved (the f32 scaling of the [BM, BN] rhs chunk in
-    registers spilled 1.2 KB on sm90 at the full tile in the AOT check)."""
-    if weighted and tuning.is_f32(dtype):
-        return dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 2))
-    return cfg
-
-
 def gather_tgmm(lhs, rhs, group_sizes, group_offset, sort_idx, k, *, num_groups, out_dtype, gather_lhs,
-                gather_rhs, rhs_weights=None, config=None):
+                gather_rhs, config=None):
     """``tgmm`` whose operands may be read in token order: lhs [T,K] with ``gather_lhs`` (else [M,K]), rhs [T,N]
     with ``gather_rhs`` (else [M,N]), sort_idx [M = T*k]: sorted row ``i`` of a gathered operand is its row
-    ``sort_idx[i] // k``; ``rhs_weights`` [T,k] (with ``gather_rhs``) scales rhs row ``i`` by
-    ``rhs_weights.flat[sort_idx[i]]`` -> [G_local, K, N]. No gathered copy is built. (No batching rule: under
-    ``jax.vmap`` callers use the composition, ``moe_ops``.)"""
+    ``sort_idx[i] // k`` -> [G_local, K, N]. No gathered copy is built. (No batching rule: under ``jax.vmap``
+    callers use the composition, ``moe_ops``.)"""
     m = sort_idx.shape[0]
     kdim, n = lhs.shape[1], rhs.shape[1]
-    weighted = rhs_weights is not None
-    cfg = config or gather_tgmm_config(tuning.pick_config("tgmm", m, kdim, n, num_groups, lhs.dtype), lhs.dtype,
-                                       weighted)
+    cfg = config or tuning.pick_config("tgmm", m, kdim, n, num_groups, lhs.dtype)
     bounds = schedule.tgmm_group_bounds(group_sizes, group_offset, num_groups)
-    weights = rhs_weights.reshape(-1).astype(jnp.float32) if weighted else jnp.zeros((1,), jnp.float32)
-    return _launch_tgmm(lhs, rhs, bounds, sort_idx.astype(jnp.int32), weights, out_dtype=out_dtype, cfg=cfg,
-                        GATHER_LHS=bool(gather_lhs), GATHER_RHS=bool(gather_rhs), WEIGHTED_RHS=weighted,
-                        TOP_K=int(k), NUM_SLOTS=m)
+    return _launch_tgmm(lhs, rhs, bounds, sort_idx.astype(jnp.int32), out_dtype=out_dtype, cfg=cfg,
+                        GATHER_LHS=bool(gather_lhs), GATHER_RHS=bool(gather_rhs), TOP_K=int(k), NUM_SLOTS=m)
 
 
 from kernels.triton import gmm_aot  # noqa: E402,F401  (registers the "gmm" / "gmm_fused" AOT families)

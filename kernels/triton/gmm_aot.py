@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from kernels.registry import TARGETS, AotCase, register_aot
 from kernels.triton import schedule, tuning
-from kernels.triton.gmm import _PLAIN_ROWS, _PLAIN_TGMM_ROWS, _gmm_kernel, _tgmm_kernel, gather_tgmm_config
+from kernels.triton.gmm import _PLAIN_ROWS, _PLAIN_TGMM_ROWS, _gmm_kernel, _tgmm_kernel
 
 # AOT compile cases: every kernel x shipped config x dtype of a target at a Mixtral-like shape (K, N multiples of
 # every tile), plus the bf16 configs at a GPT-OSS-like shape whose K and N are not (masked-K / wrapped-N code paths).
@@ -28,7 +28,7 @@ def _aot_case(name, fn, dtype, cfg, backend, config_name, out_dtype=None, **cons
         constexprs = {**_PLAIN_ROWS, "K2": 0, **constexprs}
     elif fn is _tgmm_kernel:
         signature = dict(lhs_ptr=f"*{dtype}", rhs_ptr=f"*{dtype}", bounds_ptr="*i32", sort_idx_ptr="*i32",
-                         w_ptr="*fp32", out_ptr=f"*{out_dtype or dtype}")
+                         out_ptr=f"*{out_dtype or dtype}")
         constexprs = {**_PLAIN_TGMM_ROWS, **constexprs}
     else:  # another family's kernel: its caller sets the pointer signature
         signature = {}
@@ -91,15 +91,12 @@ def fused_aot_cases(target: str):
                 cases.append(_aot_case(name, _gmm_kernel, dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}",
                                        out_dtype=out_dtype, K=k, N=n, TRANSPOSE_RHS=transpose, NUM_ROW_TILES=tiles,
                                        TOP_K=_AOT_TOP_K, NUM_SLOTS=_AOT_M, **flags))
-        for entry, table_cfg in tuning.shipped(target, "tgmm", dtype).items():
+        for entry, cfg in tuning.shipped(target, "tgmm", dtype).items():
             for name, flags in _GATHER_TGMM_VARIANTS.items():
-                cfg = gather_tgmm_config(table_cfg, dtype, flags.get("WEIGHTED_RHS", False))
                 cases.append(_aot_case(name, _tgmm_kernel, dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}",
                                        K=k, N=n, NUM_GROUPS=_AOT_G, TOP_K=_AOT_TOP_K, NUM_SLOTS=_AOT_M, **flags))
     return cases
 
 
-# gather_tgmm as the fused SwiGLU backward uses it: x gathered for dw_gate / dw_up, dout gathered and weighted for
-# dw_down.
-_GATHER_TGMM_VARIANTS = {"tgmm_gather_lhs": dict(GATHER_LHS=True),
-                         "tgmm_gather_rhs_weighted": dict(GATHER_RHS=True, WEIGHTED_RHS=True)}
+# gather_tgmm as the fused SwiGLU backward uses it: x gathered for dw_gate / dw_up, dout gathered for dw_down.
+_GATHER_TGMM_VARIANTS = {"tgmm_gather_lhs": dict(GATHER_LHS=True), "tgmm_gather_rhs": dict(GATHER_RHS=True)}

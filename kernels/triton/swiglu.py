@@ -10,7 +10,7 @@ and gather row map; plain ``gmm`` is untouched): each K step loads the A tile on
 ``_swiglu_down_bwd_kernel`` (``swiglu_down_bwd``, the backward of gate/up + activation + weighted down projection,
 ``moe_ops.reference.swiglu_down_bwd``): same schedule and gather; each K (= D) step loads the x and dout rows of the
 tile's tokens and the ``w_gate`` / ``w_up`` / ``w_down^T`` tiles into three f32 accumulators (gate, up, a); the
-epilogue writes ``dgate``, ``dup``, ``h`` and the tile's partial ``sum_f h * a`` (one f32 per row and column tile,
+epilogue writes ``dgate``, ``dup``, ``hw = w_sorted * h`` and the tile's partial ``sum_f h * a`` (one f32 per row and column tile,
 summed in a fixed order outside: no atomics). Config: the gmm config with ``block_n`` quartered
 (``swiglu_bwd_config``; 0 spills on sm90 / gfx950 / gfx942 in the AOT check, 172 KiB of shared memory on sm90 large).
 
@@ -181,7 +181,7 @@ def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, 
                             TOP_K: tl.constexpr, ACT: tl.constexpr, RECOMPUTE: tl.constexpr):
     """One BM x BN tile (sorted rows x F columns) of the fused backward: ``a = dout rows @ w_down^T`` (f32, over
     K = D) with ``gate`` / ``up`` recomputed (RECOMPUTE: x rows @ w_gate / w_up, ``_projections``) or loaded (the
-    saved [M, N] residuals); the epilogue writes dgate, dup, h and this column tile's partial ``sum_f h * a``
+    saved [M, N] residuals); the epilogue writes dgate, dup, hw = w * h and this column tile's partial ``sum_f h * a``
     (``part[tile_n, row]``)."""
     group, row_start, row_end, tile_n = _row_tile(tiles_ptr, NUM_ROW_TILES, N, BN, GROUP_M)
     offs_m = tl.arange(0, BM)
@@ -213,12 +213,13 @@ def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, 
             d_ptrs += BK
             t_ptrs += BK
         act, dact = _activation_grad(gate, ACT)
-        dh = acc_a * tl.load(ws_ptr + row_start + tl.minimum(offs_m, row_end - row_start - 1))[:, None]
+        w = tl.load(ws_ptr + row_start + tl.minimum(offs_m, row_end - row_start - 1))[:, None]
+        dh = acc_a * w
         h = act * up
         dtype = dgate_ptr.dtype.element_ty
         tl.store(dgate_ptr + out_off, (dh * up * dact).to(dtype), mask=store_mask)
         tl.store(dup_ptr + out_off, (dh * act).to(dtype), mask=store_mask)
-        tl.store(h_ptr + out_off, h.to(dtype), mask=store_mask)
+        tl.store(h_ptr + out_off, (h * w).to(dtype), mask=store_mask)  # hw, dw_down's lhs
         tl.store(part_ptrs, tl.sum(tl.where(offs_n[None, :] < N, h * acc_a, 0.0), axis=1), mask=live)
     elif group == _ZERO_FILL:
         zeros = tl.zeros((BM, BN), dtype=dgate_ptr.dtype.element_ty)
