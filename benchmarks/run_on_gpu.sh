@@ -31,14 +31,14 @@ timeout $([ "$quick" = 1 ] && echo 170 || echo 300) python3 -m pytest -q -p no:c
 #     once the gmm suite shows it faster.
 [ "$quick" = 1 ] || MOE_OPS_GMM_VARIANT=tma timeout 200 python3 -m pytest -q -p no:cacheprovider -n 8 -m "$marks" \
   tests/test_gmm_tma.py 2>&1 | tee "$out/gpu_tests_tma.log" | tail -5
-# 1c. TUNE=1: sweep tile configs of the GMM / dlhs / TGMM and SwiGLU kernels on TUNE_SHAPES (benchmarks/tune.py,
-#     TUNE_KINDS / TUNE_BUDGET, about budget + 5 s per problem). GMM winners go to $out/tuning.json, which the
-#     suites below then use (pick_config prefers cached winners); SwiGLU winners are printed. Promote lasting ones
-#     into the tables.
+# 1c. TUNE=1: sweep tile configs of the GMM / dlhs / TGMM, row-gathering TGMM and SwiGLU kernels on TUNE_SHAPES
+#     (benchmarks/tune.py, TUNE_KINDS / TUNE_BUDGET, about budget + 5 s per problem). GMM winners go to
+#     $out/tuning.json, which the suites below then use (pick_config prefers cached winners); gather_tgmm and SwiGLU
+#     winners are printed. Promote lasting ones into the tables.
 if [ "${TUNE:-0}" = 1 ]; then
   export MOE_OPS_TUNING_CACHE="$out/tuning.json"
   timeout "${TUNE_TIMEOUT:-420}" python3 -m benchmarks.tune --shapes "${TUNE_SHAPES:-qwen3-30b-w1,decode}" \
-    --kinds "${TUNE_KINDS:-gmm,dlhs,tgmm,swiglu,swiglu_bwd}" --budget-s "${TUNE_BUDGET:-20}" \
+    --kinds "${TUNE_KINDS:-gmm,dlhs,tgmm,gather_tgmm,swiglu,swiglu_bwd}" --budget-s "${TUNE_BUDGET:-20}" \
     --json "$out/tune.json" --write-cache 2>&1 | tee -a "$out/run.log" | tail -60
 fi
 # 2. The suites, one time limit each; every figure is a ratio to peers and ceilings measured in the same run.

@@ -1,16 +1,18 @@
 """Config sweep for the Triton GMM / TGMM on a GPU: time a pruned grid of tile configs per shape, print the ranking
 next to the shipped choice, and optionally store the winners in the autotune cache.
 
-    python -m benchmarks.tune [--shapes qwen3-30b-w1,decode] [--kinds gmm,dlhs,tgmm,swiglu,swiglu_bwd]
+    python -m benchmarks.tune [--shapes qwen3-30b-w1,decode] [--kinds gmm,dlhs,tgmm,gather_tgmm,swiglu,swiglu_bwd]
                               [--budget-s 120] [--json PATH] [--write-cache] [--list]
 
 Kinds, for a GMM preset (lhs [M,K] @ rhs [E,K,N]): ``gmm`` the forward; ``dlhs`` its input gradient
 (``[M,N] x [E,K,N]^T``, the ``gmm`` table with ``transpose_rhs``); ``tgmm`` its weight gradient (``[M,K]^T x
-[M,N] -> [E,K,N]``). Routing is balanced. Each candidate is compiled and checked against the shipped config's
+[M,N] -> [E,K,N]``); ``gather_tgmm`` the same with the lhs rows read through a random row permutation (the fused
+backward's ``dw_gate`` / ``dw_up`` / ``dw_down``, which use the tgmm table). Routing is balanced. Each candidate is compiled and checked against the shipped config's
 output on the first call, then timed (median of ``--repeats``); a candidate that fails to compile or launch, or
 disagrees, is listed with why. ``--write-cache`` stores each winner in ``kernels.triton.tuning``'s autotune cache
 (``MOE_OPS_TUNING_CACHE``), which ``pick_config`` then prefers for that shape bucket; promote lasting winners into
-``tuning.TABLES``. The SwiGLU kinds (``swiglu``: gate/up + activation in one GMM, saved mode; ``swiglu_bwd``: the
+``tuning.TABLES``. ``gather_tgmm`` winners are printed, not cached (they would overwrite the plain tgmm's entry
+for the shape). The SwiGLU kinds (``swiglu``: gate/up + activation in one GMM, saved mode; ``swiglu_bwd``: the
 saved-mode backward kernel) derive their config from the gmm entry, so their winners are printed, not cached: promote
 them into ``kernels.triton.swiglu`` by hand. On CPU only ``--list`` runs (the candidate grid); timing needs a GPU.
 """
@@ -35,11 +37,12 @@ from benchmarks import shapes  # noqa: E402
 from benchmarks.timing import measure, random_normal, rel_err  # noqa: E402
 from kernels.triton import tuning  # noqa: E402
 
-KINDS = ("gmm", "dlhs", "tgmm", "swiglu", "swiglu_bwd")
+KINDS = ("gmm", "dlhs", "tgmm", "gather_tgmm", "swiglu", "swiglu_bwd")
+CACHED = ("gmm", "dlhs", "tgmm")  # kinds whose winners --write-cache stores (the others share a table entry)
 # kind -> (tuning table its config derives from, f32 accumulator tiles held at once, B tiles per pipeline stage,
 # flops per 2*M*K*N)
-SPECS = {"gmm": ("gmm", 1, 1, 1), "dlhs": ("gmm", 1, 1, 1), "tgmm": ("tgmm", 1, 1, 1), "swiglu": ("gmm", 2, 2, 2),
-         "swiglu_bwd": ("gmm", 2, 1, 1)}
+SPECS = {"gmm": ("gmm", 1, 1, 1), "dlhs": ("gmm", 1, 1, 1), "tgmm": ("tgmm", 1, 1, 1),
+         "gather_tgmm": ("tgmm", 1, 1, 1), "swiglu": ("gmm", 2, 2, 2), "swiglu_bwd": ("gmm", 2, 1, 1)}
 SHARED_LIMIT = {"sm90": 227 * 1024, "gfx950": 160 * 1024, "gfx942": 64 * 1024}
 # Output tiles (gmm: block_m x block_n; tgmm: block_k x block_n) with the warp counts worth trying for each: wgmma
 # wants >= 64 rows per warpgroup; at most 128 f32 accumulator registers per thread (SwiGLU kinds hold 2 tiles).
@@ -148,6 +151,12 @@ def _runner(problem: Problem, dtype):
         inputs = (random_normal(ks[0], (p.m, p.k), dtype), random_normal(ks[1], (p.m, p.n), dtype))
         return inputs, lambda cfg, a, b: kernels.tgmm(a, b, sizes, offset, num_groups=p.g, out_dtype=dtype,
                                                       config=cfg)
+    if p.kind == "gather_tgmm":
+        inputs = (random_normal(ks[0], (p.m, p.k), dtype), random_normal(ks[1], (p.m, p.n), dtype),
+                  jax.random.permutation(jax.random.key(2), p.m).astype(jnp.int32))
+        return inputs, lambda cfg, a, b, perm: kernels.gather_tgmm(
+            a, b, sizes, offset, perm, 1, num_groups=p.g, out_dtype=dtype, gather_lhs=True, gather_rhs=False,
+            config=cfg)
     transpose = p.kind == "dlhs"
     rhs_shape = (p.g, p.n, p.k) if transpose else (p.g, p.k, p.n)
     inputs = (random_normal(ks[0], (p.m, p.k), dtype), random_normal(ks[1], rhs_shape, dtype, p.k ** -0.5))
@@ -250,8 +259,8 @@ def main(argv=None) -> int:
         results.append(result)
         _print(result, args.top)
         best = next((r for r in result["rows"] if "ms" in r), None)
-        if args.write_cache and best is not None and q.kind.startswith("swiglu"):
-            print(f"  (not cached: the {q.kind} config derives from the gmm entry; promote it by hand)")
+        if args.write_cache and best is not None and q.kind not in CACHED:
+            print(f"  (not cached: the {q.kind} config shares the {q.table} table's entry; promote it by hand)")
         elif args.write_cache and best is not None:
             tuning.store(arch, q.table, q.m, q.k, q.n, q.g, dtype, tuning.GmmConfig(**best["fields"]))
     if args.json:

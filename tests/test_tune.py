@@ -34,10 +34,11 @@ def test_decode_candidates_keep_tiles_short():
 
 
 def test_problems_swap_dims_for_dlhs():
-    fwd, dlhs, tg, sw, sw_bwd = tune.problems(shapes.GmmShape("s", 64, 32, 48, 4), tune.KINDS)
-    assert (fwd.k, fwd.n, dlhs.k, dlhs.n, tg.k, tg.n, sw.k, sw.n, sw_bwd.k, sw_bwd.n) == (
-        32, 48, 48, 32, 32, 48, 32, 48, 32, 48)
-    assert (fwd.table, dlhs.table, tg.table, sw.table, sw_bwd.table) == ("gmm", "gmm", "tgmm", "gmm", "gmm")
+    fwd, dlhs, tg, gtg, sw, sw_bwd = tune.problems(shapes.GmmShape("s", 64, 32, 48, 4), tune.KINDS)
+    assert (fwd.k, fwd.n, dlhs.k, dlhs.n, tg.k, tg.n, gtg.k, gtg.n, sw.k, sw.n, sw_bwd.k, sw_bwd.n) == (
+        32, 48, 48, 32, 32, 48, 32, 48, 32, 48, 32, 48)
+    assert (fwd.table, dlhs.table, tg.table, gtg.table, sw.table, sw_bwd.table) == (
+        "gmm", "gmm", "tgmm", "tgmm", "gmm", "gmm")
     assert sw.flops == 2 * fwd.flops
 
 
