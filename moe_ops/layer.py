@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 
 from moe_ops import fused as fused_ops
 from moe_ops import reference, validation
@@ -28,15 +29,21 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
 
 
 def experts_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, activation="silu", group_offset=None,
-                implementation=None):
+                implementation=None, recompute: bool = False):
     """SwiGLU experts on expert-sorted rows: x_sorted [M,D] -> [M,D] (rows of non-local groups are zero). Like every
-    layer here it computes in x's dtype: weights of another float dtype are cast to it (as the fused path does)."""
+    layer here it computes in x's dtype: weights of another float dtype are cast to it (as the fused path does).
+    ``recompute``: the backward recomputes gate / up [M,F] instead of keeping them from the forward
+    (``jax.checkpoint`` of the two projections and the activation: one more gate/up matmul, two [M,F] residuals
+    fewer)."""
+    validation.flag("recompute", recompute)
     check_expert_weights(x_sorted, w_gate, w_up, w_down, x_name="x_sorted")
     w_gate, w_up, w_down = (w.astype(x_sorted.dtype) for w in (w_gate, w_up, w_down))
     kw = dict(group_offset=group_offset, implementation=implementation)
-    gate = gmm(x_sorted, w_gate, group_sizes, **kw)
-    up = gmm(x_sorted, w_up, group_sizes, **kw)
-    h = reference.activate(gate, up, activation).astype(x_sorted.dtype)
+
+    def gated(xs, wg, wu):
+        return reference.activate(gmm(xs, wg, group_sizes, **kw), gmm(xs, wu, group_sizes, **kw),
+                                  activation).astype(xs.dtype)
+    h = (jax.checkpoint(gated) if recompute else gated)(x_sorted, w_gate, w_up)
     return gmm(h, w_down, group_sizes, **kw)
 
 
@@ -56,8 +63,9 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
     -> [T,D]. The gate / up GMMs gather their rows from x, the down GMM scatters weighted rows back to token order
     (``moe_ops.fused``): no permuted copy of x or of the output is built. ``swiglu``: gate, up and the activation
     as one op with its fused backward (``moe_ops.swiglu.swiglu_ffn``); ``None`` -> where the backend has that kernel
-    (``swiglu.has_kernel``), ``False`` -> two gather-GMMs and the activation in XLA. ``recompute`` (swiglu path):
-    recompute gate / up in the backward instead of saving them (``swiglu_ffn``)."""
+    (``swiglu.has_kernel``), ``False`` -> two gather-GMMs and the activation in XLA. ``recompute``: recompute gate /
+    up in the backward instead of saving them (``swiglu_ffn``'s residual choice; ``jax.checkpoint`` of the two
+    gather-GMMs and the activation without the SwiGLU kernel)."""
     validation.flag("swiglu", swiglu, optional=True)
     validation.flag("recompute", recompute)
     validation.float_array("x", x, 2)
@@ -73,14 +81,16 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
         return swiglu_ffn(x, w_gate, w_up, w_down, sizes, sort_idx, weights, activation=activation,
                           recompute=recompute, **kw)
     w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))  # layers compute in x's dtype
-    gate = fused_ops.gather_gmm(x, w_gate, sizes, sort_idx, **kw)
-    up = fused_ops.gather_gmm(x, w_up, sizes, sort_idx, **kw)
-    h = reference.activate(gate, up, activation).astype(x.dtype)
+
+    def gated(x, wg, wu):
+        return reference.activate(fused_ops.gather_gmm(x, wg, sizes, sort_idx, **kw),
+                                  fused_ops.gather_gmm(x, wu, sizes, sort_idx, **kw), activation).astype(x.dtype)
+    h = (jax.checkpoint(gated) if recompute else gated)(x, w_gate, w_up)
     return fused_ops.scatter_gmm(h, w_down, sizes, sort_idx, weights, **kw)
 
 
 def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax",
-            implementation=None, sharding=None, fused: bool | None = None):
+            implementation=None, sharding=None, fused: bool | None = None, recompute: bool = False):
     """Routed SwiGLU MoE: x [..., D], router_logits [..., E], w_gate/w_up [E,D,F], w_down [E,F,D] -> x's shape.
 
     route (top-k of the softmax, renormalised) -> permute -> gate/up/down grouped matmuls -> weighted unpermute.
@@ -90,7 +100,11 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
     kernel (Triton, Pallas) the fused path runs gate, up and the activation as one op (``moe_ops.swiglu``). Same results
     either way (up to rounding).
     ``sharding`` (a ``MoEShardingConfig``): run the expert-parallel partitioned op (``moe_ops.partitioned``; its
-    per-shard layers use the default ``fused=None``)."""
+    per-shard layers use the default ``fused=None``).
+    ``recompute``: keep less for the backward and recompute gate / up [T*k, F] there (one more gate/up matmul, about
+    22 % more layer flops); the default keeps them. The partitioned op keeps only its inputs either way (its
+    backward re-runs the shard's forward)."""
+    validation.flag("recompute", recompute)
     if sharding is not None:
         from moe_ops.partitioned import moe_ffn_partitioned  # noqa: PLC0415 (partitioned imports this module)
         return moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, top_k=top_k, sharding=sharding,
@@ -101,7 +115,8 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
     weights, ids = route(reference.flatten_tokens(router_logits), top_k, score_fn=score_fn)
     if fused_ops.use_fused(fused, implementation):
         return fused_experts_ffn(x2, weights, ids, w_gate, w_up, w_down, activation=activation,
-                                 implementation=implementation).reshape(shape)
+                                 implementation=implementation, recompute=recompute).reshape(shape)
     xs, sizes, sort_idx = permute(x2, ids, w_gate.shape[0], implementation=implementation)
-    y = experts_ffn(xs, sizes, w_gate, w_up, w_down, activation=activation, implementation=implementation)
+    y = experts_ffn(xs, sizes, w_gate, w_up, w_down, activation=activation, implementation=implementation,
+                    recompute=recompute)
     return unpermute(y, sort_idx, weights, implementation=implementation).reshape(shape)
