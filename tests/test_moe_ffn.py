@@ -18,11 +18,15 @@ IMPLS = ["xla", "triton", "pallas"]
                                      pytest.param("one_expert", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_moe_ffn_matches_dense_forward_and_grads(impl, routing):
-    x, logits, ws = layer_inputs(SHAPES[impl], routing, seed=hash(routing) % 100)
-    top_k = 2
-    ours = jax.jit(lambda *a, top_k: moe_ops.moe_ffn(*a, top_k=top_k, implementation=impl), static_argnames="top_k")
+    _check_against_dense(dict(implementation=impl), SHAPES[impl], routing, seed=hash(routing) % 100, cot_seed=9)
+
+
+def _check_against_dense(options, shape, routing, seed, cot_seed, top_k=2):
+    """``moe_ffn(**options)`` under jit: forward and the five gradients equal the dense reference's (f32)."""
+    x, logits, ws = layer_inputs(shape, routing, seed=seed)
+    ours = jax.jit(lambda *a, top_k: moe_ops.moe_ffn(*a, top_k=top_k, **options), static_argnames="top_k")
     assert_close(ours(x, logits, *ws, top_k=top_k), R.moe_ffn_dense(x, logits, *ws, top_k=top_k), 1e-5, "forward")
-    cot = randn(keys(9, 1)[0], x.shape)
+    cot = randn(keys(cot_seed, 1)[0], x.shape)
     grads = jax.jit(jax.grad(loss(ours, top_k, cot), argnums=range(5)))(x, logits, *ws)
     expected = jax.grad(loss(R.moe_ffn_dense, top_k, cot), argnums=range(5))(x, logits, *ws)
     for name, g, e in zip(["x", "router_logits", "w_gate", "w_up", "w_down"], grads, expected):
@@ -47,16 +51,8 @@ def test_recompute_matches_dense(impl, fused):
     """``recompute=True`` (gate / up recomputed in the backward): the same forward and five gradients as the dense
     reference, on the unfused path (``jax.checkpoint`` of the projections), XLA's fused twins (the same around the
     gather-GMMs) and Triton's fused SwiGLU op (its inputs-only residuals)."""
-    x, logits, ws = layer_inputs(SHAPES[impl], "hot", seed=17)
-    top_k = 2
-    ours = jax.jit(lambda *a, top_k: moe_ops.moe_ffn(*a, top_k=top_k, implementation=impl, fused=fused,
-                                                     recompute=True), static_argnames="top_k")
-    assert_close(ours(x, logits, *ws, top_k=top_k), R.moe_ffn_dense(x, logits, *ws, top_k=top_k), 1e-5, "forward")
-    cot = randn(keys(10, 1)[0], x.shape)
-    grads = jax.jit(jax.grad(loss(ours, top_k, cot), argnums=range(5)))(x, logits, *ws)
-    expected = jax.grad(loss(R.moe_ffn_dense, top_k, cot), argnums=range(5))(x, logits, *ws)
-    for name, g, e in zip(["x", "router_logits", "w_gate", "w_up", "w_down"], grads, expected):
-        assert_close(g, e, 1e-5, f"d{name}")
+    _check_against_dense(dict(implementation=impl, fused=fused, recompute=True), SHAPES[impl], "hot", seed=17,
+                         cot_seed=10)
 
 
 @pytest.mark.parametrize("impl,fused", [("xla", False), ("xla", True), ("triton", True)])
