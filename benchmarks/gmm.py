@@ -73,9 +73,9 @@ def _ours(impl: str, variant: str | None = None):
     def f(lhs, rhs, gs, _ct):
         return moe_ops.gmm(lhs, rhs, gs, implementation=impl)
 
-    def fb(lhs, rhs, gs, ct):
-        _, vjp = jax.vjp(lambda a, b: moe_ops.gmm(a, b, gs, implementation=impl), lhs, rhs)
-        return vjp(ct)
+    def fb(lhs, rhs, gs, ct):  # the forward's output is returned too: unused, XLA drops the forward (peers.fwd_bwd)
+        out, vjp = jax.vjp(lambda a, b: moe_ops.gmm(a, b, gs, implementation=impl), lhs, rhs)
+        return vjp(ct) + (out,)
     if variant is None:
         return jax.jit(f), jax.jit(fb)
     from kernels.triton.gmm_tma import use_variant  # noqa: PLC0415 (Triton is optional)

@@ -35,7 +35,9 @@ class Peer:
     name: str
     available: bool
     reason: str = ""
-    # prepare(lhs, rhs, sizes_np, ct) -> args; fwd(*args) -> out; fwd_bwd(*args) -> (dlhs, drhs)
+    # prepare(lhs, rhs, sizes_np, ct) -> args; fwd(*args) -> out; fwd_bwd(*args) -> (dlhs, drhs[, out]): a JAX
+    # fwd_bwd returns the forward's output as well, or XLA drops the forward (its output feeds nothing) and the pass
+    # times the backward alone, while torch's autograd runs both
     prepare: Callable | None = None
     fwd: Callable | None = None
     fwd_bwd: Callable | None = None
@@ -112,8 +114,8 @@ def _gmm_peer(rd: RaggedDot) -> Peer:
         return lhs, rhs, jnp.asarray(sizes, jnp.int32), ct
 
     def fb(lhs, rhs, gs, ct):
-        _, vjp = jax.vjp(lambda a, b: rd.fn(a, b, gs), lhs, rhs)
-        return vjp(ct)
+        out, vjp = jax.vjp(lambda a, b: rd.fn(a, b, gs), lhs, rhs)
+        return vjp(ct) + (out,)
 
     return Peer(rd.name, True, prepare=prepare, fwd=jax.jit(lambda a, b, g, _ct: rd.fn(a, b, g)),
                 fwd_bwd=jax.jit(fb), note=rd.note)
