@@ -52,6 +52,10 @@ OUT_TILES = {(128, 256): (8,), (256, 128): (8,), (128, 128): (4, 8), (64, 256): 
 DEPTHS = {"gmm": (64, 128), "tgmm": (32, 64, 128)}  # gmm: block_k; tgmm: block_m (rows reduced per step)
 # Groups of at most 32 rows (decode): thin gmm tiles on the mma.sync path, deep K steps to stream the weights.
 SHORT_TILES = tuple(itertools.product((16, 32), (128, 256), (128, 256)))  # (block_m, block_n, block_k)
+# The tile order's L2 locality: the picked gmm config again with these GROUP_M (row tiles per swizzle band). On the
+# H200 the Qwen3-30B forward moved ~1.5 MB per 128x256 tile at about the HBM rate, where reuse within an expert's
+# 12 tiles should keep it compute-bound (benchmarks/RESULTS.md).
+GROUP_MS = (1, 4, 16, 32)
 SETTLE_S = 0.5  # seconds of running the shipped config before any timing
 TOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-4}
 
@@ -106,7 +110,8 @@ def candidates(problem: Problem, arch: str = "sm90", dtype=jnp.bfloat16) -> list
     ``DEPTHS`` x stages (sm90: 3-5 within shared memory; AMD: 2), pruned to tiles that fit the problem: gmm
     ``block_m`` at most max(64, 2 x rows per group) and 64x64 only for such short groups; no tile dimension above
     twice the problem's; accumulator registers and shared memory within bounds; groups of <= 32 rows try
-    ``SHORT_TILES`` first. Up to about 50 per problem."""
+    ``SHORT_TILES`` first, groups of more than 64 the picked gmm config with each of ``GROUP_MS`` first. Up to
+    about 50 per problem."""
     itemsize = jnp.dtype(dtype).itemsize
     rows_per_group = max(1, problem.m // max(problem.g, 1))
     short = rows_per_group <= 64
@@ -115,6 +120,10 @@ def candidates(problem: Problem, arch: str = "sm90", dtype=jnp.bfloat16) -> list
     else:
         out = list(tuning.shipped(arch, problem.table, dtype).values())
     accumulators = SPECS[problem.kind][1]
+    if problem.table == "gmm" and not short:
+        base = picked(problem, dtype, arch)
+        out += [c for c in (dataclasses.replace(base, group_m=g) for g in GROUP_MS if g != base.group_m)
+                if _smem_bytes(problem, c, itemsize) <= SHARED_LIMIT[arch]]
     if problem.table == "gmm" and rows_per_group <= 32:
         thin = (tuning.GmmConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=stages)
                 for (bm, bn, bk), stages in itertools.product(SHORT_TILES, (3, 4) if arch == "sm90" else (2,)))

@@ -2,6 +2,8 @@
 interpreter on CPU (timings there mean nothing; the plumbing — parity against the shipped config, rows, errors — is
 what is checked)."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import pytest
 
@@ -58,3 +60,13 @@ def test_cli_list_runs_on_cpu_and_timing_refuses(capsys):
         tune.main(["--shapes", "decode"])
     with pytest.raises(SystemExit):
         tune.main(["--list", "--kinds", "nope"])
+
+
+def test_group_m_variants_of_the_picked_config_come_right_after_the_shipped():
+    (gmm,) = tune.problems(shapes.GMM_SHAPES["qwen3-30b-w1"], ["gmm"])  # 512 rows per group
+    shipped = len(tuning.shipped("sm90", "gmm", jnp.bfloat16))
+    base = tune.picked(gmm, jnp.bfloat16, "sm90")
+    others = [g for g in tune.GROUP_MS if g != base.group_m]
+    variants = tune.candidates(gmm)[shipped:shipped + len(others)]
+    assert [c.group_m for c in variants] == others
+    assert all(dataclasses.replace(c, group_m=base.group_m) == base for c in variants)
