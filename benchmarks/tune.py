@@ -4,17 +4,18 @@ next to the shipped choice, and optionally store the winners in the autotune cac
     python -m benchmarks.tune [--shapes qwen3-30b-w1,decode] [--kinds gmm,dlhs,tgmm,gather_tgmm,swiglu,swiglu_bwd]
                               [--budget-s 120] [--json PATH] [--write-cache] [--list]
 
-Kinds, for a GMM preset (lhs [M,K] @ rhs [E,K,N]): ``gmm`` the forward; ``dlhs`` its input gradient
-(``[M,N] x [E,K,N]^T``, the ``gmm`` table with ``transpose_rhs``); ``tgmm`` its weight gradient (``[M,K]^T x
-[M,N] -> [E,K,N]``); ``gather_tgmm`` the same with the lhs rows read through a random row permutation (the fused
-backward's ``dw_gate`` / ``dw_up`` / ``dw_down``, which use the tgmm table). Routing is balanced. Each candidate is compiled and checked against the shipped config's
-output on the first call, then timed (median of ``--repeats``); a candidate that fails to compile or launch, or
-disagrees, is listed with why. ``--write-cache`` stores each winner in ``kernels.triton.tuning``'s autotune cache
-(``MOE_OPS_TUNING_CACHE``), which ``pick_config`` then prefers for that shape bucket; promote lasting winners into
-``tuning.TABLES``. ``gather_tgmm`` winners are printed, not cached (they would overwrite the plain tgmm's entry
-for the shape). The SwiGLU kinds (``swiglu``: gate/up + activation in one GMM, saved mode; ``swiglu_bwd``: the
-saved-mode backward kernel) derive their config from the gmm entry, so their winners are printed, not cached: promote
-them into ``kernels.triton.swiglu`` by hand. On CPU only ``--list`` runs (the candidate grid); timing needs a GPU.
+Kinds, for a GMM preset (lhs [M,K] @ rhs [E,K,N]): ``gmm`` the forward; ``dlhs`` its input gradient (``[M,N] x
+[E,K,N]^T``, the ``gmm`` table with ``transpose_rhs``); ``tgmm`` its weight gradient (``[M,K]^T x [M,N] ->
+[E,K,N]``); ``gather_tgmm`` the same with the lhs rows read through a random row permutation (the fused backward's
+``dw_gate`` / ``dw_up`` / ``dw_down``, which use the tgmm table). Routing is balanced. Each candidate is compiled
+and checked against the shipped config's output on the first call, then timed (median of ``--repeats``); a candidate
+that fails to compile or launch, or disagrees, is listed with why. ``--write-cache`` stores each winner in
+``kernels.triton.tuning``'s autotune cache (``MOE_OPS_TUNING_CACHE``), which ``pick_config`` then prefers for that
+shape bucket; promote lasting winners into ``tuning.TABLES``. ``gather_tgmm`` winners are printed, not cached (they
+would overwrite the plain tgmm's entry for the shape). The SwiGLU kinds (``swiglu``: gate/up + activation in one
+GMM, saved mode; ``swiglu_bwd``: the saved-mode backward kernel) derive their config from the gmm entry, so their
+winners are printed, not cached: promote them into ``kernels.triton.swiglu`` by hand. On CPU only ``--list`` runs
+(the candidate grid); timing needs a GPU.
 """
 
 from __future__ import annotations

@@ -51,10 +51,10 @@ def _check_rows(got, ref, sizes, off, g_local, tol, what):
     ("uneven_dropped", "gelu", 1, 3, jnp.bfloat16),
 ])
 def test_triton_kernel_parity(routing, activation, off, g_local, dtype):
-    """One kernel: gate / up / a in three accumulators, the epilogue's dgate, dup, hw = w * h and the <h, a> partials; K=20
-    and F=24 are not multiples of the 16-wide tiles (masked K, wrapped columns); group_offset shards. The saved
-    mode: the forward kernel's gate / up (checked against the reference projections) fed to the saved-mode kernel,
-    which must give the same outputs."""
+    """One kernel: gate / up / a in three accumulators, the epilogue's dgate, dup, hw = w * h and the <h, a>
+    partials; K=20 and F=24 are not multiples of the 16-wide tiles (masked K, wrapped columns); group_offset
+    shards. The saved mode: the forward kernel's gate / up (checked against the reference projections) fed to the
+    saved-mode kernel, which must give the same outputs."""
     _, sizes, sort_idx = routed(routing, case_seed(routing, "down_bwd"))
     o = _operands(case_seed(routing, activation, "ops"), g_local, dtype)
     args = _kernel_args(o, sizes, sort_idx, off)

@@ -3,16 +3,16 @@
 
 The gmm schedule and grid ``(n, step, k)`` of ``kernels.pallas.gmm`` (invariants G1-G5; ``n`` over F blocks, ``k``
 over D blocks). The x and dout rows of a row tile are gathered from token order through ``sort_idx // top_k`` by
-``kernels.pallas.fused.gathered_lhs`` (two sources on one double-buffered row-DMA pipeline, sharing the SMEM indices).
-Each K step adds, in three f32 accumulators, ``gate = x @ w_gate[g]``, ``up = x @ w_up[g]`` and ``a = dout @
-w_down[g]^T`` (the ``[tn, tk]`` block of ``w_down [G_local, F, D]`` read as stored, contracted on its last dim). The
-store (last k) works in f32: ``act, act' = act_and_grad(gate)``, ``dh = w_sorted * a``, ``dgate = dh * up * act'``,
-``dup = dh * act``, ``hw = w_sorted * act * up`` (written in x's dtype) and the row partial ``sum_{f in block} h * a`` (columns
-past F masked) into ``dw_partial [tiles_n, M, 1]`` f32; ``dweights_sorted = dw_partial.sum(0)`` afterwards in XLA
-(fixed order, deterministic, no atomics). All four outputs go through ``store_group_rows``: a tile shared by two
-groups is visited twice and each visit writes only its group's rows (the first also zeroes the others); tiles with
-no local rows are written as zeros, so rows of non-local groups / beyond ``sum(group_sizes)`` are zero everywhere.
-``gate`` / ``up`` / ``a`` never leave VMEM.
+``kernels.pallas.fused.gathered_lhs`` (two sources on one double-buffered row-DMA pipeline, sharing the SMEM
+indices). Each K step adds, in three f32 accumulators, ``gate = x @ w_gate[g]``, ``up = x @ w_up[g]`` and ``a = dout
+@ w_down[g]^T`` (the ``[tn, tk]`` block of ``w_down [G_local, F, D]`` read as stored, contracted on its last dim).
+The store (last k) works in f32: ``act, act' = act_and_grad(gate)``, ``dh = w_sorted * a``, ``dgate = dh * up *
+act'``, ``dup = dh * act``, ``hw = w_sorted * act * up`` (written in x's dtype) and the row partial ``sum_{f in
+block} h * a`` (columns past F masked) into ``dw_partial [tiles_n, M, 1]`` f32; ``dweights_sorted =
+dw_partial.sum(0)`` afterwards in XLA (fixed order, deterministic, no atomics). All four outputs go through
+``store_group_rows``: a tile shared by two groups is visited twice and each visit writes only its group's rows (the
+first also zeroes the others); tiles with no local rows are written as zeros, so rows of non-local groups / beyond
+``sum(group_sizes)`` are zero everywhere. ``gate`` / ``up`` / ``a`` never leave VMEM.
 
 VMEM (``FOOTPRINT``): two gathered sources x two buffers, three double-buffered rhs blocks, three output blocks,
 three f32 accumulators, the ``w_sorted`` and ``dw_partial`` row blocks; ``fused_tiling`` shrinks ``tn`` / ``tm`` to

@@ -10,9 +10,10 @@ and gather row map; plain ``gmm`` is untouched): each K step loads the A tile on
 ``_swiglu_down_bwd_kernel`` (``swiglu_down_bwd``, the backward of gate/up + activation + weighted down projection,
 ``moe_ops.reference.swiglu_down_bwd``): same schedule and gather; each K (= D) step loads the x and dout rows of the
 tile's tokens and the ``w_gate`` / ``w_up`` / ``w_down^T`` tiles into three f32 accumulators (gate, up, a); the
-epilogue writes ``dgate``, ``dup``, ``hw = w_sorted * h`` and the tile's partial ``sum_f h * a`` (one f32 per row and column tile,
-summed in a fixed order outside: no atomics). Config: the gmm config with ``block_n`` quartered
-(``swiglu_bwd_config``; 0 spills on sm90 / gfx950 / gfx942 in the AOT check, 172 KiB of shared memory on sm90 large).
+epilogue writes ``dgate``, ``dup``, ``hw = w_sorted * h`` and the tile's partial ``sum_f h * a`` (one f32 per row
+and column tile, summed in a fixed order outside: no atomics). Config: the gmm config with ``block_n`` quartered
+(``swiglu_bwd_config``; 0 spills on sm90 / gfx950 / gfx942 in the AOT check, 172 KiB of shared memory on sm90
+large).
 
 Configs: the gmm config of the shape with ``block_n`` halved (``swiglu_config``): two B tiles of ``BN/2`` take the
 shared memory, and two ``BM x BN/2`` f32 accumulators the registers, of one gmm tile. (Keeping ``BN``: the sm90
