@@ -14,8 +14,8 @@
   unmasked except for one tail chunk (rows masked to zero past the group's end), so empty groups store zeros.
 
 K and N are constexprs (static in JAX anyway): strides and divisibility are then known to the compiler, and when
-``K % BK == 0`` (``N % BN == 0``) the K mask (the column wrap) compiles away. Accumulation is f32; f32 inputs use ieee dots (exact f32 products).
-Configs come from ``kernels.triton.tuning`` unless one is passed explicitly.
+``K % BK == 0`` (``N % BN == 0``) the K mask (the column wrap) compiles away. Accumulation is f32; f32 inputs use
+ieee dots (exact f32 products). Configs come from ``kernels.triton.tuning`` unless one is passed explicitly.
 """
 
 from __future__ import annotations

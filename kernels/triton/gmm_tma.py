@@ -65,7 +65,8 @@ _forced = threading.local()
 
 def variant() -> str:
     """The GMM variant, read when a GMM is traced: ``use_variant``'s, else ``MOE_OPS_GMM_VARIANT`` (pointer | tma |
-    persistent), default ``pointer`` until a GPU run has shown the TMA kernel correct and faster (benchmarks/RESULTS.md)."""
+    persistent), default ``pointer`` until a GPU run has shown the TMA kernel correct and faster
+    (benchmarks/RESULTS.md)."""
     name = getattr(_forced, "name", None) or os.environ.get("MOE_OPS_GMM_VARIANT", "pointer")
     if name not in VARIANTS:
         raise ValueError(f"MOE_OPS_GMM_VARIANT must be one of {VARIANTS}, got {name!r}")
