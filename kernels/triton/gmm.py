@@ -140,13 +140,11 @@ def _gmm_kernel(lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, tiles_ptr, sort_idx_ptr, w
 
 
 @triton.jit
-def _tgmm_sources(rows, GATHER: tl.constexpr, sort_idx_ptr, TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr):
-    """int64 source rows of the sorted ``rows``: themselves, or with GATHER (operand in token order)
-    ``sort_idx[r] // TOP_K`` (rows and slots clamped into their buffers)."""
-    if GATHER:
-        slots = tl.load(sort_idx_ptr + tl.minimum(rows, NUM_SLOTS - 1))
-        return (tl.minimum(tl.maximum(slots, 0), NUM_SLOTS - 1) // TOP_K).to(tl.int64)
-    return rows.to(tl.int64)
+def _token_rows(rows, sort_idx_ptr, TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr):
+    """int64 rows ``sort_idx[r] // TOP_K`` of a TGMM operand in token order for the sorted ``rows`` (rows and slots
+    clamped into their buffers)."""
+    slots = tl.load(sort_idx_ptr + tl.minimum(rows, NUM_SLOTS - 1))
+    return (tl.minimum(tl.maximum(slots, 0), NUM_SLOTS - 1) // TOP_K).to(tl.int64)
 
 
 @triton.jit
@@ -163,7 +161,7 @@ def _tgmm_kernel(lhs_ptr, rhs_ptr, bounds_ptr, sort_idx_ptr, out_ptr,
     """One BK x BN tile of ``out[g] = lhs[rows of g].T @ rhs[rows of g]``, reducing the group's rows BM at a time:
     an unmasked steady-state loop over the full chunks, then one masked tail chunk. Groups come longest first
     (``schedule.tgmm_group_bounds``). Row maps (constexpr, both False for plain ``tgmm``): GATHER_LHS / GATHER_RHS
-    read that operand in token order through ``sort_idx // TOP_K`` (``_tgmm_sources``; one index load per chunk
+    read that operand in token order through ``sort_idx // TOP_K`` (``_token_rows``; one index load per chunk
     serves both)."""
     tiles_k = tl.cdiv(K, BK)
     tiles_per_group = tiles_k * tl.cdiv(N, BN)
@@ -179,22 +177,23 @@ def _tgmm_kernel(lhs_ptr, rhs_ptr, bounds_ptr, sort_idx_ptr, out_ptr,
     ks = offs_k % K if K % BK != 0 else offs_k  # wrapped: loads stay in bounds, stores are masked
     ns = offs_n % N if N % BN != 0 else offs_n
     rows = start + offs_m
-    gathered = _tgmm_sources(rows, True, sort_idx_ptr, TOP_K, NUM_SLOTS) if GATHER_LHS or GATHER_RHS else rows
-    a_ptrs = _tgmm_rows(lhs_ptr, gathered if GATHER_LHS else rows.to(tl.int64), ks, K)
-    b_ptrs = _tgmm_rows(rhs_ptr, gathered if GATHER_RHS else rows.to(tl.int64), ns, N)
+    gather: tl.constexpr = GATHER_LHS or GATHER_RHS
+    tokens = _token_rows(rows, sort_idx_ptr, TOP_K, NUM_SLOTS) if gather else rows.to(tl.int64)
+    a_ptrs = _tgmm_rows(lhs_ptr, tokens if GATHER_LHS else rows.to(tl.int64), ks, K)
+    b_ptrs = _tgmm_rows(rhs_ptr, tokens if GATHER_RHS else rows.to(tl.int64), ns, N)
     acc = tl.zeros((BK, BN), dtype=tl.float32)
     full_chunks = (end - start) // BM
     for _ in range(0, full_chunks):  # every row of the chunk is in the group: no mask
         acc = tl.dot(tl.trans(tl.load(a_ptrs)), tl.load(b_ptrs), acc, input_precision="ieee")
         rows += BM
-        if GATHER_LHS or GATHER_RHS:
-            gathered = _tgmm_sources(rows, True, sort_idx_ptr, TOP_K, NUM_SLOTS)
+        if gather:
+            tokens = _token_rows(rows, sort_idx_ptr, TOP_K, NUM_SLOTS)
         if GATHER_LHS:
-            a_ptrs = _tgmm_rows(lhs_ptr, gathered, ks, K)
+            a_ptrs = _tgmm_rows(lhs_ptr, tokens, ks, K)
         else:
             a_ptrs += BM * K
         if GATHER_RHS:
-            b_ptrs = _tgmm_rows(rhs_ptr, gathered, ns, N)
+            b_ptrs = _tgmm_rows(rhs_ptr, tokens, ns, N)
         else:
             b_ptrs += BM * N
     rows_left = end - start - full_chunks * BM
