@@ -54,7 +54,7 @@ def _epilogue(gate, up, a, w, activation, col_mask=None):
     return [dh * up * dact, dh * act, h * w, jnp.sum(ha, axis=1, keepdims=True)]
 
 
-def _bwd_kernel(sched, x_hbm, dout_hbm, idx_hbm, wg_ref, wu_ref, wd_ref, w_ref, dgate_ref, dup_ref, h_ref, dwp_ref,
+def _bwd_kernel(sched, x_hbm, dout_hbm, idx_hbm, wg_ref, wu_ref, wd_ref, w_ref, dgate_ref, dup_ref, hw_ref, dwp_ref,
                 acc_g, acc_u, acc_a, xbuf, dbuf, idx_smem, sems, *, top_k, num_rows, tiles_k, k_rem, n_cols,
                 activation):
     s, kb = pl.program_id(1), pl.program_id(2)
@@ -66,7 +66,7 @@ def _bwd_kernel(sched, x_hbm, dout_hbm, idx_hbm, wg_ref, wu_ref, wd_ref, w_ref, 
 
     @pl.when((kb == tiles_k - 1) & _has(sched.flags[s], STORE))
     def _store():
-        store_group_rows(sched, s, [dgate_ref, dup_ref, h_ref, dwp_ref],
+        store_group_rows(sched, s, [dgate_ref, dup_ref, hw_ref, dwp_ref],
                          lambda: _epilogue(acc_g[...], acc_u[...], acc_a[...], w_ref[...], activation, col_mask))
 
 
@@ -120,7 +120,7 @@ def _col_mask(shape, n_cols):
     return lax.broadcasted_iota(jnp.int32, shape, 1) < n_cols - pl.program_id(0) * tn
 
 
-def _saved_kernel(sched, dout_hbm, idx_hbm, wd_ref, gate_ref, up_ref, w_ref, dgate_ref, dup_ref, h_ref, dwp_ref,
+def _saved_kernel(sched, dout_hbm, idx_hbm, wd_ref, gate_ref, up_ref, w_ref, dgate_ref, dup_ref, hw_ref, dwp_ref,
                   acc_a, dbuf, idx_smem, sems, *, top_k, num_rows, tiles_k, k_rem, n_cols, activation):
     """Saved mode: only ``a = dout @ w_down^T`` accumulates; the epilogue reads the gate / up blocks."""
     s, kb = pl.program_id(1), pl.program_id(2)
@@ -131,7 +131,7 @@ def _saved_kernel(sched, dout_hbm, idx_hbm, wd_ref, gate_ref, up_ref, w_ref, dga
 
     @pl.when((kb == tiles_k - 1) & _has(sched.flags[s], STORE))
     def _store():
-        store_group_rows(sched, s, [dgate_ref, dup_ref, h_ref, dwp_ref],
+        store_group_rows(sched, s, [dgate_ref, dup_ref, hw_ref, dwp_ref],
                          lambda: _epilogue(gate_ref[...].astype(jnp.float32), up_ref[...].astype(jnp.float32),
                                            acc_a[...], w_ref[...], activation, col_mask))
 

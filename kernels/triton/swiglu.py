@@ -176,7 +176,7 @@ def _forward(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation
 
 @triton.jit
 def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, sort_idx_ptr, ws_ptr, gate_ptr,
-                            up_ptr, dgate_ptr, dup_ptr, h_ptr, part_ptr,
+                            up_ptr, dgate_ptr, dup_ptr, hw_ptr, part_ptr,
                             K: tl.constexpr, N: tl.constexpr, NUM_ROW_TILES: tl.constexpr, NUM_SLOTS: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                             TOP_K: tl.constexpr, ACT: tl.constexpr, RECOMPUTE: tl.constexpr):
@@ -220,13 +220,13 @@ def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, 
         dtype = dgate_ptr.dtype.element_ty
         tl.store(dgate_ptr + out_off, (dh * up * dact).to(dtype), mask=store_mask)
         tl.store(dup_ptr + out_off, (dh * act).to(dtype), mask=store_mask)
-        tl.store(h_ptr + out_off, (h * w).to(dtype), mask=store_mask)  # hw, dw_down's lhs
+        tl.store(hw_ptr + out_off, (h * w).to(dtype), mask=store_mask)  # dw_down's lhs
         tl.store(part_ptrs, tl.sum(tl.where(offs_n[None, :] < N, h * acc_a, 0.0), axis=1), mask=live)
     elif group == _ZERO_FILL:
         zeros = tl.zeros((BM, BN), dtype=dgate_ptr.dtype.element_ty)
         tl.store(dgate_ptr + out_off, zeros, mask=store_mask)
         tl.store(dup_ptr + out_off, zeros, mask=store_mask)
-        tl.store(h_ptr + out_off, zeros, mask=store_mask)
+        tl.store(hw_ptr + out_off, zeros, mask=store_mask)
         tl.store(part_ptrs, tl.zeros((BM,), dtype=tl.float32), mask=live)
 
 
@@ -330,6 +330,6 @@ def _bwd_aot_cases(target, backend, entry, gmm_cfg, dtype_name, suffix, k, n, ev
         rows, f32 = f"*{dtype_name}", "*fp32"
         sig = dict(x_ptr=rows, dout_ptr=rows, wg_ptr=rows, wu_ptr=rows, wd_ptr=rows, tiles_ptr="*i32",
                    sort_idx_ptr="*i32", ws_ptr=f32, gate_ptr=rows, up_ptr=rows, dgate_ptr=rows, dup_ptr=rows,
-                   h_ptr=rows, part_ptr=f32)
+                   hw_ptr=rows, part_ptr=f32)
         cases.append(dataclasses.replace(case, signature={**sig, **{c: "constexpr" for c in case.constexprs}}))
     return cases
