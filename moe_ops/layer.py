@@ -33,18 +33,22 @@ def experts_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, activation="silu
     """SwiGLU experts on expert-sorted rows: x_sorted [M,D] -> [M,D] (rows of non-local groups are zero). Like every
     layer here it computes in x's dtype: weights of another float dtype are cast to it (as the fused path does).
     ``recompute``: the backward recomputes gate / up [M,F] instead of keeping them from the forward
-    (``jax.checkpoint`` of the two projections and the activation: one more gate/up matmul, two [M,F] residuals
-    fewer)."""
+    (``jax.checkpoint`` of the two projections and the activation: one more gate/up matmul; gate, up and the
+    activation's [M,F] intermediates are not kept)."""
     validation.flag("recompute", recompute)
     check_expert_weights(x_sorted, w_gate, w_up, w_down, x_name="x_sorted")
     w_gate, w_up, w_down = (w.astype(x_sorted.dtype) for w in (w_gate, w_up, w_down))
     kw = dict(group_offset=group_offset, implementation=implementation)
-
-    def gated(xs, wg, wu):
-        return reference.activate(gmm(xs, wg, group_sizes, **kw), gmm(xs, wu, group_sizes, **kw),
-                                  activation).astype(xs.dtype)
-    h = (jax.checkpoint(gated) if recompute else gated)(x_sorted, w_gate, w_up)
+    h = _gated(lambda x, w: gmm(x, w, group_sizes, **kw), x_sorted, w_gate, w_up, activation, recompute)
     return gmm(h, w_down, group_sizes, **kw)
+
+
+def _gated(project, x, w_gate, w_up, activation, recompute):
+    """``act(project(x, w_gate)) * project(x, w_up)`` [M,F] in x's dtype; with ``recompute`` under
+    ``jax.checkpoint``, so the backward recomputes the two projections instead of keeping them."""
+    def gated(x, wg, wu):
+        return reference.activate(project(x, wg), project(x, wu), activation).astype(x.dtype)
+    return (jax.checkpoint(gated) if recompute else gated)(x, w_gate, w_up)
 
 
 def check_weights(x, router_logits, w_gate, w_up, w_down):
@@ -81,11 +85,8 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
         return swiglu_ffn(x, w_gate, w_up, w_down, sizes, sort_idx, weights, activation=activation,
                           recompute=recompute, **kw)
     w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))  # layers compute in x's dtype
-
-    def gated(x, wg, wu):
-        return reference.activate(fused_ops.gather_gmm(x, wg, sizes, sort_idx, **kw),
-                                  fused_ops.gather_gmm(x, wu, sizes, sort_idx, **kw), activation).astype(x.dtype)
-    h = (jax.checkpoint(gated) if recompute else gated)(x, w_gate, w_up)
+    h = _gated(lambda x, w: fused_ops.gather_gmm(x, w, sizes, sort_idx, **kw), x, w_gate, w_up, activation,
+               recompute)
     return fused_ops.scatter_gmm(h, w_down, sizes, sort_idx, weights, **kw)
 
 
