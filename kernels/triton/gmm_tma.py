@@ -237,7 +237,7 @@ def tma_config(cfg: tuning.GmmConfig, itemsize: int, arch: str, staging_bytes: i
     that a waves-per-EU cap takes (the capped gfx942 ``medium`` tile spilled 23 VGPRs under triton 3.6; jax-triton
     0.3.1 does not pass the cap on anyway), and a 4-byte output halves ``block_k`` (the 256x128 f32 tile spilled 2
     there)."""
-    if arch in ("gfx950", "gfx942"):
+    if arch.startswith("gfx"):
         block_k = cfg.block_k // 2 if out_itemsize == 4 and cfg.block_k > 32 else cfg.block_k
         return dataclasses.replace(cfg, waves_per_eu=0, block_k=block_k)
     if arch != "sm90":
