@@ -215,3 +215,31 @@ def test_recompute_mode_grad_launches_no_forward_kernel_on_gpu():
     kernels = [c.kernel for c in lowering.kernel_calls(text)]
     assert kernels.count("_swiglu_down_bwd_kernel") == 1 and "_swiglu_kernel" not in kernels, kernels
     assert kernels.count("_tgmm_kernel") == 3 and "_gather_rows_kernel" not in kernels, kernels
+
+
+@needs_plugin
+@pytest.mark.parametrize("fused", [False, True])
+def test_moe_ffn_recompute_grad_lowers_for_gpu_and_tpu(fused):
+    """``moe_ffn(recompute=True)``'s gradient exported from this CPU host: Triton kernels for cuda, where the unfused
+    path (``jax.checkpoint`` of the gate / up GMMs) launches those two GMMs again in the backward and the fused path
+    runs the recomputing backward kernel instead of the gate/up kernel that saves them, and Mosaic for tpu, with no
+    interpreter callback."""
+    t, d, f, e, k = 64, 128, 256, 4, 2
+    sds = jax.ShapeDtypeStruct
+    args = (sds((t, d), jnp.bfloat16), sds((t, e), jnp.float32), sds((e, d, f), jnp.bfloat16),
+            sds((e, d, f), jnp.bfloat16), sds((e, f, d), jnp.bfloat16))
+
+    def grad(recompute):
+        def loss(*a):
+            return jnp.sum(moe_ops.moe_ffn(*a, top_k=k, fused=fused, recompute=recompute).astype(jnp.float32))
+        return jax.jit(jax.grad(loss, argnums=range(5)))
+    with lowering.pinned_targets():
+        cuda = {rc: [c.kernel for c in lowering.kernel_calls(jax.export.export(
+            grad(rc), platforms=["cuda"], disabled_checks=[TRITON_CALL])(*args).mlir_module())] for rc in (False, True)}
+    if fused:  # the recomputing backward kernel; the saving forward kernel only without recompute
+        assert cuda[True].count("_swiglu_down_bwd_kernel") == 1 and "_swiglu_kernel" not in cuda[True], cuda
+        assert "_swiglu_kernel" in cuda[False], cuda
+    else:
+        assert cuda[True].count("_gmm_kernel") == cuda[False].count("_gmm_kernel") + 2, cuda
+    tpu = jax.export.export(grad(True), platforms=["tpu"])(*args).mlir_module()
+    assert "tpu_custom_call" in tpu and "callback" not in tpu and "triton_kernel_call" not in tpu
