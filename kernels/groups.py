@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-__all__ = ["local_bounds"]
+__all__ = ["local_bounds", "segment_of"]
 
 
 def local_bounds(group_sizes, group_offset, num_local):
@@ -20,3 +20,11 @@ def local_bounds(group_sizes, group_offset, num_local):
     end = jnp.where(valid, ends[safe], 0)
     start = jnp.where(valid, end - sizes[safe], 0)
     return start, end
+
+
+def segment_of(ends, positions):
+    """int32 index of the segment each of ``positions`` falls in, for non-decreasing segment ``ends`` [S]: the
+    number of ends ``<= position`` (``searchsorted(side="right")``; ``S`` past the last end). A compare-and-count that
+    XLA fuses into one kernel: the default binary search lowers to a ``while`` loop, which XLA GPU runs as a few
+    kernel launches per step from the host, before every grouped matmul."""
+    return jnp.searchsorted(ends, positions, side="right", method="compare_all").astype(jnp.int32)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from kernels.groups import local_bounds
+from kernels.groups import local_bounds, segment_of
 from moe_ops import reference, vma
 
 BLOCK_ROWS = 256  # most rows per tile (CPU: large enough to amortise the loop, small enough to waste little)
@@ -44,7 +44,7 @@ def row_tiles(group_sizes, group_offset, num_local, num_rows, block_rows):
     tiles = (g_end - g_start + block_rows - 1) // block_rows
     tiles_end = jnp.cumsum(tiles)
     tile = jnp.arange(-(-num_rows // block_rows) + num_local, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(tiles_end, tile, side="right"), num_local - 1).astype(jnp.int32)
+    group = jnp.minimum(segment_of(tiles_end, tile), num_local - 1).astype(jnp.int32)
     start = g_start[group] + (tile - (tiles_end[group] - tiles[group])) * block_rows
     end = jnp.minimum(start + block_rows, g_end[group])
     return group, start, end, tiles_end[-1]

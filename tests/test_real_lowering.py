@@ -243,3 +243,15 @@ def test_moe_ffn_recompute_grad_lowers_for_gpu_and_tpu(fused):
         assert cuda[True].count("_gmm_kernel") == cuda[False].count("_gmm_kernel") + 2, cuda
     tpu = jax.export.export(grad(True), platforms=["tpu"])(*args).mlir_module()
     assert "tpu_custom_call" in tpu and "callback" not in tpu and "triton_kernel_call" not in tpu
+
+
+@needs_plugin
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_gpu_and_tpu_programs_hold_no_while_loop(name):
+    """The device-side tile schedules around the kernels are loop-free: no ``stablehlo.while`` in any public op's
+    cuda or tpu program. (``jnp.searchsorted``'s default binary search is a ``while``, which XLA GPU steps from the
+    host with a few launches per step before every grouped matmul; ``kernels.groups.segment_of`` counts instead.)"""
+    with lowering.pinned_targets():
+        text = _export(name, jnp.bfloat16, ["cuda", "tpu"])
+    assert "triton_kernel_call" in text and "tpu_custom_call" in text
+    assert "stablehlo.while" not in text

@@ -43,6 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.pallas import tiling as tiling_lib
+from kernels.groups import segment_of
 from kernels.platform import tpu_or_interpret
 from kernels.shapes import pad_rows, static_upper_bound
 
@@ -101,7 +102,7 @@ def gmm_schedule(group_sizes, group_offset, num_local: int, m: int, tm: int, til
 
     s = jnp.arange(size, dtype=jnp.int32)
     j = s - pre
-    g = jnp.clip(jnp.searchsorted(cum, j, side="right"), 0, num_local - 1).astype(jnp.int32)
+    g = jnp.clip(segment_of(cum, j), 0, num_local - 1).astype(jnp.int32)
     local_tile = first_tile[g] + j - (cum[g] - span[g])
     in_pre, in_local = s < pre, (s >= pre) & (j < n_local)
     in_post = (j >= n_local) & (j < n_local + post)
@@ -129,7 +130,7 @@ def tgmm_schedule(group_sizes, group_offset, num_local: int, m: int, tm: int):
     cum = jnp.cumsum(visits)
     s = jnp.arange(size, dtype=jnp.int32)
     real = s < cum[-1]
-    g = jnp.clip(jnp.searchsorted(cum, s, side="right"), 0, num_local - 1).astype(jnp.int32)
+    g = jnp.clip(segment_of(cum, s), 0, num_local - 1).astype(jnp.int32)
     j = s - (cum[g] - visits[g])
     tiles = jnp.where(real, first_tile[g] + j, first_tile[-1] + visits[-1] - 1)
     flags = (jnp.where(real & (j == 0), FIRST, 0) | jnp.where(real & (j == visits[g] - 1), STORE, 0)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from kernels.groups import local_bounds
+from kernels.groups import local_bounds, segment_of
 from kernels.shapes import static_upper_bound  # noqa: F401  (re-exported: used by the Triton wrappers)
 
 ZERO_FILL = -1
@@ -64,7 +64,7 @@ def gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, block_m, num_t
     seg_tiles = (seg_end - seg_start + block_m - 1) // block_m
     tiles_end = jnp.cumsum(seg_tiles)
     tile = jnp.arange(max_row_tiles(num_rows, block_m, num_local) if num_tiles is None else num_tiles, dtype=jnp.int32)
-    seg = jnp.searchsorted(tiles_end, tile, side="right")  # segment of each tile; == G_local + 2 when idle
+    seg = segment_of(tiles_end, tile)  # segment of each tile; == G_local + 2 when idle
     idle = seg >= seg_tiles.shape[0]
     seg = jnp.minimum(seg, seg_tiles.shape[0] - 1)
     row_start = seg_start[seg] + (tile - (tiles_end[seg] - seg_tiles[seg])) * block_m
