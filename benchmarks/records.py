@@ -9,7 +9,7 @@ import datetime
 
 from benchmarks import env
 
-SCHEMA_VERSION = 2  # 2: memory, peak_vs_unfused, temp_vs_unfused; ratios across moe_ffn variants / peers
+SCHEMA_VERSION = 3  # 2: memory, peak_vs_unfused, temp_vs_unfused; ratios across moe_ffn variants / peers. 3: pipelined_*
 
 
 def record(*, suite: str, op: str, pass_: str, implementation: str, kind: str, shape: dict, dtype: str,
@@ -25,7 +25,8 @@ def record(*, suite: str, op: str, pass_: str, implementation: str, kind: str, s
         "shape": shape, "dtype": dtype, "pattern": pattern, "routing": routing, "config": config,
         "time_ms": None, "samples_ms": None, "warmup": None, "repeats": None, "rotations": None,
         "flops": flops, "tflops": None, "bytes": bytes_moved, "gbps": None,
-        "ceiling_basis": None, "pct_of_ceiling": None, "ceiling": None, "ratio_to": {}, "slowdown_vs_balanced": None,
+        "ceiling_basis": None, "pct_of_ceiling": None, "ceiling": None, "ratio_to": {}, "pipelined_ms": None,
+        "pipelined_ratio_to": {}, "slowdown_vs_balanced": None,
         "memory": memory, "peak_vs_unfused": None, "temp_vs_unfused": None,
         "parity": parity.as_dict() if parity is not None else None, "note": "",
         "device": env.device(), "versions": env.versions(),
@@ -65,7 +66,8 @@ def _key(rec: dict) -> tuple:
 
 
 def add_ratios(records: list[dict], ceilings: dict) -> None:
-    """Fill ``ratio_to`` (other's time / this time: > 1 means this is faster), ``slowdown_vs_balanced`` and
+    """Fill ``ratio_to`` (other's time / this time: > 1 means this is faster; ``pipelined_ratio_to`` the same of
+    the back-to-back ``pipelined_ms``), ``slowdown_vs_balanced`` and
     ``pct_of_ceiling`` (TFLOP/s vs the dense matmul, or GB/s vs the copy rate) in place. Emulated records take no
     part: they get none of the three and are no other record's comparison. Rows compared: same suite, op family
     (``op_family``), pass, shape, dtype and pattern. Our fused layer rows, emulated ones included, also get
@@ -82,6 +84,8 @@ def add_ratios(records: list[dict], ceilings: dict) -> None:
         for other in groups[_key(r)]:
             if other is not r:
                 r["ratio_to"][contender(other)] = other["time_ms"] / r["time_ms"]
+                if r["pipelined_ms"] and other["pipelined_ms"]:
+                    r["pipelined_ratio_to"][contender(other)] = other["pipelined_ms"] / r["pipelined_ms"]
         if r["pattern"] and r["pattern"].get("name") != "balanced":
             key = _key(r)[:-1] + ("balanced",)
             base = [b for b in groups.get(key, []) if contender(b) == contender(r)]

@@ -39,7 +39,10 @@ EMULATED_NA = "n/a (emulated)"
 def _ratios(r: dict) -> str:
     if r["emulated"] and r["status"] == "ok":
         return EMULATED_NA
-    return " ".join(f"{k}:{v:.2f}x" for k, v in sorted(r["ratio_to"].items())) or "-"
+    cell = " ".join(f"{k}:{v:.2f}x" for k, v in sorted(r["ratio_to"].items())) or "-"
+    piped = r.get("pipelined_ratio_to") or {}
+    return cell + (" (pipelined " + " ".join(f"{k}:{v:.2f}x" for k, v in sorted(piped.items())) + ")"
+                   if piped else "")
 
 
 def _pct(r: dict) -> str:
@@ -75,7 +78,7 @@ def _vs_unfused(r: dict) -> str:
 
 def table(records: list[dict]) -> str:
     """One line per record, grouped by suite; unavailable / failed rows say why."""
-    cols = ("op", "pass", "shape", "pattern", "implementation", "status", "time ms", "rate", "% ceil",
+    cols = ("op", "pass", "shape", "pattern", "implementation", "status", "time ms", "pipelined ms", "rate", "% ceil",
             "peak MB", "peak (temp) / unfused", "parity: max rel err vs reference (tol)",
             "vs others (their time / ours)", "slowdown vs balanced")
     lines = []
@@ -85,7 +88,7 @@ def table(records: list[dict]) -> str:
             par = _parity_cell(r["parity"])
             status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
             rows.append((r["op"], r["pass"], _shape_label(r["shape"]), (r["pattern"] or {}).get("label", "-"),
-                         _impl_label(r), status, _fmt(r["time_ms"], ".4g"), _rate(r),
+                         _impl_label(r), status, _fmt(r["time_ms"], ".4g"), _fmt(r.get("pipelined_ms"), ".4g"), _rate(r),
                          _pct(r), _peak(r), _vs_unfused(r), par, _ratios(r), _fmt(r["slowdown_vs_balanced"], ".2f")))
         widths = [min(max(len(str(c)) for c in col), 70) for col in zip(cols, *rows)]
         lines.append(f"\n== {suite} ==")
@@ -135,15 +138,21 @@ def summary(records: list[dict]) -> list[dict]:
     for key in dict.fromkeys((r["suite"], r["op"], r["pass"], r["implementation"]) for r in ours):
         rows = [r for r in ours if (r["suite"], r["op"], r["pass"], r["implementation"]) == key]
         bal = [r for r in rows if (r["pattern"] or {}).get("name") == "balanced"]
-        others = sorted({o for r in bal for o in r["ratio_to"]})
-        geo = {o: math.exp(sum(math.log(r["ratio_to"][o]) for r in bal if o in r["ratio_to"]) /
-                           sum(1 for r in bal if o in r["ratio_to"])) for o in others}
+        geo, piped = _geomeans(bal, "ratio_to"), _geomeans(bal, "pipelined_ratio_to")
         pct = [r["pct_of_ceiling"] for r in bal if r["pct_of_ceiling"] is not None]
         slow = [r["slowdown_vs_balanced"] for r in rows if r["slowdown_vs_balanced"] is not None]
         out.append({"suite": key[0], "op": key[1], "pass": key[2], "implementation": key[3], "shapes": len(bal),
-                    "geomean_ratio_to": geo, "mean_pct_of_ceiling": sum(pct) / len(pct) if pct else None,
+                    "geomean_ratio_to": geo, "geomean_pipelined_ratio_to": piped,
+                    "mean_pct_of_ceiling": sum(pct) / len(pct) if pct else None,
                     "max_slowdown_vs_balanced": max(slow) if slow else None})
     return out
+
+
+def _geomeans(rows: list[dict], field: str) -> dict:
+    """{other: geometric mean over ``rows`` of ``row[field][other]``} for every other named in any row."""
+    others = sorted({o for r in rows for o in r.get(field) or {}})
+    return {o: math.exp(sum(math.log(r[field][o]) for r in rows if o in r.get(field, {})) /
+                        sum(1 for r in rows if o in r.get(field, {}))) for o in others}
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -153,6 +162,9 @@ def summary_table(rows: list[dict]) -> str:
              "left out) =="]
     for s in rows:
         ratios = " ".join(f"{k}:{v:.2f}x" for k, v in s["geomean_ratio_to"].items()) or "-"
+        piped = s.get("geomean_pipelined_ratio_to") or {}
+        if piped:
+            ratios += " (pipelined " + " ".join(f"{k}:{v:.2f}x" for k, v in piped.items()) + ")"
         lines.append(f"{s['suite']} {s['op']} {s['pass']} {s['implementation']}: {s['shapes']} shapes, "
                      f"mean {_fmt(s['mean_pct_of_ceiling'], '.1f')} % of ceiling, vs {ratios}, "
                      f"worst slowdown vs balanced {_fmt(s['max_slowdown_vs_balanced'], '.2f')}")

@@ -213,7 +213,7 @@ def sweep(problem: Problem, dtype, *, arch: str, budget_s: float, repeats: int) 
             err = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(fn(*inputs)), jax.tree.leaves(want)))
             if not err <= tol:
                 raise ValueError(f"rel err {err:.2e} vs the shipped config > {tol}")
-            seconds = measure(fn, [inputs], warmup=0, repeats=repeats)[0].median_s
+            seconds = measure(fn, [inputs], warmup=0, repeats=repeats, pipelined=False)[0].median_s
         except Exception as exc:  # noqa: BLE001 - a config that does not compile / launch / agree is a row
             rows.append({"config": cfg.name, "error": str(exc).strip().splitlines()[-1][:160] if str(exc) else
                          type(exc).__name__})

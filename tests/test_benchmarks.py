@@ -21,7 +21,7 @@ RECORD_KEYS = {
     "status", "reason", "shape", "dtype", "pattern", "routing", "config", "time_ms", "samples_ms", "warmup",
     "repeats", "rotations", "flops", "tflops", "bytes", "gbps", "ceiling_basis", "pct_of_ceiling", "ceiling",
     "ratio_to", "slowdown_vs_balanced", "parity", "note", "device", "versions", "timestamp",
-    "memory", "peak_vs_unfused", "temp_vs_unfused",
+    "memory", "peak_vs_unfused", "temp_vs_unfused", "pipelined_ms", "pipelined_ratio_to",
 }
 MEMORY_KEYS = {"peak_bytes", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "source"}
 DOC_KEYS = {"schema_version", "command", "started", "finished", "device", "versions", "routing_source", "ceilings",
@@ -43,6 +43,7 @@ def _check_schema(doc):
         if rec["status"] == "ok":
             assert rec["time_ms"] > 0 and len(rec["samples_ms"]) == rec["repeats"]
             assert rec["time_ms"] == pytest.approx(float(np.median(rec["samples_ms"])))
+            assert rec["pipelined_ms"] > 0 and set(rec["pipelined_ratio_to"]) <= set(rec["ratio_to"])
             assert rec["tflops"] or rec["gbps"]
             if rec["suite"] in ("main", "layer"):  # every measured layer row carries its compiled memory
                 mem = rec["memory"]
@@ -51,7 +52,7 @@ def _check_schema(doc):
                                              - mem["alias_bytes"])
         else:
             assert rec["reason"], rec
-            assert rec["time_ms"] is None
+            assert rec["time_ms"] is None and rec["pipelined_ms"] is None
 
 
 @pytest.fixture(autouse=True)
@@ -295,6 +296,24 @@ def test_measure_checks_first_call_and_rotates():
     assert sorted(set(calls[2:])) == [1.0, 2.0, 3.0]                       # timed calls cycle through the sets
     assert t.repeats == 5 and len(t.samples_s) == 5 and t.median_s == float(np.median(t.samples_s))
     assert parity.ok
+    assert len(calls) == 1 + 1 + 5 + 5 and sorted(set(calls[-5:])) == [1.0, 2.0, 3.0]  # + 5 pipelined calls
+    assert t.pipelined_s > 0 and timing.measure(fn, sets, repeats=2, pipelined=False)[0].pipelined_s is None
+
+
+def test_pipelined_calls_sync_once_after_the_last():
+    """The pipelined figure issues its calls back-to-back: only the last output is waited for."""
+    waited = []
+
+    class Out:
+        def __init__(self, i):
+            self.i = i
+
+        def block_until_ready(self):
+            waited.append(self.i)
+            return self
+    count = iter(range(100))
+    t, _ = timing.measure(lambda: Out(next(count)), [()], warmup=0, repeats=4)
+    assert waited == [0, 1, 2, 3, 4, 8] and t.as_dict()["pipelined_ms"] == pytest.approx(t.pipelined_s * 1e3)
 
 
 @pytest.mark.parametrize("spec", ["balanced", "hot:1:4", "hot:2:-1", "zipf:1.2"])
