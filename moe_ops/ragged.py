@@ -16,8 +16,9 @@ Beyond lax: ``group_offset`` (lax 0.10 raises ``NotImplementedError`` for it) is
 ``gmm``'s meaning: rhs holds ``G_local <= g`` groups, row block ``i`` uses ``rhs[i - group_offset]`` and rows of
 non-local groups come out as zeros. Negative group sizes, undefined in lax, count as zero here.
 
-Operands of a dtype no kernel takes (integers such as int8 with ``preferred_element_type=int32``, float8, float64)
-run ``jax.lax.ragged_dot_general`` itself, with lax's semantics (no ``group_offset``).
+Operands of a dtype no kernel takes (integers such as int8 with ``preferred_element_type=int32``, float8 alone or
+mixed with other floats, float64), and an integer ``preferred_element_type``, run ``jax.lax.ragged_dot_general``
+itself, with lax's semantics (no ``group_offset``).
 """
 
 from __future__ import annotations
@@ -55,13 +56,16 @@ def ragged_dot_general(lhs, rhs, group_sizes, ragged_dot_dimension_numbers, prec
     if out_sharding is not None:
         raise NotImplementedError("out_sharding is not supported by moe_ops.ragged_dot(_general); shard the "
                                   "operands (or reshard the result) instead")
+    for name, x in (("lhs", lhs), ("rhs", rhs)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if not hasattr(group_sizes, "dtype") or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise TypeError(f"group_sizes must be an integer array, got {getattr(group_sizes, 'dtype', group_sizes)!r}")
     mode, ragged = _mode(lhs, dims)
     out = _lax_out_aval(lhs, rhs, group_sizes, dims, precision, preferred_element_type, group_offset, mode)
     kw = dict(precision=precision, preferred_element_type=out.dtype, implementation=implementation)
-    in_dtype = jnp.result_type(lhs.dtype, rhs.dtype)
-    if not validation.is_kernel_float(in_dtype):  # integers, float8, float64: lax's own op (no kernel takes them)
+    in_dtype = _kernel_input_dtype(lhs.dtype, rhs.dtype, out.dtype)
+    if in_dtype is None:  # integers, float8, float64, an integer result: lax's own op (no kernel takes them)
         if group_offset is not None:
             raise ValueError(f"group_offset needs float32 / bfloat16 / float16 operands (the kernels' dtypes), got "
                              f"lhs {lhs.dtype}, rhs {rhs.dtype}")
@@ -83,6 +87,16 @@ def ragged_dot_general(lhs, rhs, group_sizes, ragged_dot_dimension_numbers, prec
         result = _ragged_contraction(lhs, rhs, group_sizes, dims, ragged, kw)
     assert result.shape == out.shape, (result.shape, out.shape)
     return result
+
+
+def _kernel_input_dtype(lhs_dtype, rhs_dtype, out_dtype):
+    """The promoted float dtype the kernels multiply in, or None when lax must run the product: operands or result
+    of a dtype no kernel takes, or operands JAX does not promote to one another (float8 mixes, which lax accepts)."""
+    try:
+        in_dtype = jnp.result_type(lhs_dtype, rhs_dtype)
+    except jax.dtypes.TypePromotionError:  # e.g. float8_e4m3fn x bfloat16 (lax accepts the pair)
+        return None
+    return in_dtype if validation.is_kernel_float(in_dtype) and validation.is_kernel_float(out_dtype) else None
 
 
 def _mode(lhs, dims):

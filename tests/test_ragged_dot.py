@@ -147,3 +147,19 @@ def test_signatures_are_lax_signatures():
         params = inspect.signature(ours).parameters
         assert [p for p in params if p != "implementation"] == list(inspect.signature(theirs).parameters)
         assert params["implementation"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+@pytest.mark.parametrize("lhs_dtype,rhs_dtype,preferred", [
+    (jnp.float8_e4m3fn, jnp.bfloat16, jnp.float32), (jnp.bfloat16, jnp.float8_e4m3fn, None),
+    (jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.float32), (jnp.float32, jnp.float32, jnp.int32),
+    (jnp.bfloat16, jnp.bfloat16, jnp.int8)])
+def test_pairs_no_kernel_takes_run_lax(lhs_dtype, rhs_dtype, preferred):
+    """Float8 mixed with another float (no JAX promotion between them) and an integer result: lax accepts them,
+    so they run lax's own op, with its result exactly."""
+    m, k, n, g = 13, 8, 6, 3
+    k1, k2 = keys(11, 2)
+    lhs, rhs = randn(k1, (m, k)).astype(lhs_dtype), randn(k2, (g, k, n)).astype(rhs_dtype)
+    sizes = group_sizes("uneven", g, m)
+    want = jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=preferred)
+    got = moe_ops.ragged_dot(lhs, rhs, sizes, preferred_element_type=preferred, implementation="triton")
+    assert got.dtype == want.dtype and bool(jnp.all(got == want))

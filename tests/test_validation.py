@@ -26,6 +26,9 @@ sizes = jnp.array([3, 5, 0, 6], jnp.int32)
     (lambda: moe_ops.gmm(lhs.astype(jnp.int32), rhs, sizes), TypeError, r"lhs must be float32, bfloat16"),
     (lambda: moe_ops.gmm(lhs, rhs, sizes, preferred_element_type=jnp.int8), TypeError, "preferred_element_type"),
     (lambda: moe_ops.gmm(lhs, rhs, sizes, group_offset=1.5), TypeError, "group_offset"),
+    (lambda: moe_ops.gmm(lhs, rhs, sizes, group_offset=np.array([1.0])), TypeError, "group_offset"),
+    (lambda: moe_ops.gmm(lhs, rhs[:, :, :K], sizes, transpose_rhs="False"), TypeError, "transpose_rhs must be True"),
+    (lambda: moe_ops.ragged_dot(np.asarray(lhs).tolist(), rhs, sizes), TypeError, "lhs must be an array, got list"),
     (lambda: moe_ops.gmm(lhs, rhs, sizes, implementation="cuda"), ValueError, "implementation must be"),
     (lambda: moe_ops.tgmm(lhs, lhs[:5], sizes), ValueError, r"must share M"),
     (lambda: moe_ops.tgmm(lhs, lhs, sizes, num_groups=9), ValueError, r"num_groups must be"),
@@ -71,3 +74,13 @@ def test_out_of_range_expert_ids_are_dropped_or_raise_when_checked():
     np.testing.assert_array_equal(np.asarray(ids).reshape(-1)[np.asarray(sort_idx)[-10:]], [5, -1] * 5)
     with moe_ops.checked(), pytest.raises(Exception, match=r"expert_ids must lie in \[0, 4\)"):
         jax.block_until_ready(jax.jit(lambda x, i: moe_ops.permute(x, i, 4))(lhs, ids))
+
+
+@pytest.mark.parametrize("offset", [2 ** 40, -2 ** 40, np.int64(2 ** 32 + 1), np.uint64(2 ** 32), np.array([G]),
+                                    np.int8(-1)])
+def test_host_group_offsets_out_of_range_at_full_width(offset):
+    """An offset outside [0, G) selects no group however wide its host type: 2**32 + 1 must not wrap to 1 in the
+    int32 cast. The checked mode names the value instead."""
+    assert not np.asarray(jax.jit(lambda a, b: moe_ops.gmm(a, b, sizes, group_offset=offset))(lhs, rhs)).any()
+    with moe_ops.checked(), pytest.raises(ValueError, match=r"group_offset must lie in \[0, G=4\)"):
+        moe_ops.gmm(lhs, rhs, sizes, group_offset=offset)
