@@ -170,6 +170,7 @@ def scatter_gmm(h, rhs, group_sizes, sort_idx, weights, *, group_offset=None, tr
     sum); equal to ``unpermute(gmm(h, rhs, group_sizes), sort_idx, weights)``."""
     validation.check_gmm(h, rhs, group_sizes, transpose_rhs)
     validation.float_array("weights", weights, 2)
+    h, weights = jnp.asarray(h), jnp.asarray(weights)  # NumPy ones would be indexed by traced rows in the backward
     if not (h.shape[0] == sort_idx.shape[0] == weights.shape[0] * weights.shape[1]):
         raise ValueError(f"h [T*k,K], sort_idx [T*k] and weights [T,k] disagree: h {tuple(h.shape)}, sort_idx "
                          f"{tuple(sort_idx.shape)}, weights {tuple(weights.shape)}")

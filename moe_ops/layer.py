@@ -21,6 +21,7 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
     if not validation.is_static_int(top_k) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an int in [1, E={num_experts}], got {top_k!r}")
     top_k = int(top_k)
+    validation.flag("renormalize", renormalize)
     if bias is not None and not hasattr(bias, "shape"):
         raise TypeError(f"bias must be None or an array of shape [E]=({num_experts},), got {type(bias).__name__}")
     if bias is not None and tuple(bias.shape) != (num_experts,):

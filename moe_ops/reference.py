@@ -79,8 +79,12 @@ def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred
 def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
     """Top-k routing: logits [T,E] -> (weights [T,k] f32, expert_ids [T,k] int32).
 
-    ``bias`` [E] (DeepSeek-style load balancing) shifts the *selection* only; weights come from the unbiased scores.
-    With ``renormalize`` the k weights of a token sum to one."""
+    Without ``bias`` the k largest *logits* are selected (both score functions are monotone, so this is the top-k of
+    the scores, without the ties that rounding them makes; equal logits: the lowest index, as ``lax.top_k``).
+    ``bias`` [E] (DeepSeek-style load balancing) is added to the scores to select and does not enter the weights.
+    With ``renormalize`` the k weights of a token sum to one: computed as a softmax over the k selected logits
+    (``softmax``) or their log-sigmoids (``sigmoid``), which equals scores / their sum without its underflow (0 / 0
+    for very negative sigmoid logits)."""
     logits = logits.astype(jnp.float32)
     if score_fn == "softmax":
         scores = jax.nn.softmax(logits, axis=-1)
@@ -88,11 +92,13 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
         scores = jax.nn.sigmoid(logits)
     else:
         raise ValueError(f"score_fn must be 'softmax' or 'sigmoid', got {score_fn!r}")
-    selection = scores if bias is None else scores + bias.astype(jnp.float32)
+    selection = logits if bias is None else scores + bias.astype(jnp.float32)
     _, expert_ids = jax.lax.top_k(jax.lax.stop_gradient(selection), top_k)
-    weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
     if renormalize:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        picked = jnp.take_along_axis(logits, expert_ids, axis=-1)
+        weights = jax.nn.softmax(picked if score_fn == "softmax" else jax.nn.log_sigmoid(picked), axis=-1)
+    else:
+        weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
     return weights, expert_ids.astype(jnp.int32)
 
 

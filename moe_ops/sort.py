@@ -117,6 +117,7 @@ def unpermute(y_sorted, sort_idx, weights, *, n_valid=None, implementation=None)
     validation.float_array("y_sorted", y_sorted, 2)
     validation.sort_idx_array(sort_idx)
     validation.float_array("weights", weights, 2)
+    y_sorted, weights = jnp.asarray(y_sorted), jnp.asarray(weights)  # NumPy ones: indexed by traced rows in the bwd
     if not (sort_idx.shape[0] == y_sorted.shape[0] == weights.shape[0] * weights.shape[1]):
         raise ValueError(f"y_sorted [T*k,D], sort_idx [T*k] and weights [T,k] disagree: y_sorted "
                          f"{tuple(y_sorted.shape)}, sort_idx {tuple(sort_idx.shape)}, weights {tuple(weights.shape)}")

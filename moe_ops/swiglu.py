@@ -270,6 +270,7 @@ def swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights, *, group
     validation.check_expert_weights(x, w_gate, w_up, w_down)
     validation.check_group_sizes(group_sizes, w_gate.shape[0], "w_gate")
     validation.float_array("weights", weights, 2)
+    x, weights = jnp.asarray(x), jnp.asarray(weights)  # NumPy ones would be indexed by traced rows in the backward
     validation.sort_idx_array(sort_idx)
     t, k = weights.shape
     if t != x.shape[0] or sort_idx.shape[0] != t * k:

@@ -163,3 +163,21 @@ def test_pairs_no_kernel_takes_run_lax(lhs_dtype, rhs_dtype, preferred):
     want = jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=preferred)
     got = moe_ops.ragged_dot(lhs, rhs, sizes, preferred_element_type=preferred, implementation="triton")
     assert got.dtype == want.dtype and bool(jnp.all(got == want))
+
+
+@pytest.mark.parametrize("impl", ["triton", "pallas"])
+@pytest.mark.parametrize("name", ["gmm_k_first", "tgmm"])
+def test_second_order_matches_lax(impl, name):
+    """grad of grad (README: second order works for the grouped matmuls, whose backward is again grouped matmuls)."""
+    lhs_shape, rhs_shape, _, dims, _ = DIMS[name]
+    k1, k2 = keys(12, 2)
+    lhs, rhs = randn(k1, lhs_shape), randn(k2, rhs_shape)
+    sizes = group_sizes("uneven", 4, 19)
+
+    def second(fn):
+        inner = jax.grad(lambda a, b: jnp.sum(jnp.sin(fn(a, b))), argnums=(0, 1))
+        return jax.grad(lambda a, b: sum(jnp.sum(jnp.cos(g)) for g in inner(a, b)), argnums=(0, 1))(lhs, rhs)
+    got = second(lambda a, b: moe_ops.ragged_dot_general(a, b, sizes, dims, implementation=impl))
+    want = second(lambda a, b: lax_dense(a, b, sizes, dims, None, None))
+    for g, w in zip(got, want):
+        assert_close(g, w, TOL[jnp.float32], f"{name} second order")
