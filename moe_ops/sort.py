@@ -3,7 +3,8 @@
 * ``permute``:  ``x_sorted[i] = x[sort_idx[i] // k]``.  ``dx = combine_rows(dx_sorted, sort_idx, ones)``.
 * ``unpermute``: ``out[t] = sum_j w[t,j] * y[inverse[t*k+j]]``.
   ``dy = gather_rows(dout, sort_idx, k, row_weights=w)`` (a weighted permute) and
-  ``dw[t,j] = <dout[t], y[inverse[t*k+j]]>`` (``combine_weight_grad``).
+  ``dw[t,j] = <dout[t], y[inverse[t*k+j]]>`` (``combine_weight_grad``); these two and the combine are custom VJPs
+  of each other's kernels, so every derivative order runs the same three kernels.
 
 Valid-prefix form (expert parallelism, worst-case-sized buffers): with ``n_valid`` (an int32 device scalar), only
 sorted rows ``i < n_valid`` exist. ``permute`` writes zeros to rows ``>= n_valid`` (and reads nothing for them);
@@ -44,6 +45,11 @@ def _gather_bwd(k, impl, residuals, dx_sorted):
 _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
+# The combine and its two adjoints form a closed family of bilinear ops, each one's VJP made of the other two, so
+# every order of derivative runs the same three kernels (``k`` = slots per token, static):
+#   _combine(y, w)[t]        = sum_j w[t,j] * y[pos(t,j)]       (combine_rows)
+#   _weighted_gather(x, w)[i] = w.flat[s_i] * x[s_i // k]        (gather_rows with row weights; 0 past n_valid)
+#   _weight_grad(d, y)[t,j]  = <d[t], y[pos(t,j)]>              (combine_weight_grad)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _combine(y, sort_idx, weights, n_valid, impl):
     return vma.like(backend.ops(impl).combine_rows(y, sort_idx, weights, n_valid=n_valid), y)
@@ -55,14 +61,52 @@ def _combine_fwd(y, sort_idx, weights, n_valid, impl):
 
 def _combine_bwd(impl, residuals, dout):
     y, sort_idx, weights, n_valid = residuals
-    ops = backend.ops(impl)
-    k = weights.shape[1]
-    dy = ops.gather_rows(dout.astype(y.dtype), sort_idx, k, row_weights=weights, n_valid=n_valid)
-    dw = ops.combine_weight_grad(dout, y, sort_idx, k, n_valid=n_valid).astype(weights.dtype)
+    dy = _weighted_gather(dout.astype(y.dtype), sort_idx, weights, n_valid, impl)
+    dw = _weight_grad(dout, y, sort_idx, n_valid, impl).astype(weights.dtype)
     return vma.like(dy, y), None, vma.like(dw, weights), None
 
 
 _combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _weighted_gather(x, sort_idx, weights, n_valid, impl):
+    out = backend.ops(impl).gather_rows(x, sort_idx, weights.shape[1], row_weights=weights, n_valid=n_valid)
+    return vma.like(out, x)
+
+
+def _weighted_gather_fwd(x, sort_idx, weights, n_valid, impl):
+    return _weighted_gather(x, sort_idx, weights, n_valid, impl), (x, sort_idx, weights, n_valid)
+
+
+def _weighted_gather_bwd(impl, residuals, ct):
+    x, sort_idx, weights, n_valid = residuals
+    dx = _combine(ct.astype(x.dtype), sort_idx, weights, n_valid, impl)
+    dw = _weight_grad(x, ct, sort_idx, n_valid, impl).astype(weights.dtype)
+    return vma.like(dx, x), None, vma.like(dw, weights), None
+
+
+_weighted_gather.defvjp(_weighted_gather_fwd, _weighted_gather_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _weight_grad(d, y, sort_idx, n_valid, impl):
+    k = sort_idx.shape[0] // d.shape[0]
+    return vma.like(backend.ops(impl).combine_weight_grad(d, y, sort_idx, k, n_valid=n_valid), d)
+
+
+def _weight_grad_fwd(d, y, sort_idx, n_valid, impl):
+    return _weight_grad(d, y, sort_idx, n_valid, impl), (d, y, sort_idx, n_valid)
+
+
+def _weight_grad_bwd(impl, residuals, ct):
+    d, y, sort_idx, n_valid = residuals
+    dd = _combine(y, sort_idx, ct, n_valid, impl).astype(d.dtype)
+    dy = _weighted_gather(d, sort_idx, ct, n_valid, impl).astype(y.dtype)
+    return vma.like(dd, d), vma.like(dy, y), None, None
+
+
+_weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
 
 
 def _n_valid_array(n_valid):

@@ -78,3 +78,16 @@ def test_recompute_must_be_a_bool():
     x, logits, ws = layer_inputs(SHAPES["xla"], "balanced")
     with pytest.raises(TypeError, match="recompute"):
         moe_ops.moe_ffn(x, logits, *ws, top_k=2, recompute="no")
+
+
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_unfused_layer_second_order_matches_dense(impl):
+    """grad of grad of ``moe_ffn(fused=False)`` (README: higher derivatives of the unfused layer on every backend)."""
+    x, logits, ws = layer_inputs(SHAPES["triton"], "balanced", seed=4)
+
+    def second(fn):
+        inner = jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a, top_k=2))), argnums=range(5))
+        return jax.grad(lambda *a: sum(jnp.sum(g ** 2) for g in inner(*a)), argnums=(0, 2, 4))(x, logits, *ws)
+    got = second(lambda *a, top_k: moe_ops.moe_ffn(*a, top_k=top_k, fused=False, implementation=impl))
+    for name, g, e in zip(["x", "w_gate", "w_down"], got, second(R.moe_ffn_dense)):
+        assert_close(g, e, 1e-4, f"second order d{name}")

@@ -171,6 +171,27 @@ def test_gradients(impl, case):
         assert_close(a, b, 1e-5, f"{impl}/{case} {name}")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_second_order(impl):
+    """grad of grad of the permute / unpermute round trip in every float input: the combine's VJP is made of its two
+    adjoint ops (weighted gather, weight gradient), and theirs of each other, all custom VJPs over the kernels."""
+    t, k, e, d = 9, 2, 4, 16
+    kx, ky, kw, k1, k2 = keys(6, 5)
+    x, y = randn(kx, (t, d)), randn(ky, (t * k, d))
+    w = jax.random.uniform(kw, (t, k), jnp.float32)
+    ids = expert_ids("out_of_range", t, k, e, 3)
+    ct_sorted, ct_out = randn(k1, (t * k, d)), randn(k2, (t, d))
+
+    def second(fn):
+        inner = jax.grad(lambda *a: fn(*a) ** 2, argnums=(0, 1, 2))
+        return jax.grad(lambda *a: sum(jnp.sum(jnp.sin(g)) for g in inner(*a, ids)), argnums=(0, 1, 2))(x, y, w)
+    ours = _round_trip_loss(lambda *a: moe_ops.permute(*a, implementation=impl),
+                            lambda *a: moe_ops.unpermute(*a, implementation=impl), e, ct_sorted, ct_out)
+    ref = _round_trip_loss(reference.permute, reference.unpermute, e, ct_sorted, ct_out)
+    for name, a, b in zip(("x", "y", "w"), second(ours), second(ref)):
+        assert_close(a, b, 1e-4, f"{impl} second order d{name}")  # f32 sums of squares: 1e-5 is too tight
+
+
 @pytest.mark.parametrize("impl", ["triton", pytest.param("pallas", marks=pytest.mark.slow)])
 def test_deterministic(impl):
     """Bitwise-identical results on reruns (no atomics, fixed reduction order)."""
