@@ -77,7 +77,7 @@ def _gather_gmm_bwd(k, transpose_rhs, out_dtype, impl, residuals, dy):
     dy = dy.astype(x.dtype)
     dx_sorted = _gmm(dy, rhs, group_sizes, group_offset, not transpose_rhs, x.dtype, impl)  # [T*k, K], zero rows
     ones = jnp.ones((x.shape[0], k), jnp.float32)                                          # outside local groups
-    dx = _combine(dx_sorted, sort_idx, ones, None, impl)
+    dx = _combine(dx_sorted, ones, sort_idx, None, impl)
     x_sorted = _gather(x, sort_idx, None, k, impl)
     a, b = (dy, x_sorted) if transpose_rhs else (x_sorted, dy)
     drhs = _tgmm(a, b, group_sizes, group_offset, rhs.shape[0], rhs.dtype, impl)

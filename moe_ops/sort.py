@@ -39,74 +39,44 @@ def _gather_fwd(x, sort_idx, n_valid, k, impl):
 def _gather_bwd(k, impl, residuals, dx_sorted):
     sort_idx, n_valid = residuals
     ones = jnp.ones((sort_idx.shape[0] // k, k), jnp.float32)
-    return _combine(dx_sorted, sort_idx, ones, n_valid, impl), None, None
+    return _combine(dx_sorted, ones, sort_idx, n_valid, impl), None, None
 
 
 _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
+def _bilinear(kernel, vjp):
+    """A custom-VJP op ``f(a, b, sort_idx, n_valid, impl) = kernel(ops, a, b, sort_idx, n_valid)``, bilinear in
+    (a, b); ``vjp(impl, a, b, sort_idx, n_valid, ct) -> (da, db)``."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def op(a, b, sort_idx, n_valid, impl):
+        return vma.like(kernel(backend.ops(impl), a, b, sort_idx, n_valid), a)
+
+    def fwd(a, b, sort_idx, n_valid, impl):
+        return op(a, b, sort_idx, n_valid, impl), (a, b, sort_idx, n_valid)
+
+    def bwd(impl, residuals, ct):
+        a, b, sort_idx, n_valid = residuals
+        da, db = vjp(impl, a, b, sort_idx, n_valid, ct)
+        return vma.like(da.astype(a.dtype), a), vma.like(db.astype(b.dtype), b), None, None
+    op.defvjp(fwd, bwd)
+    return op
+
+
 # The combine and its two adjoints form a closed family of bilinear ops, each one's VJP made of the other two, so
-# every order of derivative runs the same three kernels (``k`` = slots per token, static):
-#   _combine(y, w)[t]        = sum_j w[t,j] * y[pos(t,j)]       (combine_rows)
+# every order of derivative runs the same three kernels (``k`` = slots per token, static; ``pos`` = inverse of s):
+#   _combine(y, w)[t]         = sum_j w[t,j] * y[pos(t,j)]       (combine_rows)
 #   _weighted_gather(x, w)[i] = w.flat[s_i] * x[s_i // k]        (gather_rows with row weights; 0 past n_valid)
-#   _weight_grad(d, y)[t,j]  = <d[t], y[pos(t,j)]>              (combine_weight_grad)
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _combine(y, sort_idx, weights, n_valid, impl):
-    return vma.like(backend.ops(impl).combine_rows(y, sort_idx, weights, n_valid=n_valid), y)
-
-
-def _combine_fwd(y, sort_idx, weights, n_valid, impl):
-    return _combine(y, sort_idx, weights, n_valid, impl), (y, sort_idx, weights, n_valid)
-
-
-def _combine_bwd(impl, residuals, dout):
-    y, sort_idx, weights, n_valid = residuals
-    dy = _weighted_gather(dout.astype(y.dtype), sort_idx, weights, n_valid, impl)
-    dw = _weight_grad(dout, y, sort_idx, n_valid, impl).astype(weights.dtype)
-    return vma.like(dy, y), None, vma.like(dw, weights), None
-
-
-_combine.defvjp(_combine_fwd, _combine_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _weighted_gather(x, sort_idx, weights, n_valid, impl):
-    out = backend.ops(impl).gather_rows(x, sort_idx, weights.shape[1], row_weights=weights, n_valid=n_valid)
-    return vma.like(out, x)
-
-
-def _weighted_gather_fwd(x, sort_idx, weights, n_valid, impl):
-    return _weighted_gather(x, sort_idx, weights, n_valid, impl), (x, sort_idx, weights, n_valid)
-
-
-def _weighted_gather_bwd(impl, residuals, ct):
-    x, sort_idx, weights, n_valid = residuals
-    dx = _combine(ct.astype(x.dtype), sort_idx, weights, n_valid, impl)
-    dw = _weight_grad(x, ct, sort_idx, n_valid, impl).astype(weights.dtype)
-    return vma.like(dx, x), None, vma.like(dw, weights), None
-
-
-_weighted_gather.defvjp(_weighted_gather_fwd, _weighted_gather_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _weight_grad(d, y, sort_idx, n_valid, impl):
-    k = sort_idx.shape[0] // d.shape[0]
-    return vma.like(backend.ops(impl).combine_weight_grad(d, y, sort_idx, k, n_valid=n_valid), d)
-
-
-def _weight_grad_fwd(d, y, sort_idx, n_valid, impl):
-    return _weight_grad(d, y, sort_idx, n_valid, impl), (d, y, sort_idx, n_valid)
-
-
-def _weight_grad_bwd(impl, residuals, ct):
-    d, y, sort_idx, n_valid = residuals
-    dd = _combine(y, sort_idx, ct, n_valid, impl).astype(d.dtype)
-    dy = _weighted_gather(d, sort_idx, ct, n_valid, impl).astype(y.dtype)
-    return vma.like(dd, d), vma.like(dy, y), None, None
-
-
-_weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
+#   _weight_grad(d, y)[t,j]   = <d[t], y[pos(t,j)]>              (combine_weight_grad, f32)
+_combine = _bilinear(
+    lambda ops, y, w, s, n: ops.combine_rows(y, s, w, n_valid=n),
+    lambda impl, y, w, s, n, ct: (_weighted_gather(ct.astype(y.dtype), w, s, n, impl), _weight_grad(ct, y, s, n, impl)))
+_weighted_gather = _bilinear(
+    lambda ops, x, w, s, n: ops.gather_rows(x, s, w.shape[1], row_weights=w, n_valid=n),
+    lambda impl, x, w, s, n, ct: (_combine(ct.astype(x.dtype), w, s, n, impl), _weight_grad(x, ct, s, n, impl)))
+_weight_grad = _bilinear(
+    lambda ops, d, y, s, n: ops.combine_weight_grad(d, y, s, s.shape[0] // d.shape[0], n_valid=n),
+    lambda impl, d, y, s, n, ct: (_combine(y, ct, s, n, impl), _weighted_gather(d, ct, s, n, impl)))
 
 
 def _n_valid_array(n_valid):
@@ -171,4 +141,4 @@ def unpermute(y_sorted, sort_idx, weights, *, n_valid=None, implementation=None)
     if empty is not None:
         return empty
     y_sorted, sort_idx, weights = vma.match_vma(y_sorted, sort_idx.astype(jnp.int32), weights)
-    return _combine(y_sorted, sort_idx, weights, _n_valid_array(n_valid), impl)
+    return _combine(y_sorted, weights, sort_idx, _n_valid_array(n_valid), impl)
