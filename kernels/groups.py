@@ -27,4 +27,6 @@ def segment_of(ends, positions):
     number of ends ``<= position`` (``searchsorted(side="right")``; ``S`` past the last end). A compare-and-count that
     XLA fuses into one kernel: the default binary search lowers to a ``while`` loop, which XLA GPU runs as a few
     kernel launches per step from the host, before every grouped matmul."""
-    return jnp.searchsorted(ends, positions, side="right", method="compare_all").astype(jnp.int32)
+    # written out rather than searchsorted(method="compare_all"): jax 0.10's searchsorted fails an assertion on
+    # operands varying over some manual axes (a shard_map manual over part of the mesh, check_vma on)
+    return jnp.sum(ends[None, :] <= positions[:, None], axis=1, dtype=jnp.int32)

@@ -28,10 +28,12 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from moe_ops import ep_strategies, layer, validation
+from moe_ops import backend, ep_strategies, layer, validation, vma
 from moe_ops.sharding import MoEShardingConfig, choose_strategy, remove_axes, spec_axes, weight_spec
 
 __all__ = ["moe_ffn_partitioned", "moe_ffn_shard", "Plan", "plan"]
@@ -53,13 +55,15 @@ def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoESh
     """Per-shard MoE for use inside ``shard_map`` over a mesh with ``config.expert_axis``.
 
     x [T_l, D] and router_logits [T_l, E] are this device's tokens (sharded over the expert axis iff
-    ``tokens_on_expert``, default ``expert_axis in config.batch_axes``); weights are the local blocks (E_l experts,
+    ``tokens_on_expert``; by default read from x's varying manual axes under ``check_vma``, else
+    ``expert_axis in config.batch_axes``); weights are the local blocks (E_l experts,
     or for ``ep_tp`` all experts with F/EP), additionally sharded over ``fsdp_axis`` on E when given. ``auto`` reads
     the weight layout: ``ep_tp`` when every expert is local, else ``all_to_all``."""
     axis = config.expert_axis
     ep = jax.lax.axis_size(axis)
-    if tokens_on_expert is None:
-        tokens_on_expert = axis in config.batch_axes
+    if tokens_on_expert is None:  # what x's type says (shard_map's check_vma), else the config's batch axes
+        varying = vma.varying_axes(x)
+        tokens_on_expert = axis in varying if varying else axis in config.batch_axes
     w_gate, w_up, w_down = ep_strategies.gather_fsdp((w_gate, w_up, w_down), fsdp_axis)
     strategy = config.strategy
     if strategy == "auto":  # the caller fixed the weight layout: all experts local means ep_tp
@@ -176,7 +180,23 @@ def _replicated_axes(mesh, spec):
     return tuple(a for a in mesh.axis_names if a not in used and mesh.shape[a] > 1)
 
 
+def _check_partitionable(implementation):
+    """On a CPU host the Triton kernels run in the interpreter through a host callback, which the partitioned
+    program cannot keep alive (the process dies); say so instead."""
+    if jax.default_backend() == "cpu" and backend.resolve(implementation) == "triton":
+        raise NotImplementedError(
+            "moe_ffn(sharding=...) with implementation='triton' on a CPU host: the Triton interpreter runs through a "
+            "host callback, which jax.custom_partitioning cannot carry into the partitioned program. On CPU use "
+            "implementation='xla' or 'pallas' here, or call moe_ffn_shard inside jax.shard_map")
+
+
 def _plan_from_args(static, mesh, arg_shapes):
+    """The plan, or None on a mesh without axes (what the partitioner passes for operands that carry no mesh, e.g.
+    uncommitted arrays under ``jax.set_mesh``, or inside a shard_map manual over part of the mesh): the op then
+    runs its one-device body on whatever the operands hold."""
+    if not mesh.axis_names:
+        return None
+    _check_partitionable(static.implementation)
     x, logits, w_gate = arg_shapes[0], arg_shapes[1], arg_shapes[2]
     return plan(static.config, mesh, x.sharding, x.shape[0], logits.shape[1], w_gate.shape[2])
 
@@ -198,11 +218,15 @@ def _forward(x, router_logits, w_gate, w_up, w_down, static):
 
 def _forward_partition(static, mesh, arg_shapes, result_shape):
     p = _plan_from_args(static, mesh, arg_shapes)
+    if p is None:
+        return (mesh, functools.partial(_single_device, static=static), result_shape.sharding,
+                tuple(a.sharding for a in arg_shapes))
     return mesh, _shard_fn(static, p), NamedSharding(mesh, p.token_spec()), _named(mesh, p.arg_specs())
 
 
 def _forward_infer(static, mesh, arg_shapes, result_shape):
-    return NamedSharding(mesh, _plan_from_args(static, mesh, arg_shapes).token_spec())
+    p = _plan_from_args(static, mesh, arg_shapes)
+    return arg_shapes[0].sharding if p is None else NamedSharding(mesh, p.token_spec())
 
 
 def _propagate_user(static, mesh, user_shape):
@@ -216,14 +240,21 @@ _forward.def_partition(partition=_forward_partition, infer_sharding_from_operand
 
 
 # ---- backward op -----------------------------------------------------------------------------------------------
-@functools.partial(custom_partitioning, static_argnums=(6,))
-def _backward(x, router_logits, w_gate, w_up, w_down, dy, static):
+def _backward_one_device(x, router_logits, w_gate, w_up, w_down, dy, static):
     _, vjp = jax.vjp(lambda *a: _single_device(*a, static), x, router_logits, w_gate, w_up, w_down)
     return vjp(dy)
 
 
+@functools.partial(custom_partitioning, static_argnums=(6,))
+def _backward(x, router_logits, w_gate, w_up, w_down, dy, static):
+    return _backward_one_device(x, router_logits, w_gate, w_up, w_down, dy, static)
+
+
 def _backward_partition(static, mesh, arg_shapes, result_shape):
     p = _plan_from_args(static, mesh, arg_shapes)
+    if p is None:
+        return (mesh, lambda *a: _backward_one_device(*a, static), tuple(a.sharding for a in arg_shapes[:5]),
+                tuple(a.sharding for a in arg_shapes))
     specs = p.arg_specs()
     shard = _shard_fn(static, p)
     out_copies = math.prod(mesh.shape[a] for a in _replicated_axes(mesh, p.token_spec()))
@@ -241,7 +272,8 @@ def _psum(g, axes):
 
 
 def _backward_infer(static, mesh, arg_shapes, result_shape):
-    return _named(mesh, _plan_from_args(static, mesh, arg_shapes).arg_specs())
+    p = _plan_from_args(static, mesh, arg_shapes)
+    return tuple(a.sharding for a in arg_shapes[:5]) if p is None else _named(mesh, p.arg_specs())
 
 
 _BWD_RULE = "t d, t e, w i f, w i f, w f i, t d -> t d, t e, w i f, w i f, w f i"
@@ -249,18 +281,54 @@ _backward.def_partition(partition=_backward_partition, infer_sharding_from_opera
                         sharding_rule=_checked_rule(_BWD_RULE))
 
 
+# ---- vmap (custom_partitioning has no batching rule) ---------------------------------------------------------
+def _batched(op, fold):
+    """``op(*arrays, static)`` with a vmap rule: ``fold(static, B, in_batched, arrays)`` when it can take the batch
+    in one call (else None), otherwise one call per batch element (``lax.map``), unbatched operands shared."""
+    def call(*args):
+        *arrays, static = args
+        fn = custom_vmap(lambda *xs: op(*xs, static))
+
+        @fn.def_vmap
+        def rule(axis_size, in_batched, *xs):
+            out = fold(static, axis_size, in_batched, xs)
+            if out is None:
+                def one(sliced):
+                    it = iter(sliced)
+                    return op(*[next(it) if b else a for a, b in zip(xs, in_batched)], static)
+                out = jax.lax.map(one, [a for a, b in zip(xs, in_batched) if b])
+            return out, jax.tree.map(lambda _: True, out)
+        return fn(*arrays)
+    return call
+
+
+def _fold_tokens(static, batch, in_batched, arrays):
+    """The forward maps tokens independently: a batch of x / router_logits over shared weights is more tokens
+    (not with a capacity, whose drops depend on the tokens exchanged together)."""
+    x, logits, *weights = arrays
+    if any(in_batched[2:]) or static.config.capacity_factor is not None:
+        return None
+    x, logits = (a if b else jnp.broadcast_to(a, (batch,) + a.shape) for a, b in zip((x, logits), in_batched[:2]))
+    out = _forward(x.reshape(-1, x.shape[-1]), logits.reshape(-1, logits.shape[-1]), *weights, static)
+    return out.reshape(x.shape)
+
+
+_forward_b = _batched(_forward, _fold_tokens)
+_backward_b = _batched(_backward, lambda *_: None)  # per-element weight gradients: one call per element
+
+
 # ---- differentiable op -----------------------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _moe(x, router_logits, w_gate, w_up, w_down, static):
-    return _forward(x, router_logits, w_gate, w_up, w_down, static)
+    return _forward_b(x, router_logits, w_gate, w_up, w_down, static)
 
 
 def _moe_fwd(x, router_logits, w_gate, w_up, w_down, static):
-    return _forward(x, router_logits, w_gate, w_up, w_down, static), (x, router_logits, w_gate, w_up, w_down)
+    return _forward_b(x, router_logits, w_gate, w_up, w_down, static), (x, router_logits, w_gate, w_up, w_down)
 
 
 def _moe_bwd(static, residuals, dy):
-    return _backward(*residuals, dy, static)
+    return _backward_b(*residuals, dy, static)
 
 
 _moe.defvjp(_moe_fwd, _moe_bwd)
@@ -283,8 +351,19 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
     mesh = _known_mesh(x, router_logits, w_gate, w_up, w_down)
     if mesh is not None:  # the partition rule's own checks, at trace time (else they fail inside the compiler)
         plan(sharding, mesh, None, *dims)
+        _check_partitionable(implementation)
     static = _Static(top_k, activation, score_fn, implementation, sharding, dims)
     shape = x.shape
-    out = _moe(x.reshape(-1, shape[-1]), router_logits.reshape(-1, router_logits.shape[-1]), w_gate, w_up, w_down,
+    run = functools.partial(_flat, static=static)
+    if mesh is not None and AxisType.Explicit in tuple(mesh.axis_types):
+        # Explicit axes (jax.make_mesh's default): the custom partitioning plans the shardings itself, so the op
+        # runs on Auto axes and hands back x's sharding
+        run = jax.sharding.auto_axes(run, out_sharding=jax.typeof(x).sharding)
+    return run(x, router_logits, w_gate, w_up, w_down)
+
+
+def _flat(x, router_logits, w_gate, w_up, w_down, static):
+    """The op on x / router_logits flattened to [T, D] / [T, E]; the result in x's shape."""
+    out = _moe(x.reshape(-1, x.shape[-1]), router_logits.reshape(-1, router_logits.shape[-1]), w_gate, w_up, w_down,
                static)
-    return out.reshape(shape)
+    return out.reshape(x.shape)

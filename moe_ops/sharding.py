@@ -16,9 +16,13 @@ gathers them over ``fsdp`` at its boundary, so inside the op each expert shard h
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
+import numpy as np
 from jax.sharding import PartitionSpec as P
+
+from moe_ops import validation
 
 __all__ = [
     "MoEShardingConfig", "STRATEGIES", "DEFAULT_RULES", "LOGICAL_AXES", "logical_to_spec", "remove_axes",
@@ -36,7 +40,8 @@ class MoEShardingConfig:
     expert_axis: mesh axis the experts are split over (EP). ``fsdp_axis``: mesh axis the expert weights are
     additionally sharded over on E (gathered at the op boundary); ignored when absent from the mesh.
     batch_axes: mesh axes (a name or a sequence of names) the token dim is sharded over when the operand sharding
-    does not say; names absent from the mesh are ignored, so the default fits data / fsdp / expert meshes alike.
+    does not say; names absent from the mesh are ignored, so the default, ``("data", "fsdp", expert_axis)``, fits
+    data / fsdp / expert meshes alike (with a renamed ``expert_axis`` too).
     capacity_factor: ``None`` = dropless; else the all-to-all receive buffer holds ``ceil(cf * T_local * top_k)``
     rows (capped at the dropless worst case) and copies past it are dropped deterministically (last sender's
     highest local experts first).
@@ -44,7 +49,7 @@ class MoEShardingConfig:
     """
     strategy: str = "auto"
     expert_axis: str = "expert"
-    batch_axes: tuple = ("data", "fsdp", "expert")
+    batch_axes: tuple | str | None = None  # None: ("data", "fsdp", expert_axis)
     fsdp_axis: str | None = "fsdp"
     capacity_factor: float | None = None
     ep_tp_max_tokens: int = 64
@@ -55,14 +60,20 @@ class MoEShardingConfig:
         if not isinstance(self.expert_axis, str) or not isinstance(self.fsdp_axis, (str, type(None))):
             raise TypeError(f"expert_axis must be a mesh axis name and fsdp_axis a name or None, got "
                             f"{self.expert_axis!r} / {self.fsdp_axis!r}")
+        if self.batch_axes is None:
+            object.__setattr__(self, "batch_axes", tuple(dict.fromkeys(("data", "fsdp", self.expert_axis))))
         axes = (self.batch_axes,) if isinstance(self.batch_axes, str) else tuple(self.batch_axes)
         if not all(isinstance(a, str) for a in axes):
             raise TypeError(f"batch_axes must be a mesh axis name or a sequence of them, got {self.batch_axes!r}")
         object.__setattr__(self, "batch_axes", axes)
         if self.fsdp_axis is not None and self.fsdp_axis == self.expert_axis:
             raise ValueError(f"fsdp_axis must differ from expert_axis, got both {self.expert_axis!r}")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be None or > 0, got {self.capacity_factor!r}")
+        cf = self.capacity_factor
+        if cf is not None and not (isinstance(cf, (int, float, np.integer, np.floating)) and not isinstance(cf, bool)
+                                   and math.isfinite(cf) and cf > 0):
+            raise ValueError(f"capacity_factor must be None or a finite number > 0, got {cf!r}")
+        if not validation.is_static_int(self.ep_tp_max_tokens):
+            raise TypeError(f"ep_tp_max_tokens must be an int, got {self.ep_tp_max_tokens!r}")
 
 
 def choose_strategy(config: MoEShardingConfig, num_tokens: int, ep: int) -> str:
