@@ -44,7 +44,8 @@ class MoEShardingConfig:
     data / fsdp / expert meshes alike (with a renamed ``expert_axis`` too).
     capacity_factor: ``None`` = dropless; else the all-to-all receive buffer holds ``ceil(cf * T_local * top_k)``
     rows (capped at the dropless worst case) and copies past it are dropped deterministically (last sender's
-    highest local experts first).
+    highest local experts first). Only ``all_to_all`` has such a buffer: ``ring`` and ``ep_tp`` are always dropless,
+    so under ``auto`` whether copies can drop depends on the strategy it picks for the token count.
     ep_tp_max_tokens: ``auto`` picks ``ep_tp`` when the global token count is at most this.
     """
     strategy: str = "auto"
