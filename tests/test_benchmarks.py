@@ -188,16 +188,17 @@ def test_layer_suite_compositions_tiny(tmp_path, monkeypatch, capsys):
 def test_layer_tokamax_composition_and_memory_limit(tmp_path, monkeypatch):
     """With tokamax importable its composition runs (``tokamax:xla`` off a GPU) and passes parity; a program whose
     compiled peak exceeds the device limit is an ``oom`` row, not run (lax.ragged_dot's backward is a masked dense
-    dot on XLA:CPU, G times the memory: over the 1 MiB limit set here, while our rows fit)."""
+    dot on XLA:CPU, G times the memory: about 0.9 MB, over the 512 KiB limit set here, while our rows fit)."""
     pytest.importorskip("tokamax")
-    monkeypatch.setattr(layer, "device_bytes_limit", lambda: 1 << 20)
+    limit = 1 << 19
+    monkeypatch.setattr(layer, "device_bytes_limit", lambda: limit)
     rc, _, recs = _layer_run(tmp_path, LAYER_ONE)
     assert rc == 0
     tok = [r for r in recs if r["implementation"] == "tokamax:xla+argsort" and r["pass"] == "fwd"]
     assert tok and tok[0]["status"] == "ok" and tok[0]["parity"]["ok"]
     for r in recs:
         assert r["memory"], r
-        over = r["memory"]["peak_bytes"] > 1 << 20
+        over = r["memory"]["peak_bytes"] > limit
         assert r["status"] == ("oom" if over else "ok"), r
         assert not over or ("not run" in r["reason"] and r["time_ms"] is None)
     assert any(r["status"] == "oom" and r["implementation"] in COMPOSITIONS and r["pass"] == "fwd+bwd"

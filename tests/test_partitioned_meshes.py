@@ -90,8 +90,7 @@ def test_renamed_expert_axis_with_the_default_batch_axes(strategy):
     assert_close(jax.jit(body)(*args), _dense(*args), 1e-5, f"renamed axis {strategy}")
 
 
-@pytest.mark.parametrize("on_mesh", [False, True])
-@pytest.mark.parametrize("capacity_factor", [None, 4.0])
+@pytest.mark.parametrize("on_mesh,capacity_factor", [(False, None), (True, 4.0)])
 def test_vmap(on_mesh, capacity_factor):
     """Shared weights: the forward folds the batch into tokens (one call per element with a capacity); the
     backward runs per element (each element's weight gradient is its own)."""
