@@ -9,7 +9,8 @@ import datetime
 
 from benchmarks import env
 
-SCHEMA_VERSION = 3  # 2: memory, peak_vs_unfused, temp_vs_unfused; ratios across moe_ffn variants / peers. 3: pipelined_*
+# 2: memory, peak_vs_unfused, temp_vs_unfused; ratios across moe_ffn variants / peers. 3: pipelined_ms / _ratio_to
+SCHEMA_VERSION = 3
 
 
 def record(*, suite: str, op: str, pass_: str, implementation: str, kind: str, shape: dict, dtype: str,

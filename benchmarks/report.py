@@ -39,10 +39,14 @@ EMULATED_NA = "n/a (emulated)"
 def _ratios(r: dict) -> str:
     if r["emulated"] and r["status"] == "ok":
         return EMULATED_NA
-    cell = " ".join(f"{k}:{v:.2f}x" for k, v in sorted(r["ratio_to"].items())) or "-"
-    piped = r.get("pipelined_ratio_to") or {}
-    return cell + (" (pipelined " + " ".join(f"{k}:{v:.2f}x" for k, v in sorted(piped.items())) + ")"
-                   if piped else "")
+    return _ratio_text(r["ratio_to"], r.get("pipelined_ratio_to"))
+
+
+def _ratio_text(ratios: dict, pipelined: dict | None) -> str:
+    """``other:1.23x ...`` (``-`` when empty), then ``(pipelined other:1.10x ...)`` when there are such ratios."""
+    def join(d):
+        return " ".join(f"{k}:{v:.2f}x" for k, v in sorted(d.items()))
+    return (join(ratios) or "-") + (f" (pipelined {join(pipelined)})" if pipelined else "")
 
 
 def _pct(r: dict) -> str:
@@ -88,8 +92,9 @@ def table(records: list[dict]) -> str:
             par = _parity_cell(r["parity"])
             status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
             rows.append((r["op"], r["pass"], _shape_label(r["shape"]), (r["pattern"] or {}).get("label", "-"),
-                         _impl_label(r), status, _fmt(r["time_ms"], ".4g"), _fmt(r.get("pipelined_ms"), ".4g"), _rate(r),
-                         _pct(r), _peak(r), _vs_unfused(r), par, _ratios(r), _fmt(r["slowdown_vs_balanced"], ".2f")))
+                         _impl_label(r), status, _fmt(r["time_ms"], ".4g"), _fmt(r.get("pipelined_ms"), ".4g"),
+                         _rate(r), _pct(r), _peak(r), _vs_unfused(r), par, _ratios(r),
+                         _fmt(r["slowdown_vs_balanced"], ".2f")))
         widths = [min(max(len(str(c)) for c in col), 70) for col in zip(cols, *rows)]
         lines.append(f"\n== {suite} ==")
         lines.append(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
@@ -161,10 +166,7 @@ def summary_table(rows: list[dict]) -> str:
     lines = ["\n== summary (balanced routing; ratio = their time / ours, geometric mean over shapes; emulated rows "
              "left out) =="]
     for s in rows:
-        ratios = " ".join(f"{k}:{v:.2f}x" for k, v in s["geomean_ratio_to"].items()) or "-"
-        piped = s.get("geomean_pipelined_ratio_to") or {}
-        if piped:
-            ratios += " (pipelined " + " ".join(f"{k}:{v:.2f}x" for k, v in piped.items()) + ")"
+        ratios = _ratio_text(s["geomean_ratio_to"], s.get("geomean_pipelined_ratio_to"))
         lines.append(f"{s['suite']} {s['op']} {s['pass']} {s['implementation']}: {s['shapes']} shapes, "
                      f"mean {_fmt(s['mean_pct_of_ceiling'], '.1f')} % of ceiling, vs {ratios}, "
                      f"worst slowdown vs balanced {_fmt(s['max_slowdown_vs_balanced'], '.2f')}")

@@ -353,7 +353,6 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
         plan(sharding, mesh, None, *dims)
         _check_partitionable(implementation)
     static = _Static(top_k, activation, score_fn, implementation, sharding, dims)
-    shape = x.shape
     run = functools.partial(_flat, static=static)
     if mesh is not None and AxisType.Explicit in tuple(mesh.axis_types):
         # Explicit axes (jax.make_mesh's default): the custom partitioning plans the shardings itself, so the op

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Sequence
 
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from moe_ops import validation
@@ -70,8 +70,8 @@ class MoEShardingConfig:
         if self.fsdp_axis is not None and self.fsdp_axis == self.expert_axis:
             raise ValueError(f"fsdp_axis must differ from expert_axis, got both {self.expert_axis!r}")
         cf = self.capacity_factor
-        if cf is not None and not (isinstance(cf, (int, float, np.integer, np.floating)) and not isinstance(cf, bool)
-                                   and math.isfinite(cf) and cf > 0):
+        if cf is not None and not (isinstance(cf, numbers.Real) and not isinstance(cf, bool) and math.isfinite(cf)
+                                   and cf > 0):
             raise ValueError(f"capacity_factor must be None or a finite number > 0, got {cf!r}")
         if not validation.is_static_int(self.ep_tp_max_tokens):
             raise TypeError(f"ep_tp_max_tokens must be an int, got {self.ep_tp_max_tokens!r}")

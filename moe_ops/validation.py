@@ -150,36 +150,36 @@ def group_offset_array(group_offset, num_groups=None):
     raises ``ValueError`` instead."""
     if group_offset is None:
         return jnp.zeros((1,), jnp.int32)
-    if isinstance(group_offset, (int, np.integer, np.ndarray)) and not isinstance(group_offset, bool):
-        return _host_group_offset(np.asarray(group_offset), num_groups)
-    offset = jnp.asarray(group_offset)
+    host = isinstance(group_offset, (int, np.integer, np.ndarray)) and not isinstance(group_offset, bool)
+    offset = np.asarray(group_offset) if host else jnp.asarray(group_offset)
     if not jnp.issubdtype(offset.dtype, jnp.integer) or offset.size != 1 or offset.ndim > 1:
         raise TypeError(f"group_offset must be an integer scalar or shape-(1,) array, got {offset.dtype}{offset.shape}")
+    if host:
+        return _host_group_offset(int(offset.reshape(())), num_groups)
     offset = offset.reshape(1)
     if offset.dtype.itemsize < 4:
         offset = offset.astype(jnp.int32)
     if num_groups is None:
         return offset.astype(jnp.int32)
     if checks_enabled():
-        _runtime_check(lambda o: 0 <= int(o[0]) < num_groups,
-                       lambda o: f"group_offset must lie in [0, G={num_groups}) (G = len(group_sizes)); got {o[0]}",
-                       offset)
+        _runtime_check(lambda o: 0 <= int(o[0]) < num_groups, lambda o: _offset_range_error(num_groups, o[0]), offset)
     in_range = (offset >= 0) & (offset < num_groups)  # compared in the input dtype: no wrap on the cast
     return jnp.where(in_range, offset.astype(jnp.int32), jnp.int32(num_groups)).astype(jnp.int32)
 
 
-def _host_group_offset(offset, num_groups):
+def _offset_range_error(num_groups, value):
+    return f"group_offset must lie in [0, G={num_groups}) (G = len(group_sizes)); got {value}"
+
+
+def _host_group_offset(value: int, num_groups):
     """``group_offset_array`` of a host (Python / NumPy) value, judged at full width before the int32 cast, so that
     ``2**40`` or ``np.int64(2**32 + 1)`` (which an int32 cast wraps to 1) is out of range, not a wrapped offset."""
-    if not np.issubdtype(offset.dtype, np.integer) or offset.size != 1 or offset.ndim > 1:
-        raise TypeError(f"group_offset must be an integer scalar or shape-(1,) array, got {offset.dtype}{offset.shape}")
-    value = int(offset.reshape(()))
     if num_groups is None:
         if not -2 ** 31 <= value < 2 ** 31:
             raise ValueError(f"group_offset must fit in int32, got {value}")
     elif not 0 <= value < num_groups:
         if checks_enabled():
-            raise ValueError(f"group_offset must lie in [0, G={num_groups}) (G = len(group_sizes)); got {value}")
+            raise ValueError(_offset_range_error(num_groups, value))
         value = num_groups
     return jnp.full((1,), value, jnp.int32)
 
