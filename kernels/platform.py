@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
-from jax.interpreters import batching, mlir
+from jax.interpreters import ad, batching, mlir
 
 __all__ = ["Rule", "platform_call", "dispatch", "lowering_platform", "tpu_or_interpret", "interpret_mode",
            "on_platforms", "PLATFORMS"]
@@ -132,7 +132,17 @@ def _eager(params):
     return jax.jit(lambda *args: platform_call_p.bind(*args, **dict(params)))
 
 
+def _no_derivative(primals, tangents, **params):
+    """Kernel calls have no derivative rules: the ops built on them give custom VJPs made of other kernel calls."""
+    raise NotImplementedError(
+        "a kernel call (moe_ops_platform_call) was differentiated: it sits inside a backward pass that has no "
+        "derivative of its own. In moe_ops these are the fused ops (gather_gmm, scatter_gmm, swiglu_gmm, swiglu_ffn, "
+        "fused_experts_ffn, moe_ffn with fused=None / True), which are first order only: take higher derivatives "
+        "with moe_ffn(..., fused=False), or permute -> gmm -> unpermute.")
+
+
 platform_call_p.def_effectful_abstract_eval(_abstract_eval)
+ad.primitive_jvps[platform_call_p] = _no_derivative
 platform_call_p.def_impl(lambda *args, **params: _eager(tuple(sorted(params.items())))(*args))
 batching.primitive_batchers[platform_call_p] = _batch
 for _platform in PLATFORMS:

@@ -146,7 +146,7 @@ def gather_gmm(x, rhs, group_sizes, sort_idx, *, group_offset=None, transpose_rh
     group_sizes [G], sort_idx [T*k] -> [T*k,N] in expert order, ``out[i] = x[sort_idx[i] // k] @ rhs[group(i)]``;
     equal to ``gmm(permute(x)[0], rhs, group_sizes)`` without building the permuted copy (mixed float inputs are
     multiplied in their promoted dtype, as in ``gmm``)."""
-    validation.check_gmm(x, rhs, group_sizes, transpose_rhs)
+    validation.check_gmm(x, rhs, group_sizes, transpose_rhs, names=("x", "rhs"))
     k = _check_rows(sort_idx, x.shape[0], "x is [T, K]")
     out_dtype = validation.out_dtype(preferred_element_type, x.dtype)
     impl = _fused_ops_for(implementation)
@@ -168,13 +168,13 @@ def scatter_gmm(h, rhs, group_sizes, sort_idx, weights, *, group_offset=None, tr
     """Grouped matmul with a weighted combine to token order: h [T*k,K] (expert order), rhs as in ``gather_gmm``,
     sort_idx [T*k], weights [T,k] -> [T,N], ``out[t] = sum_j weights[t,j] * (h @ rhs[g])[inverse[t*k+j]]`` (f32
     sum); equal to ``unpermute(gmm(h, rhs, group_sizes), sort_idx, weights)``."""
-    validation.check_gmm(h, rhs, group_sizes, transpose_rhs)
+    validation.check_gmm(h, rhs, group_sizes, transpose_rhs, names=("h", "rhs"))
     validation.float_array("weights", weights, 2)
+    validation.sort_idx_array(sort_idx)
     h, weights = jnp.asarray(h), jnp.asarray(weights)  # NumPy ones would be indexed by traced rows in the backward
     if not (h.shape[0] == sort_idx.shape[0] == weights.shape[0] * weights.shape[1]):
         raise ValueError(f"h [T*k,K], sort_idx [T*k] and weights [T,k] disagree: h {tuple(h.shape)}, sort_idx "
                          f"{tuple(sort_idx.shape)}, weights {tuple(weights.shape)}")
-    validation.sort_idx_array(sort_idx)
     out_dtype = validation.out_dtype(preferred_element_type, h.dtype)
     impl = _fused_ops_for(implementation)
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]

@@ -1,4 +1,5 @@
-"""Public grouped matmuls with one generic VJP, parameterised by the backend's ``gmm`` / ``tgmm``.
+"""Public grouped matmuls: validation, then one bind of the ``moe_gmm`` / ``moe_tgmm`` primitive
+(``moe_ops.primitives``), whose rules give reverse and forward mode, ``vmap`` and their nestings.
 
 For ``out = gmm(lhs, rhs)`` (rhs ``[G,K,N]``) the cotangents are again grouped matmuls, never a densified product:
 
@@ -7,19 +8,17 @@ For ``out = gmm(lhs, rhs)`` (rhs ``[G,K,N]``) the cotangents are again grouped m
 
 With ``transpose_rhs`` (rhs ``[G,N,K]``) the roles swap: ``dlhs = gmm(dout, rhs)``, ``drhs = tgmm(dout, lhs)``.
 For ``out = tgmm(lhs, rhs)``: ``dlhs = gmm(rhs, dout, transpose_rhs=True)``, ``drhs = gmm(lhs, dout)``.
-Rows of non-local groups and rows beyond ``sum(group_sizes)`` get zero gradient because every op above writes zeros
-there. Integer inputs (``group_sizes``, ``group_offset``) get no cotangent. ``gmm(..., existing_out=)`` selects
-between the kernel output and ``existing_out`` with one row mask (``local_rows``), so its gradient is the select's.
+Forward mode is the bilinear rule ``d out = op(dlhs, rhs) + op(lhs, drhs)``. Rows of non-local groups and rows
+beyond ``sum(group_sizes)`` get zero gradient (and zero tangent) because every op above writes zeros there. Integer
+inputs (``group_sizes``, ``group_offset``) get no cotangent. ``gmm(..., existing_out=)`` selects between the kernel
+output and ``existing_out`` with one row mask (``local_rows``), so its gradient is the select's.
 """
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 
-from moe_ops import backend, validation
+from moe_ops import backend, primitives, validation
 from moe_ops import vma
 
 __all__ = ["gmm", "tgmm", "local_rows"]
@@ -30,50 +29,61 @@ def _precision_kwargs(precision):
     return {} if precision is None else {"precision": precision}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _gmm_transpose(ct, operands, wanted, *, transpose_rhs, out_dtype, precision, impl, nb):
+    lhs, rhs, sizes, offset = operands
+    lhs_dtype, rhs_aval = primitives.aval_of(lhs).dtype, primitives.aval_of(rhs)
+    ct = ct.astype(lhs_dtype)
+    dlhs = drhs = None
+    if wanted[0]:
+        dlhs = primitives.bind(_gmm_p, ct, rhs, sizes, offset, transpose_rhs=not transpose_rhs, out_dtype=lhs_dtype,
+                               precision=precision, impl=impl, nb=nb)
+    if wanted[1]:
+        a, b = (ct, lhs) if transpose_rhs else (lhs, ct)
+        drhs = primitives.bind(_tgmm_p, a, b, sizes, offset, num_groups=rhs_aval.shape[-3], out_dtype=rhs_aval.dtype,
+                               precision=precision, impl=impl, nb=nb)
+    return dlhs, drhs
+
+
+def _tgmm_transpose(ct, operands, wanted, *, num_groups, out_dtype, precision, impl, nb):
+    lhs, rhs, sizes, offset = operands
+    lhs_dtype, rhs_dtype = primitives.aval_of(lhs).dtype, primitives.aval_of(rhs).dtype
+    ct = ct.astype(lhs_dtype)
+    kw = dict(sizes=sizes, offset=offset, precision=precision, impl=impl, nb=nb)
+    return (_gmm_bind(rhs, ct, transpose_rhs=True, out_dtype=lhs_dtype, **kw) if wanted[0] else None,
+            _gmm_bind(lhs, ct, transpose_rhs=False, out_dtype=rhs_dtype, **kw) if wanted[1] else None)
+
+
+def _gmm_bind(lhs, rhs, *, sizes, offset, **params):
+    return primitives.bind(_gmm_p, lhs, rhs, sizes, offset, **params)
+
+
+_gmm_p = primitives.define(primitives.Spec(
+    "moe_gmm", n_linear=2, ranks=(2, 3, 1, 1), shared=(1,),
+    kernel=lambda ops, lhs, rhs, sizes, offset, *, transpose_rhs, out_dtype, precision: ops.gmm(
+        lhs, rhs, sizes, offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype, **_precision_kwargs(precision)),
+    shape=lambda lhs, rhs, sizes, offset, *, transpose_rhs, out_dtype, precision: (
+        (lhs.shape[0], rhs.shape[1 if transpose_rhs else 2]), out_dtype),
+    transpose=_gmm_transpose))
+_tgmm_p = primitives.define(primitives.Spec(
+    "moe_tgmm", n_linear=2, ranks=(2, 2, 1, 1),
+    kernel=lambda ops, lhs, rhs, sizes, offset, *, num_groups, out_dtype, precision: ops.tgmm(
+        lhs, rhs, sizes, offset, num_groups=num_groups, out_dtype=out_dtype, **_precision_kwargs(precision)),
+    shape=lambda lhs, rhs, sizes, offset, *, num_groups, out_dtype, precision: (
+        (num_groups, lhs.shape[1], rhs.shape[1]), out_dtype),
+    transpose=_tgmm_transpose))
+
+
 def _gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs, out_dtype, impl, precision=None):
-    out = backend.ops(impl).gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
-                                **_precision_kwargs(precision))
-    return vma.like(out, lhs)
+    """The ``moe_gmm`` primitive on validated operands: lhs [M,K] x rhs [G_local,K,N] (``[G_local,N,K]`` with
+    ``transpose_rhs``) -> [M,N] in ``out_dtype``."""
+    return primitives.bind(_gmm_p, lhs, rhs, group_sizes, group_offset, transpose_rhs=bool(transpose_rhs),
+                           out_dtype=jnp.dtype(out_dtype), precision=precision, impl=impl)
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, group_offset, transpose_rhs, out_dtype, impl, precision=None):
-    out = _gmm(lhs, rhs, group_sizes, group_offset, transpose_rhs, out_dtype, impl, precision)
-    return out, (lhs, rhs, group_sizes, group_offset)
-
-
-def _gmm_bwd(transpose_rhs, out_dtype, impl, precision, residuals, dout):
-    lhs, rhs, group_sizes, group_offset = residuals
-    dout = dout.astype(lhs.dtype)
-    dlhs = _gmm(dout, rhs, group_sizes, group_offset, not transpose_rhs, lhs.dtype, impl, precision)
-    a, b = (dout, lhs) if transpose_rhs else (lhs, dout)
-    drhs = _tgmm(a, b, group_sizes, group_offset, rhs.shape[0], rhs.dtype, impl, precision)
-    return dlhs, drhs, None, None
-
-
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _tgmm(lhs, rhs, group_sizes, group_offset, num_groups, out_dtype, impl, precision=None):
-    out = backend.ops(impl).tgmm(lhs, rhs, group_sizes, group_offset, num_groups=num_groups, out_dtype=out_dtype,
-                                 **_precision_kwargs(precision))
-    return vma.like(out, lhs)
-
-
-def _tgmm_fwd(lhs, rhs, group_sizes, group_offset, num_groups, out_dtype, impl, precision=None):
-    out = _tgmm(lhs, rhs, group_sizes, group_offset, num_groups, out_dtype, impl, precision)
-    return out, (lhs, rhs, group_sizes, group_offset)
-
-
-def _tgmm_bwd(num_groups, out_dtype, impl, precision, residuals, dout):
-    lhs, rhs, group_sizes, group_offset = residuals
-    dlhs = _gmm(rhs, dout.astype(rhs.dtype), group_sizes, group_offset, True, lhs.dtype, impl, precision)
-    drhs = _gmm(lhs, dout.astype(lhs.dtype), group_sizes, group_offset, False, rhs.dtype, impl, precision)
-    return dlhs, drhs, None, None
-
-
-_tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
+    """The ``moe_tgmm`` primitive on validated operands: lhs [M,K]^T x rhs [M,N] -> [num_groups,K,N]."""
+    return primitives.bind(_tgmm_p, lhs, rhs, group_sizes, group_offset, num_groups=int(num_groups),
+                           out_dtype=jnp.dtype(out_dtype), precision=precision, impl=impl)
 
 
 def local_rows(sizes, offset, num_local, num_rows):

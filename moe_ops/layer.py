@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from moe_ops import fused as fused_ops
 from moe_ops import reference, validation
@@ -70,7 +71,8 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
     as one op with its fused backward (``moe_ops.swiglu.swiglu_ffn``); ``None`` -> where the backend has that kernel
     (``swiglu.has_kernel``), ``False`` -> two gather-GMMs and the activation in XLA. ``recompute``: recompute gate /
     up in the backward instead of saving them (``swiglu_ffn``'s residual choice; ``jax.checkpoint`` of the two
-    gather-GMMs and the activation without the SwiGLU kernel)."""
+    gather-GMMs and the activation without the SwiGLU kernel). A copy with an id outside ``[0, E)`` is dropped: it
+    contributes zero whatever its weight (inf / NaN included), and its weight gets a zero gradient."""
     validation.flag("swiglu", swiglu, optional=True)
     validation.flag("recompute", recompute)
     validation.float_array("x", x, 2)
@@ -82,6 +84,8 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
                          f"got weights {tuple(weights.shape)}, expert_ids {tuple(expert_ids.shape)}")
     kw = dict(implementation=implementation)
     sizes, sort_idx = fused_ops.sort_by_expert(expert_ids, w_gate.shape[0], **kw)
+    dropped = (jnp.asarray(expert_ids) < 0) | (jnp.asarray(expert_ids) >= w_gate.shape[0])
+    weights = jnp.where(dropped, jnp.zeros((), weights.dtype), weights)  # a dropped copy adds 0, even at w = inf / nan
     if swiglu or (swiglu is None and swiglu_has_kernel(implementation)):
         return swiglu_ffn(x, w_gate, w_up, w_down, sizes, sort_idx, weights, activation=activation,
                           recompute=recompute, **kw)

@@ -12,9 +12,10 @@ to the ragged dim (and, with a 1-D ``group_sizes``, outer ones too) fold into ro
 fold, so one kernel call covers them. Batch dims of both operands, and group sizes that differ along outer dims, are
 ``jax.vmap``-ed (on the Triton backend that needs its batching rule).
 
-Beyond lax: ``group_offset`` (lax 0.10 raises ``NotImplementedError`` for it) is supported in mode 1 with
-``gmm``'s meaning: rhs holds ``G_local <= g`` groups, row block ``i`` uses ``rhs[i - group_offset]`` and rows of
-non-local groups come out as zeros. Negative group sizes, undefined in lax, count as zero here.
+Beyond lax: ``group_offset`` (which lax 0.10 rejects: ``NotImplementedError`` for an int, ``TypeError`` for an
+array) is supported in mode 1 with ``gmm``'s meaning: rhs holds ``G_local <= g`` groups, row block ``i`` uses
+``rhs[i - group_offset]`` and rows of non-local groups come out as zeros. Negative group sizes, undefined in lax,
+count as zero here.
 
 Operands of a dtype no kernel takes (integers such as int8 with ``preferred_element_type=int32``, float8 alone or
 mixed with other floats, float64), and an integer ``preferred_element_type``, run ``jax.lax.ragged_dot_general``
@@ -27,6 +28,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moe_ops.gmm import gmm, tgmm
 from moe_ops import backend, validation
@@ -101,13 +103,14 @@ def _kernel_input_dtype(lhs_dtype, rhs_dtype, out_dtype):
 
 def _mode(lhs, dims):
     if len(dims.lhs_ragged_dimensions) != 1:
-        raise ValueError("ragged_dot_dimension_numbers must have exactly one lhs_ragged_dimensions entry, got "
-                         f"{dims.lhs_ragged_dimensions}")
+        raise TypeError("ragged_dot_general expects exactly one lhs ragged dimension: "
+                        f"ragged_dot_dimension_numbers.lhs_ragged_dimensions={dims.lhs_ragged_dimensions}")
     ragged = dims.lhs_ragged_dimensions[0]
     (lc, _), (lb, _) = dims.dot_dimension_numbers
     if not 0 <= ragged < lhs.ndim:
-        raise ValueError(f"ragged_dot_dimension_numbers.lhs_ragged_dimensions={ragged} is out of range for lhs of "
-                         f"rank {lhs.ndim}")
+        raise TypeError("ragged_dot_general requires lhs ragged dimension numbers to be nonnegative and less than "
+                        f"the number of axes of the lhs value: ragged_dot_dimension_numbers.lhs_ragged_dimensions="
+                        f"{ragged} for lhs of rank {lhs.ndim}")
     return ("contracting" if ragged in lc else "batch" if ragged in lb else "noncontracting"), ragged
 
 
@@ -157,10 +160,13 @@ def _sizes(group_sizes, lead_shape, scale, limit):
     """Group sizes as ``lead_shape + (g,)`` (1-D sizes broadcast: batching rules want every operand batched), times
     the row fold. Each size is first clipped to ``[-1, limit]`` (``limit`` = the ragged dim's length) in its own
     dtype, so neither the cast to int32 (uint32 ``2**32 - 1``, int64 under x64) nor the fold can wrap; a negative
-    size stays negative (zero rows for ``gmm`` / ``tgmm``, reported by ``checked()``)."""
-    if jnp.dtype(group_sizes.dtype).itemsize < 4:
-        group_sizes = group_sizes.astype(jnp.int32)
+    size stays negative (zero rows for ``gmm`` / ``tgmm``, reported by ``checked()``). NumPy sizes are clipped on
+    the host, before JAX's int32 copy."""
     low = -1 if jnp.issubdtype(group_sizes.dtype, jnp.signedinteger) else 0
+    if isinstance(group_sizes, np.ndarray):  # host sizes at full width (NumPy int64 would wrap on the device copy)
+        group_sizes = np.clip(group_sizes, low, limit).astype(np.int32)
+    elif jnp.dtype(group_sizes.dtype).itemsize < 4:
+        group_sizes = group_sizes.astype(jnp.int32)
     sizes = jnp.clip(group_sizes, low, limit).astype(jnp.int32) * scale
     return jnp.broadcast_to(sizes.reshape(lead_shape + (sizes.shape[-1],)) if sizes.ndim > 1 else sizes,
                             lead_shape + (sizes.shape[-1],))

@@ -16,67 +16,81 @@ routed copies.
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 
-from moe_ops import backend, validation
+from moe_ops import backend, primitives, validation
 from moe_ops import vma
 
 __all__ = ["sort_by_expert", "permute", "unpermute"]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gather(x, sort_idx, n_valid, k, impl):
-    return vma.like(backend.ops(impl).gather_rows(x, sort_idx, k, n_valid=n_valid), x)
+def _n(rest):
+    """The optional trailing ``n_valid`` operand (``None``: every row is valid)."""
+    return rest[0] if rest else None
 
 
-def _gather_fwd(x, sort_idx, n_valid, k, impl):
-    return _gather(x, sort_idx, n_valid, k, impl), (sort_idx, n_valid)
+def _define(name, n_linear, ranks, kernel, shape, transpose, shared=()):
+    return primitives.define(primitives.Spec(name, n_linear, ranks, kernel, shape, transpose, shared))
 
 
-def _gather_bwd(k, impl, residuals, dx_sorted):
-    sort_idx, n_valid = residuals
-    ones = jnp.ones((sort_idx.shape[0] // k, k), jnp.float32)
-    return _combine(dx_sorted, ones, sort_idx, n_valid, impl), None, None
-
-
-_gather.defvjp(_gather_fwd, _gather_bwd)
-
-
-def _bilinear(kernel, vjp):
-    """A custom-VJP op ``f(a, b, sort_idx, n_valid, impl) = kernel(ops, a, b, sort_idx, n_valid)``, bilinear in
-    (a, b); ``vjp(impl, a, b, sort_idx, n_valid, ct) -> (da, db)``."""
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-    def op(a, b, sort_idx, n_valid, impl):
-        return vma.like(kernel(backend.ops(impl), a, b, sort_idx, n_valid), a)
-
-    def fwd(a, b, sort_idx, n_valid, impl):
-        return op(a, b, sort_idx, n_valid, impl), (a, b, sort_idx, n_valid)
-
-    def bwd(impl, residuals, ct):
-        a, b, sort_idx, n_valid = residuals
-        da, db = vjp(impl, a, b, sort_idx, n_valid, ct)
-        return vma.like(da.astype(a.dtype), a), vma.like(db.astype(b.dtype), b), None, None
-    op.defvjp(fwd, bwd)
-    return op
-
-
-# The combine and its two adjoints form a closed family of bilinear ops, each one's VJP made of the other two, so
-# every order of derivative runs the same three kernels (``k`` = slots per token, static; ``pos`` = inverse of s):
+# The gather (``permute``'s row copy), the combine and its two adjoints. The last three form a closed family of
+# bilinear primitives, each one's transpose made of the other two, so every order of derivative, forward or reverse,
+# runs the same kernels (``k`` = slots per token, static; ``pos`` = inverse of s; n = optional ``n_valid``):
+#   _gather(x)[i]             = x[s_i // k]                       (gather_rows; 0 past n_valid)
 #   _combine(y, w)[t]         = sum_j w[t,j] * y[pos(t,j)]       (combine_rows)
 #   _weighted_gather(x, w)[i] = w.flat[s_i] * x[s_i // k]        (gather_rows with row weights; 0 past n_valid)
 #   _weight_grad(d, y)[t,j]   = <d[t], y[pos(t,j)]>              (combine_weight_grad, f32)
-_combine = _bilinear(
-    lambda ops, y, w, s, n: ops.combine_rows(y, s, w, n_valid=n),
-    lambda impl, y, w, s, n, ct: (_weighted_gather(ct.astype(y.dtype), w, s, n, impl), _weight_grad(ct, y, s, n, impl)))
-_weighted_gather = _bilinear(
-    lambda ops, x, w, s, n: ops.gather_rows(x, s, w.shape[1], row_weights=w, n_valid=n),
-    lambda impl, x, w, s, n, ct: (_combine(ct.astype(x.dtype), w, s, n, impl), _weight_grad(x, ct, s, n, impl)))
-_weight_grad = _bilinear(
-    lambda ops, d, y, s, n: ops.combine_weight_grad(d, y, s, s.shape[0] // d.shape[0], n_valid=n),
-    lambda impl, d, y, s, n, ct: (_combine(y, ct, s, n, impl), _weighted_gather(d, ct, s, n, impl)))
+_gather_p = _define(
+    "moe_gather_rows", 1, (2, 1, 1),
+    lambda ops, x, s, *n, k: ops.gather_rows(x, s, k, n_valid=_n(n)),
+    lambda x, s, *n, k: ((s.shape[0], x.shape[1]), x.dtype),
+    lambda ct, ops_, wanted, *, k, impl, nb: (_bind(_combine_p, ct, jnp.ones((ct.shape[-2] // k, k), jnp.float32),
+                                                    *ops_[1:], impl=impl, nb=nb),))
+_combine_p = _define(
+    "moe_combine_rows", 2, (2, 2, 1, 1),
+    lambda ops, y, w, s, *n: ops.combine_rows(y, s, w, n_valid=_n(n)),
+    lambda y, w, s, *n: ((w.shape[0], y.shape[1]), y.dtype),
+    lambda ct, ops_, wanted, *, impl, nb: (
+        _bind(_weighted_gather_p, ct, *ops_[1:], impl=impl, nb=nb, when=wanted[0]),
+        _bind(_weight_grad_p, ct, ops_[0], *ops_[2:], impl=impl, nb=nb, when=wanted[1])),
+    shared=(1,))
+_weighted_gather_p = _define(
+    "moe_weighted_gather_rows", 2, (2, 2, 1, 1),
+    lambda ops, x, w, s, *n: ops.gather_rows(x, s, w.shape[1], row_weights=w, n_valid=_n(n)),
+    lambda x, w, s, *n: ((s.shape[0], x.shape[1]), x.dtype),
+    lambda ct, ops_, wanted, *, impl, nb: (
+        _bind(_combine_p, ct, *ops_[1:], impl=impl, nb=nb, when=wanted[0]),
+        _bind(_weight_grad_p, ops_[0], ct, *ops_[2:], impl=impl, nb=nb, when=wanted[1])),
+    shared=(1,))
+_weight_grad_p = _define(
+    "moe_combine_weight_grad", 2, (2, 2, 1, 1),
+    lambda ops, d, y, s, *n: ops.combine_weight_grad(d, y, s, s.shape[0] // d.shape[0], n_valid=_n(n)),
+    lambda d, y, s, *n: ((d.shape[0], s.shape[0] // d.shape[0]), jnp.float32),
+    lambda ct, ops_, wanted, *, impl, nb: (
+        _bind(_combine_p, ops_[1], ct, *ops_[2:], impl=impl, nb=nb, when=wanted[0]),
+        _bind(_weighted_gather_p, ops_[0], ct, *ops_[2:], impl=impl, nb=nb, when=wanted[1])))
+
+
+def _bind(prim, a, *rest, impl, nb, when=True, **params):
+    """``prim`` on (a, *rest) with a cast to the operand dtype the kernels expect; ``None`` unless ``when``."""
+    if not when:
+        return None
+    return primitives.bind(prim, a, *rest, impl=impl, nb=nb, **params)
+
+
+def _gather(x, sort_idx, n_valid, k, impl):
+    """x [T,D] -> [T*k,D] rows ``x[sort_idx // k]`` (zeros past ``n_valid``), as one ``moe_gather_rows``."""
+    return primitives.bind(_gather_p, *_operands(x, sort_idx, n_valid=n_valid), k=k, impl=impl)
+
+
+def _combine(y, weights, sort_idx, n_valid, impl):
+    """y [T*k,D], weights [T,k] -> [T,D] weighted combine, as one ``moe_combine_rows``."""
+    return primitives.bind(_combine_p, *_operands(y, weights, sort_idx, n_valid=n_valid), impl=impl)
+
+
+def _operands(*arrays, n_valid):
+    """The primitive operands: ``arrays`` plus ``n_valid`` when given, all with one manual-axis type."""
+    return vma.match_vma(*arrays, *(() if n_valid is None else (n_valid,)))
 
 
 def _n_valid_array(n_valid):
@@ -118,8 +132,7 @@ def permute(x, expert_ids, num_experts, *, n_valid=None, implementation=None):
     x_sorted = validation.zeros_if_empty((t * k, x.shape[1]), x.dtype, (t * k, x.shape[1]), x)
     if x_sorted is not None:
         return x_sorted, group_sizes, sort_idx
-    x_, sort_idx_ = vma.match_vma(x, sort_idx)
-    x_sorted = _gather(x_, sort_idx_, _n_valid_array(n_valid), expert_ids.shape[1], impl)
+    x_sorted = _gather(x, sort_idx, _n_valid_array(n_valid), k, impl)
     return x_sorted, group_sizes, sort_idx
 
 
@@ -140,5 +153,4 @@ def unpermute(y_sorted, sort_idx, weights, *, n_valid=None, implementation=None)
     empty = validation.zeros_if_empty(shape, y_sorted.dtype, (sort_idx.shape[0], shape[1]), y_sorted, weights)
     if empty is not None:
         return empty
-    y_sorted, sort_idx, weights = vma.match_vma(y_sorted, sort_idx.astype(jnp.int32), weights)
-    return _combine(y_sorted, weights, sort_idx, _n_valid_array(n_valid), impl)
+    return _combine(y_sorted, weights, sort_idx.astype(jnp.int32), _n_valid_array(n_valid), impl)

@@ -155,7 +155,7 @@ def swiglu_gmm(x, w_gate, w_up, group_sizes, sort_idx=None, *, group_offset=None
                preferred_element_type=None, implementation=None):
     """h [M,F] = ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` over expert-sorted rows (module doc): x [M,D], or x [T,D]
     in token order with sort_idx [M = T*k]; w_gate / w_up [G_local,D,F]; group_sizes [G]."""
-    validation.check_gmm(x, w_gate, group_sizes, False)
+    validation.check_gmm(x, w_gate, group_sizes, False, names=("x", "w_gate"))
     validation.float_array("w_up", w_up, 3)
     if tuple(w_up.shape) != tuple(w_gate.shape):
         raise ValueError(f"w_up must have w_gate's shape [G_local,D,F]={tuple(w_gate.shape)}, got "

@@ -197,7 +197,9 @@ def clamp_group_sizes(group_sizes, num_rows):
     on the cast to int32), and the running end of the groups is a saturating prefix sum that never passes
     ``num_rows`` (``[5, 2**31-1, 0]`` with M=16 -> ``[5, 11, 0]``; ``[MAX, MIN, MAX]`` -> ``[16, 0, 0]``)."""
     dtype = jnp.dtype(group_sizes.dtype)
-    if dtype.itemsize < 4 or dtype == jnp.int32:
+    if isinstance(group_sizes, np.ndarray):  # host sizes at full width (NumPy int64 would wrap on the device copy)
+        sizes = jnp.asarray(np.clip(group_sizes, 0, num_rows).astype(np.int32))
+    elif dtype.itemsize < 4 or dtype == jnp.int32:
         sizes = jnp.clip(group_sizes.astype(jnp.int32), 0, num_rows)
     else:  # int64 / uint32 / uint64: num_rows fits the dtype; clip before narrowing
         sizes = jnp.clip(group_sizes, 0, num_rows).astype(jnp.int32)
@@ -258,19 +260,21 @@ def expert_ids_int32(expert_ids, num_experts):
     return jnp.where(valid, expert_ids.astype(jnp.int32), jnp.int32(-1))
 
 
-def check_gmm(lhs, rhs, group_sizes, transpose_rhs):
+def check_gmm(lhs, rhs, group_sizes, transpose_rhs, names=("lhs", "rhs")):
+    """A grouped matmul's operands; ``names``: what the caller calls lhs and rhs (errors name those)."""
+    a, b = names
     flag("transpose_rhs", transpose_rhs)
-    float_array("lhs", lhs, 2)
-    float_array("rhs", rhs, 3)
+    float_array(a, lhs, 2)
+    float_array(b, rhs, 3)
     int_array("group_sizes", group_sizes, 1)
     k_axis = 2 if transpose_rhs else 1
     if rhs.shape[k_axis] != lhs.shape[1]:
         layout = "[G_local, N, K]" if transpose_rhs else "[G_local, K, N]"
-        raise ValueError(f"rhs must be {layout} with K={lhs.shape[1]} (lhs is {tuple(lhs.shape)}), "
-                         f"got rhs {tuple(rhs.shape)}")
+        raise ValueError(f"{b} must be {layout} with K={lhs.shape[1]} ({a} is {tuple(lhs.shape)}), "
+                         f"got {b} {tuple(rhs.shape)}")
     if rhs.shape[0] > group_sizes.shape[0]:
-        raise ValueError(f"rhs has {rhs.shape[0]} groups but group_sizes has only {group_sizes.shape[0]}: "
-                         "rhs.shape[0] (G_local) must be <= len(group_sizes) (G)")
+        raise ValueError(f"{b} has {rhs.shape[0]} groups but group_sizes has only {group_sizes.shape[0]}: "
+                         f"{b}.shape[0] (G_local) must be <= len(group_sizes) (G)")
 
 
 def check_existing_out(existing_out, shape, dtype):

@@ -42,6 +42,24 @@ def test_gmm_megablox_call(impl):
     assert_close(out, ref, TOL[jnp.bfloat16], impl)
 
 
+def test_gmm_takes_the_maxtext_fork_keywords():
+    """RoutedMoE calls MaxText's fork of megablox (maxtext.kernels.megablox.ops.gmm) by keyword, with extra
+    quantization / kernel-choice arguments; their unquantized defaults run, quantization raises."""
+    m, k, n, g = 16, 8, 4, 2
+    k1, k2 = keys(22, 2)
+    lhs, rhs, sizes = randn(k1, (m, k)), randn(k2, (g, k, n)), jnp.array([9, 5], jnp.int32)
+    fork = dict(lhs_quantize_dtype=None, rhs_quantize_dtype=None, use_qwix_quantization=False,
+                use_tokamax_backend=False, weight_gather_axes=None, lhs_vma_axes=(), rhs_vma_axes=(), use_gmm_v2=False,
+                partial_sum=None)
+    out = maxtext.gmm(lhs=lhs, rhs=rhs, group_sizes=sizes, preferred_element_type=jnp.float32, tiling=(128,) * 9,
+                      group_offset=None, interpret=True, implementation="xla", **fork)
+    assert_close(out, reference.gmm(lhs, rhs, sizes), TOL[jnp.float32], "fork keywords")
+    with pytest.raises(NotImplementedError, match="quantized"):
+        maxtext.gmm(lhs, rhs, sizes, **{**fork, "rhs_quantize_dtype": jnp.int8}, implementation="xla")
+    with pytest.raises(NotImplementedError, match="partial_sum"):
+        maxtext.gmm(lhs, rhs, sizes, **{**fork, "partial_sum": jnp.zeros((m, n))}, implementation="xla")
+
+
 def _maxtext_permute_reference(x, logits, k):
     """What RoutedMoE.permute computes on its default path, written directly (argsort of the flat ids)."""
     top, ids = jax.lax.top_k(logits, k)

@@ -60,6 +60,21 @@ def test_clamp_other_integer_dtypes(dtype):
     np.testing.assert_array_equal(np.asarray(got), saturated(sizes, 300))
 
 
+@pytest.mark.parametrize("op", ["gmm", "gather_gmm", "ragged_dot"])
+def test_numpy_int64_sizes_are_clamped_at_full_width(op):
+    """Host int64 sizes (NumPy, x64 off) are judged before the int32 device copy: 2**32 + 1 does not wrap to 1 and
+    2**31 + 3 does not wrap negative; both saturate like any oversized group."""
+    k1, k2 = keys(31, 2)
+    x, rhs = randn(k1, (M, K)), randn(k2, (4, K, N))
+    ops = {"gmm": lambda s: moe_ops.gmm(x, rhs, s, implementation="xla"),
+           "gather_gmm": lambda s: moe_ops.gather_gmm(x, rhs, s, jnp.arange(M, dtype=jnp.int32), implementation="xla"),
+           "ragged_dot": lambda s: moe_ops.ragged_dot(x, rhs, s, implementation="xla")}
+    for big in (2**32 + 1, 2**31 + 3, 2**40):
+        sizes = np.array([3, big, 0, 2], np.int64)
+        want = ops[op](jnp.asarray(saturated(sizes, M)))
+        assert_close(ops[op](sizes), want, 1e-6, f"{op} with size {big}")
+
+
 def test_checked_mode_reports_the_true_sum():
     with moe_ops.checked(), pytest.raises(Exception, match=r"got sum 4294967294"):
         jax.block_until_ready(moe_ops.gmm(jnp.ones((M, K)), jnp.ones((2, K, N)), jnp.array([MAX, MAX], jnp.int32)))

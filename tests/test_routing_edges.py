@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import moe_ops
-from moe_ops import reference as R
 from tests.helpers import assert_close, keys, randn
 
 
@@ -81,3 +80,26 @@ def test_numpy_weights_differentiate_under_jit(impl):
         def grad(w, fn=fn):
             return jax.jit(jax.grad(lambda a, r: jnp.sum(fn(a, r, w) ** 2)))(operand, rows)
         assert_close(grad(weights), grad(jw), 1e-6, name)
+
+
+@pytest.mark.parametrize("impl", ["xla", pytest.param("triton", marks=pytest.mark.slow),
+                                  pytest.param("pallas", marks=pytest.mark.slow)])
+def test_dropped_copies_add_zero_whatever_their_weight(impl):
+    """An id outside [0, E) drops its copy; its weight (inf, nan) must not reach the output or the gradients, on the
+    SwiGLU and the two-GMM fused paths alike."""
+    t, d, f, e = 4, 8, 8, 4
+    k = keys(6, 4)
+    x = randn(k[0], (t, d))
+    wg, wu, wd = (randn(k[i], s, scale=0.3) for i, s in ((1, (e, d, f)), (2, (e, d, f)), (3, (e, f, d))))
+    ids = jnp.array([[0, 5], [1, 2], [3, -1], [2, 0]], jnp.int32)
+    finite = jnp.abs(randn(keys(7, 1)[0], (t, 2)))
+    poisoned = finite.at[0, 1].set(jnp.inf).at[2, 1].set(jnp.nan)
+    clean = finite.at[0, 1].set(0.0).at[2, 1].set(0.0)
+    for swiglu in (True, False):
+        fn = lambda w: moe_ops.fused_experts_ffn(x, w, ids, wg, wu, wd, implementation=impl, swiglu=swiglu)
+        assert_close(fn(poisoned), fn(clean), 1e-6, f"forward, swiglu={swiglu}")
+        loss = lambda a, w: jnp.sum(moe_ops.fused_experts_ffn(a, w, ids, wg, wu, wd, implementation=impl,
+                                                              swiglu=swiglu) ** 2)
+        grad = lambda w: jax.grad(loss, argnums=(0, 1))(x, w)
+        for got, want in zip(grad(poisoned), grad(clean)):
+            assert_close(got, want, 1e-6, f"gradient, swiglu={swiglu}")

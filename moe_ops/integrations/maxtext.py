@@ -1,7 +1,8 @@
 """MaxText-compatible entry points: megablox's ``gmm`` signature and the sort / all-to-all helpers that MaxText's
 ``layers/moe.py`` (``RoutedMoE``) calls, with the same argument orders and return tuples, run by ``moe_ops``.
 
-* ``gmm``: ``megablox.gmm``'s signature. ``tiling`` (a 3-tuple or LUT function) and ``interpret`` are accepted and
+* ``gmm``: ``megablox.gmm``'s signature, plus the keywords of MaxText's fork of it (quantization raises).
+  ``tiling`` (a 3-tuple or LUT function) and ``interpret`` are accepted and
   ignored: tiles come from this package's per-backend tuning (the Pallas one is VMEM-aware), and the backend (and
   Pallas interpret mode off TPU) is chosen by ``implementation`` as for ``moe_ops.gmm``. ``existing_out`` keeps
   megablox's forward semantics; its gradient is ``dout`` on the kept rows only (megablox passes all of ``dout``).
@@ -28,10 +29,23 @@ __all__ = ["gmm", "tgmm", "permute", "unpermute", "local_permute", "get_all_to_a
 
 
 def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=(128, 128, 128), group_offset=None,
-        existing_out=None, transpose_rhs=False, interpret=False, *, implementation=None):
+        existing_out=None, transpose_rhs=False, interpret=False, lhs_quantize_dtype=None, rhs_quantize_dtype=None,
+        use_qwix_quantization=False, use_tokamax_backend=False, weight_gather_axes=None, lhs_vma_axes=(),
+        rhs_vma_axes=(), qwix_rule=None, use_manual_quantization=False, use_gmm_v2=False, partial_sum=None, *,
+        implementation=None):
     """``megablox.gmm``: lhs [m,k] x rhs [num_groups,k,n] ([.., n, k] with ``transpose_rhs``) -> [m,n]
-    (``preferred_element_type``, f32 by default as in megablox). ``tiling`` / ``interpret``: ignored (module doc)."""
-    del tiling, interpret
+    (``preferred_element_type``, f32 by default as in megablox). ``tiling`` / ``interpret``: ignored (module doc).
+    The keywords after ``interpret`` are MaxText's fork (``maxtext.kernels.megablox.ops.gmm``): kernel choices
+    (``use_tokamax_backend``, ``use_gmm_v2``) and vma hints are ignored, ``weight_gather_axes`` and
+    ``use_manual_quantization`` only act with quantization there; quantization and ``partial_sum`` raise."""
+    del tiling, interpret, use_tokamax_backend, use_gmm_v2, lhs_vma_axes, rhs_vma_axes, weight_gather_axes
+    del use_manual_quantization
+    if lhs_quantize_dtype is not None or rhs_quantize_dtype is not None or use_qwix_quantization or qwix_rule:
+        raise NotImplementedError("quantized gmm (lhs_quantize_dtype / rhs_quantize_dtype / use_qwix_quantization / "
+                                  "qwix_rule) is not supported by moe_ops; pass unquantized operands")
+    if partial_sum is not None:
+        raise NotImplementedError("partial_sum (MaxText's gmm_v2 accumulator) is not supported by moe_ops; add it "
+                                  "to the result instead")
     return moe_ops.gmm(lhs, rhs, group_sizes, group_offset=group_offset, transpose_rhs=transpose_rhs,
                        preferred_element_type=preferred_element_type, existing_out=existing_out,
                        implementation=implementation)

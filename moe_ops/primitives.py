@@ -1,0 +1,146 @@
+"""The differentiable kernels as JAX primitives, so every transformation has a rule of its own: reverse mode,
+forward mode (``jax.jvp``, ``jacfwd``, ``hessian``, ``linearize``), ``linear_transpose``, ``vmap``, and any nesting
+of them, with no densified product anywhere.
+
+Every op here is linear in its first operand, or bilinear in its first two (``Spec.n_linear``); the remaining
+operands are integers (group sizes, offsets, ``sort_idx``, ``n_valid``), already validated by the public op, and
+every operand has one manual-axis type (``vma.match_vma``). A ``Spec`` gives, for one example:
+
+1. ``kernel(ops, *operands, **params)``: the backend call (``ops = backend.ops(impl)``). The primitive lowers to
+   it through ``mlir.lower_fun``, so the program is exactly the backend's kernels (``impl=None`` keeps the
+   per-platform choice).
+2. ``shape(*avals, **params) -> (shape, dtype)`` of the output. Its abstract value is the first operand's (mesh
+   and manual axes), replicated over that mesh: the kernels compute whole arrays.
+3. ``transpose(ct, operands, wanted, **params)``: the cotangents of the wanted linear operands, each built from
+   the primitives here (so derivatives of every order stay kernels).
+4. ``ranks``: each operand's rank for one example. Batching: a vmapped axis becomes a leading axis (param ``nb``:
+   how many) of every operand, broadcast where it was unbatched, except the operands in ``Spec.shared`` (weights
+   shared across the batch: no copy). An operand is batched iff its rank exceeds ``ranks``; the lowering vmaps the
+   kernel ``nb`` times, so the Triton kernels fold the batch into one launch (``kernels.triton.batching``). A
+   shared operand's cotangent comes out batched and is summed over the batch axes.
+
+The JVP is the multilinear rule: ``d f(a, b) = f(da, b) + f(a, db)`` (``f(da)`` for a linear op), one bind per
+non-zero tangent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from moe_ops import backend
+
+__all__ = ["Spec", "define", "bind", "aval_of"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    name: str
+    n_linear: int                       # 1: linear in operand 0; 2: bilinear in operands 0 and 1
+    ranks: tuple[int, ...]              # per operand, for one example (trailing optional operands may be absent)
+    kernel: Callable                    # (ops, *operands, **params) -> out, one example
+    shape: Callable                     # (*avals, **params) -> (shape, dtype), one example
+    transpose: Callable                 # (ct, operands, wanted: tuple[bool], **params) -> cotangents of linear ops
+    shared: tuple[int, ...] = ()        # operands that may stay unbatched under vmap
+
+
+def define(spec: Spec) -> Primitive:
+    """The primitive for ``spec``, with its impl, lowering, abstract eval, JVP, transpose and batching rules."""
+    prim = Primitive(spec.name)
+
+    def impl(*operands, nb, impl, **params):
+        in_axes = tuple(0 if x.ndim > r else None for x, r in zip(operands, spec.ranks))
+
+        def one(*xs):
+            return spec.kernel(backend.ops(impl), *xs, **params)
+        for _ in range(nb):
+            one = jax.vmap(one, in_axes=in_axes)
+        return one(*operands)
+
+    def abstract(*avals, nb, impl, **params):
+        shape, dtype = spec.shape(*(_example(a, r) for a, r in zip(avals, spec.ranks)), **params)
+        sharding = jax.sharding.NamedSharding(avals[0].sharding.mesh, jax.sharding.PartitionSpec())
+        return avals[0].update(shape=(*avals[0].shape[:nb], *shape), dtype=jnp.dtype(dtype), weak_type=False,
+                               sharding=sharding)
+
+    prim.def_impl(impl)
+    prim.def_abstract_eval(abstract)
+    mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
+    ad.primitive_jvps[prim] = lambda primals, tangents, **params: _jvp(prim, spec, primals, tangents, params)
+    ad.primitive_transposes[prim] = lambda ct, *operands, **params: _transpose(spec, ct, operands, params)
+    batching.primitive_batchers[prim] = lambda args, axes, **params: _batch(prim, spec, args, axes, params)
+    return prim
+
+
+def bind(prim, *operands, impl, nb=0, **params):
+    """``prim`` applied (static params as keywords; ``nb`` leading batch axes, 0 outside this module's rules)."""
+    return prim.bind(*operands, impl=impl, nb=nb, **params)
+
+
+def aval_of(x):
+    """The abstract value of an operand inside a transpose rule (defined, or an undefined linear input)."""
+    return x.aval if ad.is_undefined_primal(x) else jax.typeof(x)
+
+
+def _example(aval, rank):
+    """Shape and dtype of one example of an operand (without its batch axes)."""
+    return jax.ShapeDtypeStruct(aval.shape[len(aval.shape) - rank:], aval.dtype)
+
+
+def _jvp(prim, spec, primals, tangents, params):
+    out = prim.bind(*primals, **params)
+    terms = []
+    for i, t in enumerate(tangents[:spec.n_linear]):
+        if type(t) is not ad.Zero:
+            args = list(primals)
+            args[i] = t.astype(primals[i].dtype)
+            terms.append(prim.bind(*args, **params))
+    if not terms:
+        return out, ad.Zero.from_primal_value(out)
+    return out, terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _transpose(spec, ct, operands, params):
+    wanted = tuple(ad.is_undefined_primal(x) for x in operands[:spec.n_linear])
+    rest = [None] * (len(operands) - spec.n_linear)
+    if type(ct) is ad.Zero:  # a symbolic-zero cotangent: symbolic zeros, no kernel launch
+        return [ad.Zero(x.aval) if w else None for x, w in zip(operands, wanted)] + rest
+    cts = spec.transpose(ct, operands, wanted, **params)
+    out = []
+    for x, w, c in zip(operands, wanted, cts):
+        if not w:
+            out.append(None)
+            continue
+        aval = aval_of(x)
+        if c.ndim > aval.ndim:  # a shared operand's batched cotangent: sum over the batch axes
+            c = c.sum(tuple(range(c.ndim - aval.ndim)), dtype=jnp.float32)
+        out.append(c.astype(aval.dtype))
+    return out + rest
+
+
+def _to_front(x, axis, size):
+    """``x`` with the vmapped axis first (broadcast to ``size`` when ``x`` is not batched)."""
+    return jnp.broadcast_to(x, (size, *x.shape)) if axis is None else jnp.moveaxis(x, axis, 0)
+
+
+def _batch(prim, spec, args, axes, params):
+    nb = params["nb"]
+    size = next(a.shape[d] for a, d in zip(args, axes) if d is not None)
+    ref = next(i for i in range(len(args)) if i not in spec.shared)
+    batch_shape = [n for j, n in enumerate(args[ref].shape) if j != axes[ref]][:nb]
+    out = []
+    for i, (x, d, r) in enumerate(zip(args, axes, spec.ranks)):
+        was_batched = x.ndim - (d is not None) > r
+        if i in spec.shared and d is None and not was_batched:
+            out.append(x)  # shared across every batch axis: stays as it is
+            continue
+        x = _to_front(x, d, size)
+        if not was_batched and nb:  # spread over the nb inner batch axes as well
+            x = jnp.broadcast_to(x[(slice(None),) + (None,) * nb], (size, *batch_shape, *x.shape[1:]))
+        out.append(x)
+    return prim.bind(*out, **{**params, "nb": nb + 1}), 0
