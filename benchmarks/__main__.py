@@ -120,9 +120,8 @@ def run_gmm(args, plan: Plan, entries: list) -> list[dict]:
     entries += [{"suite": "gmm", "kind": "peer", "requested": p.name, "implementation": p.name,
                  "available": p.available, "reason": p.reason or p.note, "emulated": None} for p in peer_list]
     shape_list = shapes.select(shapes.GMM_TINY if plan.tiny else shapes.GMM_SHAPES, args.shapes)
-    w, r = (plan.emu_warmup, plan.emu_repeats) if any(a.emulated and a.available for a in avails) else \
-        (plan.warmup, plan.repeats)
-    return gmm.run_suite(avails, peer_list, shape_list, _patterns(args, "gmm"), plan.dtype, warmup=w, repeats=r,
+    return gmm.run_suite(avails, peer_list, shape_list, _patterns(args, "gmm"), plan.dtype, warmup=plan.warmup,
+                         repeats=plan.repeats, emulated_counts=(plan.emu_warmup, plan.emu_repeats),
                          progress=plan.progress)
 
 
@@ -132,9 +131,8 @@ def run_sort(args, plan: Plan, entries: list) -> list[dict]:
                     "implementation": "xla:argsort+take / xla:scatter+einsum", "available": True, "reason": "",
                     "emulated": None})
     shape_list = shapes.select(shapes.SORT_TINY if plan.tiny else shapes.SORT_SHAPES, args.shapes)
-    w, r = (plan.emu_warmup, plan.emu_repeats) if any(a.emulated and a.available for a in avails) else \
-        (plan.warmup, plan.repeats)
-    return sort.run_suite(avails, shape_list, _patterns(args, "sort"), plan.dtype, warmup=w, repeats=r,
+    return sort.run_suite(avails, shape_list, _patterns(args, "sort"), plan.dtype, warmup=plan.warmup,
+                          repeats=plan.repeats, emulated_counts=(plan.emu_warmup, plan.emu_repeats),
                           progress=plan.progress)
 
 
@@ -160,8 +158,27 @@ def run_layer(args, plan: Plan, entries: list) -> list[dict]:
     return layer.run_suite(cases, plan.dtype, progress=plan.progress)
 
 
+def _checked_args(parser, argv):
+    """The parsed arguments, with the values argparse cannot judge checked up front (before any ceiling runs)."""
+    args = parser.parse_args(argv)
+    if args.warmup is not None and args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.peers:
+        unknown = [n.strip() for n in args.peers.split(",") if n.strip() and n.strip() not in peers.PEER_NAMES]
+        if unknown:
+            parser.error(f"--peers: unknown {unknown}; known: {', '.join(peers.PEER_NAMES)}")
+    if args.patterns:
+        try:
+            routing.parse_list(args.patterns)
+        except ValueError as err:
+            parser.error(f"--patterns: {err}")
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _checked_args(build_parser(), argv)
     now = datetime.datetime.now(datetime.timezone.utc)
     started, stamp = now.isoformat(timespec="seconds"), now.strftime("%Y%m%dT%H%M%SZ")
     t0 = time.perf_counter()

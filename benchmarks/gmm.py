@@ -103,6 +103,7 @@ def _figures(shape: GmmShape, sizes: np.ndarray, pass_: str, itemsize: int) -> d
 
 
 def run_case(shape: GmmShape, dtype, pattern: routing.Pattern, contenders: list, *, warmup: int, repeats: int,
+             emulated_counts: tuple[int, int] | None = None,
              passes=("fwd", "fwd+bwd"), seed: int = 0) -> list[dict]:
     """Records of every contender (dicts from ``contenders``) x pass on one (shape, pattern)."""
     dname = jnp.dtype(dtype).name
@@ -137,7 +138,8 @@ def run_case(shape: GmmShape, dtype, pattern: routing.Pattern, contenders: list,
             try:
                 inputs = [c["prepare"](lhs, rhs, sizes, ct) for lhs, rhs, ct in sets]
                 fn = c["fwd"] if pass_ == "fwd" else c["fwd_bwd"]
-                timing, parity = measure(fn, inputs, warmup=warmup, repeats=repeats,
+                w, r = emulated_counts if c["emulated"] and emulated_counts else (warmup, repeats)
+                timing, parity = measure(fn, inputs, warmup=w, repeats=r,
                                          check=_checker(ref, pass_, TOL[dname], label))
                 del inputs
             except Exception as exc:  # noqa: BLE001 - reported per row (OOM of ragged_dot's backward included)
@@ -169,7 +171,10 @@ def contenders(avails, peer_list) -> list:
     return out
 
 
-def run_suite(avails, peer_list, shapes, patterns, dtype, *, warmup, repeats, progress=True) -> list[dict]:
+def run_suite(avails, peer_list, shapes, patterns, dtype, *, warmup, repeats, emulated_counts=None,
+              progress=True) -> list[dict]:
+    """Every (shape, pattern) case; ``emulated_counts``: (warmup, repeats) for the emulated implementations (the
+    Triton interpreter, Pallas interpret mode), the others run ``warmup`` / ``repeats``."""
     dname = jnp.dtype(dtype).name
     cases = [(s, p) for s in shapes for p in patterns]
     bar = Progress(len(cases), "gmm", enabled=progress)
@@ -180,7 +185,8 @@ def run_suite(avails, peer_list, shapes, patterns, dtype, *, warmup, repeats, pr
             if c["kind"] == "moe_ops" and c["available"]:
                 c["config"] = env.kernel_config(c["name"].split("[")[0], "gmm", m=shape.m, k=shape.k, n=shape.n,
                                                 e=shape.e, dtype=dname)
-        records += run_case(shape, dtype, pattern, base, warmup=warmup, repeats=repeats)
+        records += run_case(shape, dtype, pattern, base, warmup=warmup, repeats=repeats,
+                            emulated_counts=emulated_counts)
         bar.step(f"{shape.name} {pattern.label}")
     bar.close()
     return records

@@ -163,11 +163,19 @@ def _torch_peer() -> Peer:
     return Peer(name, True, prepare=prepare, fwd=fwd, fwd_bwd=fwd_bwd)
 
 
+PEER_NAMES = ("lax.ragged_dot", "tokamax", "tokamax:mosaic", "torch._grouped_mm")  # what --peers takes
+
+
 def gmm_peers(names=None) -> list[Peer]:
+    """The GMM peers (all by default); ``names`` from ``PEER_NAMES`` (``tokamax`` is ``tokamax:mosaic`` here)."""
     builders = {"lax.ragged_dot": lambda: _gmm_peer(lax_ragged_dot()),
                 "tokamax:mosaic": lambda: _gmm_peer(tokamax_ragged_dot(gpu_only=True)),
                 "torch._grouped_mm": _torch_peer}
-    return [builders[n]() for n in (names or builders)]
+    unknown = [n for n in names or () if n not in PEER_NAMES]
+    if unknown:
+        raise ValueError(f"unknown peer(s) {unknown}: known {list(PEER_NAMES)}")
+    wanted = dict.fromkeys("tokamax:mosaic" if n == "tokamax" else n for n in (names or builders))
+    return [builders[n]() for n in wanted]
 
 
 # ---------------------------------------------------------------------------------------------------------------

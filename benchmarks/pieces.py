@@ -104,6 +104,13 @@ def _time(fn, arrays, repeats: int) -> float:
     return measure(jax.jit(fn), [(arrays,)], warmup=1, repeats=repeats)[0].pipelined_s * 1e3
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def run(shape: shapes.LayerShape, dtype, repeats: int = 10) -> list[dict]:
     """One row per piece: ms (and TFLOP/s), the alternative's ms, and their agreement."""
     a = _operands(shape, dtype)
@@ -146,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="qwen3-30b", help="layer presets (benchmarks.shapes.LAYER_SHAPES)")
     p.add_argument("--tiny", action="store_true", help="tiny presets (always on CPU)")
     p.add_argument("--dtype", default="bfloat16", choices=tuple(TOL))
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=_positive, default=10)
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     presets = shapes.LAYER_TINY if args.tiny or jax.default_backend() == "cpu" else shapes.LAYER_SHAPES

@@ -76,10 +76,13 @@ def _ids(t: int, e: int, k: int, p: Pattern, rng) -> np.ndarray:
     if p.name == "balanced":
         ids = imbalance.balanced_ids(t, e, k)
     elif p.name == "hot":
+        if not 1 <= p.hot < e:
+            raise ValueError(f"routing pattern {p.label} needs 1 <= W < E={e} hot experts")
         hot = np.sort(rng.choice(e, size=p.hot, replace=False))
         ids = imbalance.hot_ids(t, e, k, num_hot=p.hot, factor=p.factor, hot_experts=hot)
     elif p.name == "zipf":
         ids = imbalance.zipf_ids(t, e, k, s=p.s, seed=int(rng.integers(1 << 31)))
+        ids = rng.permutation(e).astype(np.int32)[ids]  # a random ranking of the experts (zipf_ids ranks by id)
     else:
         raise ValueError(f"unknown pattern {p.name!r}")
     return np.asarray(ids, np.int32)[rng.permutation(t)]  # random token order; the loads are unchanged

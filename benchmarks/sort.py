@@ -93,7 +93,8 @@ def _checker(op: str, pass_: str, ref, tol: float):
     return check
 
 
-def run_case(shape: SortShape, dtype, pattern, contenders, *, warmup, repeats, seed=0) -> list[dict]:
+def run_case(shape: SortShape, dtype, pattern, contenders, *, warmup, repeats, emulated_counts=None,
+             seed=0) -> list[dict]:
     dname, itemsize = jnp.dtype(dtype).name, jnp.dtype(dtype).itemsize
     n_sets = rotations_for((shape.t + 2 * shape.t * shape.topk) * shape.d * itemsize)
     sets = [make_inputs(shape, dtype, pattern, seed + i) for i in range(n_sets)]
@@ -119,7 +120,8 @@ def run_case(shape: SortShape, dtype, pattern, contenders, *, warmup, repeats, s
                     continue
                 fn = c["fns"][op][0 if pass_ == "fwd" else 1]
                 try:
-                    timing, parity = measure(fn, args[op], warmup=warmup, repeats=repeats,
+                    w, r = emulated_counts if c["emulated"] and emulated_counts else (warmup, repeats)
+                    timing, parity = measure(fn, args[op], warmup=w, repeats=r,
                                              check=_checker(op, pass_, refs[(op, pass_)], TOL[dname]))
                 except Exception as exc:  # noqa: BLE001 - reported per row
                     out.append(record(status="oom" if env.is_oom(exc) else "error", reason=env.reason(exc),
@@ -129,7 +131,7 @@ def run_case(shape: SortShape, dtype, pattern, contenders, *, warmup, repeats, s
     return out
 
 
-def run_suite(avail, shapes, patterns, dtype, *, warmup, repeats, progress=True) -> list[dict]:
+def run_suite(avail, shapes, patterns, dtype, *, warmup, repeats, emulated_counts=None, progress=True) -> list[dict]:
     cases = [(s, p) for s in shapes for p in patterns]
     bar = Progress(len(cases), "sort", enabled=progress)
     records = []
@@ -141,7 +143,8 @@ def run_suite(avail, shapes, patterns, dtype, *, warmup, repeats, progress=True)
         contenders.append(dict(names={op: peers[op][0] for op in peers}, name="xla-composition",
                                requested="xla-composition", kind="peer", emulated=None, available=True, reason="",
                                fns={op: peers[op][1] for op in peers}))
-        records += run_case(shape, dtype, pattern, contenders, warmup=warmup, repeats=repeats)
+        records += run_case(shape, dtype, pattern, contenders, warmup=warmup, repeats=repeats,
+                            emulated_counts=emulated_counts)
         bar.step(f"{shape.name} {pattern.label}")
     bar.close()
     return records

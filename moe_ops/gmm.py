@@ -58,7 +58,7 @@ def _gmm_bind(lhs, rhs, *, sizes, offset, **params):
 
 
 _gmm_p = primitives.define(primitives.Spec(
-    "moe_gmm", n_linear=2, ranks=(2, 3, 1, 1), shared=(1,),
+    "moe_gmm", n_linear=2, ranks=(2, 3, 1, 1),
     kernel=lambda ops, lhs, rhs, sizes, offset, *, transpose_rhs, out_dtype, precision: ops.gmm(
         lhs, rhs, sizes, offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype, **_precision_kwargs(precision)),
     shape=lambda lhs, rhs, sizes, offset, *, transpose_rhs, out_dtype, precision: (

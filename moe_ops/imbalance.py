@@ -42,8 +42,15 @@ def ids_from_loads(loads, top_k: int) -> np.ndarray:
     return sequence.reshape(top_k, t).T.astype(np.int32).copy()
 
 
+def _check_sizes(num_tokens, num_experts, top_k):
+    if not (num_tokens >= 0 and num_experts >= 1 and 1 <= top_k <= num_experts):
+        raise ValueError(f"need T >= 0, E >= 1 and 1 <= top_k <= E (k distinct experts per token), got T={num_tokens}, "
+                         f"E={num_experts}, top_k={top_k}")
+
+
 def balanced_ids(num_tokens: int, num_experts: int, top_k: int) -> np.ndarray:
     """Round robin: token t picks experts ``(t*k + j) % E``."""
+    _check_sizes(num_tokens, num_experts, top_k)
     return ((np.arange(num_tokens)[:, None] * top_k + np.arange(top_k)[None, :]) % num_experts).astype(np.int32)
 
 
@@ -53,13 +60,20 @@ def _spread(total: int, n: int) -> np.ndarray:
 
 def hot_ids(num_tokens: int, num_experts: int, top_k: int, num_hot: int = 1, factor: float = -1,
             hot_experts=None) -> np.ndarray:
-    """``num_hot`` hot experts (default the first ones, or ``hot_experts``) with ``factor`` x the mean load."""
+    """``num_hot`` hot experts (default the first ones, or ``hot_experts``: ``num_hot`` distinct ids in ``[0, E)``)
+    with ``factor`` x the mean load (``factor > 0``, or -1)."""
+    _check_sizes(num_tokens, num_experts, top_k)
     if not 1 <= num_hot < num_experts:
         raise ValueError(f"num_hot must be in [1, E={num_experts}), got {num_hot}")
+    if not (factor == -1 or factor > 0):
+        raise ValueError(f"factor must be > 0 (x the mean load) or -1 (the worst case), got {factor}")
+    hot = np.arange(num_hot) if hot_experts is None else np.asarray(hot_experts).reshape(-1)
+    if len(hot) != num_hot or len(np.unique(hot)) != num_hot or hot.min() < 0 or hot.max() >= num_experts:
+        raise ValueError(f"hot_experts must be num_hot={num_hot} distinct ids in [0, E={num_experts}), got "
+                         f"{hot.tolist()}")
     mean = num_tokens * top_k / num_experts
     factor = num_experts / top_k if factor == -1 else factor
     hot_load = min(num_tokens, int(round(factor * mean)), num_tokens * top_k // num_hot)
-    hot = np.arange(num_hot) if hot_experts is None else np.asarray(hot_experts)
     cold = np.setdiff1d(np.arange(num_experts), hot)
     loads = np.zeros(num_experts, np.int64)
     loads[hot] = hot_load
@@ -73,7 +87,9 @@ def _relabel(ids, order):
 
 
 def zipf_ids(num_tokens: int, num_experts: int, top_k: int, s: float = 1.0, seed: int = 0) -> np.ndarray:
-    """k distinct experts per token, expert of rank r (r = 1..E, expert r-1) chosen with weight ``r^-s``."""
+    """k distinct experts per token, expert of rank r (r = 1..E, expert r-1: expert 0 is the most popular for
+    every seed, which only draws the tokens' choices) chosen with weight ``r^-s``."""
+    _check_sizes(num_tokens, num_experts, top_k)
     rng = np.random.default_rng(seed)
     logp = -s * np.log(np.arange(1, num_experts + 1))
     keys = logp[None, :] + rng.gumbel(size=(num_tokens, num_experts))

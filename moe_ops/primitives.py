@@ -14,10 +14,12 @@ every operand has one manual-axis type (``vma.match_vma``). A ``Spec`` gives, fo
 3. ``transpose(ct, operands, wanted, **params)``: the cotangents of the wanted linear operands, each built from
    the primitives here (so derivatives of every order stay kernels).
 4. ``ranks``: each operand's rank for one example. Batching: a vmapped axis becomes a leading axis (param ``nb``:
-   how many) of every operand, broadcast where it was unbatched, except the operands in ``Spec.shared`` (weights
-   shared across the batch: no copy). An operand is batched iff its rank exceeds ``ranks``; the lowering vmaps the
-   kernel ``nb`` times, so the Triton kernels fold the batch into one launch (``kernels.triton.batching``). A
-   shared operand's cotangent comes out batched and is summed over the batch axes.
+   how many) of the operands it maps; an operand unbatched at every level stays as it is (shared weights, group
+   sizes: no copy, and no copy that could be sharded unlike the batched operands). An operand is batched iff its
+   rank exceeds ``ranks`` (one batched at some levels only is broadcast over the others); the lowering vmaps the
+   kernel ``nb`` times, so the Triton kernels fold the batch into one launch (``kernels.triton.batching``). An
+   unbatched operand's cotangent comes out batched and is summed over the batch axes. The output's batch axes are
+   sharded like the first batched operand's (explicit-sharding meshes), its other axes replicated.
 
 The JVP is the multilinear rule: ``d f(a, b) = f(da, b) + f(a, db)`` (``f(da)`` for a linear op), one bind per
 non-zero tangent.
@@ -26,6 +28,7 @@ non-zero tangent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -46,7 +49,6 @@ class Spec:
     kernel: Callable                    # (ops, *operands, **params) -> out, one example
     shape: Callable                     # (*avals, **params) -> (shape, dtype), one example
     transpose: Callable                 # (ct, operands, wanted: tuple[bool], **params) -> cotangents of linear ops
-    shared: tuple[int, ...] = ()        # operands that may stay unbatched under vmap
 
 
 def define(spec: Spec) -> Primitive:
@@ -64,11 +66,18 @@ def define(spec: Spec) -> Primitive:
 
     def abstract(*avals, nb, impl, **params):
         shape, dtype = spec.shape(*(_example(a, r) for a, r in zip(avals, spec.ranks)), **params)
-        sharding = jax.sharding.NamedSharding(avals[0].sharding.mesh, jax.sharding.PartitionSpec())
-        return avals[0].update(shape=(*avals[0].shape[:nb], *shape), dtype=jnp.dtype(dtype), weak_type=False,
+        batched = next((a for a, r in zip(avals, spec.ranks) if a.ndim > r), avals[0])
+        batch_spec = tuple(batched.sharding.spec)[:nb] if nb else ()
+        sharding = jax.sharding.NamedSharding(batched.sharding.mesh,
+                                              jax.sharding.PartitionSpec(*batch_spec, *(None,) * len(shape)))
+        return avals[0].update(shape=(*batched.shape[:nb], *shape), dtype=jnp.dtype(dtype), weak_type=False,
                                sharding=sharding)
 
-    prim.def_impl(impl)
+    @functools.lru_cache(maxsize=256)
+    def jitted(params):  # eager calls run compiled, as lax's primitives do (one compile per parameter set)
+        return jax.jit(lambda *operands: prim.bind(*operands, **dict(params)))
+
+    prim.def_impl(lambda *operands, **params: jitted(tuple(sorted(params.items())))(*operands))
     prim.def_abstract_eval(abstract)
     mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
     ad.primitive_jvps[prim] = lambda primals, tangents, **params: _jvp(prim, spec, primals, tangents, params)
@@ -131,16 +140,18 @@ def _to_front(x, axis, size):
 def _batch(prim, spec, args, axes, params):
     nb = params["nb"]
     size = next(a.shape[d] for a, d in zip(args, axes) if d is not None)
-    ref = next(i for i in range(len(args)) if i not in spec.shared)
-    batch_shape = [n for j, n in enumerate(args[ref].shape) if j != axes[ref]][:nb]
+    inner = [x.ndim - (d is not None) > r for x, d, r in zip(args, axes, spec.ranks)]  # batched at the nb levels
+    batch_shape = next(([n for j, n in enumerate(x.shape) if j != d][:nb]
+                        for x, d, was in zip(args, axes, inner) if was), [])
+    if not any(inner) and nb:  # cannot happen: some operand carries the nb axes the output has
+        raise AssertionError(f"{spec.name}: no operand carries the {nb} batch axes")
     out = []
-    for i, (x, d, r) in enumerate(zip(args, axes, spec.ranks)):
-        was_batched = x.ndim - (d is not None) > r
-        if i in spec.shared and d is None and not was_batched:
-            out.append(x)  # shared across every batch axis: stays as it is
+    for x, d, was in zip(args, axes, inner):
+        if d is None and not was:
+            out.append(x)  # unbatched at every level: stays as it is
             continue
         x = _to_front(x, d, size)
-        if not was_batched and nb:  # spread over the nb inner batch axes as well
+        if not was and nb:  # batched by this vmap only: spread over the nb inner batch axes as well
             x = jnp.broadcast_to(x[(slice(None),) + (None,) * nb], (size, *batch_shape, *x.shape[1:]))
         out.append(x)
     return prim.bind(*out, **{**params, "nb": nb + 1}), 0

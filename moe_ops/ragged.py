@@ -63,6 +63,7 @@ def ragged_dot_general(lhs, rhs, group_sizes, ragged_dot_dimension_numbers, prec
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if not hasattr(group_sizes, "dtype") or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise TypeError(f"group_sizes must be an integer array, got {getattr(group_sizes, 'dtype', group_sizes)!r}")
+    backend.choose(implementation)  # a bad name raises on every path, the lax one included
     mode, ragged = _mode(lhs, dims)
     out = _lax_out_aval(lhs, rhs, group_sizes, dims, precision, preferred_element_type, group_offset, mode)
     kw = dict(precision=precision, preferred_element_type=out.dtype, implementation=implementation)

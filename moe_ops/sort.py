@@ -29,8 +29,8 @@ def _n(rest):
     return rest[0] if rest else None
 
 
-def _define(name, n_linear, ranks, kernel, shape, transpose, shared=()):
-    return primitives.define(primitives.Spec(name, n_linear, ranks, kernel, shape, transpose, shared))
+def _define(name, n_linear, ranks, kernel, shape, transpose):
+    return primitives.define(primitives.Spec(name, n_linear, ranks, kernel, shape, transpose))
 
 
 # The gather (``permute``'s row copy), the combine and its two adjoints. The last three form a closed family of
@@ -52,16 +52,14 @@ _combine_p = _define(
     lambda y, w, s, *n: ((w.shape[0], y.shape[1]), y.dtype),
     lambda ct, ops_, wanted, *, impl, nb: (
         _bind(_weighted_gather_p, ct, *ops_[1:], impl=impl, nb=nb, when=wanted[0]),
-        _bind(_weight_grad_p, ct, ops_[0], *ops_[2:], impl=impl, nb=nb, when=wanted[1])),
-    shared=(1,))
+        _bind(_weight_grad_p, ct, ops_[0], *ops_[2:], impl=impl, nb=nb, when=wanted[1])))
 _weighted_gather_p = _define(
     "moe_weighted_gather_rows", 2, (2, 2, 1, 1),
     lambda ops, x, w, s, *n: ops.gather_rows(x, s, w.shape[1], row_weights=w, n_valid=_n(n)),
     lambda x, w, s, *n: ((s.shape[0], x.shape[1]), x.dtype),
     lambda ct, ops_, wanted, *, impl, nb: (
         _bind(_combine_p, ct, *ops_[1:], impl=impl, nb=nb, when=wanted[0]),
-        _bind(_weight_grad_p, ops_[0], ct, *ops_[2:], impl=impl, nb=nb, when=wanted[1])),
-    shared=(1,))
+        _bind(_weight_grad_p, ops_[0], ct, *ops_[2:], impl=impl, nb=nb, when=wanted[1])))
 _weight_grad_p = _define(
     "moe_combine_weight_grad", 2, (2, 2, 1, 1),
     lambda ops, d, y, s, *n: ops.combine_weight_grad(d, y, s, s.shape[0] // d.shape[0], n_valid=_n(n)),

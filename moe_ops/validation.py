@@ -13,9 +13,10 @@ ids out of range) cannot be seen at trace time without a host sync, so the fast 
 * a ``sort_idx`` that is not a permutation of ``[0, T*k)`` (``unpermute``, ``gather_gmm``, ``scatter_gmm``,
   ``swiglu_*``): unspecified rows, never an out-of-bounds access (``sort_idx_array``; checked mode only).
 
-Inside ``with moe_ops.checked():`` (or with ``MOE_OPS_CHECKED=1``) the ops add a device-to-host callback that raises
-``ValueError`` with the offending values instead; under ``jit`` it surfaces as a runtime error carrying that message.
-Checks are decided at trace time: a function that ``jit`` already traced outside the block keeps its unchecked trace.
+Inside ``with moe_ops.checked():`` (or with ``MOE_OPS_CHECKED=1``, also ``true`` / ``yes`` / ``on``) the ops add a
+device-to-host callback that raises ``ValueError`` with the offending values instead; under ``jit`` it surfaces as a
+runtime error carrying that message. Checks are decided at trace time: a function that ``jit`` already traced
+outside the block keeps its unchecked trace. Any other ``MOE_OPS_CHECKED`` value raises ``ValueError``.
 
 Degenerate shapes (a zero M, T, K, N, D, top_k, G or G_local) are not errors: every op returns correctly shaped zeros
 (``zeros_if_empty``) and every gradient is zero.
@@ -24,6 +25,7 @@ Degenerate shapes (a zero M, T, K, N, D, top_k, G or G_local) are not errors: ev
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -48,9 +50,18 @@ def checked(enabled: bool = True):
         _state.checked = previous
 
 
+_ENV_FLAG = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False,
+             "": False}
+
+
 def checks_enabled() -> bool:
     flag = getattr(_state, "checked", None)
-    return bool(flag) if flag is not None else os.environ.get("MOE_OPS_CHECKED", "0") == "1"
+    if flag is not None:
+        return bool(flag)
+    value = os.environ.get("MOE_OPS_CHECKED", "0")
+    if value.strip().lower() not in _ENV_FLAG:
+        raise ValueError(f"MOE_OPS_CHECKED={value!r}: expected 1 / true / yes / on or 0 / false / no / off")
+    return _ENV_FLAG[value.strip().lower()]
 
 
 def _runtime_check(predicate_fn, message_fn, *values):
@@ -209,6 +220,11 @@ def clamp_group_sizes(group_sizes, num_rows):
                                  f"{s.astype(np.int64).sum()}, min {s.min() if s.size else 0}", group_sizes)
     if sizes.shape[0] == 0:
         return sizes
+    return _saturated_sizes(sizes, num_rows)
+
+
+@functools.partial(jax.jit, static_argnums=1)  # compiled even when called eagerly: jax 0.11.2 segfaults on an
+def _saturated_sizes(sizes, num_rows):         # eager associative_scan inside an eager shard_map
     ends = jax.lax.associative_scan(_saturating_add(jnp.int32(num_rows)), sizes)
     return jnp.diff(ends, prepend=jnp.zeros((1,), jnp.int32)).astype(jnp.int32)
 

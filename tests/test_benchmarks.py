@@ -7,6 +7,7 @@ the emulated label) and one implementation made unavailable on purpose; a few un
 from __future__ import annotations
 
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -366,3 +367,39 @@ def test_gmm_suite_fwd_bwd_runs_the_forward():
         text = gmm_suite._ours("triton")[1].trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     names = sorted(call.name for call in lowering.kernel_calls(text))
     assert names == ["moe_gmm", "moe_gmm", "moe_tgmm"], names
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--peers", "torch._grouped_mm,foo"], r"--peers: unknown \['foo'\]"),
+    (["--patterns", "balanced,bogus"], "--patterns: routing pattern must be"),
+])
+def test_bad_arguments_stop_before_any_measurement(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["gmm", "--tiny", "--no-progress", *argv])
+    assert stop.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_gmm_peers_take_the_layer_suite_names():
+    from benchmarks import peers
+    assert [p.name for p in peers.gmm_peers(["tokamax", "tokamax:mosaic"])] == ["tokamax:mosaic"]
+
+
+def test_emulated_counts_apply_to_the_emulated_rows_only(monkeypatch):
+    """The user's --warmup / --repeats hold for the compiled implementations even when an emulated one (the Triton
+    interpreter, Pallas interpret mode) runs beside them with its own smaller counts."""
+    from benchmarks import gmm, shapes
+    seen = {}
+
+    def fake_measure(fn, inputs, *, warmup, repeats, check):
+        seen[fn] = (warmup, repeats)
+        raise RuntimeError("not timed in this test")
+    monkeypatch.setattr(gmm, "measure", fake_measure)
+    prepare = lambda lhs, rhs, sizes, ct: (lhs, rhs, sizes, ct)
+    base = [dict(name=name, requested=name, kind="moe_ops", emulated=emulated, available=True, reason="",
+                 config=None, prepare=prepare, fwd=name + ":fwd", fwd_bwd=name + ":fwd_bwd", note="")
+            for name, emulated in (("xla", False), ("pallas", True))]
+    gmm.run_case(next(iter(shapes.GMM_TINY.values())), jnp.float32, routing.BALANCED, base, warmup=2, repeats=7,
+                 emulated_counts=(1, 3))
+    assert seen == {"xla:fwd": (2, 7), "xla:fwd_bwd": (2, 7), "pallas:fwd": (1, 3), "pallas:fwd_bwd": (1, 3)}

@@ -81,3 +81,20 @@ def test_logits_route_to_the_given_ids(kind):
     logits = imbalance.logits_for_ids(ids, 8, seed=1)
     _, routed = reference.route(jnp.asarray(logits), 2)
     assert np.array_equal(np.sort(np.asarray(routed), 1), np.sort(ids, 1))
+
+
+def test_generators_refuse_what_breaks_their_contract():
+    """[T, k] ids with k distinct experts per token, or a clear error naming the argument."""
+    with pytest.raises(ValueError, match="hot_experts must be num_hot=1 distinct ids"):
+        imbalance.hot_ids(64, 8, 2, num_hot=1, hot_experts=[5, 6])
+    with pytest.raises(ValueError, match="hot_experts must be num_hot=2 distinct ids"):
+        imbalance.hot_ids(64, 8, 2, num_hot=2, hot_experts=[5, 5])
+    with pytest.raises(ValueError, match=r"in \[0, E=8\)"):
+        imbalance.hot_ids(64, 8, 2, num_hot=1, hot_experts=[8])
+    with pytest.raises(ValueError, match="factor must be > 0"):
+        imbalance.hot_ids(64, 8, 2, factor=-2)
+    for gen in (imbalance.balanced_ids, imbalance.zipf_ids):
+        with pytest.raises(ValueError, match="1 <= top_k <= E"):
+            gen(16, 4, 5)
+    ids = imbalance.hot_ids(64, 8, 2, num_hot=2, hot_experts=[6, 3], factor=2)
+    assert ids.shape == (64, 2) and all(len(set(row)) == 2 for row in ids)

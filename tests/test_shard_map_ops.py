@@ -47,3 +47,17 @@ def test_permute_unpermute_grads_of_replicated_inputs(impl):
     ref = jax.grad(unsharded_sum(lambda *a: per_shard(*a, R.permute, R.unpermute)), argnums=(0, 1, 2))(x, y_scale, w)
     for name, g, e in zip(["x", "y_scale", "weights"], ours, ref):
         assert_close(g, e, 1e-5, name)
+
+
+def test_eager_shard_map_around_gmm():
+    """shard_map called eagerly (no jit) with check_vma: the ops inside run op by op. On jax 0.11.2 an eager
+    associative_scan there (the group-size clamp) segfaulted the process; the clamp now runs compiled."""
+    k = keys(41, 2)
+    x, w = randn(k[0], (16, 4)), randn(k[1], (4, 4, 3))
+    sizes = jnp.array([[1, 0, 2, 1], [0, 0, 4, 0], [2, 1, 0, 1], [0, 3, 0, 1]], jnp.int32)
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+    f = jax.shard_map(lambda a, b, g: moe_ops.gmm(a, b, g[0], implementation="xla"), mesh=mesh,
+                      in_specs=(jax.P("data"), jax.P(), jax.P("data")), out_specs=jax.P("data"), check_vma=True)
+    want = jnp.concatenate([R.gmm(x[4 * i:4 * i + 4], w, sizes[i]) for i in range(4)])
+    assert_close(f(x, w, sizes), want, 1e-6, "eager shard_map")
+    assert_close(jax.jit(f)(x, w, sizes), want, 1e-6, "jit(shard_map)")

@@ -70,3 +70,34 @@ def test_group_m_variants_of_the_picked_config_come_right_after_the_shipped():
     variants = tune.candidates(gmm)[shipped:shipped + len(others)]
     assert [c.group_m for c in variants] == others
     assert all(dataclasses.replace(c, group_m=base.group_m) == base for c in variants)
+
+
+def test_autotune_env_never_times_the_interpreter_for_an_export(monkeypatch, tmp_path):
+    """MOE_OPS_AUTOTUNE=1 while lowering for cuda on a CPU host: the shipped sm90 table is used and nothing is
+    cached (it used to autotune on interpreter timings and store the pick under "sm90" for real GPUs to read)."""
+    from kernels.platform import _lowering_for
+    cache = tmp_path / "cache.json"
+    monkeypatch.setenv("MOE_OPS_AUTOTUNE", "1")
+    monkeypatch.setenv("MOE_OPS_TUNING_CACHE", str(cache))
+    monkeypatch.setattr(tuning, "_cache", None)
+    with _lowering_for("cuda"):
+        cfg = tuning.pick_config("gmm", 4096, 1024, 512, 8, jnp.bfloat16)
+        with pytest.raises(RuntimeError, match="needs a GPU"):
+            tuning.autotune("gmm", 4096, 1024, 512, 8, jnp.bfloat16)
+    assert cfg == tuning.TABLES["sm90"]["gmm"][tuning.heuristic("gmm", 4096, 1024, 512, 8, jnp.bfloat16, "sm90")]
+    assert not cache.exists()
+
+
+def test_bad_arch_variable_and_bad_cache_file_are_named(monkeypatch, tmp_path):
+    from kernels.platform import _lowering_for
+    monkeypatch.setenv("MOE_OPS_CUDA_ARCH", "sm80")
+    with _lowering_for("cuda"), pytest.raises(ValueError, match=r"MOE_OPS_CUDA_ARCH='sm80'.*\['sm90'\]"):
+        tuning.detect_arch()
+    monkeypatch.delenv("MOE_OPS_CUDA_ARCH")
+    for text in ("[1, 2]", '{"sm90": {"b": {"no_such_field": 1}}}', "not json"):
+        path = tmp_path / "cache.json"
+        path.write_text(text)
+        monkeypatch.setenv("MOE_OPS_TUNING_CACHE", str(path))
+        monkeypatch.setattr(tuning, "_cache", None)
+        with pytest.warns(UserWarning, match="ignoring the Triton tuning cache"):
+            assert tuning._cache_lookup("sm90", "b") is None

@@ -84,3 +84,20 @@ def test_host_group_offsets_out_of_range_at_full_width(offset):
     assert not np.asarray(jax.jit(lambda a, b: moe_ops.gmm(a, b, sizes, group_offset=offset))(lhs, rhs)).any()
     with moe_ops.checked(), pytest.raises(ValueError, match=r"group_offset must lie in \[0, G=4\)"):
         moe_ops.gmm(lhs, rhs, sizes, group_offset=offset)
+
+
+def test_checked_env_variable_takes_flag_words_and_rejects_others(monkeypatch):
+    from moe_ops import validation
+    for value, on in (("1", True), ("true", True), ("On", True), ("0", False), ("no", False), ("", False)):
+        monkeypatch.setenv("MOE_OPS_CHECKED", value)
+        assert validation.checks_enabled() is on, value
+    monkeypatch.setenv("MOE_OPS_CHECKED", "maybe")
+    with pytest.raises(ValueError, match="MOE_OPS_CHECKED='maybe'"):
+        validation.checks_enabled()
+
+
+def test_ragged_dot_rejects_a_bad_implementation_on_the_lax_path_too():
+    a, b = jnp.ones((4, 3), jnp.int8), jnp.ones((2, 3, 5), jnp.int8)
+    with pytest.raises(ValueError, match="implementation must be None or one of"):
+        moe_ops.ragged_dot(a, b, jnp.array([2, 2], jnp.int32), preferred_element_type=jnp.int32,
+                           implementation="no-such-backend")

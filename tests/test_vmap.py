@@ -210,3 +210,26 @@ def test_nested_vmap_triton():
         for b in range(B):
             assert_close(out[a, b], R.gmm(lhs[a, b], rhs, sizes[a, b]), TOL[jnp.float32], f"gmm [{a},{b}]")
             assert_close(xs[a, b], R.permute(x[a, b], ids[a, b], E)[0], TOL[jnp.float32], f"permute [{a},{b}]")
+
+
+def test_vmap_over_an_explicitly_sharded_batch():
+    """vmap over an operand sharded on the vmapped axis (an Explicit-axes mesh, jax.make_mesh's default): unbatched
+    operands (weights, group sizes, the routing) are not copied along the batch, and the result keeps the batch
+    sharding. The first primitive batching rule broadcast them, and vmap then refused the mixed shardings."""
+    b, m, k, n, g = 4, 16, 4, 3, 4
+    ks = keys(42, 2)
+    x, w = randn(ks[0], (b, m, k)), randn(ks[1], (g, k, n))
+    sizes = jnp.array([5, 0, 6, 3], jnp.int32)
+    ids = jax.random.randint(keys(43, 1)[0], (m, 2), 0, g)
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    with jax.set_mesh(mesh):
+        xb = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P("data")))
+        out = jax.jit(jax.vmap(lambda a: moe_ops.gmm(a, w, sizes, implementation="xla")))(xb)
+        assert out.sharding.spec[0] == "data"
+        assert_close(out, jax.vmap(lambda a: R.gmm(a, w, sizes))(x), 1e-6, "gmm")
+        perm = jax.jit(jax.vmap(lambda a: moe_ops.permute(a, ids, g, implementation="xla")[0]))(xb)
+        assert_close(perm, jax.vmap(lambda a: R.permute(a, ids, g)[0])(x), 0.0, "permute")
+        grad = jax.jit(jax.grad(lambda a: jnp.sum(jax.vmap(lambda r: moe_ops.gmm(r, w, sizes,
+                                                                              implementation="xla"))(a) ** 2)))(xb)
+        want = jax.grad(lambda a: jnp.sum(jax.vmap(lambda r: R.gmm(r, w, sizes))(a) ** 2))(x)
+        assert_close(grad, want, 1e-5, "grad of vmap")

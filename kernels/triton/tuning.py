@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -165,7 +166,12 @@ def detect_arch() -> str:
         return "cpu"
     if device.platform in (platform, "gpu") and _device_arch(device).startswith("gfx") == (platform == "rocm"):
         return _device_arch(device)
-    return os.environ.get(f"MOE_OPS_{platform.upper()}_ARCH", EXPORT_ARCH[platform])
+    variable = f"MOE_OPS_{platform.upper()}_ARCH"
+    arch = os.environ.get(variable, EXPORT_ARCH[platform])
+    if arch not in TABLES or arch.startswith("gfx") != (platform == "rocm"):
+        valid = sorted(a for a in TABLES if a != "cpu" and a.startswith("gfx") == (platform == "rocm"))
+        raise ValueError(f"{variable}={arch!r}: the {platform} tuning tables are {valid}")
+    return arch
 
 
 def _bucket(kind, m, k, n, g, dtype) -> str:
@@ -212,7 +218,7 @@ def pick_config(kind: str, m: int, k: int, n: int, g: int, dtype, arch: str | No
     cached = _cache_lookup(arch, _bucket(kind, m, k, n, g, dtype))
     if cached is not None:
         return cached
-    if os.environ.get("MOE_OPS_AUTOTUNE", "0") == "1":
+    if os.environ.get("MOE_OPS_AUTOTUNE", "0") == "1" and _on_gpu():  # never from interpreter timings (export)
         return autotune(kind, m, k, n, g, dtype)
     return TABLES[arch][kind][heuristic(kind, m, k, n, g, dtype, arch)]
 
@@ -243,15 +249,35 @@ def cache_path() -> str:
                           os.path.join(os.path.expanduser("~"), ".cache", "moe_ops", "triton_gmm_tuning.json"))
 
 
+def _on_gpu() -> bool:
+    """Whether this process has a GPU to time kernels on (a cuda / rocm lowering on a CPU host has none)."""
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
 def _load_cache() -> dict:
+    """The autotune cache: ``{arch: {bucket: GmmConfig fields}}``; a missing file is empty, a broken one is
+    ignored with a warning (its path named), never half-used."""
     global _cache
     with _cache_lock:
         if _cache is None:
+            _cache = {}
             try:
                 with open(cache_path()) as f:
-                    _cache = json.load(f)
-            except (OSError, ValueError):
-                _cache = {}
+                    loaded = json.load(f)
+                fields = {f.name for f in dataclasses.fields(GmmConfig)}
+                if not (isinstance(loaded, dict) and all(
+                        isinstance(t, dict) and all(isinstance(e, dict) and set(e) <= fields for e in t.values())
+                        for t in loaded.values())):
+                    raise ValueError("not {arch: {bucket: config fields}}")
+                _cache = loaded
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as err:
+                warnings.warn(f"ignoring the Triton tuning cache {cache_path()} ({err}); shipped tables are used",
+                              stacklevel=2)
         return _cache
 
 
@@ -281,8 +307,9 @@ def autotune(kind: str, m: int, k: int, n: int, g: int, dtype, candidates=None, 
     cache the fastest under (arch, shape bucket, dtype) and return it. Real GPUs only; never called by tests.
     Safe to call while an outer ``jit`` traces (it runs eagerly under ``ensure_compile_time_eval``)."""
     arch = detect_arch()
-    if arch == "cpu":
-        raise RuntimeError("autotune needs a GPU; on CPU the interpreter config is fixed")
+    if arch == "cpu" or not _on_gpu():
+        raise RuntimeError("autotune needs a GPU to time kernels on; on CPU the interpreter config is fixed and a "
+                           "cuda / rocm lowering uses the shipped tables")
     candidates = list(shipped(arch, kind, dtype).values()) if candidates is None else list(candidates)
     with jax.ensure_compile_time_eval():
         best = _fastest(kind, m, k, n, g, dtype, candidates, reps)
