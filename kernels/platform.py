@@ -178,6 +178,11 @@ def dispatch(rules: Mapping[str, Rule], default: Rule | None, args, kwargs):
     return platform_call({p: split(r) for p, r in rules.items()}, *(v for _, v in dynamic), default=split(default))
 
 
+def current_interpret_mode():
+    """The interpret mode Pallas calls traced now would use off TPU (``True`` unless inside ``interpret_mode``)."""
+    return getattr(_state, "interpret", True)
+
+
 @contextlib.contextmanager
 def interpret_mode(params):
     """Pallas calls traced inside the block use ``params`` (``True`` or a hashable ``pltpu.InterpretParams``, e.g. a

@@ -21,6 +21,9 @@ every operand has one manual-axis type (``vma.match_vma``). A ``Spec`` gives, fo
    unbatched operand's cotangent comes out batched and is summed over the batch axes. The output's batch axes are
    sharded like the first batched operand's (explicit-sharding meshes), its other axes replicated.
 
+Every bind records the Pallas interpret mode in effect (param ``interpret``): the lowering, which may run later,
+interprets the same way, and a non-default mode's effects (the strict interpreter's ordered callbacks) are declared.
+
 The JVP is the multilinear rule: ``d f(a, b) = f(da, b) + f(a, db)`` (``f(da)`` for a linear op), one bind per
 non-zero tangent.
 """
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from kernels import platform
 from moe_ops import backend
 
 __all__ = ["Spec", "define", "bind", "aval_of"]
@@ -55,30 +59,40 @@ def define(spec: Spec) -> Primitive:
     """The primitive for ``spec``, with its impl, lowering, abstract eval, JVP, transpose and batching rules."""
     prim = Primitive(spec.name)
 
-    def impl(*operands, nb, impl, **params):
+    def impl(*operands, nb, impl, interpret, **params):
         in_axes = tuple(0 if x.ndim > r else None for x, r in zip(operands, spec.ranks))
 
         def one(*xs):
             return spec.kernel(backend.ops(impl), *xs, **params)
         for _ in range(nb):
             one = jax.vmap(one, in_axes=in_axes)
-        return one(*operands)
+        with platform.interpret_mode(interpret):
+            return one(*operands)
 
-    def abstract(*avals, nb, impl, **params):
+    def effects(avals, params):
+        """The kernels' effects: none, except under a non-default Pallas interpret mode (the strict interpreter's
+        ordered callbacks), where the call is traced once to find them."""
+        if params["interpret"] is True:
+            return set()
+        shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+        return set(jax.make_jaxpr(functools.partial(impl, **params))(*shapes).effects)
+
+    def abstract(*avals, nb, impl, interpret, **params):
         shape, dtype = spec.shape(*(_example(a, r) for a, r in zip(avals, spec.ranks)), **params)
         batched = next((a for a, r in zip(avals, spec.ranks) if a.ndim > r), avals[0])
         batch_spec = tuple(batched.sharding.spec)[:nb] if nb else ()
         sharding = jax.sharding.NamedSharding(batched.sharding.mesh,
                                               jax.sharding.PartitionSpec(*batch_spec, *(None,) * len(shape)))
-        return avals[0].update(shape=(*batched.shape[:nb], *shape), dtype=jnp.dtype(dtype), weak_type=False,
-                               sharding=sharding)
+        out = avals[0].update(shape=(*batched.shape[:nb], *shape), dtype=jnp.dtype(dtype), weak_type=False,
+                              sharding=sharding)
+        return out, effects(avals, dict(nb=nb, impl=impl, interpret=interpret, **params))
 
     @functools.lru_cache(maxsize=256)
     def jitted(params):  # eager calls run compiled, as lax's primitives do (one compile per parameter set)
         return jax.jit(lambda *operands: prim.bind(*operands, **dict(params)))
 
     prim.def_impl(lambda *operands, **params: jitted(tuple(sorted(params.items())))(*operands))
-    prim.def_abstract_eval(abstract)
+    prim.def_effectful_abstract_eval(abstract)
     mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
     ad.primitive_jvps[prim] = lambda primals, tangents, **params: _jvp(prim, spec, primals, tangents, params)
     ad.primitive_transposes[prim] = lambda ct, *operands, **params: _transpose(spec, ct, operands, params)
@@ -87,8 +101,10 @@ def define(spec: Spec) -> Primitive:
 
 
 def bind(prim, *operands, impl, nb=0, **params):
-    """``prim`` applied (static params as keywords; ``nb`` leading batch axes, 0 outside this module's rules)."""
-    return prim.bind(*operands, impl=impl, nb=nb, **params)
+    """``prim`` applied (static params as keywords; ``nb`` leading batch axes, 0 outside this module's rules). The
+    Pallas interpret mode in effect now (``kernels.platform.interpret_mode``) is recorded, so the lowering, which
+    may run later, interprets the same way."""
+    return prim.bind(*operands, impl=impl, nb=nb, interpret=platform.current_interpret_mode(), **params)
 
 
 def aval_of(x):
@@ -119,7 +135,9 @@ def _transpose(spec, ct, operands, params):
     rest = [None] * (len(operands) - spec.n_linear)
     if type(ct) is ad.Zero:  # a symbolic-zero cotangent: symbolic zeros, no kernel launch
         return [ad.Zero(x.aval) if w else None for x, w in zip(operands, wanted)] + rest
-    cts = spec.transpose(ct, operands, wanted, **params)
+    params = dict(params)
+    with platform.interpret_mode(params.pop("interpret")):  # the rule's binds record the same mode
+        cts = spec.transpose(ct, operands, wanted, **params)
     out = []
     for x, w, c in zip(operands, wanted, cts):
         if not w:
