@@ -115,8 +115,7 @@ def run_main_cpu(args, plan: Plan, entries: list) -> list[dict]:
 
 def run_gmm(args, plan: Plan, entries: list) -> list[dict]:
     avails = _availability(env.parse_impls(args.impl), "gmm", plan, "gmm", entries)
-    peer_names = [s.strip() for s in args.peers.split(",")] if args.peers else None
-    peer_list = peers.gmm_peers(peer_names)
+    peer_list = peers.gmm_peers(_peer_names(args))
     entries += [{"suite": "gmm", "kind": "peer", "requested": p.name, "implementation": p.name,
                  "available": p.available, "reason": p.reason or p.note, "emulated": None} for p in peer_list]
     shape_list = shapes.select(shapes.GMM_TINY if plan.tiny else shapes.GMM_SHAPES, args.shapes)
@@ -140,7 +139,7 @@ def run_layer(args, plan: Plan, entries: list) -> list[dict]:
     """Per (shape, pattern): every moe_ops implementation, then the layer compositions (``peers.layer_peers``) on the
     same inputs."""
     avails = _availability(env.parse_impls(args.impl), "layer", plan, "layer", entries)
-    names = [s.strip() for s in args.peers.split(",") if s.strip()] if args.peers else None
+    names = _peer_names(args)
     peer_list = peers.layer_peers(names)
     if names and not peer_list:
         print(f"note: suite layer: none of --peers {args.peers} has a layer composition "
@@ -158,6 +157,11 @@ def run_layer(args, plan: Plan, entries: list) -> list[dict]:
     return layer.run_suite(cases, plan.dtype, progress=plan.progress)
 
 
+def _peer_names(args) -> list[str] | None:
+    """``--peers`` as a list of names (None: every peer)."""
+    return [s.strip() for s in args.peers.split(",") if s.strip()] if args.peers else None
+
+
 def _checked_args(parser, argv):
     """The parsed arguments, with the values argparse cannot judge checked up front (before any ceiling runs)."""
     args = parser.parse_args(argv)
@@ -165,10 +169,10 @@ def _checked_args(parser, argv):
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    if args.peers:
-        unknown = [n.strip() for n in args.peers.split(",") if n.strip() and n.strip() not in peers.PEER_NAMES]
-        if unknown:
-            parser.error(f"--peers: unknown {unknown}; known: {', '.join(peers.PEER_NAMES)}")
+    try:
+        peers.check_names(_peer_names(args) or ())
+    except ValueError as err:
+        parser.error(f"--peers: {err}")
     if args.patterns:
         try:
             routing.parse_list(args.patterns)

@@ -166,14 +166,19 @@ def _torch_peer() -> Peer:
 PEER_NAMES = ("lax.ragged_dot", "tokamax", "tokamax:mosaic", "torch._grouped_mm")  # what --peers takes
 
 
+def check_names(names) -> None:
+    """``ValueError`` naming every name that is not one of ``PEER_NAMES``."""
+    unknown = [n for n in names if n not in PEER_NAMES]
+    if unknown:
+        raise ValueError(f"unknown {unknown}; known: {', '.join(PEER_NAMES)}")
+
+
 def gmm_peers(names=None) -> list[Peer]:
     """The GMM peers (all by default); ``names`` from ``PEER_NAMES`` (``tokamax`` is ``tokamax:mosaic`` here)."""
     builders = {"lax.ragged_dot": lambda: _gmm_peer(lax_ragged_dot()),
                 "tokamax:mosaic": lambda: _gmm_peer(tokamax_ragged_dot(gpu_only=True)),
                 "torch._grouped_mm": _torch_peer}
-    unknown = [n for n in names or () if n not in PEER_NAMES]
-    if unknown:
-        raise ValueError(f"unknown peer(s) {unknown}: known {list(PEER_NAMES)}")
+    check_names(names or ())
     wanted = dict.fromkeys("tokamax:mosaic" if n == "tokamax" else n for n in (names or builders))
     return [builders[n]() for n in wanted]
 

@@ -48,13 +48,14 @@ def _tgmm_transpose(ct, operands, wanted, *, num_groups, out_dtype, precision, i
     lhs, rhs, sizes, offset = operands
     lhs_dtype, rhs_dtype = primitives.aval_of(lhs).dtype, primitives.aval_of(rhs).dtype
     ct = ct.astype(lhs_dtype)
-    kw = dict(sizes=sizes, offset=offset, precision=precision, impl=impl, nb=nb)
-    return (_gmm_bind(rhs, ct, transpose_rhs=True, out_dtype=lhs_dtype, **kw) if wanted[0] else None,
-            _gmm_bind(lhs, ct, transpose_rhs=False, out_dtype=rhs_dtype, **kw) if wanted[1] else None)
-
-
-def _gmm_bind(lhs, rhs, *, sizes, offset, **params):
-    return primitives.bind(_gmm_p, lhs, rhs, sizes, offset, **params)
+    dlhs = drhs = None
+    if wanted[0]:
+        dlhs = primitives.bind(_gmm_p, rhs, ct, sizes, offset, transpose_rhs=True, out_dtype=lhs_dtype,
+                               precision=precision, impl=impl, nb=nb)
+    if wanted[1]:
+        drhs = primitives.bind(_gmm_p, lhs, ct, sizes, offset, transpose_rhs=False, out_dtype=rhs_dtype,
+                               precision=precision, impl=impl, nb=nb)
+    return dlhs, drhs
 
 
 _gmm_p = primitives.define(primitives.Spec(

@@ -84,7 +84,8 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
                          f"got weights {tuple(weights.shape)}, expert_ids {tuple(expert_ids.shape)}")
     kw = dict(implementation=implementation)
     sizes, sort_idx = fused_ops.sort_by_expert(expert_ids, w_gate.shape[0], **kw)
-    dropped = (jnp.asarray(expert_ids) < 0) | (jnp.asarray(expert_ids) >= w_gate.shape[0])
+    ids = validation.expert_ids_int32(expert_ids, w_gate.shape[0])  # out of range stays out, at any width
+    dropped = (ids < 0) | (ids >= w_gate.shape[0])
     weights = jnp.where(dropped, jnp.zeros((), weights.dtype), weights)  # a dropped copy adds 0, even at w = inf / nan
     if swiglu or (swiglu is None and swiglu_has_kernel(implementation)):
         return swiglu_ffn(x, w_gate, w_up, w_down, sizes, sort_idx, weights, activation=activation,

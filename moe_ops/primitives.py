@@ -10,7 +10,7 @@ every operand has one manual-axis type (``vma.match_vma``). A ``Spec`` gives, fo
    it through ``mlir.lower_fun``, so the program is exactly the backend's kernels (``impl=None`` keeps the
    per-platform choice).
 2. ``shape(*avals, **params) -> (shape, dtype)`` of the output. Its abstract value is the first operand's (mesh
-   and manual axes), replicated over that mesh: the kernels compute whole arrays.
+   and manual axes), replicated over that mesh but for the batch axes (4.): the kernels compute whole arrays.
 3. ``transpose(ct, operands, wanted, **params)``: the cotangents of the wanted linear operands, each built from
    the primitives here (so derivatives of every order stay kernels).
 4. ``ranks``: each operand's rank for one example. Batching: a vmapped axis becomes a leading axis (param ``nb``:
@@ -144,7 +144,7 @@ def _transpose(spec, ct, operands, params):
             out.append(None)
             continue
         aval = aval_of(x)
-        if c.ndim > aval.ndim:  # a shared operand's batched cotangent: sum over the batch axes
+        if c.ndim > aval.ndim:  # an unbatched operand's batched cotangent: sum over the batch axes
             c = c.sum(tuple(range(c.ndim - aval.ndim)), dtype=jnp.float32)
         out.append(c.astype(aval.dtype))
     return out + rest
@@ -161,8 +161,6 @@ def _batch(prim, spec, args, axes, params):
     inner = [x.ndim - (d is not None) > r for x, d, r in zip(args, axes, spec.ranks)]  # batched at the nb levels
     batch_shape = next(([n for j, n in enumerate(x.shape) if j != d][:nb]
                         for x, d, was in zip(args, axes, inner) if was), [])
-    if not any(inner) and nb:  # cannot happen: some operand carries the nb axes the output has
-        raise AssertionError(f"{spec.name}: no operand carries the {nb} batch axes")
     out = []
     for x, d, was in zip(args, axes, inner):
         if d is None and not was:

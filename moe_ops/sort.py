@@ -70,7 +70,7 @@ _weight_grad_p = _define(
 
 
 def _bind(prim, a, *rest, impl, nb, when=True, **params):
-    """``prim`` on (a, *rest) with a cast to the operand dtype the kernels expect; ``None`` unless ``when``."""
+    """``primitives.bind(prim, a, *rest)``, or ``None`` unless ``when`` (a cotangent nobody asked for)."""
     if not when:
         return None
     return primitives.bind(prim, a, *rest, impl=impl, nb=nb, **params)
