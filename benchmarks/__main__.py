@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--warmup", type=int, help="untimed calls after the checked first call")
     p.add_argument("--repeats", type=int, help="timed calls (median reported)")
+    p.add_argument("--variants", help="gmm suite: comma list of Triton GMM variants to time side by side "
+                   f"(default: all of {','.join(gmm.TRITON_VARIANTS)})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -121,7 +123,7 @@ def run_gmm(args, plan: Plan, entries: list) -> list[dict]:
     shape_list = shapes.select(shapes.GMM_TINY if plan.tiny else shapes.GMM_SHAPES, args.shapes)
     return gmm.run_suite(avails, peer_list, shape_list, _patterns(args, "gmm"), plan.dtype, warmup=plan.warmup,
                          repeats=plan.repeats, emulated_counts=(plan.emu_warmup, plan.emu_repeats),
-                         progress=plan.progress)
+                         progress=plan.progress, variants=_variants(args))
 
 
 def run_sort(args, plan: Plan, entries: list) -> list[dict]:
@@ -162,6 +164,13 @@ def _peer_names(args) -> list[str] | None:
     return [s.strip() for s in args.peers.split(",") if s.strip()] if args.peers else None
 
 
+def _variants(args) -> tuple[str, ...]:
+    """``--variants`` as a tuple (default: every Triton GMM variant)."""
+    if not args.variants:
+        return gmm.TRITON_VARIANTS
+    return tuple(s.strip() for s in args.variants.split(",") if s.strip())
+
+
 def _checked_args(parser, argv):
     """The parsed arguments, with the values argparse cannot judge checked up front (before any ceiling runs)."""
     args = parser.parse_args(argv)
@@ -173,6 +182,9 @@ def _checked_args(parser, argv):
         peers.check_names(_peer_names(args) or ())
     except ValueError as err:
         parser.error(f"--peers: {err}")
+    unknown = sorted(set(_variants(args)) - set(gmm.TRITON_VARIANTS))
+    if unknown or not _variants(args):
+        parser.error(f"--variants must name some of {', '.join(gmm.TRITON_VARIANTS)}, got {args.variants!r}")
     if args.patterns:
         try:
             routing.parse_list(args.patterns)

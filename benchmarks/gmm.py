@@ -152,13 +152,13 @@ def run_case(shape: GmmShape, dtype, pattern: routing.Pattern, contenders: list,
 TRITON_VARIANTS = ("pointer", "tma")
 
 
-def contenders(avails, peer_list) -> list:
-    """moe_ops implementations (already probed) then peers, as dicts for ``run_case`` (``config`` filled per shape)."""
+def contenders(avails, peer_list, variants=TRITON_VARIANTS) -> list:
+    """moe_ops implementations (already probed) then peers, as dicts for ``run_case`` (``config`` filled per shape);
+    Triton once per GMM variant in ``variants``."""
     out = []
     for a in avails:
         # Triton: every GMM variant side by side (the pointer kernel is the default, see kernels.triton.gmm_tma)
-        variants = TRITON_VARIANTS if a.implementation == "triton" else (None,)
-        for variant in variants:
+        for variant in variants if a.implementation == "triton" else (None,):
             f, fb = _ours(a.implementation, variant) if a.available else (None, None)
             name = a.implementation if variant in (None, "pointer") else f"{a.implementation}[{variant}]"
             out.append(dict(name=name, requested=a.requested, kind="moe_ops", emulated=a.emulated,
@@ -172,14 +172,14 @@ def contenders(avails, peer_list) -> list:
 
 
 def run_suite(avails, peer_list, shapes, patterns, dtype, *, warmup, repeats, emulated_counts=None,
-              progress=True) -> list[dict]:
+              progress=True, variants=TRITON_VARIANTS) -> list[dict]:
     """Every (shape, pattern) case; ``emulated_counts``: (warmup, repeats) for the emulated implementations (the
     Triton interpreter, Pallas interpret mode), the others run ``warmup`` / ``repeats``."""
     dname = jnp.dtype(dtype).name
     cases = [(s, p) for s in shapes for p in patterns]
     bar = Progress(len(cases), "gmm", enabled=progress)
     records = []
-    base = contenders(avails, peer_list)
+    base = contenders(avails, peer_list, variants)
     for shape, pattern in cases:
         for c in base:  # the config the kernel picks depends on the shape
             if c["kind"] == "moe_ops" and c["available"]:

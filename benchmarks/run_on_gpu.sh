@@ -14,16 +14,24 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=.
 fi
-python3 - <<'PY'
-import jax, triton; print("device:", jax.devices()[0], "| jax", jax.__version__, "| triton", triton.__version__)
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1
+  python3 - <<'PY'
+import platform, jax, jaxlib, numpy, triton
+try:
+    import torch; tv = torch.__version__
+except ImportError:
+    tv = "absent"
+print("device:", jax.devices()[0], "| python", platform.python_version(), "| jax", jax.__version__, "| jaxlib",
+      jaxlib.__version__, "| triton", triton.__version__, "| torch", tv, "| numpy", numpy.__version__)
 PY
+} 2>&1 | tee "$out/env.txt"
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 # QUICK=1 fits a 15-minute device lease (benchmarks/RESULTS.md): the quick tests (not the TMA ones), three GMM
 # shapes and the Qwen3 layer, balanced routing only. Without it: every test and every shape (longer than 15 minutes).
 quick=${QUICK:-0}
 marks=$([ "$quick" = 1 ] && echo "not slow" || echo "slow or not slow")
 # 1. The kernels on the device against the reference (parity + gradients; pytest-xdist is in the GPU image).
-timeout $([ "$quick" = 1 ] && echo 170 || echo 300) python3 -m pytest -q -p no:cacheprovider -n 8 --maxfail=8 \
+timeout "${TEST_TIMEOUT:-$([ "$quick" = 1 ] && echo 170 || echo 300)}" python3 -m pytest -q -p no:cacheprovider -n 8 --maxfail=8 \
   -m "$marks" tests/test_triton_gmm.py tests/test_sort.py tests/test_fused.py tests/test_swiglu_ffn.py \
   -k "not pallas and not xla and not shard_map" \
   2>&1 | tee "$out/gpu_tests.log" | tail -5
@@ -43,15 +51,23 @@ if [ "${TUNE:-0}" = 1 ]; then
 fi
 # 2. The suites, one time limit each; every figure is a ratio to peers and ceilings measured in the same run.
 if [ "$quick" = 1 ]; then
-  timeout 170 python3 -m benchmarks gmm --impl triton --shapes mixtral-w1,qwen3-30b-w1,decode --patterns balanced \
-    --peers lax.ragged_dot,torch._grouped_mm --no-progress --json "$out/gmm.json" 2>&1 | tee -a "$out/run.log" \
-    | tail -30
+  # GMM_SHAPES / GMM_PEERS / GMM_TIMEOUT widen the GMM suite; SKEW_SHAPES adds balanced vs hot:1:4 (4x skew) side
+  # by side on the pointer kernel.
+  timeout "${GMM_TIMEOUT:-170}" python3 -m benchmarks gmm --impl triton \
+    --shapes "${GMM_SHAPES:-mixtral-w1,qwen3-30b-w1,decode}" --patterns balanced \
+    --peers "${GMM_PEERS:-lax.ragged_dot,torch._grouped_mm}" --no-progress --json "$out/gmm.json" 2>&1 \
+    | tee -a "$out/run.log" | tail -30
   timeout 120 python3 -m benchmarks layer --impl triton --shapes qwen3-30b --patterns balanced --peers lax.ragged_dot \
     --no-progress --json "$out/layer.json" 2>&1 | tee -a "$out/run.log" | tail -25
   # The fused layer's kernels one by one against the compositions they replaced (benchmarks/pieces.py).
   timeout 90 python3 -m benchmarks.pieces --shapes qwen3-30b --json "$out/pieces.json" 2>&1 | tee -a "$out/run.log" \
     | tail -8
-  exit 0  # at most 8 files come back from a lease: the JSONs, gpu_tests.log and run.log
+  if [ -n "${SKEW_SHAPES:-}" ]; then
+    timeout "${SKEW_TIMEOUT:-120}" python3 -m benchmarks gmm --impl triton --variants pointer --shapes "$SKEW_SHAPES" \
+      --patterns balanced,hot:1:4 --peers torch._grouped_mm --no-progress --json "$out/gmm_skew.json" 2>&1 \
+      | tee -a "$out/run.log" | tail -20
+  fi
+  exit 0  # at most 8 files come back from a lease: the JSONs, env.txt, gpu_tests.log and run.log
 fi
 for suite in gmm sort layer; do
   timeout 540 python3 -m benchmarks "$suite" --json "$out/$suite.json" --plot "$out/$suite.png" --no-progress \
