@@ -33,8 +33,9 @@ prefer_cpu_without_accelerator()  # no failed-GPU-plugin traceback on CPU-only h
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks import env, gmm, layer, peers, report, routing, shapes, sort  # noqa: E402
+from benchmarks import env, gmm, layer, peers, report, routing, shapes, sort, targets  # noqa: E402
 from benchmarks.records import add_ratios  # noqa: E402
+from benchmarks.timing import Stopped, stop_on_sigterm, stopped_at  # noqa: E402
 
 SUITES = ("main", "gmm", "sort", "layer", "all")
 DEFAULT_PATTERNS = {"main": "balanced,hot:1:4,zipf:1.2", "gmm": "balanced,hot:1:4", "sort": "balanced,zipf:1.2",
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed calls (median reported)")
     p.add_argument("--variants", help="gmm suite: comma list of Triton GMM variants to time side by side "
                    f"(default: all of {','.join(gmm.TRITON_VARIANTS)})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: one plain line per finished case (with its seconds) on stderr")
     return p
 
 
@@ -103,7 +105,7 @@ def _patterns(args, suite):
     return routing.parse_list(args.patterns or DEFAULT_PATTERNS[suite])
 
 
-def run_main_cpu(args, plan: Plan, entries: list) -> list[dict]:
+def run_main_cpu(args, plan: Plan, entries: list, records: list) -> list[dict]:
     """The CPU main job: layer fwd+bwd, XLA at the small shape (every pattern), everything at the tiny shape."""
     avails = _availability(env.parse_impls(args.impl), "layer", plan, "main", entries)
     cases = []
@@ -112,10 +114,10 @@ def run_main_cpu(args, plan: Plan, entries: list) -> list[dict]:
             cases += [(a, shapes.MAIN_SMALL, p, plan.warmup, plan.repeats) for p in _patterns(args, "main")]
         w, r = (plan.emu_warmup, plan.emu_repeats) if a.emulated else (plan.warmup, plan.repeats)
         cases.append((a, shapes.MAIN_TINY, routing.BALANCED, w, r))
-    return layer.run_suite(cases, plan.dtype, progress=plan.progress, suite="main")
+    return layer.run_suite(cases, plan.dtype, progress=plan.progress, suite="main", records=records)
 
 
-def run_gmm(args, plan: Plan, entries: list) -> list[dict]:
+def run_gmm(args, plan: Plan, entries: list, records: list) -> list[dict]:
     avails = _availability(env.parse_impls(args.impl), "gmm", plan, "gmm", entries)
     peer_list = peers.gmm_peers(_peer_names(args))
     entries += [{"suite": "gmm", "kind": "peer", "requested": p.name, "implementation": p.name,
@@ -123,10 +125,10 @@ def run_gmm(args, plan: Plan, entries: list) -> list[dict]:
     shape_list = shapes.select(shapes.GMM_TINY if plan.tiny else shapes.GMM_SHAPES, args.shapes)
     return gmm.run_suite(avails, peer_list, shape_list, _patterns(args, "gmm"), plan.dtype, warmup=plan.warmup,
                          repeats=plan.repeats, emulated_counts=(plan.emu_warmup, plan.emu_repeats),
-                         progress=plan.progress, variants=_variants(args))
+                         progress=plan.progress, variants=_variants(args), records=records)
 
 
-def run_sort(args, plan: Plan, entries: list) -> list[dict]:
+def run_sort(args, plan: Plan, entries: list, records: list) -> list[dict]:
     avails = _availability(env.parse_impls(args.impl), "sort", plan, "sort", entries)
     entries.append({"suite": "sort", "kind": "peer", "requested": "xla-composition",
                     "implementation": "xla:argsort+take / xla:scatter+einsum", "available": True, "reason": "",
@@ -134,10 +136,10 @@ def run_sort(args, plan: Plan, entries: list) -> list[dict]:
     shape_list = shapes.select(shapes.SORT_TINY if plan.tiny else shapes.SORT_SHAPES, args.shapes)
     return sort.run_suite(avails, shape_list, _patterns(args, "sort"), plan.dtype, warmup=plan.warmup,
                           repeats=plan.repeats, emulated_counts=(plan.emu_warmup, plan.emu_repeats),
-                          progress=plan.progress)
+                          progress=plan.progress, records=records)
 
 
-def run_layer(args, plan: Plan, entries: list) -> list[dict]:
+def run_layer(args, plan: Plan, entries: list, records: list) -> list[dict]:
     """Per (shape, pattern): every moe_ops implementation, then the layer compositions (``peers.layer_peers``) on the
     same inputs."""
     avails = _availability(env.parse_impls(args.impl), "layer", plan, "layer", entries)
@@ -156,7 +158,7 @@ def run_layer(args, plan: Plan, entries: list) -> list[dict]:
                 w, r = (plan.emu_warmup, plan.emu_repeats) if a.emulated else (plan.warmup, plan.repeats)
                 cases.append((a, s, p, w, r))
             cases += [(peer, s, p, plan.warmup, plan.repeats) for peer in peer_list]
-    return layer.run_suite(cases, plan.dtype, progress=plan.progress)
+    return layer.run_suite(cases, plan.dtype, progress=plan.progress, records=records)
 
 
 def _peer_names(args) -> list[str] | None:
@@ -208,25 +210,37 @@ def main(argv=None) -> int:
     entries: list = []
     ceilings, records = peers.ceilings(plan.tiny, repeats=max(3, min(plan.repeats, 10)))
     runners = {"gmm": run_gmm, "sort": run_sort, "layer": run_layer}
-    if suite == "main" and not gpu:
-        records += run_main_cpu(args, plan, entries)
-    else:
-        for name in (runners if suite in ("main", "all") else (suite,)):
-            sub = _one_suite_args(args, name, plan.tiny)
-            if sub is None:
-                print(f"note: suite {name}: none of --shapes {args.shapes} is one of its presets; not run",
-                      file=sys.stderr)
-                continue
-            records += runners[name](sub, plan, entries)
+    interrupted = None
+    try:
+        with stop_on_sigterm():
+            if suite == "main" and not gpu:
+                run_main_cpu(args, plan, entries, records)
+            else:
+                for name in (runners if suite in ("main", "all") else (suite,)):
+                    sub = _one_suite_args(args, name, plan.tiny)
+                    if sub is None:
+                        print(f"note: suite {name}: none of --shapes {args.shapes} is one of its presets; not run",
+                              file=sys.stderr)
+                        continue
+                    runners[name](sub, plan, entries, records)  # appends each case's records as it finishes
+    except (KeyboardInterrupt, Stopped) as stop:
+        interrupted = f"{type(stop).__name__}: stopped after {len(records)} records; the report holds those alone"
+        print(f"\nINTERRUPTED ({interrupted})", file=sys.stderr)
+        cut = datetime.datetime.fromtimestamp(int(stopped_at() or time.time()), datetime.timezone.utc)
+        for r in records:  # errors from the signal's arrival on: the raise landed in that row's call
+            if r["status"] == "error" and datetime.datetime.fromisoformat(r["timestamp"]) >= cut:
+                r["status"] = "interrupted"
     add_ratios(records, ceilings)
     doc = report.document(records, command=shlex.join(["python", "-m", "benchmarks"] + list(argv or sys.argv[1:])),
                           started=started, finished=datetime.datetime.now(datetime.timezone.utc)
                           .isoformat(timespec="seconds"), ceilings=ceilings, implementations=entries,
                           routing_source=routing.source())
+    if interrupted:
+        doc["interrupted"] = interrupted
     print(report.header(doc))
     print(report.table(records))
     print(report.summary_table(doc["summary"]))
-    print(report.targets_table(doc["targets"]))
+    print(targets.table(doc["targets"]))
     json_path = args.json or os.path.join(args.out_dir, f"{stamp}.json")
     plot_path = args.plot or os.path.join(args.out_dir, f"{stamp}.png")
     report.write_json(doc, json_path)
@@ -239,8 +253,8 @@ def main(argv=None) -> int:
         print(f"FAILED: {r['suite']} {r['op']} {r['pass']} {r['implementation']} {r['shape']['name']}: "
               f"{r['status']}: {r['reason']}", file=sys.stderr)
     passed, line = report.verdict(records)
-    print(line)
-    return 0 if passed and not bad else 1
+    print(line if not interrupted else f"{line} (INTERRUPTED: partial run)")
+    return 0 if passed and not bad and not interrupted else 1
 
 
 def _presets(name, tiny):

@@ -172,13 +172,14 @@ def contenders(avails, peer_list, variants=TRITON_VARIANTS) -> list:
 
 
 def run_suite(avails, peer_list, shapes, patterns, dtype, *, warmup, repeats, emulated_counts=None,
-              progress=True, variants=TRITON_VARIANTS) -> list[dict]:
+              progress=True, variants=TRITON_VARIANTS, records: list | None = None) -> list[dict]:
     """Every (shape, pattern) case; ``emulated_counts``: (warmup, repeats) for the emulated implementations (the
-    Triton interpreter, Pallas interpret mode), the others run ``warmup`` / ``repeats``."""
+    Triton interpreter, Pallas interpret mode), the others run ``warmup`` / ``repeats``. Each case's records are
+    appended to ``records`` (returned; a new list by default) as it finishes."""
     dname = jnp.dtype(dtype).name
     cases = [(s, p) for s in shapes for p in patterns]
     bar = Progress(len(cases), "gmm", enabled=progress)
-    records = []
+    records = [] if records is None else records
     base = contenders(avails, peer_list, variants)
     for shape, pattern in cases:
         for c in base:  # the config the kernel picks depends on the shape

@@ -275,11 +275,12 @@ def run_case(contender, shape: LayerShape, dtype, pattern: routing.Pattern, *, w
     return out
 
 
-def run_suite(cases, dtype, *, progress=True, suite="layer") -> list[dict]:
+def run_suite(cases, dtype, *, progress=True, suite="layer", records: list | None = None) -> list[dict]:
     """cases: (contender, LayerShape, Pattern, warmup, repeats) tuples, run in order under one progress bar;
-    consecutive cases of the same shape and pattern share their inputs and dense reference."""
+    consecutive cases of the same shape and pattern share their inputs and dense reference. Each case's records
+    are appended to ``records`` (returned; a new list by default) as it finishes."""
     bar = Progress(len(cases), suite, enabled=progress)
-    records, prepared = [], {}
+    records, prepared = ([] if records is None else records), {}
     for contender, shape, pattern, warmup, repeats in cases:
         records += run_case(contender, shape, dtype, pattern, warmup=warmup, repeats=repeats, suite=suite,
                             prepared=prepared)

@@ -10,7 +10,7 @@ import datetime
 from benchmarks import env
 
 # 2: memory, peak_vs_unfused, temp_vs_unfused; ratios across moe_ffn variants / peers. 3: pipelined_ms / _ratio_to
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def record(*, suite: str, op: str, pass_: str, implementation: str, kind: str, shape: dict, dtype: str,
@@ -28,6 +28,7 @@ def record(*, suite: str, op: str, pass_: str, implementation: str, kind: str, s
         "flops": flops, "tflops": None, "bytes": bytes_moved, "gbps": None,
         "ceiling_basis": None, "pct_of_ceiling": None, "ceiling": None, "ratio_to": {}, "pipelined_ms": None,
         "pipelined_ratio_to": {}, "slowdown_vs_balanced": None,
+        "pipelined_slowdown_vs_balanced": None,
         "memory": memory, "peak_vs_unfused": None, "temp_vs_unfused": None,
         "parity": parity.as_dict() if parity is not None else None, "note": "",
         "device": env.device(), "versions": env.versions(),
@@ -68,7 +69,7 @@ def _key(rec: dict) -> tuple:
 
 def add_ratios(records: list[dict], ceilings: dict) -> None:
     """Fill ``ratio_to`` (other's time / this time: > 1 means this is faster; ``pipelined_ratio_to`` the same of
-    the back-to-back ``pipelined_ms``), ``slowdown_vs_balanced`` and
+    the back-to-back ``pipelined_ms``), ``slowdown_vs_balanced`` (and ``pipelined_slowdown_vs_balanced``) and
     ``pct_of_ceiling`` (TFLOP/s vs the dense matmul, or GB/s vs the copy rate) in place. Emulated records take no
     part: they get none of the three and are no other record's comparison. Rows compared: same suite, op family
     (``op_family``), pass, shape, dtype and pattern. Our fused layer rows, emulated ones included, also get
@@ -92,6 +93,8 @@ def add_ratios(records: list[dict], ceilings: dict) -> None:
             base = [b for b in groups.get(key, []) if contender(b) == contender(r)]
             if base:
                 r["slowdown_vs_balanced"] = r["time_ms"] / base[0]["time_ms"]
+                if r["pipelined_ms"] and base[0]["pipelined_ms"]:
+                    r["pipelined_slowdown_vs_balanced"] = r["pipelined_ms"] / base[0]["pipelined_ms"]
         basis = r.get("ceiling_basis")
         if basis == "copy" and r["gbps"] and ceilings.get("copy_gbps"):
             r["pct_of_ceiling"], r["ceiling"] = 100 * r["gbps"] / ceilings["copy_gbps"], "copy"

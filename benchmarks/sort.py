@@ -131,10 +131,12 @@ def run_case(shape: SortShape, dtype, pattern, contenders, *, warmup, repeats, e
     return out
 
 
-def run_suite(avail, shapes, patterns, dtype, *, warmup, repeats, emulated_counts=None, progress=True) -> list[dict]:
+def run_suite(avail, shapes, patterns, dtype, *, warmup, repeats, emulated_counts=None, progress=True,
+              records: list | None = None) -> list[dict]:
+    """Every (shape, pattern) case, appended to ``records`` (returned; a new list by default) as it finishes."""
     cases = [(s, p) for s in shapes for p in patterns]
     bar = Progress(len(cases), "sort", enabled=progress)
-    records = []
+    records = [] if records is None else records
     for shape, pattern in cases:
         contenders = [dict(name=a.implementation, requested=a.requested, kind="moe_ops", emulated=a.emulated,
                            available=a.available, reason=a.reason,

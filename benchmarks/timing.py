@@ -18,7 +18,9 @@ unit look fast.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
 import statistics
 import sys
 import time
@@ -144,12 +146,48 @@ def _pipelined(fn: Callable, input_sets: Sequence[Sequence[Any]], repeats: int) 
     return (time.perf_counter() - start) / repeats
 
 
+class Stopped(Exception):
+    """SIGTERM (``timeout``, a lease ending) arrived: the suites stop at the next case boundary and report what
+    finished instead of losing it."""
+
+
+_STOP = {"requested": False}
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While the suites run, SIGTERM raises ``Stopped`` (main thread only; the previous handler is restored after).
+    A raise swallowed where it lands (an interpreter callback turns it into a row error) still stops the run: the
+    request is kept and ``Progress.step`` raises again at the end of the case. A second SIGTERM acts as before."""
+    def stop(signum, frame):
+        _STOP.update(requested=True, at=time.time())
+        signal.signal(signal.SIGTERM, previous)
+        raise Stopped(f"signal {signum}")
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: no handler can be installed
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _STOP["requested"] = False
+
+
+def stopped_at() -> float | None:
+    """When SIGTERM came (``time.time()``), or None."""
+    return _STOP.get("at")
+
+
 class Progress:
-    """A progress bar over a sweep: tqdm when installed, else one plain line per step on stderr."""
+    """A progress bar over a sweep (tqdm, when installed and ``enabled``); otherwise one plain line per finished step
+    on stderr with its seconds, so a log shows where a run's time went and how far a stopped run got."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True):
-        self.total, self.desc, self.n, self.enabled = total, desc, 0, enabled
+        self.total, self.desc, self.n = total, desc, 0
         self._bar = None
+        self._last = time.perf_counter()
         if enabled:
             try:
                 from tqdm import tqdm
@@ -158,14 +196,18 @@ class Progress:
                 self._bar = None
 
     def step(self, label: str = "") -> None:
+        """One step done; raises ``Stopped`` if SIGTERM came during it (``stop_on_sigterm``)."""
         self.n += 1
-        if not self.enabled:
-            return
         if self._bar is not None:
             self._bar.set_postfix_str(label, refresh=False)
             self._bar.update(1)
         else:
-            print(f"[{self.desc} {self.n}/{self.total}] {label}", file=sys.stderr, flush=True)
+            now = time.perf_counter()
+            print(f"[{self.desc} {self.n}/{self.total}] {label} ({now - self._last:.1f} s)", file=sys.stderr,
+                  flush=True)
+            self._last = now
+        if _STOP["requested"]:
+            raise Stopped("stop requested during the last case")
 
     def close(self) -> None:
         if self._bar is not None:
