@@ -49,27 +49,28 @@ if [ "${TUNE:-0}" = 1 ]; then
     --kinds "${TUNE_KINDS:-gmm,dlhs,tgmm,gather_tgmm,swiglu,swiglu_bwd}" --budget-s "${TUNE_BUDGET:-20}" \
     --json "$out/tune.json" --write-cache 2>&1 | tee -a "$out/run.log" | tail -60
 fi
-# 2. The suites, one time limit each; every figure is a ratio to peers and ceilings measured in the same run.
+# 2. The suites, one time limit each; every figure is a ratio to peers and ceilings measured in the same run. A
+#    suite stopped by its limit (SIGTERM) still prints and writes every finished case; -k 30 kills it if it hangs.
 if [ "$quick" = 1 ]; then
   # GMM_SHAPES / GMM_PEERS / GMM_TIMEOUT widen the GMM suite; SKEW_SHAPES adds balanced vs hot:1:4 (4x skew) side
   # by side on the pointer kernel.
-  timeout "${GMM_TIMEOUT:-170}" python3 -m benchmarks gmm --impl triton \
+  timeout -k 30 "${GMM_TIMEOUT:-170}" python3 -m benchmarks gmm --impl triton \
     --shapes "${GMM_SHAPES:-mixtral-w1,qwen3-30b-w1,decode}" --patterns balanced \
     --peers "${GMM_PEERS:-lax.ragged_dot,torch._grouped_mm}" --no-progress --json "$out/gmm.json" 2>&1 \
     | tee -a "$out/run.log" | tail -30
-  timeout 120 python3 -m benchmarks layer --impl triton --shapes qwen3-30b --patterns balanced --peers lax.ragged_dot \
+  timeout -k 30 120 python3 -m benchmarks layer --impl triton --shapes qwen3-30b --patterns balanced --peers lax.ragged_dot \
     --no-progress --json "$out/layer.json" 2>&1 | tee -a "$out/run.log" | tail -25
   # The fused layer's kernels one by one against the compositions they replaced (benchmarks/pieces.py).
   timeout 90 python3 -m benchmarks.pieces --shapes qwen3-30b --json "$out/pieces.json" 2>&1 | tee -a "$out/run.log" \
     | tail -8
   if [ -n "${SKEW_SHAPES:-}" ]; then
-    timeout "${SKEW_TIMEOUT:-120}" python3 -m benchmarks gmm --impl triton --variants pointer --shapes "$SKEW_SHAPES" \
+    timeout -k 30 "${SKEW_TIMEOUT:-120}" python3 -m benchmarks gmm --impl triton --variants pointer --shapes "$SKEW_SHAPES" \
       --patterns balanced,hot:1:4 --peers torch._grouped_mm --no-progress --json "$out/gmm_skew.json" 2>&1 \
       | tee -a "$out/run.log" | tail -20
   fi
   exit 0  # at most 8 files come back from a lease: the JSONs, env.txt, gpu_tests.log and run.log
 fi
 for suite in gmm sort layer; do
-  timeout 540 python3 -m benchmarks "$suite" --json "$out/$suite.json" --plot "$out/$suite.png" --no-progress \
+  timeout -k 30 540 python3 -m benchmarks "$suite" --json "$out/$suite.json" --plot "$out/$suite.png" --no-progress \
     2>&1 | tee "$out/$suite.log" | tail -40
 done
