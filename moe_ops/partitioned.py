@@ -55,19 +55,26 @@ def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoESh
     """Per-shard MoE for use inside ``shard_map`` over a mesh with ``config.expert_axis``.
 
     x [T_l, D] and router_logits [T_l, E] are this device's tokens (sharded over the expert axis iff
-    ``tokens_on_expert``; by default read from x's varying manual axes under ``check_vma``, else
-    ``expert_axis in config.batch_axes``); weights are the local blocks (E_l experts,
+    ``tokens_on_expert``; by default read from x's varying manual axes under ``check_vma`` (any operand typed as
+    varying shows it is on), else ``expert_axis in config.batch_axes``); weights are the local blocks (E_l experts,
     or for ``ep_tp`` all experts with F/EP), additionally sharded over ``fsdp_axis`` on E when given. ``auto`` reads
-    the weight layout: ``ep_tp`` when every expert is local, else ``all_to_all``."""
+    the weight layout: ``ep_tp`` when every expert is local, else ``all_to_all``. Under ``check_vma``, weights
+    typed as replicated over the expert axis are refused for ``ep_tp`` (it would sum EP full copies)."""
     axis = config.expert_axis
     ep = jax.lax.axis_size(axis)
+    operands = (x, router_logits, w_gate, w_up, w_down)
+    typed = any(vma.varying_axes(a) for a in operands)  # check_vma is on: "varies over nothing" means replicated
     if tokens_on_expert is None:  # what x's type says (shard_map's check_vma), else the config's batch axes
-        varying = vma.varying_axes(x)
-        tokens_on_expert = axis in varying if varying else axis in config.batch_axes
+        tokens_on_expert = axis in vma.varying_axes(x) if typed else axis in config.batch_axes
     w_gate, w_up, w_down = ep_strategies.gather_fsdp((w_gate, w_up, w_down), fsdp_axis)
     strategy = config.strategy
     if strategy == "auto":  # the caller fixed the weight layout: all experts local means ep_tp
         strategy = "ep_tp" if w_gate.shape[0] == router_logits.shape[1] and ep > 1 else "all_to_all"
+    if strategy == "ep_tp" and ep > 1 and typed and any(axis not in vma.varying_axes(w) for w in operands[2:]):
+        raise ValueError(f"strategy ep_tp (chosen by {config.strategy!r}) needs w_gate / w_up / w_down split on F over "
+                         f"the expert axis {axis!r}, but their types say they are replicated over it: shard F over "
+                         f"{axis!r} (in_specs P(None, None, {axis!r}) / P(None, {axis!r}, None)), or shard E over it "
+                         f"with strategy 'all_to_all' / 'ring'")
     common = dict(top_k=top_k, expert_axis=axis, activation=activation, score_fn=score_fn,
                   implementation=implementation)
     if strategy == "all_to_all":
@@ -201,6 +208,21 @@ def _plan_from_args(static, mesh, arg_shapes):
     return plan(static.config, mesh, x.sharding, x.shape[0], logits.shape[1], w_gate.shape[2])
 
 
+def _on_auto_axes(fn):
+    """``fn`` traced with the context mesh's Explicit axes made Auto. jax >= 0.11 traces a partition's lowering
+    under the context mesh (``jax.set_mesh``); on Explicit axes its collectives and ``jnp`` ops would then carry
+    sharding types meant for the global program. The lowering is per-shard code: Auto is what it means."""
+    @functools.wraps(fn)
+    def traced(*args):
+        am = jax.sharding.get_abstract_mesh()
+        if am is None or am.empty or AxisType.Explicit not in tuple(am.axis_types):
+            return fn(*args)
+        auto = {n: AxisType.Auto for n, t in zip(am.axis_names, am.axis_types) if t == AxisType.Explicit}
+        with jax.sharding.use_abstract_mesh(am.update_axis_types(auto)):
+            return fn(*args)
+    return traced
+
+
 def _named(mesh, specs):
     return tuple(NamedSharding(mesh, s) for s in specs)
 
@@ -219,9 +241,9 @@ def _forward(x, router_logits, w_gate, w_up, w_down, static):
 def _forward_partition(static, mesh, arg_shapes, result_shape):
     p = _plan_from_args(static, mesh, arg_shapes)
     if p is None:
-        return (mesh, functools.partial(_single_device, static=static), result_shape.sharding,
+        return (mesh, _on_auto_axes(functools.partial(_single_device, static=static)), result_shape.sharding,
                 tuple(a.sharding for a in arg_shapes))
-    return mesh, _shard_fn(static, p), NamedSharding(mesh, p.token_spec()), _named(mesh, p.arg_specs())
+    return mesh, _on_auto_axes(_shard_fn(static, p)), NamedSharding(mesh, p.token_spec()), _named(mesh, p.arg_specs())
 
 
 def _forward_infer(static, mesh, arg_shapes, result_shape):
@@ -253,8 +275,8 @@ def _backward(x, router_logits, w_gate, w_up, w_down, dy, static):
 def _backward_partition(static, mesh, arg_shapes, result_shape):
     p = _plan_from_args(static, mesh, arg_shapes)
     if p is None:
-        return (mesh, lambda *a: _backward_one_device(*a, static), tuple(a.sharding for a in arg_shapes[:5]),
-                tuple(a.sharding for a in arg_shapes))
+        return (mesh, _on_auto_axes(lambda *a: _backward_one_device(*a, static)),
+                tuple(a.sharding for a in arg_shapes[:5]), tuple(a.sharding for a in arg_shapes))
     specs = p.arg_specs()
     shard = _shard_fn(static, p)
     out_copies = math.prod(mesh.shape[a] for a in _replicated_axes(mesh, p.token_spec()))
@@ -264,7 +286,7 @@ def _backward_partition(static, mesh, arg_shapes, result_shape):
         grads = vjp((dy / out_copies).astype(dy.dtype))
         return tuple(_psum(g, _replicated_axes(mesh, s)) for g, s in zip(grads, specs))
 
-    return mesh, lower, _named(mesh, specs), _named(mesh, specs + (p.token_spec(),))
+    return mesh, _on_auto_axes(lower), _named(mesh, specs), _named(mesh, specs + (p.token_spec(),))
 
 
 def _psum(g, axes):
@@ -348,6 +370,9 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
     if 0 in x.shape or 0 in w_gate.shape:  # nothing to exchange: zeros and zero gradients, as on one device
         return layer.moe_ffn(x, router_logits, w_gate, w_up, w_down, top_k=top_k, activation=activation,
                              score_fn=score_fn, implementation=implementation)
+    # inside a shard_map manual over part of the mesh: replicated weights' cotangents must be psum'd over the token
+    # shards' manual axes, which the cast to their union does in its transpose (no-op outside shard_map)
+    x, router_logits, w_gate, w_up, w_down = vma.match_vma(x, router_logits, w_gate, w_up, w_down)
     mesh = _known_mesh(x, router_logits, w_gate, w_up, w_down)
     if mesh is not None:  # the partition rule's own checks, at trace time (else they fail inside the compiler)
         plan(sharding, mesh, None, *dims)
@@ -356,8 +381,11 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
     run = functools.partial(_flat, static=static)
     if mesh is not None and AxisType.Explicit in tuple(mesh.axis_types):
         # Explicit axes (jax.make_mesh's default): the custom partitioning plans the shardings itself, so the op
-        # runs on Auto axes and hands back x's sharding
-        run = jax.sharding.auto_axes(run, out_sharding=jax.typeof(x).sharding)
+        # runs on Auto axes and hands back x's sharding (an uncommitted x under jax.set_mesh carries no mesh: its
+        # spec, replicated, on the context mesh)
+        x_sharding = jax.typeof(x).sharding
+        out_sharding = P(*x_sharding.spec) if x_sharding.mesh.empty else x_sharding
+        run = jax.sharding.auto_axes(run, out_sharding=out_sharding)
     return run(x, router_logits, w_gate, w_up, w_down)
 
 

@@ -5,6 +5,8 @@ cannot run (the Triton interpreter inside the partitioned program, non-finite or
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -42,22 +44,26 @@ def _check(fn, args, dy, what, placed=None, placed_dy=None):
         assert_close(g, e, 1e-5, f"{what} d{name}")
 
 
+@pytest.mark.parametrize("context", [False, True], ids=["committed", "set_mesh"])
 @pytest.mark.parametrize("strategy", ["all_to_all", "ring", "ep_tp"])
-def test_explicit_axes_mesh(strategy):
-    """jax.make_mesh's default axis types are Explicit: the op runs on Auto axes inside and returns x's sharding."""
+def test_explicit_axes_mesh(strategy, context):
+    """jax.make_mesh's default axis types are Explicit: the op runs on Auto axes inside and returns x's sharding;
+    also under ``jax.set_mesh`` of that mesh (jax >= 0.11 traces the partition's lowering under it)."""
     mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Explicit,) * 2)
     args, dy = _inputs()
     specs = (P(("data", "expert")),) * 2 + (P("expert"),) * 3
     placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
     cfg = MoEShardingConfig(strategy=strategy)
     fn = jax.jit(lambda *a: moe_ffn(*a, top_k=K, sharding=cfg, implementation="xla"))
-    out = fn(*placed)
-    assert out.sharding.spec == P(("data", "expert"), None)
-    _check(fn, args, dy, f"explicit {strategy}", placed, jax.device_put(dy, NamedSharding(mesh, specs[0])))
+    with jax.set_mesh(mesh) if context else contextlib.nullcontext():
+        out = fn(*placed)
+        assert out.sharding.spec == P(("data", "expert"), None)
+        _check(fn, args, dy, f"explicit {strategy}", placed, jax.device_put(dy, NamedSharding(mesh, specs[0])))
 
 
-def test_set_mesh_with_uncommitted_operands_runs_the_one_device_body():
-    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_set_mesh_with_uncommitted_operands_runs_the_one_device_body(axis_type):
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(axis_type,) * 2)
     args, dy = _inputs(1)
     fn = jax.jit(lambda *a: moe_ffn(*a, top_k=K, sharding=MoEShardingConfig(strategy="all_to_all"),
                                     implementation="xla"))
@@ -65,16 +71,16 @@ def test_set_mesh_with_uncommitted_operands_runs_the_one_device_body():
         _check(fn, args, dy, "set_mesh, uncommitted")
 
 
-def test_shard_map_manual_over_part_of_the_mesh():
-    """Manual over "data" only (check_vma on): the tile schedules and the partitioned op inside."""
+@pytest.mark.parametrize("strategy", [None, "all_to_all", "ep_tp"])
+def test_shard_map_manual_over_part_of_the_mesh(strategy):
+    """Manual over "data" only (check_vma on): the tile schedules and the partitioned op inside. The replicated
+    weights' gradients are the sum over the data shards (they once held shard 0's part alone)."""
     mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
-    args, _ = _inputs(2)
-    cfg = MoEShardingConfig(strategy="all_to_all")
-    for kw in ({}, {"sharding": cfg}):
-        body = jax.shard_map(lambda *a, kw=kw: moe_ffn(*a, top_k=K, implementation="xla", **kw), mesh=mesh,
-                             in_specs=(P("data"), P("data"), P(), P(), P()), out_specs=P("data"),
-                             axis_names={"data"})
-        assert_close(jax.jit(body)(*args), _dense(*args), 1e-5, f"partial manual {kw}")
+    args, dy = _inputs(2)
+    kw = {} if strategy is None else {"sharding": MoEShardingConfig(strategy=strategy)}
+    body = jax.shard_map(lambda *a: moe_ffn(*a, top_k=K, implementation="xla", **kw), mesh=mesh,
+                         in_specs=(P("data"), P("data"), P(), P(), P()), out_specs=P("data"), axis_names={"data"})
+    _check(jax.jit(body), args, dy, f"partial manual {strategy}")
 
 
 @pytest.mark.parametrize("strategy", ["all_to_all", "ring"])
@@ -141,3 +147,44 @@ def test_triton_interpreter_in_the_partitioned_program_is_refused():
 def test_config_values_checked_up_front(kw, err):
     with pytest.raises(err, match=next(iter(kw))):
         MoEShardingConfig(**kw)
+
+
+@pytest.mark.parametrize("strategy", ["all_to_all", "ring"])
+def test_shard_body_reads_replicated_tokens_from_their_type(strategy):
+    """Tokens replicated over every manual axis (x typed as varying over none, check_vma on): the body must take
+    them as not sharded over the expert axis, although the default batch axes name it."""
+    mesh = jax.make_mesh((4,), ("expert",), axis_types=(AxisType.Auto,))
+    args, dy = _inputs(3)
+    cfg = MoEShardingConfig(strategy=strategy)
+    fn = jax.shard_map(lambda *a: moe_ffn_shard(*a, top_k=K, config=cfg, implementation="xla"), mesh=mesh,
+                       in_specs=(P(), P(), P("expert"), P("expert"), P("expert")), out_specs=P())
+    _check(jax.jit(fn), args, dy, f"replicated tokens {strategy}")
+
+
+def test_shard_body_refuses_replicated_weights_for_ep_tp():
+    """``auto`` with every expert local picks ep_tp, which sums F-slices over the expert axis: weights typed as
+    replicated over it would come out EP times too large, so the body says so instead."""
+    mesh = jax.make_mesh((4,), ("expert",), axis_types=(AxisType.Auto,))
+    args, _ = _inputs(4)
+    fn = jax.shard_map(lambda *a: moe_ffn_shard(*a, top_k=K, implementation="xla"), mesh=mesh,
+                       in_specs=(P("expert"), P("expert"), P(), P(), P()), out_specs=P("expert"))
+    with pytest.raises(ValueError, match="split on F over the expert axis 'expert'"):
+        jax.jit(fn)(*args)
+
+
+@pytest.mark.parametrize("strategy", ["all_to_all", "ring", "ep_tp"])
+def test_shard_body_forward_mode(strategy):
+    """Forward mode across expert shards (README: the partitioned op is first-order; moe_ffn_shard is not)."""
+    mesh = jax.make_mesh((4,), ("expert",), axis_types=(AxisType.Auto,))
+    args, _ = _inputs(5)
+    tangents = _inputs(6)[0]
+    cfg = MoEShardingConfig(strategy=strategy)
+    w_spec = P(None, None, "expert") if strategy == "ep_tp" else P("expert")
+    wd_spec = P(None, "expert", None) if strategy == "ep_tp" else P("expert")
+    tok = P() if strategy == "ep_tp" else P("expert")
+    fn = jax.shard_map(lambda *a: moe_ffn_shard(*a, top_k=K, config=cfg, implementation="xla"), mesh=mesh,
+                       in_specs=(tok, tok, w_spec, w_spec, wd_spec), out_specs=tok)
+    out, tan = jax.jit(lambda p, t: jax.jvp(fn, p, t))(args, tangents)
+    ref_out, ref_tan = jax.jvp(_dense, args, tangents)
+    assert_close(out, ref_out, 1e-5, f"{strategy} jvp primal")
+    assert_close(tan, ref_tan, 1e-5, f"{strategy} jvp tangent")
