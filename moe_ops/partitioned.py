@@ -208,18 +208,24 @@ def _plan_from_args(static, mesh, arg_shapes):
     return plan(static.config, mesh, x.sharding, x.shape[0], logits.shape[1], w_gate.shape[2])
 
 
-def _on_auto_axes(fn):
-    """``fn`` traced with the context mesh's Explicit axes made Auto. jax >= 0.11 traces a partition's lowering
-    under the context mesh (``jax.set_mesh``); on Explicit axes its collectives and ``jnp`` ops would then carry
-    sharding types meant for the global program. The lowering is per-shard code: Auto is what it means."""
+def _per_shard(fn):
+    """``fn`` traced as the partitioned program's per-shard code, whenever JAX traces it (at lowering, after the
+    caller's trace has returned):
+
+    * with no runtime value checks: a checked-mode host callback cannot live in the partitioned program (the
+      process dies), and the op's group sizes and expert ids are its own, never the caller's values;
+    * with the context mesh's Explicit axes made Auto: jax >= 0.11 traces a partition's lowering under the context
+      mesh (``jax.set_mesh``), where collectives and ``jnp`` ops would carry sharding types meant for the global
+      program."""
     @functools.wraps(fn)
     def traced(*args):
-        am = jax.sharding.get_abstract_mesh()
-        if am is None or am.empty or AxisType.Explicit not in tuple(am.axis_types):
-            return fn(*args)
-        auto = {n: AxisType.Auto for n, t in zip(am.axis_names, am.axis_types) if t == AxisType.Explicit}
-        with jax.sharding.use_abstract_mesh(am.update_axis_types(auto)):
-            return fn(*args)
+        with validation.checked(False):
+            am = jax.sharding.get_abstract_mesh()
+            if am is None or am.empty or AxisType.Explicit not in tuple(am.axis_types):
+                return fn(*args)
+            auto = {n: AxisType.Auto for n, t in zip(am.axis_names, am.axis_types) if t == AxisType.Explicit}
+            with jax.sharding.use_abstract_mesh(am.update_axis_types(auto)):
+                return fn(*args)
     return traced
 
 
@@ -228,8 +234,10 @@ def _named(mesh, specs):
 
 
 def _single_device(x, router_logits, w_gate, w_up, w_down, static):
-    return layer.moe_ffn(x, router_logits, w_gate, w_up, w_down, top_k=static.top_k, activation=static.activation,
-                         score_fn=static.score_fn, implementation=static.implementation)
+    with validation.checked(False):  # traced inside custom_partitioning too (see _per_shard)
+        return layer.moe_ffn(x, router_logits, w_gate, w_up, w_down, top_k=static.top_k,
+                             activation=static.activation, score_fn=static.score_fn,
+                             implementation=static.implementation)
 
 
 # ---- forward op ------------------------------------------------------------------------------------------------
@@ -241,9 +249,9 @@ def _forward(x, router_logits, w_gate, w_up, w_down, static):
 def _forward_partition(static, mesh, arg_shapes, result_shape):
     p = _plan_from_args(static, mesh, arg_shapes)
     if p is None:
-        return (mesh, _on_auto_axes(functools.partial(_single_device, static=static)), result_shape.sharding,
+        return (mesh, _per_shard(functools.partial(_single_device, static=static)), result_shape.sharding,
                 tuple(a.sharding for a in arg_shapes))
-    return mesh, _on_auto_axes(_shard_fn(static, p)), NamedSharding(mesh, p.token_spec()), _named(mesh, p.arg_specs())
+    return mesh, _per_shard(_shard_fn(static, p)), NamedSharding(mesh, p.token_spec()), _named(mesh, p.arg_specs())
 
 
 def _forward_infer(static, mesh, arg_shapes, result_shape):
@@ -275,7 +283,7 @@ def _backward(x, router_logits, w_gate, w_up, w_down, dy, static):
 def _backward_partition(static, mesh, arg_shapes, result_shape):
     p = _plan_from_args(static, mesh, arg_shapes)
     if p is None:
-        return (mesh, _on_auto_axes(lambda *a: _backward_one_device(*a, static)),
+        return (mesh, _per_shard(lambda *a: _backward_one_device(*a, static)),
                 tuple(a.sharding for a in arg_shapes[:5]), tuple(a.sharding for a in arg_shapes))
     specs = p.arg_specs()
     shard = _shard_fn(static, p)
@@ -286,7 +294,7 @@ def _backward_partition(static, mesh, arg_shapes, result_shape):
         grads = vjp((dy / out_copies).astype(dy.dtype))
         return tuple(_psum(g, _replicated_axes(mesh, s)) for g, s in zip(grads, specs))
 
-    return mesh, _on_auto_axes(lower), _named(mesh, specs), _named(mesh, specs + (p.token_spec(),))
+    return mesh, _per_shard(lower), _named(mesh, specs), _named(mesh, specs + (p.token_spec(),))
 
 
 def _psum(g, axes):

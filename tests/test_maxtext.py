@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import moe_ops
 from moe_ops import reference
 from moe_ops.integrations import maxtext
 from tests.helpers import TOL, assert_close, group_sizes, keys, randn
@@ -114,6 +115,11 @@ def test_local_permute_matches_argsort(is_offset, ragged):
         np.testing.assert_array_equal(np.asarray(got[2]), sizes)
         np.testing.assert_array_equal(np.asarray(got[3]), np.asarray(ids[order]))
         np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want_x))
+        with moe_ops.checked():  # the out-of-range id of other shards' rows is the shim's own, not a caller's error
+            checked = maxtext.local_permute(x, global_sizes, local, shard, is_offset=is_offset,
+                                            global_sorted_experts=sorted_experts, use_ragged_sort=ragged,
+                                            ragged_buffer_factor=1.0 if ragged else -1.0, implementation="xla")
+            np.testing.assert_array_equal(np.asarray(checked[1]), np.asarray(order))
 
 
 @pytest.mark.parametrize("dispatch", [True, False])

@@ -188,3 +188,22 @@ def test_shard_body_forward_mode(strategy):
     ref_out, ref_tan = jax.jvp(_dense, args, tangents)
     assert_close(out, ref_out, 1e-5, f"{strategy} jvp primal")
     assert_close(tan, ref_tan, 1e-5, f"{strategy} jvp tangent")
+
+
+@pytest.mark.parametrize("strategy", ["all_to_all", "ep_tp"])
+def test_checked_mode_on_expert_shards(strategy, monkeypatch):
+    """MOE_OPS_CHECKED=1 (process-wide: the partitioner traces the per-shard code at compile time) adds no host
+    callback inside the partitioned program (it killed the process) and no check of the op's own padding ids (the
+    all_to_all receive buffer's id E_l was refused), in the partitioned op and in moe_ffn_shard."""
+    monkeypatch.setenv("MOE_OPS_CHECKED", "1")
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
+    args, dy = _inputs(7)
+    cfg = MoEShardingConfig(strategy=strategy)
+    specs = (P(("data", "expert")),) * 2 + (P("expert"),) * 3
+    placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
+    fn = jax.jit(lambda *a: moe_ffn(*a, top_k=K, sharding=cfg, implementation="xla"))
+    _check(fn, args, dy, f"checked {strategy}", placed, jax.device_put(dy, NamedSharding(mesh, specs[0])))
+    if strategy == "all_to_all":
+        body = jax.shard_map(lambda *a: moe_ffn_shard(*a, top_k=K, config=cfg, implementation="xla"), mesh=mesh,
+                             in_specs=specs, out_specs=specs[0])
+        _check(jax.jit(body), args, dy, "checked moe_ffn_shard")

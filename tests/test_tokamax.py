@@ -64,3 +64,15 @@ def test_non_array_operands_fall_through_to_the_next_implementation():
     with pytest.raises(NotImplementedError, match="plain arrays"):
         MoeOpsRaggedDot("xla")(Wrapped(), jnp.ones((G, K, N)), group_sizes=jnp.ones((G,), jnp.int32),
                                ragged_dot_dimension_numbers=None)
+
+
+def test_numpy_int64_sizes_are_clipped_not_wrapped():
+    """NumPy sizes reach moe_ops as NumPy (clipped on the host in int64), as ``moe_ops.ragged_dot`` takes them: a
+    size of 2**32 + 2 is the rest of the rows, never 2 after an int32 narrowing."""
+    import numpy as np
+    lhs, rhs = randn(keys(34, 1)[0], (8, K)), randn(keys(35, 1)[0], (3, K, N))
+    sizes = np.array([3, 2 ** 32 + 2, 1], np.int64)
+    dims = jax.lax.RaggedDotDimensionNumbers((([1], [1]), ([], [])), [0], [0])
+    got = MoeOpsRaggedDot("xla")(lhs, rhs, group_sizes=sizes, ragged_dot_dimension_numbers=dims)
+    want = jnp.concatenate([lhs[:3] @ rhs[0], lhs[3:] @ rhs[1]])
+    assert_close(got, want, TOL[jnp.float32], "int64 sizes")

@@ -151,9 +151,10 @@ def local_permute(inputs, global_group_sizes, local_expert_size, shard_index, is
         chunk_ids = jnp.arange(per_shard.size) % local_expert_size
         expert_ids = jnp.repeat(chunk_ids, per_shard.reshape(-1), total_repeat_length=inputs.shape[0])
     n_valid = jnp.sum(local_group_size).astype(jnp.int32) if use_ragged_sort else None
-    sorted_inputs, _, sorted_indices = moe_ops.permute(inputs, expert_ids[:, None].astype(jnp.int32),
-                                                       local_expert_size, n_valid=n_valid,
-                                                       implementation=implementation)
+    with validation.checked(False):  # ids built here (other shards' rows: id L on purpose), not the caller's
+        sorted_inputs, _, sorted_indices = moe_ops.permute(inputs, expert_ids[:, None].astype(jnp.int32),
+                                                           local_expert_size, n_valid=n_valid,
+                                                           implementation=implementation)
     return sorted_inputs, sorted_indices, local_group_size, expert_ids[sorted_indices]
 
 

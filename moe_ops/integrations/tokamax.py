@@ -41,7 +41,9 @@ class MoeOpsRaggedDot:
                                           f"{type(x).__name__} (quantized operands: list a tokamax implementation "
                                           "after this one)")
         sizes = getattr(group_sizes, "value", group_sizes)
-        out = ragged_dot_general(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes), ragged_dot_dimension_numbers,
+        if not isinstance(sizes, (jax.Array, np.ndarray)):
+            sizes = jnp.asarray(sizes)  # NumPy sizes stay NumPy: int64 ones are clipped on the host, never wrapped
+        out = ragged_dot_general(jnp.asarray(lhs), jnp.asarray(rhs), sizes, ragged_dot_dimension_numbers,
                                  precision=precision, preferred_element_type=preferred_element_type,
                                  implementation=self.implementation)
         return out if activation is None else activation(out)
