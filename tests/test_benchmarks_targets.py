@@ -64,7 +64,8 @@ def test_gmm_targets_judge_sync_and_pipelined_figures():
             rec("1GiB", "fwd", "xla:elementwise", 1.0, 0.5, suite="ceiling", op="copy", kind="ceiling",
                 basis="copy", flops=None, nbytes=2e9)]
     recs = ceil + [
-        rec("mixtral-w1", "fwd", "triton", 1.1, 1.0), rec("mixtral-w1", "fwd", "torch._grouped_mm", 1.0, 1.0, kind="peer"),
+        rec("mixtral-w1", "fwd", "triton", 1.1, 1.0),
+        rec("mixtral-w1", "fwd", "torch._grouped_mm", 1.0, 1.0, kind="peer"),
         rec("qwen3-30b-w1", "fwd+bwd", "triton", 2.0, 1.6, flops=3e12),
         rec("qwen3-30b-w1", "fwd+bwd", "torch._grouped_mm", 1.8, 1.6, flops=3e12, kind="peer"),
         rec("qwen3-30b-w1", "fwd+bwd", "triton", 2.4, 1.7, pattern="hot:1:4", flops=3e12),
