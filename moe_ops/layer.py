@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -10,6 +12,7 @@ from moe_ops import reference, validation
 from moe_ops.validation import check_expert_weights
 from moe_ops.swiglu import has_kernel as swiglu_has_kernel, swiglu_ffn
 from moe_ops.gmm import gmm
+from moe_ops.sharding import auto_axes_like, explicit_mesh
 from moe_ops.sort import permute, unpermute
 
 __all__ = ["moe_ffn", "experts_ffn", "fused_experts_ffn", "route"]
@@ -117,6 +120,12 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
         return moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, top_k=top_k, sharding=sharding,
                                    activation=activation, score_fn=score_fn, implementation=implementation)
     check_weights(x, router_logits, w_gate, w_up, w_down)
+    if explicit_mesh(x, router_logits, w_gate, w_up, w_down) is not None:
+        # tokens on an Explicit mesh (jax.make_mesh's default): the sort and the kernels have no Explicit sharding
+        # rule, so the layer runs on Auto axes (XLA partitions it) and hands back x's sharding
+        layer = functools.partial(moe_ffn, top_k=top_k, activation=activation, score_fn=score_fn,
+                                  implementation=implementation, fused=fused, recompute=recompute)
+        return auto_axes_like(layer, x)(x, router_logits, w_gate, w_up, w_down)
     shape = x.shape
     x2 = reference.flatten_tokens(x)
     weights, ids = route(reference.flatten_tokens(router_logits), top_k, score_fn=score_fn)

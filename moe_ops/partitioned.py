@@ -34,7 +34,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from moe_ops import backend, ep_strategies, layer, validation, vma
-from moe_ops.sharding import MoEShardingConfig, choose_strategy, remove_axes, spec_axes, weight_spec
+from moe_ops.sharding import (MoEShardingConfig, auto_axes_like, choose_strategy, remove_axes, spec_axes,
+                              weight_spec)
 
 __all__ = ["moe_ffn_partitioned", "moe_ffn_shard", "Plan", "plan"]
 
@@ -389,11 +390,8 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
     run = functools.partial(_flat, static=static)
     if mesh is not None and AxisType.Explicit in tuple(mesh.axis_types):
         # Explicit axes (jax.make_mesh's default): the custom partitioning plans the shardings itself, so the op
-        # runs on Auto axes and hands back x's sharding (an uncommitted x under jax.set_mesh carries no mesh: its
-        # spec, replicated, on the context mesh)
-        x_sharding = jax.typeof(x).sharding
-        out_sharding = P(*x_sharding.spec) if x_sharding.mesh.empty else x_sharding
-        run = jax.sharding.auto_axes(run, out_sharding=out_sharding)
+        # runs on Auto axes and hands back x's sharding
+        run = auto_axes_like(run, x)
     return run(x, router_logits, w_gate, w_up, w_down)
 
 

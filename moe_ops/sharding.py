@@ -187,3 +187,25 @@ def weight_spec(config: MoEShardingConfig | None = None, mesh_axis_names=None, *
     ``tensor_parallel`` (ep_tp) E over ``fsdp`` and F over ``expert``."""
     key = ("w_out" if down else "w_in") + ("_tp" if tensor_parallel else "")
     return logical_to_spec(LOGICAL_AXES[key], default_rules(config), mesh_axis_names)
+
+
+def explicit_mesh(*operands):
+    """The mesh with Explicit axes (``jax.make_mesh``'s default) that the context (``jax.set_mesh``) or an operand's
+    type carries, or None."""
+    import jax  # noqa: PLC0415 (this module is otherwise plain data)
+    from jax.sharding import AxisType  # noqa: PLC0415
+    meshes = [jax.sharding.get_abstract_mesh()]
+    meshes += [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None) for a in operands]
+    for mesh in meshes:
+        if mesh is not None and not mesh.empty and AxisType.Explicit in tuple(mesh.axis_types):
+            return mesh
+    return None
+
+
+def auto_axes_like(fn, like):
+    """``fn`` run on Auto axes, its result handed back with ``like``'s sharding (an operand with no mesh, e.g.
+    uncommitted under ``jax.set_mesh``: its spec on the context mesh). For ops whose sort / scatter / kernel
+    calls have no Explicit-axes sharding rule: XLA partitions them inside, as on an Auto mesh."""
+    import jax  # noqa: PLC0415
+    sharding = jax.typeof(like).sharding
+    return jax.sharding.auto_axes(fn, out_sharding=P(*sharding.spec) if sharding.mesh.empty else sharding)

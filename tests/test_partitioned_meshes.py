@@ -207,3 +207,16 @@ def test_checked_mode_on_expert_shards(strategy, monkeypatch):
         body = jax.shard_map(lambda *a: moe_ffn_shard(*a, top_k=K, config=cfg, implementation="xla"), mesh=mesh,
                              in_specs=specs, out_specs=specs[0])
         _check(jax.jit(body), args, dy, "checked moe_ffn_shard")
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_one_device_layer_on_explicit_token_shards(impl):
+    """moe_ffn without sharding= on tokens sharded over an Explicit mesh (jax.make_mesh's default): the sort had no
+    Explicit sharding rule (ShardingTypeError); the layer now runs on Auto axes and keeps x's sharding."""
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Explicit,) * 2)
+    args, dy = _inputs(8)
+    specs = (P("data"),) * 2 + (P(),) * 3
+    placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
+    fn = jax.jit(lambda *a: moe_ffn(*a, top_k=K, implementation=impl))
+    assert fn(*placed).sharding.spec == P("data", None)
+    _check(fn, args, dy, f"explicit token shards {impl}", placed, jax.device_put(dy, NamedSharding(mesh, specs[0])))
