@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax._src import core as jax_core
 
-__all__ = ["static_upper_bound", "pad_rows", "dim_value"]
+__all__ = ["static_upper_bound", "pad_rows", "dim_value", "require_static"]
 
 
 def dim_value(n):
@@ -36,3 +36,12 @@ def static_upper_bound(value, what: str) -> int:
                          "by its upper bound: export with a bounded row count, e.g. "
                          "jax.export.symbolic_shape('m', constraints=('m <= 65536',))")
     return int(upper)
+
+
+def require_static(what: str, *dims) -> None:
+    """Raise ``ValueError`` naming ``what`` when any of ``dims`` is symbolic: the kernels tile these dimensions
+    statically (only a row count may be symbolic, run at its bound)."""
+    symbolic = [d for d in dims if not isinstance(d, int)]
+    if symbolic:
+        raise ValueError(f"{what} = {symbolic[0]} is symbolic; the Pallas kernels tile it statically, so only the "
+                         "row count may be symbolic (with a bound): export with static K and N")

@@ -132,3 +132,15 @@ def test_triton_cuda_export_symbolic_m(name, monkeypatch):
     checks = [export.DisabledSafetyCheck.custom_call("triton_kernel_call")]
     exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*specs(_m()))
     assert "triton_kernel_call" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_pallas_symbolic_k_is_refused_by_name(platform):
+    """Only the row count may be symbolic on Pallas: a symbolic K (JAX's own ragged_dot shape-poly harness exports
+    one) raised an inconclusive-comparison error from inside the tiling; it now names K / N and the fix."""
+    m, k = jax.export.symbolic_shape("m, k", constraints=("m <= 64", "k <= 64"))
+    specs = (jax.ShapeDtypeStruct((m, k), jnp.float32), jax.ShapeDtypeStruct((3, k, 8), jnp.float32),
+             jax.ShapeDtypeStruct((3,), jnp.int32))
+    with pytest.raises(ValueError, match="K / N of the Pallas grouped matmul = k is symbolic.*static K and N"):
+        export.export(jax.jit(lambda a, b, c: moe_ops.gmm(a, b, c, implementation="pallas")),
+                      platforms=[platform])(*specs)

@@ -45,7 +45,7 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels.pallas import tiling as tiling_lib
 from kernels.groups import segment_of
 from kernels.platform import tpu_or_interpret
-from kernels.shapes import pad_rows, static_upper_bound
+from kernels.shapes import pad_rows, require_static, static_upper_bound
 
 __all__ = ["gmm", "tgmm", "gmm_schedule", "tgmm_schedule"]
 
@@ -284,6 +284,7 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, tiling
     A symbolic M (``jax.export`` shape polymorphism) runs at its static upper bound on zero-padded rows (Mosaic's
     scalar-prefetched schedule needs a static length); those rows are past ``sum(group_sizes)`` and sliced off."""
     m = lhs.shape[0]
+    require_static("K / N of the Pallas grouped matmul", lhs.shape[1], *rhs.shape[1:])
     if not isinstance(m, int):
         bound = static_upper_bound(m, "the row count M of the Pallas grouped matmul")
         existing = None if existing_out is None else pad_rows(existing_out, bound)
@@ -369,6 +370,7 @@ def tgmm(lhs, rhs, group_sizes, group_offset, *, num_groups, out_dtype, tiling=N
          interpret=None, precision=None):
     """lhs [M,K]^T x rhs [M,N] per local group -> [G_local=num_groups, K, N] (``out_dtype``); empty groups are zero
     (``existing_out[g]`` with ``existing_out``). ``tiling`` / ``interpret`` / a symbolic M as for ``gmm``."""
+    require_static("K / N of the Pallas grouped matmul", lhs.shape[1], rhs.shape[1])
     if not isinstance(lhs.shape[0], int):
         bound = static_upper_bound(lhs.shape[0], "the row count M of the Pallas grouped matmul")
         return tgmm(pad_rows(lhs, bound), pad_rows(rhs, bound), group_sizes, group_offset, num_groups=num_groups,
