@@ -191,15 +191,16 @@ def weight_spec(config: MoEShardingConfig | None = None, mesh_axis_names=None, *
 
 def explicit_mesh(*operands):
     """The mesh with Explicit axes (``jax.make_mesh``'s default) that the context (``jax.set_mesh``) or an operand's
-    type carries, or None."""
+    type carries, or None; None as well inside a ``shard_map`` (any Manual axis): the op then runs on the local
+    blocks, and JAX allows no way from Manual back to Auto axes."""
     import jax  # noqa: PLC0415 (this module is otherwise plain data)
     from jax.sharding import AxisType  # noqa: PLC0415
     meshes = [jax.sharding.get_abstract_mesh()]
     meshes += [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None) for a in operands]
-    for mesh in meshes:
-        if mesh is not None and not mesh.empty and AxisType.Explicit in tuple(mesh.axis_types):
-            return mesh
-    return None
+    meshes = [m for m in meshes if m is not None and not m.empty]
+    if any(AxisType.Manual in tuple(m.axis_types) for m in meshes):
+        return None
+    return next((m for m in meshes if AxisType.Explicit in tuple(m.axis_types)), None)
 
 
 def auto_axes_like(fn, like):

@@ -71,16 +71,21 @@ def test_set_mesh_with_uncommitted_operands_runs_the_one_device_body(axis_type):
         _check(fn, args, dy, "set_mesh, uncommitted")
 
 
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
 @pytest.mark.parametrize("strategy", [None, "all_to_all", "ep_tp"])
-def test_shard_map_manual_over_part_of_the_mesh(strategy):
+def test_shard_map_manual_over_part_of_the_mesh(strategy, axis_type):
     """Manual over "data" only (check_vma on): the tile schedules and the partitioned op inside. The replicated
-    weights' gradients are the sum over the data shards (they once held shard 0's part alone)."""
-    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
+    weights' gradients are the sum over the data shards (they once held shard 0's part alone). On an Explicit mesh
+    the layer must not try to leave the Manual axes (JAX forbids Manual -> Auto)."""
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(axis_type,) * 2)
     args, dy = _inputs(2)
+    specs = (P("data"), P("data"), P(), P(), P())
     kw = {} if strategy is None else {"sharding": MoEShardingConfig(strategy=strategy)}
     body = jax.shard_map(lambda *a: moe_ffn(*a, top_k=K, implementation="xla", **kw), mesh=mesh,
-                         in_specs=(P("data"), P("data"), P(), P(), P()), out_specs=P("data"), axis_names={"data"})
-    _check(jax.jit(body), args, dy, f"partial manual {strategy}")
+                         in_specs=specs, out_specs=P("data"), axis_names={"data"})
+    placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
+    _check(jax.jit(body), args, dy, f"partial manual {strategy}", placed,
+           jax.device_put(dy, NamedSharding(mesh, P("data"))))
 
 
 @pytest.mark.parametrize("strategy", ["all_to_all", "ring"])
