@@ -33,9 +33,9 @@ prefer_cpu_without_accelerator()  # no failed-GPU-plugin traceback on CPU-only h
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks import env, gmm, layer, peers, report, routing, shapes, sort, targets  # noqa: E402
+from benchmarks import env, gmm, layer, peers, report, routing, shapes, sort  # noqa: E402
 from benchmarks.records import add_ratios  # noqa: E402
-from benchmarks.timing import Stopped, stop_on_sigterm, stopped_at  # noqa: E402
+from benchmarks.timing import Stopped, stop_on_sigterm  # noqa: E402
 
 SUITES = ("main", "gmm", "sort", "layer", "all")
 DEFAULT_PATTERNS = {"main": "balanced,hot:1:4,zipf:1.2", "gmm": "balanced,hot:1:4", "sort": "balanced,zipf:1.2",
@@ -184,8 +184,8 @@ def _checked_args(parser, argv):
         peers.check_names(_peer_names(args) or ())
     except ValueError as err:
         parser.error(f"--peers: {err}")
-    unknown = sorted(set(_variants(args)) - set(gmm.TRITON_VARIANTS))
-    if unknown or not _variants(args):
+    variants = _variants(args)
+    if not variants or set(variants) - set(gmm.TRITON_VARIANTS):
         parser.error(f"--variants must name some of {', '.join(gmm.TRITON_VARIANTS)}, got {args.variants!r}")
     if args.patterns:
         try:
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     except (KeyboardInterrupt, Stopped) as stop:
         interrupted = f"{type(stop).__name__}: stopped after {len(records)} records; the report holds those alone"
         print(f"\nINTERRUPTED ({interrupted})", file=sys.stderr)
-        cut = datetime.datetime.fromtimestamp(int(stopped_at() or time.time()), datetime.timezone.utc)
+        cut = datetime.datetime.fromtimestamp(int(getattr(stop, "at", time.time())), datetime.timezone.utc)
         for r in records:  # errors from the signal's arrival on: the raise landed in that row's call
             if r["status"] == "error" and datetime.datetime.fromisoformat(r["timestamp"]) >= cut:
                 r["status"] = "interrupted"
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     print(report.header(doc))
     print(report.table(records))
     print(report.summary_table(doc["summary"]))
-    print(targets.table(doc["targets"]))
+    print(report.targets_table(doc["targets"]))
     json_path = args.json or os.path.join(args.out_dir, f"{stamp}.json")
     plot_path = args.plot or os.path.join(args.out_dir, f"{stamp}.png")
     report.write_json(doc, json_path)

@@ -184,6 +184,37 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+_VERDICT = {True: "met", False: "NOT met", None: "not measured"}
+
+
+def targets_table(rows: list[dict]) -> str:
+    """The ``targets.judge`` rows, GMM (issue 11) then layer (issue 12), with their verdicts."""
+    gmm = [t for t in rows if t["suite"] == "gmm"]
+    layer = [t for t in rows if t["suite"] == "layer"]
+    lines = []
+    if gmm:
+        lines.append("\n== GMM targets (issue 11, judged on a GPU; same-run figures, synchronised / back-to-back) ==")
+        for t in gmm:
+            op = "<=" if t["target"].startswith("4x skew") else ">="
+            lines.append(f"{t['implementation']} {t['target']} {op} {t['threshold']:g}: {_fmt(t['value'])} "
+                         f"[{_VERDICT[t['met']]}] / pipelined {_fmt(t['pipelined'])} [{_VERDICT[t['pipelined_met']]}]"
+                         f" ({t['detail']})")
+    if layer:
+        lines.append("\n== layer targets (issue 12, judged on a GPU: fused forward+backward >= 2x the best JAX "
+                     "composition, >= 1.15x our unfused path, compiled peak <= 0.7x the unfused path; same-run "
+                     "ratios) ==")
+        for t in layer:
+            m = t["met"]
+            lines.append(f"{t['implementation']} {t['shape']} {t['pattern']}: vs best composition "
+                         f"({t['best_composition'] or '-'}) {_fmt(t['vs_best_composition'], '.2f')}"
+                         f"{'x' if t['vs_best_composition'] else ''} [{_VERDICT[m['vs_best_composition']]}], vs "
+                         f"unfused {_fmt(t['vs_unfused'], '.2f')}x [{_VERDICT[m['vs_unfused']]}], peak vs unfused "
+                         f"{_fmt(t['peak_vs_unfused'], '.2f')} (temp {_fmt(t['temp_vs_unfused'], '.2f')}; "
+                         f"arguments + outputs alone {_fmt(t.get('peak_floor_vs_unfused'), '.2f')}) "
+                         f"[{_VERDICT[m['peak_vs_unfused']]}]")
+    return "\n".join(lines)
+
+
 def header(doc: dict) -> str:
     dev, ver = doc["device"], doc["versions"]
     out = [f"device: {dev['backend']} ({dev['kind']}) x{dev['count']}  host {dev['host']}",

@@ -1,4 +1,5 @@
-"""The issues' performance targets, judged from one run's records (same-run ratios only; meaningful on a GPU).
+"""The issues' performance targets, judged from one run's records (same-run ratios only; meaningful on a GPU);
+``report.targets_table`` prints them.
 
 * GMM (issue 11), per moe_ops implementation of the ``gmm`` suite, each judged on the synchronised figures and on
   the back-to-back (``pipelined``) ones: forward and forward+backward >= 1.0x ``torch._grouped_mm`` (geomean over
@@ -20,10 +21,6 @@ PEER = "torch._grouped_mm"
 def judge(records: list[dict]) -> list[dict]:
     """Every target the records can say something about: GMM rows, then layer rows."""
     return gmm_targets(records) + layer_targets(records)
-
-
-def _fmt(x, spec=".3g"):
-    return "-" if x is None else format(x, spec)
 
 
 def _geomean(xs: list[float]) -> float | None:
@@ -135,33 +132,3 @@ def _peak_floor(r: dict) -> float | None:
     if not ratio or not mem.get("peak_bytes") or None in (mem.get("argument_bytes"), mem.get("output_bytes")):
         return None
     return (mem["argument_bytes"] + mem["output_bytes"] - mem.get("alias_bytes", 0)) * ratio / mem["peak_bytes"]
-
-
-VERDICT = {True: "met", False: "NOT met", None: "not measured"}
-
-
-def table(rows: list[dict]) -> str:
-    gmm = [t for t in rows if t["suite"] == "gmm"]
-    layer = [t for t in rows if t["suite"] == "layer"]
-    lines = []
-    if gmm:
-        lines.append("\n== GMM targets (issue 11, judged on a GPU; same-run figures, synchronised / back-to-back) ==")
-        for t in gmm:
-            op = "<=" if t["target"].startswith("4x skew") else ">="
-            lines.append(f"{t['implementation']} {t['target']} {op} {t['threshold']:g}: {_fmt(t['value'])} "
-                         f"[{VERDICT[t['met']]}] / pipelined {_fmt(t['pipelined'])} [{VERDICT[t['pipelined_met']]}]"
-                         f" ({t['detail']})")
-    if layer:
-        lines.append("\n== layer targets (issue 12, judged on a GPU: fused forward+backward >= 2x the best JAX "
-                     "composition, >= 1.15x our unfused path, compiled peak <= 0.7x the unfused path; same-run "
-                     "ratios) ==")
-        for t in layer:
-            m = t["met"]
-            lines.append(f"{t['implementation']} {t['shape']} {t['pattern']}: vs best composition "
-                         f"({t['best_composition'] or '-'}) {_fmt(t['vs_best_composition'], '.2f')}"
-                         f"{'x' if t['vs_best_composition'] else ''} [{VERDICT[m['vs_best_composition']]}], vs "
-                         f"unfused {_fmt(t['vs_unfused'], '.2f')}x [{VERDICT[m['vs_unfused']]}], peak vs unfused "
-                         f"{_fmt(t['peak_vs_unfused'], '.2f')} (temp {_fmt(t['temp_vs_unfused'], '.2f')}; "
-                         f"arguments + outputs alone {_fmt(t.get('peak_floor_vs_unfused'), '.2f')}) "
-                         f"[{VERDICT[m['peak_vs_unfused']]}]")
-    return "\n".join(lines)

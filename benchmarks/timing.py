@@ -147,11 +147,15 @@ def _pipelined(fn: Callable, input_sets: Sequence[Sequence[Any]], repeats: int) 
 
 
 class Stopped(Exception):
-    """SIGTERM (``timeout``, a lease ending) arrived: the suites stop at the next case boundary and report what
-    finished instead of losing it."""
+    """SIGTERM (``timeout``, a lease ending) arrived at ``at`` (``time.time()``): the suites stop at the next case
+    boundary and report what finished instead of losing it."""
+
+    def __init__(self, at: float):
+        super().__init__(f"SIGTERM at {at:.0f}")
+        self.at = at
 
 
-_STOP = {"requested": False}
+_STOP = {"at": None}  # when SIGTERM came, while ``stop_on_sigterm`` is active
 
 
 @contextlib.contextmanager
@@ -160,9 +164,9 @@ def stop_on_sigterm():
     A raise swallowed where it lands (an interpreter callback turns it into a row error) still stops the run: the
     request is kept and ``Progress.step`` raises again at the end of the case. A second SIGTERM acts as before."""
     def stop(signum, frame):
-        _STOP.update(requested=True, at=time.time())
+        _STOP["at"] = time.time()
         signal.signal(signal.SIGTERM, previous)
-        raise Stopped(f"signal {signum}")
+        raise Stopped(_STOP["at"])
     try:
         previous = signal.signal(signal.SIGTERM, stop)
     except ValueError:  # not the main thread: no handler can be installed
@@ -172,12 +176,7 @@ def stop_on_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _STOP["requested"] = False
-
-
-def stopped_at() -> float | None:
-    """When SIGTERM came (``time.time()``), or None."""
-    return _STOP.get("at")
+        _STOP["at"] = None
 
 
 class Progress:
@@ -206,8 +205,8 @@ class Progress:
             print(f"[{self.desc} {self.n}/{self.total}] {label} ({now - self._last:.1f} s)", file=sys.stderr,
                   flush=True)
             self._last = now
-        if _STOP["requested"]:
-            raise Stopped("stop requested during the last case")
+        if _STOP["at"] is not None:
+            raise Stopped(_STOP["at"])
 
     def close(self) -> None:
         if self._bar is not None:

@@ -20,7 +20,8 @@ import math
 import numbers
 from typing import Sequence
 
-from jax.sharding import PartitionSpec as P
+import jax
+from jax.sharding import AxisType, PartitionSpec as P
 
 from moe_ops import validation
 
@@ -193,8 +194,6 @@ def explicit_mesh(*operands):
     """The mesh with Explicit axes (``jax.make_mesh``'s default) that the context (``jax.set_mesh``) or an operand's
     type carries, or None; None as well inside a ``shard_map`` (any Manual axis): the op then runs on the local
     blocks, and JAX allows no way from Manual back to Auto axes."""
-    import jax  # noqa: PLC0415 (this module is otherwise plain data)
-    from jax.sharding import AxisType  # noqa: PLC0415
     meshes = [jax.sharding.get_abstract_mesh()]
     meshes += [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None) for a in operands]
     meshes = [m for m in meshes if m is not None and not m.empty]
@@ -207,6 +206,5 @@ def auto_axes_like(fn, like):
     """``fn`` run on Auto axes, its result handed back with ``like``'s sharding (an operand with no mesh, e.g.
     uncommitted under ``jax.set_mesh``: its spec on the context mesh). For ops whose sort / scatter / kernel
     calls have no Explicit-axes sharding rule: XLA partitions them inside, as on an Auto mesh."""
-    import jax  # noqa: PLC0415
     sharding = jax.typeof(like).sharding
     return jax.sharding.auto_axes(fn, out_sharding=P(*sharding.spec) if sharding.mesh.empty else sharding)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from benchmarks import records, targets, timing
+from benchmarks import records, report, targets, timing
 from tests.test_benchmarks import QUICK, STATUSES
 
 
@@ -42,10 +42,10 @@ def test_peak_vs_unfused_and_targets():
     fused["memory"].update(argument_bytes=30, output_bytes=12, alias_bytes=0)  # the unfused peak is 100
     (t,) = targets.layer_targets(recs)
     assert t["peak_floor_vs_unfused"] == pytest.approx(0.42) and "arguments + outputs alone 0.42" in \
-        targets.table([t])
+        report.targets_table([t])
     assert t["best_composition"] == "tokamax:mosaic+argsort" and t["vs_best_composition"] == pytest.approx(1.8)
     assert t["met"] == {"vs_best_composition": False, "vs_unfused": True, "peak_vs_unfused": True}
-    assert "vs best composition (tokamax:mosaic+argsort) 1.80x [NOT met]" in targets.table([t])
+    assert "vs best composition (tokamax:mosaic+argsort) 1.80x [NOT met]" in report.targets_table([t])
 
 
 def test_gmm_targets_judge_sync_and_pipelined_figures():
@@ -85,7 +85,7 @@ def test_gmm_targets_judge_sync_and_pipelined_figures():
     assert skew["pipelined"] == pytest.approx(1.7 / 1.6) and skew["pipelined_met"] is True
     dec = got["decode fwd % of copy rate"]  # 1800 of 2000 GB/s; back-to-back 3600 of 4000
     assert dec["value"] == pytest.approx(90.0) and dec["met"] and dec["pipelined"] == pytest.approx(90.0)
-    text = targets.table(targets.judge(recs))
+    text = report.targets_table(targets.judge(recs))
     assert "triton fwd vs torch._grouped_mm (geomean) >= 1: 0.909 [NOT met] / pipelined 1 [met]" in text
     assert "== layer targets" not in text
 
