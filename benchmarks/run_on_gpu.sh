@@ -63,9 +63,10 @@ if [ "$quick" = 1 ]; then
     | tee -a "$out/run.log" | tail -30
   timeout -k 30 120 python3 -m benchmarks layer --impl triton --shapes qwen3-30b --patterns balanced --peers lax.ragged_dot \
     --no-progress --json "$out/layer.json" 2>&1 | tee -a "$out/run.log" | tail -25
-  # The fused layer's kernels one by one against the compositions they replaced (benchmarks/pieces.py).
-  timeout 90 python3 -m benchmarks.pieces --shapes qwen3-30b --json "$out/pieces.json" 2>&1 | tee -a "$out/run.log" \
-    | tail -8
+  # The fused layer's kernels one by one against the compositions they replaced (benchmarks/pieces.py; PIECES=0
+  # skips them).
+  [ "${PIECES:-1}" = 1 ] && timeout 90 python3 -m benchmarks.pieces --shapes qwen3-30b --json "$out/pieces.json" 2>&1 \
+    | tee -a "$out/run.log" | tail -8
   if [ -n "${SKEW_SHAPES:-}" ]; then
     timeout -k 30 "${SKEW_TIMEOUT:-120}" python3 -m benchmarks gmm --impl triton --variants pointer --shapes "$SKEW_SHAPES" \
       --patterns balanced,hot:1:4 --peers torch._grouped_mm --no-progress --json "$out/gmm_skew.json" 2>&1 \
