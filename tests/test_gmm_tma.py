@@ -77,16 +77,18 @@ def test_tma_gmm_unaligned_output_rows():
     assert_close(out, reference.gmm(lhs, rhs, sizes, transpose_rhs=True), TOL[jnp.float32], "unaligned N")
 
 
-def test_order_tiles_partitions_whole_partial_idle():
-    """Whole tiles (full BM rows, or ending at M) first, then partial ones, then IDLE, each in table order."""
+def test_order_tiles_partitions_whole_partial_zero_idle():
+    """Whole local tiles (full BM rows, or ending at M) first, then partial local ones, then ZERO_FILL, then IDLE,
+    each in table order."""
     sizes = jnp.array([20, 0, 16, 30], jnp.int32)          # M = 70: groups of 20, 16, 30 rows, 4 rows beyond the sum
     tiles = schedule.gmm_row_tiles(sizes, offset_array(0), 70, 4, 16)
-    ordered, (whole, active) = gmm_tma.order_tiles(tiles, 70, 16)
+    ordered, (whole, local, active) = gmm_tma.order_tiles(tiles, 70, 16)
     group, start, end = (list(map(int, row)) for row in ordered)
-    assert (int(whole), int(active)) == (4, 6)
-    assert list(zip(start, end))[:6] == [(0, 16), (20, 36), (36, 52), (66, 70),  # whole; (66, 70) ends at M
-                                         (16, 20), (52, 66)]                     # a group's last, partial tile
-    assert group[:6] == [0, 2, 3, schedule.ZERO_FILL, 0, 3]
+    assert (int(whole), int(local), int(active)) == (3, 5, 6)
+    assert list(zip(start, end))[:6] == [(0, 16), (20, 36), (36, 52),   # whole
+                                         (16, 20), (52, 66),            # a group's last, partial tile
+                                         (66, 70)]                      # beyond the sum: zeros
+    assert group[:6] == [0, 2, 3, 0, 3, schedule.ZERO_FILL]
     assert all(g == schedule.IDLE for g in group[6:])
 
 
@@ -211,6 +213,7 @@ def test_variant_choice(monkeypatch):
     assert not gmm_tma.eligible(f32, jnp.zeros((2, 64, 128), jnp.float32))      # f32: pointer kernel
     assert not gmm_tma.eligible(bf16[:, :60], jnp.zeros((2, 60, 128), jnp.bfloat16))  # 120-byte rows
     assert not gmm_tma.eligible(bf16[:0], jnp.zeros((2, 64, 128), jnp.bfloat16))       # no rows
+    assert not gmm_tma.eligible(bf16[:, :0], jnp.zeros((2, 0, 128), jnp.bfloat16))    # K = 0: the K loop must run
 
 
 @needs_plugin

@@ -14,25 +14,28 @@ Epilogue (``Epilogue``, ``_tile_loop``). A TMA store writes a whole ``[BM, BN]``
 bounds ``[M, N]``. So it is used only for a tile whose rows below M are all its own: ``row_end - row_start == BM``
 or ``row_end == M`` (the rows past M are clipped). A partial tile (a group's last tile) ends inside the block, and
 a box store would overwrite the next tile's rows (another group's, or another batch's under vmap): it takes the
-masked pointer store. ``order_tiles`` partitions the table into whole, partial, IDLE tiles, and each program walks
-its share of the whole tiles (TMA store) in one loop, then of the partial ones (pointer store) in a second loop
-that continues the same round robin: one loop holding both stores spilled 48-136 B on sm_90. A per-tile
-descriptor whose shape ends at ``row_end`` would clip the foreign rows too, but costs a descriptor write + fence per
-tile and rewrites a scratch slot that in-flight stores still read; not done. On sm_90 the store is split into two
-``BN/2`` halves (``SPLIT_EPILOGUE``): half the staging buffer, so a 4th load stage still fits (``tma_config``); the
-async stores drain while the next tile's loads run. Zero-fill tiles store zeros the same way; IDLE tiles are never
-visited. AMD (no TMA) and outputs whose rows are not 16-byte aligned take the pointer store for every tile.
+masked pointer store. ``order_tiles`` partitions the table into whole local, partial local, ZERO_FILL and IDLE
+tiles. Each program walks its share of the whole tiles (TMA store) in one loop, of the partial ones (pointer store)
+in a second, of the ZERO_FILL ones (zeros, no K loop) in a third, continuing one round robin: one loop holding both
+stores spilled 48-136 B on sm_90. A per-tile descriptor whose shape ends at ``row_end`` would clip the foreign rows
+too, but costs a descriptor write + fence per tile and rewrites a scratch slot that in-flight stores still read;
+not done. On sm_90 the store is split into two ``BN/2`` halves (``SPLIT_EPILOGUE``): half the staging buffer, so a
+4th load stage still fits (``tma_config``); the async stores drain while the next tile's loads run. IDLE tiles are
+never visited. AMD (no TMA) and outputs whose rows are not 16-byte aligned take the pointer store for every tile.
 
 Invariants (beyond those of the schedule):
-1. The (row tile x column tile) list is ``[whole tiles] + [partial tiles]`` (IDLE ones left out), each part
-   swizzled over its own row tiles; list entry ``j`` belongs to program ``j % num_programs``, so every (active row
-   tile, column tile) is visited exactly once.
+1. The (row tile x column tile) list is ``[whole local] + [partial local] + [ZERO_FILL]`` (IDLE ones left out),
+   each part swizzled over its own row tiles; list entry ``j`` belongs to program ``j % num_programs``, so every
+   (active row tile, column tile) is visited exactly once.
 2. Rows of the A block past the tile's end belong to another tile or lie past M (zero-filled): they only feed
    accumulator rows that are never stored (a tile with such rows below M takes the masked store).
-3. The kernel's table is ``order_tiles``' partition (whole, partial, IDLE) with the two counts appended; vmap's
-   folded table, whose IDLE tiles lie between batches, is partitioned after folding.
-4. Eligible calls only (``eligible``): bf16 / f16, 16-byte aligned row strides, plain row maps (the fused gather
-   keeps cp.async: TMA cannot gather arbitrary rows on sm_90). Anything else runs the pointer kernel.
+3. The kernel's table is ``order_tiles``' partition (whole local, partial local, ZERO_FILL, IDLE) with the three
+   counts appended; vmap's folded table, whose IDLE tiles lie between batches, is partitioned after folding.
+4. Eligible calls only (``eligible``): bf16 / f16, 16-byte aligned row strides, no empty dimension (K > 0, so
+   every K loop runs at least once), plain row maps (the fused gather keeps cp.async: TMA cannot gather arbitrary
+   rows on sm_90). Anything else runs the pointer kernel.
+5. Every tile of a K loop's list is local, so the loop runs ``cdiv(K, BK)`` steps whatever the tile: Triton's
+   nested-loop fusion needs bounds invariant to the tile loop (and then assumes the inner loop runs at least once).
 """
 
 from __future__ import annotations
@@ -88,37 +91,47 @@ def use_variant(name: str):
 def eligible(*operands) -> bool:
     """16-bit operands (f32 runs ieee FMA dots: the pointer kernel's small tiles, where TMA buys nothing and the
     TMA build spills) whose rows are 16-byte aligned (last dim x 2 bytes a multiple of 16: the descriptor strides),
-    and at least one row."""
-    return all(jnp.dtype(a.dtype).itemsize == 2 and (a.shape[-1] * 2) % 16 == 0 and a.shape[0] > 0
+    and no empty dimension (invariant 4)."""
+    return all(jnp.dtype(a.dtype).itemsize == 2 and (a.shape[-1] * 2) % 16 == 0 and min(a.shape) > 0
                for a in operands)
+
+
+@triton.jit
+def _first(pid, entries_before, NUM_PROGRAMS: tl.constexpr):
+    """This program's first index in a part of the tile list that ``entries_before`` entries precede: the round robin
+    continues across parts (entry ``j`` of the whole list belongs to program ``j % NUM_PROGRAMS``)."""
+    return (pid - entries_before % NUM_PROGRAMS + NUM_PROGRAMS) % NUM_PROGRAMS
 
 
 @triton.jit
 def _tile_loop(a_desc, b_desc, c_desc, out_ptr, tiles_ptr, row_lo, row_hi, first,
                K: tl.constexpr, N: tl.constexpr, TRANSPOSE_RHS: tl.constexpr, NUM_ROW_TILES: tl.constexpr,
                NUM_PROGRAMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr, TMA_STORE: tl.constexpr, SPLIT: tl.constexpr):
-    """The (row tile in ``[row_lo, row_hi)``) x (column tile) list, GROUP_M-swizzled, from list index ``first`` in
-    steps of ``NUM_PROGRAMS``: K loop through the descriptors, then a TMA store of the whole tile (``TMA_STORE``;
-    in two ``BN/2`` halves with ``SPLIT``) or the masked pointer store."""
+               GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr, TMA_STORE: tl.constexpr, SPLIT: tl.constexpr,
+               FLATTEN: tl.constexpr):
+    """The local (row tile in ``[row_lo, row_hi)``) x (column tile) list, GROUP_M-swizzled, from list index ``first``
+    in steps of ``NUM_PROGRAMS``: K loop through the descriptors, then a TMA store of the whole tile (``TMA_STORE``;
+    in two ``BN/2`` halves with ``SPLIT``) or the masked pointer store. The K loop's bounds do not depend on the
+    tile (invariant 5), so with ``FLATTEN`` the compiler fuses the two loops into one pipeline: the next tile's
+    loads are in flight during this tile's epilogue. Only the TMA-store loop is fused, and only on NVIDIA
+    (``flatten``): the pointer store's layout-conversion buffer cannot share shared memory with load buffers
+    still in flight (the f32-output ``large`` tile then needed 272 KiB), and on AMD the fused loop spilled."""
     num_col_tiles: tl.constexpr = (N + BN - 1) // BN
     offs_m = tl.arange(0, BM)
-    for tile in tl.range(first, (row_hi - row_lo) * num_col_tiles, NUM_PROGRAMS):
+    for tile in tl.range(first, (row_hi - row_lo) * num_col_tiles, NUM_PROGRAMS, flatten=FLATTEN):
         tile_m, tile_n = _swizzle(tile, row_hi - row_lo, num_col_tiles, GROUP_M)
         tile_m += row_lo
-        group = tl.load(tiles_ptr + tile_m)
+        g = tl.load(tiles_ptr + tile_m)
         row_start = tl.load(tiles_ptr + NUM_ROW_TILES + tile_m)
         row_end = tl.load(tiles_ptr + 2 * NUM_ROW_TILES + tile_m)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        if group >= 0:  # local group: the product; ZERO_FILL (non-local / beyond the sum): zeros
-            g = tl.maximum(group, 0)
-            for k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
-                a = a_desc.load([row_start, k * BK])
-                if TRANSPOSE_RHS:
-                    b = tl.trans(b_desc.load([g, tile_n * BN, k * BK]).reshape(BN, BK))
-                else:
-                    b = b_desc.load([g, k * BK, tile_n * BN]).reshape(BK, BN)
-                acc = tl.dot(a, b, acc, input_precision="ieee")
+        for k in tl.range(0, tl.cdiv(K, BK), num_stages=NUM_STAGES):
+            a = a_desc.load([row_start, k * BK])
+            if TRANSPOSE_RHS:
+                b = tl.trans(b_desc.load([g, tile_n * BN, k * BK]).reshape(BN, BK))
+            else:
+                b = b_desc.load([g, k * BK, tile_n * BN]).reshape(BK, BN)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
         out = acc.to(out_ptr.dtype.element_ty)
         col = tile_n * BN
         if TMA_STORE and SPLIT:
@@ -134,14 +147,32 @@ def _tile_loop(a_desc, b_desc, c_desc, out_ptr, tiles_ptr, row_lo, row_hi, first
 
 
 @triton.jit
+def _zero_loop(out_ptr, tiles_ptr, row_lo, row_hi, first, N: tl.constexpr, NUM_ROW_TILES: tl.constexpr,
+               NUM_PROGRAMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """The ZERO_FILL (row tile in ``[row_lo, row_hi)``) x (column tile) list from ``first`` in steps of
+    ``NUM_PROGRAMS``: masked stores of zeros (rows of non-local groups or beyond the sum), no K loop."""
+    num_col_tiles: tl.constexpr = (N + BN - 1) // BN
+    offs_m = tl.arange(0, BM)
+    zeros = tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty)
+    for tile in tl.range(first, (row_hi - row_lo) * num_col_tiles, NUM_PROGRAMS):
+        tile_m = row_lo + tile // num_col_tiles
+        offs_n = (tile % num_col_tiles) * BN + tl.arange(0, BN)
+        row_start = tl.load(tiles_ptr + NUM_ROW_TILES + tile_m)
+        row_end = tl.load(tiles_ptr + 2 * NUM_ROW_TILES + tile_m)
+        out_ptrs = out_ptr + row_start.to(tl.int64) * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(out_ptrs, zeros, mask=(offs_m[:, None] < row_end - row_start) & (offs_n[None, :] < N))
+
+
+@triton.jit
 def _gmm_tma_kernel(lhs_ptr, rhs_ptr, tiles_ptr, out_ptr,
                     M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, G: tl.constexpr,
                     TRANSPOSE_RHS: tl.constexpr, NUM_ROW_TILES: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                    NUM_STAGES: tl.constexpr, TMA_STORE: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
-    """Persistent program ``pid`` (module docstring): with ``TMA_STORE``, first its share of the whole row tiles
-    (table entries ``[0, whole)``, TMA-stored), then of the partial ones (``[whole, active)``, masked pointer
-    store), continuing the same round robin; without, its share of all active tiles through the pointer store."""
+                    NUM_STAGES: tl.constexpr, TMA_STORE: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
+                    FLATTEN: tl.constexpr):
+    """Persistent program ``pid`` (module docstring): its share of the whole local row tiles (table entries
+    ``[0, whole)``; TMA-stored with ``TMA_STORE``), then of the partial local ones (``[whole, local)``, masked
+    pointer store), then of the ZERO_FILL ones (``[local, active)``), continuing one round robin."""
     a_desc = tl.make_tensor_descriptor(lhs_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
     if TRANSPOSE_RHS:
         b_desc = tl.make_tensor_descriptor(rhs_ptr, shape=[G, N, K], strides=[N * K, K, 1], block_shape=[1, BN, BK])
@@ -152,18 +183,22 @@ def _gmm_tma_kernel(lhs_ptr, rhs_ptr, tiles_ptr, out_ptr,
         c_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, c_block_n])
     else:
         c_desc = out_ptr  # unused by the pointer store
-    whole = tl.load(tiles_ptr + 3 * NUM_ROW_TILES)       # row tiles whose block rows below M are all their own
-    active = tl.load(tiles_ptr + 3 * NUM_ROW_TILES + 1)  # row tiles before the first IDLE one
+    num_col_tiles: tl.constexpr = (N + BN - 1) // BN
+    whole = tl.load(tiles_ptr + 3 * NUM_ROW_TILES)       # local row tiles whose block rows below M are all their own
+    local = tl.load(tiles_ptr + 3 * NUM_ROW_TILES + 1)   # local row tiles (whole, then partial)
+    active = tl.load(tiles_ptr + 3 * NUM_ROW_TILES + 2)  # row tiles before the first IDLE one
     pid = tl.program_id(0)
     if TMA_STORE:
         _tile_loop(a_desc, b_desc, c_desc, out_ptr, tiles_ptr, 0, whole, pid, K, N, TRANSPOSE_RHS, NUM_ROW_TILES,
-                   NUM_PROGRAMS, BM, BN, BK, GROUP_M, NUM_STAGES, True, SPLIT_EPILOGUE)
-        first = (pid - whole * ((N + BN - 1) // BN) % NUM_PROGRAMS + NUM_PROGRAMS) % NUM_PROGRAMS
-        _tile_loop(a_desc, b_desc, c_desc, out_ptr, tiles_ptr, whole, active, first, K, N, TRANSPOSE_RHS,
-                   NUM_ROW_TILES, NUM_PROGRAMS, BM, BN, BK, GROUP_M, NUM_STAGES, False, False)
+                   NUM_PROGRAMS, BM, BN, BK, GROUP_M, NUM_STAGES, True, SPLIT_EPILOGUE, FLATTEN)
+        _tile_loop(a_desc, b_desc, c_desc, out_ptr, tiles_ptr, whole, local,
+                   _first(pid, whole * num_col_tiles, NUM_PROGRAMS), K, N, TRANSPOSE_RHS, NUM_ROW_TILES,
+                   NUM_PROGRAMS, BM, BN, BK, GROUP_M, NUM_STAGES, False, False, False)
     else:
-        _tile_loop(a_desc, b_desc, c_desc, out_ptr, tiles_ptr, 0, active, pid, K, N, TRANSPOSE_RHS, NUM_ROW_TILES,
-                   NUM_PROGRAMS, BM, BN, BK, GROUP_M, NUM_STAGES, False, False)
+        _tile_loop(a_desc, b_desc, c_desc, out_ptr, tiles_ptr, 0, local, pid, K, N, TRANSPOSE_RHS, NUM_ROW_TILES,
+                   NUM_PROGRAMS, BM, BN, BK, GROUP_M, NUM_STAGES, False, False, False)
+    _zero_loop(out_ptr, tiles_ptr, local, active, _first(pid, local * num_col_tiles, NUM_PROGRAMS), N,
+               NUM_ROW_TILES, NUM_PROGRAMS, BM, BN)
 
 
 @triton.jit
@@ -299,18 +334,25 @@ def _gmm_tma_call(lhs, rhs, tiles, _sort_idx, _weights, *, rows, n, transpose_rh
         scratch_bytes=SCRATCH_PER_PROGRAM, name="moe_gmm_tma", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         M=rows.num_rows, K=lhs.shape[1], N=n, G=rhs.shape[0], TRANSPOSE_RHS=transpose_rhs,
         NUM_ROW_TILES=num_row_tiles, NUM_PROGRAMS=programs, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
-        GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages, **ep.constexprs())
+        GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages, FLATTEN=flatten(arch), **ep.constexprs())
+
+
+def flatten(arch: str) -> bool:
+    """Whether the tile and K loops fuse into one pipeline (``_tile_loop``): on NVIDIA, not on AMD."""
+    return not arch.startswith("gfx")
 
 
 def order_tiles(tiles, num_rows, block_m):
-    """(int32[3, T] table, int32[2] (whole, active)): a stable partition of the row tiles into whole ones (every
-    block row below ``num_rows`` is the tile's own: a TMA store may write the box), partial ones, then IDLE. Stable,
-    so a group's tiles stay adjacent (L2 order); a vmap-folded table's per-batch IDLE tiles move to the end."""
+    """(int32[3, T] table, int32[3] (whole, local, active)): a stable partition of the row tiles into whole local
+    ones (every block row below ``num_rows`` is the tile's own: a TMA store may write the box), partial local ones,
+    ZERO_FILL ones, then IDLE. Stable, so a group's tiles stay adjacent (L2 order); a vmap-folded table's per-batch
+    IDLE tiles move to the end."""
     group, start, end = tiles[0], tiles[1], tiles[2]
-    idle = group == schedule.IDLE
-    whole = ~idle & ((end - start == block_m) | (end == num_rows))
-    order = jnp.argsort(jnp.where(whole, 0, jnp.where(idle, 2, 1)), stable=True)
-    counts = jnp.stack([jnp.sum(whole), jnp.sum(~idle)]).astype(jnp.int32)
+    local = group >= 0
+    whole = local & ((end - start == block_m) | (end == num_rows))
+    part = jnp.where(whole, 0, jnp.where(local, 1, jnp.where(group == schedule.ZERO_FILL, 2, 3)))
+    order = jnp.argsort(part, stable=True)
+    counts = jnp.stack([jnp.sum(whole), jnp.sum(local), jnp.sum(group != schedule.IDLE)]).astype(jnp.int32)
     return tiles[:, order], counts
 
 

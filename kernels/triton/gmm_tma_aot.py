@@ -25,7 +25,7 @@ def _gmm_case(target, entry, transpose, out_dtype, suffix=""):
     constexprs = dict(M=_AOT_M, K=k, N=n, G=_AOT_G, TRANSPOSE_RHS=transpose, NUM_ROW_TILES=rows,
                       NUM_PROGRAMS=gmm_tma.num_programs(arch, rows * -(-n // cfg.block_n)),
                       BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m,
-                      NUM_STAGES=cfg.num_stages, **ep.constexprs())
+                      NUM_STAGES=cfg.num_stages, FLATTEN=gmm_tma.flatten(arch), **ep.constexprs())
     out = _TYPES[jnp.dtype(out_dtype)]
     signature = dict(lhs_ptr="*bf16", rhs_ptr="*bf16", tiles_ptr="*i32", out_ptr=f"*{out}",
                      **{c: "constexpr" for c in constexprs})
