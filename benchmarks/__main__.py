@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="bench_out", help="folder of the default JSON / PNG (default bench_out)")
     p.add_argument("--shapes", help="comma list of preset names of the suite (default: all)")
     p.add_argument("--impl", help="comma list of moe_ops implementations (default: all of xla,triton,pallas)")
-    p.add_argument("--peers", help="comma list of peers: GMM lax.ragged_dot,tokamax:mosaic,torch._grouped_mm; "
+    p.add_argument("--peers", help="comma list of peers: GMM lax.ragged_dot,tokamax:mosaic,torch._grouped_mm,torch.bmm; "
                    "the layer suite composes the layer around lax.ragged_dot / tokamax (default: all)")
     p.add_argument("--patterns", help="routing patterns: balanced, hot:W:f, zipf:s (comma list)")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),

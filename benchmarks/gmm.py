@@ -16,6 +16,7 @@ import numpy as np
 
 import moe_ops
 from benchmarks import env, routing
+from benchmarks.peers import NotApplicable
 from benchmarks.records import record
 from benchmarks.shapes import GmmShape
 from benchmarks.timing import Parity, Progress, measure, random_normal, rel_err, rotations_for
@@ -142,6 +143,9 @@ def run_case(shape: GmmShape, dtype, pattern: routing.Pattern, contenders: list,
                 timing, parity = measure(fn, inputs, warmup=w, repeats=r,
                                          check=_checker(ref, pass_, TOL[dname], label))
                 del inputs
+            except NotApplicable as exc:
+                out.append(record(status="unavailable", reason=str(exc), **common))
+                continue
             except Exception as exc:  # noqa: BLE001 - reported per row (OOM of ragged_dot's backward included)
                 out.append(record(status="oom" if env.is_oom(exc) else "error", reason=env.reason(exc), **common))
                 continue

@@ -9,6 +9,9 @@ A peer that cannot run here is returned as ``Peer(available=False, reason=...)``
                           the only failure, a stub ``xprof.cli.tools`` module is put on ``sys.modules`` and the
                           peer's label says so.
 * ``torch._grouped_mm``   when torch with CUDA is present (CUTLASS grouped GEMM; autograd for forward+backward).
+* ``torch.bmm``           when torch is present: the dense batched matmul (cuBLAS on a GPU) that balanced routing
+                          with equal groups is. Not a grouped matmul: the ceiling of the grouped ones at the same
+                          per-expert problem. Cases with unequal groups raise ``NotApplicable`` (row: unavailable).
 
 Each GMM peer exposes ``prepare(lhs, rhs, group_sizes_np, ct)``, ``fwd`` and ``fwd_bwd`` callables on the prepared
 inputs, so the GMM suite times them exactly like ``moe_ops``. The layer suite's peers (``layer_peers``) are the whole
@@ -28,6 +31,10 @@ import numpy as np
 
 from benchmarks import env
 from benchmarks.timing import measure, random_normal
+
+
+class NotApplicable(Exception):
+    """Raised by a peer's ``prepare`` for a case it cannot time (reported as ``unavailable``, not as an error)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +170,33 @@ def _torch_peer() -> Peer:
     return Peer(name, True, prepare=prepare, fwd=fwd, fwd_bwd=fwd_bwd)
 
 
-PEER_NAMES = ("lax.ragged_dot", "tokamax", "tokamax:mosaic", "torch._grouped_mm")  # what --peers takes
+def _torch_bmm_peer() -> Peer:
+    name = "torch.bmm"
+    try:
+        import torch
+    except ImportError as exc:
+        return Peer(name, False, env.reason(exc))
+
+    def prepare(lhs, rhs, sizes, ct):
+        rows, e = int(sizes[0]), len(sizes)
+        if any(int(s) != rows for s in sizes) or rows * e != lhs.shape[0]:
+            raise NotApplicable(f"{name} times equal groups covering every row only (balanced routing with M % E "
+                                f"== 0); group sizes here range {int(min(sizes))}..{int(max(sizes))}")
+        return (_to_torch(lhs).contiguous().view(e, rows, -1), _to_torch(rhs).contiguous(),
+                _to_torch(ct).contiguous().view(e, rows, -1))
+
+    def fwd(a, b, _ct):
+        return torch.bmm(a, b).view(-1, b.shape[-1])
+
+    def fwd_bwd(a, b, ct):
+        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        torch.bmm(a, b).backward(ct)
+        return a.grad.view(-1, a.shape[-1]), b.grad
+
+    return Peer(name, True, prepare=prepare, fwd=fwd, fwd_bwd=fwd_bwd, note="dense batched matmul (equal groups)")
+
+
+PEER_NAMES = ("lax.ragged_dot", "tokamax", "tokamax:mosaic", "torch._grouped_mm", "torch.bmm")  # what --peers takes
 
 
 def check_names(names) -> None:
@@ -177,7 +210,7 @@ def gmm_peers(names=None) -> list[Peer]:
     """The GMM peers (all by default); ``names`` from ``PEER_NAMES`` (``tokamax`` is ``tokamax:mosaic`` here)."""
     builders = {"lax.ragged_dot": lambda: _gmm_peer(lax_ragged_dot()),
                 "tokamax:mosaic": lambda: _gmm_peer(tokamax_ragged_dot(gpu_only=True)),
-                "torch._grouped_mm": _torch_peer}
+                "torch._grouped_mm": _torch_peer, "torch.bmm": _torch_bmm_peer}
     check_names(names or ())
     wanted = dict.fromkeys("tokamax:mosaic" if n == "tokamax" else n for n in (names or builders))
     return [builders[n]() for n in wanted]

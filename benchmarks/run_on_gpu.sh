@@ -59,7 +59,7 @@ if [ "$quick" = 1 ]; then
   # by side on the pointer kernel.
   timeout -k 30 "${GMM_TIMEOUT:-170}" python3 -m benchmarks gmm --impl triton \
     --shapes "${GMM_SHAPES:-mixtral-w1,qwen3-30b-w1,decode}" --patterns balanced \
-    --peers "${GMM_PEERS:-lax.ragged_dot,torch._grouped_mm}" --no-progress --json "$out/gmm.json" 2>&1 \
+    --peers "${GMM_PEERS:-lax.ragged_dot,torch._grouped_mm,torch.bmm}" --no-progress --json "$out/gmm.json" 2>&1 \
     | tee -a "$out/run.log" | tail -30
   timeout -k 30 120 python3 -m benchmarks layer --impl triton --shapes qwen3-30b --patterns balanced --peers lax.ragged_dot \
     --no-progress --json "$out/layer.json" 2>&1 | tee -a "$out/run.log" | tail -25

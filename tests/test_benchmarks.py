@@ -372,3 +372,20 @@ def test_emulated_counts_apply_to_the_emulated_rows_only(monkeypatch):
     gmm.run_case(next(iter(shapes.GMM_TINY.values())), jnp.float32, routing.BALANCED, base, warmup=2, repeats=7,
                  emulated_counts=(1, 3))
     assert seen == {"xla:fwd": (2, 7), "xla:fwd_bwd": (2, 7), "pallas:fwd": (1, 3), "pallas:fwd_bwd": (1, 3)}
+
+
+def test_torch_bmm_peer_times_equal_groups_only():
+    """``torch.bmm`` (the dense batched matmul that balanced routing with equal groups is) matches the f32 oracle in
+    both passes where every group has M / E rows, and reports itself unavailable, with the sizes, elsewhere."""
+    pytest.importorskip("torch")
+    from benchmarks import gmm, peers, shapes
+    (bmm,) = peers.gmm_peers(["torch.bmm"])
+    assert bmm.available, bmm.reason
+    contender = gmm.contenders([], [bmm])
+    shape = shapes.GMM_TINY["mixtral-w1"]                         # M 64, E 4: 16 rows per group
+    rows = gmm.run_case(shape, jnp.float32, routing.BALANCED, contender, warmup=1, repeats=2)
+    assert [(r["pass"], r["status"]) for r in rows] == [("fwd", "ok"), ("fwd+bwd", "ok")]
+    assert all(r["parity"]["ok"] for r in rows), [r["parity"] for r in rows]
+    skewed = gmm.run_case(shape, jnp.float32, routing.parse("hot:1:4"), contender, warmup=1, repeats=2)
+    assert {r["status"] for r in skewed} == {"unavailable"}
+    assert "equal groups" in skewed[0]["reason"] and "range" in skewed[0]["reason"]

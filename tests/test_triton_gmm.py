@@ -190,7 +190,7 @@ def test_tuning_tables_and_heuristic():
     assert (pick("gmm", decode), pick("gmm", (2048, 7168, 2048, 32)), pick("gmm", decode, "gfx950")) == (
         "thin", "decode", "decode")
     assert (pick("gmm", qwen3), pick("gmm", (65536, 768, 2048, 128)), pick("gmm", mixtral)) == (
-        "narrow", "large", "large")
+        "large", "large", "large")
     assert (pick("tgmm", decode), pick("tgmm", mixtral), pick("gmm", qwen3, "gfx950")) == ("medium", "large", "large")
     cpu = tuning.pick_config("gmm", 16384, 4096, 14336, 8, jnp.bfloat16, arch="cpu")
     assert max(cpu.block_m, cpu.block_n, cpu.block_k) <= tuning.CPU_MAX_TILE

@@ -77,14 +77,13 @@ C = GmmConfig
 # Hopper: wgmma tiles (block_m a multiple of 64 per warpgroup); at most 144 KiB of shared memory per entry
 # (128x256x64 x 3 stages), so the table also fits an A100's 163 KiB. "decode" (few rows per group) is bound by
 # reading the weights once: 2 tiles of 48 KiB in flight per SM are plenty; "thin" (<= 16 rows per group) reads them
-# with 16-row mma.sync tiles. "narrow" (N <= 1024): two 96 KiB CTAs per SM, one's epilogue under the other's loop.
-# Swept on an H200 (benchmarks/RESULTS.md, 2026-11-26): narrow 0.599 vs 0.854 ms for large on Qwen3-30B w1 (N = 768)
-# in one sweep, where large was timed first (~5 % slow from clock ramp-up) and the suites on two machines could not
-# separate them; thin 1.18x / 1.45x decode on the decode shape's forward / dlhs (8 rows per group).
+# with 16-row mma.sync tiles. Swept on an H200 (benchmarks/RESULTS.md, 2026-11-26): thin 1.18x / 1.45x decode on
+# the decode shape's forward / dlhs (8 rows per group). A 128x128 "narrow" entry for N <= 1024 (two 96 KiB CTAs
+# per SM) was dropped again: on Qwen3-30B w1 (N = 768) large beat it in the clock-settled sweeps on an H100 (0.485
+# vs 0.515 ms) and an H200 (0.439 vs 0.463 ms), and in the H200 suites (0.537 vs 0.604 ms synchronised).
 _SM90 = {
     "gmm": {
         "large": C(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
-        "narrow": C(128, 128, 64, group_m=8, num_warps=4, num_stages=3),
         "medium": C(128, 128, 64, group_m=8, num_warps=4, num_stages=4),
         "decode": C(64, 128, 128, group_m=1, num_warps=4, num_stages=3),
         "thin": C(16, 128, 128, group_m=1, num_warps=4, num_stages=4),
@@ -184,8 +183,7 @@ def _bucket(kind, m, k, n, g, dtype) -> str:
 def heuristic(kind: str, m: int, k: int, n: int, g: int, dtype, arch: str) -> str:
     """Name of the table entry for a shape: f32 -> small_f32; gmm groups of <= 16 / <= 64 rows -> thin / decode
     (where the table has them); too few output tiles of the large config to fill the machine twice -> medium;
-    gmm with N <= 1024 -> narrow (where the table has it); else large. TGMM over groups of <= 64 rows (writing the
-    weight gradient dominates) -> medium."""
+    else large. TGMM over groups of <= 64 rows (writing the weight gradient dominates) -> medium."""
     if is_f32(dtype):
         return "small_f32"
     table = TABLES[arch][kind]
@@ -202,7 +200,7 @@ def heuristic(kind: str, m: int, k: int, n: int, g: int, dtype, arch: str) -> st
         tiles = g * -(-k // big.block_k) * -(-n // big.block_n)
     if tiles < 2 * NUM_SMS[arch]:
         return "medium"
-    return "narrow" if "narrow" in table and n <= 1024 else "large"
+    return "large"
 
 
 def pick_config(kind: str, m: int, k: int, n: int, g: int, dtype, arch: str | None = None) -> GmmConfig:
