@@ -29,8 +29,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from moe_ops import backend, validation, vma
+from moe_ops.sharding import on_explicit_axes
 from moe_ops.gmm import _gmm, _tgmm
 from moe_ops.sort import _combine, _gather, sort_by_expert
 
@@ -140,6 +142,7 @@ def _fused_ops_for(implementation):
     return impl
 
 
+@on_explicit_axes(lambda spec, a: P(spec("x", 0), spec("rhs", 1 if a["transpose_rhs"] else 2)))
 def gather_gmm(x, rhs, group_sizes, sort_idx, *, group_offset=None, transpose_rhs=False,
                preferred_element_type=None, implementation=None):
     """Grouped matmul reading token-order rows: x [T,K], rhs [G_local,K,N] ([G_local,N,K] with ``transpose_rhs``),
@@ -163,6 +166,7 @@ def gather_gmm(x, rhs, group_sizes, sort_idx, *, group_offset=None, transpose_rh
     return _gather_gmm(x, rhs, sizes, offset, sort_idx, k, bool(transpose_rhs), out_dtype, impl)
 
 
+@on_explicit_axes(lambda spec, a: P(spec("weights", 0), spec("rhs", 1 if a["transpose_rhs"] else 2)))
 def scatter_gmm(h, rhs, group_sizes, sort_idx, weights, *, group_offset=None, transpose_rhs=False,
                 preferred_element_type=None, implementation=None):
     """Grouped matmul with a weighted combine to token order: h [T*k,K] (expert order), rhs as in ``gather_gmm``,

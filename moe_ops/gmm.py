@@ -17,8 +17,10 @@ output and ``existing_out`` with one row mask (``local_rows``), so its gradient 
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from moe_ops import backend, primitives, validation
+from moe_ops.sharding import on_explicit_axes
 from moe_ops import vma
 
 __all__ = ["gmm", "tgmm", "local_rows"]
@@ -96,6 +98,7 @@ def local_rows(sizes, offset, num_local, num_rows):
     return (rows >= start) & (rows < end)
 
 
+@on_explicit_axes(lambda spec, a: P(spec("lhs", 0), spec("rhs", 1 if a["transpose_rhs"] else 2)))
 def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, preferred_element_type=None,
         existing_out=None, precision=None, implementation=None):
     """Grouped matmul over ragged row groups: lhs [M,K], rhs [G_local,K,N] ([G_local,N,K] with ``transpose_rhs``),
@@ -130,6 +133,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
     return jnp.where(keep[:, None], existing_out, out)
 
 
+@on_explicit_axes(lambda spec, a: P(None, spec("lhs", 1), spec("rhs", 1)))
 def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred_element_type=None,
          precision=None, implementation=None):
     """Grouped matmul with a ragged contraction: lhs [M,K], rhs [M,N] -> [G_local,K,N],

@@ -6,18 +6,20 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from moe_ops import fused as fused_ops
 from moe_ops import reference, validation
 from moe_ops.validation import check_expert_weights
 from moe_ops.swiglu import has_kernel as swiglu_has_kernel, swiglu_ffn
 from moe_ops.gmm import gmm
-from moe_ops.sharding import auto_axes_like, explicit_mesh
+from moe_ops.sharding import auto_axes_like, explicit_mesh, on_explicit_axes
 from moe_ops.sort import permute, unpermute
 
 __all__ = ["moe_ffn", "experts_ffn", "fused_experts_ffn", "route"]
 
 
+@on_explicit_axes(lambda spec, a: (P(spec("logits", 0), None),) * 2)
 def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
     """Top-k routing: logits [T,E] -> (weights [T,k] f32, expert_ids [T,k] int32); ``bias`` [E] moves selection only."""
     validation.float_array("logits", logits, 2)
@@ -33,6 +35,7 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
     return reference.route(logits, top_k, score_fn=score_fn, bias=bias, renormalize=renormalize)
 
 
+@on_explicit_axes(lambda spec, a: P(spec("x_sorted", 0), spec("x_sorted", 1)))
 def experts_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, activation="silu", group_offset=None,
                 implementation=None, recompute: bool = False):
     """SwiGLU experts on expert-sorted rows: x_sorted [M,D] -> [M,D] (rows of non-local groups are zero). Like every
@@ -66,6 +69,7 @@ def check_weights(x, router_logits, w_gate, w_up, w_down):
                          f"{tuple(router_logits.shape)}")
 
 
+@on_explicit_axes(lambda spec, a: P(spec("x", 0), spec("x", 1)))
 def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activation="silu", implementation=None,
                       swiglu: bool | None = None, recompute: bool = False):
     """The fused form of permute -> ``experts_ffn`` -> unpermute: x [T,D] (token order), weights / expert_ids [T,k]

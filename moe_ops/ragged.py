@@ -29,9 +29,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from moe_ops.gmm import gmm, tgmm
 from moe_ops import backend, validation
+from moe_ops.sharding import on_explicit_axes
 
 __all__ = ["ragged_dot", "ragged_dot_general", "RaggedDotDimensionNumbers"]
 
@@ -48,6 +50,17 @@ def ragged_dot(lhs, rhs, group_sizes, precision=None, preferred_element_type=Non
                               group_offset, out_sharding, implementation=implementation)
 
 
+def _out_spec(spec, a):
+    """dot_general's output order, each dim with the spec of the operand dim it comes from: lhs batch, lhs free, rhs
+    free (rhs group dim dropped); the group dim that a ragged contraction puts first is replicated."""
+    lhs, rhs, dims = a["lhs"], a["rhs"], a["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = dims.dot_dimension_numbers
+    groups = [None] if dims.lhs_ragged_dimensions[0] in lc else []
+    lfree, rfree = _free(lhs.ndim, lc, lb), _free(rhs.ndim, rc, rb, dims.rhs_group_dimensions)
+    return P(*groups, *(spec("lhs", d) for d in list(lb) + lfree), *(spec("rhs", d) for d in rfree))
+
+
+@on_explicit_axes(_out_spec)
 def ragged_dot_general(lhs, rhs, group_sizes, ragged_dot_dimension_numbers, precision=None,
                        preferred_element_type=None, group_offset=None, out_sharding=None, *, implementation=None):
     """``jax.lax.ragged_dot_general`` (see the module docstring for the modes and what ``group_offset`` means)."""

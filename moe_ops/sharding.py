@@ -1,4 +1,5 @@
-"""Sharding rules for the partitioned MoE op, as data: the config object, logical axes -> mesh axes, spec helpers.
+"""Sharding rules for the partitioned MoE op, as data: the config object, logical axes -> mesh axes, spec helpers;
+and how every public op runs on operands sharded over Explicit mesh axes (``on_explicit_axes``).
 
 Logical axes (names of array dimensions, independent of any mesh) are mapped to mesh axes by ``rules``
 (a tuple of ``(logical name, mesh axes)`` pairs). Two invariants hold for every spec built here:
@@ -16,18 +17,21 @@ gathers them over ``fsdp`` at its boundary, so inside the op each expert shard h
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 import numbers
 from typing import Sequence
 
 import jax
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from moe_ops import validation
 
 __all__ = [
     "MoEShardingConfig", "STRATEGIES", "DEFAULT_RULES", "LOGICAL_AXES", "logical_to_spec", "remove_axes",
     "spec_axes", "check_no_duplicate_axes", "dispatched_spec", "token_spec", "weight_spec", "choose_strategy",
+    "explicit_mesh", "auto_axes_like", "on_explicit_axes",
 ]
 
 STRATEGIES = ("auto", "all_to_all", "ring", "ep_tp")
@@ -208,3 +212,65 @@ def auto_axes_like(fn, like):
     calls have no Explicit-axes sharding rule: XLA partitions them inside, as on an Auto mesh."""
     sharding = jax.typeof(like).sharding
     return jax.sharding.auto_axes(fn, out_sharding=P(*sharding.spec) if sharding.mesh.empty else sharding)
+
+
+def on_explicit_axes(out_specs):
+    """Decorator making a public op run on operands sharded over Explicit mesh axes (``jax.make_mesh``'s default).
+
+    Its sorts, gathers and kernel calls have no Explicit sharding rule, so there the op runs on Auto axes (XLA
+    partitions it, as on an Auto mesh) and its result is resharded to ``out_specs(spec, args)``: PartitionSpecs
+    shaped like the result, from ``args`` (the op's arguments by name) and ``spec(name, dim)`` (the mesh axes that
+    shard that dim of that argument, None if none); an axis taken by an earlier output dim is dropped from later
+    ones. Elsewhere (no operand sharded over an Explicit axis: Auto meshes, replicated operands, inside a
+    ``shard_map``) the op runs as is. Only ``jax.Array`` operands cross the boundary (NumPy ones and static
+    arguments are closed over); malformed arguments reach the op's own checks unchanged."""
+    def wrap(op):
+        signature = inspect.signature(op)
+
+        @functools.wraps(op)
+        def run(*args, **kwargs):
+            leaves, tree = jax.tree.flatten((args, kwargs))
+            where = [i for i, a in enumerate(leaves) if isinstance(a, jax.Array)]
+            arrays = [leaves[i] for i in where]
+            mesh = explicit_mesh(*arrays)
+            if mesh is None or not any(any(_type_spec(a)) for a in arrays):
+                return op(*args, **kwargs)
+            try:
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                specs = out_specs(functools.partial(_dim_spec, bound.arguments), bound.arguments)
+            except (TypeError, ValueError, IndexError, AttributeError):
+                return op(*args, **kwargs)  # the op's own checks raise
+            out = jax.tree.map(lambda s: NamedSharding(mesh, _distinct(s)), specs,
+                               is_leaf=lambda s: isinstance(s, P))
+
+            def body(*operands):
+                filled = list(leaves)
+                for i, a in zip(where, operands):
+                    filled[i] = a
+                a, k = jax.tree.unflatten(tree, filled)
+                return op(*a, **k)
+            return jax.sharding.auto_axes(body, out_sharding=out)(*arrays)
+        return run
+    return wrap
+
+
+def _type_spec(a) -> tuple:
+    """The PartitionSpec entries of ``a``'s type (its Explicit axes; empty when it has no mesh)."""
+    return tuple(getattr(getattr(jax.typeof(a), "sharding", None), "spec", None) or ())
+
+
+def _dim_spec(arguments, name, dim):
+    a = arguments.get(name)
+    spec = _type_spec(a) if isinstance(a, jax.Array) else ()
+    return spec[dim] if -len(spec) <= dim < len(spec) else None
+
+
+def _distinct(spec: P) -> P:
+    """``spec`` with each mesh axis kept on its first dim only."""
+    seen, entries = set(), []
+    for e in spec:
+        axes = tuple(a for a in spec_axes(e) if a not in seen)
+        seen.update(axes)
+        entries.append(_entry(axes))
+    return P(*entries)

@@ -17,8 +17,10 @@ routed copies.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from moe_ops import backend, primitives, validation
+from moe_ops.sharding import on_explicit_axes
 from moe_ops import vma
 
 __all__ = ["sort_by_expert", "permute", "unpermute"]
@@ -103,6 +105,7 @@ def _n_valid_array(n_valid):
     return value.reshape(1).astype(jnp.int32)
 
 
+@on_explicit_axes(lambda spec, a: (P(), P(spec("expert_ids", 0))))
 def sort_by_expert(expert_ids, num_experts, *, implementation=None):
     """expert_ids [T,k] int -> (group_sizes [E] int32, sort_idx [T*k] int32): ``permute`` without the row copy
     (stable in flat index within an expert; ids outside ``[0, E)`` sort last and are counted in no group)."""
@@ -115,6 +118,7 @@ def sort_by_expert(expert_ids, num_experts, *, implementation=None):
                                                       num_experts)
 
 
+@on_explicit_axes(lambda spec, a: (P(spec("x", 0), spec("x", 1)), P(), P(spec("x", 0))))
 def permute(x, expert_ids, num_experts, *, n_valid=None, implementation=None):
     """Sort token copies by expert: x [T,D], expert_ids [T,k] int ->
     (x_sorted [T*k,D], group_sizes [E] int32, sort_idx [T*k] int32), ``x_sorted[i] = x[sort_idx[i] // k]``, stable in
@@ -134,6 +138,7 @@ def permute(x, expert_ids, num_experts, *, n_valid=None, implementation=None):
     return x_sorted, group_sizes, sort_idx
 
 
+@on_explicit_axes(lambda spec, a: P(spec("weights", 0), spec("y_sorted", 1)))
 def unpermute(y_sorted, sort_idx, weights, *, n_valid=None, implementation=None):
     """Weighted top-k combine back to token order: y_sorted [T*k,D], sort_idx [T*k], weights [T,k] -> [T,D],
     ``out[t] = sum_j weights[t,j] * y_sorted[position of flat index t*k+j]``, f32 accumulation, y's dtype.

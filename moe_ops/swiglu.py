@@ -43,10 +43,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
+from jax.sharding import PartitionSpec as P
 
 from moe_ops import backend, reference, validation, vma
 from moe_ops.fused import _check_rows
 from moe_ops.gmm import _gmm, _tgmm
+from moe_ops.sharding import on_explicit_axes
 
 __all__ = ["swiglu_gmm", "swiglu_ffn", "has_kernel"]
 
@@ -151,6 +153,7 @@ def _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl):
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+@on_explicit_axes(lambda spec, a: P(spec("x", 0), spec("w_gate", 2)))
 def swiglu_gmm(x, w_gate, w_up, group_sizes, sort_idx=None, *, group_offset=None, activation="silu",
                preferred_element_type=None, implementation=None):
     """h [M,F] = ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` over expert-sorted rows (module doc): x [M,D], or x [T,D]
@@ -256,6 +259,7 @@ def _composed_down_bwd_saved(dout, w_down, gate, up, sizes, offset, sort_idx, w_
 _ffn.defvjp(_ffn_fwd, _ffn_bwd)
 
 
+@on_explicit_axes(lambda spec, a: P(spec("x", 0), spec("x", 1)))
 def swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights, *, group_offset=None, activation="silu",
                recompute=False, implementation=None):
     """The routed experts on token-order rows, fused: x [T,D], w_gate / w_up [G_local,D,F], w_down [G_local,F,D],
