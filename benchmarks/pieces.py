@@ -9,7 +9,9 @@ What the layer suite cannot show: where the fused forward+backward spends its ti
 * backward: ``swiglu_down_bwd_saved``; ``dw_gate``: ``gather_tgmm`` over x in token order vs ``gather_rows`` +
   ``tgmm``; ``dw_down``: ``gather_tgmm`` of ``hw`` (the routing weight applied by the backward kernel) over dout
   in token order vs ``gather_rows`` + ``tgmm``; ``dx``:
-  ``scatter_gmm_sum`` (one launch) vs two ``scatter_gmm``.
+  ``scatter_gmm_sum`` (one launch) vs two ``scatter_gmm``;
+* the row-tile table every GMM-family launch computes first in XLA ops (``schedule.gmm_row_tiles``; then with the
+  TMA variant's ``order_tiles`` partition): device time spent outside the kernels, per launch.
 
 Each pair is checked to agree (norm-relative error <= the dtype's tolerance) before it is timed; a disagreement is
 an error row and exit status 1. On CPU (always the tiny presets) the kernels run in the Triton interpreter: the
@@ -54,8 +56,12 @@ def pieces(k: int, e: int, dtype):
     """[(name, fn, alternative name or None, alternative fn or None, flops per 2*M*D*F)]: each fn maps the operand
     dict (``_operands`` plus the forward's ``gate`` / ``up`` / ``h`` and the backward kernel's ``dgate`` / ``dup`` /
     ``hw``, see ``run``) to its outputs."""
-    from kernels.triton import batching, fused, gmm, swiglu  # noqa: PLC0415 (Triton is optional)
+    from kernels.triton import batching, fused, gmm, gmm_tma, schedule, swiglu  # noqa: PLC0415 (Triton optional)
     tg = dict(num_groups=e, out_dtype=dtype)
+    block_m = 128  # the sm90 tables' row tile of every big-shape entry
+
+    def tiles(a):
+        return schedule.gmm_row_tiles(a["sizes"], a["offset"], a["sort_idx"].shape[0], e, block_m)
 
     def common(a):
         return a["sizes"], a["offset"], a["sort_idx"]
@@ -95,6 +101,9 @@ def pieces(k: int, e: int, dtype):
          "2 x scatter_gmm",
          lambda a: (scatter(a, a["dgate"], a["w_gate"], ones(a), True).astype(jnp.float32)
                     + scatter(a, a["dup"], a["w_up"], ones(a), True).astype(jnp.float32)).astype(dtype), 2),
+        ("row-tile table (XLA ops)", tiles, None, None, 0),
+        ("row-tile table + order_tiles (tma)",
+         lambda a: gmm_tma.order_tiles(tiles(a), a["sort_idx"].shape[0], block_m), None, None, 0),
     ]
 
 
@@ -130,7 +139,7 @@ def run(shape: shapes.LayerShape, dtype, repeats: int = 10) -> list[dict]:
                 rows.append({**row, "error": f"disagrees with {alt_name}: rel err {err:.2e} > {tol}"})
                 continue
         ms = _time(fn, a, repeats)
-        row.update(ms=ms, tflops=flops * mdf / ms / 1e9)
+        row.update(ms=ms, tflops=flops * mdf / ms / 1e9 if flops else None)
         if alt is not None:
             row["alternative_ms"] = _time(alt, a, repeats)
             row["speedup"] = row["alternative_ms"] / ms
@@ -145,7 +154,8 @@ def _print(rows: list[dict]) -> None:
             continue
         alt = (f"   vs {r['alternative']} {r['alternative_ms']:8.3f} ms = {r['speedup']:.2f}x"
                if r["alternative"] else "")
-        print(f"{r['shape']:12} {r['piece']:34} {r['ms']:8.3f} ms {r['tflops']:7.1f} TFLOP/s{alt}")
+        rate = f"{r['tflops']:7.1f} TFLOP/s" if r["tflops"] else " " * 15
+        print(f"{r['shape']:12} {r['piece']:34} {r['ms']:8.3f} ms {rate}{alt}")
 
 
 def main(argv=None) -> int:

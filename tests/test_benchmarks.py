@@ -217,7 +217,8 @@ def test_layer_pieces_agree_with_their_alternatives(tmp_path, monkeypatch, capsy
     out = tmp_path / "pieces.json"
     assert pieces.main(["--dtype", "float32", "--repeats", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 6 and all("error" not in r and r["ms"] > 0 for r in rows)
+    assert len(rows) == 8 and all("error" not in r and r["ms"] > 0 for r in rows)
+    assert [r["tflops"] is None for r in rows] == [False] * 6 + [True] * 2  # the row-tile table rows: no flops
     pairs = [r for r in rows if r["alternative"]]
     assert len(pairs) == 3 and all(r["rel_err"] <= 1e-4 for r in pairs)
     assert "scatter_gmm_sum" in capsys.readouterr().out
