@@ -10,8 +10,8 @@ What the layer suite cannot show: where the fused forward+backward spends its ti
   ``tgmm``; ``dw_down``: ``gather_tgmm`` of ``hw`` (the routing weight applied by the backward kernel) over dout
   in token order vs ``gather_rows`` + ``tgmm``; ``dx``:
   ``scatter_gmm_sum`` (one launch) vs two ``scatter_gmm``;
-* the row-tile table every GMM-family launch computes first in XLA ops (``schedule.gmm_row_tiles``; then with the
-  TMA variant's ``order_tiles`` partition): device time spent outside the kernels, per launch.
+* the row-tile table every GMM-family launch computes first in XLA ops (``validation.clamp_group_sizes``, then
+  ``schedule.gmm_row_tiles``; again with the TMA variant's ``order_tiles``): device time outside the kernels.
 
 Each pair is checked to agree (norm-relative error <= the dtype's tolerance) before it is timed; a disagreement is
 an error row and exit status 1. On CPU (always the tiny presets) the kernels run in the Triton interpreter: the
@@ -33,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import moe_ops  # noqa: E402
 from benchmarks import routing, shapes  # noqa: E402
 from benchmarks.timing import measure, random_normal, rel_err  # noqa: E402
+from moe_ops import validation  # noqa: E402
 
 TOL = {"bfloat16": 3e-2, "float16": 1e-2, "float32": 1e-4}
 
@@ -60,8 +61,9 @@ def pieces(k: int, e: int, dtype):
     tg = dict(num_groups=e, out_dtype=dtype)
     block_m = 128  # the sm90 tables' row tile of every big-shape entry
 
-    def tiles(a):
-        return schedule.gmm_row_tiles(a["sizes"], a["offset"], a["sort_idx"].shape[0], e, block_m)
+    def tiles(a):  # what a moe_ops GMM-family call computes before its kernel: clamped sizes, then the table
+        rows = a["sort_idx"].shape[0]
+        return schedule.gmm_row_tiles(validation.clamp_group_sizes(a["sizes"], rows), a["offset"], rows, e, block_m)
 
     def common(a):
         return a["sizes"], a["offset"], a["sort_idx"]
