@@ -31,12 +31,13 @@ PY
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 # QUICK=1 fits a 15-minute device lease (benchmarks/RESULTS.md): the quick tests (not the TMA ones), three GMM
 # shapes and the Qwen3 layer, balanced routing only. Without it: every test and every shape (longer than 15 minutes).
+# TESTS=0 / GMM=0 / LAYER=0 / PIECES=0 skip those steps (e.g. a second call for SKEW_SHAPES alone).
 quick=${QUICK:-0}
 marks=$([ "$quick" = 1 ] && echo "not slow" || echo "slow or not slow")
 # 1. The kernels on the device against the reference (parity + gradients; pytest-xdist is in the GPU image).
-timeout "${TEST_TIMEOUT:-$([ "$quick" = 1 ] && echo 170 || echo 300)}" python3 -m pytest -q -p no:cacheprovider -n 8 --maxfail=8 \
-  -m "$marks" tests/test_triton_gmm.py tests/test_sort.py tests/test_fused.py tests/test_swiglu_ffn.py \
-  -k "not pallas and not xla and not shard_map" \
+[ "${TESTS:-1}" = 1 ] && timeout "${TEST_TIMEOUT:-$([ "$quick" = 1 ] && echo 170 || echo 300)}" \
+  python3 -m pytest -q -p no:cacheprovider -n 8 --maxfail=8 -m "$marks" tests/test_triton_gmm.py tests/test_sort.py \
+  tests/test_fused.py tests/test_swiglu_ffn.py -k "not pallas and not xla and not shard_map" \
   2>&1 | tee "$out/gpu_tests.log" | tail -5
 # 1b. The persistent TMA GMM variant (global scratch through triton_call) on its own tests; the default flips only
 #     once the gmm suite shows it faster.
@@ -57,16 +58,17 @@ fi
 if [ "$quick" = 1 ]; then
   # GMM_SHAPES / GMM_PEERS / GMM_TIMEOUT widen the GMM suite; SKEW_SHAPES adds balanced vs hot:1:4 (4x skew) side
   # by side on the pointer kernel.
-  timeout -k 30 "${GMM_TIMEOUT:-170}" python3 -m benchmarks gmm --impl triton \
+  [ "${GMM:-1}" = 1 ] && timeout -k 30 "${GMM_TIMEOUT:-170}" python3 -m benchmarks gmm --impl triton \
     --shapes "${GMM_SHAPES:-mixtral-w1,qwen3-30b-w1,decode}" --patterns balanced \
     --peers "${GMM_PEERS:-lax.ragged_dot,torch._grouped_mm,torch.bmm}" --no-progress --json "$out/gmm.json" 2>&1 \
     | tee -a "$out/run.log" | tail -30
-  timeout -k 30 120 python3 -m benchmarks layer --impl triton --shapes qwen3-30b --patterns balanced --peers lax.ragged_dot \
-    --no-progress --json "$out/layer.json" 2>&1 | tee -a "$out/run.log" | tail -25
+  [ "${LAYER:-1}" = 1 ] && timeout -k 30 120 python3 -m benchmarks layer --impl triton --shapes qwen3-30b \
+    --patterns balanced --peers lax.ragged_dot --no-progress --json "$out/layer.json" 2>&1 | tee -a "$out/run.log" \
+    | tail -25
   # The fused layer's kernels one by one against the compositions they replaced (benchmarks/pieces.py; PIECES=0
   # skips them).
   [ "${PIECES:-1}" = 1 ] && timeout 90 python3 -m benchmarks.pieces --shapes qwen3-30b --json "$out/pieces.json" 2>&1 \
-    | tee -a "$out/run.log" | tail -8
+    | tee -a "$out/run.log" | tail -10
   if [ -n "${SKEW_SHAPES:-}" ]; then
     timeout -k 30 "${SKEW_TIMEOUT:-120}" python3 -m benchmarks gmm --impl triton --variants pointer --shapes "$SKEW_SHAPES" \
       --patterns balanced,hot:1:4 --peers torch._grouped_mm --no-progress --json "$out/gmm_skew.json" 2>&1 \
