@@ -216,6 +216,22 @@ def test_variant_choice(monkeypatch):
     assert not gmm_tma.eligible(bf16[:, :0], jnp.zeros((2, 0, 128), jnp.bfloat16))    # K = 0: the K loop must run
 
 
+def test_symbolic_rows_take_the_pointer_kernel(monkeypatch):
+    """Failed before the fix: with a symbolic M (``jax.export``) ``eligible``'s ``min(shape)`` compared ``m`` with K
+    and raised InconclusiveDimensionOperation, hiding the CPU bridge's clear export error. The descriptor kernel
+    needs a static M (a constexpr, and a table without a static bound), so symbolic shapes are not eligible: the
+    pointer kernel runs (it launches at M's bound), and on CPU its clear error is what the export reports."""
+    m = jax.export.symbolic_shape("m", constraints=("m <= 256",))[0]
+    specs = [jax.ShapeDtypeStruct((m, 64), jnp.bfloat16), jax.ShapeDtypeStruct((4, 64, 128), jnp.bfloat16),
+             jax.ShapeDtypeStruct((4,), jnp.int32)]
+    assert not gmm_tma.eligible(*specs[:2]) and not gmm_tma.eligible(specs[0], jax.ShapeDtypeStruct((m, 128),
+                                                                                                    jnp.bfloat16))
+    monkeypatch.setenv("MOE_OPS_GMM_VARIANT", "tma")
+    with pytest.raises(NotImplementedError, match="cannot lower Triton kernel 'moe_gmm' for symbolic shapes"):
+        jax.export.export(jax.jit(lambda a, b, s: moe_ops.gmm(a, b, s, implementation="triton")),
+                          platforms=["cpu"])(*specs)
+
+
 @needs_plugin
 @pytest.mark.parametrize("arch", ["sm90", "gfx950"])
 def test_scratch_operand_in_the_real_lowering(monkeypatch, arch):

@@ -91,9 +91,10 @@ def use_variant(name: str):
 def eligible(*operands) -> bool:
     """16-bit operands (f32 runs ieee FMA dots: the pointer kernel's small tiles, where TMA buys nothing and the
     TMA build spills) whose rows are 16-byte aligned (last dim x 2 bytes a multiple of 16: the descriptor strides),
-    and no empty dimension (invariant 4)."""
-    return all(jnp.dtype(a.dtype).itemsize == 2 and (a.shape[-1] * 2) % 16 == 0 and min(a.shape) > 0
-               for a in operands)
+    and no empty dimension (invariant 4). Static shapes only: ``M`` is a constexpr (a symbolic M from ``jax.export``
+    runs the pointer kernel, which launches at M's bound)."""
+    return all(jnp.dtype(a.dtype).itemsize == 2 and all(isinstance(d, int) and d > 0 for d in a.shape)
+               and (a.shape[-1] * 2) % 16 == 0 for a in operands)
 
 
 @triton.jit
