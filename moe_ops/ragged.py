@@ -29,11 +29,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_ops.gmm import gmm, tgmm
 from moe_ops import backend, validation
-from moe_ops.sharding import on_explicit_axes
+from moe_ops.sharding import explicit_mesh, on_explicit_axes
 
 __all__ = ["ragged_dot", "ragged_dot_general", "RaggedDotDimensionNumbers"]
 
@@ -78,7 +78,9 @@ def ragged_dot_general(lhs, rhs, group_sizes, ragged_dot_dimension_numbers, prec
         raise TypeError(f"group_sizes must be an integer array, got {getattr(group_sizes, 'dtype', group_sizes)!r}")
     backend.choose(implementation)  # a bad name raises on every path, the lax one included
     mode, ragged = _mode(lhs, dims)
-    out = _lax_out_aval(lhs, rhs, group_sizes, dims, precision, preferred_element_type, group_offset, mode)
+    lax_sharding = _lax_out_sharding(lhs, rhs, group_sizes)
+    out = _lax_out_aval(lhs, rhs, group_sizes, dims, precision, preferred_element_type, group_offset, mode,
+                        lax_sharding)
     kw = dict(precision=precision, preferred_element_type=out.dtype, implementation=implementation)
     in_dtype = _kernel_input_dtype(lhs.dtype, rhs.dtype, out.dtype)
     if in_dtype is None:  # integers, float8, float64, an integer result: lax's own op (no kernel takes them)
@@ -86,7 +88,7 @@ def ragged_dot_general(lhs, rhs, group_sizes, ragged_dot_dimension_numbers, prec
             raise ValueError(f"group_offset needs float32 / bfloat16 / float16 operands (the kernels' dtypes), got "
                              f"lhs {lhs.dtype}, rhs {rhs.dtype}")
         return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, dims, precision=precision,
-                                          preferred_element_type=preferred_element_type)
+                                          preferred_element_type=preferred_element_type, out_sharding=lax_sharding)
     lhs, rhs = lhs.astype(in_dtype), rhs.astype(in_dtype)
     if mode == "batch":
         if group_offset is not None:
@@ -128,7 +130,15 @@ def _mode(lhs, dims):
     return ("contracting" if ragged in lc else "batch" if ragged in lb else "noncontracting"), ragged
 
 
-def _lax_out_aval(lhs, rhs, group_sizes, dims, precision, preferred_element_type, group_offset, mode):
+def _lax_out_sharding(*operands):
+    """``out_sharding`` for lax's ragged_dot_general, which has no Explicit sharding rule: replicated where an
+    Explicit mesh holds the operands unsharded (sharded ones run on Auto axes, ``on_explicit_axes``), else None."""
+    mesh = explicit_mesh(*operands)
+    return None if mesh is None else NamedSharding(mesh, P())
+
+
+def _lax_out_aval(lhs, rhs, group_sizes, dims, precision, preferred_element_type, group_offset, mode,
+                  out_sharding=None):
     """The result shape / dtype lax defines (its shape rule raises lax's own errors for bad dimension numbers).
     With ``group_offset`` in mode 1 the rhs may hold fewer groups than ``group_sizes``; checked here instead."""
     rhs_like = rhs
@@ -142,7 +152,7 @@ def _lax_out_aval(lhs, rhs, group_sizes, dims, precision, preferred_element_type
         rhs_like = jax.ShapeDtypeStruct(tuple(shape), rhs.dtype)
     struct = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
     return jax.eval_shape(lambda a, b, s: jax.lax.ragged_dot_general(
-        a, b, s, dims, precision=precision, preferred_element_type=preferred_element_type),
+        a, b, s, dims, precision=precision, preferred_element_type=preferred_element_type, out_sharding=out_sharding),
         struct(lhs), struct(rhs_like), struct(group_sizes))
 
 

@@ -182,3 +182,24 @@ def test_unchanged_on_auto_meshes_replicated_operands_and_in_shard_map(no_auto_a
     # per shard: each half of the rows with the same group sizes (clamped to its M/2 rows)
     halves = [moe_ops.gmm(h, d["w"], d["sizes"], implementation="xla") for h in jnp.split(d["x"], 2)]
     assert_close(local, jnp.concatenate(halves), 1e-6, "shard_map")
+
+
+
+def test_ragged_dot_on_replicated_operands_under_set_mesh():
+    """Failed before the fix: unsharded operands under ``jax.set_mesh`` of an Explicit mesh ran ``ragged_dot(_general)``
+    as is, and lax's ragged_dot_general, which both the result-shape check and the integer path call, has no
+    Explicit sharding rule: NotImplementedError asking for an ``out_sharding`` that moe_ops refuses. Every other op
+    ran there; the kernel path, the ragged contraction and the lax-only integer path now do too (replicated)."""
+    mesh, d = _mesh(), _data(95)
+    x_int, w_int = (jnp.round(d[k] * 4).astype(jnp.int32) for k in ("x", "w"))
+    calls = {"f32": lambda x, w, y, s: moe_ops.ragged_dot(x, w, s, implementation="xla"),
+             "contracting": lambda x, w, y, s: moe_ops.ragged_dot_general(x, y, s, RAGGED_CONTRACTING,
+                                                                         implementation="xla"),
+             "int32": lambda x, w, y, s: moe_ops.ragged_dot(x_int, w_int, s)}
+    args = [d[k] for k in ("x", "w", "y", "sizes")]
+    want = {name: fn(*args) for name, fn in calls.items()}
+    with jax.set_mesh(mesh):
+        got = {name: (fn(*args), jax.jit(fn)(*args)) for name, fn in calls.items()}
+    for name, outs in got.items():
+        for out in outs:
+            assert_close(out, want[name], 1e-6, name)
