@@ -221,8 +221,9 @@ def on_explicit_axes(out_specs):
     partitions it, as on an Auto mesh) and its result is resharded to ``out_specs(spec, args)``: PartitionSpecs
     shaped like the result, from ``args`` (the op's arguments by name) and ``spec(name, dim)`` (the mesh axes that
     shard that dim of that argument, None if none); an axis taken by an earlier output dim is dropped from later
-    ones. Elsewhere (no operand sharded over an Explicit axis: Auto meshes, replicated operands, inside a
-    ``shard_map``) the op runs as is. Only ``jax.Array`` operands cross the boundary (NumPy ones and static
+    ones. So do operands committed unsharded to an Explicit mesh with no context mesh (the op's own mesh-less
+    intermediates would not match their types). Elsewhere (Auto meshes, unsharded operands under ``jax.set_mesh``,
+    inside a ``shard_map``) the op runs as is. Only ``jax.Array`` operands cross the boundary (NumPy ones and static
     arguments are closed over); malformed arguments reach the op's own checks unchanged."""
     def wrap(op):
         signature = inspect.signature(op)
@@ -233,7 +234,8 @@ def on_explicit_axes(out_specs):
             where = [i for i, a in enumerate(leaves) if isinstance(a, jax.Array)]
             arrays = [leaves[i] for i in where]
             mesh = explicit_mesh(*arrays)
-            if mesh is None or not any(any(_type_spec(a)) for a in arrays):
+            sharded = any(any(_type_spec(a)) for a in arrays)
+            if mesh is None or not (sharded or jax.sharding.get_abstract_mesh().empty):
                 return op(*args, **kwargs)
             try:
                 bound = signature.bind(*args, **kwargs)

@@ -203,3 +203,22 @@ def test_ragged_dot_on_replicated_operands_under_set_mesh():
     for name, outs in got.items():
         for out in outs:
             assert_close(out, want[name], 1e-6, name)
+
+
+def test_committed_replicated_operands_without_context_mesh():
+    """Failed before the fix: operands committed to an Explicit mesh unsharded (``device_put(x, NamedSharding(mesh,
+    P()))``, no ``jax.set_mesh``) ran the op as is, and the XLA backend's row-tile loop updated a mesh-less buffer
+    with mesh-typed tiles: ShardingTypeError from dynamic_update_slice (gmm, tgmm, experts_ffn, ragged_dot). The op
+    now runs on Auto axes there too; results come back replicated on the operands' mesh."""
+    mesh, d = _mesh(), _data(96)
+    calls = {"gmm": lambda x, y, w, s: moe_ops.gmm(x, w, s, implementation="xla"),
+             "tgmm": lambda x, y, w, s: moe_ops.tgmm(x, y, s, implementation="xla"),
+             "experts_ffn": lambda x, y, w, s: moe_ops.experts_ffn(x, s, w, w, jnp.swapaxes(w, 1, 2),
+                                                                   implementation="xla"),
+             "ragged_dot": lambda x, y, w, s: moe_ops.ragged_dot(x, w, s, implementation="xla")}
+    args = [d[k] for k in ("x", "y", "w", "sizes")]
+    placed = [jax.device_put(a, NamedSharding(mesh, REP)) for a in args]
+    for name, fn in calls.items():
+        for got in (fn(*placed), jax.jit(fn)(*placed)):
+            assert got.sharding.mesh.shape == mesh.shape and _same(got.sharding.spec, REP), (name, got.sharding)
+            assert_close(got, fn(*args), 1e-6, name)
