@@ -57,13 +57,17 @@ def pieces(k: int, e: int, dtype):
     """[(name, fn, alternative name or None, alternative fn or None, flops per 2*M*D*F)]: each fn maps the operand
     dict (``_operands`` plus the forward's ``gate`` / ``up`` / ``h`` and the backward kernel's ``dgate`` / ``dup`` /
     ``hw``, see ``run``) to its outputs."""
-    from kernels.triton import batching, fused, gmm, gmm_tma, schedule, swiglu  # noqa: PLC0415 (Triton optional)
+    from kernels.triton import batching, fused, gmm, gmm_tma, schedule, swiglu, tuning  # noqa: PLC0415 (optional)
     tg = dict(num_groups=e, out_dtype=dtype)
-    block_m = 128  # the sm90 tables' row tile of every big-shape entry
+
+    def block_m(a):  # the row tile the gate/up GMM's config picks here
+        return tuning.pick_config("gmm", a["sort_idx"].shape[0], a["x"].shape[1], a["w_gate"].shape[2], e,
+                                  dtype).block_m
 
     def tiles(a):  # what a moe_ops GMM-family call computes before its kernel: clamped sizes, then the table
         rows = a["sort_idx"].shape[0]
-        return schedule.gmm_row_tiles(validation.clamp_group_sizes(a["sizes"], rows), a["offset"], rows, e, block_m)
+        return schedule.gmm_row_tiles(validation.clamp_group_sizes(a["sizes"], rows), a["offset"], rows, e,
+                                      block_m(a))
 
     def common(a):
         return a["sizes"], a["offset"], a["sort_idx"]
@@ -105,7 +109,7 @@ def pieces(k: int, e: int, dtype):
                     + scatter(a, a["dup"], a["w_up"], ones(a), True).astype(jnp.float32)).astype(dtype), 2),
         ("row-tile table (XLA ops)", tiles, None, None, 0),
         ("row-tile table + order_tiles (tma)",
-         lambda a: gmm_tma.order_tiles(tiles(a), a["sort_idx"].shape[0], block_m), None, None, 0),
+         lambda a: gmm_tma.order_tiles(tiles(a), a["sort_idx"].shape[0], block_m(a)), None, None, 0),
     ]
 
 
