@@ -31,7 +31,7 @@ PY
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 # QUICK=1 fits a 15-minute device lease (benchmarks/RESULTS.md): the quick tests (not the TMA ones), three GMM
 # shapes and the Qwen3 layer, balanced routing only. Without it: every test and every shape (longer than 15 minutes).
-# TESTS=0 / GMM=0 / LAYER=0 / PIECES=0 skip those steps (e.g. a second call for SKEW_SHAPES alone).
+# TESTS=0 / GMM=0 / LAYER=0 / PIECES=0 skip those steps (e.g. a second call for SKEW_SHAPES or PROFILE alone).
 quick=${QUICK:-0}
 marks=$([ "$quick" = 1 ] && echo "not slow" || echo "slow or not slow")
 # 1. The kernels on the device against the reference (parity + gradients; pytest-xdist is in the GPU image).
@@ -69,6 +69,11 @@ if [ "$quick" = 1 ]; then
   # skips them).
   [ "${PIECES:-1}" = 1 ] && timeout 90 python3 -m benchmarks.pieces --shapes qwen3-30b --json "$out/pieces.json" 2>&1 \
     | tee -a "$out/run.log" | tail -10
+  # PROFILE=1: Nsight Compute counters of one call of each PROFILE_TARGETS at PROFILE_SHAPE (benchmarks/profile.py:
+  #   DRAM bytes vs compulsory, L2 hit rate, tensor-pipe use, warp stalls), ours beside the peers.
+  [ "${PROFILE:-0}" = 1 ] && timeout -k 30 "${PROFILE_TIMEOUT:-300}" python3 -m benchmarks.profile \
+    --shape "${PROFILE_SHAPE:-qwen3-30b-w1}" --targets "${PROFILE_TARGETS:-gmm,torch._grouped_mm,torch.bmm}" \
+    --timeout-s 120 --json "$out/profile.json" 2>&1 | tee -a "$out/run.log" | tail -20
   if [ -n "${SKEW_SHAPES:-}" ]; then
     timeout -k 30 "${SKEW_TIMEOUT:-120}" python3 -m benchmarks gmm --impl triton --variants pointer --shapes "$SKEW_SHAPES" \
       --patterns balanced,hot:1:4 --peers torch._grouped_mm --no-progress --json "$out/gmm_skew.json" 2>&1 \
