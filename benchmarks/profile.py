@@ -46,7 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import gmm as gmm_suite, peers, routing, shapes, tune  # noqa: E402
 
 OURS = ("gmm", "gmm:tma", "dlhs", "tgmm", "gather_tgmm", "swiglu", "swiglu_bwd")
-PEERS = {"torch._grouped_mm": peers._torch_peer, "torch.bmm": peers._torch_bmm_peer}
+PEERS = ("torch._grouped_mm", "torch.bmm")
 METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_bytes.sum",
            "lts__t_sector_hit_rate.pct", "sm__throughput.avg.pct_of_peak_sustained_elapsed",
            "sm__warps_active.avg.pct_of_peak_sustained_active", "launch__registers_per_thread", "launch__grid_size",
@@ -71,7 +71,7 @@ def _target(name: str, shape: shapes.GmmShape, dtype):
     """(fn, args): one call of the target on balanced routing at ``shape``."""
     sizes = routing.group_sizes(shape.m, shape.e, routing.BALANCED)
     if name in PEERS:
-        peer = PEERS[name]()
+        peer = peers.gmm_peers([name])[0]
         if not peer.available:
             raise Unavailable(peer.reason)
         lhs, rhs, ct = gmm_suite.make_inputs(shape, dtype, 0)
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="qwen3-30b-w1", help="a GMM preset (benchmarks.shapes.GMM_SHAPES)")
     p.add_argument("--targets", default="gmm,gmm:tma,torch._grouped_mm,torch.bmm",
-                   help=f"comma list of {OURS + tuple(PEERS)}")
+                   help=f"comma list of {OURS + PEERS}")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--json", help="write the summary here")
     p.add_argument("--ncu", default="ncu", help="the Nsight Compute command line")
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = sorted(set(targets) - set(OURS) - set(PEERS))
     if unknown:
-        p.error(f"unknown --targets {unknown}; known: {OURS + tuple(PEERS)}")
+        p.error(f"unknown --targets {unknown}; known: {OURS + PEERS}")
     ncu = find_ncu(args.ncu)
     results = [profile(t, args, ncu) if ncu else {"target": t, "status": "unavailable",
                                                   "reason": f"{args.ncu!r} is not on the PATH"} for t in targets]
