@@ -6,8 +6,10 @@ The grouped matmuls loop (``lax.fori_loop``, a dynamic trip count) over a device
 multiplied by that group's weights only (``dynamic_slice``). Rows outside the tile's group are discarded with
 ``jnp.where`` (a select, never a multiply by zero), so no row ever sees another expert's weights: a NaN / Inf in one
 expert, in rows of non-local groups or in rows beyond ``sum(group_sizes)`` stays where it is, and those rows come
-out as exact zeros. Memory is O(M*(K+N) + G_local*K*N) (no densified ``[G, M, N]`` product, unlike
-``lax.ragged_dot`` on XLA:CPU); work is one ``[BM, K] x [K, N]`` dot per tile.
+out as exact zeros. The combines select away (``jnp.where``) every slot whose row does not contribute (rows
+``>= n_valid``; in ``scatter_gmm`` rows outside the local groups), its routing weight included, so an Inf / NaN
+weight of such a slot never meets its zero row (``inf * 0``). Memory is O(M*(K+N) + G_local*K*N) (no densified
+``[G, M, N]`` product, unlike ``lax.ragged_dot`` on XLA:CPU); work is one ``[BM, K] x [K, N]`` dot per tile.
 """
 
 from __future__ import annotations
@@ -141,8 +143,8 @@ sort_by_expert = reference.sort_by_expert  # the stable argsort; the kernels' co
 
 
 def _valid_rows(n, n_valid):
-    """[n, 1] mask of rows < n_valid, or None when every row is valid."""
-    return None if n_valid is None else (jnp.arange(n) < jnp.asarray(n_valid).reshape(()))[:, None]
+    """[n] mask of rows < n_valid, or None when every row is valid."""
+    return None if n_valid is None else jnp.arange(n) < jnp.asarray(n_valid).reshape(())
 
 
 def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None):
@@ -151,27 +153,43 @@ def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None):
     if row_weights is not None:
         rows = (rows.astype(jnp.float32) * row_weights.reshape(-1)[sort_idx][:, None]).astype(x.dtype)
     valid = _valid_rows(sort_idx.shape[0], n_valid)
-    return rows if valid is None else jnp.where(valid, rows, 0)
+    return rows if valid is None else jnp.where(valid[:, None], rows, 0)
 
 
-def _rows_per_slot(y, sort_idx, t, k, n_valid):
-    """[T, k, D] f32: the row of each (token, slot), zero where it lies at or past n_valid."""
-    valid = _valid_rows(y.shape[0], n_valid)
-    y = y if valid is None else jnp.where(valid, y, 0)
-    return y[reference.inverse_permutation(sort_idx)].astype(jnp.float32).reshape(t, k, -1)
+def _rows_per_slot(y, sort_idx, t, k, rows_valid):
+    """([T, k, D] f32 row of each (token, slot), [T, k] bool slot mask or None): rows where ``rows_valid`` [T*k]
+    (None: every row) is False are selected away (zeros), whatever they hold (NaN / Inf included)."""
+    inverse = reference.inverse_permutation(sort_idx)
+    gathered = y[inverse].astype(jnp.float32).reshape(t, k, -1)
+    if rows_valid is None:
+        return gathered, None
+    slot_valid = rows_valid[inverse].reshape(t, k)
+    return jnp.where(slot_valid[..., None], gathered, 0.0), slot_valid
+
+
+def _combine(y, sort_idx, weights, rows_valid):
+    """``combine_rows`` over the rows marked by ``rows_valid`` [T*k] (None: all): a slot whose row is not valid
+    contributes exactly zero, its weight selected away too (an Inf / NaN weight there never meets the zero row)."""
+    t, k = weights.shape
+    gathered, slot_valid = _rows_per_slot(y, sort_idx, t, k, rows_valid)
+    weights = weights.astype(jnp.float32)
+    if slot_valid is not None:
+        weights = jnp.where(slot_valid, weights, 0.0)
+    return jnp.einsum("tkd,tk->td", gathered, weights, precision="highest").astype(y.dtype)
 
 
 def combine_rows(y, sort_idx, weights, n_valid=None):
-    """y [T*k,D] -> [T,D]: ``sum_j w[t,j] * y[inv[t*k+j]]`` in f32, y's dtype."""
-    t, k = weights.shape
-    gathered = _rows_per_slot(y, sort_idx, t, k, n_valid)
-    return jnp.einsum("tkd,tk->td", gathered, weights.astype(jnp.float32), precision="highest").astype(y.dtype)
+    """y [T*k,D] -> [T,D]: ``sum_j w[t,j] * y[inv[t*k+j]]`` in f32, y's dtype; slots whose row is ``>= n_valid``
+    contribute exactly zero (their row and their weight are selected away, never multiplied by zero)."""
+    return _combine(y, sort_idx, weights, _valid_rows(y.shape[0], n_valid))
 
 
 def combine_weight_grad(dout, y, sort_idx, k, n_valid=None):
-    """dout [T,D], y [T*k,D] -> [T,k] f32: ``<dout[t], y[inv[t*k+j]]>``."""
-    gathered = _rows_per_slot(y, sort_idx, dout.shape[0], k, n_valid)
-    return jnp.einsum("tkd,td->tk", gathered, dout.astype(jnp.float32), precision="highest")
+    """dout [T,D], y [T*k,D] -> [T,k] f32: ``<dout[t], y[inv[t*k+j]]>``, exactly zero for slots whose row is
+    ``>= n_valid`` (whatever dout[t] holds)."""
+    gathered, slot_valid = _rows_per_slot(y, sort_idx, dout.shape[0], k, _valid_rows(y.shape[0], n_valid))
+    out = jnp.einsum("tkd,td->tk", gathered, dout.astype(jnp.float32), precision="highest")
+    return out if slot_valid is None else jnp.where(slot_valid, out, 0.0)
 
 
 # Fused dispatch / combine (the optional ``gather_gmm`` / ``scatter_gmm`` of the interface). ``gather_gmm`` gathers
@@ -195,6 +213,16 @@ def gather_gmm(x, rhs, group_sizes, group_offset, sort_idx, k, *, transpose_rhs,
 
 
 def scatter_gmm(h, rhs, group_sizes, group_offset, sort_idx, weights, *, transpose_rhs, out_dtype):
-    """h [T*k,K] -> [T,N]: ``sum_j weights[t,j] * (h @ rhs[g])[inv[t*k+j]]`` (f32 combine)."""
+    """h [T*k,K] -> [T,N]: ``sum_j weights[t,j] * (h @ rhs[g])[inv[t*k+j]]`` (f32 combine). A copy whose row lies
+    outside the local groups (another shard's expert, or past ``sum(group_sizes)``: a dropped copy) contributes
+    exactly zero: its weight is selected away, so an Inf / NaN weight there never meets the zero row."""
     y = gmm(h, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype)
-    return combine_rows(y, sort_idx, weights)
+    return _combine(y, sort_idx, weights, _local_rows(group_sizes, group_offset, rhs.shape[0], h.shape[0]))
+
+
+def _local_rows(group_sizes, group_offset, num_local, num_rows):
+    """[num_rows] bool: rows of the local groups (one contiguous range: local group 0's start to the largest end;
+    ``local_bounds`` gives groups past G the empty range [0, 0))."""
+    start, end = local_bounds(group_sizes, group_offset, num_local)
+    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    return (rows >= start[0]) & (rows < jnp.max(end))

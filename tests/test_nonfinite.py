@@ -1,0 +1,142 @@
+"""Values that must not influence results, on every backend: rows past ``sum(group_sizes)`` / ``n_valid``, rows of
+non-local groups (``group_offset``), experts no row uses, routing weights of copies whose row does not contribute
+(another shard's expert, an out-of-range id: sorted past the sum), and ``existing_out`` rows that ``gmm`` overwrites.
+NaN, Inf or a huge finite value (3e38, which overflows when multiplied) placed there must reach no output and, under
+``jax.grad`` with respect to every float input, no gradient: the op on poisoned inputs equals the pure-jnp reference
+on the same inputs with those values zeroed, and the gradients of the poisoned entries are exactly zero.
+
+The contract: a value that the op documents as not contributing is *selected away* (``jnp.where``, a masked load),
+never multiplied by zero (``inf * 0`` is NaN). Each test names the fault it caught. Data are fresh random draws (the
+seed is in every assertion message); the routing is fixed so every kind of non-contributing copy occurs."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moe_ops
+from moe_ops import reference as R
+from tests.helpers import assert_close
+
+T, TOPK, E = 8, 2, 4
+M = T * TOPK
+OFFSET, NUM_LOCAL = 1, 2          # local experts 1, 2; experts 0 and 3 belong to other shards
+# expert 7 is out of range (dropped: sorted past the sum); every token has at least one other kind of copy
+IDS = jnp.array([[0, 1], [1, 2], [2, 3], [3, 0], [1, 7], [2, 1], [0, 3], [1, 2]], jnp.int32)
+SIZES, SIDX = R.sort_by_expert(IDS, E)
+INV = R.inverse_permutation(SIDX)
+N_VALID = int(SIZES.sum())                                       # the dropped copy's row is past it
+ROW_GROUP = R.row_group_ids(SIZES, M)                            # E for the dropped row
+ROW_LOCAL = (ROW_GROUP >= OFFSET) & (ROW_GROUP < OFFSET + NUM_LOCAL)
+SLOT_LOCAL = ROW_LOCAL[INV].reshape(T, TOPK)
+SLOT_PAST = (INV >= N_VALID).reshape(T, TOPK)
+TOKEN_NONLOCAL = ~SLOT_LOCAL.any(axis=1)                         # tokens with no local copy (token 3: experts 3, 0)
+POISONS = {"nan": np.nan, "inf": np.inf, "huge": 3e38}
+# Triton (interpreter) and Pallas (interpret mode) are slow: inf there (inf * 0 and NaN * 0 are both NaN; a huge
+# finite value only fails where it is multiplied by something nonzero, which the xla sweep covers)
+KERNEL_POISONS = ["inf"]
+
+
+def _dims(impl):
+    return (128, 128) if impl == "pallas" else (8, 16)   # Pallas tiles want 128-lane dims
+
+
+@pytest.fixture
+def seed():
+    value = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={value}")
+    return value
+
+
+def _data(seed, impl):
+    d, f = _dims(impl)
+    k = jax.random.split(jax.random.key(seed), 8)
+    n = lambda i, s, sc=1.0: jax.random.normal(k[i], s, jnp.float32) * sc
+    return dict(x=n(0, (T, d)), wg=n(1, (E, d, f), d ** -0.5), wu=n(2, (E, d, f), d ** -0.5),
+                wd=n(3, (E, f, d), f ** -0.5), w=jax.nn.softmax(n(4, (T, TOPK)), axis=-1), h=n(5, (M, f)),
+                y=n(6, (M, d)), cot_key=k[7])
+
+
+def _rows(a, mask, value):
+    return jnp.where(jnp.reshape(mask, mask.shape + (1,) * (a.ndim - mask.ndim)), jnp.asarray(value, a.dtype), a)
+
+
+def _check(fn, ref, poisoned, clean, seed, what, tol=1e-5):
+    """fn(*poisoned) == ref(*clean) and so are the gradients of <out, random cotangent> w.r.t. every argument."""
+    out = fn(*poisoned)
+    cot = jax.random.normal(jax.random.key(seed ^ 0x5A5A), out.shape, jnp.float32)
+    loss = lambda f: (lambda *a: jnp.sum(f(*a).astype(jnp.float32) * cot))
+    argnums = tuple(range(len(poisoned)))
+    got = jax.grad(loss(fn), argnums)(*poisoned)
+    want = jax.grad(loss(ref), argnums)(*clean)
+    assert_close(out, ref(*clean), tol, f"{what} forward (seed {seed})")
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert_close(g, r, tol, f"{what} gradient of argument {i} (seed {seed})")
+    return out, got
+
+
+def _impls(slow=()):
+    return ["xla"] + [pytest.param(i, marks=pytest.mark.slow) if i in slow else i for i in ("triton", "pallas")]
+
+
+def _poison_cases(kernel_poisons=KERNEL_POISONS):
+    return ([("xla", p) for p in POISONS] + [(i, p) for i in ("triton", "pallas") for p in kernel_poisons])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# unpermute(n_valid=...): rows past n_valid and the weights of their slots.
+
+
+@pytest.mark.parametrize("impl,poison", [("xla", p) for p in POISONS] + [("pallas", "inf")])
+def test_unpermute_ignores_rows_and_weights_past_n_valid(impl, poison, seed):
+    """Failed before the fix on xla and triton: the weight of a slot whose row is past ``n_valid`` multiplied that
+    row's zero (``inf * 0``: NaN in the token's output). Pallas selected it away already."""
+    v, data = POISONS[poison], _data(seed, impl)
+    y_p, w_p = _rows(data["y"], jnp.arange(M) >= N_VALID, v), jnp.where(SLOT_PAST, v, data["w"])
+    y_c, w_c = _rows(data["y"], jnp.arange(M) >= N_VALID, 0.0), jnp.where(SLOT_PAST, 0.0, data["w"])
+    fn = lambda y, w: moe_ops.unpermute(y, SIDX, w, n_valid=N_VALID, implementation=impl)
+    _, (dy, dw) = _check(fn, lambda y, w: R.unpermute(y, SIDX, w), (y_p, w_p), (y_c, w_c), seed, "unpermute")
+    assert not np.asarray(dy)[N_VALID:].any() and not np.asarray(dw)[np.asarray(SLOT_PAST)].any()
+
+
+@pytest.mark.parametrize("impl", ["xla", "triton", "pallas"])
+def test_unpermute_weight_gradient_of_a_slot_past_n_valid_is_zero_for_any_cotangent(impl, seed):
+    """Failed before the fix on xla: ``combine_weight_grad`` computed ``<dout[t], 0>`` for a slot past ``n_valid``,
+    NaN when token t's cotangent is NaN (its output is NaN through a valid copy); Triton and Pallas gave 0. The
+    weighted gather (the gradient w.r.t. y) must also leave the rows past n_valid at exactly zero."""
+    data = _data(seed, impl)
+    token = int(np.argmax(np.asarray(SLOT_PAST).any(axis=1)))    # the token with the dropped copy
+    _, vjp = jax.vjp(lambda y, w: moe_ops.unpermute(y, SIDX, w, n_valid=N_VALID, implementation=impl),
+                     data["y"], data["w"])
+    dout = jax.random.normal(data["cot_key"], (T, data["y"].shape[1])).at[token].set(jnp.nan)
+    dy, dw = (np.asarray(g) for g in vjp(dout))
+    assert not dy[N_VALID:].any(), f"rows past n_valid got a gradient (seed {seed})"
+    assert not dw[np.asarray(SLOT_PAST)].any(), f"{dw[token]}: the dropped slot's weight gradient (seed {seed})"
+    keep = np.ones(T, bool)
+    keep[token] = False
+    assert np.isfinite(dw[keep]).all() and np.isfinite(dy[:N_VALID][np.asarray(SIDX[:N_VALID] // TOPK != token)]).all()
+
+
+@pytest.mark.parametrize("impl,recompute,x_poison,w_poison", [
+    ("xla", False, "nan", "inf"), ("xla", True, "inf", "nan"), ("xla", False, "huge", "huge"),
+    ("triton", False, "inf", "inf"), ("triton", True, "nan", "inf"),
+    pytest.param("pallas", False, "inf", "inf", marks=pytest.mark.slow)])
+def test_swiglu_ffn_ignores_non_local_copies(impl, recompute, x_poison, w_poison, seed):
+    """Failed before the fix on xla (its ``scatter_gmm``): an Inf / NaN routing weight of a non-local or dropped copy
+    made the token's output NaN. x rows of tokens with no local copy are poisoned too."""
+    vx, vw, data = POISONS[x_poison], POISONS[w_poison], _data(seed, impl)
+    local = lambda a: a[OFFSET:OFFSET + NUM_LOCAL]
+    ws = (local(data["wg"]), local(data["wu"]), local(data["wd"]))
+    fn = lambda x, wg, wu, wd, w: moe_ops.swiglu_ffn(x, wg, wu, wd, SIZES, SIDX, w, group_offset=OFFSET,
+                                                     recompute=recompute, implementation=impl)
+
+    def ref(x, wg, wu, wd, w):
+        xs = x[SIDX // TOPK]
+        h = R.activate(R.gmm(xs, wg, SIZES, group_offset=OFFSET), R.gmm(xs, wu, SIZES, group_offset=OFFSET))
+        return R.unpermute(R.gmm(h, wd, SIZES, group_offset=OFFSET), SIDX, w)
+
+    poisoned = (_rows(data["x"], TOKEN_NONLOCAL, vx), *ws, jnp.where(SLOT_LOCAL, data["w"], vw))
+    clean = (_rows(data["x"], TOKEN_NONLOCAL, 0.0), *ws, jnp.where(SLOT_LOCAL, data["w"], 0.0))
+    _check(fn, ref, poisoned, clean, seed, f"swiglu_ffn(recompute={recompute})", tol=2e-5)
