@@ -89,7 +89,7 @@ def _poison_cases(kernel_poisons=KERNEL_POISONS):
 # unpermute(n_valid=...): rows past n_valid and the weights of their slots.
 
 
-@pytest.mark.parametrize("impl,poison", [("xla", p) for p in POISONS] + [("pallas", "inf")])
+@pytest.mark.parametrize("impl,poison", _poison_cases())
 def test_unpermute_ignores_rows_and_weights_past_n_valid(impl, poison, seed):
     """Failed before the fix on xla and triton: the weight of a slot whose row is past ``n_valid`` multiplied that
     row's zero (``inf * 0``: NaN in the token's output). Pallas selected it away already."""

@@ -19,7 +19,8 @@ Backend functions (interface in ``moe_ops.backend``; ``N = T*k`` token copies, f
 
 ``n_valid`` (valid-prefix form, int scalar or shape-(1,) int array on device, default ``N``): only sorted rows
 ``i < n_valid`` exist. ``gather_rows`` writes zeros for rows ``>= n_valid`` without reading ``x``;
-``combine_rows`` / ``combine_weight_grad`` never read ``y`` rows ``>= n_valid`` (they contribute zero). ``sort_idx``
+``combine_rows`` / ``combine_weight_grad`` never read ``y`` rows ``>= n_valid`` (they contribute exactly zero:
+``combine_rows`` masks the slot's weight load too, so an Inf / NaN weight there adds nothing). ``sort_idx``
 must be a permutation of ``[0, N)`` (what ``sort_by_expert`` returns); other values give unspecified rows but never
 an out-of-bounds access (indices are clamped / masked). All reductions run in a fixed order, so
 results are bitwise reproducible.
@@ -159,8 +160,10 @@ def _combine_rows_kernel(y_ptr, inv_ptr, w_ptr, n_valid_ptr, out_ptr, T: tl.cons
         acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
         for j in tl.range(0, K):
             pos = tl.load(inv_ptr + toks * K + j, mask=in_bounds, other=0)
-            w = tl.load(w_ptr + toks * K + j, mask=in_bounds, other=0.0).to(tl.float32)
-            y_ptrs, y_mask = _row_tile(y_ptr, pos, d0, in_bounds & (pos >= 0) & (pos < n_valid), D, BLOCK_D, EVEN_D)
+            live = in_bounds & (pos >= 0) & (pos < n_valid)
+            # the weight of a slot past n_valid is masked like its row: an Inf / NaN there must not meet the zero
+            w = tl.load(w_ptr + toks * K + j, mask=live, other=0.0).to(tl.float32)
+            y_ptrs, y_mask = _row_tile(y_ptr, pos, d0, live, D, BLOCK_D, EVEN_D)
             acc += w[:, None] * tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
         out_ptrs, out_mask = _row_tile(out_ptr, toks, d0, in_bounds, D, BLOCK_D, EVEN_D)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
