@@ -119,6 +119,28 @@ def test_unpermute_weight_gradient_of_a_slot_past_n_valid_is_zero_for_any_cotang
     assert np.isfinite(dw[keep]).all() and np.isfinite(dy[:N_VALID][np.asarray(SIDX[:N_VALID] // TOPK != token)]).all()
 
 
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_unpermute_under_vmap_ignores_weights_past_each_n_valid(impl, seed):
+    """Failed before the fix on triton: under ``jax.vmap`` a per-batch ``n_valid`` zeroed the y rows past it
+    (``kernels.triton.batching``) but not the weights of their slots, so ``inf * 0`` reached the output; the weight
+    gradient of those slots was ``<NaN cotangent, 0>``."""
+    data = _data(seed, impl)
+    n_valid = jnp.array([N_VALID, N_VALID - 3], jnp.int32)
+    inv = np.asarray(INV).reshape(T, TOPK)
+    past = np.stack([inv >= n for n in np.asarray(n_valid)])                  # [2, T, k]
+    rows_past = np.stack([np.arange(M) >= n for n in np.asarray(n_valid)])    # [2, M]
+    y = jnp.stack([data["y"], -data["y"]])
+    w = jnp.stack([data["w"], data["w"][::-1]])
+    fn = jax.vmap(lambda y, w, n: moe_ops.unpermute(y, SIDX, w, n_valid=n, implementation=impl))
+    ref = jax.vmap(lambda y, w: R.unpermute(y, SIDX, w))
+    y_p, w_p = jnp.where(rows_past[..., None], jnp.inf, y), jnp.where(past, jnp.nan, w)
+    y_c, w_c = jnp.where(rows_past[..., None], 0.0, y), jnp.where(past, 0.0, w)
+    _check(lambda y, w: fn(y, w, n_valid), ref, (y_p, w_p), (y_c, w_c), seed, "vmap(unpermute)")
+    _, vjp = jax.vjp(lambda w: fn(y_c, w, n_valid), w_c)
+    dw = np.asarray(vjp(jnp.full((2, T, y.shape[-1]), jnp.nan))[0])
+    assert not dw[past].any(), f"weight gradient of slots past n_valid under vmap (seed {seed})"
+
+
 @pytest.mark.parametrize("impl,recompute,x_poison,w_poison", [
     ("xla", False, "nan", "inf"), ("xla", True, "inf", "nan"), ("xla", False, "huge", "huge"),
     ("triton", False, "inf", "inf"), ("triton", True, "nan", "inf"),

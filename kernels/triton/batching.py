@@ -21,7 +21,9 @@ Rules (``B`` the vmapped axis size; unbatched operands are broadcast, except a s
 * Row kernels (``gather_rows``, ``combine_rows``, ``combine_weight_grad``): rows of batch b at ``b*T`` / ``b*N``,
   ``sort_idx + b*N``. ``n_valid`` is a per-batch prefix, which one folded launch cannot express: the folded call
   runs with every row valid and rows ``>= n_valid[b]`` are zeroed (``gather_rows``' output, the ``y`` input of the
-  combines) with a ``jnp.where``; results are identical, only the "no read past n_valid" saving is lost under vmap.
+  combines) with a ``jnp.where``, and so are the combine's weights and the weight gradient of the slots whose row is
+  past it (a permutation write of the row mask into slot order); results are identical, only the "no read past
+  n_valid" saving is lost under vmap.
 
 Each rule calls the wrapped launch again on the folded operands, so nested vmaps fold one axis at a time. Gradients
 come from the custom VJPs of ``moe_ops`` (built from these same functions), so ``grad(vmap(f))`` and
@@ -202,11 +204,23 @@ def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None):
     return _gather_rows(x, sort_idx.astype(jnp.int32), row_weights, n_valid, k=k)
 
 
+def _valid_slots(sort_idx, batched, valid):
+    """bool [B, N] in slot (token-major) order: slot ``sort_idx[b, i]`` is valid iff its sorted row ``i`` is (``valid``
+    [B, N, 1] from ``_valid_rows``); one permutation write."""
+    sort_idx = _bcast(sort_idx, batched, valid.shape[0])
+    rows = jnp.arange(valid.shape[0])[:, None]
+    return jnp.zeros(valid.shape[:2], bool).at[rows, sort_idx].set(valid[..., 0], unique_indices=True, mode="drop")
+
+
 def _fold_combine_rows(call, size, batched, arrays, static):
     y, sort_idx, weights, n_valid = arrays
     y = _masked_rows(y, batched[0], n_valid, batched[3], size)
     flat_idx, _ = _sort_idx_folded(sort_idx, batched[1], size)
     weights = _bcast(weights, batched[2], size)
+    valid = _valid_rows(n_valid, batched[3], size, y.shape[1])
+    if valid is not None:  # a slot past its batch's n_valid adds exactly zero: its weight is selected away too
+        weights = jnp.where(_valid_slots(sort_idx, batched[1], valid).reshape(weights.shape), weights,
+                            jnp.zeros((), weights.dtype))
     out = call(_flat(y), flat_idx, _flat(weights), None, **static)
     return out.reshape((size, weights.shape[1]) + out.shape[1:])
 
@@ -228,7 +242,11 @@ def _fold_weight_grad(call, size, batched, arrays, static):
     flat_idx, _ = _sort_idx_folded(sort_idx, batched[2], size)
     dout = _bcast(dout, batched[0], size)
     out = call(_flat(dout), _flat(y), flat_idx, None, **static)
-    return out.reshape((size, dout.shape[1]) + out.shape[1:])
+    out = out.reshape((size, dout.shape[1]) + out.shape[1:])
+    valid = _valid_rows(n_valid, batched[3], size, y.shape[1])
+    if valid is None:
+        return out
+    return jnp.where(_valid_slots(sort_idx, batched[2], valid).reshape(out.shape), out, 0.0)  # whatever dout holds
 
 
 @folds_batch(_fold_weight_grad)
