@@ -9,7 +9,9 @@ With ``sort_idx`` [T*k] from ``sort_by_expert`` (sorted row ``i`` holds token co
   ``out[t] = sum_j weights[t,j] * (h @ R)[inverse[t*k+j]]`` (= ``unpermute(gmm(h, rhs), sort_idx, weights)``).
 
 Rows of non-local groups and rows beyond ``sum(group_sizes)`` (dropped copies: out-of-range expert ids sort last)
-give zero rows / zero contributions and get zero gradient. Custom VJPs, built from existing grouped matmuls and row
+give zero rows / zero contributions and get zero gradient, whatever they hold: a NaN / Inf / huge value in such a
+row of ``x`` or ``h``, in an unused expert of ``rhs``, or in the routing weight of such a copy (``scatter_gmm``)
+reaches no output and no gradient, on every backend (a select, never a multiply by zero; ``tests/test_nonfinite.py``). Custom VJPs, built from existing grouped matmuls and row
 kernels (no scatter-add, nothing densified):
 
 * gather_gmm: ``dx = combine_rows(gmm(dy, R^T), sort_idx, ones)``; ``drhs = tgmm(gather_rows(x), dy)`` (the backward
@@ -33,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_ops import backend, validation, vma
 from moe_ops.sharding import on_explicit_axes
-from moe_ops.gmm import _gmm, _tgmm
+from moe_ops.gmm import _gmm, _tgmm, local_rows
 from moe_ops.sort import _combine, _gather, sort_by_expert
 
 __all__ = ["gather_gmm", "scatter_gmm", "sort_by_expert", "supports_fused", "use_fused", "FUSED_BY_DEFAULT"]
@@ -108,9 +110,12 @@ def _scatter_gmm_bwd(transpose_rhs, out_dtype, impl, residuals, dout):
     # a[i] = dout[slot // k] @ R^T, unweighted, f32; zero rows outside local groups / beyond the sum.
     a = _gather_gmm(dout, rhs, group_sizes, group_offset, sort_idx, k, not transpose_rhs, jnp.dtype(jnp.float32),
                     impl)
-    w_sorted = weights.reshape(-1).astype(jnp.float32)[sort_idx]
+    # Rows outside the local groups contribute nothing, so their dh and routing-weight gradient are exactly zero:
+    # selected, never computed as 0 * w (an Inf / NaN weight) or <h_i, 0> (a NaN h row).
+    local = local_rows(group_sizes, group_offset, rhs.shape[0], h.shape[0])
+    w_sorted = jnp.where(local, weights.reshape(-1).astype(jnp.float32)[sort_idx], 0.0)
     dh = (a * w_sorted[:, None]).astype(h.dtype)
-    dw_sorted = jnp.sum(a * h.astype(jnp.float32), axis=1)                  # <h_i, a_i> = <dout[t], (h @ R)[i]>
+    dw_sorted = jnp.where(local, jnp.sum(a * h.astype(jnp.float32), axis=1), 0.0)  # <h_i, a_i> = <dout[t], (h@R)[i]>
     dweights = jnp.zeros_like(dw_sorted).at[sort_idx].set(dw_sorted, unique_indices=True)  # permutation write
     dy = vma.like(backend.ops(impl).gather_rows(dout, sort_idx, k, row_weights=weights), dout)  # w * dout[token]
     a_t, b_t = (dy, h) if transpose_rhs else (h, dy)

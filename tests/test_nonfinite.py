@@ -141,6 +141,29 @@ def test_unpermute_under_vmap_ignores_weights_past_each_n_valid(impl, seed):
     assert not dw[past].any(), f"weight gradient of slots past n_valid under vmap (seed {seed})"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# scatter_gmm / swiglu_ffn: copies of non-local experts (group_offset) and dropped copies.
+
+
+def _scatter_inputs(data, value):
+    """(h, weights) with the rows / weights of every non-contributing copy set to ``value``."""
+    return _rows(data["h"], ~ROW_LOCAL, value), jnp.where(SLOT_LOCAL, data["w"], value)
+
+
+@pytest.mark.parametrize("impl,poison", _poison_cases())
+def test_scatter_gmm_ignores_non_local_copies(impl, poison, seed):
+    """Failed before the fix: on xla the forward multiplied the zero row of a non-local / dropped copy by its
+    weight (``inf * 0``: NaN output); on every backend the backward's ``dh = a * w`` and ``dweights = <h_i, a_i>``
+    (``moe_ops.fused``) did the same on those rows (NaN dh rows, NaN weight gradients)."""
+    v, data = POISONS[poison], _data(seed, impl)
+    rhs = data["wd"][OFFSET:OFFSET + NUM_LOCAL]
+    fn = lambda h, r, w: moe_ops.scatter_gmm(h, r, SIZES, SIDX, w, group_offset=OFFSET, implementation=impl)
+    ref = lambda h, r, w: R.unpermute(R.gmm(h, r, SIZES, group_offset=OFFSET), SIDX, w)
+    (h_p, w_p), (h_c, w_c) = _scatter_inputs(data, v), _scatter_inputs(data, 0.0)
+    _, (dh, _, dw) = _check(fn, ref, (h_p, rhs, w_p), (h_c, rhs, w_c), seed, "scatter_gmm")
+    assert not np.asarray(dh)[~np.asarray(ROW_LOCAL)].any() and not np.asarray(dw)[~np.asarray(SLOT_LOCAL)].any()
+
+
 @pytest.mark.parametrize("impl,recompute,x_poison,w_poison", [
     ("xla", False, "nan", "inf"), ("xla", True, "inf", "nan"), ("xla", False, "huge", "huge"),
     ("triton", False, "inf", "inf"), ("triton", True, "nan", "inf"),
