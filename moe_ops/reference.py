@@ -10,6 +10,10 @@ Row/group conventions shared by all ops (``G`` groups, ``M`` rows, ``group_sizes
 3. With ``group_offset`` (expert sharding), only groups ``[group_offset, group_offset + G_local)`` are local; rows of
    other groups behave like rows beyond the sum (zero output, zero contribution, zero gradient). An offset outside
    ``[0, G)`` makes no group local.
+4. Values that do not contribute never meet a zero factor: rows outside local groups (and experts no row uses) are
+   selected away with ``jnp.where`` before any product, so a NaN / Inf / overflowing value there reaches no output
+   and, under ``jax.grad``, no gradient (the contract of every backend, ``tests/test_nonfinite.py``). ``unpermute``
+   has no such rows (every slot contributes ``weights * row``, so there ``inf * 0`` is NaN, as in the dense math).
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
     local = _local_row_ids(group_sizes, lhs.shape[0], group_offset, rhs.shape[0])
 
     def one_group(acc, g):
-        prod = jnp.dot(lhs, rhs[g], preferred_element_type=jnp.float32, precision="highest")
-        return jnp.where((local == g)[:, None], prod, acc), None
+        rows = (local == g)[:, None]  # other rows are selected away before the dot: no NaN of theirs reaches a gradient
+        prod = jnp.dot(jnp.where(rows, lhs, 0), rhs[g], preferred_element_type=jnp.float32, precision="highest")
+        return jnp.where(rows, prod, acc), None
 
     acc = jnp.zeros((lhs.shape[0], rhs.shape[2]), jnp.float32)
     acc, _ = jax.lax.scan(one_group, acc, jnp.arange(rhs.shape[0]))
@@ -70,10 +75,14 @@ def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred
     out_dtype = preferred_element_type or lhs.dtype
     num_local = group_sizes.shape[0] if num_groups is None else num_groups
     local = _local_row_ids(group_sizes, lhs.shape[0], group_offset, num_local)
-    onehot = (local[:, None] == jnp.arange(num_local)[None, :]).astype(jnp.float32)  # [M, G_local]
-    out = jnp.einsum("mg,mk,mn->gkn", onehot, lhs.astype(jnp.float32), rhs.astype(jnp.float32),
-                     precision="highest")
-    return out.astype(out_dtype)
+
+    def one_group(_, g):  # rows of other groups are selected away (a one-hot product would give 0 * NaN = NaN)
+        rows = (local == g)[:, None]
+        a, b = (jnp.where(rows, v, 0).astype(jnp.float32) for v in (lhs, rhs))
+        return None, jnp.dot(a.T, b, precision="highest")
+
+    _, out = jax.lax.scan(one_group, None, jnp.arange(num_local))
+    return out.reshape(num_local, lhs.shape[1], rhs.shape[1]).astype(out_dtype)
 
 
 def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
@@ -181,14 +190,19 @@ def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, sort_idx, w_sort
     kw = dict(group_offset=group_offset, preferred_element_type=jnp.float32)
     gate, up = gmm(rows, w_gate, group_sizes, **kw), gmm(rows, w_up, group_sizes, **kw)
     a = gmm(dout[sort_idx // top_k], w_down, group_sizes, transpose_rhs=True, **kw)
-    return swiglu_down_epilogue(a, gate, up, w_sorted, activation, x.dtype)
+    rows = _local_row_ids(group_sizes, sort_idx.shape[0], group_offset, w_gate.shape[0]) >= 0
+    return swiglu_down_epilogue(a, gate, up, w_sorted, activation, x.dtype, rows=rows)
 
 
-def swiglu_down_epilogue(a, gate, up, w_sorted, activation, dtype):
+def swiglu_down_epilogue(a, gate, up, w_sorted, activation, dtype, rows=None):
     """The row-wise end of ``swiglu_down_bwd`` from f32 ``a`` / ``gate`` / ``up`` [M,F] and ``w_sorted`` [M] ->
-    (dgate, dup, hw = w_sorted * h in ``dtype``, ``<h_i, a_i>`` f32)."""
+    (dgate, dup, hw = w_sorted * h in ``dtype``, ``<h_i, a_i>`` f32). ``rows`` [M] bool (None: all) marks the rows
+    of local groups; elsewhere ``a`` / ``gate`` / ``up`` are zero and the weight is selected away, so those rows
+    come out as exact zeros even for an Inf / NaN weight (never ``0 * inf``)."""
     act, dact = activation_grad(gate, activation)
     w = w_sorted.astype(jnp.float32)[:, None]
+    if rows is not None:
+        w = jnp.where(rows[:, None], w, 0.0)
     dh, h = a * w, act * up
     return (dh * up * dact).astype(dtype), (dh * act).astype(dtype), (h * w).astype(dtype), jnp.sum(h * a, axis=1)
 

@@ -185,3 +185,45 @@ def test_swiglu_ffn_ignores_non_local_copies(impl, recompute, x_poison, w_poison
     poisoned = (_rows(data["x"], TOKEN_NONLOCAL, vx), *ws, jnp.where(SLOT_LOCAL, data["w"], vw))
     clean = (_rows(data["x"], TOKEN_NONLOCAL, 0.0), *ws, jnp.where(SLOT_LOCAL, data["w"], 0.0))
     _check(fn, ref, poisoned, clean, seed, f"swiglu_ffn(recompute={recompute})", tol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["triton", "pallas"])
+def test_swiglu_down_bwd_kernels_zero_non_local_rows_like_the_reference(impl, seed):
+    """The kernel-level fused backward (``backend.swiglu_down_bwd``, Triton / Pallas) against its twin
+    ``reference.swiglu_down_bwd`` with Inf routing weights on every non-local row: those rows are exact zeros in
+    all four outputs. Failed before the fix in the reference (``dh = a * w`` gave ``0 * inf`` = NaN rows there)."""
+    from moe_ops import backend  # noqa: PLC0415
+    data = _data(seed, impl)
+    local = lambda a: a[OFFSET:OFFSET + NUM_LOCAL]
+    dout = jax.random.normal(data["cot_key"], data["x"].shape)
+    w_sorted = jnp.where(ROW_LOCAL, data["w"].reshape(-1)[SIDX], jnp.inf)
+    args = (data["x"], dout, local(data["wg"]), local(data["wu"]), local(data["wd"]))
+    want = R.swiglu_down_bwd(*args, SIZES, SIDX, w_sorted, TOPK, group_offset=OFFSET)
+    got = backend.ops(impl).swiglu_down_bwd(*args, SIZES, jnp.array([OFFSET], jnp.int32), SIDX, w_sorted, TOPK,
+                                            activation="silu")
+    for name, g, r in zip(("dgate", "dup", "hw", "dweights_sorted"), got, want):
+        assert not np.asarray(r)[~np.asarray(ROW_LOCAL)].any(), f"reference {name} (seed {seed})"
+        assert_close(g, r, 2e-5, f"{name} (seed {seed})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference itself (the ground truth the kernels are held to).
+
+
+def test_reference_tgmm_and_gmm_gradients_ignore_non_contributing_rows(seed):
+    """Failed before the fix: ``reference.tgmm`` summed a one-hot product (``0 * NaN``: a NaN row past the sum, or
+    of one group, reached every group's block), and ``jax.grad(reference.gmm)`` multiplied every row's cotangent by
+    every expert (a NaN row past the sum reached ``drhs``, an unused Inf expert ``dlhs``)."""
+    data = _data(seed, "xla")
+    xs, h = data["x"][SIDX // TOPK], data["h"]
+    sizes = jnp.array([3, 0, 5, 4], jnp.int32)
+    past = jnp.arange(M) >= 12
+    out = np.asarray(R.tgmm(_rows(xs, past, np.nan), h, sizes))
+    assert_close(out, R.tgmm(_rows(xs, past, 0.0), h, sizes), 1e-6, f"tgmm (seed {seed})")
+    one = np.asarray(R.tgmm(xs.at[0, 0].set(jnp.nan), h, sizes))             # row 0 belongs to group 0
+    assert np.isnan(one[0]).any() and np.isfinite(one[1:]).all(), f"a NaN row of group 0 left its group (seed {seed})"
+    grads = jax.grad(lambda a, w: jnp.sum(R.gmm(a, w, sizes) ** 2), (0, 1))
+    got = grads(_rows(xs, past, np.nan), data["wg"].at[1].set(np.inf))
+    want = grads(_rows(xs, past, 0.0), data["wg"].at[1].set(0.0))
+    for g, r in zip(got, want):
+        assert_close(g, r, 1e-6, f"grad(reference.gmm) (seed {seed})")
