@@ -207,6 +207,63 @@ def test_swiglu_down_bwd_kernels_zero_non_local_rows_like_the_reference(impl, se
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Guards of the parts that held already (same harness): gmm / tgmm / gather_gmm / the layers.
+
+
+@pytest.mark.parametrize("impl", ["xla", pytest.param("triton", marks=pytest.mark.slow),
+                                  pytest.param("pallas", marks=pytest.mark.slow)])
+def test_gmm_tgmm_gather_gmm_ignore_non_contributing_rows(impl, seed):
+    """gmm (rows past the sum, an unused expert, non-local rows, overwritten ``existing_out`` rows), tgmm (rows past
+    the sum and of non-local groups) and gather_gmm (x rows of tokens with no local copy), forward and gradients;
+    NaN, Inf and 3e38 each in some of those places."""
+    _gmm_family(seed, impl)
+
+
+def _gmm_family(seed, impl):
+    data = _data(seed, impl)
+    nan, inf, huge = POISONS["nan"], POISONS["inf"], POISONS["huge"]
+    kw = dict(implementation=impl)
+    xs, h = data["x"][SIDX // TOPK], data["h"]
+    sizes = jnp.array([3, 0, 5, 4], jnp.int32)          # expert 1 unused, rows 12.. past the sum
+    past = jnp.arange(M) >= 12
+    wg = data["wg"]
+    _check(lambda a, w: moe_ops.gmm(a, w, sizes, **kw), lambda a, w: R.gmm(a, w, sizes),
+           (_rows(xs, past, nan), wg.at[1].set(inf)), (_rows(xs, past, 0.0), wg.at[1].set(0.0)), seed, "gmm")
+    _check(lambda a, b: moe_ops.tgmm(a, b, sizes, **kw), lambda a, b: R.tgmm(a, b, sizes),
+           (_rows(xs, past, huge), _rows(h, past, inf)), (_rows(xs, past, 0.0), _rows(h, past, 0.0)), seed, "tgmm")
+    local = wg[OFFSET:OFFSET + NUM_LOCAL]
+    existing = jax.random.normal(data["cot_key"], (M, h.shape[1]))
+    fn = lambda a, w, e: moe_ops.gmm(a, w, SIZES, group_offset=OFFSET, existing_out=e, **kw)
+    ref = lambda a, w, e: R.gmm(a, w, SIZES, group_offset=OFFSET, existing_out=e)
+    _, (_, _, de) = _check(fn, ref, (_rows(xs, ~ROW_LOCAL, huge), local, _rows(existing, ROW_LOCAL, nan)),
+                           (_rows(xs, ~ROW_LOCAL, 0.0), local, _rows(existing, ROW_LOCAL, 0.0)), seed,
+                           "gmm(group_offset, existing_out)")
+    assert not np.asarray(de)[np.asarray(ROW_LOCAL)].any()
+    _check(lambda a, b: moe_ops.tgmm(a, b, SIZES, group_offset=OFFSET, num_groups=NUM_LOCAL, **kw),
+           lambda a, b: R.tgmm(a, b, SIZES, group_offset=OFFSET, num_groups=NUM_LOCAL),
+           (_rows(xs, ~ROW_LOCAL, nan), _rows(h, ~ROW_LOCAL, huge)), (_rows(xs, ~ROW_LOCAL, 0.0), _rows(h, ~ROW_LOCAL, 0.0)),
+           seed, "tgmm(group_offset)")
+    _check(lambda x, w: moe_ops.gather_gmm(x, w, SIZES, SIDX, group_offset=OFFSET, **kw),
+           lambda x, w: R.gmm(x[SIDX // TOPK], w, SIZES, group_offset=OFFSET),
+           (_rows(data["x"], TOKEN_NONLOCAL, inf), local), (_rows(data["x"], TOKEN_NONLOCAL, 0.0), local), seed,
+           "gather_gmm(group_offset)")
+
+
+@pytest.mark.parametrize("impl", _impls(slow=("triton", "pallas")))
+@pytest.mark.parametrize("fused", [False, True])
+def test_moe_ffn_ignores_an_unused_expert(impl, fused, seed):
+    """No token routes to expert 3, whose three weight matrices are NaN / Inf: forward and every gradient equal the
+    dense reference with that expert zeroed."""
+    data = _data(seed, impl)
+    logits = jax.random.normal(data["cot_key"], (T, E)).at[:, 3].set(-1e9)
+    fn = lambda x, lg, wg, wu, wd: moe_ops.moe_ffn(x, lg, wg, wu, wd, top_k=TOPK, fused=fused, implementation=impl)
+    ref = lambda x, lg, wg, wu, wd: R.moe_ffn_dense(x, lg, wg, wu, wd, top_k=TOPK)
+    ws_p = (data["wg"].at[3].set(jnp.nan), data["wu"].at[3].set(jnp.inf), data["wd"].at[3].set(jnp.nan))
+    ws_c = tuple(w.at[3].set(0.0) for w in (data["wg"], data["wu"], data["wd"]))
+    _check(fn, ref, (data["x"], logits, *ws_p), (data["x"], logits, *ws_c), seed, f"moe_ffn(fused={fused})", 2e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The reference itself (the ground truth the kernels are held to).
 
 
