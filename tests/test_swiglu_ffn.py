@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import moe_ops
-from kernels.triton import gmm as tgmm_kernels, swiglu as ts
+from kernels.triton import gmm as tgmm_kernels, swiglu as ts, tuning
 from moe_ops import backend, swiglu
 from moe_ops import reference as R
 from tests.helpers import TOL, assert_close, case_seed, keys, layer_inputs, loss, offset_array, randn
@@ -74,6 +74,29 @@ def test_triton_kernel_parity(routing, activation, off, g_local, dtype):
                                      config=CFG)
     tol = TOL[dtype] if dtype == jnp.float32 else 5e-2  # bf16 gate / up residuals, as the unfused path keeps them
     _check_rows(saved, ref, sizes, off, g_local, tol, f"triton saved {routing}")
+
+
+@pytest.mark.parametrize("routing,activation,off,g_local,dtype", [
+    ("uneven_dropped", "silu", 1, 3, jnp.float32),
+    ("one_expert", "gelu", 0, E, jnp.float32),
+    ("empty_groups", "relu", 0, E, jnp.bfloat16),
+])
+def test_saved_kernel_split_epilogue(routing, activation, off, g_local, dtype):
+    """The saved-mode kernel with tiles larger than 64x64 runs its epilogue on two column halves of the tile (gate /
+    up loaded per half after the K loop). F = 100 with 64x128 tiles: the upper half (columns 64..127) is partly
+    past F; outputs are poisoned by the bridge (unwritten rows show)."""
+    _, sizes, sort_idx = routed(routing, case_seed(routing, "split"))
+    o = _operands(case_seed(routing, activation, "split"), g_local, dtype, f=100)
+    args = _kernel_args(o, sizes, sort_idx, off)
+    ref = R.swiglu_down_bwd(*args[:6], sort_idx, args[-1], TOP_K, group_offset=off, activation=activation)
+    xs = o["x"][sort_idx // TOP_K]
+    kw = dict(group_offset=off, preferred_element_type=jnp.float32)
+    gate, up = (R.gmm(xs, w, sizes, **kw).astype(dtype) for w in (o["w_gate"], o["w_up"]))
+    wide = tuning.GmmConfig(block_m=64, block_n=128, block_k=16, group_m=2, num_warps=4, num_stages=1)
+    saved = ts.swiglu_down_bwd_saved(o["dout"], o["w_down"], gate, up, *args[5:], TOP_K, activation=activation,
+                                     config=wide)
+    tol = TOL[dtype] if dtype == jnp.float32 else 5e-2  # bf16 gate / up residuals
+    _check_rows(saved, ref, sizes, off, g_local, tol, f"split epilogue {routing}")
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])

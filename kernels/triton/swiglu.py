@@ -11,9 +11,11 @@ and gather row map; plain ``gmm`` is untouched): each K step loads the A tile on
 ``moe_ops.reference.swiglu_down_bwd``): same schedule and gather; each K (= D) step loads the x and dout rows of the
 tile's tokens and the ``w_gate`` / ``w_up`` / ``w_down^T`` tiles into three f32 accumulators (gate, up, a); the
 epilogue writes ``dgate``, ``dup``, ``hw = w_sorted * h`` and the tile's partial ``sum_f h * a`` (one f32 per row
-and column tile, summed in a fixed order outside: no atomics). Config: the gmm config with ``block_n`` quartered
-(``swiglu_bwd_config``; 0 spills on sm90 / gfx950 / gfx942 in the AOT check, 172 KiB of shared memory on sm90
-large).
+and column tile, summed in a fixed order outside: no atomics). Saved mode (gate / up read from the forward's
+residuals instead of recomputed): tiles up to 64x64 load them before the K loop; larger tiles load them after it
+and run the epilogue on two column halves, so at most about two f32 tiles are live at once. Config: the gmm config
+with ``block_n`` quartered (``swiglu_bwd_config``; 0 spills on sm90 / gfx950 / gfx942 in the AOT check, 172 KiB of
+shared memory on sm90 large), or the measured sm90 saved-mode tiles.
 
 Configs: the gmm config of the shape with ``block_n`` halved (``swiglu_config``): two B tiles of ``BN/2`` take the
 shared memory, and two ``BM x BN/2`` f32 accumulators the registers, of one gmm tile. (Keeping ``BN``: the sm90
@@ -34,7 +36,7 @@ from kernels.registry import TARGETS, register_aot
 from kernels.triton import schedule, tuning
 from kernels.triton.bridge import load_jax_triton
 from kernels.triton.gmm import _ZERO_FILL, _launch_options
-from kernels.triton.gmm_aot import _AOT_DTYPES, _AOT_G, _AOT_M, _AOT_TOP_K, _aot_case, _aot_points
+from kernels.triton.gmm_aot import _AOT_DTYPES, _AOT_G, _AOT_M, _AOT_SHAPES, _AOT_TOP_K, _aot_case, _aot_points
 from kernels.triton.gmm import _row_tile, _sorted_slots
 
 __all__ = ["swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd", "swiglu_down_bwd_saved", "swiglu_config",
@@ -69,6 +71,26 @@ def _activation_grad(gate, ACT: tl.constexpr):
                 0.5 * (1.0 + th) + 0.5 * gate * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * gate * gate))
     else:
         return tl.maximum(gate, 0.0), (gate > 0.0).to(tl.float32)
+
+
+@triton.jit
+def _saved_epilogue(a, w, row_off, cols, live, gate_ptr, up_ptr, dgate_ptr, dup_ptr, hw_ptr, N: tl.constexpr,
+                    ACT: tl.constexpr):
+    """The saved-mode backward's epilogue on the columns ``cols`` of a row tile (``a = dout @ w_down^T`` there,
+    [BM, C] f32; rows at element offsets ``row_off`` [BM, 1], ``live`` rows; ``w`` [BM, 1]): loads gate / up from
+    the saved residuals, stores dgate = w*a*up*act'(gate), dup = w*a*act(gate), hw = w*act(gate)*up, and returns
+    the rows' partial ``sum_f h * a`` over the valid columns."""
+    off = row_off + cols[None, :]
+    mask = live[:, None] & (cols[None, :] < N)
+    act, dact = _activation_grad(tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32), ACT)
+    up = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    dh = a * w
+    h = act * up
+    dtype = dgate_ptr.dtype.element_ty
+    tl.store(dgate_ptr + off, (dh * up * dact).to(dtype), mask=mask)
+    tl.store(dup_ptr + off, (dh * act).to(dtype), mask=mask)
+    tl.store(hw_ptr + off, (h * w).to(dtype), mask=mask)
+    return tl.sum(tl.where(cols[None, :] < N, h * a, 0.0), axis=1)
 
 
 @triton.jit
@@ -192,10 +214,11 @@ def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, 
     store_mask = live[:, None] & (offs_n[None, :] < N)
     part_ptrs = part_ptr + tile_n * NUM_SLOTS + row_start + offs_m
     if group >= 0:
+        split: tl.constexpr = not RECOMPUTE and BM * BN > 64 * 64
         if RECOMPUTE:
             gate, up = _projections(x_ptr, wg_ptr, wu_ptr, group, row_start, row_end, offs_m, offs_n, sort_idx_ptr,
                                     K, N, BM, BN, BK, True, TOP_K, NUM_SLOTS)
-        else:
+        elif not split:  # small tiles: gate / up loaded ahead, their latency hidden behind the K loop
             gate = tl.load(gate_ptr + out_off, mask=store_mask, other=0.0).to(tl.float32)
             up = tl.load(up_ptr + out_off, mask=store_mask, other=0.0).to(tl.float32)
         offs_k = tl.arange(0, BK)
@@ -213,15 +236,25 @@ def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, 
             acc_a = tl.dot(da, bt, acc_a, input_precision="ieee")
             d_ptrs += BK
             t_ptrs += BK
-        act, dact = _activation_grad(gate, ACT)
-        w = tl.load(ws_ptr + row_start + tl.minimum(offs_m, row_end - row_start - 1))[:, None]
-        dh = acc_a * w
-        h = act * up
-        dtype = dgate_ptr.dtype.element_ty
-        tl.store(dgate_ptr + out_off, (dh * up * dact).to(dtype), mask=store_mask)
-        tl.store(dup_ptr + out_off, (dh * act).to(dtype), mask=store_mask)
-        tl.store(hw_ptr + out_off, (h * w).to(dtype), mask=store_mask)  # dw_down's lhs
-        tl.store(part_ptrs, tl.sum(tl.where(offs_n[None, :] < N, h * acc_a, 0.0), axis=1), mask=live)
+        if split:  # larger tiles: gate / up loaded after the K loop, half a tile at a time (fewer f32 tiles live)
+            a_lo, a_hi = tl.split(tl.permute(tl.reshape(acc_a, (BM, 2, BN // 2)), (0, 2, 1)))
+            w = tl.load(ws_ptr + row_start + tl.minimum(offs_m, row_end - row_start - 1))[:, None]
+            row_off = row_start.to(tl.int64) * N + offs_m[:, None] * N
+            half = tile_n * BN + tl.arange(0, BN // 2)
+            part = _saved_epilogue(a_lo, w, row_off, half, live, gate_ptr, up_ptr, dgate_ptr, dup_ptr, hw_ptr, N, ACT)
+            part += _saved_epilogue(a_hi, w, row_off, half + BN // 2, live, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
+                                    hw_ptr, N, ACT)
+            tl.store(part_ptrs, part, mask=live)
+        else:
+            act, dact = _activation_grad(gate, ACT)
+            w = tl.load(ws_ptr + row_start + tl.minimum(offs_m, row_end - row_start - 1))[:, None]
+            dh = acc_a * w
+            h = act * up
+            dtype = dgate_ptr.dtype.element_ty
+            tl.store(dgate_ptr + out_off, (dh * up * dact).to(dtype), mask=store_mask)
+            tl.store(dup_ptr + out_off, (dh * act).to(dtype), mask=store_mask)
+            tl.store(hw_ptr + out_off, (h * w).to(dtype), mask=store_mask)  # dw_down's lhs
+            tl.store(part_ptrs, tl.sum(tl.where(offs_n[None, :] < N, h * acc_a, 0.0), axis=1), mask=live)
     elif group == _ZERO_FILL:
         zeros = tl.zeros((BM, BN), dtype=dgate_ptr.dtype.element_ty)
         tl.store(dgate_ptr + out_off, zeros, mask=store_mask)
@@ -237,6 +270,11 @@ _SM90_SAVED_BWD = tuning.GmmConfig(64, 64, 64, group_m=8, num_warps=4, num_stage
 # ... and for the gmm table's thin tiles (<= 16 rows per group): 0.498 ms against 0.554 for the 64x64 tile at the
 # decode shape (M256 D7168 F2048 E32, same sweep).
 _SM90_SAVED_BWD_THIN = tuning.GmmConfig(16, 128, 128, group_m=1, num_warps=4, num_stages=4)
+# Not shipped: the 64x64 tile moves two operand bytes per 32 flops through L2 (half the 128x128 tile's intensity),
+# and the larger tiles spilled 2-2.6 KB until the saved-mode epilogue went to half tiles (sm90 AOT, Qwen3-30B
+# shape: 128x128 / 128x64 / 64x128 / 64x256 now 0 spills). The AOT check compiles this one so it stays
+# spill-free; ``benchmarks.tune --kinds swiglu_bwd`` times it against the shipped tile on a GPU.
+_SM90_SAVED_BWD_WIDE = tuning.GmmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)
 
 
 def swiglu_bwd_config(cfg: tuning.GmmConfig, *, recompute: bool = True, arch: str | None = None,
@@ -314,15 +352,21 @@ def aot_cases(target: str):
                            out_ptr=rows, gate_ptr=rows, up_ptr=rows)
                 cases.append(dataclasses.replace(case, signature={**sig, **{c: "constexpr" for c in case.constexprs}}))
             cases += _bwd_aot_cases(target, backend, entry, gmm_cfg, dtype_name, suffix, k, n, full)
+    if target == "sm90":  # the saved-mode candidate tile (split epilogue) at the Mixtral-like shape
+        k, n = _AOT_SHAPES[""]
+        cases += _bwd_aot_cases(target, backend, "wide_candidate", None, "bf16", "", k, n, False,
+                                saved_config=_SM90_SAVED_BWD_WIDE)
     return cases
 
 
-def _bwd_aot_cases(target, backend, entry, gmm_cfg, dtype_name, suffix, k, n, every_activation):
+def _bwd_aot_cases(target, backend, entry, gmm_cfg, dtype_name, suffix, k, n, every_activation, saved_config=None):
     """``_swiglu_down_bwd_kernel`` at one (config, dtype, shape) point, recomputing and saved mode: silu, plus
-    gelu / relu when asked."""
+    gelu / relu when asked; with ``saved_config``, that config in saved mode only."""
     cases = []
-    for act, recompute in itertools.product(ACTIVATIONS if every_activation else ("silu",), (True, False)):
-        cfg = swiglu_bwd_config(gmm_cfg, recompute=recompute, arch=target, dtype=_AOT_DTYPES[dtype_name])
+    modes = (False,) if saved_config else (True, False)
+    for act, recompute in itertools.product(ACTIVATIONS if every_activation else ("silu",), modes):
+        cfg = saved_config or swiglu_bwd_config(gmm_cfg, recompute=recompute, arch=target,
+                                                dtype=_AOT_DTYPES[dtype_name])
         tiles = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
         case = _aot_case(f"swiglu_down_bwd_{act}{'' if recompute else '_saved'}", _swiglu_down_bwd_kernel,
                          dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}", K=k, N=n, NUM_ROW_TILES=tiles,
