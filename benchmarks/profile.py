@@ -51,12 +51,13 @@ METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.
            "lts__t_sector_hit_rate.pct", "sm__throughput.avg.pct_of_peak_sustained_elapsed",
            "sm__warps_active.avg.pct_of_peak_sustained_active", "launch__registers_per_thread", "launch__grid_size",
            "launch__block_size", "launch__shared_mem_per_block_dynamic", "launch__shared_mem_per_block_static",
-           r"regex:sm__pipe_tensor_op_.*cycles_active\.avg\.pct_of_peak_sustained_active",
+           "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+           r"regex:sm__pipe_tensor.*cycles_active\.avg\.pct_of_peak_sustained_(active|elapsed)",
            r"regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio")
 SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "LaunchStats", "WarpStateStats")
 UNAVAILABLE_RC = 3  # a child's exit status for "this target cannot run here" (its reason on stderr)
 _STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio")
-_TENSOR = re.compile(r"sm__pipe_tensor_op_\w*cycles_active\.avg\.pct_of_peak_sustained_active")
+_TENSOR = re.compile(r"sm__pipe_tensor\w*cycles_active\.avg\.pct_of_peak_sustained_(active|elapsed)")
 
 
 class Unavailable(Exception):
@@ -180,6 +181,7 @@ def summarise(kernel: dict) -> dict:
     smem = [get("launch__shared_mem_per_block_dynamic"), get("launch__shared_mem_per_block_static")]
     return {"kernel": str(kernel.get("Kernel Name", "?"))[:90], "time_us": get("gpu__time_duration.sum", 1e-3),
             "dram_read_mb": get("dram__bytes_read.sum", 1e-6), "dram_write_mb": get("dram__bytes_write.sum", 1e-6),
+            "dram_pct": get("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed"),
             "l2_mb": get("lts__t_bytes.sum", 1e-6), "l2_hit_pct": get("lts__t_sector_hit_rate.pct"),
             "sm_pct": get("sm__throughput.avg.pct_of_peak_sustained_elapsed"),
             "tensor_pct": max(tensor) if tensor else None,
@@ -250,7 +252,7 @@ def _print(result: dict, need: dict) -> None:
                                                  f" ({k['dram_read_mb'] / need['read']:.2f}x)")
         stalls = " ".join(f"{n}={v}" for n, v in k["stalls"])
         print(f"{result['target']:18} {fmt(k['time_us'], '8.1f')} us  DRAM rd {dram:>12} MB wr "
-              f"{fmt(k['dram_write_mb'], '.0f'):>5}  L2 hit {fmt(k['l2_hit_pct'], '.0f'):>3}%  SM "
+              f"{fmt(k['dram_write_mb'], '.0f'):>5} ({fmt(k['dram_pct'], '.0f')}% of peak)  L2 hit {fmt(k['l2_hit_pct'], '.0f'):>3}%  SM "
               f"{fmt(k['sm_pct'], '.0f'):>3}%  TC {fmt(k['tensor_pct'], '.0f'):>3}%  occ "
               f"{fmt(k['occupancy_pct'], '.0f'):>3}%  regs {fmt(k['registers'], '.0f')}  smem "
               f"{fmt(k['smem_kb'], '.0f')} KB  stalls {stalls}  {k['kernel'][:48]}")
