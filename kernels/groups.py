@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-__all__ = ["local_bounds", "segment_of"]
+__all__ = ["local_bounds", "local_row_mask", "segment_of"]
 
 
 def local_bounds(group_sizes, group_offset, num_local):
@@ -20,6 +20,15 @@ def local_bounds(group_sizes, group_offset, num_local):
     end = jnp.where(valid, ends[safe], 0)
     start = jnp.where(valid, end - sizes[safe], 0)
     return start, end
+
+
+def local_row_mask(group_sizes, group_offset, num_local, num_rows):
+    """[num_rows] bool: the rows of the local groups, one contiguous range from local group 0's start to the largest
+    local end (``local_bounds`` gives groups past ``G`` the empty range [0, 0), so no group local gives no row).
+    What the fused combines select on: a row outside it contributes nothing, its routing weight included."""
+    start, end = local_bounds(group_sizes, group_offset, num_local)
+    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    return (rows >= start[0]) & (rows < jnp.max(end))
 
 
 def segment_of(ends, positions):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from kernels.groups import local_bounds, segment_of
+from kernels.groups import local_bounds, local_row_mask, segment_of
 from moe_ops import reference, vma
 
 BLOCK_ROWS = 256  # most rows per tile (CPU: large enough to amortise the loop, small enough to waste little)
@@ -217,12 +217,4 @@ def scatter_gmm(h, rhs, group_sizes, group_offset, sort_idx, weights, *, transpo
     outside the local groups (another shard's expert, or past ``sum(group_sizes)``: a dropped copy) contributes
     exactly zero: its weight is selected away, so an Inf / NaN weight there never meets the zero row."""
     y = gmm(h, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype)
-    return _combine(y, sort_idx, weights, _local_rows(group_sizes, group_offset, rhs.shape[0], h.shape[0]))
-
-
-def _local_rows(group_sizes, group_offset, num_local, num_rows):
-    """[num_rows] bool: rows of the local groups (one contiguous range: local group 0's start to the largest end;
-    ``local_bounds`` gives groups past G the empty range [0, 0))."""
-    start, end = local_bounds(group_sizes, group_offset, num_local)
-    rows = jnp.arange(num_rows, dtype=jnp.int32)
-    return (rows >= start[0]) & (rows < jnp.max(end))
+    return _combine(y, sort_idx, weights, local_row_mask(group_sizes, group_offset, rhs.shape[0], h.shape[0]))

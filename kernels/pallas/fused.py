@@ -43,6 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.groups import local_row_mask
 from kernels.pallas import tiling as tiling_lib
 from kernels.pallas.gmm import (COMPUTE, FIRST, STORE, _gmm_kernel, _gmm_out_index, _gmm_rhs_index, _gmm_rhs_t_index,
                                 _gmm_lhs_index, _has, _keep, _resolve, _row_mask, gmm_schedule)
@@ -383,6 +384,10 @@ def scatter_gmm(h, rhs, group_sizes, group_offset, sort_idx, weights, *, transpo
     if not isinstance(h.shape[0], int):  # symbolic rows (jax.export): the composition (see gather_gmm)
         y = plain_gmm(h, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
                       tiling=tiling, interpret=interpret)
+        # y is zero outside the local groups; their slots' weights are selected away too (never inf * 0)
+        local = local_row_mask(group_sizes, group_offset, rhs.shape[0], h.shape[0])
+        local_slots = jnp.zeros_like(local).at[sort_idx].set(local, unique_indices=True, mode="drop")
+        weights = jnp.where(local_slots.reshape(weights.shape), weights, jnp.zeros((), weights.dtype))
         return combine_rows(y, sort_idx, weights, interpret=interpret)
     slots = _scatter_slots(h, rhs, group_sizes, group_offset, sort_idx.astype(jnp.int32), weights,
                            transpose_rhs=bool(transpose_rhs), out_dtype=jnp.dtype(out_dtype), tiling=tiling,
