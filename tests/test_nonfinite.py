@@ -195,3 +195,137 @@ def test_swiglu_down_bwd_kernels_zero_non_local_rows_like_the_reference(impl, se
     from moe_ops import backend  # noqa: PLC0415
     data = _data(seed, impl)
     local = lambda a: a[OFFSET:OFFSET + NUM_LOCAL]
+    dout = jax.random.normal(data["cot_key"], data["x"].shape)
+    w_sorted = jnp.where(ROW_LOCAL, data["w"].reshape(-1)[SIDX], jnp.inf)
+    args = (data["x"], dout, local(data["wg"]), local(data["wu"]), local(data["wd"]))
+    want = R.swiglu_down_bwd(*args, SIZES, SIDX, w_sorted, TOPK, group_offset=OFFSET)
+    got = backend.ops(impl).swiglu_down_bwd(*args, SIZES, jnp.array([OFFSET], jnp.int32), SIDX, w_sorted, TOPK,
+                                            activation="silu")
+    for name, g, r in zip(("dgate", "dup", "hw", "dweights_sorted"), got, want):
+        assert not np.asarray(r)[~np.asarray(ROW_LOCAL)].any(), f"reference {name} (seed {seed})"
+        assert_close(g, r, 2e-5, f"{name} (seed {seed})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Guards of the parts that held already (same harness): gmm / tgmm / gather_gmm / the layers.
+
+
+@pytest.mark.parametrize("impl", ["xla", pytest.param("triton", marks=pytest.mark.slow),
+                                  pytest.param("pallas", marks=pytest.mark.slow)])
+def test_gmm_tgmm_gather_gmm_ignore_non_contributing_rows(impl, seed):
+    """gmm (rows past the sum, an unused expert, non-local rows, overwritten ``existing_out`` rows), tgmm (rows past
+    the sum and of non-local groups) and gather_gmm (x rows of tokens with no local copy), forward and gradients;
+    NaN, Inf and 3e38 each in some of those places."""
+    _gmm_family(seed, impl)
+
+
+def _gmm_family(seed, impl):
+    data = _data(seed, impl)
+    nan, inf, huge = POISONS["nan"], POISONS["inf"], POISONS["huge"]
+    kw = dict(implementation=impl)
+    xs, h = data["x"][SIDX // TOPK], data["h"]
+    sizes = jnp.array([3, 0, 5, 4], jnp.int32)          # expert 1 unused, rows 12.. past the sum
+    past = jnp.arange(M) >= 12
+    wg = data["wg"]
+    _check(lambda a, w: moe_ops.gmm(a, w, sizes, **kw), lambda a, w: R.gmm(a, w, sizes),
+           (_rows(xs, past, nan), wg.at[1].set(inf)), (_rows(xs, past, 0.0), wg.at[1].set(0.0)), seed, "gmm")
+    _check(lambda a, b: moe_ops.tgmm(a, b, sizes, **kw), lambda a, b: R.tgmm(a, b, sizes),
+           (_rows(xs, past, huge), _rows(h, past, inf)), (_rows(xs, past, 0.0), _rows(h, past, 0.0)), seed, "tgmm")
+    local = wg[OFFSET:OFFSET + NUM_LOCAL]
+    existing = jax.random.normal(data["cot_key"], (M, h.shape[1]))
+    fn = lambda a, w, e: moe_ops.gmm(a, w, SIZES, group_offset=OFFSET, existing_out=e, **kw)
+    ref = lambda a, w, e: R.gmm(a, w, SIZES, group_offset=OFFSET, existing_out=e)
+    _, (_, _, de) = _check(fn, ref, (_rows(xs, ~ROW_LOCAL, huge), local, _rows(existing, ROW_LOCAL, nan)),
+                           (_rows(xs, ~ROW_LOCAL, 0.0), local, _rows(existing, ROW_LOCAL, 0.0)), seed,
+                           "gmm(group_offset, existing_out)")
+    assert not np.asarray(de)[np.asarray(ROW_LOCAL)].any()
+    _check(lambda a, b: moe_ops.tgmm(a, b, SIZES, group_offset=OFFSET, num_groups=NUM_LOCAL, **kw),
+           lambda a, b: R.tgmm(a, b, SIZES, group_offset=OFFSET, num_groups=NUM_LOCAL),
+           (_rows(xs, ~ROW_LOCAL, nan), _rows(h, ~ROW_LOCAL, huge)), (_rows(xs, ~ROW_LOCAL, 0.0), _rows(h, ~ROW_LOCAL, 0.0)),
+           seed, "tgmm(group_offset)")
+    _check(lambda x, w: moe_ops.gather_gmm(x, w, SIZES, SIDX, group_offset=OFFSET, **kw),
+           lambda x, w: R.gmm(x[SIDX // TOPK], w, SIZES, group_offset=OFFSET),
+           (_rows(data["x"], TOKEN_NONLOCAL, inf), local), (_rows(data["x"], TOKEN_NONLOCAL, 0.0), local), seed,
+           "gather_gmm(group_offset)")
+
+
+@pytest.mark.parametrize("impl", _impls(slow=("triton", "pallas")))
+@pytest.mark.parametrize("fused", [False, True])
+def test_moe_ffn_ignores_an_unused_expert(impl, fused, seed):
+    """No token routes to expert 3, whose three weight matrices are NaN / Inf: forward and every gradient equal the
+    dense reference with that expert zeroed."""
+    data = _data(seed, impl)
+    logits = jax.random.normal(data["cot_key"], (T, E)).at[:, 3].set(-1e9)
+    fn = lambda x, lg, wg, wu, wd: moe_ops.moe_ffn(x, lg, wg, wu, wd, top_k=TOPK, fused=fused, implementation=impl)
+    ref = lambda x, lg, wg, wu, wd: R.moe_ffn_dense(x, lg, wg, wu, wd, top_k=TOPK)
+    ws_p = (data["wg"].at[3].set(jnp.nan), data["wu"].at[3].set(jnp.inf), data["wd"].at[3].set(jnp.nan))
+    ws_c = tuple(w.at[3].set(0.0) for w in (data["wg"], data["wu"], data["wd"]))
+    _check(fn, ref, (data["x"], logits, *ws_p), (data["x"], logits, *ws_c), seed, f"moe_ffn(fused={fused})", 2e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference itself (the ground truth the kernels are held to).
+
+
+def test_reference_tgmm_and_gmm_gradients_ignore_non_contributing_rows(seed):
+    """Failed before the fix: ``reference.tgmm`` summed a one-hot product (``0 * NaN``: a NaN row past the sum, or
+    of one group, reached every group's block), and ``jax.grad(reference.gmm)`` multiplied every row's cotangent by
+    every expert (a NaN row past the sum reached ``drhs``, an unused Inf expert ``dlhs``)."""
+    data = _data(seed, "xla")
+    xs, h = data["x"][SIDX // TOPK], data["h"]
+    sizes = jnp.array([3, 0, 5, 4], jnp.int32)
+    past = jnp.arange(M) >= 12
+    out = np.asarray(R.tgmm(_rows(xs, past, np.nan), h, sizes))
+    assert_close(out, R.tgmm(_rows(xs, past, 0.0), h, sizes), 1e-6, f"tgmm (seed {seed})")
+    one = np.asarray(R.tgmm(xs.at[0, 0].set(jnp.nan), h, sizes))             # row 0 belongs to group 0
+    assert np.isnan(one[0]).any() and np.isfinite(one[1:]).all(), f"a NaN row of group 0 left its group (seed {seed})"
+    grads = jax.grad(lambda a, w: jnp.sum(R.gmm(a, w, sizes) ** 2), (0, 1))
+    got = grads(_rows(xs, past, np.nan), data["wg"].at[1].set(np.inf))
+    want = grads(_rows(xs, past, 0.0), data["wg"].at[1].set(0.0))
+    for g, r in zip(got, want):
+        assert_close(g, r, 1e-6, f"grad(reference.gmm) (seed {seed})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pallas with a symbolic row count (jax.export shape polymorphism): the compositions that replace the kernels.
+
+
+@pytest.mark.slow   # two shape-polymorphic exports in interpret mode, about 15 s
+def test_pallas_symbolic_rows_ignore_non_local_copies(seed):
+    """Failed before the fix: with a symbolic T (``jax.export``), Pallas ``scatter_gmm`` and ``swiglu_down_bwd(_saved)``
+    run their compositions, which multiplied the zero rows of non-local copies by their weights: an Inf weight of
+    another shard's copy made every gradient of the exported ``swiglu_ffn`` NaN, and the kernel-level backward's
+    non-local rows NaN (the kernels store zeros there)."""
+    from jax import export  # noqa: PLC0415
+    from kernels.pallas import swiglu_bwd  # noqa: PLC0415
+    data = _data(seed, "pallas")
+    local = lambda a: a[OFFSET:OFFSET + NUM_LOCAL]
+    ws = (local(data["wg"]), local(data["wu"]), local(data["wd"]))
+    t = export.symbolic_shape("t", constraints=(f"t <= {2 * T}",))[0]
+    spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    sds = [spec(t, ws[0].shape[1]), *(spec(*w.shape) for w in ws), spec(t, TOPK),
+           jax.ShapeDtypeStruct((E,), jnp.int32), jax.ShapeDtypeStruct((TOPK * t,), jnp.int32)]
+
+    def loss(x, wg, wu, wd, w, sizes, sidx):
+        out = moe_ops.swiglu_ffn(x, wg, wu, wd, sizes, sidx, w, group_offset=OFFSET, implementation="pallas")
+        return jnp.sum(out ** 2)
+    grad = jax.jit(jax.grad(loss, argnums=range(5)))
+    exported = export.export(grad, platforms=["cpu"])(*sds)
+    got = exported.call(data["x"], *ws, jnp.where(SLOT_LOCAL, data["w"], jnp.inf), SIZES, SIDX)
+    want = grad(data["x"], *ws, jnp.where(SLOT_LOCAL, data["w"], 0.0), SIZES, SIDX)
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert_close(g, r, 2e-5, f"exported grad of swiglu_ffn, argument {i} (seed {seed})")
+
+    dout = jax.random.normal(data["cot_key"], data["x"].shape)
+    w_sorted = jnp.where(ROW_LOCAL, data["w"].reshape(-1)[SIDX], jnp.inf)
+    offset = jnp.array([OFFSET], jnp.int32)
+
+    def bwd(x, dout, wg, wu, wd, sizes, sidx, w_sorted):
+        return swiglu_bwd.swiglu_down_bwd(x, dout, wg, wu, wd, sizes, offset, sidx, w_sorted, TOPK, activation="silu")
+    exported = export.export(jax.jit(bwd), platforms=["cpu"])(sds[0], sds[0], *sds[1:4], *sds[5:],
+                                                              spec(TOPK * t))
+    got = exported.call(data["x"], dout, *ws, SIZES, SIDX, w_sorted)
+    want = R.swiglu_down_bwd(data["x"], dout, *ws, SIZES, SIDX, w_sorted, TOPK, group_offset=OFFSET)
+    for name, g, r in zip(("dgate", "dup", "hw", "dweights_sorted"), got, want):
+        assert not np.asarray(g)[~np.asarray(ROW_LOCAL)].any(), f"exported {name}: non-local rows (seed {seed})"
+        assert_close(g, r, 2e-5, f"exported {name} (seed {seed})")

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels.groups import local_row_mask
 from kernels.pallas.fused import (Footprint, _rhs_spec, _row_scale_index, accumulate, fused_call, fused_tiling,
                                   gather_scratch, gathered_lhs, store_group_rows)
 from kernels.pallas.gmm import STORE, _has, gmm_schedule
@@ -165,8 +166,16 @@ def _composed(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx
     gate = plain_gmm(rows, w_gate, group_sizes, group_offset, transpose_rhs=False, **kw)
     up = plain_gmm(rows, w_up, group_sizes, group_offset, transpose_rhs=False, **kw)
     a = plain_gmm(drows, w_down, group_sizes, group_offset, transpose_rhs=True, **kw)
-    dgate, dup, hw, dw = _epilogue(gate, up, a, w_sorted.astype(jnp.float32)[:, None], activation)
+    dgate, dup, hw, dw = _epilogue(gate, up, a, _local_weights(w_sorted, group_sizes, group_offset, w_gate.shape[0]),
+                                   activation)
     return dgate.astype(x.dtype), dup.astype(x.dtype), hw.astype(x.dtype), dw[:, 0]
+
+
+def _local_weights(w_sorted, group_sizes, group_offset, num_local):
+    """[M, 1] f32 routing weights of the sorted rows, zero (selected) outside the local groups: there gate = up = a
+    = 0, and an Inf / NaN weight must not make ``0 * w`` NaN (the kernels store zeros on those rows)."""
+    local = local_row_mask(group_sizes, group_offset, num_local, w_sorted.shape[0])
+    return jnp.where(local, w_sorted.astype(jnp.float32), 0.0)[:, None]
 
 
 def _degenerate(activation, m, f, other_dims, dtype):
@@ -211,8 +220,8 @@ def swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, sor
         drows = gather_rows(dout, sort_idx, k, interpret=interpret)
         a = plain_gmm(drows, w_down, group_sizes, group_offset, transpose_rhs=True, out_dtype=jnp.float32,
                       tiling=tiling, interpret=interpret)
-        outs = _epilogue(gate.astype(jnp.float32), up.astype(jnp.float32), a, w_sorted.astype(jnp.float32)[:, None],
-                         activation)
+        outs = _epilogue(gate.astype(jnp.float32), up.astype(jnp.float32), a,
+                         _local_weights(w_sorted, group_sizes, group_offset, w_down.shape[0]), activation)
         return tuple(o.astype(dout.dtype) for o in outs[:3]) + (outs[3][:, 0],)
     return _swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, sort_idx.astype(jnp.int32),
                                   w_sorted, top_k=int(k), activation=activation, tiling=tiling, interpret=interpret)
