@@ -153,7 +153,8 @@ def gather_gmm(x, rhs, group_sizes, sort_idx, *, group_offset=None, transpose_rh
     """Grouped matmul reading token-order rows: x [T,K], rhs [G_local,K,N] ([G_local,N,K] with ``transpose_rhs``),
     group_sizes [G], sort_idx [T*k] -> [T*k,N] in expert order, ``out[i] = x[sort_idx[i] // k] @ rhs[group(i)]``;
     equal to ``gmm(permute(x)[0], rhs, group_sizes)`` without building the permuted copy (mixed float inputs are
-    multiplied in their promoted dtype, as in ``gmm``)."""
+    multiplied in their promoted dtype, as in ``gmm``). Rows outside the local groups are zero and an x row read
+    only by them (a token with no local copy) reaches no output and gets zero gradient, NaN / Inf included."""
     validation.check_gmm(x, rhs, group_sizes, transpose_rhs, names=("x", "rhs"))
     k = _check_rows(sort_idx, x.shape[0], "x is [T, K]")
     out_dtype = validation.out_dtype(preferred_element_type, x.dtype)
@@ -176,7 +177,10 @@ def scatter_gmm(h, rhs, group_sizes, sort_idx, weights, *, group_offset=None, tr
                 preferred_element_type=None, implementation=None):
     """Grouped matmul with a weighted combine to token order: h [T*k,K] (expert order), rhs as in ``gather_gmm``,
     sort_idx [T*k], weights [T,k] -> [T,N], ``out[t] = sum_j weights[t,j] * (h @ rhs[g])[inverse[t*k+j]]`` (f32
-    sum); equal to ``unpermute(gmm(h, rhs, group_sizes), sort_idx, weights)``."""
+    sum); equal to ``unpermute(gmm(h, rhs, group_sizes), sort_idx, weights)`` where that is finite. A copy whose
+    row lies outside the local groups (another shard's expert under ``group_offset``, or a dropped copy sorted past
+    ``sum(group_sizes)``) contributes exactly zero whatever its h row and its weight hold (NaN / Inf included; the
+    composition above would give ``inf * 0`` = NaN), and its dh row and weight gradient are exactly zero."""
     validation.check_gmm(h, rhs, group_sizes, transpose_rhs, names=("h", "rhs"))
     validation.float_array("weights", weights, 2)
     validation.sort_idx_array(sort_idx)

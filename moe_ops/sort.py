@@ -8,7 +8,9 @@
 
 Valid-prefix form (expert parallelism, worst-case-sized buffers): with ``n_valid`` (an int32 device scalar), only
 sorted rows ``i < n_valid`` exist. ``permute`` writes zeros to rows ``>= n_valid`` (and reads nothing for them);
-``unpermute`` ignores ``y_sorted`` rows ``>= n_valid`` (they contribute zero and get zero gradient). The two are
+``unpermute`` ignores ``y_sorted`` rows ``>= n_valid`` and the weights of their slots (they contribute zero and get
+zero gradient, even when they hold NaN / Inf: the kernels select or mask them away, never multiply them by zero;
+``tests/test_nonfinite.py``). The two are
 adjoint with the same ``n_valid``, so the VJPs above carry it unchanged. Ids that should not be routed are given an
 out-of-range expert id: they sort after every valid row, so ``n_valid = sum(group_sizes)`` covers exactly the
 routed copies.
@@ -143,7 +145,11 @@ def unpermute(y_sorted, sort_idx, weights, *, n_valid=None, implementation=None)
     """Weighted top-k combine back to token order: y_sorted [T*k,D], sort_idx [T*k], weights [T,k] -> [T,D],
     ``out[t] = sum_j weights[t,j] * y_sorted[position of flat index t*k+j]``, f32 accumulation, y's dtype.
     ``sort_idx`` must be a permutation of ``[0, T*k)`` (as ``permute`` returns). With ``n_valid``, y rows
-    ``>= n_valid`` are ignored (contribute zero, get zero gradient)."""
+    ``>= n_valid`` are ignored, and so are the weights of their slots: whatever they hold (NaN, Inf, 3e38) they
+    contribute exactly zero and get exactly zero gradient, and the weight gradient of such a slot is zero for any
+    cotangent. Without ``n_valid`` every slot contributes ``weights[t,j] * row`` as written, so the zero row of a
+    dropped copy (an id outside ``[0, E)``, sorted past ``sum(group_sizes)``) times an Inf / NaN weight is NaN:
+    pass ``n_valid=sum(group_sizes)`` (or zero those weights, as ``fused_experts_ffn`` does) to drop them."""
     validation.float_array("y_sorted", y_sorted, 2)
     validation.sort_idx_array(sort_idx)
     validation.float_array("weights", weights, 2)

@@ -329,3 +329,27 @@ def test_pallas_symbolic_rows_ignore_non_local_copies(seed):
     for name, g, r in zip(("dgate", "dup", "hw", "dweights_sorted"), got, want):
         assert not np.asarray(g)[~np.asarray(ROW_LOCAL)].any(), f"exported {name}: non-local rows (seed {seed})"
         assert_close(g, r, 2e-5, f"exported {name} (seed {seed})")
+
+
+@pytest.mark.parametrize("strategy", [pytest.param("all_to_all", marks=pytest.mark.slow), "ring"])  # a2a: ~20 s
+def test_moe_ffn_shard_ignores_an_unused_expert_and_padding_rows(strategy, seed):
+    """Inside ``shard_map`` over 4 expert shards (tokens split over them; xla backend): ``all_to_all`` pads its
+    receive buffer (rows past ``n_valid``), ``ring`` runs every token against the local experts with
+    ``group_offset``. No token routes to expert 5, whose weights are NaN / Inf on its shard: forward and every
+    gradient equal the dense reference with it zeroed."""
+    from jax.sharding import AxisType, PartitionSpec as P  # noqa: PLC0415
+    ep, e, t = 4, 8, 16
+    mesh = jax.make_mesh((ep,), ("expert",), axis_types=(AxisType.Auto,), devices=jax.devices()[:ep])
+    k = jax.random.split(jax.random.key(seed), 5)
+    d, f = 8, 16
+    x = jax.random.normal(k[0], (t, d))
+    logits = jax.random.normal(k[1], (t, e)).at[:, 5].set(-1e9)
+    ws = [jax.random.normal(k[2], (e, d, f)) * 0.3, jax.random.normal(k[3], (e, d, f)) * 0.3,
+          jax.random.normal(k[4], (e, f, d)) * 0.3]
+    cfg = moe_ops.MoEShardingConfig(strategy=strategy)
+    body = jax.shard_map(lambda *a: moe_ops.moe_ffn_shard(*a, top_k=TOPK, config=cfg, implementation="xla"),
+                         mesh=mesh, in_specs=(P("expert"),) * 5, out_specs=P("expert"))
+    ref = lambda x, lg, wg, wu, wd: R.moe_ffn_dense(x, lg, wg, wu, wd, top_k=TOPK)
+    poisoned = (x, logits, ws[0].at[5].set(jnp.nan), ws[1].at[5].set(jnp.inf), ws[2].at[5].set(jnp.nan))
+    clean = (x, logits, *(w.at[5].set(0.0) for w in ws))
+    _check(jax.jit(body), ref, poisoned, clean, seed, f"moe_ffn_shard({strategy})", 2e-5)
