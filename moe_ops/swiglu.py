@@ -82,14 +82,18 @@ def _one_kernel(name, operands, composed, *, rows, impl, call=None, **static):
 
     call = call or getattr(backend.ops(impl), name)
 
+    # Both forms return results typed like all the operands (manual-axis variance inside a user's shard_map): the
+    # kernel call drops it and the composition may keep it, and a cast recorded outside this op would be batched
+    # onto an already varying value when an enclosing vmap swaps the kernel for the composition.
     @custom_vmap
     def kernel(*args):
-        return call(*full(args), **static)
+        return vma.like_all(call(*full(args), **static), args)
 
     @kernel.def_vmap
     def batched(axis_size, in_batched, *args):
         del axis_size
         out = jax.vmap(lambda *a: composed(*full(a)), in_axes=[0 if b else None for b in in_batched])(*args)
+        out = vma.like_all(out, args)
         return out, jax.tree.map(lambda _: True, out)
 
     return kernel(*(operands[i] for i in present))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax
 
-__all__ = ["varying_axes", "match_vma", "like"]
+__all__ = ["varying_axes", "match_vma", "like", "like_all"]
 
 
 def varying_axes(a) -> frozenset:
@@ -32,3 +32,14 @@ def like(out, ref):
     the vma of their operands; re-attach it so results and cotangents are typed like the values they derive from."""
     missing = varying_axes(ref) - varying_axes(out)
     return jax.lax.pcast(out, tuple(sorted(missing)), to="varying") if missing else out
+
+
+def like_all(outs, refs):
+    """Every array of the pytree ``outs`` cast to vary over the union of the varying axes of ``refs`` (a sequence;
+    ``None`` entries skipped): ``like`` for a kernel call's results typed like all its operands."""
+    union = frozenset().union(*(varying_axes(r) for r in refs if r is not None))
+
+    def cast(out):
+        missing = union - varying_axes(out)
+        return jax.lax.pcast(out, tuple(sorted(missing)), to="varying") if missing else out
+    return jax.tree.map(cast, outs) if union else outs
