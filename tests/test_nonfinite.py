@@ -120,11 +120,12 @@ def test_unpermute_weight_gradient_of_a_slot_past_n_valid_is_zero_for_any_cotang
     assert np.isfinite(dw[keep]).all() and np.isfinite(dy[:N_VALID][np.asarray(SIDX[:N_VALID] // TOPK != token)]).all()
 
 
-@pytest.mark.parametrize("impl", ["xla", "triton"])
+@pytest.mark.parametrize("impl", ["xla", "triton", "pallas"])
 def test_unpermute_under_vmap_ignores_weights_past_each_n_valid(impl, seed):
     """Failed before the fix on triton: under ``jax.vmap`` a per-batch ``n_valid`` zeroed the y rows past it
     (``kernels.triton.batching``) but not the weights of their slots, so ``inf * 0`` reached the output; the weight
-    gradient of those slots was ``<NaN cotangent, 0>``."""
+    gradient of those slots was ``<NaN cotangent, 0>``. (xla and pallas: the same check through their own vmap
+    paths.)"""
     data = _data(seed, impl)
     n_valid = jnp.array([N_VALID, N_VALID - 3], jnp.int32)
     inv = np.asarray(INV).reshape(T, TOPK)
