@@ -221,13 +221,20 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
 def moe_ffn_dense(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax"):
     """The einsum formulation: every token through every expert, combined by a one-hot [T,E] mask.
 
-    O(T·E·D·F) work: the ground truth for small shapes, never a fast path."""
+    O(T·E·D·F) work: the ground truth for small shapes, never a fast path. The (token, expert) pairs that routing
+    did not pick are selected away (``jnp.where`` on the inputs and outputs of each product, not a multiply by the
+    zero combine weight), so an expert no token picks contributes nothing even when its weights are NaN / Inf, in
+    the forward and under ``jax.grad`` (its weights get zero gradient)."""
     shape = x.shape
     x2 = flatten_tokens(x).astype(jnp.float32)
     weights, ids = route(flatten_tokens(router_logits), top_k, score_fn=score_fn)
-    combine = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(ids, w_gate.shape[0], dtype=jnp.float32))
+    onehot = jax.nn.one_hot(ids, w_gate.shape[0], dtype=jnp.float32)                  # [T, k, E]
+    combine = jnp.einsum("tk,tke->te", weights, onehot)
+    picked = (jnp.sum(onehot, axis=1) > 0)[..., None]                                   # [T, E, 1]
     f32 = lambda w: w.astype(jnp.float32)
-    gate = jnp.einsum("td,edf->tef", x2, f32(w_gate), precision="highest")
-    up = jnp.einsum("td,edf->tef", x2, f32(w_up), precision="highest")
-    y = jnp.einsum("tef,efd->ted", activate(gate, up, activation), f32(w_down), precision="highest")
+    xe = jnp.where(picked, x2[:, None, :], 0.0)                                         # [T, E, D]
+    gate = jnp.where(picked, jnp.einsum("ted,edf->tef", xe, f32(w_gate), precision="highest"), 0.0)
+    up = jnp.where(picked, jnp.einsum("ted,edf->tef", xe, f32(w_up), precision="highest"), 0.0)
+    y = jnp.where(picked, jnp.einsum("tef,efd->ted", activate(gate, up, activation), f32(w_down),
+                                     precision="highest"), 0.0)
     return jnp.einsum("ted,te->td", y, combine, precision="highest").astype(x.dtype).reshape(shape)

@@ -355,3 +355,17 @@ def test_moe_ffn_shard_ignores_an_unused_expert_and_padding_rows(strategy, seed)
     poisoned = (x, logits, ws[0].at[5].set(jnp.nan), ws[1].at[5].set(jnp.inf), ws[2].at[5].set(jnp.nan))
     clean = (x, logits, *(w.at[5].set(0.0) for w in ws))
     _check(jax.jit(body), ref, poisoned, clean, seed, f"moe_ffn_shard({strategy})", 2e-5)
+
+
+def test_reference_dense_layer_ignores_an_unused_expert(seed):
+    """Failed before the fix: ``reference.moe_ffn_dense`` ran every token through every expert and combined by
+    multiplying with the one-hot weights, so an expert no token picks, with NaN / Inf weights, made every output NaN
+    (``0 * NaN``). The routed twin ``reference.moe_ffn`` and the dense one must both ignore it, gradients included."""
+    data = _data(seed, "xla")
+    logits = jax.random.normal(data["cot_key"], (T, E)).at[:, 2].set(-1e9)
+    ws_p = (data["wg"].at[2].set(jnp.nan), data["wu"].at[2].set(jnp.inf), data["wd"].at[2].set(-jnp.inf))
+    ws_c = tuple(w.at[2].set(0.0) for w in (data["wg"], data["wu"], data["wd"]))
+    for ref in (R.moe_ffn_dense, R.moe_ffn):
+        fn = lambda x, lg, wg, wu, wd, ref=ref: ref(x, lg, wg, wu, wd, top_k=TOPK)
+        _, grads = _check(fn, fn, (data["x"], logits, *ws_p), (data["x"], logits, *ws_c), seed, ref.__name__, 1e-6)
+        assert all(not np.asarray(g)[2].any() for g in grads[2:]), f"{ref.__name__}: unused expert's gradient"
