@@ -4,6 +4,10 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_17_x86_64 -d .whl jax-triton==0.3.1      # .whl/ is git-ignored; carry it
 # The shared GPU image has jax (CUDA), triton 3.6 and torch but no jax-triton (see shared/PITFALLS.md).
+# tokamax (the layer suite's second JAX composition, LAYER_PEERS=lax.ragged_dot,tokamax) is not there either; with
+# jax 0.11.2 these wheels beside the image's own packages import it (seen on CPU, 2026-11-27; xprof is stubbed by
+# benchmarks.peers): the same download for tokamax==0.0.17 einshape pydantic==2.14.4 pydantic-core==2.50.5
+# annotated-types typing-inspection typing-extensions>=4.16 qwix immutabledict tensorboardx (about 6 MB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HOME=/tmp TRITON_CACHE_DIR=/tmp/triton PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -62,8 +66,8 @@ if [ "$quick" = 1 ]; then
     --shapes "${GMM_SHAPES:-mixtral-w1,qwen3-30b-w1,decode}" --patterns balanced \
     --peers "${GMM_PEERS:-lax.ragged_dot,torch._grouped_mm,torch.bmm}" --no-progress --json "$out/gmm.json" 2>&1 \
     | tee -a "$out/run.log" | tail -30
-  [ "${LAYER:-1}" = 1 ] && timeout -k 30 120 python3 -m benchmarks layer --impl triton --shapes qwen3-30b \
-    --patterns balanced --peers lax.ragged_dot --no-progress --json "$out/layer.json" 2>&1 | tee -a "$out/run.log" \
+  [ "${LAYER:-1}" = 1 ] && timeout -k 30 "${LAYER_TIMEOUT:-120}" python3 -m benchmarks layer --impl triton \
+    --shapes qwen3-30b --patterns balanced --peers "${LAYER_PEERS:-lax.ragged_dot}" --no-progress --json "$out/layer.json" 2>&1 | tee -a "$out/run.log" \
     | tail -25
   # The fused layer's kernels one by one against the compositions they replaced (benchmarks/pieces.py; PIECES=0
   # skips them).
