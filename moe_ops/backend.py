@@ -66,7 +66,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from kernels import platform
+from kernels import groups, platform
 from moe_ops import reference, validation
 
 IMPLEMENTATIONS = ("xla", "triton", "pallas")
@@ -188,7 +188,8 @@ def compose_swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_of
     def project(rows, w, transpose):
         return gather(rows, w, group_sizes, group_offset, sort_idx, k, transpose_rhs=transpose, out_dtype=jnp.float32)
     gate, up, a = project(x, w_gate, False), project(x, w_up, False), project(dout, w_down, True)
-    return reference.swiglu_down_epilogue(a, gate, up, w_sorted, activation, x.dtype)
+    return reference.swiglu_down_epilogue(a, gate, up, w_sorted, activation, x.dtype,
+                                          rows=_local_rows(group_sizes, group_offset, w_down, sort_idx))
 
 
 def compose_swiglu_gmm_saved(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, ops, activation,
@@ -208,7 +209,13 @@ def compose_swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_off
     a = gather_gmm_of(ops)(dout, w_down, group_sizes, group_offset, sort_idx, k, transpose_rhs=True,
                            out_dtype=jnp.float32)
     return reference.swiglu_down_epilogue(a, gate.astype(jnp.float32), up.astype(jnp.float32), w_sorted, activation,
-                                          dout.dtype)
+                                          dout.dtype, rows=_local_rows(group_sizes, group_offset, w_down, sort_idx))
+
+
+def _local_rows(group_sizes, group_offset, w_down, sort_idx):
+    """[M] bool: the sorted rows of the local groups, where the backward epilogue's routing weight may act (the
+    kernels store exact zeros elsewhere, whatever the weight holds; so must the compositions)."""
+    return groups.local_row_mask(group_sizes, group_offset, w_down.shape[0], sort_idx.shape[0])
 
 
 def compose_gather_tgmm(lhs, rhs, group_sizes, group_offset, sort_idx, k, *, ops, num_groups, out_dtype, gather_lhs,

@@ -208,6 +208,31 @@ def test_swiglu_down_bwd_kernels_zero_non_local_rows_like_the_reference(impl, se
         assert_close(g, r, 2e-5, f"{name} (seed {seed})")
 
 
+@pytest.mark.parametrize("saved", [False, True])
+def test_swiglu_down_bwd_compositions_zero_non_local_rows_like_the_reference(saved, seed):
+    """The XLA backend's fused backward is a composition (``backend.compose_swiglu_down_bwd(_saved)``: gather-GMMs
+    and ``reference.swiglu_down_epilogue``); with Inf routing weights on every non-local row it must give the
+    kernels' exact zero rows too. Failed before the epilogue got the local-row mask there (NaN dgate / dup / hw)."""
+    from moe_ops import backend  # noqa: PLC0415
+    data, xla = _data(seed, "xla"), backend.ops("xla")
+    local = lambda a: a[OFFSET:OFFSET + NUM_LOCAL]
+    dout = jax.random.normal(data["cot_key"], data["x"].shape)
+    w_sorted = jnp.where(ROW_LOCAL, data["w"].reshape(-1)[SIDX], jnp.inf)
+    offset = jnp.array([OFFSET], jnp.int32)
+    args = (data["x"], dout, local(data["wg"]), local(data["wu"]), local(data["wd"]))
+    want = R.swiglu_down_bwd(*args, SIZES, SIDX, w_sorted, TOPK, group_offset=OFFSET)
+    if saved:
+        _, gate, up = backend.compose_swiglu_gmm_saved(data["x"], *args[2:4], SIZES, offset, SIDX, TOPK, ops=xla,
+                                                       activation="silu", out_dtype=jnp.float32)
+        got = backend.compose_swiglu_down_bwd_saved(dout, args[4], gate, up, SIZES, offset, SIDX, w_sorted, TOPK,
+                                                    ops=xla, activation="silu")
+    else:
+        got = backend.compose_swiglu_down_bwd(*args, SIZES, offset, SIDX, w_sorted, TOPK, ops=xla, activation="silu")
+    for name, g, r in zip(("dgate", "dup", "hw", "dweights_sorted"), got, want):
+        assert not np.asarray(g)[~np.asarray(ROW_LOCAL)].any(), f"xla {name} outside local rows (seed {seed})"
+        assert_close(g, r, 2e-5, f"{name} (seed {seed})")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Guards of the parts that held already (same harness): gmm / tgmm / gather_gmm / the layers.
 
