@@ -126,8 +126,9 @@ def _swiglu_bwd(k, activation, out_dtype, impl, residuals, dh):
     x, w_gate, w_up, sizes, offset, sort_idx = residuals
     f32 = jnp.dtype(jnp.float32)
     # Recomputed, transient, in x's dtype: the size of the residuals the unfused path keeps (and its numerics).
-    gate = _project(x, w_gate, sizes, offset, sort_idx, k, x.dtype, impl)
-    up = _project(x, w_up, sizes, offset, sort_idx, k, x.dtype, impl)
+    # typed like x (and so like dh) inside a user's shard_map: the kernel calls drop the manual-axis variance
+    gate = vma.like(_project(x, w_gate, sizes, offset, sort_idx, k, x.dtype, impl), x)
+    up = vma.like(_project(x, w_up, sizes, offset, sort_idx, k, x.dtype, impl), x)
     _, act_vjp = jax.vjp(lambda g, u: reference.activate(g, u, activation), gate, up)
     dgate, dup = (d.astype(x.dtype) for d in act_vjp(dh.astype(f32)))  # f32 inside; zero rows outside local groups
     return _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl) + (None, None, None)
