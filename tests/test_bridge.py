@@ -90,3 +90,34 @@ def test_interpreting_leaves_real_compilation_intact():
     moe_ops.gmm(randn(k[0], (8, 16)), randn(k[1], (2, 16, 16)), jnp.array([3, 5], jnp.int32), implementation="triton")
     report = compile_case(cases_for("sm90", ["gmm"])[0], "sm90")
     assert report.ok, report.error
+
+
+def test_kernel_decorated_during_an_interpretation_still_runs():
+    """``@triton.jit`` reads Triton's process-wide interpreter switch when it decorates, and JAX runs the bridge's
+    callbacks on their own threads: a kernel module imported while another thread interprets gets an
+    InterpretedFunction. The bridge runs those too (it refused them with a TypeError, which failed every later
+    call of a lazily imported kernel in that process)."""
+    from kernels.triton import bridge
+    from triton.runtime.interpreter import InterpretedFunction
+    with bridge._interpreter_mode():   # what a callback thread holds while it interprets
+        @triton.jit
+        def late(x_ptr, o_ptr, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            tl.store(o_ptr + offs, tl.load(x_ptr + offs) * 3)
+    assert isinstance(late, InterpretedFunction)
+    x = jnp.arange(1.0, 9.0)
+    out = jax.jit(lambda v: jt.triton_call(v, kernel=late, out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
+                                           grid=(1,), BLOCK=8))(x)
+    np.testing.assert_array_equal(out, 3 * np.asarray(x))
+
+
+def test_bridge_loads_every_kernel_module_before_interpreting():
+    """The other half of the fix: the package's own kernel modules are all imported when the bridge loads, so none is
+    imported (and decorated) later, while a callback thread interprets. Checked in a fresh process."""
+    import subprocess
+    import sys
+    code = ("import sys; from kernels.triton.bridge import load_jax_triton; load_jax_triton(); "
+            "print(all(m in sys.modules for m in ('kernels.triton.gmm', 'kernels.triton.gmm_tma', "
+            "'kernels.triton.sort', 'kernels.triton.swiglu')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1:] == ["True"], proc.stdout[-500:] + proc.stderr[-1500:]

@@ -39,7 +39,10 @@ import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 
-from kernels.triton import schedule
+# sort's kernels load with every other Triton kernel module (gmm imports this one): a ``@triton.jit`` decorated
+# while the CPU bridge interprets a kernel on a callback thread would become an InterpretedFunction
+# (``kernels.triton.bridge``, ``_interpreter_mode``), so no kernel module is imported lazily.
+from kernels.triton import schedule, sort
 
 __all__ = ["folds_batch", "GmmRows", "fold_gmm", "fold_tgmm", "sort_by_expert", "gather_rows", "combine_rows",
            "combine_weight_grad"]
@@ -137,11 +140,6 @@ def fold_tgmm(call, size, batched, arrays, static):
 # several kernels plus jnp glue, and the fold is simplest at the function level).
 
 
-def _sort():
-    from kernels.triton import sort  # lazy: sort imports nothing from here, but keep the kernels' import light
-    return sort
-
-
 def _fold_sort(call, size, batched, arrays, static):
     (ids,) = arrays
     e = static["num_experts"]
@@ -153,7 +151,7 @@ def _fold_sort(call, size, batched, arrays, static):
 
 @folds_batch(_fold_sort)
 def _sort_by_expert(expert_ids, *, num_experts):
-    return _sort().sort_by_expert(expert_ids, num_experts)
+    return sort.sort_by_expert(expert_ids, num_experts)
 
 
 def sort_by_expert(expert_ids, num_experts):
@@ -195,7 +193,7 @@ def _fold_gather_rows(call, size, batched, arrays, static):
 
 @folds_batch(_fold_gather_rows)
 def _gather_rows(x, sort_idx, row_weights, n_valid, *, k):
-    return _sort().gather_rows(x, sort_idx, k, row_weights=row_weights, n_valid=n_valid)
+    return sort.gather_rows(x, sort_idx, k, row_weights=row_weights, n_valid=n_valid)
 
 
 def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None):
@@ -227,7 +225,7 @@ def _fold_combine_rows(call, size, batched, arrays, static):
 
 @folds_batch(_fold_combine_rows)
 def _combine_rows(y, sort_idx, weights, n_valid):
-    return _sort().combine_rows(y, sort_idx, weights, n_valid=n_valid)
+    return sort.combine_rows(y, sort_idx, weights, n_valid=n_valid)
 
 
 def combine_rows(y, sort_idx, weights, n_valid=None):
@@ -251,7 +249,7 @@ def _fold_weight_grad(call, size, batched, arrays, static):
 
 @folds_batch(_fold_weight_grad)
 def _combine_weight_grad(dout, y, sort_idx, n_valid, *, k):
-    return _sort().combine_weight_grad(dout, y, sort_idx, k, n_valid=n_valid)
+    return sort.combine_weight_grad(dout, y, sort_idx, k, n_valid=n_valid)
 
 
 def combine_weight_grad(dout, y, sort_idx, k, n_valid=None):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import threading
 
 import jax
@@ -65,6 +66,10 @@ def load_jax_triton():
         if not _installed:
             mlir.register_lowering(triton_lib.triton_kernel_call_p, _cpu_lowering, platform="cpu")
             _installed = True
+    # Every kernel module of the package, before the first kernel is interpreted: the interpreter mode is
+    # process-wide (``_interpreter_mode``), so a module imported on another thread meanwhile would get its
+    # ``@triton.jit`` functions as InterpretedFunctions.
+    importlib.import_module("kernels.triton.backend")
     return jax_triton
 
 
@@ -145,7 +150,10 @@ def _with_scalar_index(patch_lang_tensor):
 
 @contextlib.contextmanager
 def _interpreter_mode():
-    """Let JITFunctions (kernels and the helpers they call) run as interpreted Python for the duration."""
+    """Let JITFunctions (kernels and the helpers they call) run as interpreted Python for the duration. Triton's
+    switch for it (``knobs.runtime.interpret``) is process-wide, and ``@triton.jit`` reads it when it decorates: a
+    module imported on another thread meanwhile (JAX runs callbacks on its own threads, asynchronously) gets
+    InterpretedFunctions, which ``run_interpreted`` accepts too."""
     from triton import knobs
     from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
@@ -192,9 +200,10 @@ def run_interpreted(fn, arrays, *, scalar_args, out_shapes, grid, input_output_a
     Arguments follow jax-triton's convention: array inputs in order with ``scalar_args`` ``(index, type, value)``
     inserted at their positions, then one pointer per output."""
     import torch
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    if not isinstance(fn, JITFunction):
+    if not isinstance(fn, (JITFunction, InterpretedFunction)):  # the latter: see ``_interpreter_mode``
         raise TypeError(f"the CPU bridge runs plain @triton.jit kernels, got {type(fn).__name__}; resolve "
                         "autotuned / heuristic configs before calling triton_call")
     metaparams = dict(metaparams or {})
