@@ -23,6 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from moe_ops import vma
+
 __all__ = [
     "row_group_ids", "gmm", "tgmm", "route", "sort_by_expert", "inverse_permutation", "permute", "unpermute",
     "moe_ffn", "moe_ffn_dense", "activate", "activation_grad", "swiglu_down_bwd", "swiglu_down_epilogue",
@@ -61,7 +63,8 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
         prod = jnp.dot(jnp.where(rows, lhs, 0), rhs[g], preferred_element_type=jnp.float32, precision="highest")
         return jnp.where(rows, prod, acc), None
 
-    acc = jnp.zeros((lhs.shape[0], rhs.shape[2]), jnp.float32)
+    # the carry starts typed like the operands: inside a shard_map (check_vma) a varying lhs makes every step varying
+    acc = vma.like_all(jnp.zeros((lhs.shape[0], rhs.shape[2]), jnp.float32), (lhs, rhs, local))
     acc, _ = jax.lax.scan(one_group, acc, jnp.arange(rhs.shape[0]))
     if existing_out is not None:
         acc = jnp.where((local >= 0)[:, None], acc, existing_out.astype(jnp.float32))

@@ -1,7 +1,8 @@
 """The reference twins against an independent, loop-based numpy formulation (f64)."""
 
-import numpy as np
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from moe_ops import reference as R
@@ -107,3 +108,21 @@ def test_moe_ffn_dense_matches_per_token_numpy():
             expected[ti] += w[ti, j] * (h @ f64(wd)[ex])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(R.moe_ffn(x, logits, wg, wu, wd, top_k=top_k), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gmm_twin_runs_inside_a_checked_shard_map():
+    """The twin's per-group scan carry starts typed like its operands, so it runs (and differentiates) inside a
+    ``shard_map`` with ``check_vma`` on, with a token-sharded lhs and replicated weights (the carry mismatch raised
+    a TypeError there before)."""
+    from jax.sharding import PartitionSpec as P
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    k = jax.random.split(jax.random.key(7), 2)
+    lhs, rhs = jax.random.normal(k[0], (4, 8, 6)), jax.random.normal(k[1], (3, 6, 5))
+    sizes = jnp.array([3, 0, 4], jnp.int32)
+    f = jax.shard_map(lambda a, w: R.gmm(a[0], w, sizes)[None], mesh=mesh, in_specs=(P("data"), P()),
+                      out_specs=P("data"))
+    np.testing.assert_allclose(jax.jit(f)(lhs, rhs), jnp.stack([R.gmm(a, rhs, sizes) for a in lhs]), rtol=1e-6)
+    dlhs, drhs = jax.grad(lambda a, w: jnp.sum(f(a, w) ** 2), argnums=(0, 1))(lhs, rhs)
+    want = jax.grad(lambda a, w: sum(jnp.sum(R.gmm(x, w, sizes) ** 2) for x in a), argnums=(0, 1))(lhs, rhs)
+    np.testing.assert_allclose(dlhs, want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(drhs, want[1], rtol=1e-5, atol=1e-5)
