@@ -49,6 +49,7 @@ from kernels.pallas.gmm import (COMPUTE, FIRST, STORE, _gmm_kernel, _gmm_out_ind
                                 _gmm_lhs_index, _has, _keep, _resolve, _row_mask, gmm_schedule)
 from kernels.pallas.gmm import gmm as plain_gmm
 from kernels.pallas.sort import _blocked, _load_indices, _row_dmas, combine_rows, gather_rows
+from kernels.pallas.vma import pallas_call
 from kernels.platform import tpu_or_interpret
 
 __all__ = ["gather_gmm", "scatter_gmm", "sum_slots", "GATHER_TILE_BYTES"]
@@ -127,7 +128,7 @@ def fused_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs, out_spe
     """The gmm grid ``(n, step, k)`` (n over the columns of the first output) with the schedule prefetched and
     ``accs`` f32 ``[tm, tn]`` accumulators as first scratch."""
     cols = (out_shape[0] if isinstance(out_shape, (list, tuple)) else out_shape).shape[1]
-    return pl.pallas_call(
+    return pallas_call(
         kernel, out_shape=out_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, in_specs=in_specs, out_specs=out_spec,

@@ -43,6 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.pallas import tiling as tiling_lib
+from kernels.pallas.vma import pallas_call
 from kernels.groups import segment_of
 from kernels.platform import tpu_or_interpret
 from kernels.shapes import pad_rows, require_static, static_upper_bound
@@ -258,7 +259,7 @@ def _gmm(lhs, rhs, group_sizes, group_offset, existing_out, *, transpose_rhs, ou
     cost = dict(flops=2 * m * k * n, transcendentals=0,
                            bytes_accessed=itemsize * (m * k * tiles_n + num_local * k * n)
                            + jnp.dtype(out_dtype).itemsize * m * n * (1 + has_existing))
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -352,7 +353,7 @@ def _tgmm(lhs, rhs, group_sizes, group_offset, existing_out, *, num_groups, out_
     cost = dict(flops=2 * m * k * n, transcendentals=0,
                            bytes_accessed=itemsize * (m * k * tiles_n + m * n * tiles_k)
                            + jnp.dtype(out_dtype).itemsize * num_groups * k * n * (1 + has_existing))
-    return pl.pallas_call(
+    return pallas_call(
         functools.partial(_tgmm_kernel, has_existing=has_existing, precision=precision),
         out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(

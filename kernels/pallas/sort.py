@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.pallas.vma import pallas_call
 from kernels.platform import tpu_or_interpret
 from kernels.shapes import dim_value, pad_rows, static_upper_bound
 
@@ -134,13 +135,13 @@ def sort_by_expert(expert_ids, num_experts, *, config: PallasSortConfig = CONFIG
     row_spec = pl.BlockSpec((None, 1, bn), _block_index)
     col_spec = pl.BlockSpec((None, bn, 1), _block_index)
     count_spec = pl.BlockSpec((None, e_pad, 1), _block_index)
-    counts = pl.pallas_call(
+    counts = pallas_call(
         functools.partial(_histogram_kernel, num_experts=num_experts), grid=(blocks,), in_specs=[row_spec],
         out_specs=count_spec, out_shape=jax.ShapeDtypeStruct((blocks, e_pad, 1), jnp.int32),
         **_parallel(interpret))(ids_row)
     totals = jnp.sum(counts, axis=0)                                           # [E_PAD, 1]
     base = (jnp.cumsum(totals, axis=0) - totals)[None] + jnp.cumsum(counts, axis=0) - counts
-    pos = pl.pallas_call(
+    pos = pallas_call(
         functools.partial(_position_kernel, num_experts=num_experts), grid=(blocks,),
         in_specs=[row_spec, col_spec, count_spec], out_specs=row_spec,
         out_shape=jax.ShapeDtypeStruct((blocks, 1, bn), jnp.int32), **_parallel(interpret))(ids_row, ids_col, base)
@@ -242,7 +243,7 @@ def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None, *, config: Palla
         num_scalar_prefetch=1, grid=(pl.cdiv(n, bm),), in_specs=in_specs, out_specs=pl.BlockSpec((bm, d), _row_block),
         scratch_shapes=[pltpu.SMEM((bm,), jnp.int32), pltpu.SemaphoreType.DMA((2,))])
     kernel = functools.partial(_gather_kernel, k=k, num_rows=n, has_w=has_w)
-    return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((n, d), x.dtype),
+    return pallas_call(kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((n, d), x.dtype),
                           **_parallel(interpret))(_n_valid_array(n_valid, n), *operands)
 
 
@@ -302,7 +303,7 @@ def _token_call(kernel, y, sort_idx, k, n_valid, blocked, out_cols, out_dtype, c
         out_specs=pl.BlockSpec((bt, out_cols), _row_block),
         scratch_shapes=[pltpu.SMEM((bt * k,), jnp.int32), pltpu.VMEM((k, bt, d), y.dtype),
                         pltpu.SemaphoreType.DMA((2,))])
-    return pl.pallas_call(functools.partial(kernel, k=k, num_tokens=t), grid_spec=grid_spec,
+    return pallas_call(functools.partial(kernel, k=k, num_tokens=t), grid_spec=grid_spec,
                           out_shape=jax.ShapeDtypeStruct((t, out_cols), out_dtype), **_parallel(interpret))(
         _n_valid_array(n_valid, n), y, _blocked(inv, bt * k), inv.reshape(t, k), *blocked)
 
