@@ -4,11 +4,17 @@
   ``pallas_call`` raised "manual_axis_type on jax.ShapeDtypeStruct must not be None" (its ``out_shape`` said nothing
   about the varying manual axes), and the Pallas interpreters then failed on the varying operands when lowered
   ("Primitive ... requires varying manual axes to match"). ``kernels.pallas.vma.pallas_call`` fixes both.
+* With ``jax_enable_x64``: index arithmetic with Python ints on traced int32 values became int64 (``lax.div ...
+  int32, int64`` in the row DMAs, ``lax.rem`` in the fused gather pipeline, int64 schedules / counts). Run in a
+  subprocess (x64 is process-global), against the xla backend.
 
 Data are drawn from a fresh seed each run (printed, and named in every failure message).
 """
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -164,3 +170,70 @@ def test_export_tpu_of_a_shard_mapped_op():
     text = jax.export.export(jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1))),
                              platforms=["tpu"])(*args).mlir_module()
     assert text.count("tpu_custom_call") >= 4, "expected the sort, gather, gmm and tgmm kernels"
+
+
+# ------------------------------------------------------------------------------------------------------- x64
+X64_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    import moe_ops
+    assert jax.config.jax_enable_x64
+    seed = {seed}
+    k = jax.random.split(jax.random.key(seed), 8)
+    t, d, f, e = 16, 8, 16, 4
+    x = jax.random.normal(k[0], (t, d), jnp.float32)
+    wg, wu = (jax.random.normal(k[i], (e, d, f), jnp.float32) * d ** -0.5 for i in (1, 2))
+    wd = jax.random.normal(k[3], (e, f, d), jnp.float32) * f ** -0.5
+    ids = jax.random.randint(k[4], (t, 2), 0, e, dtype=jnp.int64)
+    w = jax.nn.softmax(jax.random.normal(k[5], (t, 2), jnp.float32), axis=-1)
+    logits = jax.random.normal(k[6], (t, e), jnp.float32)
+    sizes = jnp.bincount(ids.reshape(-1), length=e)
+    assert ids.dtype == sizes.dtype == jnp.int64
+    def rel(a, b, what):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+        assert a.shape == b.shape and err < 2e-5, (what, a.shape, b.shape, err, seed)
+    def both(fn, *args, argnums=None):
+        outs = [jax.jit(fn(impl))(*args) if argnums is None else jax.jit(jax.grad(fn(impl), argnums=argnums))(*args)
+                for impl in ("pallas", "xla")]
+        return outs
+    # permute / unpermute, int64 ids
+    def perm(impl):
+        def g(x, w):
+            xs, _, s = moe_ops.permute(x, ids, e, implementation=impl)
+            return jnp.sum(moe_ops.unpermute(xs * 1.5, s, w, implementation=impl) ** 2)
+        return g
+    for a, b in zip(*both(perm, x, w, argnums=(0, 1))):
+        rel(a, b, "permute/unpermute grad")
+    p, q = (moe_ops.permute(x, ids, e, implementation=i) for i in ("pallas", "xla"))
+    rel(p[0], q[0], "permute rows"); np.testing.assert_array_equal(p[2], q[2])
+    # gmm / tgmm, int64 group sizes
+    xs = q[0]
+    other = jax.random.normal(k[7], (e, d, d), jnp.float32)
+    gm = lambda impl: lambda xs, wg, o: jnp.sum(moe_ops.gmm(xs, wg, sizes, implementation=impl) ** 2) + jnp.sum(
+        moe_ops.tgmm(xs, xs, sizes, implementation=impl) * o)
+    rel(*both(gm, xs, wg, other), "gmm/tgmm forward")
+    for a, b in zip(*both(gm, xs, wg, other, argnums=(0, 1, 2))):
+        rel(a, b, "gmm/tgmm grad")
+    # the fused layer and the unfused one, forward and gradients
+    for fused in (None, False):
+        layer = lambda impl: lambda *a: jnp.sum(moe_ops.moe_ffn(*a, top_k=2, fused=fused, implementation=impl) ** 2)
+        args = (x, logits, wg, wu, wd)
+        rel(*both(layer, *args), f"moe_ffn(fused={{fused}}) forward")
+        for a, b in zip(*both(layer, *args, argnums=range(5))):
+            rel(a, b, f"moe_ffn(fused={{fused}}) grad")
+    # Mosaic export under x64: the kernels' scalars stay int32
+    sds = jax.ShapeDtypeStruct
+    fn = lambda x, w, wg: moe_ops.fused_experts_ffn(x, w, ids, wg, wg, jnp.swapaxes(wg, 1, 2), implementation="pallas")
+    text = jax.export.export(jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2))), platforms=["tpu"])(
+        sds((t, 128), jnp.float32), sds((t, 2), jnp.float32), sds((e, 128, 128), jnp.float32)).mlir_module()
+    assert "tpu_custom_call" in text
+    print("X64-OK")
+""")
+
+
+def test_x64_int64_ids_and_group_sizes(seed):
+    env = dict(os.environ, JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", X64_SCRIPT.format(seed=seed)], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "X64-OK" in run.stdout, f"seed {seed}: " + run.stderr[-3000:]

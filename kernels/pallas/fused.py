@@ -143,6 +143,7 @@ def _local_tiles(sched, tm):
     """First and last row tile holding local rows; every tile between them is a COMPUTE tile (local rows are
     contiguous), so they are the fresh tiles of a column block, in order. (``lax.div``: rows are >= 0, and a floor
     division would need the chip generation to lower.)"""
+    tm = jnp.int32(tm)
     return lax.div(sched.starts[0], tm), lax.div(sched.ends[sched.ends.shape[0] - 1] - 1, tm)
 
 
@@ -152,7 +153,7 @@ def _tile_dmas(srcs, bufs, idx_smem, sem, tile, half, *, top_k, num_rows):
     tm = bufs[0].shape[1]
 
     def copies(r):
-        row = lax.div(jnp.clip(idx_smem[half, r], 0, num_rows - 1), top_k)
+        row = lax.div(jnp.clip(idx_smem[half, r], 0, num_rows - 1), jnp.int32(top_k))
         for src, buf in zip(srcs, bufs):
             cols = src.shape[1]
             dst = buf.at[half, pl.ds(r, 1)] if cols == buf.shape[2] else buf.at[half, pl.ds(r, 1), pl.ds(0, cols)]
@@ -165,7 +166,7 @@ def _tile_dmas(srcs, bufs, idx_smem, sem, tile, half, *, top_k, num_rows):
                 for copy in copies(r):
                     getattr(copy, method)()
             return carry
-        lax.fori_loop(0, tm, body, 0)
+        lax.fori_loop(jnp.int32(0), jnp.int32(tm), body, 0)
 
     return (lambda: run("start")), (lambda: run("wait"))
 
@@ -178,7 +179,7 @@ def gathered_lhs(sched, srcs, idx_hbm, bufs, idx_smem, sems, *, top_k, num_rows,
     tm, kp = bufs[0].shape[1], bufs[0].shape[2]
     tk = kp // tiles_k
     tile = sched.data_tiles[s]
-    half = lax.rem(tile, 2)
+    half = lax.rem(tile, jnp.int32(2))
     prev = jnp.maximum(s - 1, 0)
     fresh = (s == 0) | (sched.data_tiles[prev] != tile) | ~_has(sched.flags[prev], COMPUTE)
     first, last = _local_tiles(sched, tm)
@@ -190,14 +191,14 @@ def gathered_lhs(sched, srcs, idx_hbm, bufs, idx_smem, sems, *, top_k, num_rows,
 
         @pl.when(tile == first)
         def _cold_start():
-            _load_indices(idx_hbm, idx_smem.at[half], tile, sems.at[0])
+            _load_indices(idx_hbm, idx_smem.at[half], tile, sems.at[jnp.int32(0)])
             start()
 
         wait()
 
         @pl.when(tile < last)
         def _prefetch_next():
-            _load_indices(idx_hbm, idx_smem.at[1 - half], tile + 1, sems.at[0])
+            _load_indices(idx_hbm, idx_smem.at[1 - half], tile + 1, sems.at[jnp.int32(0)])
             dmas(sems.at[2 - half], tile + 1, 1 - half)[0]()
 
     if tiles_k == 1:
@@ -215,7 +216,7 @@ def accumulate(sched, accs, products, *, tiles_k, k_rem):
         x = ref[...]
         if not k_rem:
             return x
-        limit = jnp.where(kb == tiles_k - 1, k_rem, x.shape[axis])
+        limit = jnp.where(kb == tiles_k - 1, jnp.int32(k_rem), jnp.int32(x.shape[axis]))
         return _keep(lax.broadcasted_iota(jnp.int32, x.shape, axis) < limit, x)
 
     @pl.when(_has(sched.flags[s], COMPUTE))
@@ -343,9 +344,9 @@ def _scatter_kernel(sched, h_ref, rhs_ref, w_ref, idx_hbm, slots_hbm, acc_ref, o
 
     @pl.when((kb == tiles_k - 1) & _has(sched.flags[s], STORE) & last)
     def _scatter():
-        _load_indices(idx_hbm, idx_smem, tile, sems.at[0])
+        _load_indices(idx_hbm, idx_smem, tile, sems.at[jnp.int32(0)])
         col = pl.ds(pl.multiple_of(n * tn, tn), tn)
-        _row_dmas(otile, slots_hbm, sems.at[1], tm, live=lambda r: tile * tm + r < num_rows, src_row=lambda r: r,
+        _row_dmas(otile, slots_hbm, sems.at[jnp.int32(1)], tm, live=lambda r: tile * tm + r < num_rows, src_row=lambda r: r,
                   dst_slot=lambda r: (pl.ds(jnp.clip(idx_smem[r], 0, num_rows - 1), 1), col))
 
 

@@ -74,10 +74,11 @@ def _static_cost(fields):
 
 def _local_ranges(group_sizes, group_offset, num_local):
     """Row ranges [start, end) of local groups ``group_offset + j``; groups past G are empty at the sum."""
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    group_sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(group_sizes, dtype=jnp.int32)
     total = ends[-1]
     num_groups = group_sizes.shape[0]
-    offset = jnp.clip(group_offset.reshape(-1)[0], 0, num_groups)
+    offset = jnp.clip(group_offset.reshape(-1)[0].astype(jnp.int32), 0, num_groups)
     pad = lambda x: jnp.concatenate([x, jnp.full((num_local,), total, jnp.int32)])
     take = lambda x: lax.dynamic_slice(pad(x), (offset,), (num_local,))
     return take(ends - group_sizes), take(ends)
@@ -92,7 +93,7 @@ def gmm_schedule(group_sizes, group_offset, num_local: int, m: int, tm: int, til
     nonempty = ends > starts
     first_tile = starts // tm
     span = jnp.where(nonempty, (ends - 1) // tm - first_tile + 1, 0)
-    cum = jnp.cumsum(span)
+    cum = jnp.cumsum(span, dtype=jnp.int32)
     n_local = cum[-1]
     any_local = n_local > 0
     pre = jnp.where(any_local, starts[0] // tm, tiles_m)                 # tiles before the local rows
@@ -111,7 +112,7 @@ def gmm_schedule(group_sizes, group_offset, num_local: int, m: int, tm: int, til
                                              jnp.where(in_post, last_local + 1 + j - n_local, tiles_m - 1)))
     data_tiles = jnp.where(in_local, local_tile, jnp.where(in_pre, jnp.minimum(pre, tiles_m - 1), last_local))
     groups = jnp.where(in_local, g, jnp.where(in_pre, g_first, g_last))
-    k_pins = jnp.where(in_local, -1, jnp.where(in_pre, 0, tiles_k - 1))
+    k_pins = jnp.where(in_local, jnp.int32(-1), jnp.where(in_pre, jnp.int32(0), jnp.int32(tiles_k - 1)))
     first = (s == 0) | (m_tiles != jnp.roll(m_tiles, 1))
     flags = (jnp.where(first & (in_pre | in_local | in_post), FIRST, 0)
              | jnp.where(in_pre | in_local | in_post, STORE, 0) | jnp.where(in_local, COMPUTE, 0))
@@ -128,7 +129,7 @@ def tgmm_schedule(group_sizes, group_offset, num_local: int, m: int, tm: int):
     nonempty = ends > starts
     first_tile = jnp.minimum(starts // tm, tiles_m - 1)
     visits = jnp.where(nonempty, (ends - 1) // tm - first_tile + 1, 1)
-    cum = jnp.cumsum(visits)
+    cum = jnp.cumsum(visits, dtype=jnp.int32)
     s = jnp.arange(size, dtype=jnp.int32)
     real = s < cum[-1]
     g = jnp.clip(segment_of(cum, s), 0, num_local - 1).astype(jnp.int32)
@@ -193,7 +194,7 @@ def _gmm_kernel(sched, lhs_ref, rhs_ref, *refs, tiles_k, k_rem, transpose_rhs, h
 
         lhs, rhs = lhs_ref[...], rhs_ref[...]
         if k_rem:  # the last K block is partial: zero the columns past K in both operands
-            limit = jnp.where(k == tiles_k - 1, k_rem, lhs.shape[1])
+            limit = jnp.where(k == tiles_k - 1, jnp.int32(k_rem), jnp.int32(lhs.shape[1]))
             lhs = _keep(lax.broadcasted_iota(jnp.int32, lhs.shape, 1) < limit, lhs)
             rhs = _keep(lax.broadcasted_iota(jnp.int32, rhs.shape, 1 if transpose_rhs else 0) < limit, rhs)
         dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))

@@ -80,7 +80,7 @@ def _bounded_rows(y, sort_idx, n_valid, nb):
     """y [n, D] and sort_idx [n] padded to ``nb`` rows (padding slots map to themselves, a permutation of
     ``[0, nb)``), ``n_valid`` capped at the real ``n``: padding rows are never read."""
     n = y.shape[0]
-    return (pad_rows(y, nb), pad_rows(sort_idx.astype(jnp.int32), nb, jnp.arange(nb)),
+    return (pad_rows(y, nb), pad_rows(sort_idx.astype(jnp.int32), nb, jnp.arange(nb, dtype=jnp.int32)),
             _n_valid_array(n_valid, n))
 
 
@@ -101,7 +101,7 @@ def _histogram_kernel(ids_ref, counts_ref, *, num_experts):
     """ids_ref [1, BLOCK_N] -> counts_ref [E_PAD, 1]: occurrences of each key in the block."""
     key = _keys(ids_ref[...], num_experts)                                     # [1, BN]
     experts = jax.lax.broadcasted_iota(jnp.int32, (counts_ref.shape[0], key.shape[1]), 0)
-    counts_ref[...] = jnp.sum((experts == key).astype(jnp.int32), axis=1, keepdims=True)
+    counts_ref[...] = jnp.sum((experts == key).astype(jnp.int32), axis=1, keepdims=True, dtype=jnp.int32)
 
 
 def _position_kernel(ids_row_ref, ids_col_ref, base_ref, pos_ref, *, num_experts):
@@ -110,9 +110,9 @@ def _position_kernel(ids_row_ref, ids_col_ref, base_ref, pos_ref, *, num_experts
     key_col = _keys(ids_col_ref[...], num_experts)                             # [BN, 1]
     bn = key_row.shape[1]
     earlier = jax.lax.broadcasted_iota(jnp.int32, (bn, bn), 0) < jax.lax.broadcasted_iota(jnp.int32, (bn, bn), 1)
-    rank = jnp.sum(((key_col == key_row) & earlier).astype(jnp.int32), axis=0, keepdims=True)  # [1, BN]
+    rank = jnp.sum(((key_col == key_row) & earlier).astype(jnp.int32), axis=0, keepdims=True, dtype=jnp.int32)
     experts = jax.lax.broadcasted_iota(jnp.int32, (base_ref.shape[0], bn), 0)
-    base = jnp.sum(jnp.where(experts == key_row, base_ref[...], 0), axis=0, keepdims=True)    # [1, BN]
+    base = jnp.sum(jnp.where(experts == key_row, base_ref[...], 0), axis=0, keepdims=True, dtype=jnp.int32)
     pos_ref[...] = base + rank
 
 
@@ -139,8 +139,9 @@ def sort_by_expert(expert_ids, num_experts, *, config: PallasSortConfig = CONFIG
         functools.partial(_histogram_kernel, num_experts=num_experts), grid=(blocks,), in_specs=[row_spec],
         out_specs=count_spec, out_shape=jax.ShapeDtypeStruct((blocks, e_pad, 1), jnp.int32),
         **_parallel(interpret))(ids_row)
-    totals = jnp.sum(counts, axis=0)                                           # [E_PAD, 1]
-    base = (jnp.cumsum(totals, axis=0) - totals)[None] + jnp.cumsum(counts, axis=0) - counts
+    totals = jnp.sum(counts, axis=0, dtype=jnp.int32)                          # [E_PAD, 1]
+    cumsum = functools.partial(jnp.cumsum, axis=0, dtype=jnp.int32)           # int32 also under jax_enable_x64
+    base = (cumsum(totals) - totals)[None] + cumsum(counts) - counts
     pos = pallas_call(
         functools.partial(_position_kernel, num_experts=num_experts), grid=(blocks,),
         in_specs=[row_spec, col_spec, count_spec], out_specs=row_spec,
@@ -187,8 +188,8 @@ def _row_dmas(src_hbm, dst, sem, count, live, src_row, dst_slot):
         pl.when(live(q))(lambda: copy(q).wait())
         return carry
 
-    jax.lax.fori_loop(0, count, start, 0)
-    jax.lax.fori_loop(0, count, wait, 0)
+    jax.lax.fori_loop(jnp.int32(0), jnp.int32(count), start, 0)
+    jax.lax.fori_loop(jnp.int32(0), jnp.int32(count), wait, 0)
 
 
 def _blocked(idx, per_block):
@@ -206,10 +207,10 @@ def _gather_kernel(n_valid_ref, x_hbm, idx_hbm, *rest, k, num_rows, has_w):
 
     @pl.when(b * bm < n_valid)                                        # blocks past n_valid: no reads at all
     def _():
-        _load_indices(idx_hbm, idx_smem, b, sems.at[0])
+        _load_indices(idx_hbm, idx_smem, b, sems.at[jnp.int32(0)])
         # Row r's source is token row sort_idx[i] // k (clamped: never an out-of-bounds DMA).
-        _row_dmas(x_hbm, out_ref, sems.at[1], bm, live=lambda r: b * bm + r < n_valid,
-                  src_row=lambda r: jax.lax.div(jnp.clip(idx_smem[r], 0, num_rows - 1), k),
+        _row_dmas(x_hbm, out_ref, sems.at[jnp.int32(1)], bm, live=lambda r: b * bm + r < n_valid,
+                  src_row=lambda r: jax.lax.div(jnp.clip(idx_smem[r], 0, num_rows - 1), jnp.int32(k)),
                   dst_slot=lambda r: pl.ds(r, 1))
 
     rows = b * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
@@ -249,13 +250,13 @@ def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None, *, config: Palla
 
 def _fetch_token_rows(n_valid, y_hbm, inv_hbm, inv_smem, buf, sems, block, bt, num_tokens, k):
     """buf[j, r] = y[inv[t*k + j]] for the tokens t = block*bt + r < num_tokens whose row is < n_valid."""
-    _load_indices(inv_hbm, inv_smem, block, sems.at[0])
+    _load_indices(inv_hbm, inv_smem, block, sems.at[jnp.int32(0)])
 
     def live(q):   # q = r*k + j (truncating div/rem: indices are non-negative, and Mosaic has no sign op)
-        return (block * bt + jax.lax.div(q, k) < num_tokens) & (inv_smem[q] < n_valid)
+        return (block * bt + jax.lax.div(q, jnp.int32(k)) < num_tokens) & (inv_smem[q] < n_valid)
 
-    _row_dmas(y_hbm, buf, sems.at[1], bt * k, live, src_row=lambda q: jnp.clip(inv_smem[q], 0, y_hbm.shape[0] - 1),
-              dst_slot=lambda q: (jax.lax.rem(q, k), pl.ds(jax.lax.div(q, k), 1)))
+    _row_dmas(y_hbm, buf, sems.at[jnp.int32(1)], bt * k, live, src_row=lambda q: jnp.clip(inv_smem[q], 0, y_hbm.shape[0] - 1),
+              dst_slot=lambda q: (jax.lax.rem(q, jnp.int32(k)), pl.ds(jax.lax.div(q, jnp.int32(k)), 1)))
 
 
 def _slot_terms(inv_blk_ref, buf, n_valid, j):
