@@ -154,6 +154,27 @@ def test_moe_ffn_shard_in_shard_map(seed, strategy):
         assert_close(g, e, TOL, f"moe_ffn_shard({strategy}): d{name} (seed {seed})")
 
 
+@pytest.mark.parametrize("interpreter", ["hlo", "tpu"])
+def test_sharded_group_sizes_in_shard_map(seed, interpreter):
+    """Group sizes varying over the shards too (so do the schedule and the dynamic grid bound), in the HLO
+    interpreter and in the TPU interpreter (``InterpretParams``: its ordered effects thread through the call)."""
+    from kernels import platform  # noqa: PLC0415
+    from tests.helpers import POISON  # noqa: PLC0415
+    p = _data(seed)
+    sizes = jax.random.multinomial(jax.random.key(seed + 1), 8, jnp.full((SUM_SHARDS, 4), 0.25)).astype(jnp.int32)
+    mesh = jax.make_mesh((SUM_SHARDS,), ("d",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:SUM_SHARDS])
+    f = jax.shard_map(lambda x, w, g: moe_ops.gmm(x, w, g[0], implementation=PALLAS), mesh=mesh,
+                      in_specs=(jax.P("d"), jax.P(), jax.P("d")), out_specs=jax.P("d"))
+    with platform.interpret_mode(POISON if interpreter == "tpu" else True):
+        got = jax.jit(f)(p["x"], p["wg"], sizes)
+    want = jnp.concatenate([R.gmm(b, p["wg"], sizes[i]) for i, b in enumerate(jnp.split(p["x"], SUM_SHARDS))])
+    assert_close(got, want, TOL, f"gmm, sharded group sizes, {interpreter} interpreter (seed {seed})")
+    # outside shard_map the program is unchanged: no casts, no invariant call
+    text = str(jax.make_jaxpr(lambda x: moe_ops.gmm(x, p["wg"], sizes[0], implementation=PALLAS))(p["x"]))
+    assert "moe_pallas_invariant_call" not in text and "pvary" not in text
+
+
 def test_export_tpu_of_a_shard_mapped_op():
     """Lowered for TPU (Mosaic), the shard_map'd ops still emit the Pallas kernels."""
     mesh = jax.make_mesh((SUM_SHARDS,), ("d",), axis_types=(jax.sharding.AxisType.Auto,),

@@ -81,8 +81,11 @@ def _abstract_eval(*_args, jaxpr):
 
 
 def _lowering(ctx, *args, jaxpr):
-    return mlir.lower_fun(jex_core.jaxpr_as_fun(jaxpr), multiple_results=True)(
-        ctx.replace(avals_in=list(jaxpr.in_avals)), *args)
+    invariant = ctx.replace(avals_in=list(jaxpr.in_avals))
+    outs = mlir.lower_fun(jex_core.jaxpr_as_fun(jaxpr), multiple_results=True)(invariant, *args)
+    if invariant.tokens_out is not None:  # the ordered effects of a TPU interpreter (InterpretParams) thread through
+        ctx.set_tokens_out(invariant.tokens_out)
+    return outs
 
 
 def _batch(args, dims, *, jaxpr):
