@@ -346,7 +346,8 @@ def _scatter_kernel(sched, h_ref, rhs_ref, w_ref, idx_hbm, slots_hbm, acc_ref, o
     def _scatter():
         _load_indices(idx_hbm, idx_smem, tile, sems.at[jnp.int32(0)])
         col = pl.ds(pl.multiple_of(n * tn, tn), tn)
-        _row_dmas(otile, slots_hbm, sems.at[jnp.int32(1)], tm, live=lambda r: tile * tm + r < num_rows, src_row=lambda r: r,
+        _row_dmas(otile, slots_hbm, sems.at[jnp.int32(1)], tm, live=lambda r: tile * tm + r < num_rows,
+                  src_row=lambda r: r,
                   dst_slot=lambda r: (pl.ds(jnp.clip(idx_smem[r], 0, num_rows - 1), 1), col))
 
 

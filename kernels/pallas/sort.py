@@ -255,7 +255,8 @@ def _fetch_token_rows(n_valid, y_hbm, inv_hbm, inv_smem, buf, sems, block, bt, n
     def live(q):   # q = r*k + j (truncating div/rem: indices are non-negative, and Mosaic has no sign op)
         return (block * bt + jax.lax.div(q, jnp.int32(k)) < num_tokens) & (inv_smem[q] < n_valid)
 
-    _row_dmas(y_hbm, buf, sems.at[jnp.int32(1)], bt * k, live, src_row=lambda q: jnp.clip(inv_smem[q], 0, y_hbm.shape[0] - 1),
+    _row_dmas(y_hbm, buf, sems.at[jnp.int32(1)], bt * k, live,
+              src_row=lambda q: jnp.clip(inv_smem[q], 0, y_hbm.shape[0] - 1),
               dst_slot=lambda q: (jax.lax.rem(q, jnp.int32(k)), pl.ds(jax.lax.div(q, jnp.int32(k)), 1)))
 
 
