@@ -46,7 +46,7 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels.groups import local_row_mask
 from kernels.pallas import tiling as tiling_lib
 from kernels.pallas.gmm import (COMPUTE, FIRST, STORE, _gmm_kernel, _gmm_out_index, _gmm_rhs_index, _gmm_rhs_t_index,
-                                _gmm_lhs_index, _has, _keep, _resolve, _row_mask, gmm_schedule)
+                                _gmm_lhs_index, _has, _keep, _resolve, _row_mask, gmm_schedule, tile_dot)
 from kernels.pallas.gmm import gmm as plain_gmm
 from kernels.pallas.sort import _blocked, _load_indices, _row_dmas, combine_rows, gather_rows
 from kernels.pallas.vma import pallas_call
@@ -231,9 +231,7 @@ def accumulate(sched, accs, products, *, tiles_k, k_rem):
             if id(lhs_ref) not in loaded:
                 loaded[id(lhs_ref)] = load(lhs_ref, 1)
             lhs = loaded[id(lhs_ref)]
-            dims = (((1,), (1,)) if rhs_t else ((1,), (0,)), ((), ()))
-            acc[...] += lax.dot_general(lhs, load(rhs_ref, 1 if rhs_t else 0), dims,
-                                        preferred_element_type=jnp.float32)
+            acc[...] += tile_dot(lhs, load(rhs_ref, 1 if rhs_t else 0), rhs_t)
 
 
 def _masked_store(ref, mask, value, first):

@@ -178,6 +178,17 @@ def _gmm_out_index(n, s, k, sched):
     return sched.m_tiles[s], n
 
 
+def tile_dot(lhs, rhs, transpose_rhs, precision=None):
+    """f32 ``lhs [tm,tk] @ rhs`` for ``rhs [tk,tn]``, or ``[tn,tk]`` with ``transpose_rhs`` (contracted on its last
+    dim). One output column (``tn = 1``, transposed) goes in f32: Mosaic lowers that dot as a matrix-vector product,
+    which fails verification for 16-bit operands (jax 0.10 / 0.11: it broadcasts them to f32 vectors before
+    converting them), while the f32 form takes the matmul path; products of 16-bit values are exact in f32."""
+    if transpose_rhs and rhs.shape[0] == 1:
+        lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+    dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+    return lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
 def _gmm_kernel(sched, lhs_ref, rhs_ref, *refs, tiles_k, k_rem, transpose_rhs, has_existing, precision=None,
                 row_scale_ref=None):
     """``row_scale_ref`` (fused ops, [tm, 1] f32): scales the group's accumulator rows before the store."""
@@ -197,8 +208,7 @@ def _gmm_kernel(sched, lhs_ref, rhs_ref, *refs, tiles_k, k_rem, transpose_rhs, h
             limit = jnp.where(k == tiles_k - 1, jnp.int32(k_rem), jnp.int32(lhs.shape[1]))
             lhs = _keep(lax.broadcasted_iota(jnp.int32, lhs.shape, 1) < limit, lhs)
             rhs = _keep(lax.broadcasted_iota(jnp.int32, rhs.shape, 1 if transpose_rhs else 0) < limit, rhs)
-        dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
-        acc_ref[...] += lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=jnp.float32)
+        acc_ref[...] += tile_dot(lhs, rhs, transpose_rhs, precision)
 
     @pl.when((k == tiles_k - 1) & _has(flags, STORE))
     def _store():
