@@ -252,7 +252,8 @@ def _print(result: dict, need: dict) -> None:
                                                  f" ({k['dram_read_mb'] / need['read']:.2f}x)")
         stalls = " ".join(f"{n}={v}" for n, v in k["stalls"])
         print(f"{result['target']:18} {fmt(k['time_us'], '8.1f')} us  DRAM rd {dram:>12} MB wr "
-              f"{fmt(k['dram_write_mb'], '.0f'):>5} ({fmt(k['dram_pct'], '.0f')}% of peak)  L2 hit {fmt(k['l2_hit_pct'], '.0f'):>3}%  SM "
+              f"{fmt(k['dram_write_mb'], '.0f'):>5} ({fmt(k['dram_pct'], '.0f')}% of peak)  L2 hit "
+              f"{fmt(k['l2_hit_pct'], '.0f'):>3}%  SM "
               f"{fmt(k['sm_pct'], '.0f'):>3}%  TC {fmt(k['tensor_pct'], '.0f'):>3}%  occ "
               f"{fmt(k['occupancy_pct'], '.0f'):>3}%  regs {fmt(k['registers'], '.0f')}  smem "
               f"{fmt(k['smem_kb'], '.0f')} KB  stalls {stalls}  {k['kernel'][:48]}")

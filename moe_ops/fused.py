@@ -11,8 +11,9 @@ With ``sort_idx`` [T*k] from ``sort_by_expert`` (sorted row ``i`` holds token co
 Rows of non-local groups and rows beyond ``sum(group_sizes)`` (dropped copies: out-of-range expert ids sort last)
 give zero rows / zero contributions and get zero gradient, whatever they hold: a NaN / Inf / huge value in such a
 row of ``x`` or ``h``, in an unused expert of ``rhs``, or in the routing weight of such a copy (``scatter_gmm``)
-reaches no output and no gradient, on every backend (a select, never a multiply by zero; ``tests/test_nonfinite.py``). Custom VJPs, built from existing grouped matmuls and row
-kernels (no scatter-add, nothing densified):
+reaches no output and no gradient, on every backend (a select, never a multiply by zero;
+``tests/test_nonfinite.py``). Custom VJPs, built from existing grouped matmuls and row kernels (no scatter-add,
+nothing densified):
 
 * gather_gmm: ``dx = combine_rows(gmm(dy, R^T), sort_idx, ones)``; ``drhs = tgmm(gather_rows(x), dy)`` (the backward
   gathers x once: acceptable there, the forward does not).
