@@ -74,23 +74,30 @@ def _activation_grad(gate, ACT: tl.constexpr):
 
 
 @triton.jit
-def _saved_epilogue(a, w, row_off, cols, live, gate_ptr, up_ptr, dgate_ptr, dup_ptr, hw_ptr, N: tl.constexpr,
-                    ACT: tl.constexpr):
-    """The saved-mode backward's epilogue on the columns ``cols`` of a row tile (``a = dout @ w_down^T`` there,
-    [BM, C] f32; rows at element offsets ``row_off`` [BM, 1], ``live`` rows; ``w`` [BM, 1]): loads gate / up from
-    the saved residuals, stores dgate = w*a*up*act'(gate), dup = w*a*act(gate), hw = w*act(gate)*up, and returns
-    the rows' partial ``sum_f h * a`` over the valid columns."""
-    off = row_off + cols[None, :]
-    mask = live[:, None] & (cols[None, :] < N)
-    act, dact = _activation_grad(tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32), ACT)
-    up = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
+def _bwd_stores(a, act, dact, up, w, off, mask, col_ok, dgate_ptr, dup_ptr, hw_ptr):
+    """The backward's epilogue on a [BM, C] block (f32 ``a = dout @ w_down^T``, ``act`` / ``dact`` = act(gate) /
+    act'(gate), ``up``, ``w`` [BM, 1]) at element offsets ``off``: stores dgate = w*a*up*act'(gate),
+    dup = w*a*act(gate), hw = w*act(gate)*up (dw_down's lhs), and returns the rows' partial ``sum_f h * a`` over the
+    columns ``col_ok`` [1, C]."""
     dh = a * w
     h = act * up
     dtype = dgate_ptr.dtype.element_ty
     tl.store(dgate_ptr + off, (dh * up * dact).to(dtype), mask=mask)
     tl.store(dup_ptr + off, (dh * act).to(dtype), mask=mask)
     tl.store(hw_ptr + off, (h * w).to(dtype), mask=mask)
-    return tl.sum(tl.where(cols[None, :] < N, h * a, 0.0), axis=1)
+    return tl.sum(tl.where(col_ok, h * a, 0.0), axis=1)
+
+
+@triton.jit
+def _saved_epilogue(a, w, row_off, cols, live, gate_ptr, up_ptr, dgate_ptr, dup_ptr, hw_ptr, N: tl.constexpr,
+                    ACT: tl.constexpr):
+    """``_bwd_stores`` on the columns ``cols`` of a row tile (rows at element offsets ``row_off`` [BM, 1], ``live``
+    rows), gate / up loaded here from the saved residuals."""
+    off = row_off + cols[None, :]
+    mask = live[:, None] & (cols[None, :] < N)
+    act, dact = _activation_grad(tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32), ACT)
+    up = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    return _bwd_stores(a, act, dact, up, w, off, mask, cols[None, :] < N, dgate_ptr, dup_ptr, hw_ptr)
 
 
 @triton.jit
@@ -248,13 +255,9 @@ def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, 
         else:
             act, dact = _activation_grad(gate, ACT)
             w = tl.load(ws_ptr + row_start + tl.minimum(offs_m, row_end - row_start - 1))[:, None]
-            dh = acc_a * w
-            h = act * up
-            dtype = dgate_ptr.dtype.element_ty
-            tl.store(dgate_ptr + out_off, (dh * up * dact).to(dtype), mask=store_mask)
-            tl.store(dup_ptr + out_off, (dh * act).to(dtype), mask=store_mask)
-            tl.store(hw_ptr + out_off, (h * w).to(dtype), mask=store_mask)  # dw_down's lhs
-            tl.store(part_ptrs, tl.sum(tl.where(offs_n[None, :] < N, h * acc_a, 0.0), axis=1), mask=live)
+            part = _bwd_stores(acc_a, act, dact, up, w, out_off, store_mask, offs_n[None, :] < N, dgate_ptr, dup_ptr,
+                               hw_ptr)
+            tl.store(part_ptrs, part, mask=live)
     elif group == _ZERO_FILL:
         zeros = tl.zeros((BM, BN), dtype=dgate_ptr.dtype.element_ty)
         tl.store(dgate_ptr + out_off, zeros, mask=store_mask)
