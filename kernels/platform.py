@@ -38,10 +38,18 @@ from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
 __all__ = ["Rule", "platform_call", "dispatch", "lowering_platform", "tpu_or_interpret", "interpret_mode",
-           "on_platforms", "PLATFORMS"]
+           "on_platforms", "varying_axes", "PLATFORMS"]
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 _state = threading.local()
+
+
+def varying_axes(x) -> frozenset:
+    """Manual mesh axes the array ``x`` varies over inside ``shard_map`` with ``check_vma`` (invariant 4; empty
+    outside it). jax 0.10+: ``aval.manual_axis_type.varying``; older: ``aval.vma``."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
 
 
 @dataclasses.dataclass(frozen=True)

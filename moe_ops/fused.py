@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from kernels.groups import local_row_mask
 from moe_ops import backend, validation, vma
 from moe_ops.sharding import on_explicit_axes
-from moe_ops.gmm import _gmm, _tgmm, local_rows
+from moe_ops.gmm import _gmm, _tgmm
 from moe_ops.sort import _combine, _gather, sort_by_expert
 
 __all__ = ["gather_gmm", "scatter_gmm", "sort_by_expert", "supports_fused", "use_fused", "FUSED_BY_DEFAULT"]
@@ -113,7 +114,7 @@ def _scatter_gmm_bwd(transpose_rhs, out_dtype, impl, residuals, dout):
                     impl)
     # Rows outside the local groups contribute nothing, so their dh and routing-weight gradient are exactly zero:
     # selected, never computed as 0 * w (an Inf / NaN weight) or <h_i, 0> (a NaN h row).
-    local = local_rows(group_sizes, group_offset, rhs.shape[0], h.shape[0])
+    local = local_row_mask(group_sizes, group_offset, rhs.shape[0], h.shape[0])
     w_sorted = jnp.where(local, weights.reshape(-1).astype(jnp.float32)[sort_idx], 0.0)
     dh = (a * w_sorted[:, None]).astype(h.dtype)
     dw_sorted = jnp.where(local, jnp.sum(a * h.astype(jnp.float32), axis=1), 0.0)  # <h_i, a_i> = <dout[t], (h@R)[i]>

@@ -11,7 +11,7 @@ For ``out = tgmm(lhs, rhs)``: ``dlhs = gmm(rhs, dout, transpose_rhs=True)``, ``d
 Forward mode is the bilinear rule ``d out = op(dlhs, rhs) + op(lhs, drhs)``. Rows of non-local groups and rows
 beyond ``sum(group_sizes)`` get zero gradient (and zero tangent) because every op above writes zeros there. Integer
 inputs (``group_sizes``, ``group_offset``) get no cotangent. ``gmm(..., existing_out=)`` selects between the kernel
-output and ``existing_out`` with one row mask (``local_rows``), so its gradient is the select's.
+output and ``existing_out`` with one row mask (``kernels.groups.local_row_mask``), so its gradient is the select's.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from kernels.groups import local_row_mask
 from moe_ops import backend, primitives, validation
 from moe_ops.sharding import on_explicit_axes
 from moe_ops import vma
 
-__all__ = ["gmm", "tgmm", "local_rows"]
+__all__ = ["gmm", "tgmm"]
 
 
 def _precision_kwargs(precision):
@@ -89,15 +90,6 @@ def _tgmm(lhs, rhs, group_sizes, group_offset, num_groups, out_dtype, impl, prec
                            out_dtype=jnp.dtype(out_dtype), precision=precision, impl=impl)
 
 
-def local_rows(sizes, offset, num_local, num_rows):
-    """[M] bool: rows of the local groups ``[offset, offset + num_local)`` (one contiguous row range, clamped sizes)."""
-    g = jnp.arange(sizes.shape[0])
-    start = jnp.sum(jnp.where(g < offset[0], sizes, 0))
-    end = jnp.sum(jnp.where(g < offset[0] + num_local, sizes, 0))
-    rows = jnp.arange(num_rows, dtype=jnp.int32)
-    return (rows >= start) & (rows < end)
-
-
 @on_explicit_axes(lambda spec, a: P(spec("lhs", 0), spec("rhs", 1 if a["transpose_rhs"] else 2)))
 def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, preferred_element_type=None,
         existing_out=None, precision=None, implementation=None):
@@ -129,7 +121,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
         out = _gmm(lhs, rhs, sizes, offset, bool(transpose_rhs), out_dtype, impl, precision)
     if existing_out is None:
         return out
-    keep = ~local_rows(sizes, offset, rhs.shape[0], lhs.shape[0])
+    keep = ~local_row_mask(sizes, offset, rhs.shape[0], lhs.shape[0])
     return jnp.where(keep[:, None], existing_out, out)
 
 

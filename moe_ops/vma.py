@@ -10,14 +10,9 @@ from __future__ import annotations
 
 import jax
 
+from kernels.platform import varying_axes
+
 __all__ = ["varying_axes", "match_vma", "like", "like_all"]
-
-
-def varying_axes(a) -> frozenset:
-    """Manual mesh axes ``a`` varies over (jax 0.10: ``aval.manual_axis_type.varying``; older: ``aval.vma``)."""
-    aval = jax.typeof(a)
-    mat = getattr(aval, "manual_axis_type", None)
-    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
 
 
 def match_vma(*arrays):
@@ -30,8 +25,7 @@ def match_vma(*arrays):
 def like(out, ref):
     """``out`` cast to vary over ``ref``'s varying axes too. Kernel calls (``triton_call``, ``pure_callback``) drop
     the vma of their operands; re-attach it so results and cotangents are typed like the values they derive from."""
-    missing = varying_axes(ref) - varying_axes(out)
-    return jax.lax.pcast(out, tuple(sorted(missing)), to="varying") if missing else out
+    return like_all(out, (ref,))
 
 
 def like_all(outs, refs):

@@ -26,14 +26,9 @@ from jax.experimental import pallas as pl
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
-__all__ = ["pallas_call", "varying_axes", "out_struct"]
+from kernels.platform import varying_axes
 
-
-def varying_axes(x) -> frozenset:
-    """Manual mesh axes the array ``x`` varies over (empty outside shard_map / with check_vma off)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+__all__ = ["pallas_call", "out_struct"]
 
 
 def out_struct(shape, dtype, varying=frozenset()) -> jax.ShapeDtypeStruct:
