@@ -14,9 +14,11 @@ jax-triton 0.3.1; waves_per_eu, matrix_instr_nonkdim and kpack do not.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,9 +91,12 @@ def _pointer_attrs(case: AotCase) -> dict:
 
 
 def _ensure_cache_dir() -> None:
-    """``import jax_triton`` sets ``TRITON_CACHE_DIR=""``, which makes ``triton.compile`` fail: use a private one."""
+    """``import jax_triton`` sets ``TRITON_CACHE_DIR=""``, which makes ``triton.compile`` fail: use a private one,
+    removed when the process exits (tens of MB of compiled kernels otherwise stay behind in the temp dir)."""
     if not os.environ.get("TRITON_CACHE_DIR"):
-        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="moe_ops_aot_")
+        path = tempfile.mkdtemp(prefix="moe_ops_aot_")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        os.environ["TRITON_CACHE_DIR"] = path
 
 
 def compile_case(case: AotCase, target: str) -> AotReport:

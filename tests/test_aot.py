@@ -57,3 +57,15 @@ def test_cli_one_row_per_case():
     assert len(rows) == len(cases_for("sm90", ["gmm"]))
     assert all(row[-1] == "ok" for row in rows)
     assert f"{len(rows)} compiles, 0 failures" in proc.stdout
+
+
+def test_private_cache_dir_is_removed_at_exit():
+    """The compile cache ``kernels.aot`` creates when ``TRITON_CACHE_DIR`` is unset or empty goes away with the
+    process: every pytest worker and CLI run used to leave tens of MB of kernels in the temp dir."""
+    code = "import os; from kernels import aot; aot._ensure_cache_dir(); print(os.environ['TRITON_CACHE_DIR'])"
+    env = dict(os.environ, TRITON_CACHE_DIR="")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = proc.stdout.strip().splitlines()[-1]
+    assert os.path.basename(path).startswith("moe_ops_aot_")
+    assert not os.path.exists(path)
