@@ -2,6 +2,7 @@
 lowering of the custom-partitioned op). All shapes below are per device.
 
 Common inputs: x [T, D], router_logits [T, E] (all E experts), expert axis of size EP, ``E_l = E / EP``.
+``moe_ffn_shard`` (public) picks one of the strategies below from the config and the weight layout.
 
 * ``all_to_all`` (weights [E_l, D, F] / [E_l, F, D]): route -> permute by global expert (so copies are grouped by
   destination device) -> all_gather the [EP, E_l] count matrix -> ragged all-to-all into a receive buffer of
@@ -19,12 +20,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moe_ops import ep_exchange, validation
+from moe_ops import ep_exchange, validation, vma
 from moe_ops.layer import experts_ffn, route
+from moe_ops.sharding import MoEShardingConfig
 from moe_ops.sort import permute, unpermute
 from moe_ops.vma import match_vma
 
-__all__ = ["all_to_all_shard", "ring_shard", "ep_tp_shard", "received_expert_ids", "gather_fsdp"]
+__all__ = ["moe_ffn_shard", "all_to_all_shard", "ring_shard", "ep_tp_shard", "received_expert_ids", "gather_fsdp"]
 
 
 def gather_fsdp(weights, fsdp_axis):
@@ -130,3 +132,37 @@ def ep_tp_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, t
     return _gathered_shard(x, router_logits, w_gate, w_up, w_down, top_k=top_k, expert_axis=expert_axis,
                            tokens_on_expert=tokens_on_expert, tensor_parallel=True, activation=activation,
                            score_fn=score_fn, implementation=implementation)
+
+
+def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoEShardingConfig(),
+                  tokens_on_expert=None, fsdp_axis=None, activation="silu", score_fn="softmax", implementation=None):
+    """Per-shard MoE for use inside ``shard_map`` over a mesh with ``config.expert_axis``.
+
+    x [T_l, D] and router_logits [T_l, E] are this device's tokens (sharded over the expert axis iff
+    ``tokens_on_expert``; by default read from x's varying manual axes under ``check_vma`` (any operand typed as
+    varying shows it is on), else ``expert_axis in config.batch_axes``); weights are the local blocks (E_l experts,
+    or for ``ep_tp`` all experts with F/EP), additionally sharded over ``fsdp_axis`` on E when given. ``auto`` reads
+    the weight layout: ``ep_tp`` when every expert is local, else ``all_to_all``. Under ``check_vma``, weights
+    typed as replicated over the expert axis are refused for ``ep_tp`` (it would sum EP full copies)."""
+    axis = config.expert_axis
+    ep = jax.lax.axis_size(axis)
+    operands = (x, router_logits, w_gate, w_up, w_down)
+    typed = any(vma.varying_axes(a) for a in operands)  # check_vma is on: "varies over nothing" means replicated
+    if tokens_on_expert is None:  # what x's type says (shard_map's check_vma), else the config's batch axes
+        tokens_on_expert = axis in vma.varying_axes(x) if typed else axis in config.batch_axes
+    w_gate, w_up, w_down = gather_fsdp((w_gate, w_up, w_down), fsdp_axis)
+    strategy = config.strategy
+    if strategy == "auto":  # the caller fixed the weight layout: all experts local means ep_tp
+        strategy = "ep_tp" if w_gate.shape[0] == router_logits.shape[1] and ep > 1 else "all_to_all"
+    if strategy == "ep_tp" and ep > 1 and typed and any(axis not in vma.varying_axes(w) for w in operands[2:]):
+        raise ValueError(f"strategy ep_tp (chosen by {config.strategy!r}) needs w_gate / w_up / w_down split on F over "
+                         f"the expert axis {axis!r}, but their types say they are replicated over it: shard F over "
+                         f"{axis!r} (in_specs P(None, None, {axis!r}) / P(None, {axis!r}, None)), or shard E over it "
+                         f"with strategy 'all_to_all' / 'ring'")
+    common = dict(top_k=top_k, expert_axis=axis, activation=activation, score_fn=score_fn,
+                  implementation=implementation)
+    if strategy == "all_to_all":
+        return all_to_all_shard(x, router_logits, w_gate, w_up, w_down, batch_sharded=tokens_on_expert,
+                                              capacity_factor=config.capacity_factor, **common)
+    fn = ring_shard if strategy == "ring" else ep_tp_shard
+    return fn(x, router_logits, w_gate, w_up, w_down, tokens_on_expert=tokens_on_expert, **common)

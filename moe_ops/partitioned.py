@@ -33,11 +33,12 @@ from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from moe_ops import backend, ep_strategies, layer, validation, vma
+from moe_ops import backend, layer, validation, vma
+from moe_ops.ep_strategies import moe_ffn_shard
 from moe_ops.sharding import (MoEShardingConfig, auto_axes_like, choose_strategy, remove_axes, spec_axes,
                               weight_spec)
 
-__all__ = ["moe_ffn_partitioned", "moe_ffn_shard", "Plan", "plan"]
+__all__ = ["moe_ffn_partitioned", "moe_ffn_shard", "Plan", "plan"]  # moe_ffn_shard: ep_strategies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,40 +50,6 @@ class _Static:
     implementation: str | None
     config: MoEShardingConfig
     dims: tuple = ()  # (T, E, F) of the flattened operands, for the lowering-time check (``_checked_rule``)
-
-
-def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoEShardingConfig(),
-                  tokens_on_expert=None, fsdp_axis=None, activation="silu", score_fn="softmax", implementation=None):
-    """Per-shard MoE for use inside ``shard_map`` over a mesh with ``config.expert_axis``.
-
-    x [T_l, D] and router_logits [T_l, E] are this device's tokens (sharded over the expert axis iff
-    ``tokens_on_expert``; by default read from x's varying manual axes under ``check_vma`` (any operand typed as
-    varying shows it is on), else ``expert_axis in config.batch_axes``); weights are the local blocks (E_l experts,
-    or for ``ep_tp`` all experts with F/EP), additionally sharded over ``fsdp_axis`` on E when given. ``auto`` reads
-    the weight layout: ``ep_tp`` when every expert is local, else ``all_to_all``. Under ``check_vma``, weights
-    typed as replicated over the expert axis are refused for ``ep_tp`` (it would sum EP full copies)."""
-    axis = config.expert_axis
-    ep = jax.lax.axis_size(axis)
-    operands = (x, router_logits, w_gate, w_up, w_down)
-    typed = any(vma.varying_axes(a) for a in operands)  # check_vma is on: "varies over nothing" means replicated
-    if tokens_on_expert is None:  # what x's type says (shard_map's check_vma), else the config's batch axes
-        tokens_on_expert = axis in vma.varying_axes(x) if typed else axis in config.batch_axes
-    w_gate, w_up, w_down = ep_strategies.gather_fsdp((w_gate, w_up, w_down), fsdp_axis)
-    strategy = config.strategy
-    if strategy == "auto":  # the caller fixed the weight layout: all experts local means ep_tp
-        strategy = "ep_tp" if w_gate.shape[0] == router_logits.shape[1] and ep > 1 else "all_to_all"
-    if strategy == "ep_tp" and ep > 1 and typed and any(axis not in vma.varying_axes(w) for w in operands[2:]):
-        raise ValueError(f"strategy ep_tp (chosen by {config.strategy!r}) needs w_gate / w_up / w_down split on F over "
-                         f"the expert axis {axis!r}, but their types say they are replicated over it: shard F over "
-                         f"{axis!r} (in_specs P(None, None, {axis!r}) / P(None, {axis!r}, None)), or shard E over it "
-                         f"with strategy 'all_to_all' / 'ring'")
-    common = dict(top_k=top_k, expert_axis=axis, activation=activation, score_fn=score_fn,
-                  implementation=implementation)
-    if strategy == "all_to_all":
-        return ep_strategies.all_to_all_shard(x, router_logits, w_gate, w_up, w_down, batch_sharded=tokens_on_expert,
-                                              capacity_factor=config.capacity_factor, **common)
-    fn = ep_strategies.ring_shard if strategy == "ring" else ep_strategies.ep_tp_shard
-    return fn(x, router_logits, w_gate, w_up, w_down, tokens_on_expert=tokens_on_expert, **common)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The ops the way model code (MaxText / Flax training loops) drives them: ``lax.scan`` over stacked layers with
 ``jax.checkpoint`` policies, train steps (``value_and_grad(has_aux)``, subsets of params, donated SGD updates,
 static arguments), mixed precision, ``vmap`` / ``lax.map`` of a step, ``eval_shape`` / ``make_jaxpr`` / AOT
-compiles, data parallelism in a ``shard_map`` (``check_vma`` on), and x64. Every value and gradient (dtype too) is
-compared with the pure-jnp reference on fresh random data."""
+compiles, and x64 (data parallelism: ``test_model_data_parallel``). Every value and gradient (dtype too) is compared
+with the pure-jnp reference on fresh random data."""
 
 import functools
 import os
@@ -14,65 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.ad_checkpoint import checkpoint_name
 
 import moe_ops
 from moe_ops import reference as R
 from moe_ops.integrations import maxtext
 from tests.helpers import assert_close, keys, randn
-
-T, D, F, E, K, L = 16, 8, 12, 4, 2, 2
-TOL32, TOL16 = 2e-5, 3e-2
-CP = jax.checkpoint_policies
-
-
-def params(seed, dtype=jnp.float32, layers=None):
-    """Router and expert weights (stacked [L, ...] when ``layers``)."""
-    lead = () if layers is None else (layers,)
-    k = keys(seed, 4)
-    return dict(wr=randn(k[0], lead + (D, E), dtype), wg=randn(k[1], lead + (E, D, F), dtype, D ** -0.5),
-                wu=randn(k[2], lead + (E, D, F), dtype, D ** -0.5), wd=randn(k[3], lead + (E, F, D), dtype, F ** -0.5))
-
-
-def tokens(seed, shape=(T, D), dtype=jnp.float32):
-    return randn(keys(seed, 1)[0], shape, dtype)
-
-
-def moe(impl, fused=None, recompute=False):
-    return lambda x, lg, wg, wu, wd: moe_ops.moe_ffn(x, lg, wg, wu, wd, top_k=K, implementation=impl, fused=fused,
-                                                     recompute=recompute)
-
-
-def dense(x, lg, wg, wu, wd):
-    return R.moe_ffn_dense(x, lg, wg, wu, wd, top_k=K)
-
-
-def block(layer, x, p):
-    """One residual MoE block: router logits from the block's input."""
-    return x + layer(x, (x @ p["wr"].astype(x.dtype)).astype(jnp.float32), p["wg"], p["wu"], p["wd"])
-
-
-def stack_loss(layer, policy=None, names=False):
-    """Sum of squares after ``lax.scan`` over the stacked layers, each block under ``jax.checkpoint(policy)``."""
-    def body(h, p):
-        def f(h, p):
-            if names:
-                h = checkpoint_name(h, "block_in")
-            return block(layer, h, p)
-        f = f if policy is None else jax.checkpoint(f, policy=policy)
-        return f(h, p), None
-
-    def loss(p, x):
-        h, _ = jax.lax.scan(body, x, p)
-        return jnp.sum(h.astype(jnp.float32) ** 2)
-    return loss
-
-
-def close_tree(got, want, tol, what=""):
-    for name in want:
-        assert got[name].dtype == want[name].dtype, f"{what} {name}: dtype {got[name].dtype} != {want[name].dtype}"
-        assert_close(got[name], want[name], tol, f"{what} {name}")
-
+from tests.model_steps import (CP, D, E, K, L, T, TOL16, TOL32, block, close_tree, dense, moe, params, stack_loss,
+                               tokens)
 
 POLICIES = {
     "nothing_saveable": (CP.nothing_saveable, False),
@@ -306,69 +254,6 @@ def test_strict_promotion_f16_and_matmul_precision_context():
         close_tree(jax.jit(jax.grad(loss(moe("xla", True))))(p, x), want, TOL32, "precision")
     p16, x16 = jax.tree.map(lambda a: a.astype(jnp.float16), p), x.astype(jnp.float16)
     close_tree(jax.jit(jax.grad(loss(moe("xla"))))(p16, x16), jax.grad(loss(dense))(p16, x16), TOL16, "f16")
-
-
-# ------------------------------------------------------------------------------------------------ data parallel
-
-
-def dp_grads(layer, vmapped=False):
-    """Tokens sharded over 4 devices, weights replicated (check_vma on), scan over 2 layers sharing the weights;
-    the weight grads pmean'd (JAX already sums a replicated input's cotangent over the shards)."""
-    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
-
-    def loss(p, x):
-        h, _ = jax.lax.scan(lambda h, _: (block(layer, h, p), None), x, None, length=2)
-        return jnp.sum(h ** 2)
-
-    def step(p, x):
-        if vmapped:  # microbatches inside the shard
-            gp, gx = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0))(p, x.reshape(2, -1, D))
-            gp, gx = jax.tree.map(lambda a: a.sum(0), gp), gx.reshape(-1, D)
-        else:
-            gp, gx = jax.grad(loss, argnums=(0, 1))(p, x)
-        return jax.tree.map(lambda a: jax.lax.pmean(a, "data"), gp), gx
-
-    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(jax.P(), jax.P("data")),
-                                 out_specs=(jax.P(), jax.P("data"))))
-
-
-@pytest.mark.parametrize("impl,fused,vmapped", [
-    ("xla", True, True),
-    # Triton's fused layer (swiglu_ffn) inside shard_map: under scan + grad the kernel's result dropped its
-    # manual-axis variance (primal / fwd rule disagreed: TypeError), and under vmap a cast recorded outside the
-    # kernel was batched onto the composition's varying value (ValueError from pvary)
-    ("triton", None, False), ("triton", None, True),
-    pytest.param("triton", False, True, marks=pytest.mark.slow)])
-def test_data_parallel_shard_map_scan_grads(impl, fused, vmapped):
-    p, x = params(22), tokens(23)
-    got = dp_grads(moe(impl, fused), vmapped)(p, x)
-    want = dp_grads(dense, vmapped)(p, x)
-    close_tree(got[0], want[0], TOL32, "params")
-    assert_close(got[1], want[1], TOL32, "x")
-    # and the pmean'd weight grads are the whole batch's gradient
-    full = jax.jit(jax.grad(lambda p, x: jnp.sum(block(dense, block(dense, x, p), p) ** 2)))(p, x)
-    close_tree(got[0], full, TOL32, "vs unsharded")
-
-
-def swiglu_gmm_layer(impl):
-    """The public building blocks: route, sort, ``swiglu_gmm`` (gather through sort_idx), ``scatter_gmm``."""
-    def layer(x, logits, wg, wu, wd):
-        w, ids = moe_ops.route(logits, K)
-        sizes, sort_idx = moe_ops.sort_by_expert(ids, E, implementation=impl)
-        h = moe_ops.swiglu_gmm(x, wg, wu, sizes, sort_idx, implementation=impl)
-        return moe_ops.scatter_gmm(h, wd, sizes, sort_idx, w, implementation=impl)
-    return layer
-
-
-@pytest.mark.parametrize("impl", ["xla", "triton"])
-def test_swiglu_gmm_in_data_parallel_shard_map(impl):
-    """Triton: swiglu_gmm's backward fed the activation VJP kernel results without the token shard's variance
-    (ValueError: unexpected JAX type for argument to VJP function)."""
-    p, x = params(24), tokens(25)
-    got = dp_grads(swiglu_gmm_layer(impl))(p, x)
-    want = dp_grads(dense)(p, x)
-    close_tree(got[0], want[0], TOL32, "params")
-    assert_close(got[1], want[1], TOL32, "x")
 
 
 # ------------------------------------------------------------------------------------------------ x64
