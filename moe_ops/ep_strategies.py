@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_ops import ep_exchange, validation, vma
-from moe_ops.layer import experts_ffn, route
+from moe_ops.layer import check_routing, experts_ffn, route_tokens
 from moe_ops.sharding import MoEShardingConfig
 from moe_ops.sort import permute, unpermute
 from moe_ops.vma import match_vma
@@ -53,8 +53,9 @@ def received_expert_ids(recv_counts, recv_offsets, recv_sizes, num_rows):
 
 
 def all_to_all_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, batch_sharded=True,
-                     capacity_factor=None, activation="silu", score_fn="softmax", implementation=None):
-    """Expert-parallel all-to-all MoE on one shard: x [T, D], logits [T, E], weights [E_l, ...] -> [T, D]."""
+                     capacity_factor=None, activation="silu", score_fn="softmax", implementation=None, **routing):
+    """Expert-parallel all-to-all MoE on one shard: x [T, D], logits [T, E], weights [E_l, ...] -> [T, D].
+    ``routing``: ``moe_ffn``'s routing options (router_bias, renormalize, num_groups, top_groups, routed_scale)."""
     ep = jax.lax.axis_size(expert_axis)
     me = jax.lax.axis_index(expert_axis)
     t, num_experts = router_logits.shape
@@ -63,7 +64,7 @@ def all_to_all_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_ax
         raise ValueError(f"local w_gate holds E_l={num_local} experts; times the expert axis {expert_axis!r}={ep} "
                          f"that must equal router_logits' E={num_experts}")
     x, router_logits, w_gate, w_up, w_down = match_vma(x, router_logits, w_gate, w_up, w_down)
-    weights, ids = route(router_logits, top_k, score_fn=score_fn)
+    weights, ids = route_tokens(router_logits, top_k, score_fn=score_fn, **routing)
     x_sorted, sizes, sort_idx = permute(x, ids, num_experts, implementation=implementation)
     local_counts = sizes.reshape(ep, num_local)                        # [dst device, its local expert]
     if batch_sharded:
@@ -91,7 +92,7 @@ def all_to_all_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_ax
 
 
 def _gathered_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, tokens_on_expert,
-                    tensor_parallel, activation, score_fn, implementation):
+                    tensor_parallel, activation, score_fn, implementation, **routing):
     """Skeleton of ``ring`` / ``ep_tp``: every device routes the (gathered) batch, computes its slice of the experts,
     and the partial outputs are reduce-scattered (or psum'd for a replicated batch)."""
     if tokens_on_expert:
@@ -99,7 +100,7 @@ def _gathered_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axi
         router_logits = jax.lax.all_gather(router_logits, expert_axis, axis=0, tiled=True)
     x, router_logits, w_gate, w_up, w_down = match_vma(x, router_logits, w_gate, w_up, w_down)
     num_experts = router_logits.shape[1]
-    weights, ids = route(router_logits, top_k, score_fn=score_fn)
+    weights, ids = route_tokens(router_logits, top_k, score_fn=score_fn, **routing)
     x_sorted, sizes, sort_idx = permute(x, ids, num_experts, implementation=implementation)
     offset = None if tensor_parallel else jax.lax.axis_index(expert_axis) * w_gate.shape[0]
     y = experts_ffn(x_sorted, sizes, w_gate, w_up, w_down, activation=activation, group_offset=offset,
@@ -111,31 +112,33 @@ def _gathered_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axi
 
 
 def ring_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, tokens_on_expert=True,
-               activation="silu", score_fn="softmax", implementation=None):
-    """Ring of experts on one shard: x [T, D], logits [T, E], weights [E_l, ...] -> [T, D]."""
+               activation="silu", score_fn="softmax", implementation=None, **routing):
+    """Ring of experts on one shard: x [T, D], logits [T, E], weights [E_l, ...] -> [T, D] (``routing``: as
+    ``all_to_all_shard``'s)."""
     ep = jax.lax.axis_size(expert_axis)
     if w_gate.shape[0] * ep != router_logits.shape[1]:
         raise ValueError(f"local w_gate holds E_l={w_gate.shape[0]} experts; times the expert axis "
                          f"{expert_axis!r}={ep} that must equal router_logits' E={router_logits.shape[1]}")
     return _gathered_shard(x, router_logits, w_gate, w_up, w_down, top_k=top_k, expert_axis=expert_axis,
                            tokens_on_expert=tokens_on_expert, tensor_parallel=False, activation=activation,
-                           score_fn=score_fn, implementation=implementation)
+                           score_fn=score_fn, implementation=implementation, **routing)
 
 
 def ep_tp_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, tokens_on_expert=False,
-                activation="silu", score_fn="softmax", implementation=None):
+                activation="silu", score_fn="softmax", implementation=None, **routing):
     """Experts as tensor parallelism on one shard: x [T, D], logits [T, E], w_gate/w_up [E, D, F/EP],
-    w_down [E, F/EP, D] -> [T, D]."""
+    w_down [E, F/EP, D] -> [T, D] (``routing``: as ``all_to_all_shard``'s)."""
     if w_gate.shape[0] != router_logits.shape[1]:
         raise ValueError(f"ep_tp needs all router_logits' E={router_logits.shape[1]} experts in the local w_gate, "
                          f"got {w_gate.shape[0]}")
     return _gathered_shard(x, router_logits, w_gate, w_up, w_down, top_k=top_k, expert_axis=expert_axis,
                            tokens_on_expert=tokens_on_expert, tensor_parallel=True, activation=activation,
-                           score_fn=score_fn, implementation=implementation)
+                           score_fn=score_fn, implementation=implementation, **routing)
 
 
 def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoEShardingConfig(),
-                  tokens_on_expert=None, fsdp_axis=None, activation="silu", score_fn="softmax", implementation=None):
+                  tokens_on_expert=None, fsdp_axis=None, activation="silu", score_fn="softmax", implementation=None,
+                  router_bias=None, renormalize=True, num_groups=None, top_groups=None, routed_scale=1.0):
     """Per-shard MoE for use inside ``shard_map`` over a mesh with ``config.expert_axis``.
 
     x [T_l, D] and router_logits [T_l, E] are this device's tokens (sharded over the expert axis iff
@@ -143,7 +146,10 @@ def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoESh
     varying shows it is on), else ``expert_axis in config.batch_axes``); weights are the local blocks (E_l experts,
     or for ``ep_tp`` all experts with F/EP), additionally sharded over ``fsdp_axis`` on E when given. ``auto`` reads
     the weight layout: ``ep_tp`` when every expert is local, else ``all_to_all``. Under ``check_vma``, weights
-    typed as replicated over the expert axis are refused for ``ep_tp`` (it would sum EP full copies)."""
+    typed as replicated over the expert axis are refused for ``ep_tp`` (it would sum EP full copies). The routing
+    options are ``moe_ffn``'s (``router_bias`` [E] replicated: every device routes with all E experts)."""
+    validation.float_array("router_logits", router_logits, 2)
+    routing = check_routing(router_logits, top_k, router_bias, renormalize, num_groups, top_groups, routed_scale)
     axis = config.expert_axis
     ep = jax.lax.axis_size(axis)
     operands = (x, router_logits, w_gate, w_up, w_down)
@@ -160,7 +166,7 @@ def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoESh
                          f"{axis!r} (in_specs P(None, None, {axis!r}) / P(None, {axis!r}, None)), or shard E over it "
                          f"with strategy 'all_to_all' / 'ring'")
     common = dict(top_k=top_k, expert_axis=axis, activation=activation, score_fn=score_fn,
-                  implementation=implementation)
+                  implementation=implementation, **routing)
     if strategy == "all_to_all":
         return all_to_all_shard(x, router_logits, w_gate, w_up, w_down, batch_sharded=tokens_on_expert,
                                               capacity_factor=config.capacity_factor, **common)

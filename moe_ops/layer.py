@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,19 +19,42 @@ __all__ = ["moe_ffn", "experts_ffn", "fused_experts_ffn", "route"]
 
 
 @on_explicit_axes(lambda spec, a: (P(spec("logits", 0), None),) * 2)
-def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
-    """Top-k routing: logits [T,E] -> (weights [T,k] f32, expert_ids [T,k] int32); ``bias`` [E] moves selection only."""
+def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True, num_groups=None, top_groups=None,
+          scale=1.0):
+    """Top-k routing: logits [T,E] -> (weights [T,k] f32, expert_ids [T,k] int32); ``bias`` [E] moves selection only;
+    ``num_groups`` / ``top_groups``: select among the experts of each token's ``top_groups`` best groups of
+    ``E / num_groups``; ``scale`` multiplies the weights (``reference.route`` defines each)."""
     validation.float_array("logits", logits, 2)
-    num_experts = logits.shape[1]
+    top_k = check_top_k(top_k, logits.shape[1])
+    num_groups, top_groups, scale = validation.routing_options(
+        logits.shape[1], top_k, bias=bias, renormalize=renormalize, num_groups=num_groups, top_groups=top_groups,
+        scale=scale)
+    return reference.route(logits, top_k, score_fn=score_fn, bias=bias, renormalize=renormalize,
+                           num_groups=num_groups, top_groups=top_groups, scale=scale)
+
+
+def check_top_k(top_k, num_experts) -> int:
     if not validation.is_static_int(top_k) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an int in [1, E={num_experts}], got {top_k!r}")
-    top_k = int(top_k)
-    validation.flag("renormalize", renormalize)
-    if bias is not None and not hasattr(bias, "shape"):
-        raise TypeError(f"bias must be None or an array of shape [E]=({num_experts},), got {type(bias).__name__}")
-    if bias is not None and tuple(bias.shape) != (num_experts,):
-        raise ValueError(f"bias must have shape [E]=({num_experts},), got {tuple(bias.shape)}")
-    return reference.route(logits, top_k, score_fn=score_fn, bias=bias, renormalize=renormalize)
+    return int(top_k)
+
+
+def check_routing(router_logits, top_k, router_bias, renormalize, num_groups, top_groups, routed_scale) -> dict:
+    """``moe_ffn``'s routing options (errors name its arguments) -> them as keywords, static ones normalised."""
+    num_experts = router_logits.shape[-1]
+    top_k = check_top_k(top_k, num_experts)
+    num_groups, top_groups, routed_scale = validation.routing_options(
+        num_experts, top_k, bias=router_bias, renormalize=renormalize, num_groups=num_groups, top_groups=top_groups,
+        scale=routed_scale, names=("router_bias", "routed_scale"))
+    return dict(router_bias=router_bias, renormalize=bool(renormalize), num_groups=num_groups,
+                top_groups=top_groups, routed_scale=routed_scale)
+
+
+def route_tokens(router_logits, top_k, *, score_fn="softmax", router_bias=None, renormalize=True, num_groups=None,
+                 top_groups=None, routed_scale=1.0):
+    """``route`` with ``moe_ffn``'s names for the options (router_logits [T, E])."""
+    return route(router_logits, top_k, score_fn=score_fn, bias=router_bias, renormalize=renormalize,
+                 num_groups=num_groups, top_groups=top_groups, scale=routed_scale)
 
 
 @on_explicit_axes(lambda spec, a: P(spec("x_sorted", 0), spec("x_sorted", 1)))
@@ -104,10 +126,14 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
 
 
 def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax",
+            router_bias=None, renormalize=True, num_groups=None, top_groups=None, routed_scale=1.0,
             implementation=None, sharding=None, fused: bool | None = None, recompute: bool = False):
     """Routed SwiGLU MoE: x [..., D], router_logits [..., E], w_gate/w_up [E,D,F], w_down [E,F,D] -> x's shape.
 
     route (top-k of the softmax, renormalised) -> permute -> gate/up/down grouped matmuls -> weighted unpermute.
+    Routing options (``route``'s, ``reference.route`` defines them): ``router_bias`` [E] (route's ``bias``:
+    moves the selection only, gets a zero gradient), ``renormalize``, ``num_groups`` / ``top_groups``
+    (group-limited selection), ``routed_scale`` (route's ``scale``: multiplies the weights).
     ``fused``: gather / scatter inside the GMMs instead of permute / unpermute (``fused_experts_ffn``). ``None``
     (default) fuses on the backends of ``moe_ops.fused.FUSED_BY_DEFAULT`` (Triton, Pallas); ``True`` fuses wherever
     the backend provides the fused ops (Triton, Pallas, XLA twins); ``False`` never fuses. On backends with that
@@ -119,20 +145,28 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
     22 % more layer flops); the default keeps them. The partitioned op keeps only its inputs either way (its
     backward re-runs the shard's forward)."""
     validation.flag("recompute", recompute)
+    routing = dict(renormalize=renormalize, num_groups=num_groups, top_groups=top_groups, routed_scale=routed_scale)
     if sharding is not None:
         from moe_ops.partitioned import moe_ffn_partitioned  # noqa: PLC0415 (partitioned imports this module)
         return moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, top_k=top_k, sharding=sharding,
-                                   activation=activation, score_fn=score_fn, implementation=implementation)
+                                   activation=activation, score_fn=score_fn, implementation=implementation,
+                                   router_bias=router_bias, **routing)
     check_weights(x, router_logits, w_gate, w_up, w_down)
-    if explicit_mesh(x, router_logits, w_gate, w_up, w_down) is not None:
+    routing = check_routing(router_logits, top_k, router_bias, **routing)
+    bias = routing.pop("router_bias")
+    operands = (x, router_logits, w_gate, w_up, w_down) + (() if bias is None else (bias,))
+    if explicit_mesh(*operands) is not None:
         # tokens on an Explicit mesh (jax.make_mesh's default): the sort and the kernels have no Explicit sharding
         # rule, so the layer runs on Auto axes (XLA partitions it) and hands back x's sharding
-        layer = functools.partial(moe_ffn, top_k=top_k, activation=activation, score_fn=score_fn,
-                                  implementation=implementation, fused=fused, recompute=recompute)
-        return auto_axes_like(layer, x)(x, router_logits, w_gate, w_up, w_down)
+        def layer(x, router_logits, w_gate, w_up, w_down, router_bias=None):
+            return moe_ffn(x, router_logits, w_gate, w_up, w_down, top_k=top_k, activation=activation,
+                           score_fn=score_fn, router_bias=router_bias, implementation=implementation, fused=fused,
+                           recompute=recompute, **routing)
+        return auto_axes_like(layer, x)(*operands)
     shape = x.shape
     x2 = reference.flatten_tokens(x)
-    weights, ids = route(reference.flatten_tokens(router_logits), top_k, score_fn=score_fn)
+    weights, ids = route_tokens(reference.flatten_tokens(router_logits), top_k, score_fn=score_fn, router_bias=bias,
+                                **routing)
     if fused_ops.use_fused(fused, implementation):
         return fused_experts_ffn(x2, weights, ids, w_gate, w_up, w_down, activation=activation,
                                  implementation=implementation, recompute=recompute).reshape(shape)

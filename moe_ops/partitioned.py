@@ -9,8 +9,11 @@ the operand shardings and fixes:
 2. weights: ``[E, ...]`` with E over ``(expert, fsdp)`` (``ep_tp``: E over ``fsdp``, F over ``expert``); the
    per-shard code all-gathers over ``fsdp`` (so dW is reduce-scattered over it in the backward).
 3. the per-shard function: one of the strategies with collectives over the named axes.
+4. router_bias ``[E]`` (``moe_ffn``'s selection bias; zeros when not given, then unused): replicated. The other
+   routing options are static (``_Static``); every shard routes its tokens over all E experts.
 
-The backward runs ``jax.vjp`` of the same per-shard function (recomputing the forward). Its collectives are
+The backward runs ``jax.vjp`` of the same per-shard function (recomputing the forward) for x, router_logits and
+the weights; router_bias, which only moves the selection, gets zeros from the custom VJP. Its collectives are
 transposed per device (psum -> psum, all_gather -> psum_scatter, all_to_all -> all_to_all), which is the exact
 transpose of the global map once (a) the cotangent of an output replicated over mesh axes R is divided by |R| and
 (b) the gradient of an input replicated over axes R' is psum'd over R' (``_replicated_axes``).
@@ -50,6 +53,16 @@ class _Static:
     implementation: str | None
     config: MoEShardingConfig
     dims: tuple = ()  # (T, E, F) of the flattened operands, for the lowering-time check (``_checked_rule``)
+    has_bias: bool = False  # whether the router_bias operand is the caller's (else zeros, unused: select by logits)
+    renormalize: bool = True
+    num_groups: int | None = None
+    top_groups: int | None = None
+    routed_scale: float = 1.0
+
+    def routing(self, router_bias):
+        """``moe_ffn``'s routing keywords, with the bias operand (ignored unless ``has_bias``)."""
+        return dict(router_bias=router_bias if self.has_bias else None, renormalize=self.renormalize,
+                    num_groups=self.num_groups, top_groups=self.top_groups, routed_scale=self.routed_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +90,8 @@ class Plan:
         return w_in, w_in, weight_spec(cfg, down=True, **kw)
 
     def arg_specs(self):
-        return (self.token_spec(), self.token_spec()) + self.weight_specs()
+        """Specs of (x, router_logits, w_gate, w_up, w_down, router_bias): the bias is replicated."""
+        return (self.token_spec(), self.token_spec()) + self.weight_specs() + (P(None),)
 
 
 def _operand_token_axes(sharding):
@@ -144,10 +158,15 @@ def _checked_rule(rule: str):
 
 
 def _shard_fn(static: _Static, p: Plan):
+    """The per-shard function of (x, router_logits, w_gate, w_up, w_down, router_bias)."""
     cfg = dataclasses.replace(static.config, strategy=p.strategy)
-    return functools.partial(moe_ffn_shard, top_k=static.top_k, config=cfg, tokens_on_expert=p.tokens_on_expert,
-                             fsdp_axis=p.fsdp_axis, activation=static.activation, score_fn=static.score_fn,
-                             implementation=static.implementation)
+
+    def shard(x, router_logits, w_gate, w_up, w_down, router_bias):
+        return moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, top_k=static.top_k, config=cfg,
+                             tokens_on_expert=p.tokens_on_expert, fsdp_axis=p.fsdp_axis, activation=static.activation,
+                             score_fn=static.score_fn, implementation=static.implementation,
+                             **static.routing(router_bias))
+    return shard
 
 
 def _replicated_axes(mesh, spec):
@@ -201,17 +220,17 @@ def _named(mesh, specs):
     return tuple(NamedSharding(mesh, s) for s in specs)
 
 
-def _single_device(x, router_logits, w_gate, w_up, w_down, static):
+def _single_device(x, router_logits, w_gate, w_up, w_down, router_bias, static):
     with validation.checked(False):  # traced inside custom_partitioning too (see _per_shard)
         return layer.moe_ffn(x, router_logits, w_gate, w_up, w_down, top_k=static.top_k,
                              activation=static.activation, score_fn=static.score_fn,
-                             implementation=static.implementation)
+                             implementation=static.implementation, **static.routing(router_bias))
 
 
 # ---- forward op ------------------------------------------------------------------------------------------------
-@functools.partial(custom_partitioning, static_argnums=(5,))
-def _forward(x, router_logits, w_gate, w_up, w_down, static):
-    return _single_device(x, router_logits, w_gate, w_up, w_down, static)
+@functools.partial(custom_partitioning, static_argnums=(6,))
+def _forward(x, router_logits, w_gate, w_up, w_down, router_bias, static):
+    return _single_device(x, router_logits, w_gate, w_up, w_down, router_bias, static)
 
 
 def _forward_partition(static, mesh, arg_shapes, result_shape):
@@ -232,20 +251,21 @@ def _propagate_user(static, mesh, user_shape):
     return NamedSharding(mesh, P(spec[0] if len(spec) else None, None))
 
 
-_FWD_RULE = "t d, t e, w i f, w i f, w f i -> t d"
+_FWD_RULE = "t d, t e, w i f, w i f, w f i, e -> t d"  # the last operand: router_bias [E], replicated
 _forward.def_partition(partition=_forward_partition, infer_sharding_from_operands=_forward_infer,
                        propagate_user_sharding=_propagate_user, sharding_rule=_checked_rule(_FWD_RULE))
 
 
-# ---- backward op -----------------------------------------------------------------------------------------------
-def _backward_one_device(x, router_logits, w_gate, w_up, w_down, dy, static):
-    _, vjp = jax.vjp(lambda *a: _single_device(*a, static), x, router_logits, w_gate, w_up, w_down)
+# ---- backward op: gradients of x, router_logits and the weights (router_bias only selects: its gradient is zero,
+# which ``_moe_bwd`` returns without a partitioned output) ------------------------------------------------------
+def _backward_one_device(x, router_logits, w_gate, w_up, w_down, router_bias, dy, static):
+    _, vjp = jax.vjp(lambda *a: _single_device(*a, router_bias, static), x, router_logits, w_gate, w_up, w_down)
     return vjp(dy)
 
 
-@functools.partial(custom_partitioning, static_argnums=(6,))
-def _backward(x, router_logits, w_gate, w_up, w_down, dy, static):
-    return _backward_one_device(x, router_logits, w_gate, w_up, w_down, dy, static)
+@functools.partial(custom_partitioning, static_argnums=(7,))
+def _backward(x, router_logits, w_gate, w_up, w_down, router_bias, dy, static):
+    return _backward_one_device(x, router_logits, w_gate, w_up, w_down, router_bias, dy, static)
 
 
 def _backward_partition(static, mesh, arg_shapes, result_shape):
@@ -257,12 +277,12 @@ def _backward_partition(static, mesh, arg_shapes, result_shape):
     shard = _shard_fn(static, p)
     out_copies = math.prod(mesh.shape[a] for a in _replicated_axes(mesh, p.token_spec()))
 
-    def lower(x, router_logits, w_gate, w_up, w_down, dy):
-        _, vjp = jax.vjp(shard, x, router_logits, w_gate, w_up, w_down)
+    def lower(x, router_logits, w_gate, w_up, w_down, router_bias, dy):
+        _, vjp = jax.vjp(lambda *a: shard(*a, router_bias), x, router_logits, w_gate, w_up, w_down)
         grads = vjp((dy / out_copies).astype(dy.dtype))
         return tuple(_psum(g, _replicated_axes(mesh, s)) for g, s in zip(grads, specs))
 
-    return mesh, _per_shard(lower), _named(mesh, specs), _named(mesh, specs + (p.token_spec(),))
+    return mesh, _per_shard(lower), _named(mesh, specs[:5]), _named(mesh, specs + (p.token_spec(),))
 
 
 def _psum(g, axes):
@@ -271,10 +291,10 @@ def _psum(g, axes):
 
 def _backward_infer(static, mesh, arg_shapes, result_shape):
     p = _plan_from_args(static, mesh, arg_shapes)
-    return tuple(a.sharding for a in arg_shapes[:5]) if p is None else _named(mesh, p.arg_specs())
+    return tuple(a.sharding for a in arg_shapes[:5]) if p is None else _named(mesh, p.arg_specs()[:5])
 
 
-_BWD_RULE = "t d, t e, w i f, w i f, w f i, t d -> t d, t e, w i f, w i f, w f i"
+_BWD_RULE = "t d, t e, w i f, w i f, w f i, e, t d -> t d, t e, w i f, w i f, w f i"
 _backward.def_partition(partition=_backward_partition, infer_sharding_from_operands=_backward_infer,
                         sharding_rule=_checked_rule(_BWD_RULE))
 
@@ -303,11 +323,11 @@ def _batched(op, fold):
 def _fold_tokens(static, batch, in_batched, arrays):
     """The forward maps tokens independently: a batch of x / router_logits over shared weights is more tokens
     (not with a capacity, whose drops depend on the tokens exchanged together)."""
-    x, logits, *weights = arrays
+    x, logits, *shared = arrays  # the weights and router_bias: shared by the batch, or no fold
     if any(in_batched[2:]) or static.config.capacity_factor is not None:
         return None
     x, logits = (a if b else jnp.broadcast_to(a, (batch,) + a.shape) for a, b in zip((x, logits), in_batched[:2]))
-    out = _forward(x.reshape(-1, x.shape[-1]), logits.reshape(-1, logits.shape[-1]), *weights, static)
+    out = _forward(x.reshape(-1, x.shape[-1]), logits.reshape(-1, logits.shape[-1]), *shared, static)
     return out.reshape(x.shape)
 
 
@@ -316,54 +336,63 @@ _backward_b = _batched(_backward, lambda *_: None)  # per-element weight gradien
 
 
 # ---- differentiable op -----------------------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _moe(x, router_logits, w_gate, w_up, w_down, static):
-    return _forward_b(x, router_logits, w_gate, w_up, w_down, static)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _moe(x, router_logits, w_gate, w_up, w_down, router_bias, static):
+    return _forward_b(x, router_logits, w_gate, w_up, w_down, router_bias, static)
 
 
-def _moe_fwd(x, router_logits, w_gate, w_up, w_down, static):
-    return _forward_b(x, router_logits, w_gate, w_up, w_down, static), (x, router_logits, w_gate, w_up, w_down)
+def _moe_fwd(x, router_logits, w_gate, w_up, w_down, router_bias, static):
+    operands = (x, router_logits, w_gate, w_up, w_down, router_bias)
+    return _forward_b(*operands, static), operands
 
 
 def _moe_bwd(static, residuals, dy):
-    return _backward_b(*residuals, dy, static)
+    """Gradients of the five differentiable operands from the backward op; router_bias [E] f32 gets zeros (it moves
+    the selection only, a step function of it)."""
+    return tuple(_backward_b(*residuals, dy, static)) + (jnp.zeros_like(residuals[5]),)
 
 
 _moe.defvjp(_moe_fwd, _moe_bwd)
 
 
 def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, sharding: MoEShardingConfig,
-                        activation="silu", score_fn="softmax", implementation=None):
+                        activation="silu", score_fn="softmax", implementation=None, router_bias=None,
+                        renormalize=True, num_groups=None, top_groups=None, routed_scale=1.0):
     """``layer.moe_ffn`` partitioned over the mesh of its operands' shardings: x [..., D], router_logits [..., E],
-    w_gate/w_up [E, D, F], w_down [E, F, D] -> x's shape (see module docstring)."""
+    w_gate/w_up [E, D, F], w_down [E, F, D] -> x's shape (see module docstring); the routing options are
+    ``moe_ffn``'s (``router_bias`` [E]: an operand of the partitioned ops, replicated, with a zero gradient)."""
     if not isinstance(sharding, MoEShardingConfig):
         raise TypeError(f"sharding must be a MoEShardingConfig, got {type(sharding).__name__}")
     layer.check_weights(x, router_logits, w_gate, w_up, w_down)
-    if not validation.is_static_int(top_k) or not 1 <= top_k <= w_gate.shape[0]:
-        raise ValueError(f"top_k must be an int in [1, E={w_gate.shape[0]}], got {top_k!r}")
-    top_k = int(top_k)  # a NumPy integer too, as ``layer.route`` takes it (the static part must hash as an int)
+    top_k = layer.check_top_k(top_k, w_gate.shape[0])  # an int (the static part must hash as one)
+    routing = layer.check_routing(router_logits, top_k, router_bias, renormalize, num_groups, top_groups,
+                                  routed_scale)
     dims = (math.prod(x.shape[:-1]), w_gate.shape[0], w_gate.shape[2])
     if 0 in x.shape or 0 in w_gate.shape:  # nothing to exchange: zeros and zero gradients, as on one device
         return layer.moe_ffn(x, router_logits, w_gate, w_up, w_down, top_k=top_k, activation=activation,
-                             score_fn=score_fn, implementation=implementation)
+                             score_fn=score_fn, implementation=implementation, **routing)
+    bias = routing.pop("router_bias")
+    static = _Static(top_k, activation, score_fn, implementation, sharding, dims, has_bias=bias is not None,
+                     **routing)
+    # always an operand (zeros when None, then unused: without a bias the selection is by logits, not scores + 0)
+    bias = jnp.zeros((w_gate.shape[0],), jnp.float32) if bias is None else bias.astype(jnp.float32)
     # inside a shard_map manual over part of the mesh: replicated weights' cotangents must be psum'd over the token
     # shards' manual axes, which the cast to their union does in its transpose (no-op outside shard_map)
-    x, router_logits, w_gate, w_up, w_down = vma.match_vma(x, router_logits, w_gate, w_up, w_down)
-    mesh = _known_mesh(x, router_logits, w_gate, w_up, w_down)
+    operands = vma.match_vma(x, router_logits, w_gate, w_up, w_down, bias)
+    mesh = _known_mesh(*operands)
     if mesh is not None:  # the partition rule's own checks, at trace time (else they fail inside the compiler)
         plan(sharding, mesh, None, *dims)
         _check_partitionable(implementation)
-    static = _Static(top_k, activation, score_fn, implementation, sharding, dims)
     run = functools.partial(_flat, static=static)
     if mesh is not None and AxisType.Explicit in tuple(mesh.axis_types):
         # Explicit axes (jax.make_mesh's default): the custom partitioning plans the shardings itself, so the op
         # runs on Auto axes and hands back x's sharding
-        run = auto_axes_like(run, x)
-    return run(x, router_logits, w_gate, w_up, w_down)
+        run = auto_axes_like(run, operands[0])
+    return run(*operands)
 
 
-def _flat(x, router_logits, w_gate, w_up, w_down, static):
+def _flat(x, router_logits, w_gate, w_up, w_down, router_bias, static):
     """The op on x / router_logits flattened to [T, D] / [T, E]; the result in x's shape."""
     out = _moe(x.reshape(-1, x.shape[-1]), router_logits.reshape(-1, router_logits.shape[-1]), w_gate, w_up, w_down,
-               static)
+               router_bias, static)
     return out.reshape(x.shape)

@@ -27,8 +27,8 @@ from moe_ops import vma
 
 __all__ = [
     "row_group_ids", "gmm", "tgmm", "route", "sort_by_expert", "inverse_permutation", "permute", "unpermute",
-    "moe_ffn", "moe_ffn_dense", "activate", "activation_grad", "swiglu_down_bwd", "swiglu_down_epilogue",
-    "flatten_tokens",
+    "moe_ffn", "moe_ffn_dense", "layer_route", "activate", "activation_grad", "swiglu_down_bwd",
+    "swiglu_down_epilogue", "flatten_tokens",
 ]
 
 
@@ -88,7 +88,8 @@ def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred
     return out.reshape(num_local, lhs.shape[1], rhs.shape[1]).astype(out_dtype)
 
 
-def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
+def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True, num_groups=None, top_groups=None,
+          scale=1.0):
     """Top-k routing: logits [T,E] -> (weights [T,k] f32, expert_ids [T,k] int32).
 
     Without ``bias`` the k largest *logits* are selected (both score functions are monotone, so this is the top-k of
@@ -96,7 +97,17 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
     ``bias`` [E] (DeepSeek-style load balancing) is added to the scores to select and does not enter the weights.
     With ``renormalize`` the k weights of a token sum to one: computed as a softmax over the k selected logits
     (``softmax``) or their log-sigmoids (``sigmoid``), which equals scores / their sum without its underflow (0 / 0
-    for very negative sigmoid logits)."""
+    for very negative sigmoid logits); without it they are the selected scores.
+
+    Group-limited routing (DeepSeek-V3's ``n_group`` / ``topk_group``, MaxText's ``n_routing_groups`` /
+    ``topk_routing_group``): ``num_groups`` splits the experts into contiguous groups of ``E / num_groups``; a
+    group's score is the sum of its two largest selection scores (scores + ``bias``), or its one score for groups of
+    one expert; the ``top_groups`` best groups are kept (equal group scores: the lowest group index) and the k
+    experts are selected among theirs. Without ``bias`` the group scores are compared in log space,
+    ``logaddexp`` of the two largest log-scores (the logits themselves for ``softmax``, whose normaliser is common
+    to every group; log-sigmoids for ``sigmoid``): the same order as the sums, without the ties of scores that
+    underflow. ``scale`` (DeepSeek's ``routed_scaling_factor``) multiplies the final weights, after renormalising.
+    The selection has no gradient; the weights' gradient reaches the logits only."""
     logits = logits.astype(jnp.float32)
     if score_fn == "softmax":
         scores = jax.nn.softmax(logits, axis=-1)
@@ -104,14 +115,37 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True):
         scores = jax.nn.sigmoid(logits)
     else:
         raise ValueError(f"score_fn must be 'softmax' or 'sigmoid', got {score_fn!r}")
-    selection = logits if bias is None else scores + bias.astype(jnp.float32)
-    _, expert_ids = jax.lax.top_k(jax.lax.stop_gradient(selection), top_k)
+    selection = jax.lax.stop_gradient(logits if bias is None else scores + bias.astype(jnp.float32))
+    if num_groups is not None:
+        log_space = None if bias is not None else (lambda s: s) if score_fn == "softmax" else jax.nn.log_sigmoid
+        selection = _top_groups_only(selection, num_groups, top_groups, log_space)
+    _, expert_ids = jax.lax.top_k(selection, top_k)
     if renormalize:
         picked = jnp.take_along_axis(logits, expert_ids, axis=-1)
         weights = jax.nn.softmax(picked if score_fn == "softmax" else jax.nn.log_sigmoid(picked), axis=-1)
     else:
         weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
+    if scale != 1.0:
+        weights = weights * jnp.float32(scale)
     return weights, expert_ids.astype(jnp.int32)
+
+
+def _top_groups_only(selection, num_groups, top_groups, log_space):
+    """``selection`` [T,E] with the experts outside each token's ``top_groups`` best groups set to -inf. Group score:
+    sum of the group's two largest values (its one value for one-expert groups); with ``log_space`` (a monotone map
+    of the values to log-scores) ``logaddexp`` of the two largest mapped values instead."""
+    t, e = selection.shape
+    grouped = selection.reshape(t, num_groups, e // num_groups)
+    best = jax.lax.top_k(grouped if log_space is None else log_space(grouped), min(2, e // num_groups))[0]
+    if best.shape[-1] == 1:
+        group_scores = best[..., 0]
+    elif log_space is None:
+        group_scores = best[..., 0] + best[..., 1]
+    else:
+        group_scores = jnp.logaddexp(best[..., 0], best[..., 1])
+    _, kept = jax.lax.top_k(group_scores, top_groups)                                       # [T, top_groups]
+    keep = jnp.any(kept[:, :, None] == jnp.arange(num_groups, dtype=kept.dtype), axis=1)    # [T, num_groups]
+    return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
 
 
 def sort_by_expert(expert_ids, num_experts):
@@ -210,27 +244,38 @@ def swiglu_down_epilogue(a, gate, up, w_sorted, activation, dtype, rows=None):
     return (dh * up * dact).astype(dtype), (dh * act).astype(dtype), (h * w).astype(dtype), jnp.sum(h * a, axis=1)
 
 
-def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax"):
-    """Routed SwiGLU experts through route -> permute -> gmm -> unpermute, all reference twins."""
+def layer_route(router_logits, top_k, score_fn="softmax", router_bias=None, renormalize=True, num_groups=None,
+                top_groups=None, routed_scale=1.0):
+    """``route`` of router_logits [..., E] flattened to [T, E], with ``moe_ffn``'s names for the routing options."""
+    return route(flatten_tokens(router_logits), top_k, score_fn=score_fn, bias=router_bias, renormalize=renormalize,
+                 num_groups=num_groups, top_groups=top_groups, scale=routed_scale)
+
+
+def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax", **routing):
+    """Routed SwiGLU experts through route -> permute -> gmm -> unpermute, all reference twins. ``routing``: the
+    routing options of ``moe_ffn_dense``."""
     shape = x.shape
     x2 = flatten_tokens(x)
-    weights, ids = route(flatten_tokens(router_logits), top_k, score_fn=score_fn)
+    weights, ids = layer_route(router_logits, top_k, score_fn, **routing)
     xs, sizes, sort_idx = permute(x2, ids, w_gate.shape[0])
     h = activate(gmm(xs, w_gate, sizes), gmm(xs, w_up, sizes), activation).astype(x.dtype)
     y = gmm(h, w_down, sizes)
     return unpermute(y, sort_idx, weights).reshape(shape)
 
 
-def moe_ffn_dense(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax"):
+def moe_ffn_dense(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax",
+                  router_bias=None, renormalize=True, num_groups=None, top_groups=None, routed_scale=1.0):
     """The einsum formulation: every token through every expert, combined by a one-hot [T,E] mask.
 
     O(T·E·D·F) work: the ground truth for small shapes, never a fast path. The (token, expert) pairs that routing
     did not pick are selected away (``jnp.where`` on the inputs and outputs of each product, not a multiply by the
     zero combine weight), so an expert no token picks contributes nothing even when its weights are NaN / Inf, in
-    the forward and under ``jax.grad`` (its weights get zero gradient)."""
+    the forward and under ``jax.grad`` (its weights get zero gradient). Routing options as ``route``'s:
+    ``router_bias`` is its ``bias``, ``routed_scale`` its ``scale``."""
     shape = x.shape
     x2 = flatten_tokens(x).astype(jnp.float32)
-    weights, ids = route(flatten_tokens(router_logits), top_k, score_fn=score_fn)
+    weights, ids = layer_route(router_logits, top_k, score_fn, router_bias, renormalize, num_groups, top_groups,
+                               routed_scale)
     onehot = jax.nn.one_hot(ids, w_gate.shape[0], dtype=jnp.float32)                  # [T, k, E]
     combine = jnp.einsum("tk,tke->te", weights, onehot)
     picked = (jnp.sum(onehot, axis=1) > 0)[..., None]                                   # [T, E, 1]

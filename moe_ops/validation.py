@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import numbers
 import os
 import threading
 
@@ -98,6 +100,42 @@ def flag(name, value, optional=False) -> None:
 def is_static_int(value) -> bool:
     """A Python or NumPy integer (not a bool, not a traced value): what static sizes such as ``top_k`` take."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def routing_options(num_experts, top_k, *, bias=None, renormalize=True, num_groups=None, top_groups=None, scale=1.0,
+                    names=("bias", "scale")):
+    """The routing options of ``route`` / ``moe_ffn`` for E=``num_experts`` experts and a valid ``top_k`` ->
+    ``(num_groups, top_groups, scale)`` as Python int, int, float (None, None when not grouped). Errors name the
+    caller's arguments: ``names`` is what it calls the bias and the scale (``moe_ffn``: router_bias, routed_scale)."""
+    bias_name, scale_name = names
+    flag("renormalize", renormalize)
+    if bias is not None:
+        if not hasattr(bias, "shape") or not hasattr(bias, "dtype"):
+            raise TypeError(f"{bias_name} must be None or an array of shape [E]=({num_experts},), got "
+                            f"{type(bias).__name__}")
+        if tuple(bias.shape) != (num_experts,):
+            raise ValueError(f"{bias_name} must have shape [E]=({num_experts},), got {tuple(bias.shape)}")
+        if not (jnp.issubdtype(bias.dtype, jnp.floating) or jnp.issubdtype(bias.dtype, jnp.integer)):
+            raise TypeError(f"{bias_name} must be a float (or integer) array, got {bias.dtype}")
+    if (num_groups is None) != (top_groups is None):
+        raise ValueError(f"num_groups and top_groups go together (group-limited routing needs both, or neither), "
+                         f"got num_groups={num_groups!r}, top_groups={top_groups!r}")
+    if num_groups is not None:
+        if not is_static_int(num_groups) or num_groups < 1 or num_experts % num_groups:
+            raise ValueError(f"num_groups must be an int >= 1 that divides E={num_experts} (the experts split into "
+                             f"num_groups contiguous groups), got {num_groups!r}")
+        num_groups = int(num_groups)
+        if not is_static_int(top_groups) or not 1 <= top_groups <= num_groups:
+            raise ValueError(f"top_groups must be an int in [1, num_groups={num_groups}], got {top_groups!r}")
+        top_groups = int(top_groups)
+        if top_k > top_groups * (num_experts // num_groups):
+            raise ValueError(f"top_k={top_k} must be at most top_groups * E / num_groups = {top_groups} * "
+                             f"{num_experts // num_groups} (the experts of the kept groups)")
+    if not isinstance(scale, numbers.Real) or isinstance(scale, (bool, np.bool_)):
+        raise TypeError(f"{scale_name} must be a Python float (static, not an array), got {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{scale_name} must be finite, got {scale!r}")
+    return num_groups, top_groups, float(scale)
 
 
 def int_array(name, x, ndim):
