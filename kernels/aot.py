@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import dataclasses
+import io
 import os
 import re
 import shutil
@@ -54,7 +56,9 @@ class AotReport:
 
 
 def _ptxas_spills(ptx: str, arch: int) -> int:
-    """Spill bytes (stores + loads) that ptxas reports for ``ptx``; -1 if ptxas is unavailable."""
+    """Spill bytes (stores + loads) that ptxas reports for ``ptx``; -1 if ptxas is unavailable. The fallback when
+    Triton's own ``ptxas -v`` log is missing (``_compile``): without Triton's flags (triton 3.9 adds
+    ``--regAllocOptLevel=2``) its figure can differ from the real build's when a kernel spills."""
     from triton.backends.nvidia import compiler as nv
     try:
         ptxas = nv.get_ptxas(arch).path if hasattr(nv, "get_ptxas") else nv._path_to_binary("ptxas")[0]
@@ -69,8 +73,11 @@ def _ptxas_spills(ptx: str, arch: int) -> int:
     return sum(int(a) + int(b) for a, b in _SPILL_RE.findall(proc.stdout + proc.stderr))
 
 
-def _sass_tma(cubin: bytes) -> tuple[int, int]:
-    """(``UTMALDG``, ``UTMASTG``) instruction counts in the SASS of ``cubin``; (-1, -1) without cuobjdump."""
+def _sass_tma(ptx: str, cubin: bytes) -> tuple[int, int]:
+    """(``UTMALDG``, ``UTMASTG``) instruction counts in the SASS of ``cubin``; (-1, -1) without cuobjdump. SASS TMA
+    instructions only come from PTX ``cp.async.bulk.tensor``: without one the counts are (0, 0), no disassembly."""
+    if "cp.async.bulk.tensor" not in ptx:
+        return 0, 0
     try:
         from triton.tools.disasm import get_sass
         sass = get_sass(cubin)
@@ -99,6 +106,20 @@ def _ensure_cache_dir() -> None:
         os.environ["TRITON_CACHE_DIR"] = path
 
 
+def _compile(src, target, options):
+    """``triton.compile``, never from the cache, with the log of the ``ptxas -v`` that Triton runs for CUDA targets
+    captured: its spill figures are those of the cubin Triton builds (with Triton's own ptxas flags) and save a
+    second ptxas run. The log is empty for other targets."""
+    import triton
+    from triton import knobs
+    log = io.StringIO()
+    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True
+        compiled = triton.compile(src, target=target, options=options)
+    return compiled, log.getvalue()
+
+
 def compile_case(case: AotCase, target: str) -> AotReport:
     """Compile one case for ``target`` (a key of ``TARGETS``) and report resources."""
     import triton
@@ -109,11 +130,12 @@ def compile_case(case: AotCase, target: str) -> AotReport:
     try:
         src = triton.compiler.ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs,
                                         attrs=_pointer_attrs(case))
-        compiled = triton.compile(src, target=GPUTarget(backend, arch, warp), options=dict(case.options))
+        compiled, ptxas_log = _compile(src, GPUTarget(backend, arch, warp), dict(case.options))
         tma = (-1, -1)
         if backend == "cuda":
-            spills = _ptxas_spills(compiled.asm["ptx"], arch)
-            tma = _sass_tma(compiled.asm["cubin"])
+            found = _SPILL_RE.findall(ptxas_log)  # a Triton that stops printing the log: run ptxas ourselves
+            spills = sum(int(a) + int(b) for a, b in found) if found else _ptxas_spills(compiled.asm["ptx"], arch)
+            tma = _sass_tma(compiled.asm["ptx"], compiled.asm["cubin"])
         else:
             spills = _amd_spills(compiled.asm["amdgcn"])
         scratch = getattr(compiled.metadata, "global_scratch_size", 0) or 0
