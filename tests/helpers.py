@@ -6,6 +6,7 @@ and (with ``group_offset``) local groups at the first, a middle and the last sha
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import numpy as np
@@ -174,3 +175,14 @@ def unsharded_sum(per_shard):
         blocks = jnp.split(tokens, SUM_SHARDS)
         return sum(per_shard(b, *replicated) for b in blocks)
     return total
+
+
+@contextlib.contextmanager
+def partitioner(shardy: bool):
+    """Shardy (True) or the GSPMD partitioner (False) for the block, restored after."""
+    previous = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", shardy)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", previous)

@@ -4,7 +4,6 @@ weights sharded on (expert, fsdp), capacity truncation, direct use inside shard_
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
 
@@ -17,7 +16,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from moe_ops import imbalance, moe_ffn, reference
 from moe_ops.partitioned import moe_ffn_shard, plan
 from moe_ops.sharding import MoEShardingConfig
-from tests.helpers import TOL, assert_close, keys, randn
+from tests.helpers import TOL, assert_close, keys, partitioner, randn
 
 T, D, F, E, K = 32, 16, 16, 8, 2
 STRATEGIES = ("all_to_all", "ring", "ep_tp")
@@ -25,16 +24,6 @@ STRATEGIES = ("all_to_all", "ring", "ep_tp")
 
 def make_mesh(shape, names):
     return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
-
-
-@contextlib.contextmanager
-def partitioner(shardy: bool):
-    previous = jax.config.jax_use_shardy_partitioner
-    jax.config.update("jax_use_shardy_partitioner", shardy)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_use_shardy_partitioner", previous)
 
 
 def routing_ids(kind, num_tokens=T):

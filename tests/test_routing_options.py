@@ -6,7 +6,6 @@ default calls computing what they computed before the options existed."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -18,7 +17,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import moe_ops
 from moe_ops import reference as R
 from moe_ops.sharding import MoEShardingConfig
-from tests.helpers import SHAPES, TOL, assert_close, case_seed, keys, layer_inputs, randn
+from tests.helpers import SHAPES, TOL, assert_close, case_seed, keys, layer_inputs, partitioner, randn
 
 GRAD_NAMES = ("x", "router_logits", "w_gate", "w_up", "w_down")
 
@@ -211,16 +210,6 @@ def mesh_and_specs(strategy, shape=(2, 4), names=("data", "expert"), tokens=P(("
     weights = ((P(None, None, "expert"),) * 2 + (P(None, "expert", None),) if strategy == "ep_tp"
                else (P("expert"),) * 3)
     return mesh, (tokens, tokens) + weights + (P(),)
-
-
-@contextlib.contextmanager
-def partitioner(shardy):
-    previous = jax.config.jax_use_shardy_partitioner
-    jax.config.update("jax_use_shardy_partitioner", shardy)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_use_shardy_partitioner", previous)
 
 
 @pytest.mark.parametrize("strategy,shardy", [("all_to_all", True), ("ep_tp", True),
