@@ -5,6 +5,8 @@ deliberately not multiples of the test tiles (M=70, K=40, N=56 against 16x32x16 
 an explicit small config, the ``moe_ops`` paths use the CPU default from ``tuning.pick_config``.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -251,3 +253,24 @@ def test_tgmm_bounds_longest_first(data):
         glob = off + gid
         want = (ends[glob] - sizes[glob], ends[glob]) if 0 <= glob < g else None
         assert (want is None and lengths[j] == 0) or (start[j], end[j]) == tuple(want)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="reads the program XLA GPU compiles: runs on a GPU host (benchmarks/run_on_gpu.sh)")
+def test_gpu_compiled_programs_hold_no_while_loop():
+    """jax >= 0.11 lowers the tile schedule's cumsum for CUDA to a ``chlo.scan`` composite whose fallback
+    decomposition is a ``while``; ``tests/test_real_lowering.py`` exempts it on the promise that XLA GPU replaces the
+    composite by its own scan kernel. This checks the promise: no ``while`` in the optimised GPU program of the GMM's
+    gradient or of the default layer's."""
+    k = keys(41, 5)
+    lhs, rhs = randn(k[0], (M, K), jnp.bfloat16), randn(k[1], (G, K, N), jnp.bfloat16)
+    sizes = group_sizes("uneven", G, M, seed=7)
+    gmm_grad = jax.jit(jax.grad(lambda a, b: jnp.sum(moe_ops.gmm(a, b, sizes).astype(jnp.float32) ** 2), (0, 1)))
+    x, logits = randn(k[2], (32, K), jnp.bfloat16), randn(k[3], (32, G))
+    wg, wu = randn(k[4], (G, K, N), jnp.bfloat16), randn(k[4], (G, K, N), jnp.bfloat16, 0.5)
+    wd = jnp.swapaxes(wu, 1, 2)
+    layer_grad = jax.jit(jax.grad(lambda *a: jnp.sum(moe_ops.moe_ffn(*a, top_k=2).astype(jnp.float32) ** 2),
+                                  (0, 1, 2, 3, 4)))
+    for name, fn, args in (("gmm", gmm_grad, (lhs, rhs)), ("moe_ffn", layer_grad, (x, logits, wg, wu, wd))):
+        text = fn.lower(*args).compile().as_text()
+        assert not re.search(r"\bwhile\(", text), f"{name}: a while loop in the compiled GPU program"
