@@ -70,7 +70,13 @@ def _ptxas_spills(ptx: str, arch: int) -> int:
             f.write(ptx)
         proc = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", path, "-o", os.path.join(tmp, "k.cubin")],
                               capture_output=True, text=True)
-    return sum(int(a) + int(b) for a, b in _SPILL_RE.findall(proc.stdout + proc.stderr))
+    return _spill_bytes(proc.stdout + proc.stderr) or 0
+
+
+def _spill_bytes(ptxas_log: str) -> int | None:
+    """Spill stores + loads summed over the functions of a ``ptxas -v`` log; None if it reports none."""
+    found = _SPILL_RE.findall(ptxas_log)
+    return sum(int(a) + int(b) for a, b in found) if found else None
 
 
 def _sass_tma(ptx: str, cubin: bytes) -> tuple[int, int]:
@@ -133,8 +139,9 @@ def compile_case(case: AotCase, target: str) -> AotReport:
         compiled, ptxas_log = _compile(src, GPUTarget(backend, arch, warp), dict(case.options))
         tma = (-1, -1)
         if backend == "cuda":
-            found = _SPILL_RE.findall(ptxas_log)  # a Triton that stops printing the log: run ptxas ourselves
-            spills = sum(int(a) + int(b) for a, b in found) if found else _ptxas_spills(compiled.asm["ptx"], arch)
+            spills = _spill_bytes(ptxas_log)
+            if spills is None:  # a Triton that stops printing the log: run ptxas ourselves
+                spills = _ptxas_spills(compiled.asm["ptx"], arch)
             tma = _sass_tma(compiled.asm["ptx"], compiled.asm["cubin"])
         else:
             spills = _amd_spills(compiled.asm["amdgcn"])

@@ -169,6 +169,6 @@ def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoESh
                   implementation=implementation, **routing)
     if strategy == "all_to_all":
         return all_to_all_shard(x, router_logits, w_gate, w_up, w_down, batch_sharded=tokens_on_expert,
-                                              capacity_factor=config.capacity_factor, **common)
+                                capacity_factor=config.capacity_factor, **common)
     fn = ring_shard if strategy == "ring" else ep_tp_shard
     return fn(x, router_logits, w_gate, w_up, w_down, tokens_on_expert=tokens_on_expert, **common)
