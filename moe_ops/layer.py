@@ -65,7 +65,9 @@ def experts_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, activation="silu
     (``jax.checkpoint`` of the two projections and the activation: one more gate/up matmul; gate, up and the
     activation's [M,F] intermediates are not kept)."""
     validation.flag("recompute", recompute)
+    validation.float_array("x_sorted", x_sorted, 2)
     check_expert_weights(x_sorted, w_gate, w_up, w_down, x_name="x_sorted")
+    validation.check_group_sizes(group_sizes, w_gate.shape[0], rhs_name="w_gate")
     w_gate, w_up, w_down = (w.astype(x_sorted.dtype) for w in (w_gate, w_up, w_down))
     kw = dict(group_offset=group_offset, implementation=implementation)
     h = _gated(lambda x, w: gmm(x, w, group_sizes, **kw), x_sorted, w_gate, w_up, activation, recompute)

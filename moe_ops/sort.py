@@ -19,6 +19,7 @@ routed copies.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from moe_ops import backend, primitives, validation
@@ -99,12 +100,25 @@ def _n_valid_array(n_valid):
     """``None`` (every row), a Python int or an integer scalar / shape-(1,) array -> None or int32 shape (1,)."""
     if n_valid is None:
         return None
+    host = _host_int(n_valid)
+    if host is not None:  # judged at full width: JAX's int32 copy of np.int64(2**33) would wrap to 0 rows
+        return jnp.full((1,), min(max(host, 0), jnp.iinfo(jnp.int32).max), jnp.int32)
     value = jnp.asarray(n_valid)
     if not jnp.issubdtype(value.dtype, jnp.integer) or value.size != 1 or value.ndim > 1:
         raise TypeError(f"n_valid must be None or an integer scalar / shape-(1,) array, got {value.dtype}{value.shape}")
     if value.dtype != jnp.int32 and value.dtype.itemsize >= 4:   # saturate in its own dtype: no wrap (uint32 2**32-1)
         value = jnp.clip(value, 0, jnp.iinfo(jnp.int32).max)
     return value.reshape(1).astype(jnp.int32)
+
+
+def _host_int(value):
+    """A Python / NumPy integer scalar or shape-(1,) NumPy integer array as a Python int, else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, (np.integer, np.ndarray)) and np.asarray(value).dtype.kind in "iu" and np.size(value) == 1 \
+            and np.ndim(value) <= 1:
+        return int(np.asarray(value).reshape(()))
+    return None
 
 
 @on_explicit_axes(lambda spec, a: (P(), P(spec("expert_ids", 0))))
