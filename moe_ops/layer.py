@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 from moe_ops import fused as fused_ops
 from moe_ops import reference, validation
 from moe_ops.validation import check_expert_weights
-from moe_ops.swiglu import has_kernel as swiglu_has_kernel, swiglu_ffn
+from moe_ops.swiglu import check_activation, has_kernel as swiglu_has_kernel, swiglu_ffn
 from moe_ops.gmm import gmm
 from moe_ops.sharding import auto_axes_like, explicit_mesh, on_explicit_axes
 from moe_ops.sort import permute, unpermute
@@ -105,6 +105,7 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
     contributes zero whatever its weight (inf / NaN included), and its weight gets a zero gradient."""
     validation.flag("swiglu", swiglu, optional=True)
     validation.flag("recompute", recompute)
+    check_activation(activation)
     validation.float_array("x", x, 2)
     check_expert_weights(x, w_gate, w_up, w_down)
     validation.float_array("weights", weights, 2)

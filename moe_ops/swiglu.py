@@ -50,7 +50,16 @@ from moe_ops.fused import _check_rows
 from moe_ops.gmm import _gmm, _tgmm
 from moe_ops.sharding import on_explicit_axes
 
-__all__ = ["swiglu_gmm", "swiglu_ffn", "has_kernel"]
+__all__ = ["swiglu_gmm", "swiglu_ffn", "has_kernel", "check_activation"]
+
+
+def check_activation(activation) -> None:
+    """``activation`` names one of ``reference.activate``'s gated activations; anything else (also an unhashable
+    value such as ``["silu"]``, which used to escape as a bare ``TypeError: unhashable type``) raises a
+    ``ValueError`` naming the argument."""
+    if not isinstance(activation, str):
+        raise ValueError(f"activation must be one of ['gelu', 'relu', 'silu'] (a str), got {activation!r}")
+    reference.activate(jnp.zeros(()), jnp.zeros(()), activation)  # raises ValueError naming the activations
 
 
 def has_kernel(implementation=None) -> bool:
@@ -168,7 +177,7 @@ def swiglu_gmm(x, w_gate, w_up, group_sizes, sort_idx=None, *, group_offset=None
     if tuple(w_up.shape) != tuple(w_gate.shape):
         raise ValueError(f"w_up must have w_gate's shape [G_local,D,F]={tuple(w_gate.shape)}, got "
                          f"{tuple(w_up.shape)}")
-    reference.activate(jnp.zeros(()), jnp.zeros(()), activation)  # raises ValueError naming the activations
+    check_activation(activation)
     out_dtype = validation.out_dtype(preferred_element_type, x.dtype)
     impl = backend.choose(implementation)
     k = 1
@@ -285,7 +294,7 @@ def swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights, *, group
     if t != x.shape[0] or sort_idx.shape[0] != t * k:
         raise ValueError(f"x [T,D], weights [T,k] and sort_idx [T*k] disagree: x {tuple(x.shape)}, weights "
                          f"{tuple(weights.shape)}, sort_idx {tuple(sort_idx.shape)}")
-    reference.activate(jnp.zeros(()), jnp.zeros(()), activation)  # raises ValueError naming the activations
+    check_activation(activation)
     impl = backend.choose(implementation)
     rows = sort_idx.shape[0]
     dims = (rows, *x.shape, *w_gate.shape)
