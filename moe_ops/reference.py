@@ -190,7 +190,7 @@ def flatten_tokens(a):
 def activate(gate, up, activation="silu"):
     """Gated activation of the SwiGLU family, in f32: ``act(gate) * up``."""
     acts = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
-    if activation not in acts:
+    if not isinstance(activation, str) or activation not in acts:   # a list / dict would fail the lookup unnamed
         raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
     return acts[activation](gate.astype(jnp.float32)) * up.astype(jnp.float32)
 

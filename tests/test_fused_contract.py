@@ -1,5 +1,5 @@
 """Contract checks of the fused dispatch / combine and SwiGLU ops (``gather_gmm``, ``scatter_gmm``, ``swiglu_gmm``,
-``swiglu_ffn``, ``fused_experts_ffn``) that an audit found broken; each test failed before its fix."""
+``swiglu_ffn``, ``fused_experts_ffn``) and the unfused layer's activation check, that an audit found broken; each test failed before its fix."""
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,9 @@ CALLS = {
                                                                implementation="xla"),
     "fused_experts_ffn_no_swiglu": lambda act: moe_ops.fused_experts_ffn(X, W, IDS, WG, WU, WD, activation=act,
                                                                          swiglu=False, implementation="xla"),
+    # the unfused layer: its activation check is reference.activate's
+    "moe_ffn_unfused": lambda act: moe_ops.moe_ffn(X, randn(_k[5], (T, E)), WG, WU, WD, top_k=TOPK, activation=act,
+                                                   fused=False, implementation="xla"),
 }
 
 
