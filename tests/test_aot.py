@@ -14,9 +14,9 @@ import pytest
 import triton
 import triton.language as tl
 
-from kernels import aot
+from kernels import aot, lowering
 from kernels.registry import AotCase, cases_for, registered_families
-from kernels.triton import tuning
+from kernels.triton import gmm_tma, tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +48,21 @@ def test_every_family_compiles(target):
         assert all(r.shared_bytes <= 64 * 1024 for r in reports)
     if target == "gfx950":
         assert all(r.shared_bytes <= 160 * 1024 for r in reports)
+    _check_descriptor_variant(target, [r for r in reports if r.kernel.startswith(("gmm_tma", "tgmm_tma"))])
+
+
+def _check_descriptor_variant(target, reports):
+    """The TMA / persistent GMM family's AOT facts, read off the sweep's own reports (compiling the family again in
+    tests/test_gmm_tma.py cost about a minute of CPU): on sm90 TMA loads in every descriptor kernel, TMA stores (the
+    epilogue) in every GMM, scratch within ``SCRATCH_PER_PROGRAM``; LDS / shared memory within the target's limit
+    (tests/test_gmm_tma.py checks the AMD cases' masked store and program count). Spill-freedom and compile errors are checked with every other family above."""
+    assert reports, f"no gmm_tma reports on {target}"
+    assert all(r.shared_bytes <= lowering.SHARED_LIMIT[target] for r in reports)
+    if target == "sm90":
+        assert all(r.tma_loads > 0 for r in reports), [(r.kernel, r.config, r.tma_loads) for r in reports]
+        gmms = [r for r in reports if r.kernel.startswith("gmm_tma")]
+        assert gmms and all(r.tma_stores > 0 for r in gmms), [(r.kernel, r.config, r.tma_stores) for r in gmms]
+        assert all(0 < r.scratch_bytes <= gmm_tma.SCRATCH_PER_PROGRAM for r in reports)
 
 
 @pytest.mark.slow
