@@ -118,8 +118,10 @@ def offset_array(off):
 
 
 def grads_of(fn, args, cot):
-    """Gradients of ``sum(fn(*args) * cot)`` (in f32) with respect to every argument."""
-    return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot), argnums=tuple(range(len(args))))(*args)
+    """Gradients of ``sum(fn(*args) * cot)`` (in f32) with respect to every argument, jitted (one XLA:CPU compile,
+    not one per op)."""
+    return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot),
+                            argnums=tuple(range(len(args)))))(*args)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ below 0 and at or above E sort last, beyond ``sum(group_sizes)``) and every copy
 multiples of the 16x16x16 test tiles (T*k = 39 rows, K = 20, N = 24).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,7 +167,7 @@ def test_fused_ops_in_shard_map_grads_of_replicated_weights(impl):
            lambda a, b, w: R.unpermute(R.gmm(a, b, sizes), sort_idx, w))
     args = (x, w_in, w_out, weights)
     got = jax.jit(jax.grad(sharded_sum(lambda *a: per_shard(*a, *ours)), argnums=(0, 1, 2, 3)))(*args)
-    want = jax.grad(unsharded_sum(lambda *a: per_shard(*a, *ref)), argnums=(0, 1, 2, 3))(*args)
+    want = jax.jit(jax.grad(unsharded_sum(lambda *a: per_shard(*a, *ref)), argnums=(0, 1, 2, 3)))(*args)
     for name, g, e in zip(["x", "w_in", "w_out", "weights"], got, want):
         assert_close(g, e, 1e-5, name)
 
@@ -190,7 +192,7 @@ def test_moe_ffn_fused_matches_dense(impl, fused_arg, takes_fused, monkeypatch):
     assert bool(calls) == takes_fused, "moe_ffn took the wrong (fused / unfused) path"
     cot = randn(keys(19, 1)[0], x.shape)
     grads = jax.jit(jax.grad(loss(ours, top_k, cot), argnums=range(5)))(x, logits, *ws)
-    expected = jax.grad(loss(R.moe_ffn_dense, top_k, cot), argnums=range(5))(x, logits, *ws)
+    expected = jax.jit(jax.grad(loss(R.moe_ffn_dense, top_k, cot), argnums=range(5)))(x, logits, *ws)
     for name, g, e in zip(["x", "router_logits", "w_gate", "w_up", "w_down"], grads, expected):
         assert_close(g, e, 1e-5, f"d{name}")
 
@@ -201,13 +203,13 @@ def test_moe_ffn_fused_bf16(impl):
     """bf16 forward and gradients vs the dense layer in f32 on the same (bf16-valued) inputs."""
     x, logits, ws = layer_inputs(SHAPES[impl], "balanced", seed=6, dtype=jnp.bfloat16)
     ours = lambda *a, top_k: moe_ops.moe_ffn(*a, top_k=top_k, implementation=impl, fused=True)
-    got = ours(x, logits, *ws, top_k=2)
+    got = jax.jit(functools.partial(ours, top_k=2))(x, logits, *ws)  # jitted: op-by-op dispatch took ~40 s on CPU
     assert got.dtype == jnp.bfloat16 and got.shape == x.shape
     f32 = [a.astype(jnp.float32) for a in (x, *ws)]
     assert_close(got, R.moe_ffn_dense(f32[0], logits, *f32[1:], top_k=2), 2e-2, "bf16 forward")
     cot = randn(keys(3, 1)[0], x.shape)
-    grads = jax.grad(loss(ours, 2, cot), argnums=range(5))(x, logits, *ws)
-    expected = jax.grad(loss(R.moe_ffn_dense, 2, cot), argnums=range(5))(f32[0], logits, *f32[1:])
+    grads = jax.jit(jax.grad(loss(ours, 2, cot), argnums=range(5)))(x, logits, *ws)
+    expected = jax.jit(jax.grad(loss(R.moe_ffn_dense, 2, cot), argnums=range(5)))(f32[0], logits, *f32[1:])
     for name, g, e in zip(["x", "router_logits", "w_gate", "w_up", "w_down"], grads, expected):
         assert g.dtype == (jnp.float32 if name == "router_logits" else jnp.bfloat16)
         assert_close(g, e, 2e-2, f"bf16 d{name}")

@@ -1,5 +1,6 @@
 """Contract checks of the fused dispatch / combine and SwiGLU ops (``gather_gmm``, ``scatter_gmm``, ``swiglu_gmm``,
-``swiglu_ffn``, ``fused_experts_ffn``) and the unfused layer's activation check, that an audit found broken; each test failed before its fix."""
+``swiglu_ffn``, ``fused_experts_ffn``) and the unfused layer's activation check, that an audit found broken; each
+test failed before its fix."""
 
 import jax
 import jax.numpy as jnp

@@ -28,7 +28,7 @@ def _check_against_dense(options, shape, routing, seed, cot_seed, top_k=2):
     assert_close(ours(x, logits, *ws, top_k=top_k), R.moe_ffn_dense(x, logits, *ws, top_k=top_k), 1e-5, "forward")
     cot = randn(keys(cot_seed, 1)[0], x.shape)
     grads = jax.jit(jax.grad(loss(ours, top_k, cot), argnums=range(5)))(x, logits, *ws)
-    expected = jax.grad(loss(R.moe_ffn_dense, top_k, cot), argnums=range(5))(x, logits, *ws)
+    expected = jax.jit(jax.grad(loss(R.moe_ffn_dense, top_k, cot), argnums=range(5)))(x, logits, *ws)
     for name, g, e in zip(["x", "router_logits", "w_gate", "w_up", "w_down"], grads, expected):
         assert_close(g, e, 1e-5, f"d{name}")
 
@@ -87,7 +87,8 @@ def test_unfused_layer_second_order_matches_dense(impl):
 
     def second(fn):
         inner = jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a, top_k=2))), argnums=range(5))
-        return jax.grad(lambda *a: sum(jnp.sum(g ** 2) for g in inner(*a)), argnums=(0, 2, 4))(x, logits, *ws)
+        return jax.jit(jax.grad(lambda *a: sum(jnp.sum(g ** 2) for g in inner(*a)), argnums=(0, 2, 4)))(
+            x, logits, *ws)
     got = second(lambda *a, top_k: moe_ops.moe_ffn(*a, top_k=top_k, fused=False, implementation=impl))
     for name, g, e in zip(["x", "w_gate", "w_down"], got, second(R.moe_ffn_dense)):
         assert_close(g, e, 1e-4, f"second order d{name}")

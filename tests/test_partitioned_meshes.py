@@ -40,7 +40,7 @@ def _check(fn, args, dy, what, placed=None, placed_dy=None):
     assert_close(fn(*placed), _dense(*args), 1e-5, f"{what} forward")
     got = jax.jit(jax.grad(_loss(fn, placed_dy), argnums=range(5)))(*placed)
     for name, g, e in zip(("x", "logits", "w_gate", "w_up", "w_down"), got,
-                          jax.grad(_loss(_dense, dy), argnums=range(5))(*args)):
+                          jax.jit(jax.grad(_loss(_dense, dy), argnums=range(5)))(*args)):
         assert_close(g, e, 1e-5, f"{what} d{name}")
 
 
