@@ -16,6 +16,9 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 import hypothesis  # noqa: E402
 import pytest  # noqa: E402
 
+from tests.crash_rerun import (  # noqa: E402, F401  (hooks: one rerun of a test whose xdist worker crashed)
+    pytest_handlecrashitem, pytest_report_teststatus, pytest_terminal_summary)
+
 hypothesis.settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
                                      suppress_health_check=list(hypothesis.HealthCheck))
 hypothesis.settings.register_profile("full", max_examples=60, deadline=None,
