@@ -1,7 +1,7 @@
 """One rerun for a test whose pytest-xdist worker died (imported into ``tests/conftest.py``).
 
 Why: jaxlib 0.10.2 and 0.11.2 occasionally segfault inside XLA:CPU's compile call (``backend_compile_and_load``)
-late in a long worker process, in tests that pass alone and in whole-file runs (three crashes in about eight
+late in a long worker process, in tests that pass alone and in whole-file runs (four crashes in about nine
 full-suite runs, in three different tests; the faulting instruction is CPython's GC unlinking an object that was
 already unlinked). A crashed worker takes its test with it; that test is rescheduled once on a fresh worker. A
 second crash of the same test fails it as before, every rerun is listed in the terminal summary, and nothing else
