@@ -22,13 +22,12 @@ def test_fails():
 """
 
 
-def test_crashed_worker_reruns_its_test_once(pytester, tmp_path):
+def test_crashed_worker_reruns_its_test_once(pytester, tmp_path, monkeypatch):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pytester.makeconftest("from tests.crash_rerun import (pytest_handlecrashitem, pytest_report_teststatus, "
                           "pytest_terminal_summary)")
     pytester.makepyfile(test_cases=CASES.format(mark=str(tmp_path / "mark")))
-    env_path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
-    pytester._monkeypatch.setenv("PYTHONPATH", env_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider", "-p", "no:randomly")
     out = result.stdout.str()
     assert "2 failed, 1 passed, 2 rerun" in out, out
