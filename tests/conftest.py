@@ -31,7 +31,7 @@ _MEASURED_SLOW = pathlib.Path(__file__).with_name("slow_tests.txt")
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config, items):
-    """Tests listed in ``slow_tests.txt`` (each measured at 1 s or more in the quick loop on a 2-core machine) are
+    """Tests listed in ``slow_tests.txt`` (each measured at 1.5 s or more in the quick loop on a 2-core machine) are
     marked slow too, so ``-m "not slow"`` stays a short loop; CI runs them all."""
     if not _MEASURED_SLOW.exists():
         return
