@@ -55,7 +55,8 @@ def _check_descriptor_variant(target, reports):
     """The TMA / persistent GMM family's AOT facts, read off the sweep's own reports (compiling the family again in
     tests/test_gmm_tma.py cost about a minute of CPU): on sm90 TMA loads in every descriptor kernel, TMA stores (the
     epilogue) in every GMM, scratch within ``SCRATCH_PER_PROGRAM``; LDS / shared memory within the target's limit
-    (tests/test_gmm_tma.py checks the AMD cases' masked store and program count). Spill-freedom and compile errors are checked with every other family above."""
+    (tests/test_gmm_tma.py checks the AMD cases' masked store and program count). Spill-freedom and compile errors
+    are checked with every other family above."""
     assert reports, f"no gmm_tma reports on {target}"
     assert all(r.shared_bytes <= lowering.SHARED_LIMIT[target] for r in reports)
     if target == "sm90":

@@ -4,6 +4,7 @@ test failed before its fix."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import moe_ops
@@ -46,7 +47,6 @@ def test_activation_that_is_not_a_name_raises_a_named_value_error(op, activation
 @pytest.mark.parametrize("op", sorted(CALLS))
 def test_valid_activation_names_still_run(op):
     """The check accepts every documented name (and a NumPy str, which is a str)."""
-    import numpy as np  # noqa: PLC0415
     for act in ("silu", "gelu", "relu", np.str_("gelu")):
         out = jax.eval_shape(lambda: CALLS[op](act))
         assert out.dtype == jnp.float32
