@@ -136,6 +136,7 @@ def ep_tp_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, t
                            score_fn=score_fn, implementation=implementation, **routing)
 
 
+@validation.numpy_floats_as_jax
 def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoEShardingConfig(),
                   tokens_on_expert=None, fsdp_axis=None, activation="silu", score_fn="softmax", implementation=None,
                   router_bias=None, renormalize=True, num_groups=None, top_groups=None, routed_scale=1.0):

@@ -127,6 +127,7 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
     return fused_ops.scatter_gmm(h, w_down, sizes, sort_idx, weights, **kw)
 
 
+@validation.numpy_floats_as_jax
 def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax",
             router_bias=None, renormalize=True, num_groups=None, top_groups=None, routed_scale=1.0,
             implementation=None, sharding=None, fused: bool | None = None, recompute: bool = False):

@@ -224,7 +224,8 @@ def on_explicit_axes(out_specs):
     ones. So do operands committed unsharded to an Explicit mesh with no context mesh (the op's own mesh-less
     intermediates would not match their types). Elsewhere (Auto meshes, unsharded operands under ``jax.set_mesh``,
     inside a ``shard_map``) the op runs as is. Only ``jax.Array`` operands cross the boundary (NumPy ones and static
-    arguments are closed over); malformed arguments reach the op's own checks unchanged."""
+    arguments are closed over); malformed arguments reach the op's own checks unchanged. NumPy float64 operands enter
+    as float32 first, as JAX would take them (``validation.numpy_floats_as_jax``)."""
     def wrap(op):
         signature = inspect.signature(op)
 
@@ -253,7 +254,7 @@ def on_explicit_axes(out_specs):
                 a, k = jax.tree.unflatten(tree, filled)
                 return op(*a, **k)
             return jax.sharding.auto_axes(body, out_sharding=out)(*arrays)
-        return run
+        return validation.numpy_floats_as_jax(run)
     return wrap
 
 

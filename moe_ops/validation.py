@@ -80,6 +80,24 @@ def is_kernel_float(dtype) -> bool:
     return jnp.dtype(dtype) in [jnp.dtype(d) for d in FLOAT_DTYPES]
 
 
+def numpy_floats_as_jax(op):
+    """Decorator for a public op: a NumPy float operand whose dtype JAX would canonicalise (float64 with x64 off)
+    enters as the ``jnp.asarray`` of it (float32), as it would in ``jnp.dot`` / ``lax.ragged_dot`` / megablox.
+    Only ``np.ndarray`` leaves of a floating dtype change: NumPy integers keep their full-width host reading, NumPy
+    scalars (static options such as ``routed_scale``) stay static, and float64 under x64 still gets the dtype error."""
+    def canonical(a):
+        if isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.floating) \
+                and jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype:
+            return jnp.asarray(a)
+        return a
+
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        args, kwargs = jax.tree.map(canonical, (args, kwargs))
+        return op(*args, **kwargs)
+    return run
+
+
 def float_array(name, x, ndim=None):
     """``x`` (named ``name`` in errors) is a float array of rank ``ndim`` (any rank >= 1 when None)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):

@@ -83,6 +83,33 @@ def test_numpy_operands(op, impl):
     _close(fn(tuple(np.asarray(a) for a in args), impl), ref())
 
 
+def _float64(a):
+    return np.asarray(a, np.float64) if jnp.issubdtype(a.dtype, jnp.floating) else np.asarray(a)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_numpy_float64_operands_enter_as_float32(op):
+    """Failed before the fix: NumPy float64 operands (``np.random.randn``'s) raised 'must be float32' where
+    ``jnp.dot``, ``lax.ragged_dot`` and megablox take them as float32 (x64 off). Now the same result, bit for bit,
+    as from the float32 operands."""
+    fn, args, _ = OPS[op]
+    want = fn(args, None)
+    got = fn(tuple(_float64(a) for a in args), None)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)
+
+
+def test_float64_under_x64_is_refused_by_name():
+    """With x64 on, float64 is a real dtype that no kernel takes: a named error, NumPy or jax operand alike."""
+    with jax.enable_x64(True):
+        for lhs in (np.asarray(XS, np.float64), jnp.asarray(XS, jnp.float64)):
+            with pytest.raises(TypeError, match="lhs must be float32, bfloat16 or float16, got float64"):
+                moe_ops.gmm(lhs, WG, SIZES)
+        with pytest.raises(TypeError, match="router_logits must be float32, bfloat16 or float16, got float64"):
+            moe_ops.moe_ffn(X, np.asarray(LOGITS, np.float64), WG, WU, WD, top_k=TOPK)
+
+
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_eval_shape_with_shape_dtype_structs(op):
     """Every op traces from abstract operands (no host sync, no concrete value needed), with the reference's
@@ -175,7 +202,6 @@ def test_static_sizes_take_numpy_ints_and_reject_bools():
 @pytest.mark.parametrize("call,err,match", [
     (lambda: moe_ops.gmm(XS.tolist(), WG, SIZES), TypeError, "lhs must be an array, got list"),
     (lambda: moe_ops.gmm(XS.astype(jnp.int32), WG, SIZES), TypeError, "lhs must be float32, bfloat16 or float16"),
-    (lambda: moe_ops.gmm(np.asarray(XS, np.float64), WG, SIZES), TypeError, "lhs must be float32"),
     (lambda: moe_ops.gmm(XS, WG, SIZES > 2), TypeError, "group_sizes must be an integer array, got bool"),
     (lambda: moe_ops.gmm(XS, WG, jnp.int32(3)), ValueError, r"group_sizes must have rank 1, got shape \(\)"),
     (lambda: moe_ops.gmm(XS, WG, SIZES, group_offset=jnp.array([1, 2])), TypeError, "group_offset must be"),

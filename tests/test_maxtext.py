@@ -61,6 +61,23 @@ def test_gmm_takes_the_maxtext_fork_keywords():
         maxtext.gmm(lhs, rhs, sizes, **{**fork, "partial_sum": jnp.zeros((m, n))}, implementation="xla")
 
 
+def test_numpy_float64_operands_run_as_float32():
+    """As megablox and MaxText take them with x64 off (failed before the fix: 'lhs must be float32')."""
+    k1, k2, k3 = keys(23, 3)
+    lhs, rhs, x = randn(k1, (16, 8)), randn(k2, (2, 8, 4)), randn(k3, (B, S, D))
+    sizes, f64 = jnp.array([9, 5], jnp.int32), (lambda a: np.asarray(a, np.float64))
+    np.testing.assert_array_equal(maxtext.gmm(f64(lhs), f64(rhs), sizes, implementation="xla"),
+                                  maxtext.gmm(lhs, rhs, sizes, implementation="xla"))
+    np.testing.assert_array_equal(maxtext.tgmm(f64(lhs.T), f64(lhs), sizes, implementation="xla"),
+                                  maxtext.tgmm(lhs.T, lhs, sizes, implementation="xla"))
+    logits = x[..., :E]
+    got = maxtext.permute(f64(x), f64(logits), None, num_experts_per_tok=K, implementation="xla")
+    want = maxtext.permute(x, logits, None, num_experts_per_tok=K, implementation="xla")
+    for a, b in zip(got[:5], want[:5]):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
 def _maxtext_permute_reference(x, logits, k):
     """What RoutedMoE.permute computes on its default path, written directly (argsort of the flat ids)."""
     top, ids = jax.lax.top_k(logits, k)

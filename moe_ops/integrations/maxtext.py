@@ -28,6 +28,7 @@ from moe_ops import validation
 __all__ = ["gmm", "tgmm", "permute", "unpermute", "local_permute", "get_all_to_all_params"]
 
 
+@validation.numpy_floats_as_jax
 def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=(128, 128, 128), group_offset=None,
         existing_out=None, transpose_rhs=False, interpret=False, lhs_quantize_dtype=None, rhs_quantize_dtype=None,
         use_qwix_quantization=False, use_tokamax_backend=False, weight_gather_axes=None, lhs_vma_axes=(),
@@ -51,6 +52,7 @@ def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=(128, 
                        implementation=implementation)
 
 
+@validation.numpy_floats_as_jax
 def tgmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=(128, 128, 128), group_offset=None,
          num_actual_groups=None, existing_out=None, interpret=False, *, implementation=None):
     """``megablox.tgmm``: lhs [k,m] x rhs [m,n] -> [num_actual_groups, k, n] (``num_actual_groups`` defaults to
@@ -83,6 +85,7 @@ def _route(gate_logits, num_experts_per_tok):
     return weights.reshape(lead), ids.reshape(lead)
 
 
+@validation.numpy_floats_as_jax
 def permute(inputs, gate_logits, pre_bias_logits=None, use_custom_sort_vjp=True, rngs=None, roll_to_expert_id=None,
             input_ids=None, *, num_experts_per_tok, dtype=None, implementation=None):
     """inputs [B,S,D], gate_logits [B,S,E] -> ``(sorted_inputs [B*S*k,D], sorted_selected_experts [B*S*k],
@@ -108,6 +111,7 @@ def permute(inputs, gate_logits, pre_bias_logits=None, use_custom_sort_vjp=True,
             None)
 
 
+@validation.numpy_floats_as_jax
 def unpermute(intermediate, sorted_selected_experts, weights, batch_size, sequence_length, use_custom_sort_vjp=True,
               group_sizes=None, *, implementation=None):
     """intermediate [B*S*k, D] (expert order) -> [B,S,D]: ``sum_j weights[b,s,j] * row of (b,s,j)``, f32
@@ -128,6 +132,7 @@ def _truncate_per_receiver(sizes, buffer_size):
     return jnp.diff(ends, axis=0, prepend=jnp.zeros_like(ends[:1]))
 
 
+@validation.numpy_floats_as_jax
 def local_permute(inputs, global_group_sizes, local_expert_size, shard_index, is_offset=False,
                   global_sorted_experts=None, use_custom_sort_vjp=True, use_ragged_sort=False,
                   ragged_buffer_factor=-1.0, use_single_sparsecore=False, *, implementation=None):
