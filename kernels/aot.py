@@ -199,21 +199,35 @@ def check(targets=("sm90", "gfx950"), families=None, *, via_jax=False, on_report
     return reports
 
 
+def _compile_key(case: AotCase):
+    """Cases with equal keys are one compile under several names (a config table's entries that differ only in
+    what this kernel does not read)."""
+    return (case.fn, tuple(sorted(case.signature.items())), tuple(sorted(case.constexprs.items())),
+            tuple(sorted(case.options.items())))
+
+
 def run_cases(target, families, indices, *, via_jax=False, workers=1) -> list[AotReport]:
-    """Reports for cases ``indices`` of ``cases_for(target, families)``, in that order. With ``workers > 1`` each
-    of that many spawned processes rebuilds the case list and takes every ``workers``-th index (Triton's compiler
-    is not thread-safe: threads failed a case now and then)."""
+    """Reports for cases ``indices`` of ``cases_for(target, families)``, in that order; a case that is the same
+    compile as an earlier one (``_compile_key``) gets that one's report under its own names. With ``workers > 1``
+    each of that many spawned processes rebuilds the case list and takes every ``workers``-th distinct index
+    (Triton's compiler is not thread-safe: threads failed a case now and then)."""
+    cases = cases_for(target, families)
     indices = list(indices)
-    if workers <= 1 or len(indices) <= 1:
-        cases = cases_for(target, families)
-        return [_run_one(cases[i], target, via_jax) for i in indices]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    shares = [indices[i::workers] for i in range(min(workers, len(indices)))]
-    with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = list(pool.map(_run_share, [(target, families, share, via_jax) for share in shares]))
-    by_index = {i: r for share, reports in zip(shares, results) for i, r in zip(share, reports)}
-    return [by_index[i] for i in indices]
+    first = {}
+    for i in indices:
+        first.setdefault(_compile_key(cases[i]), i)
+    distinct = sorted(set(first.values()))
+    if workers <= 1 or len(distinct) <= 1:
+        by_index = {i: _run_one(cases[i], target, via_jax) for i in distinct}
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        shares = [distinct[i::workers] for i in range(min(workers, len(distinct)))]
+        with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_run_share, [(target, families, share, via_jax) for share in shares]))
+        by_index = {i: r for share, reports in zip(shares, results) for i, r in zip(share, reports)}
+    return [dataclasses.replace(by_index[first[_compile_key(cases[i])]], kernel=cases[i].kernel_name,
+                                config=cases[i].config_name) for i in indices]
 
 
 def _run_one(case, target, via_jax) -> AotReport:

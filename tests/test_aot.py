@@ -78,6 +78,27 @@ def test_cli_one_row_per_case():
     assert f"{len(rows)} compiles, 0 failures" in proc.stdout
 
 
+@pytest.mark.parametrize("target", ["sm90", "gfx950"])
+def test_each_distinct_compile_runs_once(monkeypatch, target):
+    """Config entries that differ only in what a kernel does not read (sm90's SwiGLU backward: large / medium /
+    decode) are one compile: the sweep compiles it once and reports it under every case's names, in case order."""
+    compiled = []
+
+    def fake(case, target, via_jax):
+        compiled.append(aot._compile_key(case))
+        return aot.AotReport(target, "?", "?", shared_bytes=len(compiled))
+    monkeypatch.setattr(aot, "_run_one", fake)
+    cases = cases_for(target, None)
+    reports = aot.run_cases(target, None, range(len(cases)))
+    assert len(compiled) == len(set(compiled)) == len({aot._compile_key(c) for c in cases})
+    assert [(r.kernel, r.config) for r in reports] == [(c.kernel_name, c.config_name) for c in cases]
+    by_key = {}
+    for case, report in zip(cases, reports):  # duplicates share their first case's report
+        assert by_key.setdefault(aot._compile_key(case), report.shared_bytes) == report.shared_bytes
+    if target == "sm90":
+        assert len(compiled) < len(cases)
+
+
 def test_private_cache_dir_is_removed_at_exit():
     """The compile cache ``kernels.aot`` creates when ``TRITON_CACHE_DIR`` is unset or empty goes away with the
     process: every pytest worker and CLI run used to leave tens of MB of kernels in the temp dir."""
