@@ -9,11 +9,15 @@
 * ``tgmm``: ``megablox.tgmm``'s signature: lhs is ``[k, m]`` (megablox's layout, transposed here), rhs ``[m, n]``
   -> ``[num_actual_groups or num_groups, k, n]``; ``existing_out`` is *added* to the result (megablox accumulates
   into it); ``tiling`` / ``interpret`` ignored as for ``gmm``.
-* ``permute`` / ``unpermute``: ``RoutedMoE.permute`` / ``unpermute`` without ``self``: the routing is MaxText's
-  default (``top_k`` of the logits, softmax over the k logits = softmax then renormalise), the model settings
-  become keyword-only arguments. ``sorted_selected_experts`` is the stable argsort of the flat expert ids (the
-  ``sort_idx`` of ``moe_ops.permute``). Random / hash / DeepSeek routing and the load-balance loss are not here
-  (``lb_loss`` and ``bias_updates`` are ``None``).
+* ``permute`` / ``unpermute``: ``RoutedMoE.permute`` / ``unpermute`` without ``self`` (its non-ring, argsort
+  path): the model settings become keyword-only arguments named as MaxText's config fields (``decoder_block``,
+  ``model_name``, ``norm_topk_prob``, ``routed_score_func``, ``routed_scaling_factor``, ``n_routing_groups``,
+  ``topk_routing_group``, ``load_balance_loss_weight``, ``routed_bias``, ``routed_bias_update_rate``), with
+  MaxText's defaults (``decoder_block="default"`` for its ``llama2``, which routes alike): MaxText's default routing
+  (``top_k`` of the logits, softmax over the k). DeepSeek V2/V3/V4, Gemma4, Llama4 and Qwen3 routing, the
+  load-balance loss and the routed-bias update follow ``get_topk`` / ``permute`` (``maxtext_routing``).
+  ``sorted_selected_experts`` is the stable argsort of the flat expert ids (the ``sort_idx`` of
+  ``moe_ops.permute``). Random and hash routing raise ``NotImplementedError``.
 * ``local_permute`` / ``get_all_to_all_params``: the static methods, same arguments and results.
 """
 
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 
 import moe_ops
 from moe_ops import validation
+from moe_ops.integrations import maxtext_routing as routing
 
 __all__ = ["gmm", "tgmm", "permute", "unpermute", "local_permute", "get_all_to_all_params"]
 
@@ -78,49 +83,69 @@ def tgmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=(128,
     return (out + existing_out.astype(jnp.float32)).astype(out_dtype)
 
 
-def _route(gate_logits, num_experts_per_tok):
-    """MaxText's default routing: ``top_k`` of the logits, weights = softmax over those k logits."""
-    weights, ids = moe_ops.route(gate_logits.reshape(-1, gate_logits.shape[-1]), num_experts_per_tok)
-    lead = gate_logits.shape[:-1] + (num_experts_per_tok,)
-    return weights.reshape(lead), ids.reshape(lead)
-
-
 @validation.numpy_floats_as_jax
 def permute(inputs, gate_logits, pre_bias_logits=None, use_custom_sort_vjp=True, rngs=None, roll_to_expert_id=None,
-            input_ids=None, *, num_experts_per_tok, dtype=None, implementation=None):
-    """inputs [B,S,D], gate_logits [B,S,E] -> ``(sorted_inputs [B*S*k,D], sorted_selected_experts [B*S*k],
-    weights [B,S,k], group_size [E], sorted_experts [B*S*k], lb_loss=None, bias_updates=None,
-    local_group_size=None)``. ``sorted_experts[i]`` is the expert of sorted row i (``roll_to_expert_id`` rotates
-    ids first: ``(id - roll) % E``). ``pre_bias_logits``, ``use_custom_sort_vjp``, ``rngs``, ``input_ids``: accepted,
-    unused (the default routing needs none of them)."""
-    del pre_bias_logits, use_custom_sort_vjp, rngs, input_ids
-    if inputs.ndim != 3 or gate_logits.shape[:2] != inputs.shape[:2]:
+            input_ids=None, *, num_experts_per_tok, dtype=None, decoder_block="default", model_name="default",
+            norm_topk_prob=False, routed_score_func="", routed_scaling_factor=1.0, routed_bias=False,
+            routed_bias_update_rate=0.0, n_routing_groups=-1, topk_routing_group=-1, load_balance_loss_weight=0.0,
+            per_expert_scale=None, use_random_routing=False, is_hash_routing=False, implementation=None):
+    """inputs [B,S,D], gate_logits [B,S,E] (pre_bias_logits [B,S,E] for DeepSeek-V3/V4) -> ``(sorted_inputs
+    [B*S*k,D], sorted_selected_experts [B*S*k], weights [B,S,k], group_size [E], sorted_experts [B*S*k], lb_loss,
+    bias_updates, local_group_size=None)`` with k = ``num_experts_per_tok``.
+
+    The keywords after ``dtype`` are MaxText's config fields (``maxtext_routing`` describes the routing each picks).
+    ``decoder_block="llama4"`` multiplies each token's inputs by the sigmoid of its (k=1) weight before the sort.
+    ``lb_loss`` (a scalar) when ``load_balance_loss_weight > 0``; ``bias_updates`` [E] when ``routed_bias`` and
+    ``routed_bias_update_rate > 0``; else ``None``. ``sorted_experts[i]`` is the expert of sorted row i
+    (``roll_to_expert_id`` rotates ids first: ``(id - roll) % E``). ``dtype`` (MaxText's ``config.dtype``, inputs'
+    by default): sorted_inputs' dtype and the routing's casts (weights are in ``dtype``, except the DeepSeek blocks'
+    and Llama4's: the logits' dtype, as in MaxText). ``use_custom_sort_vjp``, ``rngs``, ``input_ids``: accepted,
+    unused (random / hash routing raise)."""
+    del use_custom_sort_vjp, rngs, input_ids
+    if inputs.ndim != 3 or gate_logits.ndim != 3 or gate_logits.shape[:2] != inputs.shape[:2]:
         raise ValueError(f"inputs must be [B,S,D] and gate_logits [B,S,E] with the same B,S; got inputs "
                          f"{tuple(inputs.shape)}, gate_logits {tuple(gate_logits.shape)}")
+    k = num_experts_per_tok
+    settings = routing.check_settings(
+        gate_logits, pre_bias_logits, k, decoder_block=decoder_block, model_name=model_name,
+        norm_topk_prob=norm_topk_prob, routed_score_func=routed_score_func,
+        routed_scaling_factor=routed_scaling_factor, routed_bias=routed_bias,
+        routed_bias_update_rate=routed_bias_update_rate, n_routing_groups=n_routing_groups,
+        topk_routing_group=topk_routing_group, load_balance_loss_weight=load_balance_loss_weight,
+        per_expert_scale=per_expert_scale, use_random_routing=use_random_routing, is_hash_routing=is_hash_routing)
     num_experts = gate_logits.shape[-1]
-    weights, ids = _route(gate_logits, num_experts_per_tok)
-    flat_ids = ids.reshape(-1, num_experts_per_tok)
+    dtype = inputs.dtype if dtype is None else dtype
+    weights, ids = routing.get_topk(gate_logits, pre_bias_logits, k, settings, dtype)
+    lb_loss = None if settings["lb_weight"] <= 0.0 else routing.load_balance_loss(
+        ids, gate_logits, num_experts, settings["lb_weight"], dtype)
+    bias_updates = None if settings["bias_rate"] <= 0.0 else routing.bias_updates(ids, num_experts,
+                                                                                  settings["bias_rate"])
+    x2 = inputs.reshape(-1, inputs.shape[-1])
+    if settings["block"] == "llama4":
+        x2 = x2 * jax.nn.sigmoid(weights.astype(jnp.float32)).reshape(-1, 1)
+    flat_ids = ids.reshape(-1, k)
     if roll_to_expert_id is not None:
         flat_ids = (flat_ids - roll_to_expert_id) % num_experts
-    x2 = inputs.reshape(-1, inputs.shape[-1])
     sorted_inputs, group_size, sort_idx = moe_ops.permute(x2, flat_ids, num_experts, implementation=implementation)
     sorted_experts = jnp.repeat(jnp.arange(num_experts, dtype=jnp.int32), group_size,
                                 total_repeat_length=sort_idx.shape[0])
-    dtype = inputs.dtype if dtype is None else dtype
-    return (sorted_inputs.astype(dtype), sort_idx, weights.astype(dtype), group_size, sorted_experts, None, None,
-            None)
+    return (sorted_inputs.astype(dtype), sort_idx, weights, group_size, sorted_experts, lb_loss, bias_updates, None)
 
 
 @validation.numpy_floats_as_jax
 def unpermute(intermediate, sorted_selected_experts, weights, batch_size, sequence_length, use_custom_sort_vjp=True,
-              group_sizes=None, *, implementation=None):
-    """intermediate [B*S*k, D] (expert order) -> [B,S,D]: ``sum_j weights[b,s,j] * row of (b,s,j)``, f32
-    accumulation, intermediate's dtype. ``use_custom_sort_vjp`` / ``group_sizes``: accepted, unused."""
+              group_sizes=None, *, decoder_block="default", implementation=None):
+    """intermediate [B*S*k, D] (expert order) -> [B,S,D]: ``sum_j weights[b,s,j] * row of (b,s,j)`` (weights
+    [B,S,k]), f32 accumulation, intermediate's dtype. ``decoder_block="llama4"`` combines with weights of 1, as
+    MaxText does (its ``permute`` already scaled the inputs). ``use_custom_sort_vjp`` / ``group_sizes``: accepted,
+    unused."""
     del use_custom_sort_vjp, group_sizes
     k = weights.shape[-1]
     if weights.size // k != batch_size * sequence_length:
         raise ValueError(f"weights [B,S,k] must hold batch_size * sequence_length = {batch_size} * {sequence_length} "
                          f"tokens, got weights {tuple(weights.shape)}")
+    if routing.decoder_block_name(decoder_block) == "llama4":
+        weights = jnp.ones_like(weights)
     out = moe_ops.unpermute(intermediate, sorted_selected_experts, weights.reshape(-1, k),
                             implementation=implementation)
     return out.reshape(batch_size, sequence_length, -1)
