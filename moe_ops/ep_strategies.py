@@ -55,7 +55,8 @@ def received_expert_ids(recv_counts, recv_offsets, recv_sizes, num_rows):
 def all_to_all_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, batch_sharded=True,
                      capacity_factor=None, activation="silu", score_fn="softmax", implementation=None, **routing):
     """Expert-parallel all-to-all MoE on one shard: x [T, D], logits [T, E], weights [E_l, ...] -> [T, D].
-    ``routing``: ``moe_ffn``'s routing options (router_bias, renormalize, num_groups, top_groups, routed_scale)."""
+    ``routing``: ``moe_ffn``'s routing options (router_bias, renormalize, num_groups, top_groups, group_score,
+    routed_scale)."""
     ep = jax.lax.axis_size(expert_axis)
     me = jax.lax.axis_index(expert_axis)
     t, num_experts = router_logits.shape
@@ -139,7 +140,8 @@ def ep_tp_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, t
 @validation.numpy_floats_as_jax
 def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoEShardingConfig(),
                   tokens_on_expert=None, fsdp_axis=None, activation="silu", score_fn="softmax", implementation=None,
-                  router_bias=None, renormalize=True, num_groups=None, top_groups=None, routed_scale=1.0):
+                  router_bias=None, renormalize=True, num_groups=None, top_groups=None, group_score="top2_sum",
+                  routed_scale=1.0):
     """Per-shard MoE for use inside ``shard_map`` over a mesh with ``config.expert_axis``.
 
     x [T_l, D] and router_logits [T_l, E] are this device's tokens (sharded over the expert axis iff
@@ -150,7 +152,8 @@ def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoESh
     typed as replicated over the expert axis are refused for ``ep_tp`` (it would sum EP full copies). The routing
     options are ``moe_ffn``'s (``router_bias`` [E] replicated: every device routes with all E experts)."""
     validation.float_array("router_logits", router_logits, 2)
-    routing = check_routing(router_logits, top_k, router_bias, renormalize, num_groups, top_groups, routed_scale)
+    routing = check_routing(router_logits, top_k, router_bias, renormalize, num_groups, top_groups, routed_scale,
+                            group_score)
     axis = config.expert_axis
     ep = jax.lax.axis_size(axis)
     operands = (x, router_logits, w_gate, w_up, w_down)

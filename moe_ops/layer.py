@@ -19,17 +19,18 @@ __all__ = ["moe_ffn", "experts_ffn", "fused_experts_ffn", "route"]
 
 @on_explicit_axes(lambda spec, a: (P(spec("logits", 0), None),) * 2)
 def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True, num_groups=None, top_groups=None,
-          scale=1.0):
+          group_score="top2_sum", scale=1.0):
     """Top-k routing: logits [T,E] -> (weights [T,k] f32, expert_ids [T,k] int32); ``bias`` [E] moves selection only;
     ``num_groups`` / ``top_groups``: select among the experts of each token's ``top_groups`` best groups of
-    ``E / num_groups``; ``scale`` multiplies the weights (``reference.route`` defines each)."""
+    ``E / num_groups``, a group scored by ``group_score`` ("top2_sum" or "max"); ``scale`` multiplies the weights
+    (``reference.route`` defines each)."""
     validation.float_array("logits", logits, 2)
     top_k = check_top_k(top_k, logits.shape[1])
-    num_groups, top_groups, scale = validation.routing_options(
+    num_groups, top_groups, scale, group_score = validation.routing_options(
         logits.shape[1], top_k, bias=bias, renormalize=renormalize, num_groups=num_groups, top_groups=top_groups,
-        scale=scale)
+        scale=scale, group_score=group_score)
     return reference.route(logits, top_k, score_fn=score_fn, bias=bias, renormalize=renormalize,
-                           num_groups=num_groups, top_groups=top_groups, scale=scale)
+                           num_groups=num_groups, top_groups=top_groups, group_score=group_score, scale=scale)
 
 
 def check_top_k(top_k, num_experts) -> int:
@@ -38,22 +39,23 @@ def check_top_k(top_k, num_experts) -> int:
     return int(top_k)
 
 
-def check_routing(router_logits, top_k, router_bias, renormalize, num_groups, top_groups, routed_scale) -> dict:
+def check_routing(router_logits, top_k, router_bias, renormalize, num_groups, top_groups, routed_scale,
+                  group_score="top2_sum") -> dict:
     """``moe_ffn``'s routing options (errors name its arguments) -> them as keywords, static ones normalised."""
     num_experts = router_logits.shape[-1]
     top_k = check_top_k(top_k, num_experts)
-    num_groups, top_groups, routed_scale = validation.routing_options(
+    num_groups, top_groups, routed_scale, group_score = validation.routing_options(
         num_experts, top_k, bias=router_bias, renormalize=renormalize, num_groups=num_groups, top_groups=top_groups,
-        scale=routed_scale, names=("router_bias", "routed_scale"))
+        scale=routed_scale, group_score=group_score, names=("router_bias", "routed_scale"))
     return dict(router_bias=router_bias, renormalize=bool(renormalize), num_groups=num_groups,
-                top_groups=top_groups, routed_scale=routed_scale)
+                top_groups=top_groups, group_score=group_score, routed_scale=routed_scale)
 
 
 def route_tokens(router_logits, top_k, *, score_fn="softmax", router_bias=None, renormalize=True, num_groups=None,
-                 top_groups=None, routed_scale=1.0):
+                 top_groups=None, group_score="top2_sum", routed_scale=1.0):
     """``route`` with ``moe_ffn``'s names for the options (router_logits [T, E])."""
     return route(router_logits, top_k, score_fn=score_fn, bias=router_bias, renormalize=renormalize,
-                 num_groups=num_groups, top_groups=top_groups, scale=routed_scale)
+                 num_groups=num_groups, top_groups=top_groups, group_score=group_score, scale=routed_scale)
 
 
 @on_explicit_axes(lambda spec, a: P(spec("x_sorted", 0), spec("x_sorted", 1)))
@@ -129,14 +131,14 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
 
 @validation.numpy_floats_as_jax
 def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax",
-            router_bias=None, renormalize=True, num_groups=None, top_groups=None, routed_scale=1.0,
-            implementation=None, sharding=None, fused: bool | None = None, recompute: bool = False):
+            router_bias=None, renormalize=True, num_groups=None, top_groups=None, group_score="top2_sum",
+            routed_scale=1.0, implementation=None, sharding=None, fused: bool | None = None, recompute: bool = False):
     """Routed SwiGLU MoE: x [..., D], router_logits [..., E], w_gate/w_up [E,D,F], w_down [E,F,D] -> x's shape.
 
     route (top-k of the softmax, renormalised) -> permute -> gate/up/down grouped matmuls -> weighted unpermute.
     Routing options (``route``'s, ``reference.route`` defines them): ``router_bias`` [E] (route's ``bias``:
-    moves the selection only, gets a zero gradient), ``renormalize``, ``num_groups`` / ``top_groups``
-    (group-limited selection), ``routed_scale`` (route's ``scale``: multiplies the weights).
+    moves the selection only, gets a zero gradient), ``renormalize``, ``num_groups`` / ``top_groups`` /
+    ``group_score`` (group-limited selection), ``routed_scale`` (route's ``scale``: multiplies the weights).
     ``fused``: gather / scatter inside the GMMs instead of permute / unpermute (``fused_experts_ffn``). ``None``
     (default) fuses on the backends of ``moe_ops.fused.FUSED_BY_DEFAULT`` (Triton, Pallas); ``True`` fuses wherever
     the backend provides the fused ops (Triton, Pallas, XLA twins); ``False`` never fuses. On backends with that
@@ -148,7 +150,8 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
     22 % more layer flops); the default keeps them. The partitioned op keeps only its inputs either way (its
     backward re-runs the shard's forward)."""
     validation.flag("recompute", recompute)
-    routing = dict(renormalize=renormalize, num_groups=num_groups, top_groups=top_groups, routed_scale=routed_scale)
+    routing = dict(renormalize=renormalize, num_groups=num_groups, top_groups=top_groups, group_score=group_score,
+                   routed_scale=routed_scale)
     if sharding is not None:
         from moe_ops.partitioned import moe_ffn_partitioned  # noqa: PLC0415 (partitioned imports this module)
         return moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, top_k=top_k, sharding=sharding,

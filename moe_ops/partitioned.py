@@ -57,12 +57,13 @@ class _Static:
     renormalize: bool = True
     num_groups: int | None = None
     top_groups: int | None = None
+    group_score: str = "top2_sum"
     routed_scale: float = 1.0
 
     def routing(self, router_bias):
         """``moe_ffn``'s routing keywords, with the bias operand (ignored unless ``has_bias``)."""
-        return dict(router_bias=router_bias if self.has_bias else None, renormalize=self.renormalize,
-                    num_groups=self.num_groups, top_groups=self.top_groups, routed_scale=self.routed_scale)
+        names = ("renormalize", "num_groups", "top_groups", "group_score", "routed_scale")
+        return dict(router_bias=router_bias if self.has_bias else None, **{n: getattr(self, n) for n in names})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,7 +359,7 @@ _moe.defvjp(_moe_fwd, _moe_bwd)
 @validation.numpy_floats_as_jax
 def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, sharding: MoEShardingConfig,
                         activation="silu", score_fn="softmax", implementation=None, router_bias=None,
-                        renormalize=True, num_groups=None, top_groups=None, routed_scale=1.0):
+                        renormalize=True, num_groups=None, top_groups=None, group_score="top2_sum", routed_scale=1.0):
     """``layer.moe_ffn`` partitioned over the mesh of its operands' shardings: x [..., D], router_logits [..., E],
     w_gate/w_up [E, D, F], w_down [E, F, D] -> x's shape (see module docstring); the routing options are
     ``moe_ffn``'s (``router_bias`` [E]: an operand of the partitioned ops, replicated, with a zero gradient)."""
@@ -367,7 +368,7 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
     layer.check_weights(x, router_logits, w_gate, w_up, w_down)
     top_k = layer.check_top_k(top_k, w_gate.shape[0])  # an int (the static part must hash as one)
     routing = layer.check_routing(router_logits, top_k, router_bias, renormalize, num_groups, top_groups,
-                                  routed_scale)
+                                  routed_scale, group_score)
     dims = (math.prod(x.shape[:-1]), w_gate.shape[0], w_gate.shape[2])
     if 0 in x.shape or 0 in w_gate.shape:  # nothing to exchange: zeros and zero gradients, as on one device
         return layer.moe_ffn(x, router_logits, w_gate, w_up, w_down, top_k=top_k, activation=activation,

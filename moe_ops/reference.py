@@ -88,8 +88,21 @@ def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred
     return out.reshape(num_local, lhs.shape[1], rhs.shape[1]).astype(out_dtype)
 
 
+GROUP_SCORES = ("max", "top2_sum")
+
+
+def check_group_score(group_score, num_groups):
+    """``group_score`` (a name of ``GROUP_SCORES``) as a str; other than the default it needs ``num_groups``."""
+    if not isinstance(group_score, str) or group_score not in GROUP_SCORES:
+        raise ValueError(f"group_score must be one of {list(GROUP_SCORES)}, got {group_score!r}")
+    if group_score != "top2_sum" and num_groups is None:
+        raise ValueError(f"group_score={group_score!r} needs group-limited routing (num_groups and top_groups), "
+                         f"got num_groups=None")
+    return str(group_score)
+
+
 def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True, num_groups=None, top_groups=None,
-          scale=1.0):
+          group_score="top2_sum", scale=1.0):
     """Top-k routing: logits [T,E] -> (weights [T,k] f32, expert_ids [T,k] int32).
 
     Without ``bias`` the k largest *logits* are selected (both score functions are monotone, so this is the top-k of
@@ -101,13 +114,15 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True, num
 
     Group-limited routing (DeepSeek-V3's ``n_group`` / ``topk_group``, MaxText's ``n_routing_groups`` /
     ``topk_routing_group``): ``num_groups`` splits the experts into contiguous groups of ``E / num_groups``; a
-    group's score is the sum of its two largest selection scores (scores + ``bias``), or its one score for groups of
-    one expert; the ``top_groups`` best groups are kept (equal group scores: the lowest group index) and the k
-    experts are selected among theirs. Without ``bias`` the group scores are compared in log space,
-    ``logaddexp`` of the two largest log-scores (the logits themselves for ``softmax``, whose normaliser is common
-    to every group; log-sigmoids for ``sigmoid``): the same order as the sums, without the ties of scores that
-    underflow. ``scale`` (DeepSeek's ``routed_scaling_factor``) multiplies the final weights, after renormalising.
-    The selection has no gradient; the weights' gradient reaches the logits only."""
+    group's score (``group_score="top2_sum"``) is the sum of its two largest selection scores (scores + ``bias``), or
+    its one score for groups of one expert; the ``top_groups`` best groups are kept (equal group scores: the lowest
+    group index) and the k experts are selected among theirs. Without ``bias`` the group scores are compared in log
+    space, ``logaddexp`` of the two largest log-scores (the logits themselves for ``softmax``, whose normaliser is
+    common to every group; log-sigmoids for ``sigmoid``): the same order as the sums, without the ties of scores that
+    underflow. ``group_score="max"`` (DeepSeek-V2's ``group_limited_greedy``; DeepSeek-V3's own code without a bias)
+    scores a group by its largest selection score (without ``bias``: its largest logit, the same order). ``scale``
+    (DeepSeek's ``routed_scaling_factor``) multiplies the final weights, after renormalising. The selection has no
+    gradient; the weights' gradient reaches the logits only."""
     logits = logits.astype(jnp.float32)
     if score_fn == "softmax":
         scores = jax.nn.softmax(logits, axis=-1)
@@ -115,10 +130,11 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True, num
         scores = jax.nn.sigmoid(logits)
     else:
         raise ValueError(f"score_fn must be 'softmax' or 'sigmoid', got {score_fn!r}")
+    group_score = check_group_score(group_score, num_groups)
     selection = jax.lax.stop_gradient(logits if bias is None else scores + bias.astype(jnp.float32))
     if num_groups is not None:
         log_space = None if bias is not None else (lambda s: s) if score_fn == "softmax" else jax.nn.log_sigmoid
-        selection = _top_groups_only(selection, num_groups, top_groups, log_space)
+        selection = _top_groups_only(selection, num_groups, top_groups, log_space, group_score)
     _, expert_ids = jax.lax.top_k(selection, top_k)
     if renormalize:
         picked = jnp.take_along_axis(logits, expert_ids, axis=-1)
@@ -130,13 +146,17 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True, num
     return weights, expert_ids.astype(jnp.int32)
 
 
-def _top_groups_only(selection, num_groups, top_groups, log_space):
-    """``selection`` [T,E] with the experts outside each token's ``top_groups`` best groups set to -inf. Group score:
-    sum of the group's two largest values (its one value for one-expert groups); with ``log_space`` (a monotone map
-    of the values to log-scores) ``logaddexp`` of the two largest mapped values instead."""
+def _top_groups_only(selection, num_groups, top_groups, log_space, group_score="top2_sum"):
+    """``selection`` [T,E] with the experts outside each token's ``top_groups`` best groups set to -inf. Group score
+    ``top2_sum``: sum of the group's two largest values (its one value for one-expert groups); with ``log_space`` (a
+    monotone map of the values to log-scores) ``logaddexp`` of the two largest mapped values instead. ``max``: the
+    group's largest value."""
     t, e = selection.shape
     grouped = selection.reshape(t, num_groups, e // num_groups)
-    best = jax.lax.top_k(grouped if log_space is None else log_space(grouped), min(2, e // num_groups))[0]
+    if group_score == "max":  # max commutes with the increasing log_space: the values rank as their log-scores (and
+        best = jax.lax.top_k(grouped, 1)[0]  # scores) do, without the ties of rounded / underflowed scores
+    else:
+        best = jax.lax.top_k(grouped if log_space is None else log_space(grouped), min(2, e // num_groups))[0]
     if best.shape[-1] == 1:
         group_scores = best[..., 0]
     elif log_space is None:
@@ -245,10 +265,10 @@ def swiglu_down_epilogue(a, gate, up, w_sorted, activation, dtype, rows=None):
 
 
 def layer_route(router_logits, top_k, score_fn="softmax", router_bias=None, renormalize=True, num_groups=None,
-                top_groups=None, routed_scale=1.0):
+                top_groups=None, routed_scale=1.0, group_score="top2_sum"):
     """``route`` of router_logits [..., E] flattened to [T, E], with ``moe_ffn``'s names for the routing options."""
     return route(flatten_tokens(router_logits), top_k, score_fn=score_fn, bias=router_bias, renormalize=renormalize,
-                 num_groups=num_groups, top_groups=top_groups, scale=routed_scale)
+                 num_groups=num_groups, top_groups=top_groups, group_score=group_score, scale=routed_scale)
 
 
 def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax", **routing):
@@ -264,7 +284,8 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
 
 
 def moe_ffn_dense(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax",
-                  router_bias=None, renormalize=True, num_groups=None, top_groups=None, routed_scale=1.0):
+                  router_bias=None, renormalize=True, num_groups=None, top_groups=None, group_score="top2_sum",
+                  routed_scale=1.0):
     """The einsum formulation: every token through every expert, combined by a one-hot [T,E] mask.
 
     O(T·E·D·F) work: the ground truth for small shapes, never a fast path. The (token, expert) pairs that routing
@@ -275,7 +296,7 @@ def moe_ffn_dense(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="
     shape = x.shape
     x2 = flatten_tokens(x).astype(jnp.float32)
     weights, ids = layer_route(router_logits, top_k, score_fn, router_bias, renormalize, num_groups, top_groups,
-                               routed_scale)
+                               routed_scale, group_score)
     onehot = jax.nn.one_hot(ids, w_gate.shape[0], dtype=jnp.float32)                  # [T, k, E]
     combine = jnp.einsum("tk,tke->te", weights, onehot)
     picked = (jnp.sum(onehot, axis=1) > 0)[..., None]                                   # [T, E, 1]

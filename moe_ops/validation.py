@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_ops import vma
+from moe_ops import reference, vma
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _state = threading.local()
@@ -121,10 +121,11 @@ def is_static_int(value) -> bool:
 
 
 def routing_options(num_experts, top_k, *, bias=None, renormalize=True, num_groups=None, top_groups=None, scale=1.0,
-                    names=("bias", "scale")):
+                    group_score="top2_sum", names=("bias", "scale")):
     """The routing options of ``route`` / ``moe_ffn`` for E=``num_experts`` experts and a valid ``top_k`` ->
-    ``(num_groups, top_groups, scale)`` as Python int, int, float (None, None when not grouped). Errors name the
-    caller's arguments: ``names`` is what it calls the bias and the scale (``moe_ffn``: router_bias, routed_scale)."""
+    ``(num_groups, top_groups, scale, group_score)`` as Python int, int, float, str (None, None when not grouped).
+    Errors name the caller's arguments: ``names`` is what it calls the bias and the scale (``moe_ffn``: router_bias,
+    routed_scale)."""
     bias_name, scale_name = names
     flag("renormalize", renormalize)
     if bias is not None:
@@ -153,7 +154,7 @@ def routing_options(num_experts, top_k, *, bias=None, renormalize=True, num_grou
         raise TypeError(f"{scale_name} must be a Python float (static, not an array), got {scale!r}")
     if not math.isfinite(scale):
         raise ValueError(f"{scale_name} must be finite, got {scale!r}")
-    return num_groups, top_groups, float(scale)
+    return num_groups, top_groups, float(scale), reference.check_group_score(group_score, num_groups)
 
 
 def int_array(name, x, ndim):

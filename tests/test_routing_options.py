@@ -1,12 +1,11 @@
-"""DeepSeek / Qwen / Mixtral routing options: ``route(bias=, renormalize=, num_groups=, top_groups=, scale=)`` against
-an independent float64 NumPy routing, and ``moe_ffn(router_bias=, renormalize=, num_groups=, top_groups=,
-routed_scale=)`` against the dense reference on every backend (fused and unfused), in the partitioned op
-(all_to_all / ring / ep_tp, Shardy and GSPMD, vmap) and in ``moe_ffn_shard``; errors naming each bad argument; and
-default calls computing what they computed before the options existed."""
+"""DeepSeek / Qwen / Mixtral routing options: ``route(bias=, renormalize=, num_groups=, top_groups=, group_score=,
+scale=)`` against an independent float64 NumPy routing, and ``moe_ffn(router_bias=, renormalize=, num_groups=,
+top_groups=, group_score=, routed_scale=)`` against the dense reference on every backend (fused and unfused), in the
+partitioned op (all_to_all / ring / ep_tp, Shardy and GSPMD, vmap) and in ``moe_ffn_shard``; and default calls
+computing what they computed before the options existed. Errors naming each bad option:
+``tests/test_routing_option_errors.py``."""
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,9 @@ GRAD_NAMES = ("x", "router_logits", "w_gate", "w_up", "w_down")
 # ---- route against NumPy ---------------------------------------------------------------------------------------
 def np_route(logits, k, score_fn, bias, renormalize, groups, scale):
     """DeepSeek-V3 / MaxText routing in float64, written from their definition -> (weights, ids, margin): margin is
-    the smallest gap at a decision (k-th vs next expert, kept vs next group), so near-ties can be avoided."""
+    the smallest gap at a decision (k-th vs next expert, kept vs next group), so near-ties can be avoided. ``groups``:
+    (num_groups, top_groups), a group scored by its top-2 sum, or (num_groups, top_groups, "max"), by its maximum
+    (DeepSeek-V2's group_limited_greedy)."""
     lg = np.asarray(logits, np.float64)
     if score_fn == "softmax":
         scores = np.exp(lg - lg.max(1, keepdims=True))
@@ -35,10 +36,10 @@ def np_route(logits, k, score_fn, bias, renormalize, groups, scale):
     sel = scores + (0.0 if bias is None else np.asarray(bias, np.float64))
     margin = np.inf
     if groups is not None:
-        num_groups, top_groups = groups
+        num_groups, top_groups, *how = groups
         grouped = sel.reshape(len(sel), num_groups, -1)
         top2 = -np.sort(-grouped, axis=2)[:, :, :2]
-        group_scores = top2.sum(2)
+        group_scores = grouped.max(2) if how == ["max"] else top2.sum(2)
         order = np.argsort(-group_scores, axis=1, kind="stable")
         ranked = np.take_along_axis(group_scores, order, 1)
         if top_groups < num_groups:
@@ -66,7 +67,8 @@ def untied_logits(seed, shape, check, min_margin=1e-4):
     raise AssertionError("no untied logits found")
 
 
-GROUPS = {"none": None, "4x2": (4, 2), "8x3": (8, 3), "4x1_all_of_one": (4, 1), "16x5_one_expert": (16, 5)}
+GROUPS = {"none": None, "4x2": (4, 2), "8x3": (8, 3), "4x1_all_of_one": (4, 1), "16x5_one_expert": (16, 5),
+          "4x2_max": (4, 2, "max"), "8x3_max": (8, 3, "max")}
 
 
 @pytest.mark.parametrize("groups", GROUPS)
@@ -83,10 +85,28 @@ def test_route_matches_numpy(score_fn, biased, groups):
         kw = dict(score_fn=score_fn, renormalize=renormalize, scale=scale, bias=None if bias is None else
                   jnp.asarray(bias, jnp.float32))
         if GROUPS[groups] is not None:
-            kw.update(num_groups=GROUPS[groups][0], top_groups=GROUPS[groups][1])
+            kw.update(zip(("num_groups", "top_groups", "group_score"), GROUPS[groups]))
         weights, ids = moe_ops.route(jnp.asarray(logits, jnp.float32), k, **kw)
         np.testing.assert_array_equal(ids, want_ids, err_msg=str(kw))
         np.testing.assert_allclose(weights, want_w, rtol=2e-6, err_msg=str(kw))
+    if groups.endswith("_max"):  # these logits tell the group scores apart: "top2_sum" picks other experts
+        assert (np_route(logits, k, score_fn, bias, True, GROUPS[groups][:2], 1.0)[1] != want_ids).any()
+
+
+@pytest.mark.parametrize("score_fn,logits,top_groups,want", [
+    # group 0 has the larger top-2 sum, group 1 the larger maximum
+    ("softmax", [[0.0, -0.1, 0.5, -10.0]], 1, {"top2_sum": [0], "max": [2]}),
+    ("sigmoid", [[0.0, -0.1, 0.5, -10.0]], 1, {"top2_sum": [0], "max": [2]}),
+    # maxima whose f32 scores underflow to 0 (a tie that would keep the lowest group) still rank by their logits
+    ("sigmoid", [[-300.0, -301.0, -200.0, -250.0]], 1, {"max": [2]}),
+    ("softmax", [[0.0, -500.0, -300.0, -301.0, -200.0, -201.0]], 2, {"max": [0, 4]}),
+])
+def test_max_group_score(score_fn, logits, top_groups, want):
+    logits = jnp.asarray(logits, jnp.float32)
+    for group_score, ids in want.items():
+        got = moe_ops.route(logits, len(ids), score_fn=score_fn, num_groups=logits.shape[1] // 2,
+                            top_groups=top_groups, group_score=group_score)[1]
+        np.testing.assert_array_equal(got[0], ids, err_msg=group_score)
 
 
 @pytest.mark.parametrize("score_fn,logits,want", [
@@ -123,6 +143,8 @@ OPTIONS = {
     "deepseek_v3": lambda e: dict(score_fn="sigmoid", bias=True, num_groups=e // 2, top_groups=1, routed_scale=2.5),
     "v2_no_renorm": lambda e: dict(score_fn="softmax", renormalize=False, num_groups=2, top_groups=1,
                                    routed_scale=16.0),
+    "v2_group_max": lambda e: dict(score_fn="softmax", renormalize=False, num_groups=e // 2, top_groups=1,
+                                   group_score="max", routed_scale=16.0),  # DeepSeek-V2's group_limited_greedy
 }
 
 
@@ -133,6 +155,12 @@ def layer_case(impl, option, dtype=jnp.float32, seed=0):
     opts = OPTIONS[option](e)
     bias = randn(keys(seed + 1, 1)[0], (e,), scale=0.3) if opts.pop("bias", False) else None
     return (x, logits, *ws), bias, opts, randn(keys(seed + 2, 1)[0], x.shape)
+
+
+def assert_max_differs(logits, top_k, bias, opts):
+    """On these logits group_score="max" routes other experts than "top2_sum" (so a dropped option shows)."""
+    ids = [R.layer_route(logits, top_k, router_bias=bias, **dict(opts, group_score=g))[1] for g in ("max", "top2_sum")]
+    assert np.any(np.asarray(ids[0]) != np.asarray(ids[1])), "group_score='max' must change the routing"
 
 
 def value_and_grads(fn, args, bias, cot):
@@ -154,6 +182,8 @@ def check_layer(fn, args, bias, opts, cot, tol, what, top_k=2):
     _, default_ids = R.layer_route(args[1], top_k, opts["score_fn"])
     _, ids = R.layer_route(args[1], top_k, router_bias=bias, **opts)
     assert np.mean(np.asarray(ids) != np.asarray(default_ids)) > 0.2, "the options must change the routing"
+    if opts.get("group_score") == "max":
+        assert_max_differs(args[1], top_k, bias, opts)
     assert_close(out, ref_out, tol, f"{what} forward")
     for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
         assert_close(g, r, tol, f"{what} d{name}")
@@ -163,8 +193,9 @@ def check_layer(fn, args, bias, opts, cot, tol, what, top_k=2):
 
 # (impl, fused, option): the routing runs before any backend, so the interpreted backends take one routing on their
 # default (fused) path; every backend's fused / unfused paths are checked against the dense layer elsewhere
-LAYER_CASES = [(impl, fused, option) for impl, fused in (("xla", False), ("xla", True)) for option in OPTIONS] + [
-    ("triton", None, "deepseek_v3"), ("pallas", None, "deepseek_v3")]
+LAYER_CASES = [(impl, fused, option) for impl, fused in (("xla", False), ("xla", True))
+               for option in ("deepseek_v3", "v2_no_renorm")] + [
+    ("triton", None, "deepseek_v3"), ("pallas", None, "deepseek_v3"), ("xla", False, "v2_group_max")]
 
 
 @pytest.mark.parametrize("impl,fused,option", LAYER_CASES)
@@ -196,6 +227,7 @@ def test_moe_ffn_matches_dense_bf16(impl):
 # ---- the partitioned op and moe_ffn_shard -----------------------------------------------------------------------
 T, D, F, E, K = 32, 16, 16, 8, 3
 EP_OPTS = dict(score_fn="sigmoid", num_groups=4, top_groups=2, routed_scale=2.5)  # DeepSeek-V3's recipe at E=8
+EP_MAX = dict(EP_OPTS, group_score="max")
 
 
 def ep_case(seed=0):
@@ -216,15 +248,19 @@ def mesh_and_specs(strategy, shape=(2, 4), names=("data", "expert"), tokens=P(("
                                              pytest.param("ring", True, marks=pytest.mark.slow),
                                              pytest.param("all_to_all", False, marks=pytest.mark.slow)])
 def test_partitioned_op_matches_dense(strategy, shardy):
-    args, bias, cot = ep_case()
+    check_partitioned(strategy, shardy, EP_OPTS, seed=0)
+
+
+def check_partitioned(strategy, shardy, opts, seed):
+    args, bias, cot = ep_case(seed)
     mesh, specs = mesh_and_specs(strategy)
     placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args + (bias,), specs)]
     cfg = MoEShardingConfig(strategy=strategy)
     fn = jax.jit(lambda *a: moe_ops.moe_ffn(*a[:5], top_k=K, router_bias=a[5], sharding=cfg, implementation="xla",
-                                            **EP_OPTS))
+                                            **opts))
     with partitioner(shardy):
         out, grads = value_and_grads(fn, placed[:5], placed[5], jax.device_put(cot, NamedSharding(mesh, specs[0])))
-    ref_out, ref_grads = value_and_grads(dense(EP_OPTS, K), args, bias, cot)
+    ref_out, ref_grads = value_and_grads(dense(opts, K), args, bias, cot)
     assert_close(out, ref_out, TOL[jnp.float32], f"{strategy} forward")
     for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
         assert_close(g, r, TOL[jnp.float32], f"{strategy} d{name}")
@@ -234,16 +270,31 @@ def test_partitioned_op_matches_dense(strategy, shardy):
 @pytest.mark.parametrize("strategy", ["all_to_all", "ring", "ep_tp"])
 def test_moe_ffn_shard_in_shard_map(strategy):
     """Every per-shard strategy with the options, inside the user's shard_map (check_vma on), bias replicated."""
-    args, bias, cot = ep_case(seed=3)
+    check_shard(strategy, EP_OPTS, seed=3)
+
+
+def check_shard(strategy, opts, seed):
+    args, bias, cot = ep_case(seed)
     mesh, specs = mesh_and_specs(strategy, tokens=P("data") if strategy == "ep_tp" else P(("data", "expert")))
     cfg = MoEShardingConfig(strategy=strategy)
-    fn = jax.shard_map(lambda *a: moe_ops.moe_ffn_shard(*a[:5], top_k=K, config=cfg, router_bias=a[5], **EP_OPTS),
+    fn = jax.shard_map(lambda *a: moe_ops.moe_ffn_shard(*a[:5], top_k=K, config=cfg, router_bias=a[5], **opts),
                        mesh=mesh, in_specs=specs, out_specs=specs[0])
     out, grads = value_and_grads(jax.jit(fn), args, bias, cot)
-    ref_out, ref_grads = value_and_grads(dense(EP_OPTS, K), args, bias, cot)
+    ref_out, ref_grads = value_and_grads(dense(opts, K), args, bias, cot)
     assert_close(out, ref_out, TOL[jnp.float32], f"{strategy} forward")
     for name, g, r in zip(GRAD_NAMES + ("router_bias",), grads, ref_grads):
         assert_close(g, r, TOL[jnp.float32], f"{strategy} d{name}")
+
+
+@pytest.mark.parametrize("path", ["partitioned", "shard_map"])
+def test_max_group_score_partitioned_and_per_shard(path):
+    """group_score="max" (with a bias) through the partitioned op's static options and ``moe_ffn_shard``."""
+    args, bias, _ = ep_case(seed=21)
+    assert_max_differs(args[1], K, bias, EP_MAX)
+    if path == "partitioned":
+        check_partitioned("all_to_all", True, EP_MAX, seed=21)
+    else:
+        check_shard("all_to_all", EP_MAX, seed=21)
 
 
 @pytest.mark.slow
@@ -279,49 +330,6 @@ def test_explicit_axes_with_a_router_bias():
                                                  implementation="xla", **EP_OPTS))(*placed)
         assert out.sharding.spec == P(("data", "expert"), None)
         assert_close(out, want, TOL[jnp.float32], f"explicit sharding={sharding}")
-
-
-# ---- errors --------------------------------------------------------------------------------------------------------
-LG = jnp.zeros((4, 8))
-BAD = [  # (keywords, exception, message), route's names; moe_ffn says router_bias / routed_scale
-    (dict(num_groups=3, top_groups=1), ValueError, r"num_groups must be an int >= 1 that divides E=8"),
-    (dict(num_groups=0, top_groups=1), ValueError, r"num_groups must be an int >= 1"),
-    (dict(num_groups=2.0, top_groups=1), ValueError, r"num_groups must be an int"),
-    (dict(num_groups=True, top_groups=1), ValueError, r"num_groups must be an int"),
-    (dict(num_groups=4, top_groups=0), ValueError, r"top_groups must be an int in \[1, num_groups=4\], got 0"),
-    (dict(num_groups=4, top_groups=5), ValueError, r"top_groups must be an int in \[1, num_groups=4\], got 5"),
-    (dict(num_groups=4), ValueError, r"num_groups and top_groups go together"),
-    (dict(top_groups=2), ValueError, r"num_groups and top_groups go together"),
-    (dict(num_groups=4, top_groups=1), ValueError, r"top_k=3 must be at most top_groups \* E / num_groups = 1 \* 2"),
-    (dict(scale="2.5"), TypeError, r"scale must be a Python float"),
-    (dict(scale=jnp.float32(2.5)), TypeError, r"scale must be a Python float"),
-    (dict(scale=True), TypeError, r"scale must be a Python float"),
-    (dict(scale=float("inf")), ValueError, r"scale must be finite"),
-    (dict(bias=jnp.zeros(7)), ValueError, r"bias must have shape \[E\]=\(8,\), got \(7,\)"),
-    (dict(bias=[0.0] * 8), TypeError, r"bias must be None or an array"),
-    (dict(bias=jnp.zeros(8, jnp.complex64)), TypeError, r"bias must be a float"),
-    (dict(renormalize="no"), TypeError, r"renormalize must be True or False"),
-]
-MOE_NAMES = {"bias": "router_bias", "scale": "routed_scale"}
-
-
-@pytest.mark.parametrize("kw,exc,msg", BAD, ids=[str(i) for i in range(len(BAD))])
-def test_route_errors(kw, exc, msg):
-    with pytest.raises(exc, match=msg):
-        moe_ops.route(LG, 3, **kw)
-
-
-@pytest.mark.parametrize("path", ["single", "partitioned", "shard"])
-@pytest.mark.parametrize("kw,exc,msg", BAD, ids=[str(i) for i in range(len(BAD))])
-def test_moe_ffn_errors_name_its_arguments(kw, exc, msg, path):
-    x, ws = jnp.zeros((4, 4)), (jnp.zeros((8, 4, 4)),) * 3
-    kw = {MOE_NAMES.get(k, k): v for k, v in kw.items()}
-    msg = msg.replace("bias must", "router_bias must").replace("scale must", "routed_scale must")
-    fn = {"single": functools.partial(moe_ops.moe_ffn, implementation="xla"),
-          "partitioned": functools.partial(moe_ops.moe_ffn, sharding=MoEShardingConfig()),
-          "shard": moe_ops.moe_ffn_shard}[path]
-    with pytest.raises(exc, match=rf"^{msg}"):
-        fn(x, LG, *ws, top_k=3, **kw)
 
 
 # ---- defaults unchanged ----------------------------------------------------------------------------------------
