@@ -137,6 +137,18 @@ def ep_tp_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, t
                            score_fn=score_fn, implementation=implementation, **routing)
 
 
+def _bound_axis_size(name, axis):
+    """The size of the named mesh axis of the enclosing ``shard_map``; a ``ValueError`` naming the argument (JAX's
+    own is a bare 'unbound axis name') when there is no such axis."""
+    try:
+        return jax.lax.axis_size(axis)
+    except NameError:
+        mesh = jax.sharding.get_abstract_mesh()
+        names = () if mesh is None or mesh.empty else tuple(mesh.axis_names)
+        raise ValueError(f"{name} {axis!r} is not an axis of the shard_map mesh {names}: moe_ffn_shard runs inside "
+                         f"a jax.shard_map over a mesh with its expert (and fsdp) axes") from None
+
+
 @validation.numpy_floats_as_jax
 def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoEShardingConfig(),
                   tokens_on_expert=None, fsdp_axis=None, activation="silu", score_fn="softmax", implementation=None,
@@ -151,11 +163,21 @@ def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoESh
     the weight layout: ``ep_tp`` when every expert is local, else ``all_to_all``. Under ``check_vma``, weights
     typed as replicated over the expert axis are refused for ``ep_tp`` (it would sum EP full copies). The routing
     options are ``moe_ffn``'s (``router_bias`` [E] replicated: every device routes with all E experts)."""
+    if not isinstance(config, MoEShardingConfig):
+        raise TypeError(f"config must be a MoEShardingConfig, got {type(config).__name__}")
+    validation.flag("tokens_on_expert", tokens_on_expert, optional=True)
+    validation.float_array("x", x, 2)
     validation.float_array("router_logits", router_logits, 2)
+    if router_logits.shape[0] != x.shape[0]:
+        raise ValueError(f"router_logits must be [T, E] with x's T={x.shape[0]} tokens (this shard's x is "
+                         f"{tuple(x.shape)}), got {tuple(router_logits.shape)}")
+    validation.check_expert_weights(x, w_gate, w_up, w_down)
     routing = check_routing(router_logits, top_k, router_bias, renormalize, num_groups, top_groups, routed_scale,
                             group_score)
     axis = config.expert_axis
-    ep = jax.lax.axis_size(axis)
+    ep = _bound_axis_size("config.expert_axis", axis)
+    if fsdp_axis is not None:
+        _bound_axis_size("fsdp_axis", fsdp_axis)
     operands = (x, router_logits, w_gate, w_up, w_down)
     typed = any(vma.varying_axes(a) for a in operands)  # check_vma is on: "varies over nothing" means replicated
     if tokens_on_expert is None:  # what x's type says (shard_map's check_vma), else the config's batch axes

@@ -32,11 +32,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from moe_ops import backend, layer, validation, vma
+from moe_ops import backend, layer, partitioned_vmap, validation, vma
 from moe_ops.ep_strategies import moe_ffn_shard
 from moe_ops.sharding import (MoEShardingConfig, auto_axes_like, choose_strategy, remove_axes, spec_axes,
                               weight_spec)
@@ -300,40 +299,9 @@ _backward.def_partition(partition=_backward_partition, infer_sharding_from_opera
                         sharding_rule=_checked_rule(_BWD_RULE))
 
 
-# ---- vmap (custom_partitioning has no batching rule) ---------------------------------------------------------
-def _batched(op, fold):
-    """``op(*arrays, static)`` with a vmap rule: ``fold(static, B, in_batched, arrays)`` when it can take the batch
-    in one call (else None), otherwise one call per batch element (``lax.map``), unbatched operands shared."""
-    def call(*args):
-        *arrays, static = args
-        fn = custom_vmap(lambda *xs: op(*xs, static))
-
-        @fn.def_vmap
-        def rule(axis_size, in_batched, *xs):
-            out = fold(static, axis_size, in_batched, xs)
-            if out is None:
-                def one(sliced):
-                    it = iter(sliced)
-                    return op(*[next(it) if b else a for a, b in zip(xs, in_batched)], static)
-                out = jax.lax.map(one, [a for a, b in zip(xs, in_batched) if b])
-            return out, jax.tree.map(lambda _: True, out)
-        return fn(*arrays)
-    return call
-
-
-def _fold_tokens(static, batch, in_batched, arrays):
-    """The forward maps tokens independently: a batch of x / router_logits over shared weights is more tokens
-    (not with a capacity, whose drops depend on the tokens exchanged together)."""
-    x, logits, *shared = arrays  # the weights and router_bias: shared by the batch, or no fold
-    if any(in_batched[2:]) or static.config.capacity_factor is not None:
-        return None
-    x, logits = (a if b else jnp.broadcast_to(a, (batch,) + a.shape) for a, b in zip((x, logits), in_batched[:2]))
-    out = _forward(x.reshape(-1, x.shape[-1]), logits.reshape(-1, logits.shape[-1]), *shared, static)
-    return out.reshape(x.shape)
-
-
-_forward_b = _batched(_forward, _fold_tokens)
-_backward_b = _batched(_backward, lambda *_: None)  # per-element weight gradients: one call per element
+# ---- vmap (custom_partitioning has no batching rule: ``partitioned_vmap``) ---------------------------------------
+_forward_b = partitioned_vmap.batched(_forward, partitioned_vmap.fold_tokens)
+_backward_b = partitioned_vmap.batched(_backward, partitioned_vmap.no_fold)  # per-element weight gradients
 
 
 # ---- differentiable op -----------------------------------------------------------------------------------------
@@ -385,12 +353,21 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
     if mesh is not None:  # the partition rule's own checks, at trace time (else they fail inside the compiler)
         plan(sharding, mesh, None, *dims)
         _check_partitionable(implementation)
+    return _compiled(*operands, static=static,
+                     explicit=mesh is not None and AxisType.Explicit in tuple(mesh.axis_types))
+
+
+@functools.partial(jax.jit, static_argnames=("static", "explicit"))
+def _compiled(x, router_logits, w_gate, w_up, w_down, router_bias, *, static, explicit):
+    """The op, always under a jit: ``custom_partitioning`` partitions only inside one. Called eagerly (even under
+    an eager ``jax.grad`` / ``vmap``), its body ran op by op on the sharded arrays: the one-device layer, with no
+    expert-parallel strategy, so a ``capacity_factor`` dropped nothing. ``explicit``: the mesh has Explicit axes
+    (``jax.make_mesh``'s default), where the custom partitioning plans the shardings itself, so the op runs on Auto
+    axes and hands back x's sharding."""
     run = functools.partial(_flat, static=static)
-    if mesh is not None and AxisType.Explicit in tuple(mesh.axis_types):
-        # Explicit axes (jax.make_mesh's default): the custom partitioning plans the shardings itself, so the op
-        # runs on Auto axes and hands back x's sharding
-        run = auto_axes_like(run, operands[0])
-    return run(*operands)
+    if explicit:
+        run = auto_axes_like(run, x)
+    return run(x, router_logits, w_gate, w_up, w_down, router_bias)
 
 
 def _flat(x, router_logits, w_gate, w_up, w_down, router_bias, static):

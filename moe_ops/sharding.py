@@ -21,7 +21,7 @@ import functools
 import inspect
 import math
 import numbers
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -47,9 +47,12 @@ class MoEShardingConfig:
     batch_axes: mesh axes (a name or a sequence of names) the token dim is sharded over when the operand sharding
     does not say; names absent from the mesh are ignored, so the default, ``("data", "fsdp", expert_axis)``, fits
     data / fsdp / expert meshes alike (with a renamed ``expert_axis`` too).
-    capacity_factor: ``None`` = dropless; else the all-to-all receive buffer holds ``ceil(cf * T_local * top_k)``
-    rows (capped at the dropless worst case) and copies past it are dropped deterministically (last sender's
-    highest local experts first). Only ``all_to_all`` has such a buffer: ``ring`` and ``ep_tp`` are always dropless,
+    capacity_factor: ``None`` = dropless; else each device's all-to-all receive buffer holds
+    ``ceil(cf * T_local * top_k)`` rows, the mean it receives (``ceil(cf * T_local * top_k / EP)`` when the tokens
+    are replicated over the expert axis: each device then takes only its own experts' copies), capped at the
+    dropless worst case, and copies past it are dropped deterministically (last sender's highest local experts
+    first); a dropped copy adds nothing to its token's output and nothing flows back through it (the token's kept
+    copies keep their routing weights: no renormalisation over the kept ones). Only ``all_to_all`` has such a buffer: ``ring`` and ``ep_tp`` are always dropless,
     so under ``auto`` whether copies can drop depends on the strategy it picks for the token count.
     ep_tp_max_tokens: ``auto`` picks ``ep_tp`` when the global token count is at most this.
     """
@@ -68,7 +71,8 @@ class MoEShardingConfig:
                             f"{self.expert_axis!r} / {self.fsdp_axis!r}")
         if self.batch_axes is None:
             object.__setattr__(self, "batch_axes", tuple(dict.fromkeys(("data", "fsdp", self.expert_axis))))
-        axes = (self.batch_axes,) if isinstance(self.batch_axes, str) else tuple(self.batch_axes)
+        axes = self.batch_axes
+        axes = tuple(axes) if isinstance(axes, Iterable) and not isinstance(axes, str) else (axes,)
         if not all(isinstance(a, str) for a in axes):
             raise TypeError(f"batch_axes must be a mesh axis name or a sequence of them, got {self.batch_axes!r}")
         object.__setattr__(self, "batch_axes", axes)
