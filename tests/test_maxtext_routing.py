@@ -228,7 +228,10 @@ def test_routing_errors_name_the_argument():
         (dict(routed_bias=True, routed_bias_update_rate=1e-3), "routed_bias_update_rate"),
         (dict(routed_scaling_factor="2.5"), "routed_scaling_factor"),
         (dict(routed_score_func=None), "routed_score_func"),
-        (dict(per_expert_scale=jnp.ones(E - 1)), "per_expert_scale"),
+        (dict(decoder_block="gemma4", per_expert_scale=jnp.ones(E - 1)), "per_expert_scale"),
+        # Gemma4's parameter only: MaxText has none for other blocks (the DeepSeek branch would drop it silently)
+        (dict(per_expert_scale=jnp.ones(E)), "per_expert_scale"),
+        (dict(**ds, per_expert_scale=jnp.ones(E)), "per_expert_scale"),
     ]
     for kw, name in bad:
         kw = {"num_experts_per_tok": 2, **kw}

@@ -12,7 +12,8 @@ pick the branch, as ``get_topk`` does):
 * weights: ``decoder_block`` ``deepseek`` / ``deepseek4``: divided by their sum (+1e-20) when ``routed_score_func``
   is ``sigmoid`` / ``sqrtsoftplus``, then times ``routed_scaling_factor``. Otherwise softmax over the k (except
   ``llama4`` / ``gemma4``), ``/ sum`` with ``norm_topk_prob``, times ``per_expert_scale[id]`` when given (Gemma4's
-  learned [E] parameter; leave it ``None`` where MaxText fuses it into ``wo``).
+  learned [E] parameter, refused for other blocks as MaxText has none there; leave it ``None`` where MaxText fuses
+  it into ``wo``).
 
 Random routing (``use_random_routing``) and hash routing (``is_hash_routing``, a ``RoutedMoE`` argument) raise
 ``NotImplementedError``. ``dtype`` stands for MaxText's ``config.dtype``: the casts happen where MaxText makes them.
@@ -100,6 +101,9 @@ def check_settings(gate_logits, pre_bias_logits, num_experts_per_tok, *, decoder
             if not validation.is_static_int(t) or not 1 <= t <= g:
                 raise ValueError(f"topk_routing_group must be an int in [1, n_routing_groups={g}], got {t!r}")
             groups = (int(g), int(t))
+    if per_expert_scale is not None and block != "gemma4":
+        raise ValueError(f"per_expert_scale is Gemma4's parameter (MaxText has it for decoder_block='gemma4' only; "
+                         f"the DeepSeek blocks never apply it), got decoder_block={block!r}")
     if per_expert_scale is not None and (getattr(per_expert_scale, "shape", None) != (num_experts,)
                                          or not jnp.issubdtype(per_expert_scale.dtype, jnp.floating)):
         raise ValueError(f"per_expert_scale must be None or a float [E={num_experts}] array, got "
