@@ -353,21 +353,15 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
     if mesh is not None:  # the partition rule's own checks, at trace time (else they fail inside the compiler)
         plan(sharding, mesh, None, *dims)
         _check_partitionable(implementation)
-    return _compiled(*operands, static=static,
-                     explicit=mesh is not None and AxisType.Explicit in tuple(mesh.axis_types))
-
-
-@functools.partial(jax.jit, static_argnames=("static", "explicit"))
-def _compiled(x, router_logits, w_gate, w_up, w_down, router_bias, *, static, explicit):
-    """The op, always under a jit: ``custom_partitioning`` partitions only inside one. Called eagerly (even under
-    an eager ``jax.grad`` / ``vmap``), its body ran op by op on the sharded arrays: the one-device layer, with no
-    expert-parallel strategy, so a ``capacity_factor`` dropped nothing. ``explicit``: the mesh has Explicit axes
-    (``jax.make_mesh``'s default), where the custom partitioning plans the shardings itself, so the op runs on Auto
-    axes and hands back x's sharding."""
-    run = functools.partial(_flat, static=static)
-    if explicit:
-        run = auto_axes_like(run, x)
-    return run(x, router_logits, w_gate, w_up, w_down, router_bias)
+    # always compiled: custom_partitioning partitions only inside a jit (called eagerly, even under an eager
+    # jax.grad / vmap, its body ran op by op on the sharded arrays: the one-device layer, dropless whatever the
+    # capacity_factor)
+    run = functools.partial(_compiled_flat, static=static)
+    if mesh is not None and AxisType.Explicit in tuple(mesh.axis_types):
+        # Explicit axes (jax.make_mesh's default): the custom partitioning plans the shardings itself, so the op
+        # runs on Auto axes and hands back x's sharding (the jit inside: an eager backward then sees Auto types)
+        run = auto_axes_like(run, operands[0])
+    return run(*operands)
 
 
 def _flat(x, router_logits, w_gate, w_up, w_down, router_bias, static):
@@ -375,3 +369,6 @@ def _flat(x, router_logits, w_gate, w_up, w_down, router_bias, static):
     out = _moe(x.reshape(-1, x.shape[-1]), router_logits.reshape(-1, router_logits.shape[-1]), w_gate, w_up, w_down,
                router_bias, static)
     return out.reshape(x.shape)
+
+
+_compiled_flat = jax.jit(_flat, static_argnames="static")

@@ -38,11 +38,13 @@ def _value_and_grads(fn, args, dy):
     return (out,) + tuple(vjp(dy))
 
 
-def test_eager_call_is_partitioned_like_a_jitted_one():
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_eager_call_is_partitioned_like_a_jitted_one(axis_type):
     """custom_partitioning partitions only inside a jit: called eagerly, the op ran its one-device body op by op on
     the sharded arrays, which is dropless, so with a capacity_factor that drops copies the eager result (and its
-    gradients) differed from the jitted one by 100 %."""
-    mesh = _mesh()
+    gradients) differed from the jitted one by 100 %. On Explicit axes (committed, no jax.set_mesh) the eager
+    backward must see the Auto types the op runs on inside."""
+    mesh = jax.make_mesh((8,), ("expert",), axis_types=(axis_type,))
     args, dy = _inputs(0, hot=2)
     placed = [jax.device_put(a, NamedSharding(mesh, P("expert"))) for a in args]
     dy = jax.device_put(dy, NamedSharding(mesh, P("expert")))
