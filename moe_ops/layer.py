@@ -150,6 +150,7 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
     22 % more layer flops); the default keeps them. The partitioned op keeps only its inputs either way (its
     backward re-runs the shard's forward)."""
     validation.flag("recompute", recompute)
+    validation.flag("fused", fused, optional=True)  # checked with sharding too, where the shards choose it
     routing = dict(renormalize=renormalize, num_groups=num_groups, top_groups=top_groups, group_score=group_score,
                    routed_scale=routed_scale)
     if sharding is not None:

@@ -125,3 +125,12 @@ def test_config_batch_axes_type_is_named(batch_axes):
     """batch_axes=3 raised a bare "'int' object is not iterable"."""
     with pytest.raises(TypeError, match="^batch_axes must be a mesh axis name or a sequence of them"):
         MoEShardingConfig(batch_axes=batch_axes)
+
+
+@pytest.mark.parametrize("flag", ["fused", "recompute"])
+def test_layer_flags_are_checked_with_sharding(flag):
+    """Failed before the fix for ``fused``: with ``sharding=`` a string ``fused="no"`` was not checked (the shards
+    choose the fused path themselves), where without it the same call raises."""
+    x, logits, wg, wu, wd = _inputs(7)[0]
+    with pytest.raises(TypeError, match=flag):
+        moe_ffn(x, logits, wg, wu, wd, top_k=K, sharding=MoEShardingConfig(), **{flag: "no"})
