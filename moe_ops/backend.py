@@ -16,7 +16,7 @@ Every backend module exposes the same kernel-level functions (no validation, no 
 * ``combine_weight_grad(dout[T,D], y[T*k,D], sort_idx, k, n_valid=None) -> [T, k] f32``
 
 (the xla and pallas ``gmm`` / ``tgmm`` also take ``precision=``, a ``lax.Precision`` the caller already mapped with
-``validation.kernel_precision``; it is passed only when not ``None``), where ``group_sizes`` are already clamped
+``moe_ops.precision.kernel_precision``; it is passed only when not ``None``), where ``group_sizes`` are already clamped
 (non-negative, ``sum <= M``) and ``group_offset`` is int32 of shape (1,) in ``[0, G]`` (``G``: no group is
 local); no op is called with a zero-size dimension (``validation.zeros_if_empty``).
 
@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import groups, platform
-from moe_ops import reference, validation
+from moe_ops import precision as precision_lib, reference, validation
 
 IMPLEMENTATIONS = ("xla", "triton", "pallas")
 _MODULES = {"xla": "moe_ops.xla", "triton": "kernels.triton.backend", "pallas": "kernels.pallas.backend"}
@@ -131,14 +131,14 @@ def _auto():
 
 
 def _rule(module, name, impl, precision=None):
-    """``module.name`` (with ``precision`` as that backend runs it, ``validation.kernel_precision``), or for the
+    """``module.name`` (with ``precision`` as that backend runs it, ``moe_ops.precision.kernel_precision``), or for the
     optional fused ops the composition of the module's own row ops and gmm."""
     if not hasattr(module, name):
         return platform.Rule.of(_COMPOSED[name], ops=module)
     if precision is None:  # the caller asked for none: the backend's default
         return platform.Rule(getattr(module, name))
     try:
-        precision = validation.kernel_precision(precision, impl)
+        precision = precision_lib.kernel_precision(precision, impl)
     except ValueError as err:  # raised only if this backend's platform is lowered
         return platform.Rule.of(_unsupported, message=str(err))
     return platform.Rule(getattr(module, name)) if precision is None else platform.Rule.of(getattr(module, name),

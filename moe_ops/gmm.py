@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels.groups import local_row_mask
-from moe_ops import backend, primitives, validation
+from moe_ops import backend, precision as precision_lib, primitives, validation
 from moe_ops.sharding import on_explicit_axes
 from moe_ops import vma
 
@@ -101,7 +101,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
     with ``existing_out`` [M,N] (dtype = the output dtype), as those rows of ``existing_out`` (megablox semantics:
     local-group rows are overwritten, every other row is kept; its gradient is ``dout`` on the kept rows, zero on
     the overwritten ones). ``sum(group_sizes) > M`` truncates the last groups at row M (see ``validation``).
-    ``precision``: as for ``jax.lax.dot`` (see ``validation.kernel_precision`` for what each backend runs).
+    ``precision``: as for ``jax.lax.dot`` (see ``moe_ops.precision.kernel_precision`` for what each backend runs).
     Mixed float inputs (e.g. bf16 lhs, f32 rhs) are multiplied in their promoted dtype (as ``lax.dot`` and megablox
     do); the output dtype stays ``preferred_element_type``, else lhs's dtype."""
     validation.check_gmm(lhs, rhs, group_sizes, transpose_rhs)
@@ -116,7 +116,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
     offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
     dtype = validation.compute_dtype(lhs, rhs)
     lhs, rhs, sizes, offset = vma.match_vma(lhs.astype(dtype), rhs.astype(dtype), sizes, offset)
-    precision = validation.kernel_precision(precision, impl)
+    precision = precision_lib.kernel_precision(precision, impl)
     if out is None:
         out = _gmm(lhs, rhs, sizes, offset, bool(transpose_rhs), out_dtype, impl, precision)
     if existing_out is None:
@@ -145,5 +145,5 @@ def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred
         return empty
     dtype = validation.compute_dtype(lhs, rhs)
     lhs, rhs, sizes, offset = vma.match_vma(lhs.astype(dtype), rhs.astype(dtype), sizes, offset)
-    precision = validation.kernel_precision(precision, impl)
+    precision = precision_lib.kernel_precision(precision, impl)
     return _tgmm(lhs, rhs, sizes, offset, num_groups, out_dtype, impl, precision)

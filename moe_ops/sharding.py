@@ -47,13 +47,13 @@ class MoEShardingConfig:
     batch_axes: mesh axes (a name or a sequence of names) the token dim is sharded over when the operand sharding
     does not say; names absent from the mesh are ignored, so the default, ``("data", "fsdp", expert_axis)``, fits
     data / fsdp / expert meshes alike (with a renamed ``expert_axis`` too).
-    capacity_factor: ``None`` = dropless; else each device's all-to-all receive buffer holds
-    ``ceil(cf * T_local * top_k)`` rows, the mean it receives (``ceil(cf * T_local * top_k / EP)`` when the tokens
-    are replicated over the expert axis: each device then takes only its own experts' copies), capped at the
-    dropless worst case, and copies past it are dropped deterministically (last sender's highest local experts
-    first); a dropped copy adds nothing to its token's output and nothing flows back through it (the token's kept
-    copies keep their routing weights: no renormalisation over the kept ones). Only ``all_to_all`` has such a buffer: ``ring`` and ``ep_tp`` are always dropless,
-    so under ``auto`` whether copies can drop depends on the strategy it picks for the token count.
+    capacity_factor: ``None`` = dropless; else each device's all-to-all receive buffer holds ``ceil(cf * T_local *
+    top_k)`` rows, the mean it receives (``ceil(cf * T_local * top_k / EP)`` when the tokens are replicated over the
+    expert axis: each device then takes only its own experts' copies), capped at the dropless worst case, and copies
+    past it are dropped deterministically (last sender's highest local experts first); a dropped copy adds nothing to
+    its token's output and nothing flows back through it (the token's kept copies keep their routing weights: no
+    renormalisation over the kept ones). Only ``all_to_all`` has such a buffer: ``ring`` and ``ep_tp`` are always
+    dropless, so under ``auto`` whether copies can drop depends on the strategy it picks for the token count.
     ep_tp_max_tokens: ``auto`` picks ``ep_tp`` when the global token count is at most this.
     """
     strategy: str = "auto"

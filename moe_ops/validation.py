@@ -179,37 +179,6 @@ def out_dtype(preferred_element_type, default):
     return dtype
 
 
-_PRECISION_NOTE = {
-    "triton": "the triton backend runs f32 inputs as ieee f32 dots (every lax.Precision level is met) and 16-bit "
-              "inputs natively with f32 accumulation; it has no dot algorithms",
-    "pallas": "the pallas backend supports lax.Precision values (HIGH runs as HIGHEST, Mosaic's fp32 contraction), "
-              "not dot algorithms",
-}
-
-
-def kernel_precision(precision, impl):
-    """``precision`` as ``jax.lax.dot`` takes it -> the value the backend's kernels get (``None`` = their default).
-
-    xla: passed through to ``lax.ragged_dot``. triton: always ``None`` (f32 is ieee, which meets every level).
-    pallas: ``None`` for DEFAULT, ``HIGHEST`` for HIGH / HIGHEST (Mosaic has no bf16x3 contraction).
-    A ``DotAlgorithm`` / preset raises ``ValueError`` on triton and pallas. ``impl=None`` passes the canonical value
-    on: ``backend`` maps it per lowering platform."""
-    from jax._src.lax.lax import canonicalize_precision  # the one parser lax.dot itself uses
-    try:
-        canonical = canonicalize_precision(precision)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"precision: {err}") from None
-    if canonical is None or impl in ("xla", None):
-        return canonical
-    levels = canonical if isinstance(canonical, tuple) else (canonical,)
-    if not all(isinstance(p, jax.lax.Precision) for p in levels):
-        raise ValueError(f"precision={precision!r} is not supported by implementation={impl!r}: "
-                         f"{_PRECISION_NOTE[impl]}")
-    if impl == "triton" or all(p == jax.lax.Precision.DEFAULT for p in levels):
-        return None
-    return jax.lax.Precision.HIGHEST
-
-
 def group_offset_array(group_offset, num_groups=None):
     """``group_offset`` (None, int, or int array of shape () or (1,)) -> int32 array of shape (1,).
 

@@ -137,7 +137,7 @@ def test_ragged_dot_errors_name_the_argument():
     with pytest.raises(NotImplementedError, match="out_sharding"):
         moe_ops.ragged_dot(lhs, rhs, sizes, out_sharding=jax.sharding.PartitionSpec())
     with pytest.raises(ValueError, match="precision=.*implementation='triton'"):
-        moe_ops.ragged_dot(lhs, rhs, sizes, precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+        moe_ops.ragged_dot(lhs, rhs, sizes, precision=jax.lax.DotAlgorithmPreset.F64_F64_F64,
                            implementation="triton")
 
 

@@ -201,8 +201,9 @@ def test_tuning_arch_follows_the_lowering_platform():
 
 @needs_plugin
 def test_precision_is_chosen_per_platform():
-    """``implementation=None`` with a dot algorithm: XLA (cpu) takes it, the Triton kernels (cuda) refuse it by name,
-    and only when that platform is lowered; a plain ``Precision`` lowers everywhere."""
+    """``implementation=None`` with a dot algorithm the kernels cannot meet (f64): XLA (cpu) takes it, the Triton
+    kernels (cuda) refuse it by name, and only when that platform is lowered; one they meet and a plain ``Precision``
+    lower everywhere."""
     data = export_check.example_inputs(jnp.float32)
     args = (data["lhs"], data["rhs"], data["sizes"])
 
@@ -210,11 +211,12 @@ def test_precision_is_chosen_per_platform():
         fn = jax.jit(lambda a, b, g: moe_ops.gmm(a, b, g, precision=precision))
         with lowering.pinned_targets():
             return jax.export.export(fn, platforms=platforms, disabled_checks=[TRITON_CALL])(*args).mlir_module()
-    algorithm = jax.lax.DotAlgorithmPreset.F32_F32_F32
+    algorithm = jax.lax.DotAlgorithmPreset.F64_F64_F64
     assert "triton_kernel_call" not in export(algorithm, ["cpu"])
     with pytest.raises(ValueError, match="precision"):
         export(algorithm, ["cuda"])
     assert "triton_kernel_call" in export(jax.lax.Precision.HIGHEST, ["cpu", "cuda"])
+    assert "triton_kernel_call" in export(jax.lax.DotAlgorithmPreset.F32_F32_F32, ["cpu", "cuda"])
 
 
 @needs_plugin

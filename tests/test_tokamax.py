@@ -76,3 +76,23 @@ def test_numpy_int64_sizes_are_clipped_not_wrapped():
     got = MoeOpsRaggedDot("xla")(lhs, rhs, group_sizes=sizes, ragged_dot_dimension_numbers=dims)
     want = jnp.concatenate([lhs[:3] @ rhs[0], lhs[3:] @ rhs[1]])
     assert_close(got, want, TOL[jnp.float32], "int64 sizes")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_op_called_as_tokamax_suite_calls_it(impl):
+    """tokamax's own ragged-dot suite (``RaggedDotTestBase.test_vjp``) calls an implementation directly, without
+    ``ragged_dot_dimension_numbers``, with ``precision=BF16_BF16_F32`` and an activation. Failed before the fix: the
+    keyword was required, then the triton / pallas kernels refused every dot algorithm."""
+    from moe_ops import reference
+    k1, k2, k3 = keys(34, 3)
+    lhs, rhs = randn(k1, (M, K), jnp.bfloat16), randn(k2, (G, K, N), jnp.bfloat16)
+    sizes, dout = group_sizes("uneven", G, M), randn(k3, (M, N))
+    op = MoeOpsRaggedDot(impl)
+    f = lambda a, b: op(a, b, group_sizes=sizes, precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+                        preferred_element_type=jnp.float32, activation=jnp.tanh)
+    f_ref = lambda a, b: jnp.tanh(reference.gmm(a.astype(jnp.float32), b.astype(jnp.float32), sizes))
+    got, vjp = jax.vjp(f, lhs, rhs)
+    want, vjp_ref = jax.vjp(f_ref, lhs, rhs)
+    assert_close(got, want, TOL[jnp.float32], f"{impl} forward")
+    for name, a, b in zip(["dlhs", "drhs"], vjp(dout), vjp_ref(dout)):
+        assert_close(a, b, TOL[jnp.bfloat16], f"{impl} {name}")

@@ -3,8 +3,9 @@
 ``tokamax.ragged_dot(lhs, rhs, group_sizes, implementation=[moe_ops.integrations.tokamax.ragged_dot, "xla"])`` runs
 this package's grouped matmuls (and their custom VJPs) for the ragged dot. tokamax calls each entry of the sequence
 as ``impl(lhs, rhs, *, group_sizes, ragged_dot_dimension_numbers, precision, preferred_element_type, activation)``
-and moves on to the next entry when one raises ``NotImplementedError``; this one raises it for quantized operands
-(qwix ``QArray``), so a tokamax implementation that handles them can follow it in the list.
+(``ragged_dot_dimension_numbers=None``: ``lax.ragged_dot``'s, as a tokamax ``RaggedDot`` op takes it) and moves on
+to the next entry when one raises ``NotImplementedError``; this one raises it for quantized operands (qwix
+``QArray``), so a tokamax implementation that handles them can follow it in the list.
 
 ``group_sizes`` may be a tokamax ``GroupSizes`` (its ``value`` is used). ``activation`` is applied to the output
 after the cast to the output dtype, as tokamax's own ``"xla"`` implementation does. Every ragged mode of
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_ops.ragged import ragged_dot_general
+from moe_ops.ragged import BASIC_DIMENSION_NUMBERS, ragged_dot_general
 
 __all__ = ["MoeOpsRaggedDot", "ragged_dot"]
 
@@ -31,7 +32,7 @@ class MoeOpsRaggedDot:
 
     implementation: str | None = None
 
-    def __call__(self, lhs, rhs, *, group_sizes, ragged_dot_dimension_numbers, precision=None,
+    def __call__(self, lhs, rhs, *, group_sizes, ragged_dot_dimension_numbers=None, precision=None,
                  preferred_element_type=None, activation=None, **unsupported):
         if unsupported:
             raise NotImplementedError(f"moe_ops ragged_dot does not take {sorted(unsupported)}")
@@ -43,7 +44,8 @@ class MoeOpsRaggedDot:
         sizes = getattr(group_sizes, "value", group_sizes)
         if not isinstance(sizes, (jax.Array, np.ndarray)):
             sizes = jnp.asarray(sizes)  # NumPy sizes stay NumPy: int64 ones are clipped on the host, never wrapped
-        out = ragged_dot_general(jnp.asarray(lhs), jnp.asarray(rhs), sizes, ragged_dot_dimension_numbers,
+        dims = BASIC_DIMENSION_NUMBERS if ragged_dot_dimension_numbers is None else ragged_dot_dimension_numbers
+        out = ragged_dot_general(jnp.asarray(lhs), jnp.asarray(rhs), sizes, dims,
                                  precision=precision, preferred_element_type=preferred_element_type,
                                  implementation=self.implementation)
         return out if activation is None else activation(out)
