@@ -134,7 +134,7 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True, num
     selection = jax.lax.stop_gradient(logits if bias is None else scores + bias.astype(jnp.float32))
     if num_groups is not None:
         log_space = None if bias is not None else (lambda s: s) if score_fn == "softmax" else jax.nn.log_sigmoid
-        selection = _top_groups_only(selection, num_groups, top_groups, log_space, group_score)
+        selection = top_groups_only(selection, num_groups, top_groups, log_space, group_score)
     _, expert_ids = jax.lax.top_k(selection, top_k)
     if renormalize:
         picked = jnp.take_along_axis(logits, expert_ids, axis=-1)
@@ -146,7 +146,7 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True, num
     return weights, expert_ids.astype(jnp.int32)
 
 
-def _top_groups_only(selection, num_groups, top_groups, log_space, group_score="top2_sum"):
+def top_groups_only(selection, num_groups, top_groups, log_space, group_score="top2_sum"):
     """``selection`` [T,E] with the experts outside each token's ``top_groups`` best groups set to -inf. Group score
     ``top2_sum``: sum of the group's two largest values (its one value for one-expert groups); with ``log_space`` (a
     monotone map of the values to log-scores) ``logaddexp`` of the two largest mapped values instead. ``max``: the

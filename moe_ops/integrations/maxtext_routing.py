@@ -26,7 +26,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from moe_ops import validation
+from moe_ops import reference, validation
 
 # MaxText's DecoderBlockType values (maxtext/common/common_types.py); an enum member is read by its ``.value``.
 DECODER_BLOCKS = ("default", "llama2", "mistral", "mixtral", "deepseek", "gemma", "gemma2", "gemma3", "gemma4",
@@ -113,22 +113,18 @@ def check_settings(gate_logits, pre_bias_logits, num_experts_per_tok, *, decoder
                 bias_rate=rate if routed_bias else 0.0, per_expert_scale=per_expert_scale)
 
 
-def _group_mask(gate_logits, n_groups, top_groups):
-    """[B,S,E] bool: the experts of each token's ``top_groups`` best groups (score: f32 sum of the group's top 2)."""
-    num_experts = gate_logits.shape[-1]
-    grouped = gate_logits.reshape(gate_logits.shape[:-1] + (n_groups, num_experts // n_groups))
-    group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0].astype(jnp.float32), axis=-1)
-    best = jax.lax.top_k(group_scores, top_groups)[1]
-    kept = jnp.any(best[..., :, None] == jnp.arange(n_groups), axis=-2)
-    return jnp.repeat(kept, num_experts // n_groups, axis=-1)
+def _top_groups_only(gate_logits, n_groups, top_groups):
+    """gate_logits [B,S,E] in f32 with the experts outside each token's ``top_groups`` best groups at -inf (a group
+    scores the f32 sum of its top 2: ``reference.top_groups_only``; the f32 cast is exact, so the order is kept)."""
+    flat = gate_logits.astype(jnp.float32).reshape(-1, gate_logits.shape[-1])
+    return reference.top_groups_only(flat, n_groups, top_groups, None).reshape(gate_logits.shape)
 
 
 def get_topk(gate_logits, pre_bias_logits, k, settings, dtype):
     """``RoutedMoE.get_topk``: gate_logits / pre_bias_logits [B,S,E] -> (weights [B,S,k], ids [B,S,k] int32)."""
     s = settings
     if s["deepseek_select"]:
-        masked = gate_logits if s["groups"] is None else jnp.where(_group_mask(gate_logits, *s["groups"]),
-                                                                   gate_logits, -jnp.inf)
+        masked = gate_logits if s["groups"] is None else _top_groups_only(gate_logits, *s["groups"])
         ids = jax.lax.top_k(masked, k)[1]
         weights = jnp.take_along_axis(pre_bias_logits, ids, axis=-1)
     elif s["block"] == "gemma4":
