@@ -104,6 +104,28 @@ def test_permute_unpermute_match_maxtext(impl):
     assert_close(out, want, TOL[jnp.float32], "unpermute")
 
 
+def test_unpermute_returns_config_dtype():
+    """MaxText's unpermute returns ``config.dtype``: ``dtype=`` casts the f32-accumulated combine (intermediate's
+    dtype by default); a dtype that is not a float is refused by name, in permute too."""
+    k1, k2 = keys(23, 2)
+    x, logits = randn(k1, (B, S, D), jnp.bfloat16), randn(k2, (B, S, E))
+    _, order, weights, *_ = maxtext.permute(x, logits, num_experts_per_tok=K, implementation="xla")
+    y = randn(k1, (B * S * K, D), jnp.bfloat16)
+    default = maxtext.unpermute(y, order, weights, B, S, implementation="xla")
+    wide = maxtext.unpermute(y, order, weights, B, S, dtype=jnp.float32, implementation="xla")
+    assert default.dtype == jnp.bfloat16 and wide.dtype == jnp.float32
+    unsorted = y.astype(jnp.float32)[jnp.argsort(order)].reshape(B * S, K, D)
+    want = jnp.einsum("tkd,tk->td", unsorted, weights.reshape(-1, K).astype(jnp.float32),
+                      precision="highest").reshape(B, S, D)
+    assert_close(wide, want, TOL[jnp.float32], "unpermute f32")
+    assert_close(default, want, TOL[jnp.bfloat16], "unpermute bf16")
+    for bad in (jnp.int32, "not-a-dtype"):
+        with pytest.raises(TypeError, match="dtype must be a float dtype"):
+            maxtext.unpermute(y, order, weights, B, S, dtype=bad, implementation="xla")
+        with pytest.raises(TypeError, match="dtype must be a float dtype"):
+            maxtext.permute(x, logits, num_experts_per_tok=K, dtype=bad, implementation="xla")
+
+
 @pytest.mark.parametrize("is_offset", [False, True])
 @pytest.mark.parametrize("ragged", [False, True])
 def test_local_permute_matches_argsort(is_offset, ragged):

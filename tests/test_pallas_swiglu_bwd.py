@@ -135,7 +135,9 @@ def test_heuristic_fits_vmem(chip):
 # ---------------------------------------------------------------------------------------------------------------
 # Slow sweeps.
 
-SWEEP = [(e, k, act) for e, k in ((8, 1), (8, 8), (64, 2), (64, 8)) for act in ("silu", "gelu", "relu")]
+# Every (E, top_k) pair once, the activations spread over them: an activation's derivative is elementwise, so it
+# does not interact with the routing (each is also checked above at other shapes).
+SWEEP = [(8, 1, "silu"), (8, 8, "gelu"), (64, 2, "relu"), (64, 8, "silu")]
 
 
 @pytest.mark.slow

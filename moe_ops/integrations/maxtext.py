@@ -83,6 +83,19 @@ def tgmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=(128,
     return (out + existing_out.astype(jnp.float32)).astype(out_dtype)
 
 
+def _float_dtype(dtype, default):
+    """MaxText's ``config.dtype`` keyword: a float dtype, ``default`` when None."""
+    if dtype is None:
+        return jnp.dtype(default)
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a float dtype (MaxText's config.dtype), got {dtype!r}") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a float dtype (MaxText's config.dtype), got {dtype}")
+    return dtype
+
+
 @validation.numpy_floats_as_jax
 def permute(inputs, gate_logits, pre_bias_logits=None, use_custom_sort_vjp=True, rngs=None, roll_to_expert_id=None,
             input_ids=None, *, num_experts_per_tok, dtype=None, decoder_block="default", model_name="default",
@@ -114,7 +127,7 @@ def permute(inputs, gate_logits, pre_bias_logits=None, use_custom_sort_vjp=True,
         topk_routing_group=topk_routing_group, load_balance_loss_weight=load_balance_loss_weight,
         per_expert_scale=per_expert_scale, use_random_routing=use_random_routing, is_hash_routing=is_hash_routing)
     num_experts = gate_logits.shape[-1]
-    dtype = inputs.dtype if dtype is None else dtype
+    dtype = _float_dtype(dtype, inputs.dtype)
     weights, ids = routing.get_topk(gate_logits, pre_bias_logits, k, settings, dtype)
     lb_loss = None if settings["lb_weight"] <= 0.0 else routing.load_balance_loss(
         ids, gate_logits, num_experts, settings["lb_weight"], dtype)
@@ -134,11 +147,11 @@ def permute(inputs, gate_logits, pre_bias_logits=None, use_custom_sort_vjp=True,
 
 @validation.numpy_floats_as_jax
 def unpermute(intermediate, sorted_selected_experts, weights, batch_size, sequence_length, use_custom_sort_vjp=True,
-              group_sizes=None, *, decoder_block="default", implementation=None):
+              group_sizes=None, *, dtype=None, decoder_block="default", implementation=None):
     """intermediate [B*S*k, D] (expert order) -> [B,S,D]: ``sum_j weights[b,s,j] * row of (b,s,j)`` (weights
-    [B,S,k]), f32 accumulation, intermediate's dtype. ``decoder_block="llama4"`` combines with weights of 1, as
-    MaxText does (its ``permute`` already scaled the inputs). ``use_custom_sort_vjp`` / ``group_sizes``: accepted,
-    unused."""
+    [B,S,k]), f32 accumulation, in ``dtype`` (MaxText's ``config.dtype``; intermediate's by default).
+    ``decoder_block="llama4"`` combines with weights of 1, as MaxText does (its ``permute`` already scaled the
+    inputs). ``use_custom_sort_vjp`` / ``group_sizes``: accepted, unused."""
     del use_custom_sort_vjp, group_sizes
     k = weights.shape[-1]
     if weights.size // k != batch_size * sequence_length:
@@ -146,9 +159,12 @@ def unpermute(intermediate, sorted_selected_experts, weights, batch_size, sequen
                          f"tokens, got weights {tuple(weights.shape)}")
     if routing.decoder_block_name(decoder_block) == "llama4":
         weights = jnp.ones_like(weights)
+    dtype = _float_dtype(dtype, intermediate.dtype)
+    if jnp.promote_types(intermediate.dtype, dtype) != intermediate.dtype:  # a wider dtype: no rounding on the way
+        intermediate = intermediate.astype(dtype)
     out = moe_ops.unpermute(intermediate, sorted_selected_experts, weights.reshape(-1, k),
                             implementation=implementation)
-    return out.reshape(batch_size, sequence_length, -1)
+    return out.reshape(batch_size, sequence_length, -1).astype(dtype)
 
 
 def _truncate_per_receiver(sizes, buffer_size):
