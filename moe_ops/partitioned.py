@@ -106,15 +106,19 @@ def plan(config: MoEShardingConfig, mesh, x_sharding, num_tokens: int, num_exper
         raise ValueError(f"sharding.expert_axis {axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}: the "
                          f"mesh lacks the expert axis (name it in MoEShardingConfig(expert_axis=...))")
     ep = mesh.shape[axis]
-    if num_experts % ep:
-        raise ValueError(f"w_gate / w_up / w_down have E={num_experts} experts, which do not split over the expert "
-                         f"axis {axis!r} of size {ep}: E must be a multiple of {ep}")
     strategy = choose_strategy(config, num_tokens, ep)
+    if num_experts % ep and config.strategy == "auto" and hidden_f % ep == 0:
+        strategy = "ep_tp"  # the experts do not split over the axis, F does: every device keeps all E experts
     if strategy == "ep_tp" and hidden_f % ep:
-        if config.strategy == "ep_tp":
+        if config.strategy == "ep_tp" or num_experts % ep:
             raise ValueError(f"strategy ep_tp splits w_gate's F={hidden_f} over the expert axis {axis!r} of size "
-                             f"{ep}: F must be a multiple of {ep} (or use strategy 'ring' / 'all_to_all')")
+                             f"{ep}: F must be a multiple of {ep} (or use strategy 'ring' / 'all_to_all' with E a "
+                             f"multiple of {ep}; E={num_experts})")
         strategy = "ring"
+    if strategy != "ep_tp" and num_experts % ep:
+        raise ValueError(f"w_gate / w_up / w_down have E={num_experts} experts, which do not split over the expert "
+                         f"axis {axis!r} of size {ep} (strategy {strategy!r}): E must be a multiple of {ep}, or use "
+                         f"strategy 'ep_tp' (F split over the axis)")
     axes = [a for a in dict.fromkeys(_operand_token_axes(x_sharding) or config.batch_axes) if a in mesh.axis_names]
     if strategy == "all_to_all" and axis not in axes:
         axes.append(axis)

@@ -89,7 +89,7 @@ class MoEShardingConfig:
 def choose_strategy(config: MoEShardingConfig, num_tokens: int, ep: int) -> str:
     """The concrete strategy: ``config.strategy`` unless ``auto``; ``auto`` = ``ep_tp`` for at most
     ``ep_tp_max_tokens`` global tokens (decode / small prefill), ``all_to_all`` when the tokens split over EP,
-    else ``ring``."""
+    else ``ring`` (``partitioned.plan`` then takes ``ep_tp`` where E does not split over EP)."""
     if config.strategy != "auto":
         return config.strategy
     if num_tokens <= config.ep_tp_max_tokens:

@@ -180,6 +180,32 @@ def test_plan_reads_operand_sharding():
         plan(a2a, make_mesh((8,), ("data",)), None, T, E, F)
     with pytest.raises(ValueError, match="do not split"):
         plan(a2a, mesh, None, T, 6, F)
+    assert plan(MoEShardingConfig(), mesh, None, T, 6, F).strategy == "ep_tp"  # auto: F splits, E does not
+    assert plan(tp, mesh, None, T, 6, F).strategy == "ep_tp"
+    with pytest.raises(ValueError, match="F must be a multiple of 4"):
+        plan(MoEShardingConfig(), mesh, None, T, 6, 18)
+
+
+@pytest.mark.parametrize("strategy", ["ep_tp", "auto"])
+def test_ep_tp_with_experts_that_do_not_split(strategy):
+    """E=6 experts on an expert axis of 4: ep_tp (F split, every device keeps all experts) runs, and ``auto`` picks
+    it; forward and all five gradients against the reference."""
+    e = 6
+    mesh = make_mesh((2, 4), ("data", "expert"))
+    ks = keys(41, 6)
+    ids = imbalance.hot_ids(T, e, K, num_hot=1, factor=2.0, hot_experts=[4])
+    args = (randn(ks[0], (T, D)), jnp.asarray(imbalance.logits_for_ids(ids, e, seed=3)),
+            randn(ks[1], (e, D, F), scale=0.3), randn(ks[2], (e, D, F), scale=0.3), randn(ks[3], (e, F, D), scale=0.3))
+    dy = randn(ks[4], (T, D))
+    specs = (P("data"), P("data")) + weight_specs("ep_tp", None)
+    placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
+    fn = functools.partial(moe_ffn, top_k=K, sharding=MoEShardingConfig(strategy=strategy))
+    dy_placed = jax.device_put(dy, NamedSharding(mesh, P("data")))
+    out, grads = jax.jit(functools.partial(value_and_grads, fn))(placed, dy_placed)
+    ref_out, ref_grads = value_and_grads(functools.partial(reference.moe_ffn_dense, top_k=K), args, dy)
+    assert_close(out, ref_out, TOL[jnp.float32], f"{strategy} out")
+    for name, g, r in zip(("x", "logits", "w_gate", "w_up", "w_down"), grads, ref_grads):
+        assert_close(g, r, TOL[jnp.float32], f"{strategy} d{name}")
 
 
 def _kept_copies(ids, ep, rows):
