@@ -38,10 +38,10 @@ def static_upper_bound(value, what: str) -> int:
     return int(upper)
 
 
-def require_static(what: str, *dims) -> None:
-    """Raise ``ValueError`` naming ``what`` when any of ``dims`` is symbolic: the kernels tile these dimensions
+def require_static(what: str, *dims, error=ValueError, kernels="the Pallas kernels") -> None:
+    """Raise ``error`` naming ``what`` when any of ``dims`` is symbolic: ``kernels`` tile these dimensions
     statically (only a row count may be symbolic, run at its bound)."""
     symbolic = [d for d in dims if not isinstance(d, int)]
     if symbolic:
-        raise ValueError(f"{what} = {symbolic[0]} is symbolic; the Pallas kernels tile it statically, so only the "
-                         "row count may be symbolic (with a bound): export with static K and N")
+        raise error(f"{what} = {symbolic[0]} is symbolic; {kernels} tile it statically, so only the row count may "
+                    "be symbolic (with a bound): export with static K and N (and D, every feature width)")

@@ -144,3 +144,32 @@ def test_pallas_symbolic_k_is_refused_by_name(platform):
     with pytest.raises(ValueError, match="K / N of the Pallas grouped matmul = k is symbolic.*static K and N"):
         export.export(jax.jit(lambda a, b, c: moe_ops.gmm(a, b, c, implementation="pallas")),
                       platforms=[platform])(*specs)
+
+
+_W = 8  # a static row count below the width's bound
+# name -> (op(impl), specs(d)) with a symbolic row width D (or K of the gathered x)
+WIDTH_CASES = {
+    "permute": (lambda impl: lambda x, i: moe_ops.permute(x, i, E, implementation=impl)[0],
+                lambda d: [S((_W, d), f32), S((_W, TOP_K), i32)]),
+    "unpermute": (lambda impl: lambda y, i, w: moe_ops.unpermute(y, i, w, implementation=impl),
+                  lambda d: [S((TOP_K * _W, d), f32), S((TOP_K * _W,), i32), S((_W, TOP_K), f32)]),
+    "gather_gmm": (lambda impl: lambda x, r, s, i: moe_ops.gather_gmm(x, r, s, i, implementation=impl),
+                   lambda d: [S((_W, d), f32), S((E, d, 8), f32), S((E,), i32), S((TOP_K * _W,), i32)]),
+    "swiglu_gmm": (lambda impl: lambda x, a, b, s, i: moe_ops.swiglu_gmm(x, a, b, s, i, implementation=impl),
+                   lambda d: [S((_W, d), f32), S((E, d, 8), f32), S((E, d, 8), f32), S((E,), i32),
+                              S((TOP_K * _W,), i32)]),
+}
+
+
+@pytest.mark.parametrize("name, impl, platform, err", [
+    *[(name, "pallas", "tpu", ValueError) for name in WIDTH_CASES],
+    ("permute", "triton", "cpu", NotImplementedError), ("unpermute", "triton", "cpu", NotImplementedError)])
+def test_symbolic_row_width_is_refused_by_name(name, impl, platform, err):
+    """Only the row count may be symbolic on the kernel backends. A symbolic D of the row kernels (permute /
+    unpermute) raised a TypeError from ``triton.next_power_of_2`` (Triton), and a symbolic D / K of the Pallas row
+    kernels and fused gathers Pallas's own "dynamically-shaped blocks" error; both now name the width and the fix
+    (the Triton GMMs already refused a symbolic K / N by name)."""
+    d, = export.symbolic_shape("d", constraints=("d <= 64",))
+    op, specs = WIDTH_CASES[name]
+    with pytest.raises(err, match=r"(D|K / N).* = d is symbolic.*static"):
+        export.export(jax.jit(op(impl)), platforms=[platform])(*specs(d))

@@ -51,6 +51,7 @@ from kernels.pallas.gmm import gmm as plain_gmm
 from kernels.pallas.sort import _blocked, _load_indices, _row_dmas, combine_rows, gather_rows
 from kernels.pallas.vma import pallas_call
 from kernels.platform import tpu_or_interpret
+from kernels.shapes import require_static
 
 __all__ = ["gather_gmm", "scatter_gmm", "sum_slots", "GATHER_TILE_BYTES"]
 
@@ -316,6 +317,7 @@ def gather_gmm(x, rhs, group_sizes, group_offset, sort_idx, k, *, transpose_rhs,
     ``interpret`` as for ``kernels.pallas.gmm.gmm``."""
     m = sort_idx.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    require_static("K / N of the Pallas grouped matmul", x.shape[1], n)
     if m == 0 or x.shape[1] == 0:
         return jnp.zeros((m, n), out_dtype)
     if not isinstance(m, int):  # symbolic rows (jax.export): the composition, whose kernels run at M's static bound

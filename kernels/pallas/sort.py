@@ -31,7 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.pallas.vma import pallas_call
 from kernels.platform import tpu_or_interpret
-from kernels.shapes import dim_value, pad_rows, static_upper_bound
+from kernels.shapes import dim_value, pad_rows, require_static, static_upper_bound
 
 __all__ = ["sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "PallasSortConfig"]
 
@@ -225,6 +225,7 @@ def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None, *, config: Palla
                 interpret=None):
     """x [T,D] -> [T*k, D], ``out[i] = x[sort_idx[i] // k]`` (* row weight, f32) for ``i < n_valid``, zeros after."""
     n, d = sort_idx.shape[0], x.shape[1]
+    require_static("D (the row width) of the Pallas row kernels", d)
     if n == 0 or d == 0:
         return jnp.zeros((n, d), x.dtype)
     if not isinstance(n, int):  # symbolic (jax.export): run at the static bound (see _bounded_tokens), slice back
@@ -293,6 +294,7 @@ def _weight_grad_kernel(n_valid_ref, y_hbm, inv_hbm, inv_blk_ref, dout_ref, out_
 def _token_call(kernel, y, sort_idx, k, n_valid, blocked, out_cols, out_dtype, config, interpret):
     """Shared launcher of the per-token kernels: grid over token blocks, y and inv left in HBM."""
     n, d = y.shape
+    require_static("D (the row width) of the Pallas row kernels", d)
     t, item = n // k, jnp.dtype(y.dtype).itemsize
     # fetched rows (k per token), blocked operand / output x2, f32 temporaries, inv + second blocked input x2
     bt = _rows(config, t, k * d * item + 4 * d * max(item, 4) + 8 * d + 4 * LANE_BYTES)

@@ -26,6 +26,7 @@ from kernels.pallas.fused import (Footprint, _rhs_spec, accumulate, fused_call, 
 from kernels.platform import tpu_or_interpret
 from kernels.pallas.gmm import STORE, _has, gmm_schedule
 from kernels.pallas.sort import _blocked
+from kernels.shapes import require_static
 
 __all__ = ["swiglu_gmm", "swiglu_gmm_saved", "ACTIVATIONS", "act_and_grad"]
 
@@ -129,6 +130,7 @@ def _call(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, o
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     m = x.shape[0] if sort_idx is None else sort_idx.shape[0]
     n = w_gate.shape[2]
+    require_static("K / N of the Pallas grouped matmul", x.shape[1], n)
     if m == 0 or x.shape[1] == 0:
         return (jnp.zeros((m, n), out_dtype),) * 3
     if sort_idx is None:

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from kernels.registry import AotCase, register_aot
-from kernels.shapes import dim_value, pad_rows, static_upper_bound
+from kernels.shapes import dim_value, pad_rows, require_static, static_upper_bound
 from kernels.triton.bridge import triton_call
 
 __all__ = ["sort_by_expert", "gather_rows", "combine_rows", "combine_weight_grad", "SortConfig", "RowsConfig"]
@@ -199,6 +199,8 @@ def _block_d(d, cfg=ROWS_CONFIG):
 
 
 def _row_params(d, cfg=ROWS_CONFIG):
+    require_static("D (the row width) of the Triton row kernels", d, error=NotImplementedError,
+                   kernels="the Triton kernels")
     block_d = _block_d(d, cfg)
     return dict(D=d, BLOCK_D=block_d, EVEN_D=d % block_d == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
