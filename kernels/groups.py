@@ -11,7 +11,10 @@ __all__ = ["local_bounds", "local_row_mask", "segment_of"]
 def local_bounds(group_sizes, group_offset, num_local):
     """(start, end) int32[G_local] of each local group's rows, for clamped ``group_sizes`` [G] and ``group_offset``
     int32[1]: local group ``j`` is global group ``group_offset + j``, empty (start = end = 0) when that id is outside
-    ``[0, G)``."""
+    ``[0, G)`` (so every range is empty when G or G_local is 0)."""
+    if num_local == 0 or group_sizes.shape[-1] == 0:
+        empty = jnp.zeros((num_local,), jnp.int32)
+        return empty, empty
     sizes = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(sizes)
     ids = group_offset.reshape(()).astype(jnp.int32) + jnp.arange(num_local, dtype=jnp.int32)
@@ -26,8 +29,10 @@ def local_row_mask(group_sizes, group_offset, num_local, num_rows):
     """[num_rows] bool: the rows of the local groups, one contiguous range from local group 0's start to the largest
     local end (``local_bounds`` gives groups past ``G`` the empty range [0, 0), so no group local gives no row).
     What the fused combines select on: a row outside it contributes nothing, its routing weight included."""
-    start, end = local_bounds(group_sizes, group_offset, num_local)
     rows = jnp.arange(num_rows, dtype=jnp.int32)
+    if num_local == 0 or group_sizes.shape[-1] == 0:   # no local group: no row
+        return rows < 0
+    start, end = local_bounds(group_sizes, group_offset, num_local)
     return (rows >= start[0]) & (rows < jnp.max(end))
 
 

@@ -49,6 +49,25 @@ def test_gmm_tgmm(impl, dims):
               (m, n), f"{impl} swiglu_gmm {dims}")
 
 
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dims", list(GMM_DIMS))
+def test_gmm_existing_out(impl, dims):
+    """With ``existing_out``, rows of no local group keep it (value and gradient ``dout``) and local rows of an
+    empty contraction (K=0) are zeros. Failed before the fix with G_local=0 / G=0: an IndexError from the row mask
+    (``local_bounds`` indexed the first of zero local groups)."""
+    m, k, n, g, gl = GMM_DIMS[dims]
+    k1, k2, k3, k4 = keys(2, 4)
+    lhs, rhs, prev, probe = randn(k1, (m, k)), randn(k2, (gl, k, n)), randn(k3, (m, n)), randn(k4, (m, n))
+    sizes = jnp.full((g,), m // 2, jnp.int32)
+    local = (jnp.arange(m) < (m // 2) * min(g, gl))[:, None]   # the local groups' rows
+    fn = jax.jit(lambda a, b, c: moe_ops.gmm(a, b, sizes, existing_out=c, implementation=impl))
+    np.testing.assert_array_equal(fn(lhs, rhs, prev), jnp.where(local, 0.0, prev), err_msg=f"{impl} {dims}")
+    grads = jax.grad(lambda *a: jnp.sum(fn(*a) * probe), (0, 1, 2))(lhs, rhs, prev)
+    for grad, arg in zip(grads[:2], (lhs, rhs)):
+        _check_zeros(grad, arg.shape, what=f"{impl} {dims}")
+    np.testing.assert_array_equal(grads[2], jnp.where(local, 0.0, probe), err_msg=f"{impl} {dims} d existing_out")
+
+
 # (T, top_k, D)
 SORT_DIMS = {"T0": (0, 2, 8), "top_k0": (6, 0, 8), "D0": (6, 2, 0)}
 
