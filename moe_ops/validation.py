@@ -67,7 +67,13 @@ def checks_enabled() -> bool:
 
 
 def _runtime_check(predicate_fn, message_fn, *values):
-    """Raise ``ValueError(message_fn(*values))`` on the host when ``predicate_fn(*values)`` is false."""
+    """Raise ``ValueError(message_fn(*values))`` on the host when ``predicate_fn(*values)`` is false. NumPy values
+    are judged now, at full width (the callback would get JAX's int32 copy of an int64 / uint64 array)."""
+    if all(isinstance(v, (np.ndarray, np.generic)) for v in values):
+        if not predicate_fn(*values):
+            raise ValueError(message_fn(*values))
+        return
+
     def callback(*host_values):
         host_values = [np.asarray(v) for v in host_values]
         if not predicate_fn(*host_values):
@@ -241,12 +247,17 @@ def clamp_group_sizes(group_sizes, num_rows):
     else:  # int64 / uint32 / uint64: num_rows fits the dtype; clip before narrowing
         sizes = jnp.clip(group_sizes, 0, num_rows).astype(jnp.int32)
     if checks_enabled():
-        _runtime_check(lambda s: (s >= 0).all() and s.astype(np.int64).sum() <= num_rows,
+        _runtime_check(lambda s: (s >= 0).all() and _exact_sum(s) <= num_rows,
                        lambda s: f"group_sizes must be >= 0 and sum to at most M={num_rows}; got sum "
-                                 f"{s.astype(np.int64).sum()}, min {s.min() if s.size else 0}", group_sizes)
+                                 f"{_exact_sum(s)}, min {s.min() if s.size else 0}", group_sizes)
     if sizes.shape[0] == 0:
         return sizes
     return _saturated_sizes(sizes, num_rows)
+
+
+def _exact_sum(sizes) -> int:
+    """The sum of host sizes as a Python int (an int64 sum would wrap for uint64 ``2**64 - 1``)."""
+    return sum(int(v) for v in np.asarray(sizes).reshape(-1))
 
 
 @functools.partial(jax.jit, static_argnums=1)  # compiled even when called eagerly: jax 0.11.2 segfaults on an

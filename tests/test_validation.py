@@ -101,3 +101,20 @@ def test_ragged_dot_rejects_a_bad_implementation_on_the_lax_path_too():
     with pytest.raises(ValueError, match="implementation must be None or one of"):
         moe_ops.ragged_dot(a, b, jnp.array([2, 2], jnp.int32), preferred_element_type=jnp.int32,
                            implementation="no-such-backend")
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: moe_ops.gmm(lhs, rhs, np.array([2 ** 40, 1, 1, 1], np.int64)), r"sum to at most M=16; got sum 1099511627779"),
+    (lambda: moe_ops.tgmm(lhs, lhs, np.array([2 ** 32, 1, 1, 1], np.uint64)), r"sum to at most M=16; got sum 4294967299"),
+    (lambda: moe_ops.gmm(lhs, rhs, np.array([2 ** 64 - 1, 1, 0, 0], np.uint64)), r"sum to at most M=16"),
+    (lambda: moe_ops.permute(lhs, np.array([[0, 1]] * (M - 1) + [[2, 2 ** 32 + 1]], np.int64), 4),
+     r"expert_ids must lie in \[0, 4\)"),
+    (lambda: moe_ops.unpermute(jnp.ones((4, K)), np.array([2 ** 32, 1, 2, 3], np.int64), jnp.ones((2, 2))),
+     r"sort_idx must be a permutation"),
+], ids=["int64_sizes", "uint64_sizes", "uint64_max_size", "int64_expert_id", "int64_sort_idx"])
+def test_checked_mode_judges_numpy_operands_at_full_width(call, match):
+    """NumPy int64 / uint64 operands are judged on the host at full width. Failed before the fix: the checked mode's
+    device callback saw JAX's int32 copy (2**40 -> 0, 2**32 + 1 -> 1), so these passed silently, although the
+    unchecked path clamps / drops them at full width."""
+    with moe_ops.checked(), pytest.raises(ValueError, match=match):
+        jax.block_until_ready(call())
