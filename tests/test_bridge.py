@@ -34,6 +34,20 @@ def _dot(a_ptr, b_ptr, o_ptr, S: tl.constexpr):
     tl.store(o_ptr + idx[:, None] * S + idx[None, :], tl.dot(a, b).to(o_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _overrun(x_ptr, n, o_ptr, SHIFT: tl.constexpr, INTO_INPUT: tl.constexpr, BLOCK: tl.constexpr):
+    """o = x, stored ``SHIFT`` elements off (a wrong mask: ``offs + SHIFT`` may leave o); or into x itself."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    target = x_ptr if INTO_INPUT else o_ptr
+    tl.store(target + offs + SHIFT, tl.load(x_ptr + offs, mask=mask) + 1, mask=mask)
+
+
+def overrun(x, shift, into_input=False):
+    return jt.triton_call(x, x.shape[0], kernel=_overrun, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          grid=(1,), zeroed_outputs=(0,), SHIFT=shift, INTO_INPUT=into_input, BLOCK=16)
+
+
 def half_writer(x, zeroed=()):
     return jt.triton_call(x, x.shape[0], kernel=_half_writer, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
                           grid=lambda meta: (triton.cdiv(x.shape[0], meta["BLOCK"]),), zeroed_outputs=zeroed,
@@ -121,3 +135,24 @@ def test_bridge_loads_every_kernel_module_before_interpreting():
             "'kernels.triton.sort', 'kernels.triton.swiglu')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip().splitlines()[-1:] == ["True"], proc.stdout[-500:] + proc.stderr[-1500:]
+
+
+@pytest.mark.parametrize("shift", [1, -1, 40])
+def test_out_of_bounds_store_raises(shift):
+    """The interpreter stores through raw pointers: a store past either end of a buffer (one element, or further)
+    is caught by the canaries around it instead of corrupting the process heap."""
+    from kernels.triton.bridge import OutOfBoundsWrite, run_interpreted  # noqa: PLC0415
+    x = np.asarray(randn(keys(3, 1)[0], (16,)))
+    with pytest.raises(OutOfBoundsWrite, match="_overrun.*out of bounds (after|before) pointer argument 1"):
+        run_interpreted(_overrun, [x], scalar_args=[(1, "i32", 16)], out_shapes=[jax.ShapeDtypeStruct((16,), x.dtype)],
+                        grid=(1,), zeroed_outputs=(0,), metaparams=dict(SHIFT=shift, INTO_INPUT=False, BLOCK=16))
+    np.testing.assert_array_equal(np.asarray(overrun(jnp.asarray(x), 0)), x + 1)  # in bounds: fine
+    with pytest.raises(Exception, match="out of bounds"):  # through triton_call (the callback's error)
+        jax.block_until_ready(overrun(jnp.asarray(x), shift))
+
+
+def test_store_into_an_input_raises():
+    """Kernels must not write inputs they do not alias to an output (XLA's buffers are immutable)."""
+    x = randn(keys(4, 1)[0], (16,))
+    with pytest.raises(Exception, match="wrote into input pointer argument 0"):
+        jax.block_until_ready(overrun(x, 0, into_input=True))

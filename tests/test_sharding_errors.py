@@ -103,7 +103,10 @@ def test_fsdp_axis_equal_to_expert_axis():
 def test_mesh_from_context_is_checked_too():
     """Unsharded operands under ``jax.set_mesh``: the mesh comes from the context."""
     mesh = make_mesh((8,), ("expert",))
+    a2a = MoEShardingConfig(strategy="all_to_all")
     with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"w_gate.*E=12"):
+        jax.jit(functools.partial(moe_ffn, top_k=K, sharding=a2a)).trace(*shapes(e=12))
+    with jax.set_mesh(mesh):  # auto takes ep_tp where the experts do not split (F does)
         jax.jit(functools.partial(moe_ffn, top_k=K, sharding=MoEShardingConfig())).trace(*shapes(e=12))
 
 
@@ -129,7 +132,8 @@ def test_mesh_known_only_to_the_lowering():
     which aborts the process in jax 0.10.2; so it is not exercised here.)"""
     mesh = make_mesh((8,), ("expert",))
     shardings = (NamedSharding(mesh, P("expert")),) * 2 + (NamedSharding(mesh, P()),) * 3
-    fn = jax.jit(functools.partial(moe_ffn, top_k=K, sharding=MoEShardingConfig()), in_shardings=shardings)
+    fn = jax.jit(functools.partial(moe_ffn, top_k=K, sharding=MoEShardingConfig(strategy="ring")),
+                 in_shardings=shardings)
     traced = fn.trace(*shapes(e=12))  # nothing raised at trace time: no mesh there
     with pytest.raises(ValueError, match=r"w_gate.*E=12.*'expert' of size 8"):
         traced.lower()
