@@ -137,13 +137,15 @@ def test_bridge_loads_every_kernel_module_before_interpreting():
     assert proc.stdout.strip().splitlines()[-1:] == ["True"], proc.stdout[-500:] + proc.stderr[-1500:]
 
 
-@pytest.mark.parametrize("shift", [1, -1, 40])
-def test_out_of_bounds_store_raises(shift):
+@pytest.mark.parametrize("shift,offset", [(1, 64), (-1, -4), (40, 160)])
+def test_out_of_bounds_store_raises(shift, offset):
     """The interpreter stores through raw pointers: a store past either end of a buffer (one element, or further)
-    is caught by the canaries around it instead of corrupting the process heap."""
-    from kernels.triton.bridge import OutOfBoundsWrite, run_interpreted  # noqa: PLC0415
+    raises, naming the kernel, the argument and the first offending byte, instead of corrupting the heap."""
+    from kernels.triton.bounds import OutOfBoundsAccess  # noqa: PLC0415
+    from kernels.triton.bridge import run_interpreted  # noqa: PLC0415
     x = np.asarray(randn(keys(3, 1)[0], (16,)))
-    with pytest.raises(OutOfBoundsWrite, match="_overrun.*out of bounds (after|before) pointer argument 1"):
+    match = f"_overrun stores .* out of bounds, the first at byte offset {offset} of pointer argument 1 .64 bytes"
+    with pytest.raises(OutOfBoundsAccess, match=match):
         run_interpreted(_overrun, [x], scalar_args=[(1, "i32", 16)], out_shapes=[jax.ShapeDtypeStruct((16,), x.dtype)],
                         grid=(1,), zeroed_outputs=(0,), metaparams=dict(SHIFT=shift, INTO_INPUT=False, BLOCK=16))
     np.testing.assert_array_equal(np.asarray(overrun(jnp.asarray(x), 0)), x + 1)  # in bounds: fine
@@ -151,8 +153,35 @@ def test_out_of_bounds_store_raises(shift):
         jax.block_until_ready(overrun(jnp.asarray(x), shift))
 
 
+@triton.jit
+def _over_read(x_ptr, n, o_ptr, BLOCK: tl.constexpr):
+    """Loads BLOCK elements of an n-element x without a mask (n < BLOCK): a read past the end."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(o_ptr + offs, tl.load(x_ptr + offs), mask=offs < n)
+
+
+def test_out_of_bounds_load_raises():
+    """An unmasked load past the end of an input: on a GPU it reads another buffer's bytes (or faults)."""
+    x = randn(keys(5, 1)[0], (12,))
+    call = lambda block: jt.triton_call(x, 12, kernel=_over_read, out_shape=jax.ShapeDtypeStruct((12,), x.dtype),
+                                        grid=(1,), BLOCK=block)
+    with pytest.raises(Exception, match="_over_read loads 4 element.* byte offset 48 of pointer argument 0"):
+        jax.block_until_ready(call(16))
+
+
 def test_store_into_an_input_raises():
     """Kernels must not write inputs they do not alias to an output (XLA's buffers are immutable)."""
     x = randn(keys(4, 1)[0], (16,))
     with pytest.raises(Exception, match="wrote into input pointer argument 0"):
         jax.block_until_ready(overrun(x, 0, into_input=True))
+
+
+def test_canaries_catch_a_store_that_bypassed_the_checks():
+    import torch  # noqa: PLC0415
+    from kernels.triton import bounds  # noqa: PLC0415
+    t = torch.arange(6, dtype=torch.float32)
+    buffers = [bounds.guarded(t)]
+    bounds.check_guards("k", buffers, [t], [0])  # untouched: passes
+    buffers[0][1][bounds.GUARD_BYTES + 24] = 0  # the first byte past the 24-byte tensor
+    with pytest.raises(bounds.OutOfBoundsAccess, match="k stored out of bounds after pointer argument 0"):
+        bounds.check_guards("k", buffers, [t], [0])

@@ -20,10 +20,9 @@ Interpreter limits handled here, explicitly:
 * Outputs are not initialised by the interpreter. Outputs listed in ``zeroed_outputs`` start as zeros, aliased
   outputs start as their input, and every other output is *poisoned* (NaN for floats, the minimum integer for ints)
   so that a row the kernel failed to write shows up in tests instead of reading as a plausible zero.
-* The interpreter stores through raw pointers, so an out-of-bounds store would silently corrupt the process heap
-  (and on a GPU, another buffer). Every tensor a kernel sees lies between ``GUARD_BYTES`` of canary bytes, and
-  inputs that are not aliased to an output must come back unchanged (XLA buffers are immutable): a kernel that
-  breaks either raises ``OutOfBoundsWrite`` naming the kernel and the argument.
+* The interpreter loads and stores through raw pointers, so an out-of-bounds store would silently corrupt the
+  process heap. ``kernels.triton.bounds`` checks every access against the kernel's buffers, canaries around them,
+  and that unaliased inputs come back unchanged (``OutOfBoundsAccess`` names the kernel and the argument).
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from jax._src import core as jax_core
 from jax._src.export import shape_poly
 from jax.interpreters import mlir
 
+from kernels.triton import bounds
 from kernels.triton.compat import patch_jax_triton
 
 _lock = threading.Lock()
@@ -197,37 +197,6 @@ def _from_torch(tensor, dtype):
     return np.asarray(tensor.numpy()).astype(np.dtype(dtype))
 
 
-GUARD_BYTES = 4096  # canary bytes on each side of every buffer a kernel sees (a multiple of every alignment)
-_CANARY = 0xA5
-
-
-class OutOfBoundsWrite(RuntimeError):
-    """An interpreted kernel stored outside its buffers, or into an input it does not alias to an output."""
-
-
-def _guarded(tensor):
-    """``(view, storage)``: a copy of ``tensor`` inside ``storage`` (uint8), between two canary regions."""
-    import torch
-    nbytes = tensor.numel() * tensor.element_size()
-    storage = torch.full((nbytes + 2 * GUARD_BYTES,), _CANARY, dtype=torch.uint8)
-    view = storage[GUARD_BYTES:GUARD_BYTES + nbytes].view(tensor.dtype).view(tensor.shape)
-    view.copy_(tensor)
-    return view, storage
-
-
-def _check_guards(kernel, guarded, inputs, unchanged):
-    """Raise ``OutOfBoundsWrite`` if a canary region changed or an input in ``unchanged`` differs from its copy."""
-    import torch
-    for i, (view, storage) in enumerate(guarded):
-        for side, region in (("before", storage[:GUARD_BYTES]), ("after", storage[-GUARD_BYTES:])):
-            if not bool((region == _CANARY).all()):
-                raise OutOfBoundsWrite(f"Triton kernel {kernel} stored out of bounds {side} pointer argument {i} "
-                                       f"(shape {tuple(view.shape)}, {view.dtype})")
-    for i in unchanged:
-        if not torch.equal(guarded[i][0].view(torch.uint8), inputs[i].view(torch.uint8)):
-            raise OutOfBoundsWrite(f"Triton kernel {kernel} wrote into input pointer argument {i} (shape "
-                                   f"{tuple(inputs[i].shape)}), which no output aliases")
-
 
 def run_interpreted(fn, arrays, *, scalar_args, out_shapes, grid, input_output_aliases=(), zeroed_outputs=(),
                     metaparams=None):
@@ -254,18 +223,19 @@ def run_interpreted(fn, arrays, *, scalar_args, out_shapes, grid, input_output_a
             outputs.append(torch.zeros_like(_poisoned(shape.shape, shape.dtype)))
         else:
             outputs.append(_poisoned(shape.shape, shape.dtype))
-    guarded = [_guarded(t) for t in inputs + outputs]
-    args = [view for view, _ in guarded]
+    buffers = [bounds.guarded(t) for t in inputs + outputs]
+    views = [view for view, _ in buffers]
+    args = list(views)
     for index, _, value in scalar_args:
         args.insert(index, value)
     launch_grid = grid(metaparams) if callable(grid) else grid
     launch_grid = tuple(launch_grid) if isinstance(launch_grid, (tuple, list)) else (launch_grid,)
     if all(g > 0 for g in launch_grid):
-        with _interpreter_mode():
+        name = getattr(fn, "__name__", fn)
+        with _interpreter_mode(), bounds.checked_accesses(name, views), bounds.unwrapped():
             _interpreted(fn.fn)[launch_grid](*args, **metaparams)
-        _check_guards(getattr(fn, "__name__", fn), guarded, inputs, [i for i in range(len(inputs))
-                                                                      if i not in aliases.values()])
-    return tuple(_from_torch(view, s.dtype) for (view, _), s in zip(guarded[len(inputs):], out_shapes))
+        bounds.check_guards(name, buffers, inputs, [i for i in range(len(inputs)) if i not in aliases.values()])
+    return tuple(_from_torch(view, s.dtype) for view, s in zip(views[len(inputs):], out_shapes))
 
 
 def _interpret_call(*array_args, fn, scalar_args, out_shapes, grid, input_output_aliases, zeroed_outputs,
