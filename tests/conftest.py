@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 
 from tests.crash_rerun import (  # noqa: E402, F401  (hooks: one rerun of a test whose xdist worker crashed)
     pytest_handlecrashitem, pytest_report_teststatus, pytest_terminal_summary)
+from tests.map_budget import pytest_runtest_teardown  # noqa: E402, F401  (JAX's caches vs vm.max_map_count)
 
 hypothesis.settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
                                      suppress_health_check=list(hypothesis.HealthCheck))

@@ -1,13 +1,11 @@
 """One rerun for a test whose pytest-xdist worker died (imported into ``tests/conftest.py``).
 
-Why: jaxlib 0.10.2 and 0.11.2 occasionally segfault inside XLA:CPU's compile call (``backend_compile_and_load``) late in
-a long worker process, in tests that pass alone and in whole-file runs (four crashes in about nine full-suite runs, in
-three different tests; the faulting instruction is CPython's GC unlinking an object that was already unlinked). Every
-crashing test compiles a program that holds Python host callbacks: ``jax.debug.callback`` in checked mode, the Pallas
-strict interpreter's ``io_callback``s (cf. jax-ml/jax#18874, open: a segfault during compilation with a debug callback).
-A crashed worker takes its test with it; that test is rescheduled once on a fresh worker. A second crash of the same
-test fails it as before, every rerun is listed in the terminal summary, and nothing else is retried (an ordinary failure
-or error is never rerun).
+Why: a worker used to segfault or abort inside XLA:CPU's compile call (``backend_compile_and_load``) late in a long
+run: the process had reached Linux's limit on memory mappings (``vm.max_map_count``), because every executable in
+JAX's caches holds some. ``tests/map_budget.py`` now clears those caches before the limit; this rerun stays as the
+safety net for any other crash. A crashed worker takes its test with it; that test is rescheduled once on a fresh
+worker. A second crash of the same test fails it as before, every rerun is listed in the terminal summary, and nothing
+else is retried (an ordinary failure or error is never rerun).
 """
 
 from __future__ import annotations
