@@ -197,7 +197,6 @@ def _from_torch(tensor, dtype):
     return np.asarray(tensor.numpy()).astype(np.dtype(dtype))
 
 
-
 def run_interpreted(fn, arrays, *, scalar_args, out_shapes, grid, input_output_aliases=(), zeroed_outputs=(),
                     metaparams=None):
     """Launch ``fn`` (a ``triton.JITFunction``) on numpy ``arrays`` under the interpreter; return numpy outputs.
