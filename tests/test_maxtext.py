@@ -161,6 +161,29 @@ def test_local_permute_matches_argsort(is_offset, ragged):
             np.testing.assert_array_equal(np.asarray(checked[1]), np.asarray(order))
 
 
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_local_permute_sorts_rows_of_any_dtype(impl):
+    """MaxText's tests sort int32 rows with ``local_permute`` (a row gather there): rows the kernels do not copy
+    (int32, bool) take a gather, with the same order, sizes, ids and ragged zero-fill as float rows."""
+    shards, local, t = 2, 2, 11
+    rng = np.random.default_rng(5)
+    global_sizes = jnp.asarray(rng.integers(0, 4, (shards, shards * local)), jnp.int32)
+    rows = jnp.asarray(rng.integers(-1000, 1000, (t, 3)), jnp.int32)
+    for ragged in (False, True):
+        kw = dict(use_ragged_sort=ragged, ragged_buffer_factor=1.0 if ragged else -1.0, implementation=impl)
+        want = maxtext.local_permute(rows.astype(jnp.float32), global_sizes, local, 1, **kw)
+        for x, cast in ((rows, np.int32), (rows > 0, lambda r: r > 0)):
+            got = maxtext.local_permute(x, global_sizes, local, 1, **kw)
+            assert got[0].dtype == x.dtype
+            np.testing.assert_array_equal(np.asarray(got[0]), cast(np.asarray(want[0])))
+            for g, w in zip(got[1:], want[1:]):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    with pytest.raises(ValueError, match=r"inputs must be a \[T,D\] array"):
+        maxtext.local_permute(rows[0], global_sizes, local, 1, implementation=impl)
+    with pytest.raises(TypeError, match="inputs must be float32, bfloat16 or float16, got int32"):
+        maxtext.permute(rows[None], jnp.zeros((1, t, 4)), num_experts_per_tok=2, implementation=impl)
+
+
 @pytest.mark.parametrize("dispatch", [True, False])
 @pytest.mark.parametrize("buffer", [None, 7])
 def test_all_to_all_params(dispatch, buffer):

@@ -118,6 +118,8 @@ def permute(inputs, gate_logits, pre_bias_logits=None, use_custom_sort_vjp=True,
     if inputs.ndim != 3 or gate_logits.ndim != 3 or gate_logits.shape[:2] != inputs.shape[:2]:
         raise ValueError(f"inputs must be [B,S,D] and gate_logits [B,S,E] with the same B,S; got inputs "
                          f"{tuple(inputs.shape)}, gate_logits {tuple(gate_logits.shape)}")
+    if not validation.is_kernel_float(inputs.dtype):
+        raise TypeError(f"inputs must be float32, bfloat16 or float16, got {inputs.dtype}")
     k = num_experts_per_tok
     settings = routing.check_settings(
         gate_logits, pre_bias_logits, k, decoder_block=decoder_block, model_name=model_name,
@@ -183,8 +185,11 @@ def local_permute(inputs, global_group_sizes, local_expert_size, shard_index, is
     ``is_offset``: rows are globally expert-sorted (``global_sorted_experts`` [T] gives each row's global expert) and
     rows of other shards' experts sort last; otherwise rows arrive as received from the all-to-all (per source
     shard, per local expert). ``ragged_buffer_factor > 0`` truncates the counts to ``T`` rows; ``use_ragged_sort``
-    zeroes rows past ``sum(local_group_size)`` instead of copying them."""
+    zeroes rows past ``sum(local_group_size)`` instead of copying them. ``inputs`` of any dtype: float32 / bfloat16
+    / float16 rows are copied by the permute kernel, others (int32 in MaxText's tests, float64) by a plain gather."""
     del use_custom_sort_vjp, use_single_sparsecore
+    if not hasattr(inputs, "ndim") or inputs.ndim != 2:
+        raise ValueError(f"inputs must be a [T,D] array, got {getattr(inputs, 'shape', type(inputs).__name__)}")
     per_shard = jax.lax.dynamic_slice_in_dim(global_group_sizes, shard_index * local_expert_size, local_expert_size,
                                              axis=1)
     kept = _truncate_per_receiver(per_shard.reshape(-1, 1), inputs.shape[0]).reshape(per_shard.shape) \
@@ -197,10 +202,17 @@ def local_permute(inputs, global_group_sizes, local_expert_size, shard_index, is
         chunk_ids = jnp.arange(per_shard.size) % local_expert_size
         expert_ids = jnp.repeat(chunk_ids, per_shard.reshape(-1), total_repeat_length=inputs.shape[0])
     n_valid = jnp.sum(local_group_size).astype(jnp.int32) if use_ragged_sort else None
+    ids = expert_ids[:, None].astype(jnp.int32)
     with validation.checked(False):  # ids built here (other shards' rows: id L on purpose), not the caller's
-        sorted_inputs, _, sorted_indices = moe_ops.permute(inputs, expert_ids[:, None].astype(jnp.int32),
-                                                           local_expert_size, n_valid=n_valid,
-                                                           implementation=implementation)
+        if validation.is_kernel_float(inputs.dtype):
+            sorted_inputs, _, sorted_indices = moe_ops.permute(inputs, ids, local_expert_size, n_valid=n_valid,
+                                                               implementation=implementation)
+        else:  # MaxText's is a row gather of any dtype (its tests sort int32 rows); the kernels copy float rows
+            _, sorted_indices = moe_ops.sort_by_expert(ids, local_expert_size, implementation=implementation)
+            sorted_inputs = inputs[sorted_indices]
+            if n_valid is not None:
+                sorted_inputs = jnp.where(jnp.arange(inputs.shape[0])[:, None] < n_valid, sorted_inputs,
+                                          jnp.zeros_like(sorted_inputs))
     return sorted_inputs, sorted_indices, local_group_size, expert_ids[sorted_indices]
 
 
