@@ -5,11 +5,14 @@ import os
 import pathlib
 
 from kernels.host import prefer_cpu_without_accelerator  # noqa: E402  (imports no JAX)
+from tests.xla_flags import xla_cpu_compile_time_flags  # noqa: E402  (imports no JAX)
 
 prefer_cpu_without_accelerator()  # the CUDA plugin of the lowering tests must not probe for a GPU
-# 8 host devices for the sharding tests; LLVM at -O0: the suite is bound by XLA:CPU compiles of tiny programs, not
-# by their run time (about 40 % less wall time on the XLA-backend tests; numerics tests use tolerances either way).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# 8 host devices for the sharding tests; LLVM at -O0 and, where jaxlib has them, the older (cheaper to compile) fusion
+# emitters: the suite is bound by XLA:CPU compiles of tiny programs, not by their run time (-O0: about 40 % less wall
+# time on the XLA-backend tests; tests/xla_flags.py; numerics tests use tolerances either way).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+                      + xla_cpu_compile_time_flags())
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 

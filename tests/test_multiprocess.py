@@ -19,6 +19,7 @@ from jax.sharding import AxisType
 from moe_ops import reference
 from tests import multiprocess_worker as worker
 from tests.helpers import TOL, assert_close
+from tests.xla_flags import xla_cpu_compile_time_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
@@ -32,7 +33,8 @@ def _free_port():
 
 def _run_workers(out_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+               + xla_cpu_compile_time_flags(),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multiprocess_worker.py"), str(i), str(port),
