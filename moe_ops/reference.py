@@ -65,7 +65,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
 
     # the carry starts typed like the operands: inside a shard_map (check_vma) a varying lhs makes every step varying
     acc = vma.like_all(jnp.zeros((lhs.shape[0], rhs.shape[2]), jnp.float32), (lhs, rhs, local))
-    acc, _ = jax.lax.scan(one_group, acc, jnp.arange(rhs.shape[0]))
+    acc, _ = jax.lax.scan(one_group, acc, jnp.arange(rhs.shape[0], dtype=jnp.int32))
     if existing_out is not None:
         acc = jnp.where((local >= 0)[:, None], acc, existing_out.astype(jnp.float32))
     return acc.astype(out_dtype)

@@ -176,6 +176,13 @@ def compute_dtype(lhs, rhs):
     return jnp.promote_types(lhs.dtype, rhs.dtype)
 
 
+def standard_promotion(a, b):
+    """``jnp.promote_types(a, b)`` under JAX's standard rules whatever ``jax_numpy_dtype_promotion`` says: for a
+    dtype this package picks itself (a wider accumulator), which a caller's ``"strict"`` mode must not refuse."""
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.promote_types(a, b)
+
+
 def out_dtype(preferred_element_type, default):
     if preferred_element_type is None:
         return jnp.dtype(default)

@@ -144,7 +144,7 @@ sort_by_expert = reference.sort_by_expert  # the stable argsort; the kernels' co
 
 def _valid_rows(n, n_valid):
     """[n] mask of rows < n_valid, or None when every row is valid."""
-    return None if n_valid is None else jnp.arange(n) < jnp.asarray(n_valid).reshape(())
+    return None if n_valid is None else jnp.arange(n, dtype=jnp.int32) < jnp.asarray(n_valid, jnp.int32).reshape(())
 
 
 def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None):

@@ -262,8 +262,10 @@ X64_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     import moe_ops
     from moe_ops import reference as R
+    from moe_ops.integrations import maxtext
     impl = {impl!r}
     assert jax.config.jax_enable_x64
+    jax.config.update("jax_numpy_dtype_promotion", "strict")  # what jax's own test harness (and ports of it) run
     kx, kw, ki, kg = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(kx, (8, 8), jnp.float32)
     w_gate, w_up = jax.random.normal(kw, (2, 4, 8, 8), jnp.float32) * 0.3
@@ -289,6 +291,16 @@ X64_SCRIPT = textwrap.dedent("""
     logits = x[:, :4] @ jnp.eye(4, dtype=jnp.float32)
     got = moe_ops.moe_ffn(x, logits, w_gate, w_up, w_down, top_k=np.int64(2), implementation=impl)
     assert rel(got, R.moe_ffn_dense(x, logits, w_gate, w_up, w_down, top_k=2)) < 1e-5
+    bf = lambda a: a.astype(jnp.bfloat16)
+    out = maxtext.permute(bf(x).reshape(2, 4, 8), bf(logits).reshape(2, 4, 4), bf(logits).reshape(2, 4, 4),
+                          num_experts_per_tok=2, decoder_block="deepseek", model_name="deepseek3-x",
+                          routed_score_func="sigmoid", routed_bias=True, routed_bias_update_rate=0.01,
+                          load_balance_loss_weight=0.01, implementation=impl)
+    assert out[5].dtype == out[6].dtype == jnp.float32, (out[5].dtype, out[6].dtype)
+    assert maxtext.unpermute(out[0], out[1], out[2], 2, 4, dtype=jnp.float32, implementation=impl).dtype == jnp.float32
+    local = maxtext.local_permute(xs, sizes.reshape(1, 4), 2, 1, use_ragged_sort=True, ragged_buffer_factor=1.0,
+                                  implementation=impl)
+    assert int(local[2].sum()) == int(sizes[2:].sum())
     print("X64-OK")
 """)
 

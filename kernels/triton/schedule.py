@@ -60,7 +60,8 @@ def gmm_row_tiles(group_sizes, group_offset, num_rows, num_local, block_m, num_t
     lo, hi = jnp.minimum(lo, hi), hi  # no local rows: lo = hi = 0, one zero segment covers [0, M)
     seg_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.where(nonempty, start, lo), hi[None]])
     seg_end = jnp.concatenate([lo[None], jnp.where(nonempty, end, lo), jnp.full((1,), num_rows, jnp.int32)])
-    seg_group = jnp.concatenate([jnp.full((1,), ZERO_FILL), jnp.arange(num_local), jnp.full((1,), ZERO_FILL)])
+    zero_fill = jnp.full((1,), ZERO_FILL, jnp.int32)  # int32 throughout: x64 with strict promotion mixes no widths
+    seg_group = jnp.concatenate([zero_fill, jnp.arange(num_local, dtype=jnp.int32), zero_fill])
     seg_tiles = (seg_end - seg_start + block_m - 1) // block_m
     tiles_end = jnp.cumsum(seg_tiles)
     tile = jnp.arange(max_row_tiles(num_rows, block_m, num_local) if num_tiles is None else num_tiles, dtype=jnp.int32)

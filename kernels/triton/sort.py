@@ -226,14 +226,14 @@ def sort_by_expert(expert_ids, num_experts, *, config: SortConfig = SORT_CONFIG)
     if n == 0:
         return jnp.zeros((num_experts,), jnp.int32), jnp.zeros((0,), jnp.int32)
     nb = _bound(n)
-    flat = pad_rows(flat, nb, jnp.full((nb,), num_experts))
+    flat = pad_rows(flat, nb, jnp.full((nb,), num_experts, jnp.int32))
     e_pad, blocks = _e_pad(num_experts), triton.cdiv(nb, config.block_n)
     meta = dict(N=nb, E=num_experts, E_PAD=e_pad, BLOCK_N=config.block_n, num_warps=config.num_warps)
     counts = triton_call(flat, kernel=_histogram_kernel, grid=(blocks,),
                          out_shape=jax.ShapeDtypeStruct((blocks, e_pad), jnp.int32), **meta)
-    totals = jnp.sum(counts, axis=0)
-    start = jnp.cumsum(totals) - totals                               # first sorted row of each key
-    base = (start[None, :] + jnp.cumsum(counts, axis=0) - counts).astype(jnp.int32)  # + earlier blocks' counts
+    totals = jnp.sum(counts, axis=0, dtype=jnp.int32)  # int32 sums: x64 would widen them (strict promotion refuses)
+    start = jnp.cumsum(totals, dtype=jnp.int32) - totals              # first sorted row of each key
+    base = start[None, :] + jnp.cumsum(counts, axis=0, dtype=jnp.int32) - counts  # + earlier blocks' counts
     sort_idx = triton_call(flat, base, kernel=_scatter_kernel, grid=(blocks,), CHUNK=config.chunk,
                            out_shape=jax.ShapeDtypeStruct((nb,), jnp.int32), **meta)
     return totals[:num_experts].astype(jnp.int32), sort_idx[:n]

@@ -162,7 +162,7 @@ def unpermute(intermediate, sorted_selected_experts, weights, batch_size, sequen
     if routing.decoder_block_name(decoder_block) == "llama4":
         weights = jnp.ones_like(weights)
     dtype = _float_dtype(dtype, intermediate.dtype)
-    if jnp.promote_types(intermediate.dtype, dtype) != intermediate.dtype:  # a wider dtype: no rounding on the way
+    if validation.standard_promotion(intermediate.dtype, dtype) != intermediate.dtype:  # a wider dtype: no rounding on the way
         intermediate = intermediate.astype(dtype)
     out = moe_ops.unpermute(intermediate, sorted_selected_experts, weights.reshape(-1, k),
                             implementation=implementation)

@@ -152,11 +152,13 @@ def load_balance_loss(ids, gate_logits, num_experts, weight, dtype):
     ``density[b,e]`` = mean over s of the times token (b,s) picked e, probs = softmax of ``gate_logits`` in
     ``dtype``."""
     probs = jax.nn.softmax(gate_logits.astype(jnp.float32), axis=-1).astype(dtype)
-    picks = jnp.sum((ids[..., None] == jnp.arange(num_experts)).astype(jnp.int32), axis=-2)   # [B,S,E]
-    return jnp.mean(jnp.mean(picks, axis=1) * jnp.mean(probs, axis=1)) * (num_experts ** 2) * weight
+    picks = jnp.sum((ids[..., None] == jnp.arange(num_experts, dtype=ids.dtype)).astype(jnp.int32), axis=-2)  # [B,S,E]
+    wide = validation.standard_promotion(jnp.float32, dtype)  # MaxText's float32 density times the probs
+    density = jnp.mean(picks, axis=1, dtype=wide)
+    return jnp.mean(density * jnp.mean(probs, axis=1).astype(wide)) * (num_experts ** 2) * weight
 
 
 def bias_updates(ids, num_experts, rate):
     """MaxText's ``calculate_load_balance_updates``: ``rate * sign(mean load - load[e])`` [E] (f32)."""
-    load = jnp.bincount(ids.reshape(-1), length=num_experts)
-    return jnp.sign(ids.size / num_experts - load) * rate
+    load = jnp.bincount(ids.reshape(-1), length=num_experts).astype(jnp.float32)
+    return jnp.sign(ids.size / num_experts - load) * jnp.float32(rate)
