@@ -301,6 +301,9 @@ X64_SCRIPT = textwrap.dedent("""
     local = maxtext.local_permute(xs, sizes.reshape(1, 4), 2, 1, use_ragged_sort=True, ragged_buffer_factor=1.0,
                                   implementation=impl)
     assert int(local[2].sum()) == int(sizes[2:].sum())
+    rows = maxtext.local_permute(jnp.arange(16, dtype=jnp.int32)[:, None], sizes.reshape(1, 4), 2, 1,
+                                 use_ragged_sort=True, ragged_buffer_factor=1.0, implementation=impl)  # a gather
+    assert rows[0].dtype == jnp.int32 and (rows[1] == local[1]).all()
     print("X64-OK")
 """)
 

@@ -162,7 +162,7 @@ def unpermute(intermediate, sorted_selected_experts, weights, batch_size, sequen
     if routing.decoder_block_name(decoder_block) == "llama4":
         weights = jnp.ones_like(weights)
     dtype = _float_dtype(dtype, intermediate.dtype)
-    if validation.standard_promotion(intermediate.dtype, dtype) != intermediate.dtype:  # a wider dtype: no rounding on the way
+    if validation.standard_promotion(intermediate.dtype, dtype) != intermediate.dtype:  # wider: no rounding on the way
         intermediate = intermediate.astype(dtype)
     out = moe_ops.unpermute(intermediate, sorted_selected_experts, weights.reshape(-1, k),
                             implementation=implementation)
@@ -211,8 +211,8 @@ def local_permute(inputs, global_group_sizes, local_expert_size, shard_index, is
             _, sorted_indices = moe_ops.sort_by_expert(ids, local_expert_size, implementation=implementation)
             sorted_inputs = inputs[sorted_indices]
             if n_valid is not None:
-                sorted_inputs = jnp.where(jnp.arange(inputs.shape[0])[:, None] < n_valid, sorted_inputs,
-                                          jnp.zeros_like(sorted_inputs))
+                kept_rows = jnp.arange(inputs.shape[0], dtype=jnp.int32)[:, None] < n_valid
+                sorted_inputs = jnp.where(kept_rows, sorted_inputs, jnp.zeros_like(sorted_inputs))
     return sorted_inputs, sorted_indices, local_group_size, expert_ids[sorted_indices]
 
 
