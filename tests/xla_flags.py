@@ -9,8 +9,8 @@ known to exist. Imports no JAX: ``XLA_FLAGS`` must be set before the backend sta
 
 from importlib import metadata
 
-# (first jaxlib (major, minor) without the flag, the flag): checked on jaxlib 0.10.2 (has it) and 0.11.2 (aborts)
-_UNTIL = ((0, 11), "--xla_cpu_use_fusion_emitters=false")
+_FLAG = "--xla_cpu_use_fusion_emitters=false"
+_FIRST_JAXLIB_WITHOUT = (0, 11)  # checked: jaxlib 0.10.2 accepts the flag, 0.11.2 aborts on it
 
 
 def _jaxlib_version() -> tuple[int, int] | None:
@@ -24,5 +24,4 @@ def _jaxlib_version() -> tuple[int, int] | None:
 def xla_cpu_compile_time_flags(version: tuple[int, int] | None = None) -> str:
     """`` --flag`` (leading space) for ``version`` (default: the installed jaxlib), or ``""``."""
     version = _jaxlib_version() if version is None else version
-    first_without, flag = _UNTIL
-    return f" {flag}" if version is not None and version < first_without else ""
+    return f" {_FLAG}" if version is not None and version < _FIRST_JAXLIB_WITHOUT else ""

@@ -236,7 +236,7 @@ def sort_by_expert(expert_ids, num_experts, *, config: SortConfig = SORT_CONFIG)
     base = start[None, :] + jnp.cumsum(counts, axis=0, dtype=jnp.int32) - counts  # + earlier blocks' counts
     sort_idx = triton_call(flat, base, kernel=_scatter_kernel, grid=(blocks,), CHUNK=config.chunk,
                            out_shape=jax.ShapeDtypeStruct((nb,), jnp.int32), **meta)
-    return totals[:num_experts].astype(jnp.int32), sort_idx[:n]
+    return totals[:num_experts], sort_idx[:n]
 
 
 def _inverse(sort_idx):

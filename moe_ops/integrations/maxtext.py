@@ -118,8 +118,7 @@ def permute(inputs, gate_logits, pre_bias_logits=None, use_custom_sort_vjp=True,
     if inputs.ndim != 3 or gate_logits.ndim != 3 or gate_logits.shape[:2] != inputs.shape[:2]:
         raise ValueError(f"inputs must be [B,S,D] and gate_logits [B,S,E] with the same B,S; got inputs "
                          f"{tuple(inputs.shape)}, gate_logits {tuple(gate_logits.shape)}")
-    if not validation.is_kernel_float(inputs.dtype):
-        raise TypeError(f"inputs must be float32, bfloat16 or float16, got {inputs.dtype}")
+    validation.float_array("inputs", inputs, 3)
     k = num_experts_per_tok
     settings = routing.check_settings(
         gate_logits, pre_bias_logits, k, decoder_block=decoder_block, model_name=model_name,
