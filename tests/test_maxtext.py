@@ -28,6 +28,8 @@ def test_signatures_match_megablox_and_maxtext():
     assert list(inspect.signature(maxtext.get_all_to_all_params).parameters) == [
         "all_shards_group_sizes", "shard_id", "num_expert_parallelism", "is_batch_sharded", "ragged_buffer_factor",
         "buffer_size", "is_dispatch"]
+    assert list(inspect.signature(maxtext.get_ragged_buffer_size).parameters) == [
+        "local_batch", "ep_degree", "global_experts", "top_k", "ragged_buffer_factor"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -209,6 +211,25 @@ def test_all_to_all_params(dispatch, buffer):
     got = maxtext.get_all_to_all_params(sizes, 2, ep, is_batch_sharded=False)
     for a, b in zip(got, ([0, 0, 0], [5, 5, 5], [3, 3, 3], [3, 0, 5])):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+@pytest.mark.parametrize("batch, ep, experts, k, factor, want", [
+    (1024, 4, 256, 8, -1.0, 4096),     # DeepSeek-V3, EP 4: every copy may land on one shard
+    (1024, 128, 256, 8, -1.0, 32768),  # EP 128: 2 local experts of each token's 8 -> at most E/k = 32x balanced
+    (1000, 8, 60, 8, 0.0, 7500),       # non-integral E/k = 7.5, truncated to an int
+    (1024, 4, 256, 8, 1.5, 1536),      # a set factor: balanced size times it (drops past it)
+    (0, 4, 8, 2, -1.0, 0),
+])
+def test_ragged_buffer_size(batch, ep, experts, k, factor, want):
+    got = maxtext.get_ragged_buffer_size(batch, ep, experts, k, factor)
+    assert got == want and type(got) is int
+
+
+def test_ragged_buffer_size_names_a_bad_size():
+    with pytest.raises(ValueError, match="top_k must be an int >= 1, got 0"):
+        maxtext.get_ragged_buffer_size(64, 4, 8, 0, -1.0)
+    with pytest.raises(ValueError, match="local_batch must be an int >= 0, got 6.5"):
+        maxtext.get_ragged_buffer_size(6.5, 4, 8, 2, -1.0)
 
 
 def _maxtext_moe_block(x, logits, w0, w1, wo, impl):

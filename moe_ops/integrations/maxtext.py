@@ -18,19 +18,21 @@
   load-balance loss and the routed-bias update follow ``get_topk`` / ``permute`` (``maxtext_routing``).
   ``sorted_selected_experts`` is the stable argsort of the flat expert ids (the ``sort_idx`` of
   ``moe_ops.permute``). Random and hash routing raise ``NotImplementedError``.
-* ``local_permute`` / ``get_all_to_all_params``: the static methods, same arguments and results.
+* ``local_permute`` / ``get_all_to_all_params`` / ``get_ragged_buffer_size``: the static methods, same arguments
+  and results.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import moe_ops
 from moe_ops import validation
 from moe_ops.integrations import maxtext_routing as routing
 
-__all__ = ["gmm", "tgmm", "permute", "unpermute", "local_permute", "get_all_to_all_params"]
+__all__ = ["gmm", "tgmm", "permute", "unpermute", "local_permute", "get_all_to_all_params", "get_ragged_buffer_size"]
 
 
 @validation.numpy_floats_as_jax
@@ -242,3 +244,19 @@ def get_all_to_all_params(all_shards_group_sizes, shard_id, num_expert_paralleli
     ep = num_expert_parallelism
     return (jnp.zeros(ep, counts.dtype), jnp.repeat(packed[shard_id], ep),
             jnp.repeat(_exclusive_cumsum(out_src)[shard_id], ep), packed)
+
+
+def get_ragged_buffer_size(local_batch, ep_degree, global_experts, top_k, ragged_buffer_factor):
+    """Rows of the receive buffer of the ragged all-to-all (a Python int, computed on the host from static sizes).
+
+    ``ragged_buffer_factor > 0``: ``int(local_batch * ragged_buffer_factor)``, which drops rows past it under
+    imbalance (``local_permute`` / ``get_all_to_all_params`` truncate the counts to it). Otherwise the worst case,
+    ``int(local_batch * min(ep_degree, global_experts / top_k))``: every copy of an EP group's tokens lands on one
+    shard, which holds at most ``global_experts / ep_degree`` of each token's ``top_k`` experts."""
+    for name, value, least in (("local_batch", local_batch, 0), ("ep_degree", ep_degree, 1),
+                               ("global_experts", global_experts, 1), ("top_k", top_k, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if ragged_buffer_factor > 0.0:
+        return int(local_batch * ragged_buffer_factor)
+    return int(local_batch * min(ep_degree, global_experts / top_k))
