@@ -227,7 +227,7 @@ def test_symbolic_rows_take_the_pointer_kernel(monkeypatch):
     assert not gmm_tma.eligible(*specs[:2]) and not gmm_tma.eligible(specs[0], jax.ShapeDtypeStruct((m, 128),
                                                                                                     jnp.bfloat16))
     monkeypatch.setenv("MOE_OPS_GMM_VARIANT", "tma")
-    with pytest.raises(NotImplementedError, match="cannot lower Triton kernel 'moe_gmm' for symbolic shapes"):
+    with pytest.raises(NotImplementedError, match="cannot export Triton kernel 'moe_gmm' for symbolic shapes"):
         jax.export.export(jax.jit(lambda a, b, s: moe_ops.gmm(a, b, s, implementation="triton")),
                           platforms=["cpu"])(*specs)
 

@@ -5,11 +5,12 @@
   (permute / unpermute) run at M's upper bound on padded operands (their HBM operands are full-array blocks).
 * Triton: the kernels launch a static grid sized by M's upper bound (``jax.export.symbolic_shape("m",
   constraints=("m <= ...",))``; ``kernels.triton.schedule.static_upper_bound``), the extra row tiles are idle. The
-  CPU interpreter bridge cannot be exported (``jax.pure_callback``): it raises a clear error, tested here. The real
-  CUDA lowering is exported when the jax-cuda12 plugin is installed (the CPU-only venv normally lacks it: skipped
-  with that reason). The idle-tile path is checked numerically on CPU with a static, larger tile table.
+  CPU interpreter bridge cannot be exported (``jax.pure_callback``), with symbolic or concrete shapes: it raises a
+  clear error, tested here. The real CUDA lowering is exported when the jax-cuda12 plugin is installed (the
+  ``test`` extra installs it on Linux x86-64; elsewhere skipped with that reason). The idle-tile path is checked numerically on CPU with a static, larger tile table.
 """
 
+import contextlib
 import importlib.util
 
 import jax
@@ -18,6 +19,7 @@ import pytest
 from jax import export
 
 import moe_ops
+from kernels import lowering
 from kernels.triton import gmm as triton_gmm, schedule, tuning
 from moe_ops import reference as R
 from tests.helpers import TOL, assert_close, keys, randn
@@ -92,8 +94,19 @@ def test_pallas_exports_for_tpu(name):
 
 @pytest.mark.parametrize("name", ["gmm", "permute"])
 def test_triton_bridge_refuses_symbolic_export_clearly(name):
-    with pytest.raises(NotImplementedError, match="CPU interpreter bridge cannot lower"):
+    with pytest.raises(NotImplementedError, match=r"CPU interpreter bridge cannot export Triton kernel '\w+'"):
         _export(name, "triton", ["cpu"])
+
+
+def test_triton_bridge_refuses_concrete_export_clearly():
+    """Failed before: a concrete-shape export reached JAX's generic "serialization of host_callbacks is not yet
+    implemented"; jit of the same function still runs the bridge."""
+    k1, k2 = keys(31, 2)
+    x, w, sizes = randn(k1, (16, 8)), randn(k2, (2, 8, 4)), jnp.array([9, 5], jnp.int32)
+    f = jax.jit(lambda a, b, s: moe_ops.gmm(a, b, s, implementation="triton"))
+    with pytest.raises(NotImplementedError, match="bridge cannot export Triton kernel 'moe_gmm': .*platforms=.'cuda'"):
+        jax.export.export(f, platforms=["cpu"])(x, w, sizes)
+    assert_close(f(x, w, sizes), R.gmm(x, w, sizes), TOL[jnp.float32], "bridge under jit")
 
 
 def test_triton_unbounded_symbolic_m_names_the_fix():
@@ -116,8 +129,11 @@ def test_triton_gmm_idle_tiles_past_the_bound():
     assert_close(out, R.gmm(lhs, rhs, sizes), TOL[f32], "gmm with idle tiles")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
-                    reason="needs jax-cuda12-plugin/pjrt (real jax-triton CUDA lowering on a CPU host)")
+needs_plugin = pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+                                  reason="needs jax-cuda12-plugin/pjrt (real jax-triton CUDA lowering on a CPU host)")
+
+
+@needs_plugin
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_cuda_export_symbolic_m(name, monkeypatch):
     """The real jax-triton CUDA lowering (no GPU needed to lower) of every op, and of moe_ffn's gradient."""
@@ -163,13 +179,16 @@ WIDTH_CASES = {
 
 @pytest.mark.parametrize("name, impl, platform, err", [
     *[(name, "pallas", "tpu", ValueError) for name in WIDTH_CASES],
-    ("permute", "triton", "cpu", NotImplementedError), ("unpermute", "triton", "cpu", NotImplementedError)])
+    *[pytest.param(name, "triton", "cuda", NotImplementedError, marks=needs_plugin)
+      for name in ("permute", "unpermute")]])
 def test_symbolic_row_width_is_refused_by_name(name, impl, platform, err):
     """Only the row count may be symbolic on the kernel backends. A symbolic D of the row kernels (permute /
     unpermute) raised a TypeError from ``triton.next_power_of_2`` (Triton), and a symbolic D / K of the Pallas row
     kernels and fused gathers Pallas's own "dynamically-shaped blocks" error; both now name the width and the fix
-    (the Triton GMMs already refused a symbolic K / N by name)."""
+    (the Triton GMMs already refused a symbolic K / N by name). Triton is exported for CUDA: on CPU the bridge
+    refuses any export first (``test_triton_bridge_refuses_concrete_export_clearly``)."""
     d, = export.symbolic_shape("d", constraints=("d <= 64",))
     op, specs = WIDTH_CASES[name]
-    with pytest.raises(err, match=r"(D|K / N).* = d is symbolic.*static"):
-        export.export(jax.jit(op(impl)), platforms=[platform])(*specs(d))
+    with lowering.pinned_targets() if platform == "cuda" else contextlib.nullcontext():
+        with pytest.raises(err, match=r"(D|K / N).* = d is symbolic.*static"):
+            export.export(jax.jit(op(impl)), platforms=[platform])(*specs(d))

@@ -8,8 +8,8 @@ On a CPU-only jaxlib two things are missing, and ``load_jax_triton()`` supplies 
 2. ``triton_kernel_call_p`` has no CPU lowering. We register one that wraps the kernel launch in
    ``jax.pure_callback``; the callback runs the kernel's Python source under Triton's interpreter on CPU torch
    tensors. It therefore works eagerly, under ``jit`` and inside ``shard_map`` (``vmap``:
-   ``kernels.triton.batching`` folds the batch before the call, as on GPU). Symbolic shapes (``jax.export``) raise a
-   clear error (``_cpu_lowering``).
+   ``kernels.triton.batching`` folds the batch before the call, as on GPU). ``jax.export`` (symbolic shapes or
+   not) raises a clear error (``_cpu_lowering``).
 
 Interpreter limits handled here, explicitly:
 
@@ -100,17 +100,20 @@ def _is_static(value) -> bool:
 
 
 def _cpu_lowering(ctx, *args, **params):
-    """The bridge's lowering, after checking that every shape is concrete. Symbolic shapes only come from
-    ``jax.export``, and the bridge cannot be exported at all: ``jax.pure_callback`` needs concrete shapes (XLA fails
-    with ``std::bad_cast`` otherwise) and jax.export cannot serialise host callbacks."""
+    """The bridge's lowering, after checking that it is not being exported. ``jax.export`` cannot serialise the
+    host callback (``jax.pure_callback``) that runs the interpreter, and for symbolic shapes XLA would fail first
+    (``std::bad_cast``); both get this message instead of JAX's generic one."""
     symbolic = [str(a.shape) for a in (*ctx.avals_in, *ctx.avals_out)
                 if hasattr(a, "shape") and not jax_core.is_constant_shape(a.shape)]
-    if symbolic:
+    exporting = getattr(ctx.module_context.lowering_parameters, "for_export", False)
+    if symbolic or exporting:
+        shapes = f" for symbolic shapes {', '.join(symbolic)}" if symbolic else ""
+        name = params.get("name") or getattr(params["fn"], "__name__", "?")
         raise NotImplementedError(
-            f"the CPU interpreter bridge cannot lower Triton kernel {params.get('name')!r} for symbolic shapes "
-            f"{', '.join(symbolic)}: it runs the kernel in jax.pure_callback, which needs concrete shapes, and "
-            "jax.export cannot serialise host callbacks. Export the Triton backend for platforms=['cuda'] or "
-            "['rocm'] (shape-polymorphic export works there), or use implementation='xla' / 'pallas' on CPU.")
+            f"the CPU interpreter bridge cannot export Triton kernel {name!r}{shapes}: it runs the "
+            "kernel in jax.pure_callback, and jax.export cannot serialise host callbacks (nor give them symbolic "
+            "shapes). Export the Triton backend for platforms=['cuda'] or ['rocm'] (shape-polymorphic export works "
+            "there), or use implementation='xla' / 'pallas' on CPU.")
     return mlir.lower_fun(_interpret_call, multiple_results=True)(ctx, *args, **params)
 
 
