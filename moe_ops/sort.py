@@ -126,8 +126,9 @@ def sort_by_expert(expert_ids, num_experts, *, implementation=None):
     """expert_ids [T,k] int -> (group_sizes [E] int32, sort_idx [T*k] int32): ``permute`` without the row copy
     (stable in flat index within an expert; ids outside ``[0, E)`` sort last and are counted in no group)."""
     validation.int_array("expert_ids", expert_ids, 2)
-    if not validation.is_static_int(num_experts) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive static int, got {num_experts!r}")
+    if not validation.is_static_int(num_experts) or not 1 <= num_experts < 2**31 - 1:
+        raise ValueError(f"num_experts must be a static int in [1, 2**31 - 1) (ids and the dropped key E are int32), "
+                         f"got {num_experts!r}")
     num_experts = int(num_experts)
     validation.check_expert_ids(expert_ids, num_experts)
     return backend.ops(implementation).sort_by_expert(validation.expert_ids_int32(expert_ids, num_experts),

@@ -186,7 +186,11 @@ def standard_promotion(a, b):
 def out_dtype(preferred_element_type, default):
     if preferred_element_type is None:
         return jnp.dtype(default)
-    dtype = jnp.dtype(preferred_element_type)
+    try:
+        dtype = jnp.dtype(preferred_element_type)
+    except TypeError as e:
+        raise TypeError(f"preferred_element_type must be None or a dtype (float32, bfloat16 or float16), got "
+                        f"{preferred_element_type!r}") from e
     if not is_kernel_float(dtype):
         raise TypeError(f"preferred_element_type must be float32, bfloat16 or float16, got {dtype}")
     return dtype

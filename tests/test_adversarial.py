@@ -193,8 +193,10 @@ def test_static_sizes_take_numpy_ints_and_reject_bools():
     _close(moe_ops.moe_ffn(X, LOGITS, WG, WU, WD, top_k=np.int64(2)), R.moe_ffn_dense(X, LOGITS, WG, WU, WD, top_k=2))
     with pytest.raises(ValueError, match=r"top_k must be an int in \[1, E=4\], got True"):
         moe_ops.route(LOGITS, True)
-    with pytest.raises(ValueError, match="num_experts must be a positive static int"):
+    with pytest.raises(ValueError, match=r"num_experts must be a static int in \[1, 2\*\*31 - 1\)"):
         moe_ops.sort_by_expert(IDS, True)
+    with pytest.raises(ValueError, match=r"num_experts must be a static int .*, got 1000000000000"):
+        moe_ops.permute(X, IDS, 10**12)  # failed before: JAX's OverflowError from inside the sort
     with pytest.raises(ValueError, match="num_groups must be a static int"):
         moe_ops.tgmm(XS, H, SIZES, num_groups=True)
 
@@ -205,6 +207,8 @@ def test_static_sizes_take_numpy_ints_and_reject_bools():
     (lambda: moe_ops.gmm(XS, WG, SIZES > 2), TypeError, "group_sizes must be an integer array, got bool"),
     (lambda: moe_ops.gmm(XS, WG, jnp.int32(3)), ValueError, r"group_sizes must have rank 1, got shape \(\)"),
     (lambda: moe_ops.gmm(XS, WG, SIZES, group_offset=jnp.array([1, 2])), TypeError, "group_offset must be"),
+    (lambda: moe_ops.gmm(XS, WG, SIZES, preferred_element_type=3), TypeError,
+     "preferred_element_type must be None or a dtype .*, got 3"),
     (lambda: moe_ops.tgmm(XS, H[:5], SIZES), ValueError, "must share M"),
     (lambda: moe_ops.ragged_dot(XS, WG, SIZES[:3]), TypeError, "group dimension size"),
     (lambda: moe_ops.route(LOGITS, E + 1), ValueError, r"top_k must be an int in \[1, E=4\], got 5"),
