@@ -129,9 +129,33 @@ def test_committed_operands_without_context_mesh(name):
     _compare(name, "xla", False, seed=50 + sorted(CASES).index(name))
 
 
-@pytest.mark.parametrize("name, impl", [("gmm", None), ("swiglu_ffn", None), ("gmm", "pallas")])
-def test_default_and_pallas_interpret_backends(name, impl):
+@pytest.mark.parametrize("name, impl", [("gmm", None), ("swiglu_ffn", None), ("gmm", "pallas"), ("permute", "triton"),
+                                        ("gather_gmm", "triton")])
+def test_default_interpret_and_bridge_backends(name, impl):
     _compare(name, impl, True, seed=70)
+
+
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_eager_calls_on_explicit_shards(impl):
+    """Not jit-ed. Failed before on the CPU Triton bridge: its host callback's eager result sat on one device, and
+    resharding it raised "Cannot convert GSPMDSharding {maximal device=0} into SdyArray"."""
+    mesh, d = _mesh(), _data(90)
+    with jax.set_mesh(mesh):
+        x, xt = (jax.device_put(d[k], NamedSharding(mesh, ROWS)) for k in ("x", "xt"))
+        dp = _place(mesh, d)
+        y = moe_ops.gmm(x, d["w"], dp["sizes"], implementation=impl)
+        dx = jax.grad(lambda a: jnp.sum(jnp.sin(moe_ops.gmm(a, d["w"], dp["sizes"], implementation=impl))))(x)
+        xs, sizes, sort_idx = moe_ops.permute(xt, dp["ids"], E, implementation=impl)
+        layer = moe_ops.moe_ffn(xt, d["logits"], d["wg"], d["wu"], d["wd"], top_k=K, implementation=impl)
+    assert all(_same(a.sharding.spec, ROWS) for a in (y, dx, xs, layer))
+    assert_close(y, moe_ops.gmm(d["x"], d["w"], d["sizes"], implementation="xla"), 1e-6, "eager gmm")
+    assert_close(dx, jax.grad(lambda a: jnp.sum(jnp.sin(moe_ops.gmm(a, d["w"], d["sizes"], implementation="xla"))))(
+        d["x"]), 1e-6, "eager grad of gmm")
+    assert_close(layer, moe_ops.moe_ffn(d["xt"], d["logits"], d["wg"], d["wu"], d["wd"], top_k=K,
+                                        implementation="xla"), 1e-5, "eager moe_ffn")
+    want = moe_ops.permute(d["xt"], d["ids"], E, implementation="xla")
+    for g, e in zip((xs, sizes, sort_idx), want):
+        assert_close(g, e, 0.0, "eager permute")
 
 
 def test_column_sharded_weights_keep_their_axis():
