@@ -1,11 +1,12 @@
 """Group-row bookkeeping shared by the backends' tile schedules (pure ``jnp``, no Triton): where each local group's
-rows lie in the expert-sorted row order."""
+rows lie in the expert-sorted row order; and the sort by expert for expert counts too large for the kernels'
+counting sorts."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-__all__ = ["local_bounds", "local_row_mask", "segment_of"]
+__all__ = ["local_bounds", "local_row_mask", "segment_of", "stable_expert_sort"]
 
 
 def local_bounds(group_sizes, group_offset, num_local):
@@ -44,3 +45,13 @@ def segment_of(ends, positions):
     # written out rather than searchsorted(method="compare_all"): jax 0.10's searchsorted fails an assertion on
     # operands varying over some manual axes (a shard_map manual over part of the mesh, check_vma on)
     return jnp.sum(ends[None, :] <= positions[:, None], axis=1, dtype=jnp.int32)
+
+
+def stable_expert_sort(flat_ids, num_experts):
+    """flat int32 expert ids [N] -> (group_sizes [E] int32, sort_idx [N] int32) by XLA's stable sort: the kernel
+    backends' ``sort_by_expert`` for large E (their counting sorts keep an [blocks, E] count table and a per-block
+    histogram of E bins, past on-chip memory from a few thousand experts). Same contract: stable in flat index,
+    ids outside ``[0, E)`` sort last and are counted in no group."""
+    key = jnp.where((flat_ids >= 0) & (flat_ids < num_experts), flat_ids, num_experts).astype(jnp.int32)
+    sort_idx = jnp.argsort(key, stable=True).astype(jnp.int32)
+    return jnp.zeros((num_experts + 1,), jnp.int32).at[key].add(1)[:num_experts], sort_idx

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import strategies as st
 
 import moe_ops
+from kernels import lowering
 from moe_ops import reference
 from tests.helpers import TOL, assert_close, keys, randn
 
@@ -96,6 +97,44 @@ def test_sort_by_expert_multi_block(e, case):
         sizes, idx = backend_module(impl).sort_by_expert(ids, e)
         assert_equal(sizes, want_sizes, f"{impl} group_sizes")
         assert_equal(idx, want_idx, f"{impl} sort_idx")
+
+
+@pytest.mark.parametrize("impl", ["triton", "pallas"])
+@pytest.mark.parametrize("e", [2047, 2048, 4095, 4096, 40000, 2**20])
+def test_sort_by_expert_many_experts(impl, e):
+    """Either side of each backend's counting-sort limit (E + 1 > MAX_HISTOGRAM_KEYS: XLA's stable sort). Failed
+    before past it: Triton's histogram asked for 8 bytes of shared memory a key (over an H100's at E = 32768,
+    gfx942's at 16384) and, from 2**20, a tensor past Triton's numel limit (an error inside the kernel)."""
+    ids = jnp.concatenate([expert_ids("out_of_range", 40, 3, e, seed=e), jnp.full((3, 3), e - 1, jnp.int32)])
+    _, want_sizes, want_idx = reference.permute(jnp.zeros((43, 1)), ids, e)
+    sizes, idx = moe_ops.sort_by_expert(ids, e, implementation=impl)
+    assert_equal(sizes, want_sizes, f"{impl} group_sizes")
+    assert_equal(idx, want_idx, f"{impl} sort_idx")
+
+
+@pytest.mark.skipif(lowering.unavailable_reason() is not None, reason=str(lowering.unavailable_reason()))
+def test_large_expert_counts_launch_within_shared_memory():
+    """The real CUDA lowering (no GPU needed): at E = 4095 the histogram kernel fits an H100's shared memory; at
+    E = 32768 (262,144 B of histogram before) no histogram kernel is launched."""
+    def launches(e):
+        with lowering.pinned_targets():
+            text = jax.jit(lambda i: moe_ops.sort_by_expert(i, e, implementation="triton")).trace(
+                jax.ShapeDtypeStruct((512, 8), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+        return lowering.kernel_calls(text)
+    small = launches(4095)
+    assert [c.kernel for c in small] == ["_histogram_kernel", "_scatter_kernel"]
+    assert not [p for c in small for p in c.problems("sm90")]
+    assert launches(32768) == []
+
+
+def test_sort_by_expert_vmap_fold_past_the_histogram_limit():
+    """Under vmap the Triton sort folds the batch into B*(E+1) keys: 3 * 2049 passes its limit."""
+    ids = jnp.stack([expert_ids("out_of_range", 20, 2, 2048, seed=s) for s in range(3)])
+    sizes, idx = jax.vmap(lambda i: moe_ops.sort_by_expert(i, 2048, implementation="triton"))(ids)
+    for b in range(3):
+        _, want_sizes, want_idx = reference.permute(jnp.zeros((20, 1)), ids[b], 2048)
+        assert_equal(sizes[b], want_sizes, f"batch {b} group_sizes")
+        assert_equal(idx[b], want_idx, f"batch {b} sort_idx")
 
 
 @pytest.mark.slow

@@ -12,6 +12,9 @@ Counting sort (no argsort; int32 vector work in VMEM, ``BLOCK_N`` lane-dense ids
    BLOCK_N]`` compare of the ids as a column against the ids as a row). ``pos`` is the inverse permutation.
 4. ``sort_idx[pos_f] = f``: a permutation write of ``N`` int32 in XLA (Mosaic has no vector scatter).
 
+From ``MAX_HISTOGRAM_KEYS`` keys (E + 1) XLA's stable sort runs instead (``groups.stable_expert_sort``): the
+one-hot compare and the lane-padded ``[E_PAD, 1]`` count blocks grow with E past the VMEM budget.
+
 Row movement (``_gather_kernel``, ``_combine_kernel``, ``_weight_grad_kernel``): each grid step copies its block of
 row indices (``sort_idx`` or the inverse permutation, left in HBM) into SMEM, starts one row DMA per live row from
 the HBM operand (``memory_space=ANY``) into its VMEM block, waits for all of them, then scales / reduces in f32 on
@@ -29,6 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import groups
 from kernels.pallas.vma import pallas_call
 from kernels.platform import tpu_or_interpret
 from kernels.shapes import dim_value, pad_rows, require_static, static_upper_bound
@@ -48,6 +52,7 @@ class PallasSortConfig:
 CONFIG = PallasSortConfig()
 VMEM_BUDGET = 8 * 1024 * 1024   # half of the smallest default scoped VMEM (16 MiB on v5e / v5p)
 LANE_BYTES = 128 * 4            # a [rows, <=128] 32-bit block takes a full lane row per row
+MAX_HISTOGRAM_KEYS = 2048       # E + 1 keys: a 2 MiB one-hot and 1 MiB count / base blocks (double-buffered)
 
 
 def _rows(config, num_rows, bytes_per_row):
@@ -128,6 +133,8 @@ def sort_by_expert(expert_ids, num_experts, *, config: PallasSortConfig = CONFIG
     n, bn = flat.shape[0], config.block_n
     if n == 0:
         return jnp.zeros((num_experts,), jnp.int32), jnp.zeros((0,), jnp.int32)
+    if num_experts + 1 > MAX_HISTOGRAM_KEYS:
+        return groups.stable_expert_sort(flat, num_experts)
     blocks = pl.cdiv(n, bn)
     e_pad = pl.cdiv(num_experts + 1, 8) * 8
     ids = jnp.pad(flat, (0, blocks * bn - n), constant_values=-1)             # padding -> dropped key, sorts last

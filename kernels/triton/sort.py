@@ -9,6 +9,9 @@ Backend functions (interface in ``moe_ops.backend``; ``N = T*k`` token copies, f
      exclusive cumsum of the per-key totals; ``group_sizes = totals[:E]``.
   3. ``_scatter_kernel``: ``sort_idx[base[b, key_f] + rank_f] = f`` where ``rank_f`` counts the earlier ids of the
      same key inside the block (by comparison, in ``CHUNK``-wide slices). Stable, a permutation write, no atomics.
+  From ``MAX_HISTOGRAM_KEYS`` keys (E + 1, or ``B*(E+1)`` under vmap) XLA's stable sort runs instead
+  (``groups.stable_expert_sort``): the histogram's shared memory (8 bytes a key) and the ``[blocks, E]`` table grow
+  with E.
 * ``gather_rows(x[T,D], sort_idx, k, row_weights, n_valid) -> [N, D]``: ``out[i] = x[sort_idx[i] // k]`` (times
   ``row_weights.flat[sort_idx[i]]`` in f32 when given), one program per ``BLOCK_M`` rows, looping over D in
   ``BLOCK_D`` chunks; the k-times repeated input is never built.
@@ -35,6 +38,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from kernels import groups
 from kernels.registry import AotCase, register_aot
 from kernels.shapes import dim_value, pad_rows, require_static, static_upper_bound
 from kernels.triton.bridge import triton_call
@@ -64,6 +68,7 @@ class RowsConfig:
 SORT_CONFIG = SortConfig()
 ROWS_CONFIG = RowsConfig()
 INVERSE_BLOCK = 1024
+MAX_HISTOGRAM_KEYS = 4096   # E + 1 keys: 32 KiB of histogram shared memory, within every target's (gfx942: 64 KiB)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,6 +230,8 @@ def sort_by_expert(expert_ids, num_experts, *, config: SortConfig = SORT_CONFIG)
     n = flat.shape[0]
     if n == 0:
         return jnp.zeros((num_experts,), jnp.int32), jnp.zeros((0,), jnp.int32)
+    if num_experts + 1 > MAX_HISTOGRAM_KEYS:
+        return groups.stable_expert_sort(flat, num_experts)
     nb = _bound(n)
     flat = pad_rows(flat, nb, jnp.full((nb,), num_experts, jnp.int32))
     e_pad, blocks = _e_pad(num_experts), triton.cdiv(nb, config.block_n)
