@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -13,7 +11,7 @@ from moe_ops import reference, validation
 from moe_ops.validation import check_expert_weights
 from moe_ops.swiglu import check_activation, has_kernel as swiglu_has_kernel, swiglu_ffn
 from moe_ops.gmm import gmm
-from moe_ops.sharding import explicit_mesh, like_sharding, on_explicit_axes
+from moe_ops.sharding import auto_axes_like, explicit_mesh, on_explicit_axes
 from moe_ops.sort import permute, unpermute
 
 __all__ = ["moe_ffn", "experts_ffn", "fused_experts_ffn", "route"]
@@ -167,14 +165,11 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
     if explicit_mesh(*operands) is not None:
         # tokens on an Explicit mesh (jax.make_mesh's default): the sort and the kernels have no Explicit sharding
         # rule, so the layer runs on Auto axes (XLA partitions it) and hands back x's sharding
-        options = (("top_k", top_k), ("activation", activation), ("score_fn", score_fn),
-                   ("implementation", implementation), ("fused", fused), ("recompute", recompute),
-                   *sorted(routing.items()))
-        try:
-            layer = _on_auto_axes(like_sharding(x), options)
-        except TypeError:  # an unhashable option: the op's own checks name it
-            layer = _on_auto_axes.__wrapped__(like_sharding(x), options)
-        return layer(*operands)
+        def layer(x, router_logits, w_gate, w_up, w_down, router_bias=None):
+            return moe_ffn(x, router_logits, w_gate, w_up, w_down, top_k=top_k, activation=activation,
+                           score_fn=score_fn, router_bias=router_bias, implementation=implementation, fused=fused,
+                           recompute=recompute, **routing)
+        return auto_axes_like(layer, x)(*operands)
     shape = x.shape
     x2 = reference.flatten_tokens(x)
     weights, ids = route_tokens(reference.flatten_tokens(router_logits), top_k, score_fn=score_fn, router_bias=bias,
@@ -186,12 +181,3 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
     y = experts_ffn(xs, sizes, w_gate, w_up, w_down, activation=activation, implementation=implementation,
                     recompute=recompute)
     return unpermute(y, sort_idx, weights, implementation=implementation).reshape(shape)
-
-
-@functools.lru_cache(maxsize=64)
-def _on_auto_axes(out_sharding, options):
-    """``moe_ffn`` with ``options`` ((name, value) pairs) as one jit-ed program on Auto axes, its result resharded to
-    ``out_sharding`` (why one program, eager calls included: ``sharding._on_auto_axes``)."""
-    def layer(x, router_logits, w_gate, w_up, w_down, router_bias=None):
-        return moe_ffn(x, router_logits, w_gate, w_up, w_down, router_bias=router_bias, **dict(options))
-    return jax.jit(jax.sharding.auto_axes(layer, out_sharding=out_sharding))

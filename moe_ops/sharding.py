@@ -210,17 +210,12 @@ def explicit_mesh(*operands):
     return next((m for m in meshes if AxisType.Explicit in tuple(m.axis_types)), None)
 
 
-def like_sharding(like):
-    """``like``'s sharding as an ``auto_axes`` output sharding (an operand with no mesh, e.g. uncommitted under
-    ``jax.set_mesh``: its spec on the context mesh)."""
-    sharding = jax.typeof(like).sharding
-    return P(*sharding.spec) if sharding.mesh.empty else sharding
-
-
 def auto_axes_like(fn, like):
-    """``fn`` run on Auto axes, its result handed back with ``like``'s sharding. For ops whose sort / scatter /
-    kernel calls have no Explicit-axes sharding rule: XLA partitions them inside, as on an Auto mesh."""
-    return jax.sharding.auto_axes(fn, out_sharding=like_sharding(like))
+    """``fn`` run on Auto axes, its result handed back with ``like``'s sharding (an operand with no mesh, e.g.
+    uncommitted under ``jax.set_mesh``: its spec on the context mesh). For ops whose sort / scatter / kernel
+    calls have no Explicit-axes sharding rule: XLA partitions them inside, as on an Auto mesh."""
+    sharding = jax.typeof(like).sharding
+    return jax.sharding.auto_axes(fn, out_sharding=P(*sharding.spec) if sharding.mesh.empty else sharding)
 
 
 def on_explicit_axes(out_specs):
@@ -255,32 +250,16 @@ def on_explicit_axes(out_specs):
                 return op(*args, **kwargs)  # the op's own checks raise
             out = jax.tree.map(lambda s: NamedSharding(mesh, _distinct(s)), specs,
                                is_leaf=lambda s: isinstance(s, P))
-            statics = tuple((i, type(a), a) for i, a in enumerate(leaves) if i not in where)
-            out_leaves, out_tree = jax.tree.flatten(out)
-            key = (op, tree, statics, tuple(out_leaves), out_tree)
-            try:
-                compiled = _on_auto_axes(*key)
-            except TypeError:  # an unhashable static leaf (a NumPy operand): not cached
-                compiled = _on_auto_axes.__wrapped__(*key)
-            return compiled(*arrays)
+
+            def body(*operands):
+                filled = list(leaves)
+                for i, a in zip(where, operands):
+                    filled[i] = a
+                a, k = jax.tree.unflatten(tree, filled)
+                return op(*a, **k)
+            return jax.sharding.auto_axes(body, out_sharding=out)(*arrays)
         return validation.numpy_floats_as_jax(run)
     return wrap
-
-
-@functools.lru_cache(maxsize=256)
-def _on_auto_axes(op, tree, statics, out_leaves, out_tree):
-    """``op`` as one jit-ed program on Auto axes, its result resharded to ``out``: the array leaves of ``tree`` are
-    its arguments, ``statics`` ((index, type, value) triples) the rest. One program, eager calls included, so that
-    XLA partitions around host callbacks (the CPU Triton bridge), whose eager result would sit on one device, a
-    sharding the reshard cannot take; cached so that repeated eager calls do not retrace."""
-    fixed = {i: a for i, _, a in statics}
-
-    def body(*operands):
-        it = iter(operands)
-        filled = [fixed[i] if i in fixed else next(it) for i in range(tree.num_leaves)]
-        a, k = jax.tree.unflatten(tree, filled)
-        return op(*a, **k)
-    return jax.jit(jax.sharding.auto_axes(body, out_sharding=jax.tree.unflatten(out_tree, out_leaves)))
 
 
 def _type_spec(a) -> tuple:

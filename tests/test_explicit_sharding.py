@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import moe_ops
-from tests.helpers import assert_close, keys, randn
+from tests.helpers import assert_close, keys, partitioner, randn
 
 T, D, F, E, K = 16, 8, 8, 4, 2
 M = T * K
@@ -206,6 +206,24 @@ def test_unchanged_on_auto_meshes_replicated_operands_and_in_shard_map(no_auto_a
     # per shard: each half of the rows with the same group sizes (clamped to its M/2 rows)
     halves = [moe_ops.gmm(h, d["w"], d["sizes"], implementation="xla") for h in jnp.split(d["x"], 2)]
     assert_close(local, jnp.concatenate(halves), 1e-6, "shard_map")
+
+
+@pytest.mark.parametrize("shardy", [True, False], ids=["shardy", "gspmd"])
+def test_triton_bridge_on_auto_mesh_shards(shardy):
+    """The CPU Triton bridge under automatic partitioning, jit-ed and eager. Failed before: its host callback's
+    one-device ("maximal") sharding reached the program's outputs, and JAX raised "Cannot convert GSPMDSharding
+    {maximal device=0} into SdyArray"; the bridge now replicates the callback's results."""
+    d, auto = _data(95), _mesh(AxisType.Auto)
+    x, xt, ids = (jax.device_put(d[k], NamedSharding(auto, ROWS)) for k in ("x", "xt", "ids"))
+    gmm = lambda a: moe_ops.gmm(a, d["w"], d["sizes"], implementation="triton")
+    permute = lambda a, i: moe_ops.permute(a, i, E, implementation="triton")
+    want_y = moe_ops.gmm(d["x"], d["w"], d["sizes"], implementation="xla")
+    want_p = moe_ops.permute(d["xt"], d["ids"], E, implementation="xla")
+    with partitioner(shardy):
+        for run in (jax.jit, lambda f: f):
+            assert_close(run(gmm)(x), want_y, 1e-6, "gmm")
+            for g, e in zip(run(permute)(xt, ids), want_p):
+                assert_close(g, e, 0.0, "permute")
 
 
 

@@ -35,7 +35,10 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import core as jax_core
+from jax._src import core as jax_core, sharding_impls
+from jax._src.lib import xla_client as jax_xc
+from jax._src.interpreters import mlir as jax_mlir
+from jax._src.named_sharding import SdyArray, SdyDim
 from jax._src.export import shape_poly
 from jax.interpreters import mlir
 
@@ -114,7 +117,22 @@ def _cpu_lowering(ctx, *args, **params):
             "kernel in jax.pure_callback, and jax.export cannot serialise host callbacks (nor give them symbolic "
             "shapes). Export the Triton backend for platforms=['cuda'] or ['rocm'] (shape-polymorphic export works "
             "there), or use implementation='xla' / 'pallas' on CPU.")
-    return mlir.lower_fun(_interpret_call, multiple_results=True)(ctx, *args, **params)
+    results = mlir.lower_fun(_interpret_call, multiple_results=True)(ctx, *args, **params)
+    axis_context = ctx.module_context.axis_context
+    if isinstance(axis_context, sharding_impls.ShardingContext) and axis_context.num_devices > 1:
+        results = [jax_mlir.wrap_with_sharding_op(ctx, r, aval, _replicated(aval.ndim))
+                   for r, aval in zip(results, ctx.avals_out)]
+    return results
+
+
+def _replicated(ndim):
+    """A replicated sharding annotation (Shardy or GSPMD). Under automatic partitioning across several devices the
+    host callback runs once with a one-device ("maximal") sharding, which XLA's partitioner may leave on the jit's
+    outputs, and JAX cannot convert it back into a sharding ("Cannot convert GSPMDSharding {maximal device=0} into
+    SdyArray"); replicating the callback's results right away keeps it inside the program."""
+    if jax.config.jax_use_shardy_partitioner:
+        return SdyArray(mesh_shape=None, dim_shardings=(SdyDim(axes=(), is_open=False),) * ndim)
+    return jax_xc.HloSharding.replicate().to_proto()
 
 
 # ---------------------------------------------------------------------------------------------------------------
