@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import moe_ops
 from moe_ops import validation
@@ -255,7 +254,7 @@ def get_ragged_buffer_size(local_batch, ep_degree, global_experts, top_k, ragged
     shard, which holds at most ``global_experts / ep_degree`` of each token's ``top_k`` experts."""
     for name, value, least in (("local_batch", local_batch, 0), ("ep_degree", ep_degree, 1),
                                ("global_experts", global_experts, 1), ("top_k", top_k, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        if not validation.is_static_int(value) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     if ragged_buffer_factor > 0.0:
         return int(local_batch * ragged_buffer_factor)
