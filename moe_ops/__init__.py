@@ -5,7 +5,8 @@ Layers: ``kernels`` (Triton GPU / Pallas TPU kernels) -> ``moe_ops`` (validation
 ``benchmarks``. ``moe_ops.reference`` holds the pure-jnp twins every kernel is tested against.
 """
 
-from moe_ops import fused, imbalance, integrations, reference, sharding, swiglu
+from kernels.activation import GPT_OSS, GatedActivation
+from moe_ops import expert_bias, fused, imbalance, integrations, reference, sharding, swiglu
 from moe_ops.backend import IMPLEMENTATIONS, resolve as resolve_implementation
 from moe_ops.fused import gather_gmm, scatter_gmm
 from moe_ops.gmm import gmm, tgmm
@@ -25,6 +26,8 @@ __all__ = [
     "ragged_dot", "ragged_dot_general", "RaggedDotDimensionNumbers",
     # fused dispatch / combine (gather / scatter inside the GMMs)
     "gather_gmm", "scatter_gmm", "fused_experts_ffn", "fused", "swiglu_gmm", "swiglu_ffn", "swiglu",
+    # the gated activation's spec (clamped / offset SwiGLU, e.g. gpt-oss's)
+    "GatedActivation", "GPT_OSS", "expert_bias",
     # expert parallelism
     "MoEShardingConfig", "moe_ffn_partitioned", "moe_ffn_shard", "sharding", "imbalance",
     # ground truth and backend choice

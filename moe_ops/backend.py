@@ -46,8 +46,8 @@ its own ``gather_rows`` / ``gmm`` / ``combine_rows``, see ``compose_gather_gmm``
 * ``swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype)
   -> [M, F]``: ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` in f32, one kernel (``moe_ops.swiglu``; Triton and
   Pallas; XLA composes its GMMs).
-* ``swiglu_gmm_saved(...same...) -> (h, gate, up)``: also writes gate / up [M, F] in ``out_dtype`` (Triton; others
-  compose).
+* ``swiglu_gmm_saved(...same...) -> (h, gate, up)``: also writes gate / up [M, F] in ``out_dtype``, raw or
+  clamped to the activation's limit (the backward's masks read the same from either; Triton; others compose).
 * ``swiglu_down_bwd(x[T,D], dout[T,D], w_gate, w_up, w_down, group_sizes, group_offset, sort_idx[M], w_sorted[M],
   k, *, activation) -> (dgate, dup, hw [M,F] in x's dtype, dweights_sorted [M] f32)``: the backward of swiglu_gmm
   followed by the weighted down projection, gate / up recomputed and the activation derivative applied in the

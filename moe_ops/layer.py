@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moe_ops import expert_bias, reference, validation
 from moe_ops import fused as fused_ops
-from moe_ops import reference, validation
 from moe_ops.validation import check_expert_weights
 from moe_ops.swiglu import check_activation, has_kernel as swiglu_has_kernel, swiglu_ffn
 from moe_ops.gmm import gmm
@@ -60,28 +62,38 @@ def route_tokens(router_logits, top_k, *, score_fn="softmax", router_bias=None, 
 
 @on_explicit_axes(lambda spec, a: P(spec("x_sorted", 0), spec("x_sorted", 1)))
 def experts_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, activation="silu", group_offset=None,
-                implementation=None, recompute: bool = False):
+                implementation=None, recompute: bool = False, b_gate=None, b_up=None, b_down=None):
     """SwiGLU experts on expert-sorted rows: x_sorted [M,D] -> [M,D] (rows of non-local groups are zero). Like every
     layer here it computes in x's dtype: weights of another float dtype are cast to it (as the fused path does).
     ``recompute``: the backward recomputes gate / up [M,F] instead of keeping them from the forward
     (``jax.checkpoint`` of the two projections and the activation: one more gate/up matmul; gate, up and the
-    activation's [M,F] intermediates are not kept)."""
+    activation's [M,F] intermediates are not kept). ``b_gate`` / ``b_up`` [G_local,F], ``b_down`` [G_local,D]:
+    per-expert biases of the projections (``moe_ops.expert_bias``)."""
     validation.flag("recompute", recompute)
+    activation = check_activation(activation)
     validation.float_array("x_sorted", x_sorted, 2)
     check_expert_weights(x_sorted, w_gate, w_up, w_down, x_name="x_sorted")
+    expert_bias.check(b_gate, b_up, b_down, w_gate, w_down)
     validation.check_group_sizes(group_sizes, w_gate.shape[0], rhs_name="w_gate")
     w_gate, w_up, w_down = (w.astype(x_sorted.dtype) for w in (w_gate, w_up, w_down))
     kw = dict(group_offset=group_offset, implementation=implementation)
-    h = _gated(lambda x, w: gmm(x, w, group_sizes, **kw), x_sorted, w_gate, w_up, activation, recompute)
-    return gmm(h, w_down, group_sizes, **kw)
+    rows = functools.partial(expert_bias.rows, group_sizes=group_sizes, num_rows=x_sorted.shape[0],
+                             dtype=x_sorted.dtype, group_offset=group_offset)
+    h = _gated(lambda x, w: gmm(x, w, group_sizes, **kw), x_sorted, w_gate, w_up, activation, recompute,
+               b_gate, b_up, rows)
+    y = gmm(h, w_down, group_sizes, **kw)
+    return y if b_down is None else y + rows(b_down)
 
 
-def _gated(project, x, w_gate, w_up, activation, recompute):
-    """``act(project(x, w_gate)) * project(x, w_up)`` [M,F] in x's dtype; with ``recompute`` under
-    ``jax.checkpoint``, so the backward recomputes the two projections instead of keeping them."""
-    def gated(x, wg, wu):
-        return reference.activate(project(x, wg), project(x, wu), activation).astype(x.dtype)
-    return (jax.checkpoint(gated) if recompute else gated)(x, w_gate, w_up)
+def _gated(project, x, w_gate, w_up, activation, recompute, b_gate=None, b_up=None, rows=None):
+    """``act(project(x, w_gate) + rows(b_gate)) * (project(x, w_up) + rows(b_up))`` [M,F] in x's dtype (a bias
+    None: not added); with ``recompute`` under ``jax.checkpoint``, so the backward recomputes the two projections
+    instead of keeping them."""
+    def gated(x, wg, wu, bg, bu):
+        gate, up = project(x, wg), project(x, wu)
+        gate, up = (p if b is None else p + rows(b) for p, b in ((gate, bg), (up, bu)))
+        return reference.activate(gate, up, activation).astype(x.dtype)
+    return (jax.checkpoint(gated) if recompute else gated)(x, w_gate, w_up, b_gate, b_up)
 
 
 def check_weights(x, router_logits, w_gate, w_up, w_down):
@@ -96,7 +108,7 @@ def check_weights(x, router_logits, w_gate, w_up, w_down):
 
 @on_explicit_axes(lambda spec, a: P(spec("x", 0), spec("x", 1)))
 def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activation="silu", implementation=None,
-                      swiglu: bool | None = None, recompute: bool = False):
+                      swiglu: bool | None = None, recompute: bool = False, b_gate=None, b_up=None, b_down=None):
     """The fused form of permute -> ``experts_ffn`` -> unpermute: x [T,D] (token order), weights / expert_ids [T,k]
     -> [T,D]. The gate / up GMMs gather their rows from x, the down GMM scatters weighted rows back to token order
     (``moe_ops.fused``): no permuted copy of x or of the output is built. ``swiglu``: gate, up and the activation
@@ -104,12 +116,18 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
     (``swiglu.has_kernel``), ``False`` -> two gather-GMMs and the activation in XLA. ``recompute``: recompute gate /
     up in the backward instead of saving them (``swiglu_ffn``'s residual choice; ``jax.checkpoint`` of the two
     gather-GMMs and the activation without the SwiGLU kernel). A copy with an id outside ``[0, E)`` is dropped: it
-    contributes zero whatever its weight (inf / NaN included), and its weight gets a zero gradient."""
+    contributes zero whatever its weight (inf / NaN included), and its weight gets a zero gradient.
+    ``b_gate`` / ``b_up`` [E,F], ``b_down`` [E,D]: per-expert biases (``moe_ops.expert_bias``); with b_gate or b_up
+    the gate / up projections are two gather-GMMs plus the biases (``swiglu=True`` is refused)."""
     validation.flag("swiglu", swiglu, optional=True)
     validation.flag("recompute", recompute)
-    check_activation(activation)
+    activation = check_activation(activation)
     validation.float_array("x", x, 2)
     check_expert_weights(x, w_gate, w_up, w_down)
+    expert_bias.check(b_gate, b_up, b_down, w_gate, w_down)
+    if swiglu and (b_gate is not None or b_up is not None):
+        raise ValueError("swiglu=True runs gate / up / activation as one kernel, which adds no b_gate / b_up: pass "
+                         "swiglu=None (or False) with expert biases")
     validation.float_array("weights", weights, 2)
     validation.int_array("expert_ids", expert_ids, 2)
     if tuple(weights.shape) != tuple(expert_ids.shape) or expert_ids.shape[0] != x.shape[0]:
@@ -120,19 +138,26 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
     ids = validation.expert_ids_int32(expert_ids, w_gate.shape[0])  # out of range stays out, at any width
     dropped = (ids < 0) | (ids >= w_gate.shape[0])
     weights = jnp.where(dropped, jnp.zeros((), weights.dtype), weights)  # a dropped copy adds 0, even at w = inf / nan
-    if swiglu or (swiglu is None and swiglu_has_kernel(implementation)):
-        return swiglu_ffn(x, w_gate, w_up, w_down, sizes, sort_idx, weights, activation=activation,
-                          recompute=recompute, **kw)
-    w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))  # layers compute in x's dtype
-    h = _gated(lambda x, w: fused_ops.gather_gmm(x, w, sizes, sort_idx, **kw), x, w_gate, w_up, activation,
-               recompute)
-    return fused_ops.scatter_gmm(h, w_down, sizes, sort_idx, weights, **kw)
+    gate_up_bias = b_gate is not None or b_up is not None
+    if swiglu or (swiglu is None and not gate_up_bias and swiglu_has_kernel(implementation)):
+        y = swiglu_ffn(x, w_gate, w_up, w_down, sizes, sort_idx, weights, activation=activation,
+                       recompute=recompute, **kw)
+    else:
+        w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))  # layers compute in x's dtype
+        rows = functools.partial(expert_bias.rows, group_sizes=sizes, num_rows=sort_idx.shape[0], dtype=x.dtype)
+        h = _gated(lambda x, w: fused_ops.gather_gmm(x, w, sizes, sort_idx, **kw), x, w_gate, w_up, activation,
+                   recompute, b_gate, b_up, rows)
+        y = fused_ops.scatter_gmm(h, w_down, sizes, sort_idx, weights, **kw)
+    if b_down is None:
+        return y
+    return (y.astype(jnp.float32) + expert_bias.combine(b_down, weights, ids)).astype(x.dtype)
 
 
 @validation.numpy_floats_as_jax
 def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax",
             router_bias=None, renormalize=True, num_groups=None, top_groups=None, group_score="top2_sum",
-            routed_scale=1.0, implementation=None, sharding=None, fused: bool | None = None, recompute: bool = False):
+            routed_scale=1.0, implementation=None, sharding=None, fused: bool | None = None, recompute: bool = False,
+            b_gate=None, b_up=None, b_down=None):
     """Routed SwiGLU MoE: x [..., D], router_logits [..., E], w_gate/w_up [E,D,F], w_down [E,F,D] -> x's shape.
 
     route (top-k of the softmax, renormalised) -> permute -> gate/up/down grouped matmuls -> weighted unpermute.
@@ -148,36 +173,46 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
     per-shard layers use the default ``fused=None``).
     ``recompute``: keep less for the backward and recompute gate / up [T*k, F] there (one more gate/up matmul, about
     22 % more layer flops); the default keeps them. The partitioned op keeps only its inputs either way (its
-    backward re-runs the shard's forward)."""
+    backward re-runs the shard's forward).
+    ``b_gate`` / ``b_up`` [E,F], ``b_down`` [E,D]: per-expert biases of the three projections (gpt-oss;
+    ``moe_ops.expert_bias``), differentiable; not yet with ``sharding``."""
     validation.flag("recompute", recompute)
     validation.flag("fused", fused, optional=True)  # checked with sharding too, where the shards choose it
     routing = dict(renormalize=renormalize, num_groups=num_groups, top_groups=top_groups, group_score=group_score,
                    routed_scale=routed_scale)
+    biases = {n: b for n, b in zip(expert_bias.NAMES, (b_gate, b_up, b_down)) if b is not None}
+    if sharding is not None and biases:
+        raise NotImplementedError(f"{' / '.join(biases)}: expert biases are not supported by the partitioned op "
+                                  "(sharding=...) yet; call moe_ffn without sharding (XLA partitions it) or add "
+                                  "them outside")
     if sharding is not None:
         from moe_ops.partitioned import moe_ffn_partitioned  # noqa: PLC0415 (partitioned imports this module)
         return moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, top_k=top_k, sharding=sharding,
                                    activation=activation, score_fn=score_fn, implementation=implementation,
                                    router_bias=router_bias, **routing)
     check_weights(x, router_logits, w_gate, w_up, w_down)
+    expert_bias.check(b_gate, b_up, b_down, w_gate, w_down)
     routing = check_routing(router_logits, top_k, router_bias, **routing)
     bias = routing.pop("router_bias")
-    operands = (x, router_logits, w_gate, w_up, w_down) + (() if bias is None else (bias,))
-    if explicit_mesh(*operands) is not None:
+    optional = dict(biases, **({} if bias is None else {"router_bias": bias}))
+    if explicit_mesh(x, router_logits, w_gate, w_up, w_down, *optional.values()) is not None:
         # tokens on an Explicit mesh (jax.make_mesh's default): the sort and the kernels have no Explicit sharding
         # rule, so the layer runs on Auto axes (XLA partitions it) and hands back x's sharding
-        def layer(x, router_logits, w_gate, w_up, w_down, router_bias=None):
+        names = tuple(optional)
+
+        def layer(x, router_logits, w_gate, w_up, w_down, *rest):
             return moe_ffn(x, router_logits, w_gate, w_up, w_down, top_k=top_k, activation=activation,
-                           score_fn=score_fn, router_bias=router_bias, implementation=implementation, fused=fused,
-                           recompute=recompute, **routing)
-        return auto_axes_like(layer, x)(*operands)
+                           score_fn=score_fn, implementation=implementation, fused=fused, recompute=recompute,
+                           **dict(zip(names, rest)), **routing)
+        return auto_axes_like(layer, x)(x, router_logits, w_gate, w_up, w_down, *optional.values())
     shape = x.shape
     x2 = reference.flatten_tokens(x)
     weights, ids = route_tokens(reference.flatten_tokens(router_logits), top_k, score_fn=score_fn, router_bias=bias,
                                 **routing)
     if fused_ops.use_fused(fused, implementation):
         return fused_experts_ffn(x2, weights, ids, w_gate, w_up, w_down, activation=activation,
-                                 implementation=implementation, recompute=recompute).reshape(shape)
+                                 implementation=implementation, recompute=recompute, **biases).reshape(shape)
     xs, sizes, sort_idx = permute(x2, ids, w_gate.shape[0], implementation=implementation)
     y = experts_ffn(xs, sizes, w_gate, w_up, w_down, activation=activation, implementation=implementation,
-                    recompute=recompute)
+                    recompute=recompute, **biases)
     return unpermute(y, sort_idx, weights, implementation=implementation).reshape(shape)

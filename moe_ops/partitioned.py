@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from kernels.activation import GatedActivation
 from moe_ops import backend, layer, partitioned_vmap, validation, vma
 from moe_ops.ep_strategies import moe_ffn_shard
 from moe_ops.sharding import (MoEShardingConfig, auto_axes_like, choose_strategy, remove_axes, spec_axes,
@@ -47,7 +48,7 @@ __all__ = ["moe_ffn_partitioned", "moe_ffn_shard", "Plan", "plan"]  # moe_ffn_sh
 class _Static:
     """Hashable static arguments of the custom-partitioned ops."""
     top_k: int
-    activation: str
+    activation: GatedActivation
     score_fn: str
     implementation: str | None
     config: MoEShardingConfig
@@ -338,6 +339,7 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
     if not isinstance(sharding, MoEShardingConfig):
         raise TypeError(f"sharding must be a MoEShardingConfig, got {type(sharding).__name__}")
     layer.check_weights(x, router_logits, w_gate, w_up, w_down)
+    activation = layer.check_activation(activation)   # a GatedActivation: hashable, as the static part must be
     top_k = layer.check_top_k(top_k, w_gate.shape[0])  # an int (the static part must hash as one)
     routing = layer.check_routing(router_logits, top_k, router_bias, renormalize, num_groups, top_groups,
                                   routed_scale, group_score)

@@ -23,12 +23,13 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kernels.activation import resolve as resolve_activation
 from moe_ops import vma
 
 __all__ = [
     "row_group_ids", "gmm", "tgmm", "route", "sort_by_expert", "inverse_permutation", "permute", "unpermute",
-    "moe_ffn", "moe_ffn_dense", "layer_route", "activate", "activation_grad", "swiglu_down_bwd",
-    "swiglu_down_epilogue", "flatten_tokens",
+    "moe_ffn", "moe_ffn_dense", "layer_route", "activate", "activation_grad", "activation_parts", "swiglu_down_bwd",
+    "swiglu_down_epilogue", "flatten_tokens", "local_row_ids",
 ]
 
 
@@ -38,7 +39,7 @@ def row_group_ids(group_sizes: jax.Array, num_rows: int) -> jax.Array:
     return jnp.searchsorted(ends, jnp.arange(num_rows, dtype=jnp.int32), side="right").astype(jnp.int32)
 
 
-def _local_row_ids(group_sizes, num_rows, group_offset, num_local):
+def local_row_ids(group_sizes, num_rows, group_offset, num_local):
     """Local group id per row in ``[0, num_local)``, or ``-1`` for rows of non-local groups / beyond the sum."""
     offset = jnp.int32(0) if group_offset is None else jnp.asarray(group_offset).reshape(())
     num_groups = group_sizes.shape[0]
@@ -46,6 +47,9 @@ def _local_row_ids(group_sizes, num_rows, group_offset, num_local):
     group = row_group_ids(group_sizes, num_rows)
     local = group - offset
     return jnp.where((local >= 0) & (local < num_local) & (group < group_sizes.shape[0]), local, -1)
+
+
+_local_row_ids = local_row_ids
 
 
 def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, preferred_element_type=None,
@@ -207,28 +211,59 @@ def flatten_tokens(a):
     return a.reshape(math.prod(a.shape[:-1]), a.shape[-1])
 
 
+def _clamped(gate, up, spec):
+    """f32 (g, u) after ``spec``'s clamps: ``jnp.where`` on ``>=`` / ``<=``, so the gradient is zero at and beyond a
+    bound, and NaN passes through."""
+    g, u = gate.astype(jnp.float32), up.astype(jnp.float32)
+    if spec.limit is not None:
+        lim = spec.limit
+        g = jnp.where(g >= lim, lim, g)
+        u = jnp.where(u >= lim, lim, jnp.where(u <= -lim, -lim, u))
+    return g, u
+
+
 def activate(gate, up, activation="silu"):
-    """Gated activation of the SwiGLU family, in f32: ``act(gate) * up``."""
-    acts = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
-    if not isinstance(activation, str) or activation not in acts:   # a list / dict would fail the lookup unnamed
-        raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
-    return acts[activation](gate.astype(jnp.float32)) * up.astype(jnp.float32)
+    """Gated activation of the SwiGLU family, in f32: ``act(gate) * up`` for a name (silu / gelu / relu), and
+    ``act(min(gate, limit)) * (clip(up, -limit, limit) + up_offset)`` with silu's ``g * sigmoid(alpha * g)`` for a
+    ``GatedActivation`` (``kernels.activation``)."""
+    spec = resolve_activation(activation)
+    g, u = _clamped(gate, up, spec)
+    if spec.name == "silu":
+        act = jax.nn.silu(g) if spec.alpha == 1.0 else g * jax.nn.sigmoid(spec.alpha * g)
+    else:
+        act = {"gelu": jax.nn.gelu, "relu": jax.nn.relu}[spec.name](g)
+    return act * (u + spec.up_offset)
 
 
 def activation_grad(gate, activation="silu"):
-    """``(act(gate), act'(gate))`` in f32, the derivative written out (what kernel epilogues compute); gelu is
-    ``jax.nn.gelu``'s tanh form."""
-    g = gate.astype(jnp.float32)
-    if activation == "silu":
-        s = jax.nn.sigmoid(g)
-        return g * s, s * (1.0 + g * (1.0 - s))
-    if activation == "gelu":
+    """``(act(g), d act(g) / d gate)`` in f32 for the clamped ``g`` (``activate``'s gate half), the derivative
+    written out (what kernel epilogues compute); gelu is ``jax.nn.gelu``'s tanh form."""
+    spec = resolve_activation(activation)
+    g, _ = _clamped(gate, jnp.zeros((), jnp.float32), spec)
+    if spec.name == "silu":
+        s = jax.nn.sigmoid(spec.alpha * g)
+        act, dact = g * s, s * (1.0 + spec.alpha * g * (1.0 - s))
+    elif spec.name == "gelu":
         c, a = math.sqrt(2.0 / math.pi), 0.044715
         th = jnp.tanh(c * (g + a * g ** 3))
-        return 0.5 * g * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * c * (1.0 + 3.0 * a * g * g)
-    if activation == "relu":
-        return jnp.maximum(g, 0.0), (g > 0).astype(jnp.float32)
-    raise ValueError(f"activation must be one of ['gelu', 'relu', 'silu'], got {activation!r}")
+        act, dact = 0.5 * g * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * c * (1.0 + 3.0 * a * g * g)
+    else:
+        act, dact = jnp.maximum(g, 0.0), (g > 0).astype(jnp.float32)
+    if spec.limit is not None:
+        dact = jnp.where(g >= spec.limit, 0.0, dact)
+    return act, dact
+
+
+def activation_parts(gate, up, activation="silu"):
+    """``(a, da, u, du)`` f32 with ``h = a * u``, ``dh/dgate = da * u`` and ``dh/dup = a * du`` (``activate``
+    written out: ``u`` is the clamped, offset up and ``du`` its clamp's 0 / 1 mask). The clamps are idempotent:
+    clamped projections give the same parts as raw ones."""
+    spec = resolve_activation(activation)
+    a, da = activation_grad(gate, spec)
+    _, u = _clamped(jnp.zeros((), jnp.float32), up, spec)
+    lim = spec.limit
+    du = jnp.ones_like(u) if lim is None else jnp.where((u >= lim) | (u <= -lim), 0.0, 1.0)
+    return a, da, u + spec.up_offset, du
 
 
 def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, sort_idx, w_sorted, top_k, *, group_offset=None,
@@ -241,8 +276,9 @@ def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, sort_idx, w_sort
     ``a_i = dout[t] @ w_down[g]^T`` (f32), ``dh_i = w_sorted[i] * a_i``, ``dgate_i = dh_i * up_i * act'(gate_i)``,
     ``dup_i = dh_i * act(gate_i)``, ``h_i = act(gate_i) * up_i``, ``hw_i = w_sorted[i] * h_i`` (the lhs of
     ``dw_down = tgmm(hw, dout[token])``: the routing weight applied once here, not to every dout row in the TGMM),
-    ``dweights_sorted[i] = <h_i, a_i>`` (all f32 from f32 ``gate`` / ``up`` / ``a``). Rows of non-local groups and
-    rows beyond ``sum(group_sizes)`` are zero."""
+    ``dweights_sorted[i] = <h_i, a_i>`` (all f32 from f32 ``gate`` / ``up`` / ``a``; a clamped / offset
+    ``GatedActivation`` uses ``activation_parts``). Rows of non-local groups and rows beyond ``sum(group_sizes)`` are
+    zero."""
     rows = x[sort_idx // top_k]
     kw = dict(group_offset=group_offset, preferred_element_type=jnp.float32)
     gate, up = gmm(rows, w_gate, group_sizes, **kw), gmm(rows, w_up, group_sizes, **kw)
@@ -256,12 +292,12 @@ def swiglu_down_epilogue(a, gate, up, w_sorted, activation, dtype, rows=None):
     (dgate, dup, hw = w_sorted * h in ``dtype``, ``<h_i, a_i>`` f32). ``rows`` [M] bool (None: all) marks the rows
     of local groups; elsewhere ``a`` / ``gate`` / ``up`` are zero and the weight is selected away, so those rows
     come out as exact zeros even for an Inf / NaN weight (never ``0 * inf``)."""
-    act, dact = activation_grad(gate, activation)
+    act, dact, u, du = activation_parts(gate, up, activation)
     w = w_sorted.astype(jnp.float32)[:, None]
     if rows is not None:
         w = jnp.where(rows[:, None], w, 0.0)
-    dh, h = a * w, act * up
-    return (dh * up * dact).astype(dtype), (dh * act).astype(dtype), (h * w).astype(dtype), jnp.sum(h * a, axis=1)
+    dh, h = a * w, act * u
+    return (dh * u * dact).astype(dtype), (dh * act * du).astype(dtype), (h * w).astype(dtype), jnp.sum(h * a, axis=1)
 
 
 def layer_route(router_logits, top_k, score_fn="softmax", router_bias=None, renormalize=True, num_groups=None,
@@ -271,28 +307,35 @@ def layer_route(router_logits, top_k, score_fn="softmax", router_bias=None, reno
                  num_groups=num_groups, top_groups=top_groups, group_score=group_score, scale=routed_scale)
 
 
-def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax", **routing):
+def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax", b_gate=None,
+            b_up=None, b_down=None, **routing):
     """Routed SwiGLU experts through route -> permute -> gmm -> unpermute, all reference twins. ``routing``: the
-    routing options of ``moe_ffn_dense``."""
+    routing options of ``moe_ffn_dense``; ``b_gate`` / ``b_up`` [E,F], ``b_down`` [E,D]: per-expert biases of the
+    three projections (``moe_ops.expert_bias``)."""
     shape = x.shape
     x2 = flatten_tokens(x)
     weights, ids = layer_route(router_logits, top_k, score_fn, **routing)
     xs, sizes, sort_idx = permute(x2, ids, w_gate.shape[0])
-    h = activate(gmm(xs, w_gate, sizes), gmm(xs, w_up, sizes), activation).astype(x.dtype)
-    y = gmm(h, w_down, sizes)
+    group = row_group_ids(sizes, xs.shape[0])     # every row has a group here (sum(sizes) = T*k)
+
+    def biased(y, b):
+        return y if b is None else y + b.astype(y.dtype)[group]
+    h = activate(biased(gmm(xs, w_gate, sizes), b_gate), biased(gmm(xs, w_up, sizes), b_up), activation)
+    y = biased(gmm(h.astype(x.dtype), w_down, sizes), b_down)
     return unpermute(y, sort_idx, weights).reshape(shape)
 
 
 def moe_ffn_dense(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax",
                   router_bias=None, renormalize=True, num_groups=None, top_groups=None, group_score="top2_sum",
-                  routed_scale=1.0):
+                  routed_scale=1.0, b_gate=None, b_up=None, b_down=None):
     """The einsum formulation: every token through every expert, combined by a one-hot [T,E] mask.
 
     O(T·E·D·F) work: the ground truth for small shapes, never a fast path. The (token, expert) pairs that routing
     did not pick are selected away (``jnp.where`` on the inputs and outputs of each product, not a multiply by the
     zero combine weight), so an expert no token picks contributes nothing even when its weights are NaN / Inf, in
     the forward and under ``jax.grad`` (its weights get zero gradient). Routing options as ``route``'s:
-    ``router_bias`` is its ``bias``, ``routed_scale`` its ``scale``."""
+    ``router_bias`` is its ``bias``, ``routed_scale`` its ``scale``. ``b_gate`` / ``b_up`` [E,F], ``b_down`` [E,D]:
+    per-expert biases added to the three projections (``moe_ops.expert_bias``)."""
     shape = x.shape
     x2 = flatten_tokens(x).astype(jnp.float32)
     weights, ids = layer_route(router_logits, top_k, score_fn, router_bias, renormalize, num_groups, top_groups,
@@ -302,8 +345,9 @@ def moe_ffn_dense(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="
     picked = (jnp.sum(onehot, axis=1) > 0)[..., None]                                   # [T, E, 1]
     f32 = lambda w: w.astype(jnp.float32)
     xe = jnp.where(picked, x2[:, None, :], 0.0)                                         # [T, E, D]
-    gate = jnp.where(picked, jnp.einsum("ted,edf->tef", xe, f32(w_gate), precision="highest"), 0.0)
-    up = jnp.where(picked, jnp.einsum("ted,edf->tef", xe, f32(w_up), precision="highest"), 0.0)
+    bias = lambda b: 0.0 if b is None else f32(b)[None]                                # [1, E, N]
+    gate = jnp.where(picked, jnp.einsum("ted,edf->tef", xe, f32(w_gate), precision="highest") + bias(b_gate), 0.0)
+    up = jnp.where(picked, jnp.einsum("ted,edf->tef", xe, f32(w_up), precision="highest") + bias(b_up), 0.0)
     y = jnp.where(picked, jnp.einsum("tef,efd->ted", activate(gate, up, activation), f32(w_down),
-                                     precision="highest"), 0.0)
+                                     precision="highest") + bias(b_down), 0.0)
     return jnp.einsum("ted,te->td", y, combine, precision="highest").astype(x.dtype).reshape(shape)

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 from jax.sharding import PartitionSpec as P
 
+from kernels.activation import GatedActivation, resolve as resolve_activation
 from moe_ops import backend, reference, validation, vma
 from moe_ops.fused import _check_rows
 from moe_ops.gmm import _gmm, _tgmm
@@ -53,10 +54,11 @@ from moe_ops.sharding import on_explicit_axes
 __all__ = ["swiglu_gmm", "swiglu_ffn", "has_kernel", "check_activation"]
 
 
-def check_activation(activation) -> None:
-    """``activation`` names one of ``reference.activate``'s gated activations; anything else (a non-str such as
-    ``["silu"]`` included) raises ``reference.activate``'s ``ValueError`` naming the argument and the names."""
-    reference.activate(jnp.zeros(()), jnp.zeros(()), activation)
+def check_activation(activation) -> GatedActivation:
+    """``activation`` as a ``GatedActivation`` spec: a name of ``reference.activate``'s gated activations or a spec;
+    anything else (a non-str such as ``["silu"]`` included) raises a ``ValueError`` naming the argument and the
+    names."""
+    return resolve_activation(activation)
 
 
 def has_kernel(implementation=None) -> bool:
@@ -174,7 +176,7 @@ def swiglu_gmm(x, w_gate, w_up, group_sizes, sort_idx=None, *, group_offset=None
     if tuple(w_up.shape) != tuple(w_gate.shape):
         raise ValueError(f"w_up must have w_gate's shape [G_local,D,F]={tuple(w_gate.shape)}, got "
                          f"{tuple(w_up.shape)}")
-    check_activation(activation)
+    activation = check_activation(activation)
     out_dtype = validation.out_dtype(preferred_element_type, x.dtype)
     impl = backend.choose(implementation)
     k = 1
@@ -291,7 +293,7 @@ def swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights, *, group
     if t != x.shape[0] or sort_idx.shape[0] != t * k:
         raise ValueError(f"x [T,D], weights [T,k] and sort_idx [T*k] disagree: x {tuple(x.shape)}, weights "
                          f"{tuple(weights.shape)}, sort_idx {tuple(sort_idx.shape)}")
-    check_activation(activation)
+    activation = check_activation(activation)
     impl = backend.choose(implementation)
     rows = sort_idx.shape[0]
     dims = (rows, *x.shape, *w_gate.shape)

@@ -61,8 +61,10 @@ OPS = GMM_OPS + ("permute_unpermute", "gather_gmm", "scatter_gmm", "swiglu_gmm",
 
 
 def build(op, shape, dtype):
-    """(fn, abstract args, argnums of the float inputs) of ``op`` at ``shape`` = (T, D, F, E, top_k), M = T*k."""
+    """(fn, abstract args, argnums of the float inputs) of ``op`` at ``shape`` = (T, D, F, E, top_k), M = T*k. At
+    gpt-oss's shape the gated ops use its activation (``moe_ops.GPT_OSS``: clamped, scaled, offset), else silu."""
     t, d, f, e, k = shape
+    act = moe_ops.GPT_OSS if shape == SHAPES["gpt-oss"] else "silu"
     m = t * k
     el = max(1, e // 2)  # group_offset: the last half of the experts is local
     sizes, rows = SDS((e,), I32), SDS((m,), I32)
@@ -91,23 +93,25 @@ def build(op, shape, dtype):
         return (lambda h, b, g, s, wt: moe_ops.scatter_gmm(h, b, g, s, wt),
                 (w(m, f), w(e, f, d), sizes, rows, SDS((t, k), F32)), (0, 1, 4))
     if op == "swiglu_gmm":
-        return (lambda x, a, b, g, s: moe_ops.swiglu_gmm(x, a, b, g, s),
+        return (lambda x, a, b, g, s: moe_ops.swiglu_gmm(x, a, b, g, s, activation=act),
                 (w(t, d), w(e, d, f), w(e, d, f), sizes, rows), (0, 1, 2))
     if op in ("swiglu_ffn", "swiglu_ffn_rc"):
         rc = op.endswith("_rc")
-        return (lambda x, a, b, c, g, s, wt: moe_ops.swiglu_ffn(x, a, b, c, g, s, wt, recompute=rc),
+        return (lambda x, a, b, c, g, s, wt: moe_ops.swiglu_ffn(x, a, b, c, g, s, wt, recompute=rc, activation=act),
                 (w(t, d), w(e, d, f), w(e, d, f), w(e, f, d), sizes, rows, SDS((t, k), F32)), (0, 1, 2, 3, 6))
     if op == "experts_ffn":
-        return (lambda x, g, a, b, c: moe_ops.experts_ffn(x, g, a, b, c),
+        return (lambda x, g, a, b, c: moe_ops.experts_ffn(x, g, a, b, c, activation=act),
                 (w(m, d), sizes, w(e, d, f), w(e, d, f), w(e, f, d)), (0, 2, 3, 4))
     if op in ("fused_experts_ffn", "fused_experts_ffn_rc"):
         rc = op.endswith("_rc")
-        return (lambda x, wt, ids, a, b, c: moe_ops.fused_experts_ffn(x, wt, ids, a, b, c, recompute=rc),
+        return (lambda x, wt, ids, a, b, c: moe_ops.fused_experts_ffn(x, wt, ids, a, b, c, recompute=rc,
+                                                                               activation=act),
                 (w(t, d), SDS((t, k), F32), SDS((t, k), I32), w(e, d, f), w(e, d, f), w(e, f, d)), (0, 1, 3, 4, 5))
     if op.startswith("moe_ffn-"):
         _, fused, mode = op.split("-")
         fused, rc = {"None": None, "True": True, "False": False}[fused], mode == "rc"
-        return (lambda x, lg, a, b, c: moe_ops.moe_ffn(x, lg, a, b, c, top_k=k, fused=fused, recompute=rc),
+        return (lambda x, lg, a, b, c: moe_ops.moe_ffn(x, lg, a, b, c, top_k=k, fused=fused, recompute=rc,
+                                                       activation=act),
                 (w(t, d), SDS((t, e), F32), w(e, d, f), w(e, d, f), w(e, f, d)), (0, 1, 2, 3, 4))
     raise KeyError(op)
 

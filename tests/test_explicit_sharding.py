@@ -18,6 +18,7 @@ from tests.helpers import assert_close, keys, partitioner, randn
 T, D, F, E, K = 16, 8, 8, 4, 2
 M = T * K
 ROWS, ROWS_M, EXPERTS, REP = P("data", None), P("data", "model"), P("model", None, None), P()
+BIAS = P("model", None)   # per-expert biases sharded like the weights
 RAGGED_CONTRACTING = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
                                                        lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
 
@@ -36,7 +37,9 @@ def _data(seed):
         wu=randn(ks[8], (E, D, F), scale=0.3), wd=randn(ks[9], (E, F, D), scale=0.3),
         weights=jax.nn.softmax(randn(ks[10], (T, K))), ids=ids, sizes=sizes,
         sort_idx=moe_ops.sort_by_expert(ids, E, implementation="xla")[1],
-        routed=moe_ops.sort_by_expert(ids, E, implementation="xla")[0])
+        routed=moe_ops.sort_by_expert(ids, E, implementation="xla")[0],
+        **dict(zip(("bg", "bu", "bd"), (randn(k, s, scale=0.3) for k, s in zip(keys(seed + 7, 3),
+                                                                                 ((E, F), (E, F), (E, D)))))))
 
 
 # name -> (op on (data, impl, *differentiable operands), differentiable operands as (data key, spec), the output
@@ -69,6 +72,16 @@ CASES = {
     "fused_experts_ffn": (lambda d, i, a, b, *w: moe_ops.fused_experts_ffn(a, b, d["ids"], *w, implementation=i),
                           [("xt", ROWS), ("weights", ROWS), ("wg", EXPERTS), ("wu", EXPERTS), ("wd", EXPERTS)],
                           ROWS),
+    "experts_ffn_biases": (
+        lambda d, i, a, *w: moe_ops.experts_ffn(a, d["sizes"], *w[:3], b_gate=w[3], b_up=w[4], b_down=w[5],
+                                                implementation=i),
+        [("x", ROWS), ("wg", EXPERTS), ("wu", EXPERTS), ("wd", EXPERTS), ("bg", BIAS), ("bu", BIAS), ("bd", BIAS)],
+        ROWS),
+    "moe_ffn_biases": (
+        lambda d, i, a, lg, *w: moe_ops.moe_ffn(a, lg, *w[:3], top_k=K, b_gate=w[3], b_up=w[4], b_down=w[5],
+                                                implementation=i),
+        [("xt", ROWS), ("logits", ROWS), ("wg", EXPERTS), ("wu", EXPERTS), ("wd", EXPERTS), ("bg", BIAS),
+         ("bu", BIAS), ("bd", BIAS)], ROWS),
     "ragged_dot": (lambda d, i, a, b: moe_ops.ragged_dot(a, b, d["sizes"], implementation=i),
                    [("x", ROWS), ("w", EXPERTS)], ROWS),
     "ragged_dot_general_contracting": (

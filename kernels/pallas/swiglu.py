@@ -7,8 +7,8 @@ The gmm schedule and grid ``(n, step, k)`` of ``kernels.pallas.gmm`` (invariants
 from token-order x by ``kernels.pallas.fused.gathered_lhs`` (row DMAs into a VMEM tile through ``sort_idx // k``;
 without ``sort_idx`` the identity row map). Each K step multiplies the one lhs block by the ``w_gate`` and the
 ``w_up`` block (as given, [G_local, K, F]) into two f32 accumulators; the store applies the activation in f32
-(silu, gelu (tanh form, = ``jax.nn.gelu``), relu) and writes only the group's rows of ``h`` (zeros for rows of no
-local group, as in gmm). VMEM (``FOOTPRINT``): the two gathered x buffers, two double-buffered rhs blocks, two f32
+(``gated``: silu, gelu (tanh form, = ``jax.nn.gelu``), relu, with a ``kernels.activation.GatedActivation``'s clamp,
+alpha and offset) and writes only the group's rows of ``h`` (zeros for rows of no local group, as in gmm). VMEM (``FOOTPRINT``): the two gathered x buffers, two double-buffered rhs blocks, two f32
 accumulators (``fused_tiling`` halves the gmm heuristic's ``tn`` when it is a multiple of 256, so the last two take
 one gmm tile's, then halves ``tn`` or ``tm`` until the call fits the budget).
 """
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels.activation import resolve
 from kernels.pallas.fused import (Footprint, _rhs_spec, accumulate, fused_call, fused_tiling, gather_scratch,
                                   gathered_lhs, store_group_rows)
 from kernels.platform import tpu_or_interpret
@@ -28,21 +29,62 @@ from kernels.pallas.gmm import STORE, _has, gmm_schedule
 from kernels.pallas.sort import _blocked
 from kernels.shapes import require_static
 
-__all__ = ["swiglu_gmm", "swiglu_gmm_saved", "ACTIVATIONS", "act_and_grad"]
-
-
-def _silu(g):
-    return g / (1.0 + jnp.exp(-g))
+__all__ = ["swiglu_gmm", "swiglu_gmm_saved", "gated", "gated_parts"]
 
 
 _GELU_C, _GELU_A = 0.7978845608028654, 0.044715   # sqrt(2 / pi) and the cubic coefficient of the tanh form
 
 
-def _gelu(g):
-    return 0.5 * g * (1.0 + jnp.tanh(_GELU_C * (g + _GELU_A * g * g * g)))
+def _clamped(gate, up, spec):
+    """f32 (g, u) after the spec's clamps (``kernels.activation``; NaN stays NaN), ``u`` not yet offset."""
+    if spec.limit is not None:
+        lim = spec.limit
+        gate = jnp.where(gate >= lim, lim, gate)
+        up = jnp.where(up >= lim, lim, jnp.where(up <= -lim, -lim, up))
+    return gate, up
 
 
-ACTIVATIONS = {"silu": _silu, "gelu": _gelu, "relu": lambda g: jnp.maximum(g, 0.0)}
+def _scaled(g, spec):
+    return g if spec.alpha == 1.0 else spec.alpha * g
+
+
+def _act_and_grad(g, spec):
+    """``(act(g), act'(g))`` of the clamped f32 ``g``."""
+    if spec.name == "silu":
+        sig = 1.0 / (1.0 + jnp.exp(-_scaled(g, spec)))
+        return g * sig, sig * (1.0 + spec.alpha * g * (1.0 - sig))
+    if spec.name == "gelu":
+        c, a = _GELU_C, _GELU_A
+        th = jnp.tanh(c * (g + a * g * g * g))
+        return 0.5 * g * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * c * (1.0 + 3.0 * a * g * g)
+    return jnp.maximum(g, 0.0), (g > 0).astype(jnp.float32)
+
+
+def gated(gate, up, activation):
+    """``h = act(clamped gate) * (clamped up + offset)`` of f32 blocks (``kernels.activation``'s spec)."""
+    spec = resolve(activation)
+    g, u = _clamped(gate, up, spec)
+    if spec.name == "silu":
+        act = g / (1.0 + jnp.exp(-_scaled(g, spec)))
+    elif spec.name == "gelu":
+        act = 0.5 * g * (1.0 + jnp.tanh(_GELU_C * (g + _GELU_A * g * g * g)))
+    else:
+        act = jnp.maximum(g, 0.0)
+    return act * (u + spec.up_offset)
+
+
+def gated_parts(gate, up, activation):
+    """``(a, da, u, du)`` of f32 blocks with ``h = a * u``, ``dh/dgate = da * u``, ``dh/dup = a * du``, the
+    derivative written out (= ``moe_ops.reference.activation_parts``)."""
+    spec = resolve(activation)
+    g, u = _clamped(gate, up, spec)
+    a, da = _act_and_grad(g, spec)
+    if spec.limit is None:
+        return a, da, u + spec.up_offset, jnp.ones_like(u)
+    lim = spec.limit
+    return a, jnp.where(g >= lim, 0.0, da), u + spec.up_offset, jnp.where((u >= lim) | (u <= -lim), 0.0, 1.0)
+
+
 FOOTPRINT = Footprint(sources=1, rhs=2, outs=1, accs=2)   # the gathered x, w_gate / w_up blocks, h, gate / up
 FOOTPRINT_SAVED = Footprint(sources=1, rhs=2, outs=3, accs=2)  # and the gate / up output blocks
 
@@ -71,7 +113,7 @@ def _swiglu_kernel(sched, x_hbm, idx_hbm, wg_ref, wu_ref, *refs, top_k, num_rows
 
     def values():
         gate, up = acc_g[...], acc_u[...]
-        return [ACTIVATIONS[activation](gate) * up] + ([gate, up] if saved else [])
+        return [gated(gate, up, activation)] + ([gate, up] if saved else [])
 
     @pl.when((kb == tiles_k - 1) & _has(sched.flags[s], STORE))
     def _store():
@@ -126,8 +168,7 @@ def swiglu_gmm_saved(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, 
 
 
 def _call(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, out_dtype, tiling, interpret, saved):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    activation = resolve(activation)
     m = x.shape[0] if sort_idx is None else sort_idx.shape[0]
     n = w_gate.shape[2]
     require_static("K / N of the Pallas grouped matmul", x.shape[1], n)

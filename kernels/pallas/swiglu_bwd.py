@@ -35,7 +35,8 @@ from kernels.pallas.fused import (Footprint, _rhs_spec, _row_scale_index, accumu
 from kernels.pallas.gmm import STORE, _has, gmm_schedule
 from kernels.pallas.gmm import gmm as plain_gmm
 from kernels.pallas.sort import _blocked, gather_rows
-from kernels.pallas.swiglu import ACTIVATIONS, act_and_grad
+from kernels.activation import resolve
+from kernels.pallas.swiglu import gated_parts
 from kernels.platform import tpu_or_interpret
 
 __all__ = ["swiglu_down_bwd", "swiglu_down_bwd_saved", "FOOTPRINT", "FOOTPRINT_SAVED"]
@@ -49,10 +50,10 @@ FOOTPRINT_SAVED = Footprint(sources=1, rhs=1, outs=5, accs=1, rows=2)
 def _epilogue(gate, up, a, w, activation, col_mask=None):
     """f32 gate / up / a [rows, f], w [rows, 1] -> [dgate, dup, hw = w * h, sum_f h*a [rows, 1]] (f32);
     ``col_mask`` keeps the columns past F (garbage of a partial block) out of the sum."""
-    act, dact = act_and_grad(gate, activation)
+    act, dact, up, dup = gated_parts(gate, up, activation)
     dh, h = a * w, act * up
     ha = h * a if col_mask is None else jnp.where(col_mask, h * a, 0.0)
-    return [dh * up * dact, dh * act, h * w, jnp.sum(ha, axis=1, keepdims=True)]
+    return [dh * up * dact, dh * act * dup, h * w, jnp.sum(ha, axis=1, keepdims=True)]
 
 
 def _bwd_kernel(sched, x_hbm, dout_hbm, idx_hbm, wg_ref, wu_ref, wd_ref, w_ref, dgate_ref, dup_ref, hw_ref, dwp_ref,
@@ -178,10 +179,8 @@ def _local_weights(w_sorted, group_sizes, group_offset, num_local):
     return jnp.where(local, w_sorted.astype(jnp.float32), 0.0)[:, None]
 
 
-def _degenerate(activation, m, f, other_dims, dtype):
-    """Checks ``activation``; the zero outputs when M, F or one of ``other_dims`` (D, G_local) is 0, else None."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+def _degenerate(m, f, other_dims, dtype):
+    """The zero outputs when M, F or one of ``other_dims`` (D, G_local) is 0, else None."""
     if isinstance(m, int) and 0 in (m, f, *other_dims):
         zeros = jnp.zeros((m, f), dtype)
         return zeros, zeros, zeros, jnp.zeros((m,), jnp.float32)
@@ -196,7 +195,8 @@ def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, so
     dweights_sorted [M] f32), as ``moe_ops.reference.swiglu_down_bwd``; rows outside local groups are zero.
     ``tiling`` (tn: the F block, tk: the D block) / ``interpret`` as for ``kernels.pallas.gmm.gmm``."""
     m = sort_idx.shape[0]
-    empty = _degenerate(activation, m, w_gate.shape[2], (x.shape[1], w_gate.shape[0]), x.dtype)
+    activation = resolve(activation)
+    empty = _degenerate(m, w_gate.shape[2], (x.shape[1], w_gate.shape[0]), x.dtype)
     if empty is not None:
         return empty
     args = (x, dout, w_gate, w_up, w_down, group_sizes, group_offset)
@@ -213,7 +213,8 @@ def swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, sor
     w_down^T`` over D and the same epilogue, reading the gate / up blocks (the dlhs GMM of the down projection with the
     activation derivative in its epilogue). Symbolic M: the composition."""
     m = sort_idx.shape[0]
-    empty = _degenerate(activation, m, w_down.shape[1], (dout.shape[1], w_down.shape[0]), dout.dtype)
+    activation = resolve(activation)
+    empty = _degenerate(m, w_down.shape[1], (dout.shape[1], w_down.shape[0]), dout.dtype)
     if empty is not None:
         return empty
     if not isinstance(m, int):

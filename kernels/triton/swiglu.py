@@ -3,9 +3,10 @@
 
 ``_swiglu_kernel`` is a sibling of ``kernels.triton.gmm._gmm_kernel`` (same device-side row-tile schedule, swizzle
 and gather row map; plain ``gmm`` is untouched): each K step loads the A tile once and the two B tiles (``w_gate``,
-``w_up`` [G_local, K, N] as given, no interleaved copy) into two f32 accumulators; the epilogue applies ``ACT``
-(0 silu, 1 gelu (tanh form, = ``jax.nn.gelu``), 2 relu) in f32 and stores only ``h`` [M, N] (``N = F``). With
-``GATHER`` the A rows are ``x[sort_idx[i] // TOP_K]`` (x in token order). Zero-fill tiles store zeros.
+``w_up`` [G_local, K, N] as given, no interleaved copy) into two f32 accumulators; the epilogue applies the gated
+activation in f32 (``kernels.triton.activation``: silu / gelu / relu with a ``GatedActivation``'s clamp, alpha and
+offset) and stores only ``h`` [M, N] (``N = F``). With ``GATHER`` the A rows are ``x[sort_idx[i] // TOP_K]`` (x in
+token order). Zero-fill tiles store zeros.
 
 ``_swiglu_down_bwd_kernel`` (``swiglu_down_bwd``, the backward of gate/up + activation + weighted down projection,
 ``moe_ops.reference.swiglu_down_bwd``): same schedule and gather; each K (= D) step loads the x and dout rows of the
@@ -32,7 +33,9 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from kernels.activation import GPT_OSS
 from kernels.registry import TARGETS, register_aot
+from kernels.triton.activation import ACT_CODES, act_params, clamp, gated, gated_parts
 from kernels.triton import schedule, tuning
 from kernels.triton.bridge import load_jax_triton
 from kernels.triton.gmm import _ZERO_FILL, _launch_options
@@ -40,64 +43,37 @@ from kernels.triton.gmm_aot import _AOT_DTYPES, _AOT_G, _AOT_M, _AOT_SHAPES, _AO
 from kernels.triton.gmm import _row_tile, _sorted_slots
 
 __all__ = ["swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd", "swiglu_down_bwd_saved", "swiglu_config",
-           "swiglu_bwd_config", "ACTIVATIONS"]
+           "swiglu_bwd_config"]
 
-ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}  # the gated activations of ``moe_ops.reference.activate``
-
-
-@triton.jit
-def _activate(gate, up, ACT: tl.constexpr):
-    """``act(gate) * up`` in f32 (ACT codes in ``ACTIVATIONS``; gelu is the tanh form, tanh(z) = 2 sigmoid(2z) - 1)."""
-    if ACT == 0:
-        a = gate * tl.sigmoid(gate)
-    elif ACT == 1:
-        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        a = gate * tl.sigmoid(2.0 * inner)  # = 0.5 * gate * (1 + tanh(inner))
-    else:
-        a = tl.maximum(gate, 0.0)
-    return a * up
+_AOT_SPECS = {"gpt_oss": GPT_OSS}   # the clamped / scaled / offset epilogue, AOT-compiled on each target's first config
 
 
 @triton.jit
-def _activation_grad(gate, ACT: tl.constexpr):
-    """``(act(gate), act'(gate))`` in f32 (``moe_ops.reference.activation_grad``)."""
-    if ACT == 0:
-        s = tl.sigmoid(gate)
-        return gate * s, s * (1.0 + gate * (1.0 - s))
-    elif ACT == 1:
-        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        th = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
-        return (0.5 * gate * (1.0 + th),
-                0.5 * (1.0 + th) + 0.5 * gate * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * gate * gate))
-    else:
-        return tl.maximum(gate, 0.0), (gate > 0.0).to(tl.float32)
-
-
-@triton.jit
-def _bwd_stores(a, act, dact, up, w, off, mask, col_ok, dgate_ptr, dup_ptr, hw_ptr):
-    """The backward's epilogue on a [BM, C] block (f32 ``a = dout @ w_down^T``, ``act`` / ``dact`` = act(gate) /
-    act'(gate), ``up``, ``w`` [BM, 1]) at element offsets ``off``: stores dgate = w*a*up*act'(gate),
-    dup = w*a*act(gate), hw = w*act(gate)*up (dw_down's lhs), and returns the rows' partial ``sum_f h * a`` over the
-    columns ``col_ok`` [1, C]."""
+def _bwd_stores(a, act, dact, up, act_du, w, off, mask, col_ok, dgate_ptr, dup_ptr, hw_ptr):
+    """The backward's epilogue on a [BM, C] block (f32 ``a = dout @ w_down^T``; ``act``, ``dact``, ``up`` (clamped,
+    offset) and ``act_du`` = dh/dup from ``gated_parts``, h = act * up; ``w`` [BM, 1]) at element offsets ``off``:
+    stores dgate = w*a*up*dact, dup = w*a*act_du, hw = w*h (dw_down's lhs), and returns the rows' partial
+    ``sum_f h * a`` over the columns ``col_ok`` [1, C]."""
     dh = a * w
     h = act * up
     dtype = dgate_ptr.dtype.element_ty
     tl.store(dgate_ptr + off, (dh * up * dact).to(dtype), mask=mask)
-    tl.store(dup_ptr + off, (dh * act).to(dtype), mask=mask)
+    tl.store(dup_ptr + off, (dh * act_du).to(dtype), mask=mask)
     tl.store(hw_ptr + off, (h * w).to(dtype), mask=mask)
     return tl.sum(tl.where(col_ok, h * a, 0.0), axis=1)
 
 
 @triton.jit
 def _saved_epilogue(a, w, row_off, cols, live, gate_ptr, up_ptr, dgate_ptr, dup_ptr, hw_ptr, N: tl.constexpr,
-                    ACT: tl.constexpr):
+                    ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, UP_OFFSET: tl.constexpr):
     """``_bwd_stores`` on the columns ``cols`` of a row tile (rows at element offsets ``row_off`` [BM, 1], ``live``
     rows), gate / up loaded here from the saved residuals."""
     off = row_off + cols[None, :]
     mask = live[:, None] & (cols[None, :] < N)
-    act, dact = _activation_grad(tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32), ACT)
+    gate = tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    return _bwd_stores(a, act, dact, up, w, off, mask, cols[None, :] < N, dgate_ptr, dup_ptr, hw_ptr)
+    act, dact, u, act_du = gated_parts(gate, up, ACT, ALPHA, LIMIT, UP_OFFSET)
+    return _bwd_stores(a, act, dact, u, act_du, w, off, mask, cols[None, :] < N, dgate_ptr, dup_ptr, hw_ptr)
 
 
 @triton.jit
@@ -139,9 +115,10 @@ def _swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, tiles_ptr, sort_idx_ptr, out_ptr, ga
                    K: tl.constexpr, N: tl.constexpr, NUM_ROW_TILES: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                    GATHER: tl.constexpr, TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr, ACT: tl.constexpr,
-                   STORE_GATE_UP: tl.constexpr):
+                   ALPHA: tl.constexpr, LIMIT: tl.constexpr, UP_OFFSET: tl.constexpr, STORE_GATE_UP: tl.constexpr):
     """One BM x BN tile of ``h[rows] = act(lhs[rows] @ wg[group]) * (lhs[rows] @ wu[group])``; with
-    STORE_GATE_UP also ``gate`` / ``up`` (in the output dtype: the backward's residuals)."""
+    STORE_GATE_UP also ``gate`` / ``up`` (in the output dtype, after the activation's clamps if it has a limit: the
+    backward's residuals)."""
     group, row_start, row_end, tile_n = _row_tile(tiles_ptr, NUM_ROW_TILES, N, BN, GROUP_M)
     offs_m = tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
@@ -151,7 +128,8 @@ def _swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, tiles_ptr, sort_idx_ptr, out_ptr, ga
     if group >= 0:
         gate, up = _projections(lhs_ptr, wg_ptr, wu_ptr, group, row_start, row_end, offs_m, offs_n, sort_idx_ptr,
                                 K, N, BM, BN, BK, GATHER, TOP_K, NUM_SLOTS)
-        tl.store(out_ptr + out_off, _activate(gate, up, ACT).to(dtype), mask=store_mask)
+        gate, up = clamp(gate, up, LIMIT)   # in place: the saved residuals are the clamped projections
+        tl.store(out_ptr + out_off, gated(gate, up, ACT, ALPHA, 0.0, UP_OFFSET).to(dtype), mask=store_mask)
         if STORE_GATE_UP:
             tl.store(gate_ptr + out_off, gate.to(dtype), mask=store_mask)
             tl.store(up_ptr + out_off, up.to(dtype), mask=store_mask)
@@ -178,8 +156,9 @@ def swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *
 
 def swiglu_gmm_saved(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype,
                      config=None):
-    """``swiglu_gmm`` that also writes ``gate`` and ``up`` [M,F] (``out_dtype``; the residuals of the saved-mode
-    backward, ``swiglu_down_bwd_saved``) from the same accumulators -> (h, gate, up)."""
+    """``swiglu_gmm`` that also writes ``gate`` and ``up`` [M,F] (``out_dtype``, clamped to the activation's limit
+    if it has one; the residuals of the saved-mode backward, ``swiglu_down_bwd_saved``) from the same accumulators
+    -> (h, gate, up)."""
     return _forward(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, out_dtype, config, True)
 
 
@@ -199,7 +178,7 @@ def _forward(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation
         out_shape=[jax.ShapeDtypeStruct((m, n), out_dtype), rows, rows],
         grid=(num_row_tiles * triton.cdiv(n, cfg.block_n),), name="moe_swiglu_gmm",
         K=kdim, N=n, NUM_ROW_TILES=num_row_tiles, GATHER=gather, TOP_K=int(k) if gather else 1,
-        NUM_SLOTS=m if gather else 1, ACT=ACTIVATIONS[activation], STORE_GATE_UP=store_gate_up,
+        NUM_SLOTS=m if gather else 1, STORE_GATE_UP=store_gate_up, **act_params(activation),
         **_launch_options(cfg)))
 
 
@@ -208,7 +187,8 @@ def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, 
                             up_ptr, dgate_ptr, dup_ptr, hw_ptr, part_ptr,
                             K: tl.constexpr, N: tl.constexpr, NUM_ROW_TILES: tl.constexpr, NUM_SLOTS: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                            TOP_K: tl.constexpr, ACT: tl.constexpr, RECOMPUTE: tl.constexpr):
+                            TOP_K: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
+                            UP_OFFSET: tl.constexpr, RECOMPUTE: tl.constexpr):
     """One BM x BN tile (sorted rows x F columns) of the fused backward: ``a = dout rows @ w_down^T`` (f32, over
     K = D) with ``gate`` / ``up`` recomputed (RECOMPUTE: x rows @ w_gate / w_up, ``_projections``) or loaded (the
     saved [M, N] residuals); the epilogue writes dgate, dup, hw = w * h and this column tile's partial ``sum_f h * a``
@@ -248,15 +228,16 @@ def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, 
             w = tl.load(ws_ptr + row_start + tl.minimum(offs_m, row_end - row_start - 1))[:, None]
             row_off = row_start.to(tl.int64) * N + offs_m[:, None] * N
             half = tile_n * BN + tl.arange(0, BN // 2)
-            part = _saved_epilogue(a_lo, w, row_off, half, live, gate_ptr, up_ptr, dgate_ptr, dup_ptr, hw_ptr, N, ACT)
+            part = _saved_epilogue(a_lo, w, row_off, half, live, gate_ptr, up_ptr, dgate_ptr, dup_ptr, hw_ptr, N,
+                                   ACT, ALPHA, LIMIT, UP_OFFSET)
             part += _saved_epilogue(a_hi, w, row_off, half + BN // 2, live, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
-                                    hw_ptr, N, ACT)
+                                    hw_ptr, N, ACT, ALPHA, LIMIT, UP_OFFSET)
             tl.store(part_ptrs, part, mask=live)
         else:
-            act, dact = _activation_grad(gate, ACT)
+            act, dact, u, act_du = gated_parts(gate, up, ACT, ALPHA, LIMIT, UP_OFFSET)
             w = tl.load(ws_ptr + row_start + tl.minimum(offs_m, row_end - row_start - 1))[:, None]
-            part = _bwd_stores(acc_a, act, dact, up, w, out_off, store_mask, offs_n[None, :] < N, dgate_ptr, dup_ptr,
-                               hw_ptr)
+            part = _bwd_stores(acc_a, act, dact, u, act_du, w, out_off, store_mask, offs_n[None, :] < N, dgate_ptr,
+                               dup_ptr, hw_ptr)
             tl.store(part_ptrs, part, mask=live)
     elif group == _ZERO_FILL:
         zeros = tl.zeros((BM, BN), dtype=dgate_ptr.dtype.element_ty)
@@ -328,52 +309,56 @@ def _backward(x, dout, w_gate, w_up, w_down, gate, up, group_sizes, group_offset
         gate, up, kernel=_swiglu_down_bwd_kernel,
         out_shape=[rows, rows, rows, jax.ShapeDtypeStruct((col_tiles, m), jnp.float32)],
         grid=(num_row_tiles * col_tiles,), name="moe_swiglu_down_bwd", K=kdim, N=n, NUM_ROW_TILES=num_row_tiles,
-        NUM_SLOTS=m, TOP_K=int(k), ACT=ACTIVATIONS[activation], RECOMPUTE=recompute, **_launch_options(cfg))
+        NUM_SLOTS=m, TOP_K=int(k), RECOMPUTE=recompute, **act_params(activation), **_launch_options(cfg))
     return dgate, dup, h, jnp.sum(part, axis=0)
 
 
 @register_aot("swiglu")
 def aot_cases(target: str):
     """Every shipped gmm config of ``target`` (``swiglu_config``) at the gmm family's shapes: the gather form with
-    silu (the layer's) everywhere, plus gelu / relu and the plain (no gather) form at bf16 on the Mixtral-like shape."""
+    silu (the layer's) everywhere, plus gelu / relu and the plain (no gather) form at bf16 on the Mixtral-like shape,
+    and gpt-oss's clamped SwiGLU (``_AOT_SPECS``) there on the first config."""
     backend = TARGETS[target][0]
     cases = []
     for dtype_name, dtype, suffix, k, n in _aot_points():
-        for entry, gmm_cfg in tuning.shipped(target, "gmm", dtype).items():
+        for i, (entry, gmm_cfg) in enumerate(tuning.shipped(target, "gmm", dtype).items()):
             cfg = swiglu_config(gmm_cfg)
             tiles = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
             full = not suffix and dtype_name == "bf16"   # the epilogue variants once per config, at bf16
-            variants = [(True, a, s) for a in ACTIVATIONS for s in (False, True)] + [(False, "silu", False)] \
+            acts = [*ACT_CODES, *(_AOT_SPECS if i == 0 else ())] if full else ["silu"]
+            variants = [(True, a, s) for a in acts for s in (False, True)] + [(False, "silu", False)] \
                 if full else [(True, "silu", True)]
             for gather, act, saved in variants:
                 name = f"swiglu_{'gather_' if gather else ''}{act}{'_saved' if saved else ''}"
                 case = _aot_case(name, _swiglu_kernel, dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}",
                                  K=k, N=n, NUM_ROW_TILES=tiles, GATHER=gather, TOP_K=_AOT_TOP_K if gather else 1,
-                                 NUM_SLOTS=_AOT_M if gather else 1, ACT=ACTIVATIONS[act], STORE_GATE_UP=saved)
+                                 NUM_SLOTS=_AOT_M if gather else 1, STORE_GATE_UP=saved,
+                                 **act_params(_AOT_SPECS.get(act, act)))
                 rows = f"*{dtype_name}"
                 sig = dict(lhs_ptr=rows, wg_ptr=rows, wu_ptr=rows, tiles_ptr="*i32", sort_idx_ptr="*i32",
                            out_ptr=rows, gate_ptr=rows, up_ptr=rows)
                 cases.append(dataclasses.replace(case, signature={**sig, **{c: "constexpr" for c in case.constexprs}}))
-            cases += _bwd_aot_cases(target, backend, entry, gmm_cfg, dtype_name, suffix, k, n, full)
+            cases += _bwd_aot_cases(target, backend, entry, gmm_cfg, dtype_name, suffix, k, n, acts)
     if target == "sm90":  # the saved-mode candidate tile (split epilogue) at the Mixtral-like shape
         k, n = _AOT_SHAPES[""]
-        cases += _bwd_aot_cases(target, backend, "wide_candidate", None, "bf16", "", k, n, False,
+        cases += _bwd_aot_cases(target, backend, "wide_candidate", None, "bf16", "", k, n, ["silu"],
                                 saved_config=_SM90_SAVED_BWD_WIDE)
     return cases
 
 
-def _bwd_aot_cases(target, backend, entry, gmm_cfg, dtype_name, suffix, k, n, every_activation, saved_config=None):
-    """``_swiglu_down_bwd_kernel`` at one (config, dtype, shape) point, recomputing and saved mode: silu, plus
-    gelu / relu when asked; with ``saved_config``, that config in saved mode only."""
+def _bwd_aot_cases(target, backend, entry, gmm_cfg, dtype_name, suffix, k, n, acts, saved_config=None):
+    """``_swiglu_down_bwd_kernel`` at one (config, dtype, shape) point, recomputing and saved mode, for each of
+    ``acts`` (names, or keys of ``_AOT_SPECS``); with ``saved_config``, that config in saved mode only."""
     cases = []
     modes = (False,) if saved_config else (True, False)
-    for act, recompute in itertools.product(ACTIVATIONS if every_activation else ("silu",), modes):
+    for act, recompute in itertools.product(acts, modes):
         cfg = saved_config or swiglu_bwd_config(gmm_cfg, recompute=recompute, arch=target,
                                                 dtype=_AOT_DTYPES[dtype_name])
         tiles = schedule.max_row_tiles(_AOT_M, cfg.block_m, _AOT_G)
         case = _aot_case(f"swiglu_down_bwd_{act}{'' if recompute else '_saved'}", _swiglu_down_bwd_kernel,
                          dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}", K=k, N=n, NUM_ROW_TILES=tiles,
-                         NUM_SLOTS=_AOT_M, TOP_K=_AOT_TOP_K, ACT=ACTIVATIONS[act], RECOMPUTE=recompute)
+                         NUM_SLOTS=_AOT_M, TOP_K=_AOT_TOP_K, RECOMPUTE=recompute,
+                         **act_params(_AOT_SPECS.get(act, act)))
         rows, f32 = f"*{dtype_name}", "*fp32"
         sig = dict(x_ptr=rows, dout_ptr=rows, wg_ptr=rows, wu_ptr=rows, wd_ptr=rows, tiles_ptr="*i32",
                    sort_idx_ptr="*i32", ws_ptr=f32, gate_ptr=rows, up_ptr=rows, dgate_ptr=rows, dup_ptr=rows,

@@ -1,0 +1,145 @@
+"""Per-expert biases (``moe_ops.expert_bias``: ``b_gate`` / ``b_up`` [E,F], ``b_down`` [E,D], gpt-oss's experts):
+the layer against the dense einsum layer with the same biases, forward and all eight gradients, on every backend,
+fused and unfused, with gpt-oss's activation form; ``experts_ffn`` on an expert shard with rows beyond the groups
+(zero rows, NaN biases of other experts reach nothing); dropped copies in ``fused_experts_ffn``; argument errors.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moe_ops
+from moe_ops import GatedActivation, reference as R
+from tests.helpers import SHAPES, assert_close, keys, layer_inputs, randn
+
+CLAMPED = GatedActivation("silu", alpha=1.702, limit=0.75, up_offset=1.0)   # gpt-oss's form, a limit the data meets
+NAMES = ("x", "router_logits", "w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+
+
+def _biases(seed, e, d, f, dtype=jnp.float32):
+    k = keys(seed, 3)
+    return randn(k[0], (e, f), dtype, 0.5), randn(k[1], (e, f), dtype, 0.5), randn(k[2], (e, d), dtype, 0.5)
+
+
+def _loss(fn, cot):
+    def loss(x, lg, wg, wu, wd, bg, bu, bd):
+        return jnp.sum(fn(x, lg, wg, wu, wd, top_k=2, b_gate=bg, b_up=bu, b_down=bd).astype(jnp.float32) * cot)
+    return loss
+
+
+@pytest.mark.parametrize("impl,fused,recompute,activation", [
+    ("xla", False, False, "silu"), ("xla", True, False, CLAMPED), ("xla", False, True, CLAMPED),
+    ("triton", True, False, CLAMPED), ("triton", False, False, "silu"), ("triton", True, True, "gelu"),
+    ("pallas", True, False, CLAMPED), pytest.param("pallas", False, False, "silu", marks=pytest.mark.slow)])
+def test_layer_matches_dense(impl, fused, recompute, activation):
+    b, s, d, f, e = SHAPES[impl]
+    x, logits, ws = layer_inputs(SHAPES[impl], "hot", seed=31)
+    bs = _biases(32, e, d, f)
+    ours = jax.jit(functools.partial(moe_ops.moe_ffn, activation=activation, implementation=impl, fused=fused,
+                                     recompute=recompute), static_argnames="top_k")
+    dense = functools.partial(R.moe_ffn_dense, activation=activation)
+    args = (x, logits, *ws, *bs)
+    kw = lambda a: dict(zip(("b_gate", "b_up", "b_down"), a[5:]))  # noqa: E731
+    assert_close(ours(*args[:5], top_k=2, **kw(args)), dense(*args[:5], top_k=2, **kw(args)), 1e-5, "forward")
+    assert_close(R.moe_ffn(*args[:5], top_k=2, activation=activation, **kw(args)),
+                 dense(*args[:5], top_k=2, **kw(args)), 1e-5, "reference.moe_ffn")
+    cot = randn(keys(33, 1)[0], x.shape)
+    got = jax.jit(jax.grad(_loss(ours, cot), argnums=range(8)))(*args)
+    want = jax.grad(_loss(dense, cot), argnums=range(8))(*args)
+    for name, g, w in zip(NAMES, got, want):
+        assert_close(g, w, 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("which", ["b_gate", "b_up", "b_down"])
+def test_each_bias_alone(which):
+    """One bias at a time (the others None), on the fused Triton path: b_down alone keeps the one-kernel SwiGLU."""
+    b, s, d, f, e = SHAPES["triton"]
+    x, logits, ws = layer_inputs(SHAPES["triton"], "balanced", seed=34)
+    bias = dict(zip(("b_gate", "b_up", "b_down"), _biases(35, e, d, f)))
+    only = {which: bias[which]}
+    got = moe_ops.moe_ffn(x, logits, *ws, top_k=2, implementation="triton", **only)
+    assert_close(got, R.moe_ffn_dense(x, logits, *ws, top_k=2, **only), 1e-5, which)
+    without = R.moe_ffn_dense(x, logits, *ws, top_k=2)
+    assert float(jnp.max(jnp.abs(got - without))) > 1e-2, "the bias must change the output"
+
+
+def test_experts_ffn_on_a_shard_with_rows_beyond_the_groups():
+    """``experts_ffn`` with ``group_offset`` (experts 2..4 local of 6) and sum(group_sizes) < M: rows of other
+    groups and beyond the sum are zero, and a NaN bias of a non-local expert reaches nothing (forward or grads)."""
+    m, d, f = 40, 16, 24
+    sizes = jnp.array([5, 0, 7, 3, 9, 4], jnp.int32)        # sum 28 < 40; local groups 2, 3, 4 -> rows 5..23
+    k = keys(36, 5)
+    xs = randn(k[0], (m, d))
+    wg, wu = randn(k[1], (3, d, f), scale=d ** -0.5), randn(k[2], (3, d, f), scale=d ** -0.5)
+    wd = randn(k[3], (3, f, d), scale=f ** -0.5)
+    bg, bu, bd = _biases(37, 3, d, f)
+
+    def ours(xs, wg, wu, wd, bg, bu, bd):
+        return moe_ops.experts_ffn(xs, sizes, wg, wu, wd, group_offset=2, activation=CLAMPED, b_gate=bg, b_up=bu,
+                                   b_down=bd, implementation="triton")
+
+    def ref(xs, wg, wu, wd, bg, bu, bd):
+        local = R.local_row_ids(sizes, m, 2, 3)
+        pick = lambda b: jnp.where((local >= 0)[:, None], b[jnp.maximum(local, 0)], 0.0)  # noqa: E731
+        kw = dict(group_offset=2)
+        h = R.activate(R.gmm(xs, wg, sizes, **kw) + pick(bg), R.gmm(xs, wu, sizes, **kw) + pick(bu), CLAMPED)
+        return R.gmm(h, wd, sizes, **kw) + pick(bd)
+    args = (xs, wg, wu, wd, bg, bu, bd)
+    out = ours(*args)
+    assert_close(out, ref(*args), 1e-5, "forward")
+    rows = np.arange(m)
+    assert np.all(np.asarray(out)[(rows < 5) | (rows >= 24)] == 0), "rows outside local groups must be zero"
+    cot = randn(keys(38, 1)[0], (m, d))
+    got = jax.grad(lambda *a: jnp.sum(ours(*a) * cot), argnums=range(7))(*args)
+    for name, g, w in zip(("xs", "wg", "wu", "wd", "bg", "bu", "bd"), got,
+                          jax.grad(lambda *a: jnp.sum(ref(*a) * cot), argnums=range(7))(*args)):
+        assert_close(g, w, 1e-5, f"d{name}")
+    # a NaN bias on local expert index 1 whose group (global 3) is empty of rows reaches nothing
+    empty = sizes.at[3].set(0)
+    poisoned = bd.at[1].set(jnp.nan)
+    out = moe_ops.experts_ffn(xs, empty, wg, wu, wd, group_offset=2, b_down=poisoned, implementation="xla")
+    assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_dropped_copies_add_no_bias():
+    """A copy with an id outside [0, E) contributes nothing, its down bias included, on the fused path."""
+    t, d, f, e = 12, 16, 24, 4
+    k = keys(39, 5)
+    x = randn(k[0], (t, d))
+    ws = (randn(k[1], (e, d, f), scale=d ** -0.5), randn(k[2], (e, d, f), scale=d ** -0.5),
+          randn(k[3], (e, f, d), scale=f ** -0.5))
+    bs = _biases(40, e, d, f)
+    ids = jax.random.randint(k[4], (t, 2), 0, e).at[3, 1].set(e).at[7, 0].set(-1)
+    weights = jnp.full((t, 2), 0.5, jnp.float32)
+    kw = dict(zip(("b_gate", "b_up", "b_down"), bs))
+    got = moe_ops.fused_experts_ffn(x, weights, ids, *ws, implementation="xla", **kw)
+    kept = jnp.where((ids >= 0) & (ids < e), weights, 0.0)
+    want = sum(kept[:, j:j + 1] * _one_expert(x, ids[:, j], ws, bs) for j in range(2))
+    assert_close(got, want, 1e-5, "fused with dropped copies")
+
+
+def _one_expert(x, ids, ws, bs):
+    """Each token through expert ``ids[t]`` (clipped: its weight is zero where the id is out of range)."""
+    i = jnp.clip(ids, 0, ws[0].shape[0] - 1)
+    gate = jnp.einsum("td,tdf->tf", x, ws[0][i]) + bs[0][i]
+    up = jnp.einsum("td,tdf->tf", x, ws[1][i]) + bs[1][i]
+    return jnp.einsum("tf,tfd->td", R.activate(gate, up), ws[2][i]) + bs[2][i]
+
+
+def test_argument_errors():
+    b, s, d, f, e = SHAPES["xla"]
+    x, logits, ws = layer_inputs(SHAPES["xla"], "balanced")
+    bg, bu, bd = _biases(41, e, d, f)
+    cases = (("b_gate", bg[:, :-1], r"b_gate must be \[E,F\]"), ("b_up", bu[None], "b_up must have rank 2"),
+             ("b_down", bg, r"b_down must be \[E,D\]"), ("b_down", bd.astype(jnp.int32), "b_down must be float"))
+    for name, bad, match in cases:
+        with pytest.raises((ValueError, TypeError), match=match):
+            moe_ops.moe_ffn(x, logits, *ws, top_k=2, **{name: bad})
+    with pytest.raises(NotImplementedError, match="b_gate / b_down: expert biases"):
+        moe_ops.moe_ffn(x, logits, *ws, top_k=2, b_gate=bg, b_down=bd, sharding=moe_ops.MoEShardingConfig())
+    x2, (w, ids) = x.reshape(-1, d), moe_ops.route(logits.reshape(-1, e), 2)
+    with pytest.raises(ValueError, match="swiglu=True"):
+        moe_ops.fused_experts_ffn(x2, w, ids, *ws, swiglu=True, b_up=bu, implementation="xla")
