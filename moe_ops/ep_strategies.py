@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moe_ops import ep_exchange, validation, vma
+from moe_ops import ep_exchange, expert_bias, validation, vma
 from moe_ops.layer import check_routing, experts_ffn, route_tokens
 from moe_ops.sharding import MoEShardingConfig
 from moe_ops.sort import permute, unpermute
@@ -34,7 +34,7 @@ def gather_fsdp(weights, fsdp_axis):
     gathered block is this expert shard's contiguous E_l experts)."""
     if fsdp_axis is None:
         return weights
-    return tuple(jax.lax.all_gather(w, fsdp_axis, axis=0, tiled=True) for w in weights)
+    return tuple(None if w is None else jax.lax.all_gather(w, fsdp_axis, axis=0, tiled=True) for w in weights)
 
 
 def received_expert_ids(recv_counts, recv_offsets, recv_sizes, num_rows):
@@ -53,10 +53,11 @@ def received_expert_ids(recv_counts, recv_offsets, recv_sizes, num_rows):
 
 
 def all_to_all_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, batch_sharded=True,
-                     capacity_factor=None, activation="silu", score_fn="softmax", implementation=None, **routing):
+                     capacity_factor=None, activation="silu", score_fn="softmax", implementation=None, biases=None,
+                     **routing):
     """Expert-parallel all-to-all MoE on one shard: x [T, D], logits [T, E], weights [E_l, ...] -> [T, D].
     ``routing``: ``moe_ffn``'s routing options (router_bias, renormalize, num_groups, top_groups, group_score,
-    routed_scale)."""
+    routed_scale); ``biases``: the local experts' b_gate / b_up / b_down by name (``moe_ops.expert_bias``)."""
     ep = jax.lax.axis_size(expert_axis)
     me = jax.lax.axis_index(expert_axis)
     t, num_experts = router_logits.shape
@@ -83,7 +84,7 @@ def all_to_all_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_ax
         x_local, local_sizes, local_idx = permute(buf, recv_ids[:, None], num_local, n_valid=n_valid,
                                                   implementation=implementation)
     y_local = experts_ffn(x_local, local_sizes, w_gate, w_up, w_down, activation=activation,
-                          implementation=implementation)
+                          implementation=implementation, **(biases or {}))
     ones = match_vma(jnp.ones((rows, 1), jnp.float32), y_local)[0]
     y_buf = unpermute(y_local, local_idx, ones, n_valid=n_valid, implementation=implementation)
     empty_back = match_vma(jnp.zeros_like(x_sorted), y_buf)[0]
@@ -93,9 +94,14 @@ def all_to_all_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_ax
 
 
 def _gathered_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, tokens_on_expert,
-                    tensor_parallel, activation, score_fn, implementation, **routing):
+                    tensor_parallel, activation, score_fn, implementation, biases=None, **routing):
     """Skeleton of ``ring`` / ``ep_tp``: every device routes the (gathered) batch, computes its slice of the experts,
-    and the partial outputs are reduce-scattered (or psum'd for a replicated batch)."""
+    and the partial outputs are reduce-scattered (or psum'd for a replicated batch). ``ep_tp``'s b_down (all
+    experts, full D) is added on expert-axis index 0 only: the partial outputs are summed over the axis."""
+    biases = dict(biases or {})
+    if tensor_parallel and biases.get("b_down") is not None:
+        first = jax.lax.axis_index(expert_axis) == 0
+        biases["b_down"] = jnp.where(first, biases["b_down"], jnp.zeros((), biases["b_down"].dtype))
     if tokens_on_expert:
         x = jax.lax.all_gather(x, expert_axis, axis=0, tiled=True)
         router_logits = jax.lax.all_gather(router_logits, expert_axis, axis=0, tiled=True)
@@ -105,7 +111,7 @@ def _gathered_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axi
     x_sorted, sizes, sort_idx = permute(x, ids, num_experts, implementation=implementation)
     offset = None if tensor_parallel else jax.lax.axis_index(expert_axis) * w_gate.shape[0]
     y = experts_ffn(x_sorted, sizes, w_gate, w_up, w_down, activation=activation, group_offset=offset,
-                    implementation=implementation)
+                    implementation=implementation, **biases)
     partial = unpermute(y, sort_idx, weights, implementation=implementation)
     if tokens_on_expert:
         return jax.lax.psum_scatter(partial, expert_axis, scatter_dimension=0, tiled=True)
@@ -153,7 +159,7 @@ def _bound_axis_size(name, axis):
 def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoEShardingConfig(),
                   tokens_on_expert=None, fsdp_axis=None, activation="silu", score_fn="softmax", implementation=None,
                   router_bias=None, renormalize=True, num_groups=None, top_groups=None, group_score="top2_sum",
-                  routed_scale=1.0):
+                  routed_scale=1.0, b_gate=None, b_up=None, b_down=None):
     """Per-shard MoE for use inside ``shard_map`` over a mesh with ``config.expert_axis``.
 
     x [T_l, D] and router_logits [T_l, E] are this device's tokens (sharded over the expert axis iff
@@ -162,7 +168,10 @@ def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoESh
     or for ``ep_tp`` all experts with F/EP), additionally sharded over ``fsdp_axis`` on E when given. ``auto`` reads
     the weight layout: ``ep_tp`` when every expert is local, else ``all_to_all``. Under ``check_vma``, weights
     typed as replicated over the expert axis are refused for ``ep_tp`` (it would sum EP full copies). The routing
-    options are ``moe_ffn``'s (``router_bias`` [E] replicated: every device routes with all E experts)."""
+    options are ``moe_ffn``'s (``router_bias`` [E] replicated: every device routes with all E experts).
+    ``b_gate`` / ``b_up`` / ``b_down``: per-expert biases (``moe_ops.expert_bias``) as local blocks laid out like
+    the weights (b_gate / b_up [E_l, F], ``ep_tp``: [E, F/EP]; b_down [E_l, D], ``ep_tp``: [E, D] replicated over
+    the expert axis, added once), sharded over ``fsdp_axis`` on E like them."""
     if not isinstance(config, MoEShardingConfig):
         raise TypeError(f"config must be a MoEShardingConfig, got {type(config).__name__}")
     validation.flag("tokens_on_expert", tokens_on_expert, optional=True)
@@ -172,6 +181,7 @@ def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoESh
         raise ValueError(f"router_logits must be [T, E] with x's T={x.shape[0]} tokens (this shard's x is "
                          f"{tuple(x.shape)}), got {tuple(router_logits.shape)}")
     validation.check_expert_weights(x, w_gate, w_up, w_down)
+    expert_bias.check(b_gate, b_up, b_down, w_gate, w_down)
     routing = check_routing(router_logits, top_k, router_bias, renormalize, num_groups, top_groups, routed_scale,
                             group_score)
     axis = config.expert_axis
@@ -183,6 +193,8 @@ def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoESh
     if tokens_on_expert is None:  # what x's type says (shard_map's check_vma), else the config's batch axes
         tokens_on_expert = axis in vma.varying_axes(x) if typed else axis in config.batch_axes
     w_gate, w_up, w_down = gather_fsdp((w_gate, w_up, w_down), fsdp_axis)
+    biases = {n: b for n, b in zip(expert_bias.NAMES, gather_fsdp((b_gate, b_up, b_down), fsdp_axis))
+              if b is not None}
     strategy = config.strategy
     if strategy == "auto":  # the caller fixed the weight layout: all experts local means ep_tp
         strategy = "ep_tp" if w_gate.shape[0] == router_logits.shape[1] and ep > 1 else "all_to_all"
@@ -192,7 +204,7 @@ def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoESh
                          f"{axis!r} (in_specs P(None, None, {axis!r}) / P(None, {axis!r}, None)), or shard E over it "
                          f"with strategy 'all_to_all' / 'ring'")
     common = dict(top_k=top_k, expert_axis=axis, activation=activation, score_fn=score_fn,
-                  implementation=implementation, **routing)
+                  implementation=implementation, biases=biases, **routing)
     if strategy == "all_to_all":
         return all_to_all_shard(x, router_logits, w_gate, w_up, w_down, batch_sharded=tokens_on_expert,
                                 capacity_factor=config.capacity_factor, **common)

@@ -175,21 +175,17 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu",
     22 % more layer flops); the default keeps them. The partitioned op keeps only its inputs either way (its
     backward re-runs the shard's forward).
     ``b_gate`` / ``b_up`` [E,F], ``b_down`` [E,D]: per-expert biases of the three projections (gpt-oss;
-    ``moe_ops.expert_bias``), differentiable; not yet with ``sharding``."""
+    ``moe_ops.expert_bias``), differentiable, also with ``sharding`` (sharded like their weights)."""
     validation.flag("recompute", recompute)
     validation.flag("fused", fused, optional=True)  # checked with sharding too, where the shards choose it
     routing = dict(renormalize=renormalize, num_groups=num_groups, top_groups=top_groups, group_score=group_score,
                    routed_scale=routed_scale)
     biases = {n: b for n, b in zip(expert_bias.NAMES, (b_gate, b_up, b_down)) if b is not None}
-    if sharding is not None and biases:
-        raise NotImplementedError(f"{' / '.join(biases)}: expert biases are not supported by the partitioned op "
-                                  "(sharding=...) yet; call moe_ffn without sharding (XLA partitions it) or add "
-                                  "them outside")
     if sharding is not None:
         from moe_ops.partitioned import moe_ffn_partitioned  # noqa: PLC0415 (partitioned imports this module)
         return moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, top_k=top_k, sharding=sharding,
                                    activation=activation, score_fn=score_fn, implementation=implementation,
-                                   router_bias=router_bias, **routing)
+                                   router_bias=router_bias, **routing, **biases)
     check_weights(x, router_logits, w_gate, w_up, w_down)
     expert_bias.check(b_gate, b_up, b_down, w_gate, w_down)
     routing = check_routing(router_logits, top_k, router_bias, **routing)

@@ -11,9 +11,11 @@ the operand shardings and fixes:
 3. the per-shard function: one of the strategies with collectives over the named axes.
 4. router_bias ``[E]`` (``moe_ffn``'s selection bias; zeros when not given, then unused): replicated. The other
    routing options are static (``_Static``); every shard routes its tokens over all E experts.
+5. expert biases b_gate / b_up ``[E, F]``, b_down ``[E, D]`` (zeros when not given, then unused): sharded like
+   their weights' E and F; under ``ep_tp`` b_down is replicated over the expert axis and added by its index 0.
 
-The backward runs ``jax.vjp`` of the same per-shard function (recomputing the forward) for x, router_logits and
-the weights; router_bias, which only moves the selection, gets zeros from the custom VJP. Its collectives are
+The backward runs ``jax.vjp`` of the same per-shard function (recomputing the forward) for x, router_logits, the
+weights and the expert biases; router_bias, which only moves the selection, gets zeros from the custom VJP. Its collectives are
 transposed per device (psum -> psum, all_gather -> psum_scatter, all_to_all -> all_to_all), which is the exact
 transpose of the global map once (a) the cotangent of an output replicated over mesh axes R is divided by |R| and
 (b) the gradient of an input replicated over axes R' is psum'd over R' (``_replicated_axes``).
@@ -36,10 +38,10 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from kernels.activation import GatedActivation
-from moe_ops import backend, layer, partitioned_vmap, validation, vma
+from moe_ops import backend, expert_bias, layer, partitioned_vmap, validation, vma
 from moe_ops.ep_strategies import moe_ffn_shard
-from moe_ops.sharding import (MoEShardingConfig, auto_axes_like, choose_strategy, remove_axes, spec_axes,
-                              weight_spec)
+from moe_ops.ep_plan import Plan, plan
+from moe_ops.sharding import MoEShardingConfig, auto_axes_like, spec_axes
 
 __all__ = ["moe_ffn_partitioned", "moe_ffn_shard", "Plan", "plan"]  # moe_ffn_shard: ep_strategies
 
@@ -59,82 +61,16 @@ class _Static:
     top_groups: int | None = None
     group_score: str = "top2_sum"
     routed_scale: float = 1.0
+    biases: tuple = ()  # the names of the caller's expert biases (the other bias operands are zeros, unused)
+
+    def bias_kw(self, b_gate, b_up, b_down):
+        """The expert-bias keywords, with the operands the caller did not give left out."""
+        return {n: b for n, b in zip(expert_bias.NAMES, (b_gate, b_up, b_down)) if n in self.biases}
 
     def routing(self, router_bias):
         """``moe_ffn``'s routing keywords, with the bias operand (ignored unless ``has_bias``)."""
         names = ("renormalize", "num_groups", "top_groups", "group_score", "routed_scale")
         return dict(router_bias=router_bias if self.has_bias else None, **{n: getattr(self, n) for n in names})
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """What the partition rule decided (see module docstring items 1-3); specs come from ``sharding``'s rules."""
-    strategy: str
-    token_axes: tuple
-    expert_axis: str
-    fsdp_axis: str | None
-    mesh_axis_names: tuple = ()
-
-    @property
-    def tokens_on_expert(self):
-        return self.expert_axis in self.token_axes
-
-    def token_spec(self):
-        return P(self.token_axes or None, None)
-
-    def weight_specs(self):
-        """Specs of (w_gate, w_up, w_down) at the op boundary: E over (expert, fsdp), or for ep_tp E over fsdp and
-        F over expert."""
-        cfg = MoEShardingConfig(expert_axis=self.expert_axis, fsdp_axis=self.fsdp_axis)
-        kw = dict(mesh_axis_names=self.mesh_axis_names, tensor_parallel=self.strategy == "ep_tp")
-        w_in = weight_spec(cfg, **kw)
-        return w_in, w_in, weight_spec(cfg, down=True, **kw)
-
-    def arg_specs(self):
-        """Specs of (x, router_logits, w_gate, w_up, w_down, router_bias): the bias is replicated."""
-        return (self.token_spec(), self.token_spec()) + self.weight_specs() + (P(None),)
-
-
-def _operand_token_axes(sharding):
-    spec = getattr(sharding, "spec", None)
-    return spec_axes(spec[0]) if spec is not None and len(spec) > 0 else ()
-
-
-def plan(config: MoEShardingConfig, mesh, x_sharding, num_tokens: int, num_experts: int, hidden_f: int) -> Plan:
-    """The partition decision for x [T, D] with sharding ``x_sharding`` (may be None) on ``mesh``."""
-    axis = config.expert_axis
-    if axis not in mesh.axis_names:
-        raise ValueError(f"sharding.expert_axis {axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}: the "
-                         f"mesh lacks the expert axis (name it in MoEShardingConfig(expert_axis=...))")
-    ep = mesh.shape[axis]
-    strategy = choose_strategy(config, num_tokens, ep)
-    if num_experts % ep and config.strategy == "auto" and hidden_f % ep == 0:
-        strategy = "ep_tp"  # the experts do not split over the axis, F does: every device keeps all E experts
-    if strategy == "ep_tp" and hidden_f % ep:
-        if config.strategy == "ep_tp" or num_experts % ep:
-            raise ValueError(f"strategy ep_tp splits w_gate's F={hidden_f} over the expert axis {axis!r} of size "
-                             f"{ep}: F must be a multiple of {ep} (or use strategy 'ring' / 'all_to_all' with E a "
-                             f"multiple of {ep}; E={num_experts})")
-        strategy = "ring"
-    if strategy != "ep_tp" and num_experts % ep:
-        raise ValueError(f"w_gate / w_up / w_down have E={num_experts} experts, which do not split over the expert "
-                         f"axis {axis!r} of size {ep} (strategy {strategy!r}): E must be a multiple of {ep}, or use "
-                         f"strategy 'ep_tp' (F split over the axis)")
-    axes = [a for a in dict.fromkeys(_operand_token_axes(x_sharding) or config.batch_axes) if a in mesh.axis_names]
-    if strategy == "all_to_all" and axis not in axes:
-        axes.append(axis)
-    if strategy == "ep_tp":  # replicated batch: drop expert from the token spec
-        axes = list(spec_axes(remove_axes(P(tuple(axes)), axis)[0]))
-    kept, size = [], 1
-    for a in axes:  # keep the axes whose product divides T
-        if num_tokens % (size * mesh.shape[a]) == 0:
-            kept.append(a)
-            size *= mesh.shape[a]
-    fsdp = config.fsdp_axis
-    e_split = 1 if strategy == "ep_tp" else ep
-    if fsdp not in mesh.axis_names or fsdp == axis or num_experts % (e_split * mesh.shape[fsdp]):
-        fsdp = None
-    return Plan(strategy, tuple(kept), axis, fsdp, tuple(mesh.axis_names))
 
 
 def _known_mesh(*operands):
@@ -163,14 +99,14 @@ def _checked_rule(rule: str):
 
 
 def _shard_fn(static: _Static, p: Plan):
-    """The per-shard function of (x, router_logits, w_gate, w_up, w_down, router_bias)."""
+    """The per-shard function of (x, router_logits, w_gate, w_up, w_down, router_bias, b_gate, b_up, b_down)."""
     cfg = dataclasses.replace(static.config, strategy=p.strategy)
 
-    def shard(x, router_logits, w_gate, w_up, w_down, router_bias):
+    def shard(x, router_logits, w_gate, w_up, w_down, router_bias, b_gate, b_up, b_down):
         return moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, top_k=static.top_k, config=cfg,
                              tokens_on_expert=p.tokens_on_expert, fsdp_axis=p.fsdp_axis, activation=static.activation,
                              score_fn=static.score_fn, implementation=static.implementation,
-                             **static.routing(router_bias))
+                             **static.routing(router_bias), **static.bias_kw(b_gate, b_up, b_down))
     return shard
 
 
@@ -225,17 +161,22 @@ def _named(mesh, specs):
     return tuple(NamedSharding(mesh, s) for s in specs)
 
 
-def _single_device(x, router_logits, w_gate, w_up, w_down, router_bias, static):
+def _single_device(x, router_logits, w_gate, w_up, w_down, router_bias, b_gate, b_up, b_down, static):
     with validation.checked(False):  # traced inside custom_partitioning too (see _per_shard)
         return layer.moe_ffn(x, router_logits, w_gate, w_up, w_down, top_k=static.top_k,
                              activation=static.activation, score_fn=static.score_fn,
-                             implementation=static.implementation, **static.routing(router_bias))
+                             implementation=static.implementation, **static.routing(router_bias),
+                             **static.bias_kw(b_gate, b_up, b_down))
+
+
+_OPERANDS = 9   # x, router_logits, w_gate, w_up, w_down, router_bias, b_gate, b_up, b_down
+_DIFF = (0, 1, 2, 3, 4, 6, 7, 8)  # the differentiable ones (router_bias only selects: a zero gradient)
 
 
 # ---- forward op ------------------------------------------------------------------------------------------------
-@functools.partial(custom_partitioning, static_argnums=(6,))
-def _forward(x, router_logits, w_gate, w_up, w_down, router_bias, static):
-    return _single_device(x, router_logits, w_gate, w_up, w_down, router_bias, static)
+@functools.partial(custom_partitioning, static_argnums=(_OPERANDS,))
+def _forward(x, router_logits, w_gate, w_up, w_down, router_bias, b_gate, b_up, b_down, static):
+    return _single_device(x, router_logits, w_gate, w_up, w_down, router_bias, b_gate, b_up, b_down, static)
 
 
 def _forward_partition(static, mesh, arg_shapes, result_shape):
@@ -256,38 +197,52 @@ def _propagate_user(static, mesh, user_shape):
     return NamedSharding(mesh, P(spec[0] if len(spec) else None, None))
 
 
-_FWD_RULE = "t d, t e, w i f, w i f, w f i, e -> t d"  # the last operand: router_bias [E], replicated
+# router_bias [E] (replicated), then the expert biases [E, F], [E, F], [E, D] (sharded like their weights)
+_FWD_RULE = "t d, t e, w i f, w i f, w f i, e, w f, w f, w i -> t d"
 _forward.def_partition(partition=_forward_partition, infer_sharding_from_operands=_forward_infer,
                        propagate_user_sharding=_propagate_user, sharding_rule=_checked_rule(_FWD_RULE))
 
 
-# ---- backward op: gradients of x, router_logits and the weights (router_bias only selects: its gradient is zero,
-# which ``_moe_bwd`` returns without a partitioned output) ------------------------------------------------------
-def _backward_one_device(x, router_logits, w_gate, w_up, w_down, router_bias, dy, static):
-    _, vjp = jax.vjp(lambda *a: _single_device(*a, router_bias, static), x, router_logits, w_gate, w_up, w_down)
+# ---- backward op: gradients of x, router_logits, the weights and the expert biases (router_bias only selects: its
+# gradient is zero, which ``_moe_bwd`` returns without a partitioned output) -------------------------------------
+def _grads(fn, args, dy):
+    """``jax.vjp`` of ``fn(*args)`` w.r.t. the differentiable operands (``_DIFF``) at cotangent ``dy``."""
+    def diff(*d):
+        full = list(args)
+        for i, a in zip(_DIFF, d):
+            full[i] = a
+        return fn(*full)
+    _, vjp = jax.vjp(diff, *(args[i] for i in _DIFF))
     return vjp(dy)
 
 
-@functools.partial(custom_partitioning, static_argnums=(7,))
-def _backward(x, router_logits, w_gate, w_up, w_down, router_bias, dy, static):
-    return _backward_one_device(x, router_logits, w_gate, w_up, w_down, router_bias, dy, static)
+def _backward_one_device(*args):
+    *operands, dy, static = args
+    return _grads(lambda *a: _single_device(*a, static), operands, dy)
+
+
+@functools.partial(custom_partitioning, static_argnums=(_OPERANDS + 1,))
+def _backward(x, router_logits, w_gate, w_up, w_down, router_bias, b_gate, b_up, b_down, dy, static):
+    return _backward_one_device(x, router_logits, w_gate, w_up, w_down, router_bias, b_gate, b_up, b_down, dy,
+                                static)
 
 
 def _backward_partition(static, mesh, arg_shapes, result_shape):
     p = _plan_from_args(static, mesh, arg_shapes)
     if p is None:
         return (mesh, _per_shard(lambda *a: _backward_one_device(*a, static)),
-                tuple(a.sharding for a in arg_shapes[:5]), tuple(a.sharding for a in arg_shapes))
+                tuple(arg_shapes[i].sharding for i in _DIFF), tuple(a.sharding for a in arg_shapes))
     specs = p.arg_specs()
+    grad_specs = tuple(specs[i] for i in _DIFF)
     shard = _shard_fn(static, p)
     out_copies = math.prod(mesh.shape[a] for a in _replicated_axes(mesh, p.token_spec()))
 
-    def lower(x, router_logits, w_gate, w_up, w_down, router_bias, dy):
-        _, vjp = jax.vjp(lambda *a: shard(*a, router_bias), x, router_logits, w_gate, w_up, w_down)
-        grads = vjp((dy / out_copies).astype(dy.dtype))
-        return tuple(_psum(g, _replicated_axes(mesh, s)) for g, s in zip(grads, specs))
+    def lower(*args):
+        *operands, dy = args
+        grads = _grads(shard, operands, (dy / out_copies).astype(dy.dtype))
+        return tuple(_psum(g, _replicated_axes(mesh, s)) for g, s in zip(grads, grad_specs))
 
-    return mesh, _per_shard(lower), _named(mesh, specs[:5]), _named(mesh, specs + (p.token_spec(),))
+    return mesh, _per_shard(lower), _named(mesh, grad_specs), _named(mesh, specs + (p.token_spec(),))
 
 
 def _psum(g, axes):
@@ -296,10 +251,13 @@ def _psum(g, axes):
 
 def _backward_infer(static, mesh, arg_shapes, result_shape):
     p = _plan_from_args(static, mesh, arg_shapes)
-    return tuple(a.sharding for a in arg_shapes[:5]) if p is None else _named(mesh, p.arg_specs()[:5])
+    if p is None:
+        return tuple(arg_shapes[i].sharding for i in _DIFF)
+    specs = p.arg_specs()
+    return _named(mesh, tuple(specs[i] for i in _DIFF))
 
 
-_BWD_RULE = "t d, t e, w i f, w i f, w f i, e, t d -> t d, t e, w i f, w i f, w f i"
+_BWD_RULE = "t d, t e, w i f, w i f, w f i, e, w f, w f, w i, t d -> t d, t e, w i f, w i f, w f i, w f, w f, w i"
 _backward.def_partition(partition=_backward_partition, infer_sharding_from_operands=_backward_infer,
                         sharding_rule=_checked_rule(_BWD_RULE))
 
@@ -310,20 +268,21 @@ _backward_b = partitioned_vmap.batched(_backward, partitioned_vmap.no_fold)  # p
 
 
 # ---- differentiable op -----------------------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _moe(x, router_logits, w_gate, w_up, w_down, router_bias, static):
-    return _forward_b(x, router_logits, w_gate, w_up, w_down, router_bias, static)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(_OPERANDS,))
+def _moe(x, router_logits, w_gate, w_up, w_down, router_bias, b_gate, b_up, b_down, static):
+    return _forward_b(x, router_logits, w_gate, w_up, w_down, router_bias, b_gate, b_up, b_down, static)
 
 
-def _moe_fwd(x, router_logits, w_gate, w_up, w_down, router_bias, static):
-    operands = (x, router_logits, w_gate, w_up, w_down, router_bias)
-    return _forward_b(*operands, static), operands
+def _moe_fwd(*args):
+    *operands, static = args
+    return _forward_b(*operands, static), tuple(operands)
 
 
 def _moe_bwd(static, residuals, dy):
-    """Gradients of the five differentiable operands from the backward op; router_bias [E] f32 gets zeros (it moves
-    the selection only, a step function of it)."""
-    return tuple(_backward_b(*residuals, dy, static)) + (jnp.zeros_like(residuals[5]),)
+    """Gradients of the eight differentiable operands from the backward op; router_bias [E] f32 gets zeros (it
+    moves the selection only, a step function of it)."""
+    grads = tuple(_backward_b(*residuals, dy, static))
+    return grads[:5] + (jnp.zeros_like(residuals[5]),) + grads[5:]
 
 
 _moe.defvjp(_moe_fwd, _moe_bwd)
@@ -332,13 +291,17 @@ _moe.defvjp(_moe_fwd, _moe_bwd)
 @validation.numpy_floats_as_jax
 def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, sharding: MoEShardingConfig,
                         activation="silu", score_fn="softmax", implementation=None, router_bias=None,
-                        renormalize=True, num_groups=None, top_groups=None, group_score="top2_sum", routed_scale=1.0):
+                        renormalize=True, num_groups=None, top_groups=None, group_score="top2_sum", routed_scale=1.0,
+                        b_gate=None, b_up=None, b_down=None):
     """``layer.moe_ffn`` partitioned over the mesh of its operands' shardings: x [..., D], router_logits [..., E],
     w_gate/w_up [E, D, F], w_down [E, F, D] -> x's shape (see module docstring); the routing options are
-    ``moe_ffn``'s (``router_bias`` [E]: an operand of the partitioned ops, replicated, with a zero gradient)."""
+    ``moe_ffn``'s (``router_bias`` [E]: an operand of the partitioned ops, replicated, with a zero gradient);
+    ``b_gate`` / ``b_up`` [E, F], ``b_down`` [E, D]: expert biases, sharded like their weights (item 5)."""
     if not isinstance(sharding, MoEShardingConfig):
         raise TypeError(f"sharding must be a MoEShardingConfig, got {type(sharding).__name__}")
     layer.check_weights(x, router_logits, w_gate, w_up, w_down)
+    expert_bias.check(b_gate, b_up, b_down, w_gate, w_down)
+    given = {n: b for n, b in zip(expert_bias.NAMES, (b_gate, b_up, b_down)) if b is not None}
     activation = layer.check_activation(activation)   # a GatedActivation: hashable, as the static part must be
     top_k = layer.check_top_k(top_k, w_gate.shape[0])  # an int (the static part must hash as one)
     routing = layer.check_routing(router_logits, top_k, router_bias, renormalize, num_groups, top_groups,
@@ -346,15 +309,18 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
     dims = (math.prod(x.shape[:-1]), w_gate.shape[0], w_gate.shape[2])
     if 0 in x.shape or 0 in w_gate.shape:  # nothing to exchange: zeros and zero gradients, as on one device
         return layer.moe_ffn(x, router_logits, w_gate, w_up, w_down, top_k=top_k, activation=activation,
-                             score_fn=score_fn, implementation=implementation, **routing)
+                             score_fn=score_fn, implementation=implementation, **routing, **given)
     bias = routing.pop("router_bias")
     static = _Static(top_k, activation, score_fn, implementation, sharding, dims, has_bias=bias is not None,
-                     **routing)
-    # always an operand (zeros when None, then unused: without a bias the selection is by logits, not scores + 0)
+                     biases=tuple(given), **routing)
+    # always operands (zeros when None, then unused: without a bias the selection is by logits, not scores + 0)
     bias = jnp.zeros((w_gate.shape[0],), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    e, d, f = w_gate.shape
+    expert_biases = [given.get(n, jnp.zeros(shape, w_gate.dtype))
+                     for n, shape in zip(expert_bias.NAMES, ((e, f), (e, f), (e, d)))]
     # inside a shard_map manual over part of the mesh: replicated weights' cotangents must be psum'd over the token
     # shards' manual axes, which the cast to their union does in its transpose (no-op outside shard_map)
-    operands = vma.match_vma(x, router_logits, w_gate, w_up, w_down, bias)
+    operands = vma.match_vma(x, router_logits, w_gate, w_up, w_down, bias, *expert_biases)
     mesh = _known_mesh(*operands)
     if mesh is not None:  # the partition rule's own checks, at trace time (else they fail inside the compiler)
         plan(sharding, mesh, None, *dims)
@@ -370,10 +336,10 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
     return run(*operands)
 
 
-def _flat(x, router_logits, w_gate, w_up, w_down, router_bias, static):
-    """The op on x / router_logits flattened to [T, D] / [T, E]; the result in x's shape."""
-    out = _moe(x.reshape(-1, x.shape[-1]), router_logits.reshape(-1, router_logits.shape[-1]), w_gate, w_up, w_down,
-               router_bias, static)
+def _flat(x, router_logits, *rest, static):
+    """The op on x / router_logits flattened to [T, D] / [T, E] (``rest``: the weights and biases); the result in
+    x's shape."""
+    out = _moe(x.reshape(-1, x.shape[-1]), router_logits.reshape(-1, router_logits.shape[-1]), *rest, static)
     return out.reshape(x.shape)
 
 

@@ -138,8 +138,84 @@ def test_argument_errors():
     for name, bad, match in cases:
         with pytest.raises((ValueError, TypeError), match=match):
             moe_ops.moe_ffn(x, logits, *ws, top_k=2, **{name: bad})
-    with pytest.raises(NotImplementedError, match="b_gate / b_down: expert biases"):
-        moe_ops.moe_ffn(x, logits, *ws, top_k=2, b_gate=bg, b_down=bd, sharding=moe_ops.MoEShardingConfig())
+    with pytest.raises(ValueError, match=r"b_down must be \[E,D\]"):
+        moe_ops.moe_ffn(x, logits, *ws, top_k=2, b_gate=bg, b_down=bg, sharding=moe_ops.MoEShardingConfig())
     x2, (w, ids) = x.reshape(-1, d), moe_ops.route(logits.reshape(-1, e), 2)
     with pytest.raises(ValueError, match="swiglu=True"):
         moe_ops.fused_experts_ffn(x2, w, ids, *ws, swiglu=True, b_up=bu, implementation="xla")
+
+
+@pytest.mark.parametrize("strategy,tokens_on_expert,fsdp", [
+    ("all_to_all", True, False), ("ring", True, False), ("ep_tp", False, False), ("all_to_all", False, True),
+    pytest.param("ring", False, True, marks=pytest.mark.slow)])
+def test_inside_user_shard_map(strategy, tokens_on_expert, fsdp):
+    """``moe_ffn_shard`` with the biases as local blocks laid out like the weights (ep_tp: b_gate / b_up split on F,
+    b_down replicated over the expert axis and added once), E over (expert, fsdp) when ``fsdp``; forward and the
+    eight gradients against the dense layer (check_vma on)."""
+    from jax.sharding import AxisType, PartitionSpec as P
+    t, d, f, e = 32, 16, 16, 8
+    mesh = jax.make_mesh((2, 4), ("fsdp" if fsdp else "data", "expert"), axis_types=(AxisType.Auto,) * 2)
+    k = keys(42, 6)
+    x, logits = randn(k[0], (t, d)), randn(k[1], (t, e))
+    ws = (randn(k[2], (e, d, f), scale=0.3), randn(k[3], (e, d, f), scale=0.3), randn(k[4], (e, f, d), scale=0.3))
+    bs = _biases(43, e, d, f)
+    batch = ("fsdp" if fsdp else "data",)
+    tokens = P(batch + ("expert",)) if tokens_on_expert else P(batch)
+    e_axes = ("expert", "fsdp") if fsdp else "expert"
+    if strategy == "ep_tp":
+        w_specs = (P(None, None, "expert"),) * 2 + (P(None, "expert", None),)
+        b_specs = (P(None, "expert"),) * 2 + (P(None, None),)
+    else:
+        w_specs, b_specs = (P(e_axes),) * 3, (P(e_axes),) * 3
+    config = moe_ops.MoEShardingConfig(strategy=strategy)
+
+    def shard(x, lg, wg, wu, wd, bg, bu, bd):
+        return moe_ops.moe_ffn_shard(x, lg, wg, wu, wd, top_k=2, config=config, tokens_on_expert=tokens_on_expert,
+                                     fsdp_axis="fsdp" if fsdp else None, activation=CLAMPED, implementation="xla",
+                                     b_gate=bg, b_up=bu, b_down=bd)
+    fn = jax.shard_map(shard, mesh=mesh, in_specs=(tokens, tokens) + w_specs + b_specs, out_specs=tokens)
+    args = (x, logits, *ws, *bs)
+    cot = randn(k[5], (t, d))
+    dense = functools.partial(R.moe_ffn_dense, activation=CLAMPED)
+    out = jax.jit(fn)(*args)
+    assert_close(out, dense(*args[:5], top_k=2, b_gate=bs[0], b_up=bs[1], b_down=bs[2]), 1e-5, "forward")
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * cot), argnums=range(8)))(*args)
+    want = jax.grad(lambda *a: jnp.sum(dense(*a[:5], top_k=2, b_gate=a[5], b_up=a[6], b_down=a[7]) * cot),
+                    argnums=range(8))(*args)
+    for name, g, w in zip(NAMES, got, want):
+        assert_close(g, w, 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("strategy,fsdp,shardy", [
+    ("all_to_all", False, True), ("ring", False, True), ("ep_tp", False, True), ("all_to_all", True, True),
+    ("all_to_all", False, False), pytest.param("ep_tp", True, False, marks=pytest.mark.slow)])
+def test_partitioned_layer(strategy, fsdp, shardy):
+    """``moe_ffn(sharding=...)`` with b_gate and b_down (b_up left out): the custom-partitioned op shards them like
+    their weights; forward and the gradients (b_up's: None in, nothing out) against the dense layer."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from tests.helpers import partitioner
+    t, d, f, e = 32, 16, 16, 8
+    mesh = jax.make_mesh((2, 4), ("fsdp" if fsdp else "data", "expert"), axis_types=(AxisType.Auto,) * 2)
+    k = keys(44, 6)
+    x, logits = randn(k[0], (t, d)), randn(k[1], (t, e))
+    ws = (randn(k[2], (e, d, f), scale=0.3), randn(k[3], (e, d, f), scale=0.3), randn(k[4], (e, f, d), scale=0.3))
+    bg, _, bd = _biases(45, e, d, f)
+    config = moe_ops.MoEShardingConfig(strategy=strategy)
+    tokens = P(("fsdp" if fsdp else "data", "expert"))
+    placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip((x, logits, *ws, bg, bd), (tokens,) * 2 +
+                                                                         (P("expert"),) * 5)]
+    cot = randn(k[5], (t, d))
+
+    def ours(x, lg, wg, wu, wd, bg, bd):
+        return moe_ops.moe_ffn(x, lg, wg, wu, wd, top_k=2, sharding=config, activation=CLAMPED, b_gate=bg, b_down=bd)
+
+    def dense(x, lg, wg, wu, wd, bg, bd):
+        return R.moe_ffn_dense(x, lg, wg, wu, wd, top_k=2, activation=CLAMPED, b_gate=bg, b_down=bd)
+    args = (x, logits, *ws, bg, bd)
+    with partitioner(shardy):
+        out = jax.jit(ours)(*placed)
+        got = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * cot), argnums=range(7)))(*placed)
+    assert_close(out, dense(*args), 1e-5, "forward")
+    want = jax.grad(lambda *a: jnp.sum(dense(*a) * cot), argnums=range(7))(*args)
+    for name, g, w in zip(("x", "logits", "wg", "wu", "wd", "b_gate", "b_down"), got, want):
+        assert_close(g, w, 1e-5, f"d{name}")
