@@ -3,12 +3,13 @@ routings (uneven with dropped copies, empty experts, one expert taking everythin
 expert-sorted group sizes / row map of each. Shapes are tiny and not multiples of the 16x16x16 test tiles
 (T*k = 39 rows, K = 20, N = 24)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kernels.triton import tuning
 from moe_ops import reference as R
-from tests.helpers import randn
+from tests.helpers import keys, randn
 
 T, TOP_K, K, N, E = 13, 3, 20, 24, 5
 CFG = tuning.GmmConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1)
@@ -38,3 +39,14 @@ def routed(routing, seed):
 
 def rand_rhs(key, g, transpose, dtype, k=K, n=N):
     return randn(key, (g, n, k) if transpose else (g, k, n), dtype)
+
+
+def ffn_operands(seed, g_local, dtype=jnp.float32, d=K, f=N):
+    """x / dout [T, d], w_gate / w_up [g_local, d, f] and w_down [g_local, f, d] (unit-scale projections) and the
+    routing weights [T, k] of the SwiGLU FFN tests."""
+    ks = keys(seed, 6)
+    return dict(x=randn(ks[0], (T, d), dtype), dout=randn(ks[1], (T, d), dtype),
+                w_gate=randn(ks[2], (g_local, d, f), dtype, d ** -0.5),
+                w_up=randn(ks[3], (g_local, d, f), dtype, d ** -0.5),
+                w_down=randn(ks[4], (g_local, f, d), dtype, f ** -0.5),
+                weights=jax.random.uniform(ks[5], (T, TOP_K), jnp.float32, 0.1, 1.0))

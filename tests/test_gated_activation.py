@@ -24,7 +24,7 @@ from kernels.triton import swiglu as ts
 from moe_ops import GatedActivation, GPT_OSS, reference as R
 from tests.helpers import (POISON, SHAPES, TOL, assert_close, case_seed, grads_of, keys, layer_inputs, loss,
                            offset_array, randn)
-from tests.routed_cases import CFG, E, K, T, TOP_K, routed
+from tests.routed_cases import CFG, E, K, T, TOP_K, ffn_operands, routed
 
 CLAMPED = GatedActivation("silu", alpha=1.702, limit=0.75, up_offset=1.0)
 CLAMPED_RELU = GatedActivation("relu", limit=0.5, up_offset=-0.25)
@@ -93,15 +93,6 @@ def test_spec_is_static_and_names_still_work():
 # ---------------------------------------------------------------------------------------------------------------
 # Kernel epilogues against the reference.
 
-def _operands(seed, g_local, dtype=jnp.float32, d=K, f=F):
-    ks = keys(seed, 6)
-    return dict(x=randn(ks[0], (T, d), dtype), dout=randn(ks[1], (T, d), dtype),
-                w_gate=randn(ks[2], (g_local, d, f), dtype, d ** -0.5),
-                w_up=randn(ks[3], (g_local, d, f), dtype, d ** -0.5),
-                w_down=randn(ks[4], (g_local, f, d), dtype, f ** -0.5),
-                weights=jax.random.uniform(ks[5], (T, TOP_K), jnp.float32, 0.1, 1.0))
-
-
 def _projections(o, sizes, sort_idx, off):
     kw = dict(group_offset=off, preferred_element_type=jnp.float32)
     rows = o["x"][sort_idx // TOP_K]
@@ -121,7 +112,7 @@ def test_triton_kernels(spec, routing, off, g_local, dtype):
     """Forward (h; saved mode's gate / up), and the backward kernel recomputing and from saved gate / up (a 16x16
     tile and the split epilogue's 64x128 tile with F = 100), against ``reference.swiglu_down_bwd``."""
     _, sizes, sort_idx = routed(routing, case_seed(routing, "act"))
-    o = _operands(case_seed("triton", routing), g_local, dtype)
+    o = ffn_operands(case_seed("triton", routing), g_local, dtype)
     gate, up = _projections(o, sizes, sort_idx, off)
     assert 0.1 < float(jnp.mean(jnp.abs(up[gate != 0]) > spec.limit)) < 0.9, "the clamp must bind on the data"
     h, g_saved, u_saved = ts.swiglu_gmm_saved(o["x"], o["w_gate"], o["w_up"], sizes, offset_array(off), sort_idx,
@@ -142,7 +133,7 @@ def test_triton_kernels(spec, routing, off, g_local, dtype):
 
 def test_triton_split_epilogue():
     _, sizes, sort_idx = routed("uneven_dropped", 5)
-    o = _operands(6, 3, f=100)
+    o = ffn_operands(6, 3, f=100)
     gate, up = (p.astype(jnp.float32) for p in _projections(o, sizes, sort_idx, 1))
     w_sorted = o["weights"].reshape(-1)[sort_idx]
     ref = R.swiglu_down_bwd(o["x"], o["dout"], o["w_gate"], o["w_up"], o["w_down"], sizes, sort_idx, w_sorted, TOP_K,
@@ -157,7 +148,7 @@ def test_pallas_kernels():
     """Forward and both backward kernels (recompute, saved) in the Pallas interpreter (uninitialised memory NaN,
     out-of-bounds reads raise), D = F = 128."""
     _, sizes, sort_idx = routed("uneven_dropped", 8)
-    o = _operands(9, 3, d=128, f=128)
+    o = ffn_operands(9, 3, d=128, f=128)
     gate, up = _projections(o, sizes, sort_idx, 1)
     common = (sizes, offset_array(1), sort_idx, TOP_K)
     h, g_saved, u_saved = ps.swiglu_gmm_saved(o["x"], o["w_gate"], o["w_up"], *common, activation=CLAMPED,
@@ -182,7 +173,7 @@ def test_swiglu_gmm_gradients(impl):
     """dx, dw_gate, dw_up of ``swiglu_gmm``'s custom VJP vs jax.grad of the reference composition (middle shard)."""
     ids, sizes, sort_idx = routed("uneven_dropped", 11)
     d, f = (128, 128) if impl == "pallas" else (K, F)
-    o = _operands(case_seed(impl, "gmm"), 3, d=d, f=f)
+    o = ffn_operands(case_seed(impl, "gmm"), 3, d=d, f=f)
     cot = randn(keys(case_seed(impl, "cot"), 1)[0], (T * TOP_K, f))
 
     def ref(x, wg, wu):

@@ -13,19 +13,10 @@ import moe_ops
 from kernels.triton import gmm as tgmm_kernels, swiglu as ts, tuning
 from moe_ops import backend, swiglu
 from moe_ops import reference as R
-from tests.helpers import TOL, assert_close, case_seed, keys, layer_inputs, loss, offset_array, randn
-from tests.routed_cases import CFG, E, K, T, TOP_K, routed
+from tests.helpers import TOL, assert_close, case_seed, keys, loss, offset_array, randn
+from tests.routed_cases import CFG, E, K, T, TOP_K, ffn_operands, routed
 
 F = 24
-
-
-def _operands(seed, g_local, dtype, d=K, f=F):
-    ks = keys(seed, 6)
-    return dict(x=randn(ks[0], (T, d), dtype), dout=randn(ks[1], (T, d), dtype),
-                w_gate=randn(ks[2], (g_local, d, f), dtype, d ** -0.5),
-                w_up=randn(ks[3], (g_local, d, f), dtype, d ** -0.5),
-                w_down=randn(ks[4], (g_local, f, d), dtype, f ** -0.5),
-                weights=jax.random.uniform(ks[5], (T, TOP_K), jnp.float32, 0.1, 1.0))
 
 
 def _kernel_args(o, sizes, sort_idx, off):
@@ -56,7 +47,7 @@ def test_triton_kernel_parity(routing, activation, off, g_local, dtype):
     shards. The saved mode: the forward kernel's gate / up (checked against the reference projections) fed to the
     saved-mode kernel, which must give the same outputs."""
     _, sizes, sort_idx = routed(routing, case_seed(routing, "down_bwd"))
-    o = _operands(case_seed(routing, activation, "ops"), g_local, dtype)
+    o = ffn_operands(case_seed(routing, activation, "ops"), g_local, dtype)
     args = _kernel_args(o, sizes, sort_idx, off)
     ref = R.swiglu_down_bwd(*args[:6], sort_idx, args[-1], TOP_K, group_offset=off, activation=activation)
     got = ts.swiglu_down_bwd(*args, TOP_K, activation=activation, config=CFG)
@@ -86,7 +77,7 @@ def test_saved_kernel_split_epilogue(routing, activation, off, g_local, dtype):
     up loaded per half after the K loop). F = 100 with 64x128 tiles: the upper half (columns 64..127) is partly
     past F; outputs are poisoned by the bridge (unwritten rows show)."""
     _, sizes, sort_idx = routed(routing, case_seed(routing, "split"))
-    o = _operands(case_seed(routing, activation, "split"), g_local, dtype, f=100)
+    o = ffn_operands(case_seed(routing, activation, "split"), g_local, dtype, f=100)
     args = _kernel_args(o, sizes, sort_idx, off)
     ref = R.swiglu_down_bwd(*args[:6], sort_idx, args[-1], TOP_K, group_offset=off, activation=activation)
     xs = o["x"][sort_idx // TOP_K]
@@ -102,7 +93,7 @@ def test_saved_kernel_split_epilogue(routing, activation, off, g_local, dtype):
 @pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
 def test_xla_composition_matches_reference(activation):
     _, sizes, sort_idx = routed("uneven_dropped", 7)
-    o = _operands(case_seed("xla", activation), 3, jnp.float32)
+    o = ffn_operands(case_seed("xla", activation), 3, jnp.float32)
     args = _kernel_args(o, sizes, sort_idx, 1)
     xla = backend.ops("xla")
     got = backend.compose_swiglu_down_bwd(*args, TOP_K, ops=xla, activation=activation)
@@ -134,7 +125,7 @@ def test_op_gradients_on_expert_shard(impl, activation, recompute):
     reference composition, on the middle shard of experts (others: zero output, zero gradient)."""
     _, sizes, sort_idx = routed("uneven_dropped", 11)
     d, f = (128, 128) if impl == "pallas" else (K, F)   # Pallas: lane-dense blocks
-    o = _operands(case_seed(impl, activation, "op"), 3, jnp.float32, d, f)
+    o = ffn_operands(case_seed(impl, activation, "op"), 3, jnp.float32, d, f)
     cot = randn(keys(case_seed(impl, "cot"), 1)[0], (T, d))
     inputs = (o["x"], o["w_gate"], o["w_up"], o["w_down"], o["weights"])
     ours = lambda *a: swiglu.swiglu_ffn(*a[:4], sizes, sort_idx, a[4], group_offset=1, activation=activation,
@@ -151,7 +142,7 @@ def test_op_gradients_on_expert_shard(impl, activation, recompute):
 def test_vmap_matches_per_example(recompute):
     """Under vmap the kernels give way to the composition (custom_vmap): same values and gradients per example."""
     _, sizes, sort_idx = routed("empty_groups", 5)
-    batch = [_operands(case_seed("vmap", i), E, jnp.float32) for i in range(2)]
+    batch = [ffn_operands(case_seed("vmap", i), E, jnp.float32) for i in range(2)]
     stacked = {n: jnp.stack([b[n] for b in batch]) for n in batch[0]}
 
     def loss(x, w_gate, w_up, w_down, weights):
@@ -170,7 +161,7 @@ def test_vmap_matches_per_example(recompute):
 
 def test_errors_name_the_argument():
     _, sizes, sort_idx = routed("uneven_dropped", 1)
-    o = _operands(1, E, jnp.float32)
+    o = ffn_operands(1, E, jnp.float32)
     args = (o["x"], o["w_gate"], o["w_up"], o["w_down"], sizes, sort_idx)
     with pytest.raises(ValueError, match="weights"):
         swiglu.swiglu_ffn(*args, o["weights"][:, :1])
@@ -190,7 +181,7 @@ def test_triton_gather_tgmm_parity(gather_lhs, gather_rhs, off, g_local, dtype):
     the two): equal to tgmm of the gathered copies; the groups' rows are not multiples of the 16-row chunk (masked
     tail)."""
     _, sizes, sort_idx = routed("uneven_dropped", case_seed("gather_tgmm", gather_lhs, gather_rhs))
-    o = _operands(case_seed("gtgmm", off), g_local, dtype)
+    o = ffn_operands(case_seed("gtgmm", off), g_local, dtype)
     sorted_rows = randn(keys(case_seed("rows", off), 1)[0], (T * TOP_K, F), dtype)
     token_rows = randn(keys(case_seed("tokens", off), 1)[0], (T, F), dtype)
     lhs = o["x"] if gather_lhs else sorted_rows
