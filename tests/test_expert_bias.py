@@ -219,3 +219,22 @@ def test_partitioned_layer(strategy, fsdp, shardy):
     want = jax.grad(lambda *a: jnp.sum(dense(*a) * cot), argnums=range(7))(*args)
     for name, g, w in zip(("x", "logits", "wg", "wu", "wd", "b_gate", "b_down"), got, want):
         assert_close(g, w, 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("impl,fused", [("xla", None), ("xla", False), ("triton", None), ("triton", False)])
+def test_nan_biases_of_an_unpicked_expert_reach_nothing(impl, fused):
+    """Expert 0 is nobody's choice and its three biases are NaN: the output is the dense layer's with finite biases,
+    and those biases get exact zero gradients (the module doc's selection, as for weights)."""
+    b, s, d, f, e = SHAPES[impl]
+    x, logits, ws = layer_inputs(SHAPES[impl], "hot", seed=46)
+    logits = logits.at[..., 0].add(-100.0)
+    bs = _biases(47, e, d, f)
+    poisoned = [bias.at[0].set(jnp.nan) for bias in bs]
+
+    def total(*biases):
+        return jnp.sum(moe_ops.moe_ffn(x, logits, *ws, top_k=2, implementation=impl, fused=fused,
+                                       **dict(zip(("b_gate", "b_up", "b_down"), biases))))
+    want = jnp.sum(R.moe_ffn_dense(x, logits, *ws, top_k=2, **dict(zip(("b_gate", "b_up", "b_down"), bs))))
+    assert_close(total(*poisoned), want, 1e-5, "output")
+    for name, g in zip(("b_gate", "b_up", "b_down"), jax.grad(total, argnums=(0, 1, 2))(*poisoned)):
+        assert np.all(np.asarray(g[0]) == 0) and np.all(np.isfinite(np.asarray(g))), name
