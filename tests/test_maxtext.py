@@ -257,3 +257,34 @@ def test_maxtext_style_moe_block(impl):
         x, logits, w0, w1, wo)
     for name, a, b in zip(["x", "logits", "w0", "w1", "wo"], grads, ref):
         assert_close(a, b, 1e-4, f"{impl} d{name}")
+
+
+def _apply_ffn_activation(decoder_block, act, limit, w0, w1):
+    """MaxText's ``RoutedMoE.apply_ffn_activation`` transcribed (flax.linen activations are jax.nn's)."""
+    activation_fn = getattr(jax.nn, act)
+    if decoder_block == "gpt_oss":
+        w0 = jnp.clip(w0, None, limit)
+        w1 = jnp.clip(w1, -limit, limit)
+        return w0 * activation_fn(w0 * 1.702) * (w1 + 1)
+    if decoder_block in ("deepseek", "deepseek4") and limit > 0.0:
+        w0 = jnp.clip(w0, None, limit)
+        w1 = jnp.clip(w1, -limit, limit)
+    return activation_fn(w0) * w1
+
+
+@pytest.mark.parametrize("decoder_block,act,limit", [
+    ("gpt_oss", "sigmoid", 7.0), ("gpt_oss", "sigmoid", 0.8), ("deepseek", "silu", 0.8), ("deepseek4", "silu", -1.0),
+    ("default", "silu", 0.8), ("llama2", "gelu", -1.0), ("mixtral", "relu", -1.0)])
+def test_ffn_activation_is_maxtexts(decoder_block, act, limit):
+    """``ffn_activation(...)`` through ``reference.activate`` equals MaxText's own activation on data that crosses
+    the limits."""
+    g, u = (randn(k, (4096,), scale=3.0) for k in keys(61, 2))
+    spec = maxtext.ffn_activation(decoder_block, (act, "linear"), limit)
+    assert_close(reference.activate(g, u, spec), _apply_ffn_activation(decoder_block, act, limit, g, u), 1e-6, decoder_block)
+
+
+def test_ffn_activation_refuses_what_the_kernels_lack():
+    with pytest.raises(NotImplementedError, match="sigmoid"):
+        maxtext.ffn_activation("gpt_oss", ("silu", "linear"), 7.0)
+    with pytest.raises(NotImplementedError, match="mlp_activations"):
+        maxtext.ffn_activation("default", ("tanh", "linear"))

@@ -20,6 +20,10 @@
   ``moe_ops.permute``). Random and hash routing raise ``NotImplementedError``.
 * ``local_permute`` / ``get_all_to_all_params`` / ``get_ragged_buffer_size``: the static methods, same arguments
   and results.
+* ``ffn_activation``: the ``activation`` argument (a ``moe_ops.GatedActivation``) that computes what
+  ``RoutedMoE.apply_ffn_activation`` does for the config fields ``decoder_block``, ``mlp_activations`` and
+  ``mlp_activations_limit`` (gpt-oss's clamped ``g * sigmoid(1.702 g) * (u + 1)``, DeepSeek's clamped SwiGLU);
+  MaxText's ``mlp_bias`` weights go to ``moe_ffn``'s ``b_gate`` / ``b_up`` / ``b_down``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import moe_ops
 from moe_ops import validation
 from moe_ops.integrations import maxtext_routing as routing
 
-__all__ = ["gmm", "tgmm", "permute", "unpermute", "local_permute", "get_all_to_all_params", "get_ragged_buffer_size"]
+__all__ = ["gmm", "tgmm", "permute", "unpermute", "local_permute", "get_all_to_all_params", "get_ragged_buffer_size",
+           "ffn_activation"]
 
 
 @validation.numpy_floats_as_jax
@@ -259,3 +264,28 @@ def get_ragged_buffer_size(local_batch, ep_degree, global_experts, top_k, ragged
     if ragged_buffer_factor > 0.0:
         return int(local_batch * ragged_buffer_factor)
     return int(local_batch * min(ep_degree, global_experts / top_k))
+
+
+_GATED = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu"}   # flax.linen names -> GatedActivation
+
+
+def ffn_activation(decoder_block="default", mlp_activations=("silu", "linear"), mlp_activations_limit=-1.0):
+    """``RoutedMoE.apply_ffn_activation`` of these config fields as a ``moe_ops.GatedActivation``.
+
+    ``gpt_oss``: ``min(g, L) * sigmoid(1.702 * min(g, L)) * (clip(u, -L, L) + 1)`` with ``mlp_activations[0] ==
+    "sigmoid"``; ``deepseek`` / ``deepseek4`` with a limit > 0: the clamped ``act(min(g, L)) * clip(u, -L, L)``;
+    otherwise ``act(g) * u``. Activations the kernels do not have raise ``NotImplementedError``."""
+    block = getattr(decoder_block, "value", decoder_block)   # MaxText's DecoderBlockType enum or its string
+    block = str(block).lower()
+    name = mlp_activations[0]
+    limit = float(mlp_activations_limit)
+    if block == "gpt_oss":
+        if name != "sigmoid" or limit <= 0:
+            raise NotImplementedError(f"decoder_block gpt_oss runs g * {name}(1.702 g) * (u + 1) clipped at "
+                                      f"mlp_activations_limit={limit}: only 'sigmoid' with a limit > 0 (gpt-oss's) "
+                                      "is a moe_ops.GatedActivation")
+        return moe_ops.GatedActivation("silu", alpha=1.702, limit=limit, up_offset=1.0)
+    if name not in _GATED:
+        raise NotImplementedError(f"mlp_activations[0]={name!r}: the gated kernels run {sorted(_GATED)}")
+    clamped = block in ("deepseek", "deepseek4") and limit > 0
+    return moe_ops.GatedActivation(_GATED[name], limit=limit if clamped else None)
