@@ -232,7 +232,7 @@ def activate(gate, up, activation="silu"):
         act = jax.nn.silu(g) if spec.alpha == 1.0 else g * jax.nn.sigmoid(spec.alpha * g)
     else:
         act = {"gelu": jax.nn.gelu, "relu": jax.nn.relu}[spec.name](g)
-    return act * (u + spec.up_offset)
+    return act * (u + spec.up_offset if spec.up_offset else u)
 
 
 def activation_grad(gate, activation="silu"):
@@ -263,7 +263,7 @@ def activation_parts(gate, up, activation="silu"):
     _, u = _clamped(jnp.zeros((), jnp.float32), up, spec)
     lim = spec.limit
     du = jnp.ones_like(u) if lim is None else jnp.where((u >= lim) | (u <= -lim), 0.0, 1.0)
-    return a, da, u + spec.up_offset, du
+    return a, da, u + spec.up_offset if spec.up_offset else u, du
 
 
 def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, sort_idx, w_sorted, top_k, *, group_offset=None,

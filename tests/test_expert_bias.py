@@ -88,12 +88,12 @@ def test_experts_ffn_on_a_shard_with_rows_beyond_the_groups():
         h = R.activate(R.gmm(xs, wg, sizes, **kw) + pick(bg), R.gmm(xs, wu, sizes, **kw) + pick(bu), CLAMPED)
         return R.gmm(h, wd, sizes, **kw) + pick(bd)
     args = (xs, wg, wu, wd, bg, bu, bd)
-    out = ours(*args)
+    out = jax.jit(ours)(*args)
     assert_close(out, ref(*args), 1e-5, "forward")
     rows = np.arange(m)
     assert np.all(np.asarray(out)[(rows < 5) | (rows >= 24)] == 0), "rows outside local groups must be zero"
     cot = randn(keys(38, 1)[0], (m, d))
-    got = jax.grad(lambda *a: jnp.sum(ours(*a) * cot), argnums=range(7))(*args)
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * cot), argnums=range(7)))(*args)
     for name, g, w in zip(("xs", "wg", "wu", "wd", "bg", "bu", "bd"), got,
                           jax.grad(lambda *a: jnp.sum(ref(*a) * cot), argnums=range(7))(*args)):
         assert_close(g, w, 1e-5, f"d{name}")
@@ -115,7 +115,7 @@ def test_dropped_copies_add_no_bias():
     ids = jax.random.randint(k[4], (t, 2), 0, e).at[3, 1].set(e).at[7, 0].set(-1)
     weights = jnp.full((t, 2), 0.5, jnp.float32)
     kw = dict(zip(("b_gate", "b_up", "b_down"), bs))
-    got = moe_ops.fused_experts_ffn(x, weights, ids, *ws, implementation="xla", **kw)
+    got = jax.jit(lambda *a: moe_ops.fused_experts_ffn(*a, implementation="xla", **kw))(x, weights, ids, *ws)
     kept = jnp.where((ids >= 0) & (ids < e), weights, 0.0)
     want = sum(kept[:, j:j + 1] * _one_expert(x, ids[:, j], ws, bs) for j in range(2))
     assert_close(got, want, 1e-5, "fused with dropped copies")
@@ -235,6 +235,6 @@ def test_nan_biases_of_an_unpicked_expert_reach_nothing(impl, fused):
         return jnp.sum(moe_ops.moe_ffn(x, logits, *ws, top_k=2, implementation=impl, fused=fused,
                                        **dict(zip(("b_gate", "b_up", "b_down"), biases))))
     want = jnp.sum(R.moe_ffn_dense(x, logits, *ws, top_k=2, **dict(zip(("b_gate", "b_up", "b_down"), bs))))
-    assert_close(total(*poisoned), want, 1e-5, "output")
-    for name, g in zip(("b_gate", "b_up", "b_down"), jax.grad(total, argnums=(0, 1, 2))(*poisoned)):
+    assert_close(jax.jit(total)(*poisoned), want, 1e-5, "output")
+    for name, g in zip(("b_gate", "b_up", "b_down"), jax.jit(jax.grad(total, argnums=(0, 1, 2)))(*poisoned)):
         assert np.all(np.asarray(g[0]) == 0) and np.all(np.isfinite(np.asarray(g))), name

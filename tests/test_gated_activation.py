@@ -240,3 +240,22 @@ def test_bad_activation_is_named_on_every_path(options):
     for bad in (["silu"], "tanh", None):
         with pytest.raises(ValueError, match="activation must be one of"):
             moe_ops.moe_ffn(x, logits, *ws, top_k=2, activation=bad, **options)
+
+
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+@pytest.mark.parametrize("alpha,limit", [(1.1, 1.4), (1.0, 1.2), (0.7, 1.0), (1.0, None)])
+def test_triton_kernels_swiglu_form(impl, alpha, limit):
+    """OpenAI triton_kernels' fused SwiGLU (``swiglu_torch``: gate / linear interleaved in one weight's columns,
+    ``g * sigmoid(alpha * g) * (linear + 1)`` with gate clamped above and linear on both sides at ``limit``) is
+    ``swiglu_gmm`` with the even / odd columns as w_gate / w_up and ``GatedActivation(alpha, limit, up_offset=1)``;
+    reference in float64 NumPy."""
+    t, d, n = 40, 24, 32
+    x, w = randn(keys(71, 1)[0], (t, d)), randn(keys(72, 1)[0], (1, d, n), scale=1 / 3)
+    spec = GatedActivation("silu", alpha=alpha, limit=limit, up_offset=1.0)
+    h = moe_ops.swiglu_gmm(x, w[..., ::2], w[..., 1::2], jnp.array([t], jnp.int32), activation=spec,
+                           implementation=impl)
+    a = np.asarray(x, np.float64) @ np.asarray(w[0], np.float64)
+    g, lin = a[:, ::2], a[:, 1::2]
+    if limit is not None:
+        g, lin = np.minimum(g, limit), np.clip(lin, -limit, limit)
+    assert_close(h, g / (1 + np.exp(-alpha * g)) * (lin + 1), 1e-5, f"alpha={alpha} limit={limit}")

@@ -44,6 +44,10 @@ def _clamped(gate, up, spec):
     return gate, up
 
 
+def _offset(u, spec):
+    return u + spec.up_offset if spec.up_offset else u   # the plain activations: no add
+
+
 def _scaled(g, spec):
     return g if spec.alpha == 1.0 else spec.alpha * g
 
@@ -70,7 +74,7 @@ def gated(gate, up, activation):
         act = 0.5 * g * (1.0 + jnp.tanh(_GELU_C * (g + _GELU_A * g * g * g)))
     else:
         act = jnp.maximum(g, 0.0)
-    return act * (u + spec.up_offset)
+    return act * _offset(u, spec)
 
 
 def gated_parts(gate, up, activation):
@@ -80,9 +84,9 @@ def gated_parts(gate, up, activation):
     g, u = _clamped(gate, up, spec)
     a, da = _act_and_grad(g, spec)
     if spec.limit is None:
-        return a, da, u + spec.up_offset, jnp.ones_like(u)
+        return a, da, _offset(u, spec), jnp.ones_like(u)
     lim = spec.limit
-    return a, jnp.where(g >= lim, 0.0, da), u + spec.up_offset, jnp.where((u >= lim) | (u <= -lim), 0.0, 1.0)
+    return a, jnp.where(g >= lim, 0.0, da), _offset(u, spec), jnp.where((u >= lim) | (u <= -lim), 0.0, 1.0)
 
 
 FOOTPRINT = Footprint(sources=1, rhs=2, outs=1, accs=2)   # the gathered x, w_gate / w_up blocks, h, gate / up
