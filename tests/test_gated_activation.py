@@ -202,7 +202,7 @@ def test_layer_matches_dense(impl, fused, recompute):
     assert_close(ours(x, logits, *ws, top_k=2), dense(x, logits, *ws, top_k=2), 1e-5, "forward")
     cot = randn(keys(22, 1)[0], x.shape)
     got = jax.jit(jax.grad(loss(ours, 2, cot), argnums=range(5)))(x, logits, *ws)
-    want = jax.grad(loss(dense, 2, cot), argnums=range(5))(x, logits, *ws)
+    want = jax.jit(jax.grad(loss(dense, 2, cot), argnums=range(5)))(x, logits, *ws)
     for name, g, e in zip(["x", "router_logits", "w_gate", "w_up", "w_down"], got, want):
         assert_close(g, e, 1e-5, f"d{name}")
 
@@ -224,7 +224,7 @@ def test_partitioned_layer(strategy):
                  "forward")
     got = jax.jit(jax.grad(loss(ours, 2, cot), argnums=range(5)))(*placed)
     for name, g, e in zip("x logits w_gate w_up w_down".split(), got,
-                          jax.grad(loss(dense, 2, cot), argnums=range(5))(x, logits, *ws)):
+                          jax.jit(jax.grad(loss(dense, 2, cot), argnums=range(5)))(x, logits, *ws)):
         assert_close(g, e, 1e-5, f"d{name}")
 
 
