@@ -2,4 +2,5 @@
 
 Kernel modules take already-validated arguments; ``moe_ops`` is the public, checked, differentiable API.
 ``kernels.registry`` + ``kernels.aot`` compile every Triton kernel for real GPU targets without a GPU.
+``kernels.activation`` names the gated activation (``GatedActivation``) that the SwiGLU kernels of both families take.
 """

@@ -33,7 +33,8 @@ def _loss(fn, cot):
 @pytest.mark.parametrize("impl,fused,recompute,activation", [
     ("xla", False, False, "silu"), ("xla", True, False, CLAMPED), ("xla", False, True, CLAMPED),
     ("triton", True, False, CLAMPED), ("triton", False, False, "silu"), ("triton", True, True, "gelu"),
-    ("pallas", True, False, CLAMPED), pytest.param("pallas", False, False, "silu", marks=pytest.mark.slow)])
+    ("pallas", True, False, CLAMPED), pytest.param("pallas", False, False, "silu", marks=pytest.mark.slow)],
+    ids=lambda v: "clamped" if isinstance(v, GatedActivation) else None)
 def test_layer_matches_dense(impl, fused, recompute, activation):
     b, s, d, f, e = SHAPES[impl]
     x, logits, ws = layer_inputs(SHAPES[impl], "hot", seed=31)

@@ -47,7 +47,8 @@ def test_gpt_oss_matches_maxtext_formula():
 
 
 @pytest.mark.parametrize("spec", [CLAMPED, CLAMPED_RELU, GatedActivation("gelu", limit=1.0),
-                                  GatedActivation("silu", alpha=0.5, up_offset=2.0)], ids=str)
+                                  GatedActivation("silu", alpha=0.5, up_offset=2.0)],
+                         ids=["gpt_oss_form", "relu_clamped", "gelu_clamped", "silu_alpha_offset"])
 def test_written_out_derivative_matches_autodiff(spec):
     """``activation_parts`` (what the kernels compute) against ``jax.grad`` of ``activate``; values beyond a clamp
     get zero gradient, values at the bound the full one, NaN stays NaN."""
