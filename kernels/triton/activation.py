@@ -56,9 +56,9 @@ def _act(g, ACT: tl.constexpr, ALPHA: tl.constexpr):
 
 
 @triton.jit
-def gated(gate, up, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, UP_OFFSET: tl.constexpr):
-    """``h = act(clamped gate) * (clamped up + UP_OFFSET)`` of f32 tiles."""
-    g, u = clamp(gate, up, LIMIT)
+def gated(g, u, ACT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr):
+    """``h = act(g) * (u + UP_OFFSET)`` of f32 tiles ``g`` / ``u`` already through ``clamp`` (the forward clamps its
+    accumulators in place: they are also the saved residuals)."""
     return _act(g, ACT, ALPHA) * _offset(u, UP_OFFSET)
 
 

@@ -129,7 +129,7 @@ def _swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, tiles_ptr, sort_idx_ptr, out_ptr, ga
         gate, up = _projections(lhs_ptr, wg_ptr, wu_ptr, group, row_start, row_end, offs_m, offs_n, sort_idx_ptr,
                                 K, N, BM, BN, BK, GATHER, TOP_K, NUM_SLOTS)
         gate, up = clamp(gate, up, LIMIT)   # in place: the saved residuals are the clamped projections
-        tl.store(out_ptr + out_off, gated(gate, up, ACT, ALPHA, 0.0, UP_OFFSET).to(dtype), mask=store_mask)
+        tl.store(out_ptr + out_off, gated(gate, up, ACT, ALPHA, UP_OFFSET).to(dtype), mask=store_mask)
         if STORE_GATE_UP:
             tl.store(gate_ptr + out_off, gate.to(dtype), mask=store_mask)
             tl.store(up_ptr + out_off, up.to(dtype), mask=store_mask)
