@@ -11,9 +11,11 @@ projections' cotangents).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-from moe_ops import reference, validation
+from kernels import groups
+from moe_ops import validation
 
 __all__ = ["NAMES", "check", "rows", "combine"]
 
@@ -37,9 +39,15 @@ def rows(bias, group_sizes, num_rows, dtype, group_offset=None):
     """bias [G_local, N] -> [num_rows, N] in ``dtype``: each row of a local group gets its group's bias; rows of
     other groups and rows beyond ``sum(group_sizes)`` get zeros (selected, so a NaN bias reaches no other row)."""
     sizes = validation.clamp_group_sizes(group_sizes, num_rows)   # the rows the grouped matmuls give to groups
-    local = reference.local_row_ids(sizes, num_rows, group_offset, bias.shape[0])
-    picked = jnp.take(bias.astype(dtype), jnp.maximum(local, 0), axis=0)
-    return jnp.where((local >= 0)[:, None], picked, jnp.zeros((), dtype))
+    offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
+    start, end = groups.local_bounds(sizes, offset, bias.shape[0])
+    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    # local groups are consecutive; ids past G (empty, end 0) take the last real end, so the ends stay sorted
+    local = groups.segment_of(jax.lax.cummax(end), rows)
+    safe = jnp.minimum(local, bias.shape[0] - 1)
+    inside = (local < bias.shape[0]) & (rows >= start[safe])
+    picked = jnp.take(bias.astype(dtype), safe, axis=0)
+    return jnp.where(inside[:, None], picked, jnp.zeros((), dtype))
 
 
 def combine(b_down, weights, expert_ids):
