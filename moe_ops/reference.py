@@ -49,9 +49,6 @@ def local_row_ids(group_sizes, num_rows, group_offset, num_local):
     return jnp.where((local >= 0) & (local < num_local) & (group < group_sizes.shape[0]), local, -1)
 
 
-_local_row_ids = local_row_ids
-
-
 def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, preferred_element_type=None,
         existing_out=None):
     """``out[rows of g] = lhs[rows of g] @ rhs[g - group_offset]``: lhs [M,K], rhs [G_local,K,N] (or [G_local,N,K]
@@ -60,7 +57,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
     out_dtype = preferred_element_type or lhs.dtype
     if transpose_rhs:
         rhs = jnp.swapaxes(rhs, 1, 2)
-    local = _local_row_ids(group_sizes, lhs.shape[0], group_offset, rhs.shape[0])
+    local = local_row_ids(group_sizes, lhs.shape[0], group_offset, rhs.shape[0])
 
     def one_group(acc, g):
         rows = (local == g)[:, None]  # other rows are selected away before the dot: no NaN of theirs reaches a gradient
@@ -81,7 +78,7 @@ def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred
     ``num_groups`` (static) is ``G_local``; it defaults to ``len(group_sizes)``."""
     out_dtype = preferred_element_type or lhs.dtype
     num_local = group_sizes.shape[0] if num_groups is None else num_groups
-    local = _local_row_ids(group_sizes, lhs.shape[0], group_offset, num_local)
+    local = local_row_ids(group_sizes, lhs.shape[0], group_offset, num_local)
 
     def one_group(_, g):  # rows of other groups are selected away (a one-hot product would give 0 * NaN = NaN)
         rows = (local == g)[:, None]
@@ -283,7 +280,7 @@ def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, sort_idx, w_sort
     kw = dict(group_offset=group_offset, preferred_element_type=jnp.float32)
     gate, up = gmm(rows, w_gate, group_sizes, **kw), gmm(rows, w_up, group_sizes, **kw)
     a = gmm(dout[sort_idx // top_k], w_down, group_sizes, transpose_rhs=True, **kw)
-    rows = _local_row_ids(group_sizes, sort_idx.shape[0], group_offset, w_gate.shape[0]) >= 0
+    rows = local_row_ids(group_sizes, sort_idx.shape[0], group_offset, w_gate.shape[0]) >= 0
     return swiglu_down_epilogue(a, gate, up, w_sorted, activation, x.dtype, rows=rows)
 
 

@@ -56,7 +56,7 @@ def run_and_check(ops, sizes, sort_idx, k, off=0, activation="silu", t=T8, inter
     ref = R.swiglu_down_bwd(ops["x"], ops["dout"], ops["w_gate"], ops["w_up"], ops["w_down"], sizes, sort_idx,
                             ops["w_sorted"], k, group_offset=off, activation=activation)
     dtype, m, f = ops["x"].dtype, sort_idx.shape[0], ops["w_gate"].shape[2]
-    outside = np.asarray(R._local_row_ids(sizes, m, off, ops["w_gate"].shape[0])) < 0
+    outside = np.asarray(R.local_row_ids(sizes, m, off, ops["w_gate"].shape[0])) < 0
     for name, g, e in zip(NAMES, got, ref):
         assert g.shape == e.shape and g.dtype == e.dtype, (name, g.shape, g.dtype, e.shape, e.dtype)
         assert_close(g, e, tol or TOL[jnp.bfloat16 if dtype == jnp.bfloat16 else jnp.float32], f"{name} ({activation})")
@@ -203,7 +203,7 @@ def _saved_mode(ops, sizes, sort_idx, off, activation, interpret):
     ref = R.swiglu_down_bwd(ops["x"], ops["dout"], ops["w_gate"], ops["w_up"], ops["w_down"], sizes, sort_idx,
                             ops["w_sorted"], TOP_K, group_offset=off, activation=activation)
     assert_close(h, R.activate(*projections, activation), TOL[jnp.float32], "forward h")
-    outside = np.asarray(R._local_row_ids(sizes, sort_idx.shape[0], off, ops["w_gate"].shape[0])) < 0
+    outside = np.asarray(R.local_row_ids(sizes, sort_idx.shape[0], off, ops["w_gate"].shape[0])) < 0
     for name, g, e in zip(NAMES, jax.block_until_ready(outs), ref):
         assert g.shape == e.shape and g.dtype == e.dtype, name
         assert_close(g, e, TOL[jnp.float32], f"saved {name}")

@@ -29,7 +29,7 @@ def _check_rows(got, ref, sizes, off, g_local, tol, what):
     for name, a, b in zip(names, got, ref):
         assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
         assert_close(a, b, tol, f"{what} {name}")
-    outside = np.asarray(R._local_row_ids(sizes, T * TOP_K, off, g_local)) < 0
+    outside = np.asarray(R.local_row_ids(sizes, T * TOP_K, off, g_local)) < 0
     for name, a in zip(names, got):
         assert np.all(np.asarray(a)[outside] == 0), f"{what} {name}: rows outside local groups must be zero"
 

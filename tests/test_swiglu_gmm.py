@@ -49,7 +49,7 @@ def test_triton_kernel_parity(routing, activation, gather, off, g_local, dtype):
     ref = _ref(x, w_gate, w_up, sizes, ids, off, activation, gather)
     assert out.dtype == dtype and out.shape == (T * TOP_K, F)
     assert_close(out, ref, TOL[dtype], f"swiglu_gmm {routing} {activation}")
-    rows = R._local_row_ids(sizes, T * TOP_K, off, g_local)
+    rows = R.local_row_ids(sizes, T * TOP_K, off, g_local)
     assert np.all(np.asarray(out)[np.asarray(rows) < 0] == 0), "rows outside local groups must be zero"
 
 

@@ -116,7 +116,7 @@ def test_gmm_gradients(shard, transpose):
     for name, g, w in zip(("dlhs", "drhs"), got, want):
         assert_close(g, w, 1e-5, name)
     if off is not None:  # rows of non-local groups get exactly zero gradient
-        local = reference._local_row_ids(sizes, M, off, g_local)
+        local = reference.local_row_ids(sizes, M, off, g_local)
         assert np.all(np.asarray(got[0])[np.asarray(local) < 0] == 0)
 
 
@@ -173,7 +173,7 @@ def test_row_tile_schedule_invariants(data):
     assert start[0] == 0 and end[-1] == m and np.all(start[1:] == end[:-1])  # invariant 2: partition of [0, M)
     assert np.all((end - start > 0) & (end - start <= bm))  # invariant 1
     row_group = np.repeat(group, end - start)
-    want = np.asarray(reference._local_row_ids(jnp.asarray(sizes), m, off, g_local))
+    want = np.asarray(reference.local_row_ids(jnp.asarray(sizes), m, off, g_local))
     assert np.array_equal(row_group, want)  # invariant 3 (so tiles never straddle groups, invariant 1)
 
 
