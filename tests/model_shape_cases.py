@@ -107,6 +107,11 @@ def build(op, shape, dtype):
         return (lambda x, wt, ids, a, b, c: moe_ops.fused_experts_ffn(x, wt, ids, a, b, c, recompute=rc,
                                                                                activation=act),
                 (w(t, d), SDS((t, k), F32), SDS((t, k), I32), w(e, d, f), w(e, d, f), w(e, f, d)), (0, 1, 3, 4, 5))
+    if op == "moe_ffn_biases":   # the default (fused) layer with gpt-oss's three expert biases
+        return (lambda x, lg, a, b, c, bg, bu, bd: moe_ops.moe_ffn(x, lg, a, b, c, top_k=k, activation=act,
+                                                                   b_gate=bg, b_up=bu, b_down=bd),
+                (w(t, d), SDS((t, e), F32), w(e, d, f), w(e, d, f), w(e, f, d), w(e, f), w(e, f), w(e, d)),
+                tuple(range(8)))
     if op.startswith("moe_ffn-"):
         _, fused, mode = op.split("-")
         fused, rc = {"None": None, "True": True, "False": False}[fused], mode == "rc"

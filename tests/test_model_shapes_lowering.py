@@ -57,6 +57,16 @@ def test_tpu_every_op_at_gpt_oss(op):
         assert fwd == (["_tgmm_kernel"] if op == "tgmm" else ["_gmm_kernel"]), fwd
 
 
+def test_tpu_layer_with_expert_biases_at_gpt_oss():
+    """gpt-oss's layer with its activation and three expert biases, forward and gradient: Mosaic only (the biases
+    are XLA around the Pallas kernels: forward gate / up as gather-GMMs, the down GMM scattering; the gradient's
+    TGMMs for the weights)."""
+    fwd = set(check_tpu("moe_ffn_biases", SHAPES["gpt-oss"], jnp.bfloat16, False))
+    assert "_swiglu_kernel" not in fwd and {"_gather_kernel", "_scatter_kernel"} <= fwd, fwd
+    grad = set(check_tpu("moe_ffn_biases", SHAPES["gpt-oss"], jnp.bfloat16, True))
+    assert "_swiglu_kernel" not in grad and "_tgmm_kernel" in grad, grad
+
+
 # the other model shapes / dtypes, one op each (the full op x shape x dtype matrix passed in the audit that wrote
 # this file; the sweep here keeps the file within a few minutes)
 TPU_SWEEP = [("moe_ffn-None-keep", "qwen3-30b", "bf16"), ("moe_ffn-False-rc", "dsv3-ep8", "bf16"),
@@ -99,6 +109,14 @@ def test_tpu_unit_dims_in_16_bit(shape, dtype):
 
 # ---------------------------------------------------------------------------------------------------------------
 # CUDA sm_90 / ROCm gfx950: jax-triton's real lowering
+
+@needs_plugin
+def test_cuda_layer_with_expert_biases_at_gpt_oss():
+    """The same for CUDA sm_90 through jax-triton's real lowering: every launch fits, gate / up as gather-GMMs."""
+    for grad in (False, True):
+        kernels = {c.kernel for c in gpu_launches("moe_ffn_biases", SHAPES["gpt-oss"], jnp.bfloat16, grad, "sm90")}
+        assert "_swiglu_kernel" not in kernels and "_gmm_kernel" in kernels, kernels
+
 
 @needs_plugin
 @pytest.mark.parametrize("op", OPS)
