@@ -4,9 +4,11 @@ counting sorts."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-__all__ = ["local_bounds", "local_row_mask", "segment_of", "stable_expert_sort"]
+__all__ = ["local_bounds", "local_row_mask", "row_groups", "group_rows", "group_sums", "bias_pair",
+           "segment_of", "stable_expert_sort"]
 
 
 def local_bounds(group_sizes, group_offset, num_local):
@@ -35,6 +37,48 @@ def local_row_mask(group_sizes, group_offset, num_local, num_rows):
         return rows < 0
     start, end = local_bounds(group_sizes, group_offset, num_local)
     return (rows >= start[0]) & (rows < jnp.max(end))
+
+
+def row_groups(group_sizes, group_offset, num_local, num_rows):
+    """int32 [num_rows]: the local group of each sorted row (``0 <= j < num_local``), ``num_local`` for rows of no
+    local group (other shards' groups, rows beyond ``sum(group_sizes)``)."""
+    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    if num_local == 0 or group_sizes.shape[-1] == 0:
+        return jnp.full((num_rows,), num_local, jnp.int32)
+    start, end = local_bounds(group_sizes, group_offset, num_local)
+    # local groups are consecutive; ids past G (empty, end 0) take the last real end, so the ends stay sorted
+    local = segment_of(jax.lax.cummax(end), rows)
+    safe = jnp.minimum(local, num_local - 1)
+    return jnp.where((local < num_local) & (rows >= start[safe]), local, num_local)
+
+
+def group_rows(values, group_sizes, group_offset, num_rows, dtype):
+    """values [G_local, N] (a per-group row, e.g. an expert bias) -> [num_rows, N] in ``dtype``: each sorted row of a
+    local group gets its group's row, every other row zeros (selected, so a NaN of an unused group reaches none)."""
+    num_local = values.shape[0]
+    ids = row_groups(group_sizes, group_offset, num_local, num_rows)
+    picked = jnp.take(values.astype(dtype), jnp.minimum(ids, max(num_local - 1, 0)), axis=0)
+    return jnp.where((ids < num_local)[:, None], picked, jnp.zeros((), dtype))
+
+
+def group_sums(rows, group_sizes, group_offset, num_local):
+    """rows [M, N] -> [num_local, N] f32: each local group's sum of its sorted rows (``group_rows``' transpose: the
+    gradient of a per-group bias). Rows of no local group are left out."""
+    ids = row_groups(group_sizes, group_offset, num_local, rows.shape[0])
+    sums = jax.ops.segment_sum(rows.astype(jnp.float32), ids, num_segments=num_local + 1)
+    return sums[:num_local]
+
+
+def bias_pair(b_gate, b_up, num_local, n):
+    """The gate / up biases a SwiGLU kernel adds to its projections, each [G_local, N] or None -> (b_gate, b_up),
+    a missing one as zeros of the other's dtype, or (None, None) when neither is given (no bias add compiled)."""
+    if b_gate is None and b_up is None:
+        return None, None
+    for name, b in (("b_gate", b_gate), ("b_up", b_up)):
+        if b is not None and tuple(b.shape) != (num_local, n):
+            raise ValueError(f"{name} must be [G_local, F]={(num_local, n)}, got {tuple(b.shape)}")
+    like = b_gate if b_gate is not None else b_up
+    return tuple(jnp.zeros((num_local, n), like.dtype) if b is None else b for b in (b_gate, b_up))
 
 
 def segment_of(ends, positions):

@@ -43,15 +43,17 @@ its own ``gather_rows`` / ``gmm`` / ``combine_rows``, see ``compose_gather_gmm``
 * ``gather_tgmm(lhs, rhs, group_sizes, group_offset, sort_idx[M], k, *, num_groups, out_dtype, gather_lhs,
   gather_rhs) -> [G_local, K, N]``: ``tgmm`` with lhs [T,K] / rhs [T,N] read in token order through
   ``sort_idx // k`` where flagged (Triton; others compose with ``gather_rows``).
-* ``swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype)
-  -> [M, F]``: ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` in f32, one kernel (``moe_ops.swiglu``; Triton and
-  Pallas; XLA composes its GMMs).
-* ``swiglu_gmm_saved(...same...) -> (h, gate, up)``: also writes gate / up [M, F] in ``out_dtype``, raw or
-  clamped to the activation's limit (the backward's masks read the same from either; Triton; others compose).
+* ``swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype,
+  b_gate=None, b_up=None) -> [M, F]``: ``act(x_i @ w_gate[g] + b_gate[g]) * (x_i @ w_up[g] + b_up[g])`` in f32,
+  one kernel (``moe_ops.swiglu``; Triton and Pallas; XLA composes its GMMs). The biases [G_local, F] are both given
+  or both None; they are added to the f32 accumulators.
+* ``swiglu_gmm_saved(...same...) -> (h, gate, up)``: also writes gate / up [M, F] in ``out_dtype``, biases added,
+  raw or clamped to the activation's limit (the backward's masks read the same from either).
 * ``swiglu_down_bwd(x[T,D], dout[T,D], w_gate, w_up, w_down, group_sizes, group_offset, sort_idx[M], w_sorted[M],
-  k, *, activation) -> (dgate, dup, hw [M,F] in x's dtype, dweights_sorted [M] f32)``: the backward of swiglu_gmm
-  followed by the weighted down projection, gate / up recomputed and the activation derivative applied in the
-  epilogue of the down projection's dlhs GMM (``reference.swiglu_down_bwd``; Triton and Pallas; XLA composes).
+  k, *, activation, b_gate=None, b_up=None) -> (dgate, dup, hw [M,F] in x's dtype, dweights_sorted [M] f32)``: the
+  backward of swiglu_gmm followed by the weighted down projection, gate / up recomputed (biases added) and the
+  activation derivative applied in the epilogue of the down projection's dlhs GMM (``reference.swiglu_down_bwd``;
+  Triton and Pallas; XLA composes).
 * ``swiglu_down_bwd_saved(dout, w_down, gate[M,F], up[M,F], group_sizes, group_offset, sort_idx, w_sorted, k, *,
   activation)``: the same outputs from saved gate / up (Triton; others compose).
 """
@@ -67,7 +69,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import groups, platform
-from moe_ops import precision as precision_lib, reference, validation
+from moe_ops import precision as precision_lib, reference
 
 IMPLEMENTATIONS = ("xla", "triton", "pallas")
 _MODULES = {"xla": "moe_ops.xla", "triton": "kernels.triton.backend", "pallas": "kernels.pallas.backend"}
@@ -172,34 +174,43 @@ def compose_scatter_gmm_sum(h, rhs, h2, rhs2, group_sizes, group_offset, sort_id
 
 
 def compose_swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, ops, activation,
-                       out_dtype):
+                       out_dtype, b_gate=None, b_up=None):
     """``swiglu_gmm`` from a backend's (gather-)GMMs and the activation in XLA (materialises gate and up)."""
     h, _, _ = compose_swiglu_gmm_saved(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, ops=ops,
-                                       activation=activation, out_dtype=out_dtype)
+                                       activation=activation, out_dtype=out_dtype, b_gate=b_gate, b_up=b_up)
     return h   # (XLA drops the unused gate / up casts)
 
 
+def _add_bias(products, biases, group_sizes, group_offset):
+    """f32 [M, F] projections plus their groups' bias rows (``kernels.groups.group_rows``; none when None)."""
+    return [p if b is None else p + groups.group_rows(b, group_sizes, group_offset, p.shape[0], jnp.float32)
+            for p, b in zip(products, biases)]
+
+
 def compose_swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, k, *, ops,
-                            activation):
+                            activation, b_gate=None, b_up=None):
     """``swiglu_down_bwd`` from a backend's gather-GMMs and XLA elementwise math (materialises gate, up and the
     down projection's dlhs in f32)."""
     gather = gather_gmm_of(ops)
 
     def project(rows, w, transpose):
         return gather(rows, w, group_sizes, group_offset, sort_idx, k, transpose_rhs=transpose, out_dtype=jnp.float32)
-    gate, up, a = project(x, w_gate, False), project(x, w_up, False), project(dout, w_down, True)
+    gate, up = _add_bias([project(x, w_gate, False), project(x, w_up, False)], (b_gate, b_up), group_sizes,
+                         group_offset)
+    a = project(dout, w_down, True)
     return reference.swiglu_down_epilogue(a, gate, up, w_sorted, activation, x.dtype,
                                           rows=_local_rows(group_sizes, group_offset, w_down, sort_idx))
 
 
 def compose_swiglu_gmm_saved(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, ops, activation,
-                             out_dtype):
+                             out_dtype, b_gate=None, b_up=None):
     """``swiglu_gmm_saved`` from a backend's (gather-)GMMs: gate / up in ``out_dtype``, h from the f32 products."""
     gather = gather_gmm_of(ops)
-    gate, up = (gather(x, w, group_sizes, group_offset, sort_idx, k, transpose_rhs=False, out_dtype=jnp.float32)
-                if sort_idx is not None else
-                ops.gmm(x, w, group_sizes, group_offset, transpose_rhs=False, out_dtype=jnp.float32)
-                for w in (w_gate, w_up))
+    gate, up = _add_bias([gather(x, w, group_sizes, group_offset, sort_idx, k, transpose_rhs=False,
+                                 out_dtype=jnp.float32)
+                          if sort_idx is not None else
+                          ops.gmm(x, w, group_sizes, group_offset, transpose_rhs=False, out_dtype=jnp.float32)
+                          for w in (w_gate, w_up)], (b_gate, b_up), group_sizes, group_offset)
     return (reference.activate(gate, up, activation).astype(out_dtype), gate.astype(out_dtype), up.astype(out_dtype))
 
 

@@ -3,15 +3,15 @@ added to the gate / up projections and ``b_down`` [E,D] to the down projection, 
 
     y[t] = sum_k w[t,k] * ((act(x[t] @ w_gate[e] + b_gate[e]) * (x[t] @ w_up[e] + b_up[e])) @ w_down[e] + b_down[e])
 
-with ``e = expert_ids[t,k]``. Each is optional. They are added in XLA around the grouped matmuls (one [M, N]
-elementwise pass each, in the layer's dtype; rows of non-local groups and rows beyond ``sum(group_sizes)`` stay
-zero), so every backend, fused or not, takes them, and their gradients are XLA's (per-group sums of the
-projections' cotangents).
+with ``e = expert_ids[t,k]``. Each is optional. On the fused path with the one-kernel SwiGLU (``moe_ops.swiglu``)
+b_gate / b_up are the initial values of the kernel's f32 accumulators (no [M, F] pass) and their gradients per-group
+f32 sums of the backward's dgate / dup; elsewhere they are added in XLA around the grouped matmuls (one [M, N]
+elementwise pass each, in the layer's dtype), with XLA's gradients. Rows of non-local groups and rows beyond
+``sum(group_sizes)`` get no bias. b_down is added in XLA (``rows``; ``combine`` on the fused path).
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from kernels import groups
@@ -40,14 +40,7 @@ def rows(bias, group_sizes, num_rows, dtype, group_offset=None):
     other groups and rows beyond ``sum(group_sizes)`` get zeros (selected, so a NaN bias reaches no other row)."""
     sizes = validation.clamp_group_sizes(group_sizes, num_rows)   # the rows the grouped matmuls give to groups
     offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
-    start, end = groups.local_bounds(sizes, offset, bias.shape[0])
-    rows = jnp.arange(num_rows, dtype=jnp.int32)
-    # local groups are consecutive; ids past G (empty, end 0) take the last real end, so the ends stay sorted
-    local = groups.segment_of(jax.lax.cummax(end), rows)
-    safe = jnp.minimum(local, bias.shape[0] - 1)
-    inside = (local < bias.shape[0]) & (rows >= start[safe])
-    picked = jnp.take(bias.astype(dtype), safe, axis=0)
-    return jnp.where(inside[:, None], picked, jnp.zeros((), dtype))
+    return groups.group_rows(bias, sizes, offset, num_rows, dtype)
 
 
 def combine(b_down, weights, expert_ids):

@@ -117,17 +117,14 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
     up in the backward instead of saving them (``swiglu_ffn``'s residual choice; ``jax.checkpoint`` of the two
     gather-GMMs and the activation without the SwiGLU kernel). A copy with an id outside ``[0, E)`` is dropped: it
     contributes zero whatever its weight (inf / NaN included), and its weight gets a zero gradient.
-    ``b_gate`` / ``b_up`` [E,F], ``b_down`` [E,D]: per-expert biases (``moe_ops.expert_bias``); with b_gate or b_up
-    the gate / up projections are two gather-GMMs plus the biases (``swiglu=True`` is refused)."""
+    ``b_gate`` / ``b_up`` [E,F], ``b_down`` [E,D]: per-expert biases (``moe_ops.expert_bias``); the SwiGLU kernel
+    adds b_gate / b_up to its f32 projections, the two gather-GMMs in XLA."""
     validation.flag("swiglu", swiglu, optional=True)
     validation.flag("recompute", recompute)
     activation = check_activation(activation)
     validation.float_array("x", x, 2)
     check_expert_weights(x, w_gate, w_up, w_down)
     expert_bias.check(b_gate, b_up, b_down, w_gate, w_down)
-    if swiglu and (b_gate is not None or b_up is not None):
-        raise ValueError("swiglu=True runs gate / up / activation as one kernel, which adds no b_gate / b_up: pass "
-                         "swiglu=None (or False) with expert biases")
     validation.float_array("weights", weights, 2)
     validation.int_array("expert_ids", expert_ids, 2)
     if tuple(weights.shape) != tuple(expert_ids.shape) or expert_ids.shape[0] != x.shape[0]:
@@ -138,10 +135,9 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
     ids = validation.expert_ids_int32(expert_ids, w_gate.shape[0])  # out of range stays out, at any width
     dropped = (ids < 0) | (ids >= w_gate.shape[0])
     weights = jnp.where(dropped, jnp.zeros((), weights.dtype), weights)  # a dropped copy adds 0, even at w = inf / nan
-    gate_up_bias = b_gate is not None or b_up is not None
-    if swiglu or (swiglu is None and not gate_up_bias and swiglu_has_kernel(implementation)):
+    if swiglu or (swiglu is None and swiglu_has_kernel(implementation)):
         y = swiglu_ffn(x, w_gate, w_up, w_down, sizes, sort_idx, weights, activation=activation,
-                       recompute=recompute, **kw)
+                       recompute=recompute, b_gate=b_gate, b_up=b_up, **kw)
     else:
         w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))  # layers compute in x's dtype
         rows = functools.partial(expert_bias.rows, group_sizes=sizes, num_rows=sort_idx.shape[0], dtype=x.dtype)

@@ -264,7 +264,7 @@ def activation_parts(gate, up, activation="silu"):
 
 
 def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, sort_idx, w_sorted, top_k, *, group_offset=None,
-                    activation="silu"):
+                    activation="silu", b_gate=None, b_up=None):
     """Backward of ``h = act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` followed by the weighted down projection
     ``out[t] += w_sorted[i] * (h_i @ w_down[g])`` (``x_i = x[sort_idx[i] // top_k]``, the row's token ``t``), up to
     the row level: x / dout [T,D] in token order, w_gate / w_up [G_local,D,F], w_down [G_local,F,D], sort_idx [M],
@@ -275,12 +275,17 @@ def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, sort_idx, w_sort
     ``dw_down = tgmm(hw, dout[token])``: the routing weight applied once here, not to every dout row in the TGMM),
     ``dweights_sorted[i] = <h_i, a_i>`` (all f32 from f32 ``gate`` / ``up`` / ``a``; a clamped / offset
     ``GatedActivation`` uses ``activation_parts``). Rows of non-local groups and rows beyond ``sum(group_sizes)`` are
-    zero."""
+    zero. ``b_gate`` / ``b_up`` [G_local,F] (optional): per-group biases added to ``gate`` / ``up``."""
     rows = x[sort_idx // top_k]
     kw = dict(group_offset=group_offset, preferred_element_type=jnp.float32)
     gate, up = gmm(rows, w_gate, group_sizes, **kw), gmm(rows, w_up, group_sizes, **kw)
     a = gmm(dout[sort_idx // top_k], w_down, group_sizes, transpose_rhs=True, **kw)
-    rows = local_row_ids(group_sizes, sort_idx.shape[0], group_offset, w_gate.shape[0]) >= 0
+    ids = local_row_ids(group_sizes, sort_idx.shape[0], group_offset, w_gate.shape[0])
+    rows = ids >= 0
+
+    def biased(p, b):
+        return p if b is None else p + jnp.where(rows[:, None], b.astype(jnp.float32)[jnp.maximum(ids, 0)], 0.0)
+    gate, up = biased(gate, b_gate), biased(up, b_up)
     return swiglu_down_epilogue(a, gate, up, w_sorted, activation, x.dtype, rows=rows)
 
 

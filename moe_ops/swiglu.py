@@ -8,6 +8,8 @@ are zero. The activation runs in f32 on the f32 accumulators (``reference.activa
 with only the inputs as residuals: ``gate`` / ``up`` recomputed in x's dtype (two (gather-)GMMs), the activation's
 VJP in XLA, ``dw_gate`` / ``dw_up`` by TGMM over the (gathered) x rows, ``dx = dgate @ w_gate^T + dup @ w_up^T``
 taken back to token order by one scatter-GMM over both products with unit weights (fixed order, no scatter-add).
+Optional gate / up biases ``b_gate`` / ``b_up`` [G_local,F] (gpt-oss): the kernels' f32 accumulators start from
+them; their gradients are each local group's f32 sum of its dgate / dup rows (``kernels.groups.group_sums``).
 
 ``swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights)`` -> [T,D]: ``swiglu_gmm`` with the gather,
 then the weighted down projection back to token order (``scatter_gmm``). Custom VJP; residuals (``recompute``):
@@ -45,6 +47,7 @@ import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 from jax.sharding import PartitionSpec as P
 
+from kernels import groups
 from kernels.activation import GatedActivation, resolve as resolve_activation
 from moe_ops import backend, reference, validation, vma
 from moe_ops.fused import _check_rows
@@ -74,72 +77,87 @@ def _project(x, w, sizes, offset, sort_idx, k, out_dtype, impl):
     return backend.gather_gmm_of(ops)(x, w, sizes, offset, sort_idx, k, transpose_rhs=False, out_dtype=out_dtype)
 
 
-def _one_kernel(name, operands, composed, *, rows, impl, call=None, **static):
-    """``backend.ops(impl).<name>(*operands, **static)`` where that kernel exists and ``rows`` is static, else
-    ``composed(*operands)``. Under ``jax.vmap`` the kernel (it has no batching rule) gives way to the composition,
-    whose (gather-)GMMs fold the batch (``kernels.triton.batching``). ``None`` operands are passed through as such."""
+def _one_kernel(name, operands, composed, *, rows, impl, named=None, **static):
+    """``backend.ops(impl).<name>(*operands, **named, **static)`` where that kernel exists and ``rows`` is static,
+    else ``composed(*operands, **named)``. Under ``jax.vmap`` the kernel (it has no batching rule) gives way to the
+    composition, whose (gather-)GMMs fold the batch (``kernels.triton.batching``). ``None`` operands (positional or
+    in ``named``, the keyword operands) are passed through as such."""
+    named = named or {}
     if not hasattr(backend.ops(impl), name) or not isinstance(rows, int):
-        return composed(*operands)
-    present = [i for i, a in enumerate(operands) if a is not None]
+        return composed(*operands, **named)
+    slots = [*enumerate(operands), *named.items()]
+    present = [key for key, a in slots if a is not None]
 
     def full(args):
-        filled = list(operands)
-        for i, a in zip(present, args):
-            filled[i] = a
-        return filled
+        filled = dict(slots) | dict(zip(present, args))
+        return [filled[i] for i in range(len(operands))], {key: filled[key] for key in named}
 
-    call = call or getattr(backend.ops(impl), name)
+    def run(fn, args):
+        pos, kw = full(args)
+        return fn(*pos, **kw)
+
+    call = functools.partial(getattr(backend.ops(impl), name), **static)
 
     # Both forms return results typed like all the operands (manual-axis variance inside a user's shard_map): the
     # kernel call drops it and the composition may keep it, and a cast recorded outside this op would be batched
     # onto an already varying value when an enclosing vmap swaps the kernel for the composition.
     @custom_vmap
     def kernel(*args):
-        return vma.like_all(call(*full(args), **static), args)
+        return vma.like_all(run(call, args), args)
 
     @kernel.def_vmap
     def batched(axis_size, in_batched, *args):
         del axis_size
-        out = jax.vmap(lambda *a: composed(*full(a)), in_axes=[0 if b else None for b in in_batched])(*args)
+        out = jax.vmap(lambda *a: run(composed, a), in_axes=[0 if b else None for b in in_batched])(*args)
         out = vma.like_all(out, args)
         return out, jax.tree.map(lambda _: True, out)
 
-    return kernel(*(operands[i] for i in present))
+    return kernel(*(dict(slots)[key] for key in present))
 
 
-def _forward(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
+def _forward(x, w_gate, w_up, b_gate, b_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
     composed = functools.partial(_composed_forward, k=k, activation=activation, out_dtype=out_dtype, impl=impl)
     rows = x.shape[0] if sort_idx is None else sort_idx.shape[0]
     return _one_kernel("swiglu_gmm", (x, w_gate, w_up, sizes, offset, sort_idx), composed, rows=rows, impl=impl,
-                       k=k, activation=activation, out_dtype=out_dtype)
+                       named=dict(b_gate=b_gate, b_up=b_up), k=k, activation=activation, out_dtype=out_dtype)
 
 
-def _composed_forward(x, w_gate, w_up, sizes, offset, sort_idx, *, k, activation, out_dtype, impl):
-    """gate / up through the backend's (gather-)GMMs, the activation in XLA."""
+def _composed_forward(x, w_gate, w_up, sizes, offset, sort_idx, *, k, activation, out_dtype, impl, b_gate, b_up):
+    """gate / up through the backend's (gather-)GMMs, the biases and the activation in XLA."""
     return backend.compose_swiglu_gmm(x, w_gate, w_up, sizes, offset, sort_idx, k, ops=backend.ops(impl),
-                                      activation=activation, out_dtype=out_dtype)
+                                      activation=activation, out_dtype=out_dtype, b_gate=b_gate, b_up=b_up)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _swiglu(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
-    return vma.like(_forward(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl), x)
+def _bias_grads(dgate, dup, b_gate, b_up, sizes, offset):
+    """The cotangents of the gate / up biases [G_local, F]: each local group's f32 sum of its dgate / dup rows
+    (None for absent biases)."""
+    return tuple(None if b is None else vma.like(groups.group_sums(d, sizes, offset, b.shape[0]).astype(b.dtype), b)
+                 for d, b in ((dgate, b_gate), (dup, b_up)))
 
 
-def _swiglu_fwd(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
-    out = _swiglu(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl)
-    return out, (x, w_gate, w_up, sizes, offset, sort_idx)   # no [M, F] residual (module doc)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _swiglu(x, w_gate, w_up, b_gate, b_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
+    return vma.like(_forward(x, w_gate, w_up, b_gate, b_up, sizes, offset, sort_idx, k, activation, out_dtype, impl),
+                    x)
+
+
+def _swiglu_fwd(x, w_gate, w_up, b_gate, b_up, sizes, offset, sort_idx, k, activation, out_dtype, impl):
+    out = _swiglu(x, w_gate, w_up, b_gate, b_up, sizes, offset, sort_idx, k, activation, out_dtype, impl)
+    return out, (x, w_gate, w_up, b_gate, b_up, sizes, offset, sort_idx)   # no [M, F] residual (module doc)
 
 
 def _swiglu_bwd(k, activation, out_dtype, impl, residuals, dh):
-    x, w_gate, w_up, sizes, offset, sort_idx = residuals
+    x, w_gate, w_up, b_gate, b_up, sizes, offset, sort_idx = residuals
     f32 = jnp.dtype(jnp.float32)
     # Recomputed, transient, in x's dtype: the size of the residuals the unfused path keeps (and its numerics).
     # typed like x (and so like dh) inside a user's shard_map: the kernel calls drop the manual-axis variance
-    gate = vma.like(_project(x, w_gate, sizes, offset, sort_idx, k, x.dtype, impl), x)
-    up = vma.like(_project(x, w_up, sizes, offset, sort_idx, k, x.dtype, impl), x)
+    gate, up = (vma.like(_project(x, w, sizes, offset, sort_idx, k, x.dtype, impl), x) for w in (w_gate, w_up))
+    gate, up = (p if b is None else p + groups.group_rows(b, sizes, offset, p.shape[0], x.dtype)
+                for p, b in ((gate, b_gate), (up, b_up)))
     _, act_vjp = jax.vjp(lambda g, u: reference.activate(g, u, activation), gate, up)
     dgate, dup = (d.astype(x.dtype) for d in act_vjp(dh.astype(f32)))  # f32 inside; zero rows outside local groups
-    return _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl) + (None, None, None)
+    return (*_input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl),
+            *_bias_grads(dgate, dup, b_gate, b_up, sizes, offset), None, None, None)
 
 
 def _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl):
@@ -166,11 +184,22 @@ def _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl):
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+def _check_biases(b_gate, b_up, w_gate, dtype):
+    """The optional gate / up biases: float [G_local,F] (w_gate [G_local,D,F]) -> both in ``dtype`` (a missing one
+    as zeros), or (None, None)."""
+    for name, b in (("b_gate", b_gate), ("b_up", b_up)):
+        if b is not None:
+            validation.float_array(name, b, 2)
+    b_gate, b_up = groups.bias_pair(b_gate, b_up, w_gate.shape[0], w_gate.shape[2])
+    return (None, None) if b_gate is None else (b_gate.astype(dtype), b_up.astype(dtype))
+
+
 @on_explicit_axes(lambda spec, a: P(spec("x", 0), spec("w_gate", 2)))
 def swiglu_gmm(x, w_gate, w_up, group_sizes, sort_idx=None, *, group_offset=None, activation="silu",
-               preferred_element_type=None, implementation=None):
-    """h [M,F] = ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])`` over expert-sorted rows (module doc): x [M,D], or x [T,D]
-    in token order with sort_idx [M = T*k]; w_gate / w_up [G_local,D,F]; group_sizes [G]."""
+               preferred_element_type=None, implementation=None, b_gate=None, b_up=None):
+    """h [M,F] = ``act(x_i @ w_gate[g] + b_gate[g]) * (x_i @ w_up[g] + b_up[g])`` over expert-sorted rows (module
+    doc): x [M,D], or x [T,D] in token order with sort_idx [M = T*k]; w_gate / w_up [G_local,D,F]; group_sizes [G];
+    the optional biases b_gate / b_up [G_local,F] (in x's dtype, added to the f32 projections in the kernel)."""
     validation.check_gmm(x, w_gate, group_sizes, False, names=("x", "w_gate"))
     validation.float_array("w_up", w_up, 3)
     if tuple(w_up.shape) != tuple(w_gate.shape):
@@ -178,31 +207,38 @@ def swiglu_gmm(x, w_gate, w_up, group_sizes, sort_idx=None, *, group_offset=None
                          f"{tuple(w_up.shape)}")
     activation = check_activation(activation)
     out_dtype = validation.out_dtype(preferred_element_type, x.dtype)
+    b_gate, b_up = _check_biases(b_gate, b_up, w_gate, x.dtype)
     impl = backend.choose(implementation)
     k = 1
     if sort_idx is not None:
         k = _check_rows(sort_idx, x.shape[0], "x is [T, D]")
         sort_idx = sort_idx.astype(jnp.int32)
     rows = x.shape[0] if sort_idx is None else sort_idx.shape[0]
+    if b_gate is not None and x.shape[1] == 0:   # D = 0: h is the biases' activation alone (one zero column of x /
+        x = jnp.pad(x, ((0, 0), (0, 1)))          # w_gate / w_up keeps the kernels' K non-empty)
+        w_gate, w_up = (jnp.pad(w, ((0, 0), (0, 1), (0, 0))) for w in (w_gate, w_up))
     empty = validation.zeros_if_empty((rows, w_gate.shape[2]), out_dtype, (rows, *x.shape, *w_gate.shape), x, w_gate)
     if empty is not None:
         return empty
     sizes = validation.clamp_group_sizes(group_sizes, rows)
     offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
-    if sort_idx is None:
-        x, w_gate, w_up, sizes, offset = vma.match_vma(x, w_gate.astype(x.dtype), w_up.astype(x.dtype), sizes, offset)
-    else:
-        x, w_gate, w_up, sizes, offset, sort_idx = vma.match_vma(x, w_gate.astype(x.dtype), w_up.astype(x.dtype),
-                                                                 sizes, offset, sort_idx)
-    return _swiglu(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, out_dtype, impl)
+    x, w_gate, w_up, b_gate, b_up, sizes, offset, sort_idx = _match(x, w_gate.astype(x.dtype), w_up.astype(x.dtype),
+                                                                    b_gate, b_up, sizes, offset, sort_idx)
+    return _swiglu(x, w_gate, w_up, b_gate, b_up, sizes, offset, sort_idx, k, activation, out_dtype, impl)
+
+
+def _match(*operands):
+    """``vma.match_vma`` of the operands that are not None (the others stay None)."""
+    present = iter(vma.match_vma(*(a for a in operands if a is not None)))
+    return [None if a is None else next(present) for a in operands]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # gate/up + activation + weighted down projection with its fused backward.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
-def _ffn(x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx, k, activation, recompute, impl):
-    h = _forward(x, w_gate, w_up, sizes, offset, sort_idx, k, activation, x.dtype, impl)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
+def _ffn(x, w_gate, w_up, w_down, bias, weights, sizes, offset, sort_idx, k, activation, recompute, impl):
+    h = _forward(x, w_gate, w_up, *bias, sizes, offset, sort_idx, k, activation, x.dtype, impl)
     return _down(h, w_down, weights, sizes, offset, sort_idx, impl)
 
 
@@ -212,25 +248,27 @@ def _down(h, w_down, weights, sizes, offset, sort_idx, impl):
     return vma.like(out, h)
 
 
-def _ffn_fwd(x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx, k, activation, recompute, impl):
-    inputs = (x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx)
+def _ffn_fwd(x, w_gate, w_up, w_down, bias, weights, sizes, offset, sort_idx, k, activation, recompute, impl):
+    inputs = (x, w_gate, w_up, w_down, bias, weights, sizes, offset, sort_idx)
     if recompute:  # residuals: the inputs only
         return _ffn(*inputs, k, activation, recompute, impl), (inputs, None)
     composed = functools.partial(_composed_saved, k=k, activation=activation, impl=impl)
     h, gate, up = _one_kernel("swiglu_gmm_saved", (x, w_gate, w_up, sizes, offset, sort_idx), composed,
-                              rows=sort_idx.shape[0], impl=impl, k=k, activation=activation, out_dtype=x.dtype)
+                              rows=sort_idx.shape[0], impl=impl, named=dict(b_gate=bias[0], b_up=bias[1]), k=k,
+                              activation=activation, out_dtype=x.dtype)
     return _down(vma.like(h, x), w_down, weights, sizes, offset, sort_idx, impl), (inputs, (gate, up))
 
 
 def _ffn_bwd(k, activation, recompute, impl, residuals, dout):
-    (x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx), saved = residuals
+    (x, w_gate, w_up, w_down, bias, weights, sizes, offset, sort_idx), saved = residuals
     dout = dout.astype(x.dtype)
     w_sorted = weights.reshape(-1).astype(jnp.float32)[sort_idx]
     static = dict(rows=sort_idx.shape[0], impl=impl, k=k, activation=activation)
     if saved is None:
         composed = functools.partial(_composed_down_bwd, k=k, activation=activation, impl=impl)
         operands = (x, dout, w_gate, w_up, w_down, sizes, offset, sort_idx, w_sorted)
-        dgate, dup, hw, dw_sorted = _one_kernel("swiglu_down_bwd", operands, composed, **static)
+        dgate, dup, hw, dw_sorted = _one_kernel("swiglu_down_bwd", operands, composed,
+                                                named=dict(b_gate=bias[0], b_up=bias[1]), **static)
     else:
         composed = functools.partial(_composed_down_bwd_saved, k=k, activation=activation, impl=impl)
         operands = (dout, w_down, *saved, sizes, offset, sort_idx, w_sorted)
@@ -241,7 +279,8 @@ def _ffn_bwd(k, activation, recompute, impl, residuals, dout):
     dw_down = _gather_tgmm(hw, dout, sizes, offset, sort_idx, k, w_down.shape[0], w_down.dtype, False, impl)
     dweights = jnp.zeros_like(dw_sorted).at[sort_idx].set(dw_sorted, unique_indices=True)  # permutation write
     dweights = vma.like(dweights.reshape(weights.shape).astype(weights.dtype), weights)
-    return dx, dw_gate, dw_up, dw_down, dweights, None, None, None
+    return (dx, dw_gate, dw_up, dw_down, _bias_grads(dgate, dup, *bias, sizes, offset), dweights, None, None,
+            None)
 
 
 def _gather_tgmm(lhs, rhs, sizes, offset, sort_idx, k, num_groups, out_dtype, gather_lhs, impl):
@@ -254,14 +293,15 @@ def _gather_tgmm(lhs, rhs, sizes, offset, sort_idx, k, num_groups, out_dtype, ga
     return vma.like(out, lhs)
 
 
-def _composed_saved(x, w_gate, w_up, sizes, offset, sort_idx, *, k, activation, impl):
+def _composed_saved(x, w_gate, w_up, sizes, offset, sort_idx, *, k, activation, impl, b_gate, b_up):
     return backend.compose_swiglu_gmm_saved(x, w_gate, w_up, sizes, offset, sort_idx, k, ops=backend.ops(impl),
-                                            activation=activation, out_dtype=x.dtype)
+                                            activation=activation, out_dtype=x.dtype, b_gate=b_gate, b_up=b_up)
 
 
-def _composed_down_bwd(x, dout, w_gate, w_up, w_down, sizes, offset, sort_idx, w_sorted, *, k, activation, impl):
+def _composed_down_bwd(x, dout, w_gate, w_up, w_down, sizes, offset, sort_idx, w_sorted, *, k, activation, impl,
+                       b_gate, b_up):
     return backend.compose_swiglu_down_bwd(x, dout, w_gate, w_up, w_down, sizes, offset, sort_idx, w_sorted, k,
-                                           ops=backend.ops(impl), activation=activation)
+                                           ops=backend.ops(impl), activation=activation, b_gate=b_gate, b_up=b_up)
 
 
 def _composed_down_bwd_saved(dout, w_down, gate, up, sizes, offset, sort_idx, w_sorted, *, k, activation, impl):
@@ -274,14 +314,16 @@ _ffn.defvjp(_ffn_fwd, _ffn_bwd)
 
 @on_explicit_axes(lambda spec, a: P(spec("x", 0), spec("x", 1)))
 def swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights, *, group_offset=None, activation="silu",
-               recompute=False, implementation=None):
+               recompute=False, implementation=None, b_gate=None, b_up=None):
     """The routed experts on token-order rows, fused: x [T,D], w_gate / w_up [G_local,D,F], w_down [G_local,F,D],
     group_sizes [G], sort_idx [T*k] (``sort_by_expert``), weights [T,k] -> [T,D] in x's dtype,
     ``out[t] = sum_j weights[t,j] * (act(x_t @ w_gate[e]) * (x_t @ w_up[e])) @ w_down[e]`` for the local experts
     ``e`` of token ``t``'s copies (module doc: one forward kernel for gate / up / activation, the weighted scatter
     in the down GMM, the activation derivative in the epilogue of the backward's down dlhs GMM). ``recompute``:
     keep only the inputs for the backward and recompute gate / up there (least memory, one more gate/up GMM)
-    instead of saving them (default: two [T*k, F] residuals in x's dtype, no extra matmul)."""
+    instead of saving them (default: two [T*k, F] residuals in x's dtype, no extra matmul). ``b_gate`` / ``b_up``
+    [G_local,F]: optional biases of the gate / up projections, added in the kernels (their gradients: per-group f32
+    sums of dgate / dup)."""
     validation.flag("recompute", recompute)
     validation.float_array("x", x, 2)
     validation.check_expert_weights(x, w_gate, w_up, w_down)
@@ -294,6 +336,7 @@ def swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights, *, group
         raise ValueError(f"x [T,D], weights [T,k] and sort_idx [T*k] disagree: x {tuple(x.shape)}, weights "
                          f"{tuple(weights.shape)}, sort_idx {tuple(sort_idx.shape)}")
     activation = check_activation(activation)
+    b_gate, b_up = _check_biases(b_gate, b_up, w_gate, x.dtype)
     impl = backend.choose(implementation)
     rows = sort_idx.shape[0]
     dims = (rows, *x.shape, *w_gate.shape)
@@ -302,6 +345,8 @@ def swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights, *, group
         return empty
     sizes = validation.clamp_group_sizes(group_sizes, rows)
     offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
-    x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx = vma.match_vma(
-        x, *(w.astype(x.dtype) for w in (w_gate, w_up, w_down)), weights, sizes, offset, sort_idx.astype(jnp.int32))
-    return _ffn(x, w_gate, w_up, w_down, weights, sizes, offset, sort_idx, k, activation, bool(recompute), impl)
+    x, w_gate, w_up, w_down, b_gate, b_up, weights, sizes, offset, sort_idx = _match(
+        x, *(w.astype(x.dtype) for w in (w_gate, w_up, w_down)), b_gate, b_up, weights, sizes, offset,
+        sort_idx.astype(jnp.int32))
+    return _ffn(x, w_gate, w_up, w_down, (b_gate, b_up), weights, sizes, offset, sort_idx, k, activation,
+                bool(recompute), impl)

@@ -56,7 +56,7 @@ def test_layer_matches_dense(impl, fused, recompute, activation):
 
 @pytest.mark.parametrize("which", ["b_gate", "b_up", "b_down"])
 def test_each_bias_alone(which):
-    """One bias at a time (the others None), on the fused Triton path: b_down alone keeps the one-kernel SwiGLU."""
+    """One bias at a time (the others None), on the fused Triton path (the one-kernel SwiGLU with each)."""
     b, s, d, f, e = SHAPES["triton"]
     x, logits, ws = layer_inputs(SHAPES["triton"], "balanced", seed=34)
     bias = dict(zip(("b_gate", "b_up", "b_down"), _biases(35, e, d, f)))
@@ -142,8 +142,8 @@ def test_argument_errors():
     with pytest.raises(ValueError, match=r"b_down must be \[E,D\]"):
         moe_ops.moe_ffn(x, logits, *ws, top_k=2, b_gate=bg, b_down=bg, sharding=moe_ops.MoEShardingConfig())
     x2, (w, ids) = x.reshape(-1, d), moe_ops.route(logits.reshape(-1, e), 2)
-    with pytest.raises(ValueError, match="swiglu=True"):
-        moe_ops.fused_experts_ffn(x2, w, ids, *ws, swiglu=True, b_up=bu, implementation="xla")
+    with pytest.raises(ValueError, match=r"b_up must be \[E,F\]"):
+        moe_ops.fused_experts_ffn(x2, w, ids, *ws, swiglu=True, b_up=bu[:, :-1], implementation="xla")
 
 
 @pytest.mark.parametrize("strategy,tokens_on_expert,fsdp", [

@@ -29,14 +29,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.groups import local_row_mask
+from kernels.groups import bias_pair, group_rows, local_row_mask
 from kernels.pallas.fused import (Footprint, _rhs_spec, _row_scale_index, accumulate, fused_call, fused_tiling,
                                   gather_scratch, gathered_lhs, store_group_rows)
 from kernels.pallas.gmm import STORE, _has, gmm_schedule
 from kernels.pallas.gmm import gmm as plain_gmm
 from kernels.pallas.sort import _blocked, gather_rows
 from kernels.activation import resolve
-from kernels.pallas.swiglu import gated_parts
+from kernels.pallas.swiglu import bias_specs, gated_parts
 from kernels.platform import tpu_or_interpret
 
 __all__ = ["swiglu_down_bwd", "swiglu_down_bwd_saved", "FOOTPRINT", "FOOTPRINT_SAVED"]
@@ -56,9 +56,10 @@ def _epilogue(gate, up, a, w, activation, col_mask=None):
     return [dh * up * dact, dh * act * dup, h * w, jnp.sum(ha, axis=1, keepdims=True)]
 
 
-def _bwd_kernel(sched, x_hbm, dout_hbm, idx_hbm, wg_ref, wu_ref, wd_ref, w_ref, dgate_ref, dup_ref, hw_ref, dwp_ref,
-                acc_g, acc_u, acc_a, xbuf, dbuf, idx_smem, sems, *, top_k, num_rows, tiles_k, k_rem, n_cols,
-                activation):
+def _bwd_kernel(sched, x_hbm, dout_hbm, idx_hbm, wg_ref, wu_ref, wd_ref, w_ref, *refs, top_k, num_rows, tiles_k,
+                k_rem, n_cols, activation, has_bias):
+    bias, refs = (refs[:2], refs[2:]) if has_bias else ((), refs)   # the group's gate / up bias blocks [1, tn]
+    dgate_ref, dup_ref, hw_ref, dwp_ref, acc_g, acc_u, acc_a, xbuf, dbuf, idx_smem, sems = refs
     s, kb = pl.program_id(1), pl.program_id(2)
     x_blk, d_blk = gathered_lhs(sched, [x_hbm, dout_hbm], idx_hbm, [xbuf, dbuf], idx_smem, sems, top_k=top_k,
                                 num_rows=num_rows, tiles_k=tiles_k)
@@ -66,10 +67,15 @@ def _bwd_kernel(sched, x_hbm, dout_hbm, idx_hbm, wg_ref, wu_ref, wd_ref, w_ref, 
                tiles_k=tiles_k, k_rem=k_rem)
     col_mask = _col_mask(acc_g.shape, n_cols)  # a partial last F block: its columns past F are garbage
 
+    def values():
+        gate, up = acc_g[...], acc_u[...]
+        if has_bias:
+            gate, up = (acc + b[...].astype(jnp.float32) for acc, b in ((gate, bias[0]), (up, bias[1])))
+        return _epilogue(gate, up, acc_a[...], w_ref[...], activation, col_mask)
+
     @pl.when((kb == tiles_k - 1) & _has(sched.flags[s], STORE))
     def _store():
-        store_group_rows(sched, s, [dgate_ref, dup_ref, hw_ref, dwp_ref],
-                         lambda: _epilogue(acc_g[...], acc_u[...], acc_a[...], w_ref[...], activation, col_mask))
+        store_group_rows(sched, s, [dgate_ref, dup_ref, hw_ref, dwp_ref], values)
 
 
 def _out_index(n, s, k, sched):
@@ -81,19 +87,20 @@ def _partial_index(n, s, k, sched):
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "activation", "tiling", "interpret"))
-def _swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, *, top_k,
-                     activation, tiling, interpret):
+def _swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, b_gate, b_up, *,
+                     top_k, activation, tiling, interpret):
     (m,), kdim, (num_local, _, n) = sort_idx.shape, x.shape[1], w_gate.shape
     t = fused_tiling(tiling, m, kdim, n, num_local, x.dtype, x.dtype, gather=True, footprint=FOOTPRINT)
     tiles_k, tiles_n = pl.cdiv(kdim, t.tk), pl.cdiv(n, t.tn)
     sched, num_steps = gmm_schedule(group_sizes, group_offset, num_local, m, t.tm, tiles_k)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    bias_in, biases = bias_specs(t, b_gate, b_up)
     in_specs = [any_spec, any_spec, any_spec, _rhs_spec(t, False), _rhs_spec(t, False), _rhs_spec(t, True),
-                pl.BlockSpec((t.tm, 1), _row_scale_index)]
+                pl.BlockSpec((t.tm, 1), _row_scale_index), *bias_in]
     operands = [x, dout, _blocked(sort_idx, t.tm), w_gate, w_up, w_down,
-                w_sorted.reshape(-1).astype(jnp.float32)[:, None]]
+                w_sorted.reshape(-1).astype(jnp.float32)[:, None], *biases]
     kernel = functools.partial(_bwd_kernel, top_k=top_k, num_rows=m, tiles_k=tiles_k, k_rem=kdim % t.tk, n_cols=n,
-                               activation=activation)
+                               activation=activation, has_bias=b_gate is not None)
     item = jnp.dtype(x.dtype).itemsize
     cost = pl.CostEstimate(flops=6 * m * kdim * n, transcendentals=m * n,
                            bytes_accessed=item * (2 * m * kdim * tiles_n + 3 * num_local * kdim * n + 3 * m * n)
@@ -158,15 +165,18 @@ def _swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, so
                      gather_scratch(t, kdim, [dout.dtype]), interpret, cost, accs=1)
 
 
-def _composed(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, k, *, activation,
-              tiling, interpret):
+def _composed(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, k, b_gate, b_up, *,
+              activation, tiling, interpret):
     """The same outputs from row gathers and three plain GMMs (f32 out) and the epilogue in XLA: rows outside local
-    groups have gate = up = a = 0, hence zero outputs."""
+    groups have gate = up = a = 0 (no bias there), hence zero outputs."""
     rows, drows = (gather_rows(v, sort_idx, k, interpret=interpret) for v in (x, dout))
     kw = dict(out_dtype=jnp.float32, tiling=tiling, interpret=interpret)
     gate = plain_gmm(rows, w_gate, group_sizes, group_offset, transpose_rhs=False, **kw)
     up = plain_gmm(rows, w_up, group_sizes, group_offset, transpose_rhs=False, **kw)
     a = plain_gmm(drows, w_down, group_sizes, group_offset, transpose_rhs=True, **kw)
+    if b_gate is not None:
+        gate, up = (p + group_rows(b, group_sizes, group_offset, p.shape[0], jnp.float32)
+                    for p, b in ((gate, b_gate), (up, b_up)))
     dgate, dup, hw, dw = _epilogue(gate, up, a, _local_weights(w_sorted, group_sizes, group_offset, w_gate.shape[0]),
                                    activation)
     return dgate.astype(x.dtype), dup.astype(x.dtype), hw.astype(x.dtype), dw[:, 0]
@@ -189,21 +199,24 @@ def _degenerate(m, f, other_dims, dtype):
 
 @tpu_or_interpret
 def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, k, *, activation,
-                    tiling=None, interpret=None):
+                    tiling=None, interpret=None, b_gate=None, b_up=None):
     """x / dout [T,D] (token order), w_gate / w_up [G_local,D,F], w_down [G_local,F,D], clamped group_sizes [G],
-    group_offset int32[1], sort_idx [M = T*k], w_sorted [M] f32 -> (dgate, dup, h [M,F] in x's dtype,
-    dweights_sorted [M] f32), as ``moe_ops.reference.swiglu_down_bwd``; rows outside local groups are zero.
+    group_offset int32[1], sort_idx [M = T*k], w_sorted [M] f32, optional b_gate / b_up [G_local,F] (added to the
+    recomputed gate / up) -> (dgate, dup, h [M,F] in x's dtype, dweights_sorted [M] f32), as
+    ``moe_ops.reference.swiglu_down_bwd``; rows outside local groups are zero.
     ``tiling`` (tn: the F block, tk: the D block) / ``interpret`` as for ``kernels.pallas.gmm.gmm``."""
     m = sort_idx.shape[0]
     activation = resolve(activation)
     empty = _degenerate(m, w_gate.shape[2], (x.shape[1], w_gate.shape[0]), x.dtype)
     if empty is not None:
         return empty
+    b_gate, b_up = bias_pair(b_gate, b_up, w_gate.shape[0], w_gate.shape[2])
     args = (x, dout, w_gate, w_up, w_down, group_sizes, group_offset)
     if not isinstance(m, int):  # symbolic rows (jax.export): the composition, as gather_gmm does
-        return _composed(*args, sort_idx, w_sorted, k, activation=activation, tiling=tiling, interpret=interpret)
-    return _swiglu_down_bwd(*args, sort_idx.astype(jnp.int32), w_sorted, top_k=int(k), activation=activation,
-                            tiling=tiling, interpret=interpret)
+        return _composed(*args, sort_idx, w_sorted, k, b_gate, b_up, activation=activation, tiling=tiling,
+                         interpret=interpret)
+    return _swiglu_down_bwd(*args, sort_idx.astype(jnp.int32), w_sorted, b_gate, b_up, top_k=int(k),
+                            activation=activation, tiling=tiling, interpret=interpret)
 
 
 @tpu_or_interpret

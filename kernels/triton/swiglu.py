@@ -5,7 +5,8 @@
 and gather row map; plain ``gmm`` is untouched): each K step loads the A tile once and the two B tiles (``w_gate``,
 ``w_up`` [G_local, K, N] as given, no interleaved copy) into two f32 accumulators; the epilogue applies the gated
 activation in f32 (``kernels.triton.activation``: silu / gelu / relu with a ``GatedActivation``'s clamp, alpha and
-offset) and stores only ``h`` [M, N] (``N = F``). With ``GATHER`` the A rows are ``x[sort_idx[i] // TOP_K]`` (x in
+offset) and stores only ``h`` [M, N] (``N = F``). With HAS_BIAS the accumulators start from the tile's group's
+gate / up bias rows ([G_local, N]; the recomputing backward's too). With ``GATHER`` the A rows are ``x[sort_idx[i] // TOP_K]`` (x in
 token order). Zero-fill tiles store zeros.
 
 ``_swiglu_down_bwd_kernel`` (``swiglu_down_bwd``, the backward of gate/up + activation + weighted down projection,
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels.activation import GPT_OSS
+from kernels.groups import bias_pair
 from kernels.registry import TARGETS, register_aot
 from kernels.triton.activation import ACT_CODES, act_params, clamp, gated, gated_parts
 from kernels.triton import schedule, tuning
@@ -45,7 +47,9 @@ from kernels.triton.gmm import _row_tile, _sorted_slots
 __all__ = ["swiglu_gmm", "swiglu_gmm_saved", "swiglu_down_bwd", "swiglu_down_bwd_saved", "swiglu_config",
            "swiglu_bwd_config"]
 
-_AOT_SPECS = {"gpt_oss": GPT_OSS}   # the clamped / scaled / offset epilogue, AOT-compiled on each target's first config
+# the clamped / scaled / offset epilogue with the gate / up biases (gpt-oss's experts), AOT-compiled on each target's
+# first config
+_AOT_SPECS = {"gpt_oss": GPT_OSS}
 
 
 @triton.jit
@@ -77,11 +81,12 @@ def _saved_epilogue(a, w, row_off, cols, live, gate_ptr, up_ptr, dgate_ptr, dup_
 
 
 @triton.jit
-def _projections(lhs_ptr, wg_ptr, wu_ptr, group, row_start, row_end, offs_m, offs_n, sort_idx_ptr,
+def _projections(lhs_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, group, row_start, row_end, offs_m, offs_n, sort_idx_ptr,
                  K: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 GATHER: tl.constexpr, TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr):
+                 GATHER: tl.constexpr, TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr):
     """(gate, up) f32 [BM, BN] of a tile: its A rows (``lhs[sort_idx[row] // TOP_K]`` with GATHER) times the
-    ``wg`` / ``wu`` [G, K, N] tiles of ``group``, each A tile loaded once for both."""
+    ``wg`` / ``wu`` [G, K, N] tiles of ``group``, each A tile loaded once for both; with HAS_BIAS plus the group's
+    ``bg`` / ``bu`` [G, N] rows."""
     offs_k = tl.arange(0, BK)
     cols = offs_n % N if N % BN != 0 else offs_n
     if GATHER:
@@ -94,6 +99,10 @@ def _projections(lhs_ptr, wg_ptr, wu_ptr, group, row_start, row_end, offs_m, off
     g_ptrs, u_ptrs = wg_ptr + b_off, wu_ptr + b_off
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    if HAS_BIAS:  # start from the biases: added after the K loop they spilled 16 / 208 B (sm90 AOT, gpt-oss fwd)
+        bias_off = group.to(tl.int64) * N + cols
+        acc_g += tl.load(bg_ptr + bias_off).to(tl.float32)[None, :]
+        acc_u += tl.load(bu_ptr + bias_off).to(tl.float32)[None, :]
     for k in range(0, tl.cdiv(K, BK)):
         if K % BK == 0:
             a, bg, bu = tl.load(a_ptrs), tl.load(g_ptrs), tl.load(u_ptrs)
@@ -111,14 +120,15 @@ def _projections(lhs_ptr, wg_ptr, wu_ptr, group, row_start, row_end, offs_m, off
 
 
 @triton.jit
-def _swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, tiles_ptr, sort_idx_ptr, out_ptr, gate_ptr, up_ptr,
+def _swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, tiles_ptr, sort_idx_ptr, out_ptr, gate_ptr, up_ptr,
                    K: tl.constexpr, N: tl.constexpr, NUM_ROW_TILES: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                    GATHER: tl.constexpr, TOP_K: tl.constexpr, NUM_SLOTS: tl.constexpr, ACT: tl.constexpr,
-                   ALPHA: tl.constexpr, LIMIT: tl.constexpr, UP_OFFSET: tl.constexpr, STORE_GATE_UP: tl.constexpr):
-    """One BM x BN tile of ``h[rows] = act(lhs[rows] @ wg[group]) * (lhs[rows] @ wu[group])``; with
-    STORE_GATE_UP also ``gate`` / ``up`` (in the output dtype, after the activation's clamps if it has a limit: the
-    backward's residuals)."""
+                   ALPHA: tl.constexpr, LIMIT: tl.constexpr, UP_OFFSET: tl.constexpr, STORE_GATE_UP: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):
+    """One BM x BN tile of ``h[rows] = act(lhs[rows] @ wg[group] + bg[group]) * (lhs[rows] @ wu[group] +
+    bu[group])`` (the biases with HAS_BIAS); with STORE_GATE_UP also ``gate`` / ``up`` (in the output dtype, after
+    the activation's clamps if it has a limit: the backward's residuals)."""
     group, row_start, row_end, tile_n = _row_tile(tiles_ptr, NUM_ROW_TILES, N, BN, GROUP_M)
     offs_m = tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
@@ -126,8 +136,8 @@ def _swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, tiles_ptr, sort_idx_ptr, out_ptr, ga
     store_mask = (offs_m[:, None] < row_end - row_start) & (offs_n[None, :] < N)
     dtype = out_ptr.dtype.element_ty
     if group >= 0:
-        gate, up = _projections(lhs_ptr, wg_ptr, wu_ptr, group, row_start, row_end, offs_m, offs_n, sort_idx_ptr,
-                                K, N, BM, BN, BK, GATHER, TOP_K, NUM_SLOTS)
+        gate, up = _projections(lhs_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, group, row_start, row_end, offs_m, offs_n,
+                                sort_idx_ptr, K, N, BM, BN, BK, GATHER, TOP_K, NUM_SLOTS, HAS_BIAS)
         gate, up = clamp(gate, up, LIMIT)   # in place: the saved residuals are the clamped projections
         tl.store(out_ptr + out_off, gated(gate, up, ACT, ALPHA, UP_OFFSET).to(dtype), mask=store_mask)
         if STORE_GATE_UP:
@@ -147,25 +157,39 @@ def swiglu_config(cfg: tuning.GmmConfig) -> tuning.GmmConfig:
 
 
 def swiglu_gmm(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype,
-               config=None):
+               config=None, b_gate=None, b_up=None):
     """x [M,K] (or [T,K] in token order with ``sort_idx`` [M = T*k]), w_gate / w_up [G_local,K,F], clamped
-    group_sizes [G], group_offset int32[1] -> h [M,F] in ``out_dtype``: ``act(x_i @ w_gate[g]) * (x_i @ w_up[g])``
-    in f32 (``x_i = x[sort_idx[i] // k]`` with ``sort_idx``); rows outside local groups are zero."""
-    return _forward(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, out_dtype, config, False)[0]
+    group_sizes [G], group_offset int32[1] -> h [M,F] in ``out_dtype``: ``act(x_i @ w_gate[g] + b_gate[g]) *
+    (x_i @ w_up[g] + b_up[g])`` in f32 (``x_i = x[sort_idx[i] // k]`` with ``sort_idx``; the optional biases
+    [G_local,F] added to the f32 accumulators); rows outside local groups are zero."""
+    return _forward(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, out_dtype, config, False,
+                    b_gate, b_up)[0]
 
 
 def swiglu_gmm_saved(x, w_gate, w_up, group_sizes, group_offset, sort_idx=None, k=1, *, activation, out_dtype,
-                     config=None):
-    """``swiglu_gmm`` that also writes ``gate`` and ``up`` [M,F] (``out_dtype``, clamped to the activation's limit
-    if it has one; the residuals of the saved-mode backward, ``swiglu_down_bwd_saved``) from the same accumulators
-    -> (h, gate, up)."""
-    return _forward(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, out_dtype, config, True)
+                     config=None, b_gate=None, b_up=None):
+    """``swiglu_gmm`` that also writes ``gate`` and ``up`` [M,F] (``out_dtype``, biases added, clamped to the
+    activation's limit if it has one; the residuals of the saved-mode backward, ``swiglu_down_bwd_saved``) from the
+    same accumulators -> (h, gate, up)."""
+    return _forward(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, out_dtype, config, True,
+                    b_gate, b_up)
 
 
-def _forward(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, out_dtype, config, store_gate_up):
+def _bias_operands(b_gate, b_up, num_local, n, dtype):
+    """(bg, bu, HAS_BIAS): the bias pair (``kernels.groups.bias_pair``) or one-element placeholders."""
+    b_gate, b_up = bias_pair(b_gate, b_up, num_local, n)
+    if b_gate is None:
+        placeholder = jnp.zeros((1,), dtype)
+        return placeholder, placeholder, False
+    return b_gate, b_up, True
+
+
+def _forward(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation, out_dtype, config, store_gate_up,
+             b_gate, b_up):
     gather = sort_idx is not None
     m = sort_idx.shape[0] if gather else x.shape[0]
     kdim, (num_local, _, n) = x.shape[1], w_gate.shape
+    b_gate, b_up, has_bias = _bias_operands(b_gate, b_up, num_local, n, x.dtype)
     if m == 0:
         return (jnp.zeros((0, n), out_dtype),) * 3
     cfg = config or swiglu_config(tuning.pick_config("gmm", m, kdim, n, num_local, x.dtype))
@@ -174,23 +198,24 @@ def _forward(x, w_gate, w_up, group_sizes, group_offset, sort_idx, k, activation
     idx = sort_idx.astype(jnp.int32) if gather else jnp.zeros((1,), jnp.int32)
     rows = jax.ShapeDtypeStruct((m, n) if store_gate_up else (1,), out_dtype)  # gate / up, or unused placeholders
     return tuple(load_jax_triton().triton_call(
-        x, w_gate, w_up, tiles.reshape(-1), idx, kernel=_swiglu_kernel,
+        x, w_gate, w_up, b_gate, b_up, tiles.reshape(-1), idx, kernel=_swiglu_kernel,
         out_shape=[jax.ShapeDtypeStruct((m, n), out_dtype), rows, rows],
         grid=(num_row_tiles * triton.cdiv(n, cfg.block_n),), name="moe_swiglu_gmm",
         K=kdim, N=n, NUM_ROW_TILES=num_row_tiles, GATHER=gather, TOP_K=int(k) if gather else 1,
-        NUM_SLOTS=m if gather else 1, STORE_GATE_UP=store_gate_up, **act_params(activation),
+        NUM_SLOTS=m if gather else 1, STORE_GATE_UP=store_gate_up, HAS_BIAS=has_bias, **act_params(activation),
         **_launch_options(cfg)))
 
 
 @triton.jit
-def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, sort_idx_ptr, ws_ptr, gate_ptr,
-                            up_ptr, dgate_ptr, dup_ptr, hw_ptr, part_ptr,
+def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, bg_ptr, bu_ptr, tiles_ptr, sort_idx_ptr, ws_ptr,
+                            gate_ptr, up_ptr, dgate_ptr, dup_ptr, hw_ptr, part_ptr,
                             K: tl.constexpr, N: tl.constexpr, NUM_ROW_TILES: tl.constexpr, NUM_SLOTS: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                             TOP_K: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
-                            UP_OFFSET: tl.constexpr, RECOMPUTE: tl.constexpr):
+                            UP_OFFSET: tl.constexpr, RECOMPUTE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """One BM x BN tile (sorted rows x F columns) of the fused backward: ``a = dout rows @ w_down^T`` (f32, over
-    K = D) with ``gate`` / ``up`` recomputed (RECOMPUTE: x rows @ w_gate / w_up, ``_projections``) or loaded (the
+    K = D) with ``gate`` / ``up`` recomputed (RECOMPUTE: x rows @ w_gate / w_up (+ bg / bu with HAS_BIAS),
+    ``_projections``) or loaded (the
     saved [M, N] residuals); the epilogue writes dgate, dup, hw = w * h and this column tile's partial ``sum_f h * a``
     (``part[tile_n, row]``)."""
     group, row_start, row_end, tile_n = _row_tile(tiles_ptr, NUM_ROW_TILES, N, BN, GROUP_M)
@@ -203,8 +228,8 @@ def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, tiles_ptr, 
     if group >= 0:
         split: tl.constexpr = not RECOMPUTE and BM * BN > 64 * 64
         if RECOMPUTE:
-            gate, up = _projections(x_ptr, wg_ptr, wu_ptr, group, row_start, row_end, offs_m, offs_n, sort_idx_ptr,
-                                    K, N, BM, BN, BK, True, TOP_K, NUM_SLOTS)
+            gate, up = _projections(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, group, row_start, row_end, offs_m,
+                                    offs_n, sort_idx_ptr, K, N, BM, BN, BK, True, TOP_K, NUM_SLOTS, HAS_BIAS)
         elif not split:  # small tiles: gate / up loaded ahead, their latency hidden behind the K loop
             gate = tl.load(gate_ptr + out_off, mask=store_mask, other=0.0).to(tl.float32)
             up = tl.load(up_ptr + out_off, mask=store_mask, other=0.0).to(tl.float32)
@@ -274,14 +299,16 @@ def swiglu_bwd_config(cfg: tuning.GmmConfig, *, recompute: bool = True, arch: st
 
 
 def swiglu_down_bwd(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, k, *, activation,
-                    config=None):
+                    config=None, b_gate=None, b_up=None):
     """x / dout [T,D] (token order), w_gate / w_up [G_local,D,F], w_down [G_local,F,D], clamped group_sizes [G],
-    group_offset int32[1], sort_idx [M = T*k], w_sorted [M] f32 -> (dgate, dup, h [M,F] in x's dtype,
-    dweights_sorted [M] f32), the contract of ``moe_ops.reference.swiglu_down_bwd``: one kernel, gate / up / a never
-    written; the per-column-tile partials of ``<h_i, a_i>`` are summed here (f32, fixed order)."""
+    group_offset int32[1], sort_idx [M = T*k], w_sorted [M] f32, optional b_gate / b_up [G_local,F] -> (dgate, dup,
+    h [M,F] in x's dtype, dweights_sorted [M] f32), the contract of ``moe_ops.reference.swiglu_down_bwd``: one
+    kernel, gate / up / a never written; the per-column-tile partials of ``<h_i, a_i>`` are summed here (f32, fixed
+    order)."""
     placeholder = jnp.zeros((1,), x.dtype)
+    bias = _bias_operands(b_gate, b_up, w_gate.shape[0], w_gate.shape[2], x.dtype)
     return _backward(x, dout, w_gate, w_up, w_down, placeholder, placeholder, group_sizes, group_offset, sort_idx,
-                     w_sorted, k, activation, config, True)
+                     w_sorted, k, activation, config, True, None, bias)
 
 
 def swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, sort_idx, w_sorted, k, *, activation,
@@ -292,11 +319,11 @@ def swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, sor
     shape = jax.ShapeDtypeStruct((g, d, f), w_down.dtype)   # the [G, D, F] geometry the kernel reads from w_gate
     weights = jnp.zeros((1,), w_down.dtype)                 # unused with RECOMPUTE=False
     return _backward(dout, dout, weights, weights, w_down, gate, up, group_sizes, group_offset, sort_idx, w_sorted,
-                     k, activation, config, False, shape)
+                     k, activation, config, False, shape, (weights, weights, False))
 
 
 def _backward(x, dout, w_gate, w_up, w_down, gate, up, group_sizes, group_offset, sort_idx, w_sorted, k, activation,
-              config, recompute, gate_shape=None):
+              config, recompute, gate_shape, bias):
     m, (num_local, kdim, n) = sort_idx.shape[0], (gate_shape or w_gate).shape
     arch = tuning.detect_arch()
     cfg = config or swiglu_bwd_config(tuning.pick_config("gmm", m, kdim, n, num_local, dout.dtype, arch=arch),
@@ -305,11 +332,12 @@ def _backward(x, dout, w_gate, w_up, w_down, gate, up, group_sizes, group_offset
     num_row_tiles, col_tiles = tiles.shape[1], triton.cdiv(n, cfg.block_n)
     rows = jax.ShapeDtypeStruct((m, n), dout.dtype)
     dgate, dup, h, part = load_jax_triton().triton_call(
-        x, dout, w_gate, w_up, w_down, tiles.reshape(-1), sort_idx.astype(jnp.int32), w_sorted.astype(jnp.float32),
-        gate, up, kernel=_swiglu_down_bwd_kernel,
+        x, dout, w_gate, w_up, w_down, bias[0], bias[1], tiles.reshape(-1), sort_idx.astype(jnp.int32),
+        w_sorted.astype(jnp.float32), gate, up, kernel=_swiglu_down_bwd_kernel,
         out_shape=[rows, rows, rows, jax.ShapeDtypeStruct((col_tiles, m), jnp.float32)],
         grid=(num_row_tiles * col_tiles,), name="moe_swiglu_down_bwd", K=kdim, N=n, NUM_ROW_TILES=num_row_tiles,
-        NUM_SLOTS=m, TOP_K=int(k), RECOMPUTE=recompute, **act_params(activation), **_launch_options(cfg))
+        NUM_SLOTS=m, TOP_K=int(k), RECOMPUTE=recompute, HAS_BIAS=bias[2], **act_params(activation),
+        **_launch_options(cfg))
     return dgate, dup, h, jnp.sum(part, axis=0)
 
 
@@ -317,7 +345,7 @@ def _backward(x, dout, w_gate, w_up, w_down, gate, up, group_sizes, group_offset
 def aot_cases(target: str):
     """Every shipped gmm config of ``target`` (``swiglu_config``) at the gmm family's shapes: the gather form with
     silu (the layer's) everywhere, plus gelu / relu and the plain (no gather) form at bf16 on the Mixtral-like shape,
-    and gpt-oss's clamped SwiGLU (``_AOT_SPECS``) there on the first config."""
+    and gpt-oss's clamped SwiGLU with the gate / up biases (``_AOT_SPECS``) there on the first config."""
     backend = TARGETS[target][0]
     cases = []
     for dtype_name, dtype, suffix, k, n in _aot_points():
@@ -333,10 +361,10 @@ def aot_cases(target: str):
                 case = _aot_case(name, _swiglu_kernel, dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}",
                                  K=k, N=n, NUM_ROW_TILES=tiles, GATHER=gather, TOP_K=_AOT_TOP_K if gather else 1,
                                  NUM_SLOTS=_AOT_M if gather else 1, STORE_GATE_UP=saved,
-                                 **act_params(_AOT_SPECS.get(act, act)))
+                                 HAS_BIAS=act in _AOT_SPECS, **act_params(_AOT_SPECS.get(act, act)))
                 rows = f"*{dtype_name}"
-                sig = dict(lhs_ptr=rows, wg_ptr=rows, wu_ptr=rows, tiles_ptr="*i32", sort_idx_ptr="*i32",
-                           out_ptr=rows, gate_ptr=rows, up_ptr=rows)
+                sig = dict(lhs_ptr=rows, wg_ptr=rows, wu_ptr=rows, bg_ptr=rows, bu_ptr=rows, tiles_ptr="*i32",
+                           sort_idx_ptr="*i32", out_ptr=rows, gate_ptr=rows, up_ptr=rows)
                 cases.append(dataclasses.replace(case, signature={**sig, **{c: "constexpr" for c in case.constexprs}}))
             cases += _bwd_aot_cases(target, backend, entry, gmm_cfg, dtype_name, suffix, k, n, acts)
     if target == "sm90":  # the saved-mode candidate tile (split epilogue) at the Mixtral-like shape
@@ -358,10 +386,10 @@ def _bwd_aot_cases(target, backend, entry, gmm_cfg, dtype_name, suffix, k, n, ac
         case = _aot_case(f"swiglu_down_bwd_{act}{'' if recompute else '_saved'}", _swiglu_down_bwd_kernel,
                          dtype_name, cfg, backend, f"{entry}:{dtype_name}{suffix}", K=k, N=n, NUM_ROW_TILES=tiles,
                          NUM_SLOTS=_AOT_M, TOP_K=_AOT_TOP_K, RECOMPUTE=recompute,
-                         **act_params(_AOT_SPECS.get(act, act)))
+                         HAS_BIAS=recompute and act in _AOT_SPECS, **act_params(_AOT_SPECS.get(act, act)))
         rows, f32 = f"*{dtype_name}", "*fp32"
-        sig = dict(x_ptr=rows, dout_ptr=rows, wg_ptr=rows, wu_ptr=rows, wd_ptr=rows, tiles_ptr="*i32",
-                   sort_idx_ptr="*i32", ws_ptr=f32, gate_ptr=rows, up_ptr=rows, dgate_ptr=rows, dup_ptr=rows,
+        sig = dict(x_ptr=rows, dout_ptr=rows, wg_ptr=rows, wu_ptr=rows, wd_ptr=rows, bg_ptr=rows, bu_ptr=rows,
+                   tiles_ptr="*i32", sort_idx_ptr="*i32", ws_ptr=f32, gate_ptr=rows, up_ptr=rows, dgate_ptr=rows, dup_ptr=rows,
                    hw_ptr=rows, part_ptr=f32)
         cases.append(dataclasses.replace(case, signature={**sig, **{c: "constexpr" for c in case.constexprs}}))
     return cases
