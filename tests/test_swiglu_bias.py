@@ -123,20 +123,22 @@ def test_pallas_kernels():
 
 
 def test_group_rows_and_sums_are_transposes():
-    """``kernels.groups.group_rows`` / ``group_sums`` against the reference's row ids, on random sizes / offsets /
-    row counts (rows beyond the sum and of other shards' groups get nothing), and <rows(b), d> = <b, sums(d)>."""
+    """``kernels.groups.group_rows`` / ``group_sums`` against the reference's row ids, on random sizes (summing to
+    at most M) and offsets (rows beyond the sum and of other shards' groups get nothing), and
+    <rows(b), d> = <b, sums(d)>."""
+    g, g_local, m, n = 6, 3, 40, 3
+    rows = jax.jit(lambda b, s, o: groups.group_rows(b, s, o, m, jnp.float32))
+    sums = jax.jit(lambda d, s, o: groups.group_sums(d, s, o, g_local))
     rng = np.random.default_rng(0)
     for _ in range(20):
-        g, g_local, m, n = rng.integers(1, 7), rng.integers(1, 4), rng.integers(1, 40), 3
         sizes = jnp.asarray(rng.multinomial(rng.integers(0, m + 1), np.ones(g) / g), jnp.int32)
         off = int(rng.integers(0, g + 1))
         b, d = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((g_local, n), (m, n)))
         ids = np.asarray(R.local_row_ids(sizes, m, off, g_local))
-        want = np.where((ids >= 0)[:, None], np.asarray(b)[np.maximum(ids, 0)], 0.0)
-        got = groups.group_rows(b, sizes, offset_array(off), m, jnp.float32)
-        np.testing.assert_array_equal(got, want)
-        sums = groups.group_sums(d, sizes, offset_array(off), g_local)
-        np.testing.assert_allclose(float(jnp.vdot(got, d)), float(jnp.vdot(b, sums)), rtol=1e-5, atol=1e-5)
+        got = rows(b, sizes, offset_array(off))
+        np.testing.assert_array_equal(got, np.where((ids >= 0)[:, None], np.asarray(b)[np.maximum(ids, 0)], 0.0))
+        np.testing.assert_allclose(float(jnp.vdot(got, d)), float(jnp.vdot(b, sums(d, sizes, offset_array(off)))),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["xla", "triton", "pallas"])
@@ -212,3 +214,26 @@ def test_argument_errors():
         moe_ops.swiglu_gmm(x, w, w, sizes, b_gate=jnp.ones((3, 4)), implementation="xla")
     with pytest.raises((TypeError, ValueError), match="b_up must be float"):
         moe_ops.swiglu_gmm(x, w, w, sizes, b_up=jnp.ones((2, 4), jnp.int32), implementation="xla")
+
+
+@pytest.mark.parametrize("recompute,bound", [(False, 0.8), (True, 0.85)])
+def test_grad_temp_memory_below_unfused(recompute, bound):
+    """gpt-oss's layer (T8192 D2880 F2880 E32 k4, bf16, its activation and three biases), compiled only: the
+    fused path's jax.grad temp bytes at most ``bound`` x the unfused path's (issue 12's rule, which the fused path
+    broke with biases when they sent gate / up to two gather-GMMs: 1.07x saved). Measured here (Triton program on
+    CPU, saved / recompute): 0.70 / 0.79. XLA GPU assigns buffers differently: there the rule itself (1.0x)."""
+    if jax.default_backend() != "cpu":
+        bound = 1.0
+    t, d, f, e, top_k = 8192, 2880, 2880, 32, 4
+    sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    args = (sds((t, d), bf), sds((t, e), bf), sds((e, d, f), bf), sds((e, d, f), bf), sds((e, f, d), bf),
+            sds((e, f), bf), sds((e, f), bf), sds((e, d), bf))
+    temps = {}
+    for fused in (True, False):
+        def loss(x, lg, wg, wu, wd, bg, bu, bd, fused=fused):
+            out = moe_ops.moe_ffn(x, lg, wg, wu, wd, top_k=top_k, implementation="triton", fused=fused,
+                                  recompute=recompute, activation=moe_ops.GPT_OSS, b_gate=bg, b_up=bu, b_down=bd)
+            return jnp.sum(out.astype(jnp.float32))
+        grad = jax.jit(jax.grad(loss, argnums=range(8)))
+        temps[fused] = grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    assert temps[True] <= bound * temps[False], (temps, temps[True] / temps[False])
