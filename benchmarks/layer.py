@@ -49,11 +49,33 @@ def make_inputs(shape: LayerShape, dtype, pattern: routing.Pattern, seed: int):
 # gather-GMMs and the activation in XLA, and the unfused permute -> gmm -> unpermute path.
 VARIANTS = ("moe_ffn", "moe_ffn:fused-no-swiglu", "moe_ffn:unfused")
 DENSE = "reference:moe_ffn_dense"  # the einsum ground truth, timed beside the XLA backend in the CPU main job
+# gpt-oss's expert form, on the gpt-oss shapes of the layer suite: ``moe_ffn`` with its clamped SwiGLU
+# (``moe_ops.GPT_OSS``) and three per-expert biases, by default (fused: the gate / up biases inside the SwiGLU
+# kernels) and unfused; an op family of its own in the ratios (``records.op_family``). The biases are the weights'
+# first rows, so the five gradients stay those of the layer's inputs and the dense oracle
+# (``oracle(..., family="gpt-oss")``) computes the same function.
+GPT_OSS_VARIANTS = ("gpt_oss_ffn", "gpt_oss_ffn:unfused")
+
+
+def gpt_oss_form(layer_fn, **kw):
+    """(x, logits, w_gate, w_up, w_down) -> ``layer_fn`` with gpt-oss's activation and the weights' first rows as
+    b_gate / b_up [E,F] and b_down [E,D]."""
+    def layer(x, logits, w_gate, w_up, w_down):
+        return layer_fn(x, logits, w_gate, w_up, w_down, activation=moe_ops.GPT_OSS, b_gate=w_gate[:, 0, :],
+                        b_up=w_up[:, 0, :], b_down=w_down[:, 0, :], **kw)
+    return layer
+
+
+def _family(variant: str) -> str:
+    return "gpt-oss" if variant in GPT_OSS_VARIANTS else "plain"
 
 
 def _layer(impl: str, top_k: int, variant: str = "moe_ffn"):
     if variant == DENSE:
         return functools.partial(moe_ops.reference.moe_ffn_dense, top_k=top_k)
+    if variant in GPT_OSS_VARIANTS:
+        return gpt_oss_form(moe_ops.moe_ffn, top_k=top_k, implementation=impl,
+                            fused=False if variant.endswith(":unfused") else None)
     if variant == "moe_ffn:unfused":
         return functools.partial(moe_ops.moe_ffn, top_k=top_k, implementation=impl, fused=False)
     if variant == "moe_ffn:fused-no-swiglu":
@@ -65,12 +87,15 @@ def _layer(impl: str, top_k: int, variant: str = "moe_ffn"):
     return functools.partial(moe_ops.moe_ffn, top_k=top_k, implementation=impl)
 
 
-def variants_for(impl: str, suite: str) -> tuple[str, ...]:
-    """Variants measured for ``impl``: all of them in the layer suite where ``fused=None`` fuses, else the default;
-    the CPU main job also times the dense einsum reference on the XLA rows (the bar the XLA backend must beat)."""
+def variants_for(impl: str, suite: str, shape: LayerShape | None = None) -> tuple[str, ...]:
+    """Variants measured for ``impl``: all of them in the layer suite where ``fused=None`` fuses (on gpt-oss shapes
+    also ``GPT_OSS_VARIANTS``), else the default; the CPU main job also times the dense einsum reference on the XLA
+    rows (the bar the XLA backend must beat)."""
     if suite == "main" and impl == "xla":
         return VARIANTS[:1] + (DENSE,)
-    return VARIANTS if suite == "layer" and moe_ops.fused.use_fused(None, impl) else VARIANTS[:1]
+    if suite != "layer" or not moe_ops.fused.use_fused(None, impl):
+        return VARIANTS[:1]
+    return VARIANTS + (GPT_OSS_VARIANTS if shape is not None and shape.name.startswith("gpt-oss") else ())
 
 
 @functools.cache
@@ -146,9 +171,12 @@ def _subset(shape: LayerShape, ids: np.ndarray, seed: int):
 
 
 @functools.cache
-def _dense_fn(top_k: int):
-    """(x, logits, w_gate, w_up, w_down, ct) -> (out, (dx, dlogits, dw_gate, dw_up, dw_down)) of the dense twin."""
+def _dense_fn(top_k: int, family: str = "plain"):
+    """(x, logits, w_gate, w_up, w_down, ct) -> (out, (dx, dlogits, dw_gate, dw_up, dw_down)) of the dense twin
+    (``family`` "gpt-oss": in ``gpt_oss_form``)."""
     dense = functools.partial(moe_ops.reference.moe_ffn_dense, top_k=top_k)
+    if family == "gpt-oss":
+        dense = gpt_oss_form(moe_ops.reference.moe_ffn_dense, top_k=top_k)
 
     def run(*args_ct):
         out, vjp = jax.vjp(dense, *args_ct[:-1])
@@ -156,14 +184,15 @@ def _dense_fn(top_k: int):
     return jax.jit(run)
 
 
-def oracle(shape: LayerShape, args, ct, seed: int = 0):
+def oracle(shape: LayerShape, args, ct, seed: int = 0, family: str = "plain"):
     """Dense-reference outputs on the exact subset: dict of name -> (index fn over our output, expected)."""
     weights, ids = moe_ops.reference.route(args[1].astype(jnp.float32), shape.topk)
     tokens, experts = _subset(shape, np.asarray(ids), seed)
     sub = (args[0][tokens], args[1][tokens]) + tuple(args[2:])
-    out, (dx, dl, dwg, dwu, dwd) = _dense_fn(shape.topk)(*sub, ct[tokens])
-    label = "reference.moe_ffn_dense" + ("" if len(tokens) == shape.t else
-                                         f" on {len(tokens)} tokens incl. all of expert {int(experts[0])}")
+    out, (dx, dl, dwg, dwu, dwd) = _dense_fn(shape.topk, family)(*sub, ct[tokens])
+    label = "reference.moe_ffn_dense" + (" (gpt-oss form)" if family == "gpt-oss" else "")
+    if len(tokens) != shape.t:
+        label += f" on {len(tokens)} tokens incl. all of expert {int(experts[0])}"
     return {
         "label": label,
         "out": (lambda y: y[tokens], out),
@@ -263,16 +292,32 @@ def run_case(contender, shape: LayerShape, dtype, pattern: routing.Pattern, *, w
         common["config"] = env.kernel_config(impl, "gmm", m=shape.t * shape.topk, k=shape.d, n=shape.f,
                                              e=shape.e, dtype=dtype_name)
         fns = [(v, forward_fn(impl, shape.topk, v), fwd_bwd_fn(impl, shape.topk, v))
-               for v in variants_for(impl, suite)]
+               for v in variants_for(impl, suite, shape)]
+    refs = prepared.setdefault("refs", {"plain": ref})
     limit = device_bytes_limit()
     out = []
     for pass_, names, mult in (("fwd", ("out",), 1), ("fwd+bwd", GRAD_NAMES, 3)):
         inputs = [a for a, _ in sets] if pass_ == "fwd" else [a + (c,) for a, c in sets]
         for variant, fwd, fb in fns:
-            out.append(_measure_row(fwd if pass_ == "fwd" else fb, inputs, _checker(ref, names, TOL[dtype_name]),
-                                    warmup, repeats, {**common, "op": variant, "pass_": pass_},
+            row = {**common, "op": variant, "pass_": pass_}
+            family_ref = _family_oracle(refs, _family(variant), shape, sets, seed)
+            if isinstance(family_ref, Exception):
+                out.append(record(status="error", reason=f"dense reference failed: {env.reason(family_ref)}", **row))
+                continue
+            out.append(_measure_row(fwd if pass_ == "fwd" else fb, inputs,
+                                    _checker(family_ref, names, TOL[dtype_name]), warmup, repeats, row,
                                     mult * shape.flops(), limit))
     return out
+
+
+def _family_oracle(refs: dict, family: str, shape: LayerShape, sets, seed: int):
+    """The dense reference of a variant family, computed once per case (or the exception that prevented it)."""
+    if family not in refs:
+        try:
+            refs[family] = oracle(shape, *sets[0], seed=seed, family=family)
+        except Exception as exc:  # noqa: BLE001 - reported on the family's rows
+            refs[family] = exc
+    return refs[family]
 
 
 def run_suite(cases, dtype, *, progress=True, suite="layer", records: list | None = None) -> list[dict]:

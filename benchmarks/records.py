@@ -50,9 +50,14 @@ def record(*, suite: str, op: str, pass_: str, implementation: str, kind: str, s
 
 
 def op_family(op: str) -> str:
-    """The op whose rows are compared with each other: the layer variants (``moe_ffn:unfused``, ...) and the layer
-    peers are all ``moe_ffn``; every other op is its own family."""
-    return "moe_ffn" if op.startswith("moe_ffn") else op
+    """The op whose rows are compared with each other: a layer op's variants (``moe_ffn:unfused``, ...; the layer
+    peers are ``moe_ffn`` rows) share its name before the colon (``gpt_oss_ffn`` / ``gpt_oss_ffn:unfused`` are
+    another family); every other op is its own family."""
+    head = op.split(":", 1)[0]
+    return head if head in _LAYER_OPS else op
+
+
+_LAYER_OPS = ("moe_ffn", "gpt_oss_ffn")
 
 
 def contender(rec: dict) -> str:
@@ -74,7 +79,7 @@ def add_ratios(records: list[dict], ceilings: dict) -> None:
     part: they get none of the three and are no other record's comparison. Rows compared: same suite, op family
     (``op_family``), pass, shape, dtype and pattern. Our fused layer rows, emulated ones included, also get
     ``peak_vs_unfused`` / ``temp_vs_unfused``: their compiled peak / temp bytes over the same implementation's
-    ``moe_ffn:unfused`` row."""
+    unfused row of their op family (``moe_ffn:unfused``, ``gpt_oss_ffn:unfused``)."""
     timed = [r for r in records if r["status"] == "ok" and r["time_ms"] and not r["emulated"]]
     for r in records:  # an emulated time (interpreter / interpret mode) says nothing about the hardware: no ratios
         if r["emulated"] and r["status"] == "ok":
@@ -102,11 +107,11 @@ def add_ratios(records: list[dict], ceilings: dict) -> None:
             r["pct_of_ceiling"], r["ceiling"] = 100 * r["tflops"] / ceilings["matmul_tflops"], "matmul"
     # memory ratios also on emulated rows: buffer sizes are a property of the compiled program, not of its speed
     unfused = {(_key(u), u["implementation"]): u["memory"] for u in records
-               if u["status"] == "ok" and u["op"] == "moe_ffn:unfused" and u["memory"]}
+               if u["status"] == "ok" and u["op"].endswith(":unfused") and u["memory"]}
     for r in records:
-        base = unfused.get((_key(r), r["implementation"]))
-        if r["status"] != "ok" or r["kind"] != "moe_ops" or r["op"] == "moe_ffn:unfused" or not r["memory"] \
-                or op_family(r["op"]) != "moe_ffn" or not base:
+        base = unfused.get((_key(r), r["implementation"]))   # the unfused row of the same layer op family
+        if r["status"] != "ok" or r["kind"] != "moe_ops" or r["op"].endswith(":unfused") or not r["memory"] \
+                or not base:
             continue
         mem = r["memory"]
         r["peak_vs_unfused"] = mem["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None

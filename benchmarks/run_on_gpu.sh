@@ -61,13 +61,14 @@ fi
 #    suite stopped by its limit (SIGTERM) still prints and writes every finished case; -k 30 kills it if it hangs.
 if [ "$quick" = 1 ]; then
   # GMM_SHAPES / GMM_PEERS / GMM_TIMEOUT widen the GMM suite; SKEW_SHAPES adds balanced vs hot:1:4 (4x skew) side
-  # by side on the pointer kernel.
+  # by side on the pointer kernel; LAYER_SHAPES (default qwen3-30b; gpt-oss adds gpt-oss's expert form) the layer's.
   [ "${GMM:-1}" = 1 ] && timeout -k 30 "${GMM_TIMEOUT:-170}" python3 -m benchmarks gmm --impl triton \
     --shapes "${GMM_SHAPES:-mixtral-w1,qwen3-30b-w1,decode}" --patterns balanced \
     --peers "${GMM_PEERS:-lax.ragged_dot,torch._grouped_mm,torch.bmm}" --no-progress --json "$out/gmm.json" 2>&1 \
     | tee -a "$out/run.log" | tail -30
   [ "${LAYER:-1}" = 1 ] && timeout -k 30 "${LAYER_TIMEOUT:-120}" python3 -m benchmarks layer --impl triton \
-    --shapes qwen3-30b --patterns balanced --peers "${LAYER_PEERS:-lax.ragged_dot}" --no-progress --json "$out/layer.json" 2>&1 | tee -a "$out/run.log" \
+    --shapes "${LAYER_SHAPES:-qwen3-30b}" --patterns balanced --peers "${LAYER_PEERS:-lax.ragged_dot}" --no-progress \
+    --json "$out/layer.json" 2>&1 | tee -a "$out/run.log" \
     | tail -25
   # The fused layer's kernels one by one against the compositions they replaced (benchmarks/pieces.py; PIECES=0
   # skips them).

@@ -91,6 +91,7 @@ LAYER_SHAPES = {
 LAYER_TINY = {
     "mixtral": LayerShape("mixtral-tiny", 32, 32, 64, 4, 2),
     "qwen3-30b": LayerShape("qwen3-30b-tiny", 16, 16, 32, 16, 4),
+    "gpt-oss": LayerShape("gpt-oss-tiny", 16, 32, 32, 4, 2),
 }
 
 # The CPU main job: a "small" layer for the XLA backend and a "tiny" one that the emulated kernels can afford.

@@ -390,3 +390,31 @@ def test_torch_bmm_peer_times_equal_groups_only():
     skewed = gmm.run_case(shape, jnp.float32, routing.parse("hot:1:4"), contender, warmup=1, repeats=2)
     assert {r["status"] for r in skewed} == {"unavailable"}
     assert "equal groups" in skewed[0]["reason"] and "range" in skewed[0]["reason"]
+
+
+@pytest.mark.slow
+def test_gpt_oss_variants_form_their_own_family(tmp_path, monkeypatch):
+    """On gpt-oss shapes the layer suite also times gpt-oss's expert form (``layer.GPT_OSS_VARIANTS``: its
+    activation and three biases, fused and unfused), checked against the dense layer in the same form, and compared
+    (speed, peak vs unfused) only within that family. XLA made a fusing backend here, so the suite runs fast."""
+    from moe_ops import fused
+    monkeypatch.setattr(fused, "FUSED_BY_DEFAULT", fused.FUSED_BY_DEFAULT + ("xla",))
+    from benchmarks import shapes
+    assert layer.variants_for("xla", "layer", shapes.LAYER_TINY["gpt-oss"]) == layer.VARIANTS + layer.GPT_OSS_VARIANTS
+    assert layer.variants_for("xla", "layer", shapes.LAYER_TINY["mixtral"]) == layer.VARIANTS
+    rc, _, recs = _layer_run(tmp_path, ["layer", "--tiny", "--impl", "xla", "--shapes", "gpt-oss", "--patterns",
+                                        "balanced", "--peers", "lax.ragged_dot", *QUICK])
+    assert rc == 0
+    ours = {(r["op"], r["pass"]): r for r in recs if r["kind"] == "moe_ops"}
+    for p in ("fwd", "fwd+bwd"):
+        fused_row, unfused_row = ours[("gpt_oss_ffn", p)], ours[("gpt_oss_ffn:unfused", p)]
+        for r in (fused_row, unfused_row):
+            assert r["status"] == "ok" and r["parity"]["ok"] and "gpt-oss form" in r["parity"]["against"], r
+        assert set(fused_row["ratio_to"]) == {"xla:unfused"}          # its own family only
+        assert fused_row["peak_vs_unfused"] == pytest.approx(
+            fused_row["memory"]["peak_bytes"] / unfused_row["memory"]["peak_bytes"])
+        plain = ours[("moe_ffn", p)]
+        assert "gpt-oss form" not in plain["parity"]["against"]
+        assert not any(k.startswith("xla:gpt") for k in plain["ratio_to"])
+    assert records.op_family("gpt_oss_ffn:unfused") == "gpt_oss_ffn"
+    assert records.op_family("reference:moe_ffn_dense") == "reference:moe_ffn_dense"
