@@ -17,7 +17,8 @@ from kernels import groups
 from kernels.pallas import swiglu as ps, swiglu_bwd as pb
 from kernels.triton import swiglu as ts
 from moe_ops import GatedActivation, reference as R
-from tests.helpers import POISON, SHAPES, TOL, assert_close, case_seed, grads_of, keys, layer_inputs, offset_array, randn
+from tests.helpers import (POISON, SHAPES, TOL, assert_close, case_seed, grads_of, keys, layer_inputs, offset_array,
+                           randn)
 from tests.routed_cases import CFG, E, TOP_K, ffn_operands, routed
 
 CLAMPED = GatedActivation("silu", alpha=1.702, limit=0.75, up_offset=1.0)   # gpt-oss's form, binding on the data
@@ -166,22 +167,29 @@ def test_swiglu_gmm_gradients(impl):
 
 
 def test_swiglu_gmm_without_projection():
-    """D = 0: no projection, h is the biases' activation on the local groups' rows (zero elsewhere)."""
-    sizes = jnp.array([2, 3, 1], jnp.int32)
+    """D = 0: no projection, h is the biases' activation on the local groups' rows (zero on the row beyond the
+    groups), and the biases' gradients are the per-group sums of it."""
+    sizes = jnp.array([2, 3, 1], jnp.int32)               # rows 0-1, 2-4, 5; row 6 beyond the groups
+    group = np.array([0, 0, 1, 1, 1, 2])
     bg, bu = _biases(15, 3, 8)
-    h = moe_ops.swiglu_gmm(jnp.zeros((7, 0)), jnp.zeros((3, 0, 8)), jnp.zeros((3, 0, 8)), sizes, b_gate=bg,
-                           b_up=bu, activation=CLAMPED, implementation="triton")
-    rows = groups.group_rows(bg, sizes, offset_array(0), 7, jnp.float32), groups.group_rows(bu, sizes,
-                                                                                          offset_array(0), 7,
-                                                                                          jnp.float32)
-    assert_close(h, R.activate(*rows, CLAMPED) * (jnp.arange(7) < 6)[:, None], 1e-6, "D = 0")
+
+    def ours(bg, bu):
+        return moe_ops.swiglu_gmm(jnp.zeros((7, 0)), jnp.zeros((3, 0, 8)), jnp.zeros((3, 0, 8)), sizes, b_gate=bg,
+                                  b_up=bu, activation=CLAMPED, implementation="triton")
+
+    def ref(bg, bu):
+        return jnp.concatenate([R.activate(bg[group], bu[group], CLAMPED), jnp.zeros((1, 8))])
+    assert_close(ours(bg, bu), ref(bg, bu), 1e-6, "D = 0")
+    cot = randn(keys(19, 1)[0], (7, 8))
+    for name, g, w in zip(("b_gate", "b_up"), grads_of(ours, (bg, bu), cot), grads_of(ref, (bg, bu), cot)):
+        assert_close(g, w, 1e-5, f"d{name}")
 
 
 @pytest.mark.parametrize("impl,recompute", [("xla", False), ("triton", False), ("triton", True),
                                             ("pallas", False), pytest.param("pallas", True, marks=pytest.mark.slow)])
 def test_fused_layer_keeps_the_swiglu_kernel(impl, recompute):
-    """``fused_experts_ffn`` with all three biases runs the one-kernel SwiGLU (the biases inside it) where the
-    backend has it, and agrees with the unfused layer and the dense einsum, forward and all eight gradients."""
+    """``moe_ffn(fused=True)`` with all three biases runs the one-kernel SwiGLU (the biases inside it) where the
+    backend has it, and agrees with the dense einsum, forward and all eight gradients."""
     b, s, d, f, e = SHAPES[impl]
     x, logits, ws = layer_inputs(SHAPES[impl], "hot", seed=16)
     kb = keys(17, 3)

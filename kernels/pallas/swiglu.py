@@ -9,9 +9,10 @@ without ``sort_idx`` the identity row map). Each K step multiplies the one lhs b
 ``w_up`` block (as given, [G_local, K, F]) into two f32 accumulators; the store applies the activation in f32
 (``gated``: silu, gelu (tanh form, = ``jax.nn.gelu``), relu, with a ``kernels.activation.GatedActivation``'s clamp,
 alpha and offset; the optional gate / up biases [G_local, F] added first, from the step's group's [1, tn] blocks)
-and writes only the group's rows of ``h`` (zeros for rows of no local group, as in gmm). VMEM (``FOOTPRINT``): the two gathered x buffers, two double-buffered rhs blocks, two f32
-accumulators (``fused_tiling`` halves the gmm heuristic's ``tn`` when it is a multiple of 256, so the last two take
-one gmm tile's, then halves ``tn`` or ``tm`` until the call fits the budget).
+and writes only the group's rows of ``h`` (zeros for rows of no local group, as in gmm). VMEM (``FOOTPRINT``): the
+two gathered x buffers, two double-buffered rhs blocks, two f32 accumulators (``fused_tiling`` halves the gmm
+heuristic's ``tn`` when it is a multiple of 256, so the last two take one gmm tile's, then halves ``tn`` or ``tm``
+until the call fits the budget).
 """
 
 from __future__ import annotations
@@ -165,8 +166,8 @@ def _swiglu(x, w_gate, w_up, group_sizes, group_offset, sort_idx, b_gate, b_up, 
                            bytes_accessed=item * (m * kdim + 2 * num_local * kdim * n)
                            + jnp.dtype(out_dtype).itemsize * m * n)
     outs = 3 if saved else 1
-    return fused_call(kernel, sched, num_steps, tiles_k, t, [x, _blocked(sort_idx, t.tm), w_gate, w_up, *biases],
-                      in_specs,
+    operands = [x, _blocked(sort_idx, t.tm), w_gate, w_up, *biases]
+    return fused_call(kernel, sched, num_steps, tiles_k, t, operands, in_specs,
                       [pl.BlockSpec((t.tm, t.tn), _out_index)] * outs, [jax.ShapeDtypeStruct((m, n), out_dtype)] * outs,
                       scratch, interpret, cost, accs=2)
 

@@ -6,8 +6,8 @@ and gather row map; plain ``gmm`` is untouched): each K step loads the A tile on
 ``w_up`` [G_local, K, N] as given, no interleaved copy) into two f32 accumulators; the epilogue applies the gated
 activation in f32 (``kernels.triton.activation``: silu / gelu / relu with a ``GatedActivation``'s clamp, alpha and
 offset) and stores only ``h`` [M, N] (``N = F``). With HAS_BIAS the accumulators start from the tile's group's
-gate / up bias rows ([G_local, N]; the recomputing backward's too). With ``GATHER`` the A rows are ``x[sort_idx[i] // TOP_K]`` (x in
-token order). Zero-fill tiles store zeros.
+gate / up bias rows ([G_local, N]; the recomputing backward's too). With ``GATHER`` the A rows are
+``x[sort_idx[i] // TOP_K]`` (x in token order). Zero-fill tiles store zeros.
 
 ``_swiglu_down_bwd_kernel`` (``swiglu_down_bwd``, the backward of gate/up + activation + weighted down projection,
 ``moe_ops.reference.swiglu_down_bwd``): same schedule and gather; each K (= D) step loads the x and dout rows of the
@@ -389,7 +389,7 @@ def _bwd_aot_cases(target, backend, entry, gmm_cfg, dtype_name, suffix, k, n, ac
                          HAS_BIAS=recompute and act in _AOT_SPECS, **act_params(_AOT_SPECS.get(act, act)))
         rows, f32 = f"*{dtype_name}", "*fp32"
         sig = dict(x_ptr=rows, dout_ptr=rows, wg_ptr=rows, wu_ptr=rows, wd_ptr=rows, bg_ptr=rows, bu_ptr=rows,
-                   tiles_ptr="*i32", sort_idx_ptr="*i32", ws_ptr=f32, gate_ptr=rows, up_ptr=rows, dgate_ptr=rows, dup_ptr=rows,
-                   hw_ptr=rows, part_ptr=f32)
+                   tiles_ptr="*i32", sort_idx_ptr="*i32", ws_ptr=f32, gate_ptr=rows, up_ptr=rows, dgate_ptr=rows,
+                   dup_ptr=rows, hw_ptr=rows, part_ptr=f32)
         cases.append(dataclasses.replace(case, signature={**sig, **{c: "constexpr" for c in case.constexprs}}))
     return cases
