@@ -1,4 +1,5 @@
-"""Shape-polymorphic export (``jax.export`` with a symbolic row count M) of gmm, tgmm, permute, unpermute and moe_ffn.
+"""Shape-polymorphic export (``jax.export`` with a symbolic row count M) of gmm, tgmm, permute, unpermute and moe_ffn
+(plain, and in gpt-oss's form with its activation and three expert biases).
 
 * XLA and Pallas (interpret mode): exported for ``platforms=["cpu"]`` with a symbolic M, then called at two
   concrete Ms and compared with the reference twins; Pallas also lowers for ``["tpu"]``. The Pallas row kernels
@@ -65,6 +66,17 @@ CASES = {
                 lambda x, lg, a, b, c: R.moe_ffn(x, lg, a, b, c, top_k=TOP_K),
                 lambda m: [S((m, D), f32), S((m, E), f32), S((E, D, F), f32), S((E, D, F), f32), S((E, F, D), f32)],
                 lambda m: [randn(k, s) for k, s in zip(keys(m, 5), [(m, D), (m, E), (E, D, F), (E, D, F), (E, F, D)])]),
+    # gpt-oss's form: the clamped activation and the three expert biases (b_gate / b_up inside the SwiGLU kernels)
+    "moe_ffn_biases": (
+        lambda impl: lambda x, lg, a, b, c, bg, bu, bd: moe_ops.moe_ffn(
+            x, lg, a, b, c, top_k=TOP_K, activation=moe_ops.GPT_OSS, b_gate=bg, b_up=bu, b_down=bd,
+            implementation=impl),
+        lambda x, lg, a, b, c, bg, bu, bd: R.moe_ffn(x, lg, a, b, c, top_k=TOP_K, activation=moe_ops.GPT_OSS,
+                                                     b_gate=bg, b_up=bu, b_down=bd),
+        lambda m: [S((m, D), f32), S((m, E), f32), S((E, D, F), f32), S((E, D, F), f32), S((E, F, D), f32),
+                   S((E, F), f32), S((E, F), f32), S((E, D), f32)],
+        lambda m: [randn(k, s) for k, s in zip(keys(m, 8), [(m, D), (m, E), (E, D, F), (E, D, F), (E, F, D), (E, F),
+                                                            (E, F), (E, D)])]),
 }
 
 
@@ -143,8 +155,9 @@ def test_triton_cuda_export_symbolic_m(name, monkeypatch):
     monkeypatch.setattr(triton_lib.triton_kernel_call_lib, "get_compute_capability", lambda *a, **k: 90)
     op, _, specs, _ = CASES[name]
     fn = op("triton")
-    if name == "moe_ffn":
-        fn = jax.grad(lambda *a: op("triton")(*a).sum(), argnums=(0, 2, 3, 4))
+    if name.startswith("moe_ffn"):
+        argnums = (0, 2, 3, 4) + ((5, 6, 7) if name == "moe_ffn_biases" else ())
+        fn = jax.grad(lambda *a: op("triton")(*a).sum(), argnums=argnums)
     checks = [export.DisabledSafetyCheck.custom_call("triton_kernel_call")]
     exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*specs(_m()))
     assert "triton_kernel_call" in exported.mlir_module()
