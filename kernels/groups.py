@@ -7,8 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["local_bounds", "local_row_mask", "row_groups", "group_rows", "group_sums", "bias_pair",
-           "segment_of", "stable_expert_sort"]
+__all__ = ["local_bounds", "local_row_mask", "row_groups", "group_rows", "bias_pair", "segment_of",
+           "stable_expert_sort"]
 
 
 def local_bounds(group_sizes, group_offset, num_local):
@@ -59,14 +59,6 @@ def group_rows(values, group_sizes, group_offset, num_rows, dtype):
     ids = row_groups(group_sizes, group_offset, num_local, num_rows)
     picked = jnp.take(values.astype(dtype), jnp.minimum(ids, max(num_local - 1, 0)), axis=0)
     return jnp.where((ids < num_local)[:, None], picked, jnp.zeros((), dtype))
-
-
-def group_sums(rows, group_sizes, group_offset, num_local):
-    """rows [M, N] -> [num_local, N] f32: each local group's sum of its sorted rows (``group_rows``' transpose: the
-    gradient of a per-group bias). Rows of no local group are left out."""
-    ids = row_groups(group_sizes, group_offset, num_local, rows.shape[0])
-    sums = jax.ops.segment_sum(rows.astype(jnp.float32), ids, num_segments=num_local + 1)
-    return sums[:num_local]
 
 
 def bias_pair(b_gate, b_up, num_local, n):

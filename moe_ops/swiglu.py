@@ -9,7 +9,7 @@ with only the inputs as residuals: ``gate`` / ``up`` recomputed in x's dtype (tw
 VJP in XLA, ``dw_gate`` / ``dw_up`` by TGMM over the (gathered) x rows, ``dx = dgate @ w_gate^T + dup @ w_up^T``
 taken back to token order by one scatter-GMM over both products with unit weights (fixed order, no scatter-add).
 Optional gate / up biases ``b_gate`` / ``b_up`` [G_local,F] (gpt-oss): the kernels' f32 accumulators start from
-them; their gradients are each local group's f32 sum of its dgate / dup rows (``kernels.groups.group_sums``).
+them; their gradients are each local group's f32 sum of its dgate / dup rows (a TGMM against a column of ones).
 
 ``swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights)`` -> [T,D]: ``swiglu_gmm`` with the gather,
 then the weighted down projection back to token order (``scatter_gmm``). Custom VJP; residuals (``recompute``):
@@ -128,11 +128,14 @@ def _composed_forward(x, w_gate, w_up, sizes, offset, sort_idx, *, k, activation
                                       activation=activation, out_dtype=out_dtype, b_gate=b_gate, b_up=b_up)
 
 
-def _bias_grads(dgate, dup, b_gate, b_up, sizes, offset):
-    """The cotangents of the gate / up biases [G_local, F]: each local group's f32 sum of its dgate / dup rows
-    (None for absent biases)."""
-    return tuple(None if b is None else vma.like(groups.group_sums(d, sizes, offset, b.shape[0]).astype(b.dtype), b)
-                 for d, b in ((dgate, b_gate), (dup, b_up)))
+def _bias_grads(dgate, dup, b_gate, b_up, sizes, offset, impl):
+    """The cotangents of the gate / up biases [G_local, F]: each local group's f32 sum of its dgate / dup rows, as
+    the TGMM of a column of ones against them (fixed-order sums: deterministic, unlike a scatter-add; None for absent
+    biases)."""
+    def sums(d, b):
+        ones = jnp.ones_like(d[:, :1])
+        return vma.like(_tgmm(ones, d, sizes, offset, b.shape[0], jnp.float32, impl)[:, 0, :].astype(b.dtype), b)
+    return tuple(None if b is None else sums(d, b) for d, b in ((dgate, b_gate), (dup, b_up)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
@@ -157,7 +160,7 @@ def _swiglu_bwd(k, activation, out_dtype, impl, residuals, dh):
     _, act_vjp = jax.vjp(lambda g, u: reference.activate(g, u, activation), gate, up)
     dgate, dup = (d.astype(x.dtype) for d in act_vjp(dh.astype(f32)))  # f32 inside; zero rows outside local groups
     return (*_input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl),
-            *_bias_grads(dgate, dup, b_gate, b_up, sizes, offset), None, None, None)
+            *_bias_grads(dgate, dup, b_gate, b_up, sizes, offset, impl), None, None, None)
 
 
 def _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl):
@@ -279,7 +282,7 @@ def _ffn_bwd(k, activation, recompute, impl, residuals, dout):
     dw_down = _gather_tgmm(hw, dout, sizes, offset, sort_idx, k, w_down.shape[0], w_down.dtype, False, impl)
     dweights = jnp.zeros_like(dw_sorted).at[sort_idx].set(dw_sorted, unique_indices=True)  # permutation write
     dweights = vma.like(dweights.reshape(weights.shape).astype(weights.dtype), weights)
-    return (dx, dw_gate, dw_up, dw_down, _bias_grads(dgate, dup, *bias, sizes, offset), dweights, None, None,
+    return (dx, dw_gate, dw_up, dw_down, _bias_grads(dgate, dup, *bias, sizes, offset, impl), dweights, None, None,
             None)
 
 

@@ -123,23 +123,19 @@ def test_pallas_kernels():
     _check_bwd(got, ref, 1e-5, "pallas saved")
 
 
-def test_group_rows_and_sums_are_transposes():
-    """``kernels.groups.group_rows`` / ``group_sums`` against the reference's row ids, on random sizes (summing to
-    at most M) and offsets (rows beyond the sum and of other shards' groups get nothing), and
-    <rows(b), d> = <b, sums(d)>."""
+def test_group_rows_match_the_reference_row_ids():
+    """``kernels.groups.group_rows`` against the reference's row ids, on random sizes (summing to at most M) and
+    offsets: rows beyond the sum and of other shards' groups get nothing."""
     g, g_local, m, n = 6, 3, 40, 3
     rows = jax.jit(lambda b, s, o: groups.group_rows(b, s, o, m, jnp.float32))
-    sums = jax.jit(lambda d, s, o: groups.group_sums(d, s, o, g_local))
     rng = np.random.default_rng(0)
     for _ in range(20):
         sizes = jnp.asarray(rng.multinomial(rng.integers(0, m + 1), np.ones(g) / g), jnp.int32)
         off = int(rng.integers(0, g + 1))
-        b, d = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((g_local, n), (m, n)))
+        b = jnp.asarray(rng.standard_normal((g_local, n)), jnp.float32)
         ids = np.asarray(R.local_row_ids(sizes, m, off, g_local))
-        got = rows(b, sizes, offset_array(off))
-        np.testing.assert_array_equal(got, np.where((ids >= 0)[:, None], np.asarray(b)[np.maximum(ids, 0)], 0.0))
-        np.testing.assert_allclose(float(jnp.vdot(got, d)), float(jnp.vdot(b, sums(d, sizes, offset_array(off)))),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(rows(b, sizes, offset_array(off)),
+                                      np.where((ids >= 0)[:, None], np.asarray(b)[np.maximum(ids, 0)], 0.0))
 
 
 @pytest.mark.parametrize("impl", ["xla", "triton", "pallas"])
@@ -224,12 +220,14 @@ def test_argument_errors():
         moe_ops.swiglu_gmm(x, w, w, sizes, b_up=jnp.ones((2, 4), jnp.int32), implementation="xla")
 
 
-@pytest.mark.parametrize("recompute,bound", [(False, 0.8), (True, 0.85)])
+@pytest.mark.parametrize("recompute,bound", [(False, 0.45), (True, 0.5)])
 def test_grad_temp_memory_below_unfused(recompute, bound):
     """gpt-oss's layer (T8192 D2880 F2880 E32 k4, bf16, its activation and three biases), compiled only: the
     fused path's jax.grad temp bytes at most ``bound`` x the unfused path's (issue 12's rule, which the fused path
     broke with biases when they sent gate / up to two gather-GMMs: 1.07x saved). Measured here (Triton program on
-    CPU, saved / recompute): 0.70 / 0.79. XLA GPU assigns buffers differently: there the rule itself (1.0x)."""
+    CPU, saved / recompute): 0.31 / 0.35 with the biases' gradients as TGMMs against a column of ones (0.70 / 0.79
+    as segment sums, whose scatter took an [M, F] f32 update operand). XLA GPU assigns buffers differently: there
+    the rule itself (1.0x)."""
     if jax.default_backend() != "cpu":
         bound = 1.0
     t, d, f, e, top_k = 8192, 2880, 2880, 32, 4
