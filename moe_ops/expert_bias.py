@@ -4,18 +4,23 @@ added to the gate / up projections and ``b_down`` [E,D] to the down projection, 
     y[t] = sum_k w[t,k] * ((act(x[t] @ w_gate[e] + b_gate[e]) * (x[t] @ w_up[e] + b_up[e])) @ w_down[e] + b_down[e])
 
 with ``e = expert_ids[t,k]``. Each is optional. On the fused path with the one-kernel SwiGLU (``moe_ops.swiglu``)
-b_gate / b_up are the initial values of the kernel's f32 accumulators (no [M, F] pass) and their gradients per-group
-f32 sums of the backward's dgate / dup; elsewhere they are added in XLA around the grouped matmuls (one [M, N]
-elementwise pass each, in the layer's dtype), with XLA's gradients. Rows of non-local groups and rows beyond
-``sum(group_sizes)`` get no bias. b_down is added in XLA (``rows``; ``combine`` on the fused path).
+b_gate / b_up are the initial values of the kernel's f32 accumulators (no [M, F] pass); elsewhere they are added in
+XLA around the grouped matmuls (``rows``: one [M, N] elementwise pass each, in the layer's dtype). Their gradients
+are per-group f32 sums of the projections' cotangents, computed as TGMMs against a column of ones (fixed order,
+deterministic). Rows of non-local groups and rows beyond ``sum(group_sizes)`` get no bias. b_down is added in XLA
+(``rows``; ``combine`` on the fused path).
 """
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from kernels import groups
-from moe_ops import validation
+from moe_ops import backend, validation, vma
+from moe_ops.gmm import _gmm
 
 __all__ = ["NAMES", "check", "rows", "combine"]
 
@@ -35,12 +40,29 @@ def check(b_gate, b_up, b_down, w_gate, w_down) -> None:
                              f"{tuple(b.shape)}")
 
 
-def rows(bias, group_sizes, num_rows, dtype, group_offset=None):
+def rows(bias, group_sizes, num_rows, dtype, group_offset=None, implementation=None):
     """bias [G_local, N] -> [num_rows, N] in ``dtype``: each row of a local group gets its group's bias; rows of
-    other groups and rows beyond ``sum(group_sizes)`` get zeros (selected, so a NaN bias reaches no other row)."""
+    other groups and rows beyond ``sum(group_sizes)`` get zeros (selected, so a NaN bias reaches no other row).
+    Forward: an XLA gather that fuses into the add. Derivative: the same map as a grouped matmul of a column of ones
+    by ``bias[:, None, :]`` (on ``implementation``'s backend), so the gradient is that GMM's transpose, a TGMM of
+    the ones against the cotangent rows: fixed-order per-group sums (deterministic, no [M, N] scatter-add operand);
+    forward-mode autodiff works too."""
     sizes = validation.clamp_group_sizes(group_sizes, num_rows)   # the rows the grouped matmuls give to groups
     offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
+    return _rows(bias, sizes, offset, int(num_rows), jnp.dtype(dtype), backend.choose(implementation))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _rows(bias, sizes, offset, num_rows, dtype, impl):
     return groups.group_rows(bias, sizes, offset, num_rows, dtype)
+
+
+@_rows.defjvp
+def _rows_jvp(num_rows, dtype, impl, primals, tangents):
+    bias, sizes, offset = primals
+    ones, rhs, sizes, offset = vma.match_vma(jnp.ones((num_rows, 1), dtype), tangents[0].astype(dtype)[:, None, :],
+                                             sizes, offset)
+    return _rows(bias, sizes, offset, num_rows, dtype, impl), _gmm(ones, rhs, sizes, offset, False, dtype, impl)
 
 
 def combine(b_down, weights, expert_ids):

@@ -78,7 +78,7 @@ def experts_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, activation="silu
     w_gate, w_up, w_down = (w.astype(x_sorted.dtype) for w in (w_gate, w_up, w_down))
     kw = dict(group_offset=group_offset, implementation=implementation)
     rows = functools.partial(expert_bias.rows, group_sizes=group_sizes, num_rows=x_sorted.shape[0],
-                             dtype=x_sorted.dtype, group_offset=group_offset)
+                             dtype=x_sorted.dtype, **kw)
     h = _gated(lambda x, w: gmm(x, w, group_sizes, **kw), x_sorted, w_gate, w_up, activation, recompute,
                b_gate, b_up, rows)
     y = gmm(h, w_down, group_sizes, **kw)
@@ -140,7 +140,8 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
                        recompute=recompute, b_gate=b_gate, b_up=b_up, **kw)
     else:
         w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))  # layers compute in x's dtype
-        rows = functools.partial(expert_bias.rows, group_sizes=sizes, num_rows=sort_idx.shape[0], dtype=x.dtype)
+        rows = functools.partial(expert_bias.rows, group_sizes=sizes, num_rows=sort_idx.shape[0], dtype=x.dtype,
+                                 **kw)
         h = _gated(lambda x, w: fused_ops.gather_gmm(x, w, sizes, sort_idx, **kw), x, w_gate, w_up, activation,
                    recompute, b_gate, b_up, rows)
         y = fused_ops.scatter_gmm(h, w_down, sizes, sort_idx, weights, **kw)

@@ -5,6 +5,7 @@ fused and unfused, with gpt-oss's activation form; ``experts_ffn`` on an expert 
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -239,3 +240,27 @@ def test_nan_biases_of_an_unpicked_expert_reach_nothing(impl, fused):
     assert_close(jax.jit(total)(*poisoned), want, 1e-5, "output")
     for name, g in zip(("b_gate", "b_up", "b_down"), jax.jit(jax.grad(total, argnums=(0, 1, 2)))(*poisoned)):
         assert np.all(np.asarray(g[0]) == 0) and np.all(np.isfinite(np.asarray(g))), name
+
+
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_forward_mode_and_deterministic_bias_gradients(impl):
+    """The unfused layer with biases: jax.jvp in the biases matches the dense layer's, and the biases' gradients
+    are grouped-matmul transposes (``moe_tgmm`` of a column of ones: fixed-order sums), no scatter-add."""
+    b, s, d, f, e = SHAPES[impl]
+    x, logits, ws = layer_inputs(SHAPES[impl], "hot", seed=43)
+    bs = _biases(44, e, d, f)
+    tangents = _biases(45, e, d, f)
+
+    def ours(*bs):
+        return moe_ops.moe_ffn(x, logits, *ws, top_k=2, activation=CLAMPED, implementation=impl, fused=False,
+                               **dict(zip(("b_gate", "b_up", "b_down"), bs)))
+
+    def dense(*bs):
+        return R.moe_ffn_dense(x, logits, *ws, top_k=2, activation=CLAMPED,
+                               **dict(zip(("b_gate", "b_up", "b_down"), bs)))
+    (out, tan), (want, want_tan) = jax.jvp(ours, bs, tangents), jax.jvp(dense, bs, tangents)
+    assert_close(out, want, 1e-5, "forward")
+    assert_close(tan, want_tan, 1e-5, "tangent")
+    text = str(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(ours(*a)), argnums=(0, 1, 2)))(*bs))
+    assert "moe_tgmm" in text
+    assert not re.search(r"f32\[[^\]]*\] = scatter-add", text), "a float scatter-add (the routing's int counts aside)"

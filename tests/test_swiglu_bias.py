@@ -220,14 +220,14 @@ def test_argument_errors():
         moe_ops.swiglu_gmm(x, w, w, sizes, b_up=jnp.ones((2, 4), jnp.int32), implementation="xla")
 
 
-@pytest.mark.parametrize("recompute,bound", [(False, 0.45), (True, 0.5)])
+@pytest.mark.parametrize("recompute,bound", [(False, 0.55), (True, 0.5)])
 def test_grad_temp_memory_below_unfused(recompute, bound):
     """gpt-oss's layer (T8192 D2880 F2880 E32 k4, bf16, its activation and three biases), compiled only: the
     fused path's jax.grad temp bytes at most ``bound`` x the unfused path's (issue 12's rule, which the fused path
     broke with biases when they sent gate / up to two gather-GMMs: 1.07x saved). Measured here (Triton program on
-    CPU, saved / recompute): 0.31 / 0.35 with the biases' gradients as TGMMs against a column of ones (0.70 / 0.79
-    as segment sums, whose scatter took an [M, F] f32 update operand). XLA GPU assigns buffers differently: there
-    the rule itself (1.0x)."""
+    CPU, saved / recompute): 0.43 / 0.35 with the biases' gradients as TGMMs against a column of ones on both paths
+    (0.70 / 0.79 as segment sums / scatter-adds, whose scatters took [M, F] f32 update operands). XLA GPU assigns
+    buffers differently: there the rule itself (1.0x)."""
     if jax.default_backend() != "cpu":
         bound = 1.0
     t, d, f, e, top_k = 8192, 2880, 2880, 32, 4
