@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from kernels import groups
 from moe_ops import backend, validation, vma
 from moe_ops.gmm import _gmm
+from moe_ops.swiglu import token_order_tgmm
 
 __all__ = ["NAMES", "check", "rows", "combine"]
 
@@ -65,11 +66,44 @@ def _rows_jvp(num_rows, dtype, impl, primals, tangents):
     return _rows(bias, sizes, offset, num_rows, dtype, impl), _gmm(ones, rhs, sizes, offset, False, dtype, impl)
 
 
-def combine(b_down, weights, expert_ids):
+def combine(b_down, weights, expert_ids, group_sizes, sort_idx, *, dtype, implementation=None):
     """``sum_k weights[t,k] * b_down[expert_ids[t,k]]`` [T, D] f32: the down bias in token order, for the fused
-    path whose down GMM scatters the weighted rows itself. Copies with an id outside [0, E) add nothing."""
+    path whose down GMM scatters the weighted rows itself. Copies with an id outside [0, E) add nothing.
+    ``group_sizes`` / ``sort_idx``: ``sort_by_expert``'s of ``expert_ids``; ``dtype``: the layer's, in which the
+    cotangent arrives. The gradient of b_down is one TGMM of the sorted routing weights [M, 1] against the cotangent's
+    rows read in token order (fixed-order per-expert sums, no scatter-add); the weights' is a per-copy dot."""
+    ids = validation.expert_ids_int32(expert_ids, b_down.shape[0])
+    return _combine(b_down, weights, ids, group_sizes, sort_idx, jnp.dtype(dtype), backend.choose(implementation))
+
+
+def _picked(b_down, weights, ids):
+    """(kept weights [T, k] f32, the copies' bias rows [T, k, D] f32, zero for dropped copies)."""
     e = b_down.shape[0]
-    kept = (expert_ids >= 0) & (expert_ids < e)
-    picked = jnp.take(b_down.astype(jnp.float32), jnp.clip(expert_ids, 0, e - 1), axis=0)   # [T, k, D]
-    w = jnp.where(kept, weights.astype(jnp.float32), 0.0)
-    return jnp.einsum("tk,tkd->td", w, jnp.where(kept[..., None], picked, 0.0), precision="highest")
+    kept = (ids >= 0) & (ids < e)
+    picked = jnp.take(b_down.astype(jnp.float32), jnp.clip(ids, 0, e - 1), axis=0)
+    return jnp.where(kept, weights.astype(jnp.float32), 0.0), jnp.where(kept[..., None], picked, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _combine(b_down, weights, ids, group_sizes, sort_idx, dtype, impl):
+    w, picked = _picked(b_down, weights, ids)
+    return jnp.einsum("tk,tkd->td", w, picked, precision="highest")
+
+
+def _combine_fwd(b_down, weights, ids, group_sizes, sort_idx, dtype, impl):
+    out = _combine(b_down, weights, ids, group_sizes, sort_idx, dtype, impl)
+    return out, (b_down, weights, ids, group_sizes, sort_idx)
+
+
+def _combine_bwd(dtype, impl, residuals, dy):
+    b_down, weights, ids, group_sizes, sort_idx = residuals
+    w, picked = _picked(b_down, weights, ids)
+    dweights = jnp.einsum("td,tkd->tk", dy.astype(jnp.float32), picked, precision="highest")
+    sizes = validation.clamp_group_sizes(group_sizes, sort_idx.shape[0])
+    w_sorted = w.reshape(-1)[sort_idx][:, None].astype(dtype)     # [M, 1]; dropped copies sort last with weight 0
+    db = token_order_tgmm(w_sorted, dy.astype(dtype), sizes, jnp.zeros((1,), jnp.int32), sort_idx, ids.shape[1],
+                          b_down.shape[0], jnp.float32, False, impl)
+    return db[:, 0, :].astype(b_down.dtype), dweights.astype(weights.dtype), None, None, None
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)

@@ -147,7 +147,8 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
         y = fused_ops.scatter_gmm(h, w_down, sizes, sort_idx, weights, **kw)
     if b_down is None:
         return y
-    return (y.astype(jnp.float32) + expert_bias.combine(b_down, weights, ids)).astype(x.dtype)
+    bias = expert_bias.combine(b_down, weights, ids, sizes, sort_idx, dtype=x.dtype, **kw)
+    return (y.astype(jnp.float32) + bias).astype(x.dtype)
 
 
 @validation.numpy_floats_as_jax

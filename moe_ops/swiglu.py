@@ -174,7 +174,7 @@ def _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl):
         dw_up = _tgmm(x, dup, sizes, offset, w_up.shape[0], w_up.dtype, impl)
         return (_gmm(dgate, w_gate, sizes, offset, True, x.dtype, impl)
                 + _gmm(dup, w_up, sizes, offset, True, x.dtype, impl)), dw_gate, dw_up
-    dw_gate, dw_up = (_gather_tgmm(x, d, sizes, offset, sort_idx, k, w.shape[0], w.dtype, True, impl)
+    dw_gate, dw_up = (token_order_tgmm(x, d, sizes, offset, sort_idx, k, w.shape[0], w.dtype, True, impl)
                       for d, w in ((dgate, w_gate), (dup, w_up)))
     ones = jnp.ones((x.shape[0], k), jnp.float32)
     static = dict(transpose_rhs=True, out_dtype=x.dtype)
@@ -279,16 +279,16 @@ def _ffn_bwd(k, activation, recompute, impl, residuals, dout):
     dgate, dup, hw = (vma.like(a, x) for a in (dgate, dup, hw))
     dx, dw_gate, dw_up = _input_grads(x, w_gate, w_up, dgate, dup, sizes, offset, sort_idx, k, impl)
     # hw = w * h (the kernel's epilogue applied the routing weight), so dout's rows are read unscaled
-    dw_down = _gather_tgmm(hw, dout, sizes, offset, sort_idx, k, w_down.shape[0], w_down.dtype, False, impl)
+    dw_down = token_order_tgmm(hw, dout, sizes, offset, sort_idx, k, w_down.shape[0], w_down.dtype, False, impl)
     dweights = jnp.zeros_like(dw_sorted).at[sort_idx].set(dw_sorted, unique_indices=True)  # permutation write
     dweights = vma.like(dweights.reshape(weights.shape).astype(weights.dtype), weights)
     return (dx, dw_gate, dw_up, dw_down, _bias_grads(dgate, dup, *bias, sizes, offset, impl), dweights, None, None,
             None)
 
 
-def _gather_tgmm(lhs, rhs, sizes, offset, sort_idx, k, num_groups, out_dtype, gather_lhs, impl):
+def token_order_tgmm(lhs, rhs, sizes, offset, sort_idx, k, num_groups, out_dtype, gather_lhs, impl):
     """``tgmm`` with one operand read in token order (``gather_tgmm``: lhs when ``gather_lhs``, else rhs): no
-    gathered [M, *] copy where the backend has the kernel."""
+    gathered [M, *] copy where the backend has the kernel. (Also the fused path's down-bias gradient.)"""
     static = dict(k=k, num_groups=num_groups, out_dtype=out_dtype, gather_lhs=gather_lhs, gather_rhs=not gather_lhs)
     composed = functools.partial(backend.compose_gather_tgmm, ops=backend.ops(impl), **static)
     out = _one_kernel("gather_tgmm", (lhs, rhs, sizes, offset, sort_idx), composed, rows=sort_idx.shape[0],

@@ -6,6 +6,7 @@ with biases, against the unfused layer and the dense einsum; degenerate D = 0; a
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -209,6 +210,9 @@ def test_fused_layer_keeps_the_swiglu_kernel(impl, recompute):
     want = jax.jit(jax.grad(loss_of(dense), argnums=range(8)))(*args)
     for name, g, w in zip(("x", "router_logits", "w_gate", "w_up", "w_down", *names), got, want):
         assert_close(g, w, 1e-5, f"d{name}")
+    # the biases' gradients are fixed-order TGMM sums: the only float scatter-add left is top_k's into [T, E]
+    text = str(jax.make_jaxpr(jax.grad(loss_of(fused), argnums=range(8)))(*args))
+    assert set(re.findall(r"f32\[([^\]]*)\] = scatter-add", text)) <= {f"{b * s},{e}"}, text
 
 
 def test_argument_errors():
