@@ -50,7 +50,7 @@ def rows(bias, group_sizes, num_rows, dtype, group_offset=None, implementation=N
     forward-mode autodiff works too."""
     sizes = validation.clamp_group_sizes(group_sizes, num_rows)   # the rows the grouped matmuls give to groups
     offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
-    return _rows(bias, sizes, offset, int(num_rows), jnp.dtype(dtype), backend.choose(implementation))
+    return _rows(bias, sizes, offset, num_rows, jnp.dtype(dtype), backend.choose(implementation))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
