@@ -66,14 +66,19 @@ def _rows_jvp(num_rows, dtype, impl, primals, tangents):
     return _rows(bias, sizes, offset, num_rows, dtype, impl), _gmm(ones, rhs, sizes, offset, False, dtype, impl)
 
 
-def combine(b_down, weights, expert_ids, group_sizes, sort_idx, *, dtype, implementation=None):
+def combine(b_down, weights, expert_ids, group_sizes=None, sort_idx=None, *, dtype=None, implementation=None):
     """``sum_k weights[t,k] * b_down[expert_ids[t,k]]`` [T, D] f32: the down bias in token order, for the fused
     path whose down GMM scatters the weighted rows itself. Copies with an id outside [0, E) add nothing.
     ``group_sizes`` / ``sort_idx``: ``sort_by_expert``'s of ``expert_ids``; ``dtype``: the layer's, in which the
-    cotangent arrives. The gradient of b_down is one TGMM of the sorted routing weights [M, 1] against the cotangent's
-    rows read in token order (fixed-order per-expert sums, no scatter-add); the weights' is a per-copy dot."""
+    cotangent arrives. With them the gradient of b_down is one TGMM of the sorted routing weights [M, 1] against
+    the cotangent's rows read in token order (fixed-order per-expert sums, no scatter-add; the weights' is a per-copy
+    dot); without them, XLA's autodiff of the gather (a scatter-add)."""
     ids = validation.expert_ids_int32(expert_ids, b_down.shape[0])
-    return _combine(b_down, weights, ids, group_sizes, sort_idx, jnp.dtype(dtype), backend.choose(implementation))
+    if group_sizes is None or sort_idx is None:
+        w, picked = _picked(b_down, weights, ids)
+        return jnp.einsum("tk,tkd->td", w, picked, precision="highest")
+    dtype = jnp.dtype(b_down.dtype if dtype is None else dtype)
+    return _combine(b_down, weights, ids, group_sizes, sort_idx, dtype, backend.choose(implementation))
 
 
 def _picked(b_down, weights, ids):

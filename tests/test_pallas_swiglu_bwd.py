@@ -168,6 +168,14 @@ def test_heuristic_tiling_and_symbolic_rows_composition():
     ref = R.swiglu_down_bwd(*args, sizes, sort_idx, ops["w_sorted"], TOP_K, group_offset=1, activation="gelu")
     for name, g, e in zip(NAMES, got, ref):
         assert_close(g, e, TOL[jnp.float32], f"composed {name}")
+    g_local, f = ops["w_gate"].shape[0], ops["w_gate"].shape[2]
+    bias = dict(b_gate=randn(keys(8, 1)[0], (g_local, f)), b_up=randn(keys(9, 1)[0], (g_local, f)))
+    got = pb._composed(*args, sizes, jnp.array([1], jnp.int32), sort_idx, ops["w_sorted"], TOP_K, **bias,
+                       activation="gelu", tiling=None, interpret=POISON)
+    ref = R.swiglu_down_bwd(*args, sizes, sort_idx, ops["w_sorted"], TOP_K, group_offset=1, activation="gelu",
+                            **bias)
+    for name, g, e in zip(NAMES, got, ref):
+        assert_close(g, e, TOL[jnp.float32], f"composed with biases {name}")
 
 
 @pytest.mark.slow

@@ -165,8 +165,8 @@ def _swiglu_down_bwd_saved(dout, w_down, gate, up, group_sizes, group_offset, so
                      gather_scratch(t, kdim, [dout.dtype]), interpret, cost, accs=1)
 
 
-def _composed(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, k, b_gate, b_up, *,
-              activation, tiling, interpret):
+def _composed(x, dout, w_gate, w_up, w_down, group_sizes, group_offset, sort_idx, w_sorted, k, b_gate=None,
+              b_up=None, *, activation, tiling, interpret):
     """The same outputs from row gathers and three plain GMMs (f32 out) and the epilogue in XLA: rows outside local
     groups have gate = up = a = 0 (no bias there), hence zero outputs."""
     rows, drows = (gather_rows(v, sort_idx, k, interpret=interpret) for v in (x, dout))
