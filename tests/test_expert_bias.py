@@ -147,10 +147,11 @@ def test_argument_errors():
         moe_ops.fused_experts_ffn(x2, w, ids, *ws, swiglu=True, b_up=bu[:, :-1], implementation="xla")
 
 
-@pytest.mark.parametrize("strategy,tokens_on_expert,fsdp", [
-    ("all_to_all", True, False), ("ring", True, False), ("ep_tp", False, False), ("all_to_all", False, True),
-    pytest.param("ring", False, True, marks=pytest.mark.slow)])
-def test_inside_user_shard_map(strategy, tokens_on_expert, fsdp):
+@pytest.mark.parametrize("strategy,tokens_on_expert,fsdp,impl", [
+    ("all_to_all", True, False, "xla"), ("ring", True, False, "xla"), ("ep_tp", False, False, "xla"),
+    ("all_to_all", False, True, "xla"), pytest.param("ring", False, True, "xla", marks=pytest.mark.slow),
+    ("all_to_all", True, False, "triton"), ("ep_tp", False, False, "triton")])
+def test_inside_user_shard_map(strategy, tokens_on_expert, fsdp, impl):
     """``moe_ffn_shard`` with the biases as local blocks laid out like the weights (ep_tp: b_gate / b_up split on F,
     b_down replicated over the expert axis and added once), E over (expert, fsdp) when ``fsdp``; forward and the
     eight gradients against the dense layer (check_vma on)."""
@@ -173,7 +174,7 @@ def test_inside_user_shard_map(strategy, tokens_on_expert, fsdp):
 
     def shard(x, lg, wg, wu, wd, bg, bu, bd):
         return moe_ops.moe_ffn_shard(x, lg, wg, wu, wd, top_k=2, config=config, tokens_on_expert=tokens_on_expert,
-                                     fsdp_axis="fsdp" if fsdp else None, activation=CLAMPED, implementation="xla",
+                                     fsdp_axis="fsdp" if fsdp else None, activation=CLAMPED, implementation=impl,
                                      b_gate=bg, b_up=bu, b_down=bd)
     fn = jax.shard_map(shard, mesh=mesh, in_specs=(tokens, tokens) + w_specs + b_specs, out_specs=tokens)
     args = (x, logits, *ws, *bs)
