@@ -66,7 +66,6 @@ def all_to_all_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_ax
         raise ValueError(f"local w_gate holds E_l={num_local} experts; times the expert axis {expert_axis!r}={ep} "
                          f"that must equal router_logits' E={num_experts}")
     x, router_logits, w_gate, w_up, w_down = match_vma(x, router_logits, w_gate, w_up, w_down)
-    biases = _like_tokens(biases, x)
     weights, ids = route_tokens(router_logits, top_k, score_fn=score_fn, **routing)
     x_sorted, sizes, sort_idx = permute(x, ids, num_experts, implementation=implementation)
     local_counts = sizes.reshape(ep, num_local)                        # [dst device, its local expert]
@@ -94,13 +93,6 @@ def all_to_all_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_ax
     return out if batch_sharded else jax.lax.psum(out, expert_axis)
 
 
-def _like_tokens(biases, x):
-    """The local expert biases cast to vary over x's manual axes, as the weights are: the transpose of that explicit
-    cast sums their gradients over the batch axes. (Left to the implicit join inside the layer, the Triton and
-    Pallas paths returned wrong bias gradients, relative errors 0.35-0.77 on a 2 x 4 mesh; XLA's were right.)"""
-    return {n: match_vma(b, x)[0] for n, b in (biases or {}).items()}
-
-
 def _gathered_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axis, tokens_on_expert,
                     tensor_parallel, activation, score_fn, implementation, biases=None, **routing):
     """Skeleton of ``ring`` / ``ep_tp``: every device routes the (gathered) batch, computes its slice of the experts,
@@ -114,7 +106,6 @@ def _gathered_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, expert_axi
         x = jax.lax.all_gather(x, expert_axis, axis=0, tiled=True)
         router_logits = jax.lax.all_gather(router_logits, expert_axis, axis=0, tiled=True)
     x, router_logits, w_gate, w_up, w_down = match_vma(x, router_logits, w_gate, w_up, w_down)
-    biases = _like_tokens(biases, x)
     num_experts = router_logits.shape[1]
     weights, ids = route_tokens(router_logits, top_k, score_fn=score_fn, **routing)
     x_sorted, sizes, sort_idx = permute(x, ids, num_experts, implementation=implementation)

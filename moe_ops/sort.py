@@ -131,8 +131,12 @@ def sort_by_expert(expert_ids, num_experts, *, implementation=None):
                          f"got {num_experts!r}")
     num_experts = int(num_experts)
     validation.check_expert_ids(expert_ids, num_experts)
-    return backend.ops(implementation).sort_by_expert(validation.expert_ids_int32(expert_ids, num_experts),
-                                                      num_experts)
+    out = backend.ops(implementation).sort_by_expert(validation.expert_ids_int32(expert_ids, num_experts),
+                                                     num_experts)
+    # typed to vary like the ids inside a shard_map (a kernel call drops it): typed invariant, per-shard sizes made
+    # every float they index look invariant too, and its cotangent was summed over shards before the transpose
+    # applied this shard's groups (wrong expert-bias gradients on the Triton / Pallas backends)
+    return tuple(vma.like(a, expert_ids) for a in out)
 
 
 @on_explicit_axes(lambda spec, a: (P(spec("x", 0), spec("x", 1)), P(), P(spec("x", 0))))
