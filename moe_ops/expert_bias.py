@@ -75,8 +75,7 @@ def combine(b_down, weights, expert_ids, group_sizes=None, sort_idx=None, *, dty
     dot); without them, XLA's autodiff of the gather (a scatter-add)."""
     ids = validation.expert_ids_int32(expert_ids, b_down.shape[0])
     if group_sizes is None or sort_idx is None:
-        w, picked = _picked(b_down, weights, ids)
-        return jnp.einsum("tk,tkd->td", w, picked, precision="highest")
+        return _weighted_rows(b_down, weights, ids)
     dtype = jnp.dtype(b_down.dtype if dtype is None else dtype)
     return _combine(b_down, weights, ids, group_sizes, sort_idx, dtype, backend.choose(implementation))
 
@@ -89,10 +88,14 @@ def _picked(b_down, weights, ids):
     return jnp.where(kept, weights.astype(jnp.float32), 0.0), jnp.where(kept[..., None], picked, 0.0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _combine(b_down, weights, ids, group_sizes, sort_idx, dtype, impl):
+def _weighted_rows(b_down, weights, ids):
     w, picked = _picked(b_down, weights, ids)
     return jnp.einsum("tk,tkd->td", w, picked, precision="highest")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _combine(b_down, weights, ids, group_sizes, sort_idx, dtype, impl):
+    return _weighted_rows(b_down, weights, ids)
 
 
 def _combine_fwd(b_down, weights, ids, group_sizes, sort_idx, dtype, impl):

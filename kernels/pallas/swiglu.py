@@ -32,7 +32,7 @@ from kernels.pallas.gmm import STORE, _has, gmm_schedule
 from kernels.pallas.sort import _blocked
 from kernels.shapes import require_static
 
-__all__ = ["swiglu_gmm", "swiglu_gmm_saved", "gated", "gated_parts"]
+__all__ = ["swiglu_gmm", "swiglu_gmm_saved", "gated", "gated_parts", "bias_specs", "with_bias"]
 
 
 _GELU_C, _GELU_A = 0.7978845608028654, 0.044715   # sqrt(2 / pi) and the cubic coefficient of the tanh form
@@ -121,9 +121,7 @@ def _swiglu_kernel(sched, x_hbm, idx_hbm, wg_ref, wu_ref, *refs, top_k, num_rows
                k_rem=k_rem)
 
     def values():
-        gate, up = acc_g[...], acc_u[...]
-        if has_bias:
-            gate, up = (acc + b[...].astype(jnp.float32) for acc, b in ((gate, bias[0]), (up, bias[1])))
+        gate, up = with_bias(acc_g[...], acc_u[...], bias)
         return [gated(gate, up, activation)] + ([gate, up] if saved else [])
 
     @pl.when((kb == tiles_k - 1) & _has(sched.flags[s], STORE))
@@ -137,6 +135,13 @@ def _out_index(n, s, k, sched):
 
 def _bias_index(n, s, k, sched):
     return sched.groups[s], 0, n
+
+
+def with_bias(gate, up, bias):
+    """f32 gate / up blocks plus the step's bias blocks ``bias`` = (b_gate, b_up) refs [1, tn] (none when empty)."""
+    if not bias:
+        return gate, up
+    return gate + bias[0][...].astype(jnp.float32), up + bias[1][...].astype(jnp.float32)
 
 
 def bias_specs(t, b_gate, b_up):

@@ -36,7 +36,7 @@ from kernels.pallas.gmm import STORE, _has, gmm_schedule
 from kernels.pallas.gmm import gmm as plain_gmm
 from kernels.pallas.sort import _blocked, gather_rows
 from kernels.activation import resolve
-from kernels.pallas.swiglu import bias_specs, gated_parts
+from kernels.pallas.swiglu import bias_specs, gated_parts, with_bias
 from kernels.platform import tpu_or_interpret
 
 __all__ = ["swiglu_down_bwd", "swiglu_down_bwd_saved", "FOOTPRINT", "FOOTPRINT_SAVED"]
@@ -68,9 +68,7 @@ def _bwd_kernel(sched, x_hbm, dout_hbm, idx_hbm, wg_ref, wu_ref, wd_ref, w_ref, 
     col_mask = _col_mask(acc_g.shape, n_cols)  # a partial last F block: its columns past F are garbage
 
     def values():
-        gate, up = acc_g[...], acc_u[...]
-        if has_bias:
-            gate, up = (acc + b[...].astype(jnp.float32) for acc, b in ((gate, bias[0]), (up, bias[1])))
+        gate, up = with_bias(acc_g[...], acc_u[...], bias)
         return _epilogue(gate, up, acc_a[...], w_ref[...], activation, col_mask)
 
     @pl.when((kb == tiles_k - 1) & _has(sched.flags[s], STORE))

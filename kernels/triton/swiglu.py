@@ -215,9 +215,8 @@ def _swiglu_down_bwd_kernel(x_ptr, dout_ptr, wg_ptr, wu_ptr, wd_ptr, bg_ptr, bu_
                             UP_OFFSET: tl.constexpr, RECOMPUTE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """One BM x BN tile (sorted rows x F columns) of the fused backward: ``a = dout rows @ w_down^T`` (f32, over
     K = D) with ``gate`` / ``up`` recomputed (RECOMPUTE: x rows @ w_gate / w_up (+ bg / bu with HAS_BIAS),
-    ``_projections``) or loaded (the
-    saved [M, N] residuals); the epilogue writes dgate, dup, hw = w * h and this column tile's partial ``sum_f h * a``
-    (``part[tile_n, row]``)."""
+    ``_projections``) or loaded (the saved [M, N] residuals); the epilogue writes dgate, dup, hw = w * h and this
+    column tile's partial ``sum_f h * a`` (``part[tile_n, row]``)."""
     group, row_start, row_end, tile_n = _row_tile(tiles_ptr, NUM_ROW_TILES, N, BN, GROUP_M)
     offs_m = tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
