@@ -77,6 +77,8 @@ def combine(b_down, weights, expert_ids, group_sizes=None, sort_idx=None, *, dty
     if group_sizes is None or sort_idx is None:
         return _weighted_rows(b_down, weights, ids)
     dtype = jnp.dtype(b_down.dtype if dtype is None else dtype)
+    # typed like the routing inside a user's shard_map: a replicated b_down's cotangent is then psum'd (moe_ops.vma)
+    b_down, weights, ids, group_sizes, sort_idx = vma.match_vma(b_down, weights, ids, group_sizes, sort_idx)
     return _combine(b_down, weights, ids, group_sizes, sort_idx, dtype, backend.choose(implementation))
 
 
