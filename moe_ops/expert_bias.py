@@ -48,6 +48,9 @@ def rows(bias, group_sizes, num_rows, dtype, group_offset=None, implementation=N
     by ``bias[:, None, :]`` (on ``implementation``'s backend), so the gradient is that GMM's transpose, a TGMM of
     the ones against the cotangent rows: fixed-order per-group sums (deterministic, no [M, N] scatter-add operand);
     forward-mode autodiff works too."""
+    empty = validation.zeros_if_empty((num_rows, bias.shape[1]), dtype, (num_rows, *bias.shape), bias, group_sizes)
+    if empty is not None:   # no rows, no columns or no local group: no grouped matmul gets a zero-size dimension
+        return empty
     sizes = validation.clamp_group_sizes(group_sizes, num_rows)   # the rows the grouped matmuls give to groups
     offset = validation.group_offset_array(group_offset, group_sizes.shape[0])
     return _rows(bias, sizes, offset, num_rows, jnp.dtype(dtype), backend.choose(implementation))

@@ -289,6 +289,10 @@ def _ffn_bwd(k, activation, recompute, impl, residuals, dout):
 def token_order_tgmm(lhs, rhs, sizes, offset, sort_idx, k, num_groups, out_dtype, gather_lhs, impl):
     """``tgmm`` with one operand read in token order (``gather_tgmm``: lhs when ``gather_lhs``, else rhs): no
     gathered [M, *] copy where the backend has the kernel. (Also the fused path's down-bias gradient.)"""
+    dims = (sort_idx.shape[0], lhs.shape[1], rhs.shape[1], num_groups)
+    empty = validation.zeros_if_empty((num_groups, lhs.shape[1], rhs.shape[1]), out_dtype, dims, lhs, rhs)
+    if empty is not None:   # no tokens (T = 0): the kernels never see a zero-size dimension
+        return empty
     static = dict(k=k, num_groups=num_groups, out_dtype=out_dtype, gather_lhs=gather_lhs, gather_rhs=not gather_lhs)
     composed = functools.partial(backend.compose_gather_tgmm, ops=backend.ops(impl), **static)
     out = _one_kernel("gather_tgmm", (lhs, rhs, sizes, offset, sort_idx), composed, rows=sort_idx.shape[0],

@@ -110,6 +110,45 @@ def test_moe_ffn(impl, dims):
     assert moe_ops.reference.moe_ffn_dense(*args, top_k=2).shape == (t, d)
 
 
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dims", list(LAYER_DIMS))
+def test_moe_ffn_with_biases(impl, dims):
+    """With the three expert biases a zero D or F still leaves a non-zero layer (the biases alone): forward and the
+    eight gradients against the dense reference, fused (its b_down TGMM included) and unfused; T = 0 gives zeros."""
+    t, d, f = LAYER_DIMS[dims]
+    k = keys(4, 9)
+    args = (randn(k[0], (t, d)), randn(k[1], (t, 4)), randn(k[2], (4, d, f)), randn(k[3], (4, d, f)),
+            randn(k[4], (4, f, d)), randn(k[5], (4, f)), randn(k[6], (4, f)), randn(k[7], (4, d)))
+    probe = randn(k[8], (t, d))
+
+    def layer(fn, **kw):
+        return lambda *a: fn(*a[:5], top_k=2, b_gate=a[5], b_up=a[6], b_down=a[7], **kw)
+    want = layer(moe_ops.reference.moe_ffn_dense)
+    want_grads = jax.grad(lambda *a: jnp.sum(want(*a) * probe), tuple(range(8)))(*args)
+    for fused in (False, True):
+        ours = layer(moe_ops.moe_ffn, implementation=impl, fused=fused)
+        np.testing.assert_allclose(jax.jit(ours)(*args), want(*args), atol=1e-5, rtol=1e-5)
+        grads = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * probe), tuple(range(8))))(*args)
+        for i, (g, w) in enumerate(zip(grads, want_grads)):
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"fused={fused} d(arg {i})")
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("rows,num_local", [(0, 4), (6, 0)])
+def test_experts_ffn_with_biases_and_no_rows_or_no_local_group(impl, rows, num_local):
+    """``experts_ffn`` on M = 0 sorted rows, or on a shard with no local expert, with all three biases: zeros and
+    zero gradients (the bias rows' grouped matmul is not called with a zero-size dimension)."""
+    k = keys(5, 7)
+    d, f = 8, 5
+    args = (randn(k[0], (rows, d)), randn(k[1], (num_local, d, f)), randn(k[2], (num_local, d, f)),
+            randn(k[3], (num_local, f, d)), randn(k[4], (num_local, f)), randn(k[5], (num_local, f)),
+            randn(k[6], (num_local, d)))
+    sizes = jnp.array([rows // 2, 0, rows - rows // 2, 0], jnp.int32)
+    _check_op(lambda x, *p: moe_ops.experts_ffn(x, sizes, *p[:3], b_gate=p[3], b_up=p[4], b_down=p[5],
+                                                group_offset=4 if num_local == 0 else None, implementation=impl),
+              args, (rows, d), f"{impl} experts_ffn M={rows} G_local={num_local}")
+
+
 def test_top_k_zero_is_a_named_error():
     x, logits, w = jnp.ones((5, 8)), jnp.ones((5, 4)), jnp.ones((4, 8, 8))
     with pytest.raises(ValueError, match=r"top_k must be an int in \[1, E=4\], got 0"):
