@@ -171,7 +171,8 @@ def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoESh
     options are ``moe_ffn``'s (``router_bias`` [E] replicated: every device routes with all E experts).
     ``b_gate`` / ``b_up`` / ``b_down``: per-expert biases (``moe_ops.expert_bias``) as local blocks laid out like
     the weights (b_gate / b_up [E_l, F], ``ep_tp``: [E, F/EP]; b_down [E_l, D], ``ep_tp``: [E, D] replicated over
-    the expert axis, added once), sharded over ``fsdp_axis`` on E like them."""
+    the expert axis, added once), sharded over ``fsdp_axis`` on E like them. Zero tokens (T_l = 0) give [0, D] and
+    zero gradients, with no collective."""
     if not isinstance(config, MoEShardingConfig):
         raise TypeError(f"config must be a MoEShardingConfig, got {type(config).__name__}")
     validation.flag("tokens_on_expert", tokens_on_expert, optional=True)
@@ -188,6 +189,9 @@ def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoESh
     ep = _bound_axis_size("config.expert_axis", axis)
     if fsdp_axis is not None:
         _bound_axis_size("fsdp_axis", fsdp_axis)
+    empty = validation.zeros_if_empty(x.shape, x.dtype, (x.shape[0],), x)
+    if empty is not None:   # no local tokens (then on no shard: shapes are static): nothing to exchange
+        return empty
     operands = (x, router_logits, w_gate, w_up, w_down)
     typed = any(vma.varying_axes(a) for a in operands)  # check_vma is on: "varies over nothing" means replicated
     if tokens_on_expert is None:  # what x's type says (shard_map's check_vma), else the config's batch axes

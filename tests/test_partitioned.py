@@ -351,3 +351,22 @@ def test_empty_problem_gives_zeros_and_zero_grads(strategy, tdf):
     assert out.shape == (t, d) and not np.any(np.asarray(out))
     for g, a in zip(grads, args):
         assert g.shape == a.shape and not np.any(np.asarray(g))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("tokens_on_expert", [True, False])
+def test_shard_with_no_local_tokens(strategy, tokens_on_expert):
+    """``moe_ffn_shard`` in a user's shard_map on zero tokens per shard: [0, D] out, zero gradients (the
+    all-to-all exchange once reshaped a zero-size chunk and raised ZeroDivisionError)."""
+    mesh = make_mesh((2, 4), ("data", "expert"))
+    ks = keys(42, 5)
+    args = (randn(ks[0], (0, D)), randn(ks[1], (0, E)), randn(ks[2], (E, D, F)), randn(ks[3], (E, D, F)),
+            randn(ks[4], (E, F, D)))
+    tokens = P(("data", "expert")) if tokens_on_expert else P("data")
+    fn = jax.shard_map(functools.partial(moe_ffn_shard, top_k=K, config=MoEShardingConfig(strategy=strategy),
+                                         tokens_on_expert=tokens_on_expert),
+                       mesh=mesh, in_specs=(tokens, tokens) + weight_specs(strategy, "expert"), out_specs=tokens)
+    out, grads = jax.jit(functools.partial(value_and_grads, fn))(args, jnp.ones((0, D)))
+    assert out.shape == (0, D)
+    for g, a in zip(grads, args):
+        assert g.shape == a.shape and not np.any(np.asarray(g))
