@@ -107,7 +107,7 @@ def _scatter_chunks(output, chunks, offsets, sizes):
     n, chunk = chunks.shape[:2]
     idx, valid = _chunk_rows(offsets, sizes, chunk, output.shape[0])
     idx = jnp.where(valid, idx, output.shape[0])  # out of bounds -> dropped
-    return output.at[idx.reshape(-1)].set(chunks.reshape(n * chunk, -1).astype(output.dtype), mode="drop")
+    return output.at[idx.reshape(-1)].set(chunks.reshape(n * chunk, chunks.shape[-1]).astype(output.dtype), mode="drop")
 
 
 def _gather_chunks(operand, offsets, sizes, chunk):

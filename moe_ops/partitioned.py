@@ -38,7 +38,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from kernels.activation import GatedActivation
-from moe_ops import backend, expert_bias, layer, partitioned_vmap, validation, vma
+from moe_ops import backend, expert_bias, layer, partitioned_vmap, reference, validation, vma
 from moe_ops.ep_strategies import moe_ffn_shard
 from moe_ops.ep_plan import Plan, plan
 from moe_ops.sharding import MoEShardingConfig, auto_axes_like, spec_axes
@@ -339,7 +339,7 @@ def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, shardi
 def _flat(x, router_logits, *rest, static):
     """The op on x / router_logits flattened to [T, D] / [T, E] (``rest``: the weights and biases); the result in
     x's shape."""
-    out = _moe(x.reshape(-1, x.shape[-1]), router_logits.reshape(-1, router_logits.shape[-1]), *rest, static)
+    out = _moe(reference.flatten_tokens(x), reference.flatten_tokens(router_logits), *rest, static)
     return out.reshape(x.shape)
 
 

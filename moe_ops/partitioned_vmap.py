@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 
+from moe_ops.reference import flatten_tokens
+
 __all__ = ["batched", "fold_tokens", "no_fold"]
 
 
@@ -42,7 +44,7 @@ def fold_tokens(call, static, batch, in_batched, arrays):
     if any(in_batched[2:]) or static.config.capacity_factor is not None:
         return None
     x, logits = (a if b else jnp.broadcast_to(a, (batch,) + a.shape) for a, b in zip((x, logits), in_batched[:2]))
-    out = call(x.reshape(-1, x.shape[-1]), logits.reshape(-1, logits.shape[-1]), *shared, static)
+    out = call(flatten_tokens(x), flatten_tokens(logits), *shared, static)
     return out.reshape(x.shape)
 
 

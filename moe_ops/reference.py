@@ -198,7 +198,7 @@ def unpermute(y_sorted, sort_idx, weights):
     """Weighted top-k combine: y_sorted [T*k,D], sort_idx [T*k], weights [T,k] -> [T,D],
     ``out[t] = sum_j weights[t,j] * y_sorted[inverse[t*k+j]]`` accumulated in f32, returned in y's dtype."""
     t, k = weights.shape
-    gathered = y_sorted[inverse_permutation(sort_idx)].astype(jnp.float32).reshape(t, k, -1)
+    gathered = y_sorted[inverse_permutation(sort_idx)].astype(jnp.float32).reshape(t, k, y_sorted.shape[-1])
     out = jnp.einsum("tkd,tk->td", gathered, weights.astype(jnp.float32), precision="highest")
     return out.astype(y_sorted.dtype)
 

@@ -160,7 +160,7 @@ def _rows_per_slot(y, sort_idx, t, k, rows_valid):
     """([T, k, D] f32 row of each (token, slot), [T, k] bool slot mask or None): rows where ``rows_valid`` [T*k]
     (None: every row) is False are selected away (zeros), whatever they hold (NaN / Inf included)."""
     inverse = reference.inverse_permutation(sort_idx)
-    gathered = y[inverse].astype(jnp.float32).reshape(t, k, -1)
+    gathered = y[inverse].astype(jnp.float32).reshape(t, k, y.shape[-1])
     if rows_valid is None:
         return gathered, None
     slot_valid = rows_valid[inverse].reshape(t, k)

@@ -106,6 +106,23 @@ def test_permute_unpermute_match_maxtext(impl):
     assert_close(out, want, TOL[jnp.float32], "unpermute")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("seq,dim", [(0, D), (S, 0)], ids=["no_tokens", "D0"])
+def test_permute_unpermute_with_empty_dims(impl, seq, dim):
+    """A zero-length sequence (B*S = 0) or D = 0: permute and unpermute give arrays of the right shapes, forward
+    and gradient (reshapes to [-1, D] / [B, S, -1] once could not infer a dimension from an empty array)."""
+    x, logits = jnp.zeros((B, seq, dim)), randn(keys(24, 1)[0], (B, seq, E))
+    sorted_x, order, weights, sizes, _ = maxtext.permute(x, logits, num_experts_per_tok=K, implementation=impl)[:5]
+    t = B * seq
+    assert sorted_x.shape == (t * K, dim) and order.shape == (t * K,) and weights.shape == (B, seq, K)
+    assert sizes.shape == (E,) and int(jnp.sum(sizes)) == t * K
+    fn = lambda y, w: maxtext.unpermute(y, order, w, B, seq, implementation=impl)
+    assert jax.jit(fn)(sorted_x, weights).shape == (B, seq, dim)
+    grads = jax.grad(lambda y, w: jnp.sum(fn(y, w)), argnums=(0, 1))(sorted_x, weights)
+    assert [g.shape for g in grads] == [(t * K, dim), (B, seq, K)]
+    assert reference.unpermute(sorted_x, order, weights.reshape(t, K)).shape == (t, dim)
+
+
 def test_unpermute_returns_config_dtype():
     """MaxText's unpermute returns ``config.dtype``: ``dtype=`` casts the f32-accumulated combine (intermediate's
     dtype by default); a dtype that is not a float is refused by name, in permute too."""

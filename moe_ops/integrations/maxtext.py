@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 import moe_ops
-from moe_ops import validation
+from moe_ops import reference, validation
 from moe_ops.integrations import maxtext_routing as routing
 
 __all__ = ["gmm", "tgmm", "permute", "unpermute", "local_permute", "get_all_to_all_params", "get_ragged_buffer_size",
@@ -140,7 +140,7 @@ def permute(inputs, gate_logits, pre_bias_logits=None, use_custom_sort_vjp=True,
         ids, gate_logits, num_experts, settings["lb_weight"], dtype)
     bias_updates = None if settings["bias_rate"] <= 0.0 else routing.bias_updates(ids, num_experts,
                                                                                   settings["bias_rate"])
-    x2 = inputs.reshape(-1, inputs.shape[-1])
+    x2 = reference.flatten_tokens(inputs)
     if settings["block"] == "llama4":
         x2 = x2 * jax.nn.sigmoid(weights.astype(jnp.float32)).reshape(-1, 1)
     flat_ids = ids.reshape(-1, k)
@@ -171,7 +171,7 @@ def unpermute(intermediate, sorted_selected_experts, weights, batch_size, sequen
         intermediate = intermediate.astype(dtype)
     out = moe_ops.unpermute(intermediate, sorted_selected_experts, weights.reshape(-1, k),
                             implementation=implementation)
-    return out.reshape(batch_size, sequence_length, -1).astype(dtype)
+    return out.reshape(batch_size, sequence_length, out.shape[-1]).astype(dtype)
 
 
 def _truncate_per_receiver(sizes, buffer_size):

@@ -116,7 +116,7 @@ def check_settings(gate_logits, pre_bias_logits, num_experts_per_tok, *, decoder
 def _top_groups_only(gate_logits, n_groups, top_groups):
     """gate_logits [B,S,E] in f32 with the experts outside each token's ``top_groups`` best groups at -inf (a group
     scores the f32 sum of its top 2: ``reference.top_groups_only``; the f32 cast is exact, so the order is kept)."""
-    flat = gate_logits.astype(jnp.float32).reshape(-1, gate_logits.shape[-1])
+    flat = reference.flatten_tokens(gate_logits.astype(jnp.float32))
     return reference.top_groups_only(flat, n_groups, top_groups, None).reshape(gate_logits.shape)
 
 
