@@ -31,6 +31,13 @@ def _expected_gmm_cases(target):
     return pairs
 
 
+# The one spill an older Triton is known to leave (triton 3.6.0, the GPU image's: 46 B in the clamped gpt-oss
+# SwiGLU saved forward on gfx942, BM 256 x 8 waves, with or without biases; five epilogue orderings tried left
+# 8-104 B here or on sm90). triton >= 3.7 (CI's 3.9) has no spill anywhere: the allowance does not apply there.
+_KNOWN_OLD_TRITON_SPILLS = {("gfx942", "swiglu_gather_gpt_oss_saved", "large:bf16"): 64} \
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7) else {}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["sm90", "gfx950", "gfx942"])
 def test_every_family_compiles(target):
@@ -39,7 +46,9 @@ def test_every_family_compiles(target):
     reports = aot.check((target,), families, workers=2)   # two processes: the CI machine's two cores
     assert len(reports) == len(cases_for(target, families))
     assert _expected_gmm_cases(target) <= {(r.kernel, r.config) for r in reports}
-    failures = [f"{r.kernel} {r.config}: {r.error or 'spills'}" for r in reports if not r.clean]
+    failures = [f"{r.kernel} {r.config}: {r.error or 'spills'}" for r in reports
+                if not r.clean and not (r.ok and 0 < r.spills <= _KNOWN_OLD_TRITON_SPILLS.get((target, r.kernel,
+                                                                                                r.config), 0))]
     assert not failures, failures
     if target == "sm90":  # -1 (ptxas missing) fails too: spill-freedom must be shown, not assumed
         assert [(r.kernel, r.config, r.spills) for r in reports if r.spills != 0] == []

@@ -132,8 +132,13 @@ def _swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, tiles_ptr, sort_idx_
     group, row_start, row_end, tile_n = _row_tile(tiles_ptr, NUM_ROW_TILES, N, BN, GROUP_M)
     offs_m = tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
-    out_off = row_start.to(tl.int64) * N + offs_m[:, None] * N + offs_n[None, :]
-    store_mask = (offs_m[:, None] < row_end - row_start) & (offs_n[None, :] < N)
+    tl.static_assert(BM * N < 2**31, "the in-tile offsets are 32-bit")
+    tile_base = row_start.to(tl.int64) * N          # 64-bit scalar; the [BM, BN] offsets within the tile in 32 bits
+    out_ptr, gate_ptr, up_ptr = out_ptr + tile_base, gate_ptr + tile_base, up_ptr + tile_base
+    out_off = offs_m[:, None] * N + offs_n[None, :]
+    store_mask = offs_m[:, None] < row_end - row_start
+    if N % BN != 0:
+        store_mask = store_mask & (offs_n[None, :] < N)
     dtype = out_ptr.dtype.element_ty
     if group >= 0:
         gate, up = _projections(lhs_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, group, row_start, row_end, offs_m, offs_n,
