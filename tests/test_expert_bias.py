@@ -304,3 +304,31 @@ def test_user_data_parallel_step_with_biases(impl):
              for f in (fn, ref)]
     for name, g, w in zip(("x", "w_gate", "w_up", "w_down", "b_gate", "b_down"), *grads):
         assert_close(g, w, 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_combine_forms_agree(impl):
+    """``expert_bias.combine`` with only the routing (XLA's autodiff of the gather) and with ``sort_by_expert``'s
+    group sizes / row map (the TGMM gradient): the same [T, D] f32 sum and the same b_down / weights gradients as
+    the einsum of the picked rows; a copy with an id outside [0, E) adds nothing and gets a zero weight gradient."""
+    t, k, e, d = 9, 3, 5, 6
+    ks = keys(47, 4)
+    b_down, weights, cot = randn(ks[0], (e, d)), jax.random.uniform(ks[1], (t, k)), randn(ks[2], (t, d))
+    ids = jax.random.randint(ks[3], (t, k), 0, e).at[2, 1].set(e).at[5, 0].set(-1)   # two dropped copies
+    sizes, sort_idx = moe_ops.sort_by_expert(ids, e, implementation=impl)
+    kept = (ids >= 0) & (ids < e)
+
+    def want(b, w):
+        rows = jnp.where(kept[..., None], b[jnp.clip(ids, 0, e - 1)], 0.0)
+        return jnp.einsum("tk,tkd->td", jnp.where(kept, w, 0.0), rows, precision="highest")
+    forms = {"plain": lambda b, w: moe_ops.expert_bias.combine(b, w, ids),
+             "tgmm": lambda b, w: moe_ops.expert_bias.combine(b, w, ids, sizes, sort_idx, implementation=impl)}
+    ref_grads = jax.grad(lambda b, w: jnp.sum(want(b, w) * cot), argnums=(0, 1))(b_down, weights)
+    for name, fn in forms.items():
+        out = jax.jit(fn)(b_down, weights)
+        assert out.dtype == jnp.float32
+        assert_close(out, want(b_down, weights), 1e-6, f"{name} forward")
+        grads = jax.jit(jax.grad(lambda b, w: jnp.sum(fn(b, w) * cot), argnums=(0, 1)))(b_down, weights)
+        assert_close(grads[0], ref_grads[0], 1e-5, f"{name} db_down")
+        assert_close(grads[1], ref_grads[1], 1e-5, f"{name} dweights")
+        assert float(grads[1][2, 1]) == float(grads[1][5, 0]) == 0.0
