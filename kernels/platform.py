@@ -128,6 +128,10 @@ def _lower_for(platform):
 
 
 def _batch(args, dims, *, rules, default, out_tree, out_avals, rule_effects):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    if size == 0:  # a vmap over zero examples: no kernel (Pallas's and the Triton folds' rules assume one at least)
+        return [jnp.zeros((0, *a.shape), a.dtype) for a in out_avals], [0] * len(out_avals)
+
     def batched(rule):
         return None if rule is None else Rule.of(jax.vmap(rule, in_axes=tuple(dims)))
     outs = platform_call({p: batched(r) for p, r in rules}, *args, default=batched(default))
