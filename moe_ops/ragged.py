@@ -245,7 +245,7 @@ def _ragged_contraction(lhs, rhs, group_sizes, dims, ragged, kw):
     levels = len(l_lead)
     out = _vmapped(fn, lhs2, rhs2, sizes, levels, kw["implementation"])
     if summed:                                                      # sum over the outer contracting indices
-        out = out.reshape(bshape + (-1,) + out.shape[levels:]).sum(axis=len(bshape)).astype(out_dtype)
+        out = out.sum(axis=tuple(range(len(bshape), levels))).astype(out_dtype)
     g = group_sizes.shape[-1]
     out = out.reshape(bshape + (g,) + tuple(lhs.shape[a] for a in lfree) + tuple(rhs.shape[a] for a in rfree))
     return jnp.moveaxis(out, len(bshape), 0)
