@@ -1,5 +1,6 @@
-"""Degenerate shapes (T=0, M=0, G=0, G_local=0, K=0, N=0, D=0, F=0, top_k=0): every op on every backend returns
-correctly shaped zeros, and every gradient is zeros shaped like its input; top_k=0 in the layer is a named error."""
+"""Degenerate shapes (T=0, M=0, G=0, G_local=0, K=0, N=0, D=0, F=0, top_k=0, a vmap over zero examples): every op
+on every backend returns correctly shaped zeros, and every gradient is zeros shaped like its input; top_k=0 in the
+layer is a named error."""
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +85,6 @@ def test_permute_unpermute_and_fused(impl, dims):
     _check_op(lambda a: moe_ops.permute(a, ids, 4, implementation=impl)[0], (x,), (t * k, d), f"{impl} permute")
     _check_op(lambda a, b: moe_ops.unpermute(a, sort_idx, b, implementation=impl),
               (y, w), (t, d), f"{impl} unpermute")
-    if impl == "pallas":  # no fused ops (moe_ffn falls back)
-        return
     rhs = randn(k2, (4, d, 5))
     _check_op(lambda a, b: moe_ops.gather_gmm(a, b, sizes, sort_idx, implementation=impl), (x, rhs), (t * k, 5),
               f"{impl} gather_gmm")
@@ -147,6 +146,76 @@ def test_experts_ffn_with_biases_and_no_rows_or_no_local_group(impl, rows, num_l
     _check_op(lambda x, *p: moe_ops.experts_ffn(x, sizes, *p[:3], b_gate=p[3], b_up=p[4], b_down=p[5],
                                                 group_offset=4 if num_local == 0 else None, implementation=impl),
               args, (rows, d), f"{impl} experts_ffn M={rows} G_local={num_local}")
+
+
+def _vmap_cases(impl):
+    """name -> (op, args) of one example for every public op (tiny, uneven routing)."""
+    t, k, e, d, f = 5, 2, 4, 8, 6
+    ks = keys(11, 10)
+    ids = jax.random.randint(ks[0], (t, k), 0, e)
+    sizes, sort_idx = moe_ops.sort_by_expert(ids, e)
+    x, xs, w = randn(ks[1], (t, d)), randn(ks[2], (t * k, d)), jax.nn.softmax(randn(ks[3], (t, k)))
+    wg, wu, wd, hs, logits = (randn(ks[4], (e, d, f)), randn(ks[5], (e, d, f)), randn(ks[6], (e, f, d)),
+                              randn(ks[7], (t * k, f)), randn(ks[8], (t, e)))
+    kw = dict(implementation=impl)
+    return {
+        "gmm": (lambda a, b: moe_ops.gmm(a, b, sizes, **kw), (xs, wg)),
+        "tgmm": (lambda a, b: moe_ops.tgmm(a, b, sizes, **kw), (xs, hs)),
+        "ragged_dot": (lambda a, b: moe_ops.ragged_dot(a, b, sizes, **kw), (xs, wg)),
+        "sort_by_expert": (lambda i: moe_ops.sort_by_expert(i, e, **kw), (ids,)),
+        "permute": (lambda a, i: moe_ops.permute(a, i, e, **kw), (x, ids)),
+        "unpermute": (lambda a, c: moe_ops.unpermute(a, sort_idx, c, **kw), (xs, w)),
+        "gather_gmm": (lambda a, b: moe_ops.gather_gmm(a, b, sizes, sort_idx, **kw), (x, wg)),
+        "scatter_gmm": (lambda a, b, c: moe_ops.scatter_gmm(a, b, sizes, sort_idx, c, **kw), (hs, wd, w)),
+        "swiglu_gmm": (lambda a, b, c: moe_ops.swiglu_gmm(a, b, c, sizes, sort_idx, **kw), (x, wg, wu)),
+        "swiglu_ffn": (lambda a, b, c, d_, c2: moe_ops.swiglu_ffn(a, b, c, d_, sizes, sort_idx, c2, **kw),
+                       (x, wg, wu, wd, w)),
+        "experts_ffn": (lambda a, b, c, d_: moe_ops.experts_ffn(a, sizes, b, c, d_, **kw), (xs, wg, wu, wd)),
+        "fused_experts_ffn": (lambda a, c, b, c2, d_: moe_ops.fused_experts_ffn(a, c, ids, b, c2, d_, **kw),
+                              (x, w, wg, wu, wd)),
+        "moe_ffn": (lambda a, lg, b, c, d_: moe_ops.moe_ffn(a, lg, b, c, d_, top_k=k, **kw), (x, logits, wg, wu, wd)),
+        "moe_ffn_unfused": (lambda a, lg, b, c, d_: moe_ops.moe_ffn(a, lg, b, c, d_, top_k=k, fused=False, **kw),
+                            (x, logits, wg, wu, wd)),
+    }
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_vmap_over_zero_examples(impl):
+    """``jax.vmap`` of every public op over a batch of zero examples: outputs [0, *one example's shape] and
+    [0, ...] gradients, with no kernel launched (Pallas's batching rule and the Triton folds once indexed example
+    0 or divided by the batch: TypeError / ZeroDivisionError)."""
+    for name, (op, args) in _vmap_cases(impl).items():
+        empty = [jnp.zeros((0, *a.shape), a.dtype) for a in args]
+        want = jax.eval_shape(op, *args)
+        out = jax.jit(jax.vmap(op))(*empty)
+        for o, w in zip(jax.tree.leaves(out), jax.tree.leaves(want)):
+            assert o.shape == (0, *w.shape) and o.dtype == w.dtype, f"{impl} {name}: {o.shape} {o.dtype}"
+        floats = [i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating)]
+        if not floats:
+            continue
+        loss = lambda *fa: sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(jax.vmap(op)(
+            *[fa[floats.index(i)] if i in floats else a for i, a in enumerate(empty)])) if o.dtype.kind == "f")
+        grads = jax.jit(jax.grad(loss, tuple(range(len(floats)))))(*(empty[i] for i in floats))
+        assert [g.shape for g in grads] == [empty[i].shape for i in floats], f"{impl} {name} gradients"
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dims", ["M0", "N0", "G0"])
+def test_ragged_contraction_with_per_index_group_sizes(impl, dims):
+    """``ragged_dot_general`` with a ragged contracting dim whose group sizes differ along an outer contracting dim
+    (one TGMM per index, summed), on an empty result: lax's zeros, zero gradients (the sum reshaped with -1 and
+    raised ZeroDivisionError)."""
+    m, n, g = {"M0": (0, 3, 2), "N0": (4, 0, 2), "G0": (4, 3, 0)}[dims]
+    ks = keys(12, 3)
+    lhs, rhs = randn(ks[0], (2, 6, m)), randn(ks[1], (2, 6, n))
+    sizes = jax.random.randint(ks[2], (2, g), 0, 4)
+    dims_ = dict(dot_dimension_numbers=(([0, 1], [0, 1]), ([], [])), lhs_ragged_dimensions=[1],
+                 rhs_group_dimensions=[])
+    want = jax.lax.ragged_dot_general(lhs, rhs, sizes, jax.lax.RaggedDotDimensionNumbers(**dims_))
+    ours = lambda a, b: moe_ops.ragged_dot_general(a, b, sizes, moe_ops.RaggedDotDimensionNumbers(**dims_),
+                                                   implementation=impl)
+    assert want.shape == (g, m, n)
+    _check_op(ours, (lhs, rhs), want.shape, f"{impl} ragged contraction {dims}")
 
 
 def test_top_k_zero_is_a_named_error():
