@@ -75,7 +75,7 @@ def ragged_dot_general(lhs, rhs, group_sizes, ragged_dot_dimension_numbers, prec
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if not hasattr(group_sizes, "dtype") or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise TypeError(f"group_sizes must be an integer array, got {getattr(group_sizes, 'dtype', group_sizes)!r}")
+        raise TypeError(f"group_sizes must be an integer array, got {getattr(group_sizes, 'dtype', type(group_sizes).__name__)}")
     backend.choose(implementation)  # a bad name raises on every path, the lax one included
     mode, ragged = _mode(lhs, dims)
     lax_sharding = _lax_out_sharding(lhs, rhs, group_sizes)
