@@ -75,7 +75,8 @@ def ragged_dot_general(lhs, rhs, group_sizes, ragged_dot_dimension_numbers, prec
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if not hasattr(group_sizes, "dtype") or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise TypeError(f"group_sizes must be an integer array, got {getattr(group_sizes, 'dtype', type(group_sizes).__name__)}")
+        got = getattr(group_sizes, "dtype", type(group_sizes).__name__)
+        raise TypeError(f"group_sizes must be an integer array, got {got}")
     backend.choose(implementation)  # a bad name raises on every path, the lax one included
     mode, ragged = _mode(lhs, dims)
     lax_sharding = _lax_out_sharding(lhs, rhs, group_sizes)
@@ -111,7 +112,7 @@ def _kernel_input_dtype(lhs_dtype, rhs_dtype, out_dtype):
     """The promoted float dtype the kernels multiply in, or None when lax must run the product: operands or result
     of a dtype no kernel takes, or operands JAX does not promote to one another (float8 mixes, which lax accepts)."""
     try:
-        in_dtype = jnp.result_type(lhs_dtype, rhs_dtype)
+        in_dtype = validation.standard_promotion(lhs_dtype, rhs_dtype)   # lax's rule, in strict mode too
     except jax.dtypes.TypePromotionError:  # e.g. float8_e4m3fn x bfloat16 (lax accepts the pair)
         return None
     return in_dtype if validation.is_kernel_float(in_dtype) and validation.is_kernel_float(out_dtype) else None

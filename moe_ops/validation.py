@@ -172,8 +172,9 @@ def int_array(name, x, ndim):
 
 def compute_dtype(lhs, rhs):
     """The dtype a grouped matmul multiplies ``lhs`` and ``rhs`` in: their promoted float dtype (bf16 x f32 -> f32,
-    bf16 x f16 -> f32), as ``jax.lax.dot`` and megablox do, so a mixed call never silently rounds the wider operand."""
-    return jnp.promote_types(lhs.dtype, rhs.dtype)
+    bf16 x f16 -> f32), as ``jax.lax.dot`` and megablox do, so a mixed call never silently rounds the wider operand.
+    Like lax's, it holds under ``jax_numpy_dtype_promotion="strict"`` too."""
+    return standard_promotion(lhs.dtype, rhs.dtype)
 
 
 def standard_promotion(a, b):

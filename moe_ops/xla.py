@@ -151,7 +151,8 @@ def gather_rows(x, sort_idx, k, row_weights=None, n_valid=None):
     """x [T,D] -> [T*k,D]: ``x[sort_idx[i] // k]`` (* row_weights.flat[sort_idx[i]] in f32), zeros past n_valid."""
     rows = x[sort_idx // k]
     if row_weights is not None:
-        rows = (rows.astype(jnp.float32) * row_weights.reshape(-1)[sort_idx][:, None]).astype(x.dtype)
+        scale = row_weights.reshape(-1)[sort_idx][:, None].astype(jnp.float32)
+        rows = (rows.astype(jnp.float32) * scale).astype(x.dtype)
     valid = _valid_rows(sort_idx.shape[0], n_valid)
     return rows if valid is None else jnp.where(valid[:, None], rows, 0)
 

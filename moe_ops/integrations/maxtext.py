@@ -142,7 +142,8 @@ def permute(inputs, gate_logits, pre_bias_logits=None, use_custom_sort_vjp=True,
                                                                                   settings["bias_rate"])
     x2 = reference.flatten_tokens(inputs)
     if settings["block"] == "llama4":
-        x2 = x2 * jax.nn.sigmoid(weights.astype(jnp.float32)).reshape(-1, 1)
+        wide = validation.standard_promotion(x2.dtype, jnp.float32)   # MaxText's product (strict mode too)
+        x2 = x2.astype(wide) * jax.nn.sigmoid(weights.astype(jnp.float32)).reshape(-1, 1).astype(wide)
     flat_ids = ids.reshape(-1, k)
     if roll_to_expert_id is not None:
         flat_ids = (flat_ids - roll_to_expert_id) % num_experts

@@ -1,0 +1,64 @@
+"""Under ``jax.numpy_dtype_promotion("strict")`` (a caller's setting that refuses implicit promotion in jnp) every op
+still runs, as lax's ops do, and gives exactly what it gives under the standard rules: forward and the gradients of
+every float input, for mixed input dtypes and for the package's own wider accumulators. Each case names the fault it
+caught (a TypePromotionError from inside the op)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moe_ops
+from moe_ops.integrations import maxtext
+from tests.helpers import keys, randn
+
+T, K, E, D, F = 6, 2, 4, 8, 6
+SIZES = jnp.array([3, 3, 0, 5], jnp.int32)     # sums below M = 12
+
+
+def _r(i, shape, dtype=jnp.bfloat16):
+    return randn(keys(60 + i, 1)[0], shape).astype(dtype)
+
+
+def _cases(impl):
+    ids = jax.random.randint(keys(59, 1)[0], (T, K), 0, E)
+    kw = dict(implementation=impl)
+    ws = (_r(1, (E, D, F)), _r(2, (E, D, F)), _r(3, (E, F, D)))
+    return {
+        # compute_dtype used jnp.promote_types, which honours the strict mode: every backend refused
+        "gmm_bf16_x_f32": (lambda a, b: moe_ops.gmm(a, b, SIZES, **kw),
+                           (_r(4, (12, D)), _r(5, (E, D, F), jnp.float32))),
+        "ragged_dot_f16_x_bf16": (lambda a, b: moe_ops.ragged_dot(a, b, SIZES, **kw),
+                                  (_r(4, (12, D), jnp.float16), _r(5, (E, D, F)))),
+        "tgmm_f32_x_f16": (lambda a, b: moe_ops.tgmm(a, b, SIZES, **kw), (_r(4, (12, D), jnp.float32),
+                                                                          _r(6, (12, F), jnp.float16))),
+        # the XLA gather_rows multiplied f32 rows by bf16 routing weights (scatter_gmm's backward)
+        "fused_experts_ffn_bf16_weights": (
+            lambda x, w, *p: moe_ops.fused_experts_ffn(x, w, ids, *p, **kw),
+            (_r(7, (T, D)), jax.nn.softmax(_r(8, (T, K), jnp.float32)).astype(jnp.bfloat16), *ws)),
+        "moe_ffn_with_biases": (
+            lambda x, lg, *p: moe_ops.moe_ffn(x, lg, *p[:3], top_k=K, b_gate=p[3], b_up=p[4], b_down=p[5], **kw),
+            (_r(7, (T, D)), _r(8, (T, E), jnp.float32), *ws, _r(9, (E, F), jnp.float32), _r(10, (E, F), jnp.float32),
+             _r(11, (E, D), jnp.float32))),
+        # bf16 inputs times the f32 sigmoid of the routing weight (MaxText's f32 product)
+        "maxtext_llama4_permute": (
+            lambda x, lg: maxtext.permute(x, lg, num_experts_per_tok=1, decoder_block="llama4", **kw)[0],
+            (_r(12, (1, T, D)), _r(13, (1, T, E), jnp.float32))),
+    }
+
+
+@pytest.mark.parametrize("impl", ["xla", "triton", "pallas"])
+def test_ops_run_in_strict_mode_as_in_standard(impl):
+    for name, (op, args) in _cases(impl).items():
+        def run():
+            fn = jax.jit(op)
+            grads = jax.jit(jax.grad(lambda *a: jnp.sum(op(*a).astype(jnp.float32) ** 2), tuple(range(len(args)))))
+            return fn(*args), grads(*args)
+        with jax.numpy_dtype_promotion("standard"):
+            want = run()
+        with jax.numpy_dtype_promotion("strict"):
+            got = run()
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert g.dtype == w.dtype, f"{impl} {name}"
+            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                          err_msg=f"{impl} {name}")
