@@ -193,8 +193,13 @@ def test_vmap_over_zero_examples(impl):
         floats = [i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating)]
         if not floats:
             continue
-        loss = lambda *fa: sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(jax.vmap(op)(
-            *[fa[floats.index(i)] if i in floats else a for i, a in enumerate(empty)])) if o.dtype.kind == "f")
+
+        def loss(*float_args, empty=empty, floats=floats, op=op):
+            full = list(empty)
+            for i, a in zip(floats, float_args):
+                full[i] = a
+            outs = jax.tree.leaves(jax.vmap(op)(*full))
+            return sum(jnp.sum(o.astype(jnp.float32)) for o in outs if jnp.issubdtype(o.dtype, jnp.floating))
         grads = jax.jit(jax.grad(loss, tuple(range(len(floats)))))(*(empty[i] for i in floats))
         assert [g.shape for g in grads] == [empty[i].shape for i in floats], f"{impl} {name} gradients"
 
