@@ -21,6 +21,8 @@ Invariants:
 4. Outputs carry no manual-axis variance (like ``triton_call`` / ``pure_callback``); ``moe_ops.vma.like`` re-types.
 5. The effects of the abstract-value rule (e.g. the ordered callbacks of a strict Pallas interpreter) are the
    primitive's effects, so their tokens thread through its lowering.
+6. Eager calls run compiled (``compiled_impl``), inside ``jax.disable_jit()`` too: a kernel call has no
+   op-by-op form.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
 __all__ = ["Rule", "platform_call", "dispatch", "lowering_platform", "tpu_or_interpret", "interpret_mode",
-           "on_platforms", "varying_axes", "PLATFORMS"]
+           "on_platforms", "varying_axes", "compiled_impl", "PLATFORMS"]
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 _state = threading.local()
@@ -138,10 +140,18 @@ def _batch(args, dims, *, rules, default, out_tree, out_avals, rule_effects):
     return jax.tree.leaves(outs), [0] * len(out_avals)
 
 
-@functools.lru_cache(maxsize=512)
-def _eager(params):
-    """One jitted call per distinct parameter set (rules are hashable values), so eager use compiles once."""
-    return jax.jit(lambda *args: platform_call_p.bind(*args, **dict(params)))
+def compiled_impl(prim):
+    """An eager (``def_impl``) rule for ``prim``: a jitted bind, one compile per distinct parameter set (params
+    must be hashable). It runs compiled under ``jax.disable_jit()`` too, where the jitted bind would otherwise run
+    this rule again, without end."""
+    @functools.lru_cache(maxsize=512)
+    def jitted(params):
+        return jax.jit(lambda *args: prim.bind(*args, **dict(params)))
+
+    def impl(*args, **params):
+        with jax.disable_jit(False):
+            return jitted(tuple(sorted(params.items())))(*args)
+    return impl
 
 
 def _no_derivative(primals, tangents, **params):
@@ -155,7 +165,7 @@ def _no_derivative(primals, tangents, **params):
 
 platform_call_p.def_effectful_abstract_eval(_abstract_eval)
 ad.primitive_jvps[platform_call_p] = _no_derivative
-platform_call_p.def_impl(lambda *args, **params: _eager(tuple(sorted(params.items())))(*args))
+platform_call_p.def_impl(compiled_impl(platform_call_p))
 batching.primitive_batchers[platform_call_p] = _batch
 for _platform in PLATFORMS:
     mlir.register_lowering(platform_call_p, _lower_for(_platform), platform=_platform)

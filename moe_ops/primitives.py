@@ -87,11 +87,7 @@ def define(spec: Spec) -> Primitive:
                               sharding=sharding)
         return out, effects(avals, dict(nb=nb, impl=impl, interpret=interpret, **params))
 
-    @functools.lru_cache(maxsize=256)
-    def jitted(params):  # eager calls run compiled, as lax's primitives do (one compile per parameter set)
-        return jax.jit(lambda *operands: prim.bind(*operands, **dict(params)))
-
-    prim.def_impl(lambda *operands, **params: jitted(tuple(sorted(params.items())))(*operands))
+    prim.def_impl(platform.compiled_impl(prim))   # eager calls run compiled, as lax's primitives do
     prim.def_effectful_abstract_eval(abstract)
     mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
     ad.primitive_jvps[prim] = lambda primals, tangents, **params: _jvp(prim, spec, primals, tangents, params)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 from jax.interpreters import mlir
 
+from kernels.platform import compiled_impl
 from kernels.triton.bridge import load_jax_triton
 
 __all__ = ["triton_call_with_scratch", "check_versions"]
@@ -91,8 +92,7 @@ def _gpu_lowering(backend_name):
 
 
 scratch_call_p.def_abstract_eval(_abstract_eval)
-scratch_call_p.def_impl(lambda *args, **params: jax.jit(
-    lambda *a: scratch_call_p.bind(*a, **params))(*args))
+scratch_call_p.def_impl(compiled_impl(scratch_call_p))
 mlir.register_lowering(scratch_call_p, mlir.lower_fun(_cpu_impl, multiple_results=True), platform="cpu")
 mlir.register_lowering(scratch_call_p, _gpu_lowering("cuda"), platform="cuda")
 mlir.register_lowering(scratch_call_p, _gpu_lowering("hip"), platform="rocm")
