@@ -1,7 +1,12 @@
-"""Under ``jax.numpy_dtype_promotion("strict")`` (a caller's setting that refuses implicit promotion in jnp) every op
-still runs, as lax's ops do, and gives exactly what it gives under the standard rules: forward and the gradients of
-every float input, for mixed input dtypes and for the package's own wider accumulators. Each case names the fault it
-caught (a TypePromotionError from inside the op)."""
+"""The caller's JAX settings: every op runs under them and gives what it gives under the defaults.
+
+* ``jax.numpy_dtype_promotion("strict")`` (refuses implicit promotion in jnp; lax's ops ignore it): mixed input
+  dtypes and the package's own wider accumulators, forward and the gradients of every float input, bit-equal to the
+  standard rules.
+* ``jax.disable_jit()`` (op-by-op debugging): every public op on every backend, forward and gradient, equal to its
+  jitted run.
+
+Each case names the fault it caught."""
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +16,7 @@ import pytest
 import moe_ops
 from moe_ops.integrations import maxtext
 from tests.helpers import keys, randn
+from tests.op_cases import public_op_cases
 
 T, K, E, D, F = 6, 2, 4, 8, 6
 SIZES = jnp.array([3, 3, 0, 5], jnp.int32)     # sums below M = 12
@@ -62,3 +68,24 @@ def test_ops_run_in_strict_mode_as_in_standard(impl):
             assert g.dtype == w.dtype, f"{impl} {name}"
             np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                           err_msg=f"{impl} {name}")
+
+
+@pytest.mark.parametrize("impl", ["xla", "triton", "pallas"])
+def test_ops_run_with_jit_disabled(impl):
+    """Inside ``jax.disable_jit()`` a kernel call runs compiled all the same. It recursed without end before (the
+    primitives' eager rule is a jitted bind, which disabled jit turned back into the rule): RecursionError from
+    nearly every op on every backend."""
+    for name, (op, args) in public_op_cases(impl).items():
+        floats = tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating))
+
+        def run(op=op, args=args, floats=floats):
+            loss = lambda *a: sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in jax.tree.leaves(op(*a))
+                                  if jnp.issubdtype(o.dtype, jnp.floating))
+            return op(*args), jax.grad(loss, floats)(*args) if floats else ()
+        want = jax.jit(run)()
+        with jax.disable_jit():
+            got = run()
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert g.dtype == w.dtype, f"{impl} {name}"
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{impl} {name}")
