@@ -132,7 +132,7 @@ def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True, num
     else:
         raise ValueError(f"score_fn must be 'softmax' or 'sigmoid', got {score_fn!r}")
     group_score = check_group_score(group_score, num_groups)
-    selection = jax.lax.stop_gradient(logits if bias is None else scores + bias.astype(jnp.float32))
+    selection = jax.lax.stop_gradient(logits if bias is None else scores + bias.astype(jnp.float32)[None, :])
     if num_groups is not None:
         log_space = None if bias is not None else (lambda s: s) if score_fn == "softmax" else jax.nn.log_sigmoid
         selection = top_groups_only(selection, num_groups, top_groups, log_space, group_score)
@@ -165,7 +165,7 @@ def top_groups_only(selection, num_groups, top_groups, log_space, group_score="t
     else:
         group_scores = jnp.logaddexp(best[..., 0], best[..., 1])
     _, kept = jax.lax.top_k(group_scores, top_groups)                                       # [T, top_groups]
-    keep = jnp.any(kept[:, :, None] == jnp.arange(num_groups, dtype=kept.dtype), axis=1)    # [T, num_groups]
+    keep = jnp.any(kept[:, :, None] == jnp.arange(num_groups, dtype=kept.dtype)[None, None, :], axis=1)  # [T, groups]
     return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
 
 

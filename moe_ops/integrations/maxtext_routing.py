@@ -152,7 +152,8 @@ def load_balance_loss(ids, gate_logits, num_experts, weight, dtype):
     ``density[b,e]`` = mean over s of the times token (b,s) picked e, probs = softmax of ``gate_logits`` in
     ``dtype``."""
     probs = jax.nn.softmax(gate_logits.astype(jnp.float32), axis=-1).astype(dtype)
-    picks = jnp.sum((ids[..., None] == jnp.arange(num_experts, dtype=ids.dtype)).astype(jnp.int32), axis=-2)  # [B,S,E]
+    experts = jnp.arange(num_experts, dtype=ids.dtype).reshape((1,) * ids.ndim + (num_experts,))
+    picks = jnp.sum((ids[..., None] == experts).astype(jnp.int32), axis=-2)  # [B,S,E]
     wide = validation.standard_promotion(jnp.float32, dtype)  # MaxText's float32 density times the probs
     density = jnp.mean(picks, axis=1, dtype=wide)
     return jnp.mean(density * jnp.mean(probs, axis=1).astype(wide)) * (num_experts ** 2) * weight
