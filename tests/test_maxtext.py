@@ -199,6 +199,8 @@ def test_local_permute_sorts_rows_of_any_dtype(impl):
                 np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     with pytest.raises(ValueError, match=r"inputs must be a \[T,D\] array"):
         maxtext.local_permute(rows[0], global_sizes, local, 1, implementation=impl)
+    with pytest.raises(ValueError, match=r"global_group_sizes must have rank 2, got shape \(\d+,\)"):  # [shards, E]
+        maxtext.local_permute(rows, global_sizes[0], local, 1, implementation=impl)   # was an IndexError in lax
     with pytest.raises(TypeError, match="inputs must be float32, bfloat16 or float16, got int32"):
         maxtext.permute(rows[None], jnp.zeros((1, t, 4)), num_experts_per_tok=2, implementation=impl)
 

@@ -196,6 +196,7 @@ def local_permute(inputs, global_group_sizes, local_expert_size, shard_index, is
     del use_custom_sort_vjp, use_single_sparsecore
     if not hasattr(inputs, "ndim") or inputs.ndim != 2:
         raise ValueError(f"inputs must be a [T,D] array, got {getattr(inputs, 'shape', type(inputs).__name__)}")
+    validation.int_array("global_group_sizes", global_group_sizes, 2)   # [shards, E]
     per_shard = jax.lax.dynamic_slice_in_dim(global_group_sizes, shard_index * local_expert_size, local_expert_size,
                                              axis=1)
     kept = _truncate_per_receiver(per_shard.reshape(-1, 1), inputs.shape[0]).reshape(per_shard.shape) \
