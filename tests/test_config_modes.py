@@ -3,10 +3,14 @@
 * ``jax.numpy_dtype_promotion("strict")`` (refuses implicit promotion in jnp; lax's ops ignore it): mixed input
   dtypes and the package's own wider accumulators, forward and the gradients of every float input, bit-equal to the
   standard rules.
+* ``jax.numpy_rank_promotion("raise")`` (refuses implicit rank broadcasting in jnp; jax's own test harness sets it):
+  the routing options and MaxText's routing, bit-equal to the default.
 * ``jax.disable_jit()`` (op-by-op debugging): every public op on every backend, forward and gradient, equal to its
   jitted run.
 
 Each case names the fault it caught."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +30,7 @@ def _r(i, shape, dtype=jnp.bfloat16):
     return randn(keys(60 + i, 1)[0], shape).astype(dtype)
 
 
-def _cases(impl):
+def _strict_cases(impl):
     ids = jax.random.randint(keys(59, 1)[0], (T, K), 0, E)
     kw = dict(implementation=impl)
     ws = (_r(1, (E, D, F)), _r(2, (E, D, F)), _r(3, (E, F, D)))
@@ -53,21 +57,63 @@ def _cases(impl):
     }
 
 
+def _rank_cases(impl):
+    kw = dict(implementation=impl)
+    ws = (_r(1, (E, D, F)), _r(2, (E, D, F)), _r(3, (E, F, D)))
+    x3, logits3 = _r(7, (2, 3, D)), _r(8, (2, 3, E), jnp.float32)
+    return {
+        # reference.route added the [E] selection bias to [T, E] scores and compared [T, g, 1] group ids with a [g]
+        # range: rank promotion
+        "moe_ffn_biased_group_limited_routing": (
+            lambda x, lg, b, *p: moe_ops.moe_ffn(x, lg, *p, top_k=K, router_bias=b, num_groups=2, top_groups=1,
+                                                 score_fn="sigmoid", **kw),
+            (_r(7, (T, D)), _r(8, (T, E), jnp.float32), _r(9, (E,), jnp.float32), *ws)),
+        # MaxText's load-balancing loss compared [B, S, k, 1] ids with an [E] range
+        "maxtext_deepseek_permute_with_loss": (
+            lambda x, lg: maxtext.permute(x, lg, lg, num_experts_per_tok=K, decoder_block="deepseek",
+                                          routed_score_func="sigmoid", routed_bias=True, n_routing_groups=2,
+                                          topk_routing_group=1, load_balance_loss_weight=0.01, **kw)[:6],
+            (x3, logits3)),
+    }
+
+
+def _value_and_grads(op, args):
+    """``op(*args)`` and the gradient of the sum of squares of its float outputs wrt every float input."""
+    floats = tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating))
+
+    def loss(*a):
+        return sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in jax.tree.leaves(op(*a))
+                   if jnp.issubdtype(o.dtype, jnp.floating))
+    return op(*args), (jax.grad(loss, floats)(*args) if floats else ())
+
+
+def _assert_same(got, want, what, tol=0.0):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == w.dtype, what
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol,
+                                   err_msg=what)
+
+
 @pytest.mark.parametrize("impl", ["xla", "triton", "pallas"])
 def test_ops_run_in_strict_mode_as_in_standard(impl):
-    for name, (op, args) in _cases(impl).items():
-        def run():
-            fn = jax.jit(op)
-            grads = jax.jit(jax.grad(lambda *a: jnp.sum(op(*a).astype(jnp.float32) ** 2), tuple(range(len(args)))))
-            return fn(*args), grads(*args)
+    for name, (op, args) in _strict_cases(impl).items():
+        run = jax.jit(functools.partial(_value_and_grads, op))
         with jax.numpy_dtype_promotion("standard"):
-            want = run()
+            want = run(args)
         with jax.numpy_dtype_promotion("strict"):
-            got = run()
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            assert g.dtype == w.dtype, f"{impl} {name}"
-            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32),
-                                          err_msg=f"{impl} {name}")
+            got = run(args)
+        _assert_same(got, want, f"{impl} {name}")
+
+
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_ops_run_with_rank_promotion_raise(impl):
+    for name, (op, args) in _rank_cases(impl).items():
+        run = jax.jit(functools.partial(_value_and_grads, op))
+        with jax.numpy_rank_promotion("allow"):
+            want = run(args)
+        with jax.numpy_rank_promotion("raise"):
+            got = run(args)
+        _assert_same(got, want, f"{impl} {name}")
 
 
 @pytest.mark.parametrize("impl", ["xla", "triton", "pallas"])
@@ -76,16 +122,7 @@ def test_ops_run_with_jit_disabled(impl):
     primitives' eager rule is a jitted bind, which disabled jit turned back into the rule): RecursionError from
     nearly every op on every backend."""
     for name, (op, args) in public_op_cases(impl).items():
-        floats = tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating))
-
-        def run(op=op, args=args, floats=floats):
-            loss = lambda *a: sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in jax.tree.leaves(op(*a))
-                                  if jnp.issubdtype(o.dtype, jnp.floating))
-            return op(*args), jax.grad(loss, floats)(*args) if floats else ()
-        want = jax.jit(run)()
+        want = jax.jit(functools.partial(_value_and_grads, op))(args)
         with jax.disable_jit():
-            got = run()
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-            assert g.dtype == w.dtype, f"{impl} {name}"
-            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-5, atol=1e-5,
-                                       err_msg=f"{impl} {name}")
+            got = _value_and_grads(op, args)
+        _assert_same(got, want, f"{impl} {name}", tol=1e-5)
