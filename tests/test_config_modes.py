@@ -94,26 +94,25 @@ def _assert_same(got, want, what, tol=0.0):
                                    err_msg=what)
 
 
+def _same_under(cases, setting, value, default):
+    """Every case run under ``setting(value)`` equals its run under ``setting(default)``, bit for bit."""
+    for name, (op, args) in cases.items():
+        run = jax.jit(functools.partial(_value_and_grads, op))
+        with setting(default):
+            want = run(args)
+        with setting(value):
+            got = run(args)
+        _assert_same(got, want, name)
+
+
 @pytest.mark.parametrize("impl", ["xla", "triton", "pallas"])
 def test_ops_run_in_strict_mode_as_in_standard(impl):
-    for name, (op, args) in _strict_cases(impl).items():
-        run = jax.jit(functools.partial(_value_and_grads, op))
-        with jax.numpy_dtype_promotion("standard"):
-            want = run(args)
-        with jax.numpy_dtype_promotion("strict"):
-            got = run(args)
-        _assert_same(got, want, f"{impl} {name}")
+    _same_under(_strict_cases(impl), jax.numpy_dtype_promotion, "strict", "standard")
 
 
 @pytest.mark.parametrize("impl", ["xla", "triton"])
 def test_ops_run_with_rank_promotion_raise(impl):
-    for name, (op, args) in _rank_cases(impl).items():
-        run = jax.jit(functools.partial(_value_and_grads, op))
-        with jax.numpy_rank_promotion("allow"):
-            want = run(args)
-        with jax.numpy_rank_promotion("raise"):
-            got = run(args)
-        _assert_same(got, want, f"{impl} {name}")
+    _same_under(_rank_cases(impl), jax.numpy_rank_promotion, "raise", "allow")
 
 
 @pytest.mark.parametrize("impl", ["xla", "triton", "pallas"])
