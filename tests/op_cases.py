@@ -1,7 +1,9 @@
 """One small example of every public op, for the tests that run them all under one transformation or setting
-(``tests/test_degenerate.py``: a vmap over zero examples; ``tests/test_config_modes.py``: ``jax.disable_jit``)."""
+(``tests/test_degenerate.py``: a vmap over zero examples; ``tests/test_config_modes.py``: the caller's JAX settings),
+and the forward-and-gradients runner they share."""
 
 import jax
+import jax.numpy as jnp
 
 import moe_ops
 from tests.helpers import keys, randn
@@ -36,3 +38,13 @@ def public_op_cases(impl):
         "moe_ffn_unfused": (lambda a, lg, b, c, d_: moe_ops.moe_ffn(a, lg, b, c, d_, top_k=k, fused=False, **kw),
                             (x, logits, wg, wu, wd)),
     }
+
+
+def value_and_grads(op, args):
+    """``op(*args)`` and the gradient of the sum of squares of its float outputs wrt every float input."""
+    floats = tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating))
+
+    def loss(*a):
+        return sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in jax.tree.leaves(op(*a))
+                   if jnp.issubdtype(o.dtype, jnp.floating))
+    return op(*args), (jax.grad(loss, floats)(*args) if floats else ())

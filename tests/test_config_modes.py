@@ -20,7 +20,7 @@ import pytest
 import moe_ops
 from moe_ops.integrations import maxtext
 from tests.helpers import keys, randn
-from tests.op_cases import public_op_cases
+from tests.op_cases import public_op_cases, value_and_grads
 
 T, K, E, D, F = 6, 2, 4, 8, 6
 SIZES = jnp.array([3, 3, 0, 5], jnp.int32)     # sums below M = 12
@@ -77,16 +77,6 @@ def _rank_cases(impl):
     }
 
 
-def _value_and_grads(op, args):
-    """``op(*args)`` and the gradient of the sum of squares of its float outputs wrt every float input."""
-    floats = tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating))
-
-    def loss(*a):
-        return sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in jax.tree.leaves(op(*a))
-                   if jnp.issubdtype(o.dtype, jnp.floating))
-    return op(*args), (jax.grad(loss, floats)(*args) if floats else ())
-
-
 def _assert_same(got, want, what, tol=0.0):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert g.dtype == w.dtype, what
@@ -97,7 +87,7 @@ def _assert_same(got, want, what, tol=0.0):
 def _same_under(cases, setting, value, default):
     """Every case run under ``setting(value)`` equals its run under ``setting(default)``, bit for bit."""
     for name, (op, args) in cases.items():
-        run = jax.jit(functools.partial(_value_and_grads, op))
+        run = jax.jit(functools.partial(value_and_grads, op))
         with setting(default):
             want = run(args)
         with setting(value):
@@ -121,7 +111,7 @@ def test_ops_run_with_jit_disabled(impl):
     primitives' eager rule is a jitted bind, which disabled jit turned back into the rule): RecursionError from
     nearly every op on every backend."""
     for name, (op, args) in public_op_cases(impl).items():
-        want = jax.jit(functools.partial(_value_and_grads, op))(args)
+        want = jax.jit(functools.partial(value_and_grads, op))(args)
         with jax.disable_jit():
-            got = _value_and_grads(op, args)
+            got = value_and_grads(op, args)
         _assert_same(got, want, f"{impl} {name}", tol=1e-5)
