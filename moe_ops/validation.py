@@ -15,8 +15,9 @@ ids out of range) cannot be seen at trace time without a host sync, so the fast 
 
 Inside ``with moe_ops.checked():`` (or with ``MOE_OPS_CHECKED=1``, also ``true`` / ``yes`` / ``on``) the ops add a
 device-to-host callback that raises ``ValueError`` with the offending values instead; under ``jit`` it surfaces as a
-runtime error carrying that message. Checks are decided at trace time: a function that ``jit`` already traced
-outside the block keeps its unchecked trace. Any other ``MOE_OPS_CHECKED`` value raises ``ValueError``.
+runtime error carrying that message. The block is part of ``jit``'s cache key (a ``jax.make_user_context``), so a
+function that ``jit`` traced outside it is traced again, with checks, when called inside it (and the reverse). Any
+other ``MOE_OPS_CHECKED`` value raises ``ValueError``.
 
 Degenerate shapes (a zero M, T, K, N, D, top_k, G or G_local) are not errors: every op returns correctly shaped zeros
 (``zeros_if_empty``) and every gradient is zero.
@@ -29,7 +30,6 @@ import functools
 import math
 import numbers
 import os
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -38,18 +38,19 @@ import numpy as np
 from moe_ops import reference, vma
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-_state = threading.local()
+# None outside every ``checked`` block (then MOE_OPS_CHECKED decides). A user context, not a thread-local, so that the
+# setting is in jit's tracing / lowering / compilation cache keys: a cached unchecked trace is never reused inside
+# the block. Thread-local all the same (each thread's block sets its own value).
+_CHECKED = jax.make_user_context(None)
 
 
 @contextlib.contextmanager
 def checked(enabled: bool = True):
-    """Trace ops with runtime value checks (see module docstring). Affects functions traced inside the block."""
-    previous = getattr(_state, "checked", None)
-    _state.checked = enabled
-    try:
+    """Run ops with runtime value checks (see module docstring); jit re-traces a function called inside the block."""
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise TypeError(f"checked's enabled must be True or False, got {enabled!r}")
+    with _CHECKED(bool(enabled)):
         yield
-    finally:
-        _state.checked = previous
 
 
 _ENV_FLAG = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False,
@@ -57,7 +58,7 @@ _ENV_FLAG = {"1": True, "true": True, "yes": True, "on": True, "0": False, "fals
 
 
 def checks_enabled() -> bool:
-    flag = getattr(_state, "checked", None)
+    flag = _CHECKED.value
     if flag is not None:
         return bool(flag)
     value = os.environ.get("MOE_OPS_CHECKED", "0")

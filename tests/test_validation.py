@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the argument; value problems have defined behaviour or a checked mode."""
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,13 +52,11 @@ def test_bad_inputs_raise_named_errors(call, err, match):
 def test_sum_beyond_m_truncates_without_out_of_bounds():
     """sum(group_sizes) > M: the last groups are cut at row M (documented); the checked mode raises instead."""
     big = jnp.array([6, 7, 9, 4], jnp.int32)  # sum 26 > 16
-    got = jax.jit(moe_ops.gmm)(lhs, rhs, big)
+    step = jax.jit(moe_ops.gmm)
     expected = R.gmm(lhs, rhs, jnp.array([6, 7, 3, 0], jnp.int32))
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    with moe_ops.checked():
-        checked_gmm = jax.jit(lambda *a: moe_ops.gmm(*a))  # a fresh trace: checks apply at trace time
-        with pytest.raises(Exception, match=r"sum to at most M=16; got sum 26"):
-            jax.block_until_ready(checked_gmm(lhs, rhs, big))
+    np.testing.assert_allclose(step(lhs, rhs, big), expected, rtol=1e-5, atol=1e-5)
+    with moe_ops.checked(), pytest.raises(Exception, match=r"sum to at most M=16; got sum 26"):
+        jax.block_until_ready(step(lhs, rhs, big))
 
 
 def test_negative_sizes_count_as_zero_and_checked_mode_raises():
@@ -94,6 +94,51 @@ def test_checked_env_variable_takes_flag_words_and_rejects_others(monkeypatch):
     monkeypatch.setenv("MOE_OPS_CHECKED", "maybe")
     with pytest.raises(ValueError, match="MOE_OPS_CHECKED='maybe'"):
         validation.checks_enabled()
+
+
+def test_checked_block_is_in_the_jit_cache_key():
+    """A function jit traced outside ``checked()`` is traced again, with checks, inside it, and the checked trace is
+    not reused outside. Before, the block was a thread-local that jit's cache did not see: the cached unchecked trace
+    ran inside the block and the bad sizes were silently truncated."""
+    bad = jnp.array([4, -3, 5, 2], jnp.int32)
+    step = jax.jit(lambda a, b, s: moe_ops.gmm(a, b, s))
+    want = R.gmm(lhs, rhs, jnp.maximum(bad, 0))
+    np.testing.assert_allclose(step(lhs, rhs, bad), want, rtol=1e-5, atol=1e-5)
+    with moe_ops.checked(), pytest.raises(Exception, match="must be >= 0"):
+        jax.block_until_ready(step(lhs, rhs, bad))
+    np.testing.assert_allclose(step(lhs, rhs, bad), want, rtol=1e-5, atol=1e-5)
+    with moe_ops.checked(), moe_ops.checked(False):  # the inner block turns checks off again
+        np.testing.assert_allclose(step(lhs, rhs, bad), want, rtol=1e-5, atol=1e-5)
+
+
+def test_checked_block_is_per_thread():
+    """Each thread's block is its own: a thread outside any block runs the unchecked trace while another is inside."""
+    bad = jnp.array([4, -3, 5, 2], jnp.int32)
+    step = jax.jit(lambda a, b, s: moe_ops.gmm(a, b, s))
+    inside, release = threading.Event(), threading.Event()
+    errors = []
+
+    def checked_thread():
+        with moe_ops.checked():
+            inside.set()
+            release.wait(60)
+            try:
+                jax.block_until_ready(step(lhs, rhs, bad))
+            except Exception as e:  # noqa: BLE001 - the runtime check surfaces as XLA's runtime error
+                errors.append(str(e))
+    worker = threading.Thread(target=checked_thread)
+    worker.start()
+    assert inside.wait(60)
+    np.testing.assert_allclose(step(lhs, rhs, bad), R.gmm(lhs, rhs, jnp.maximum(bad, 0)), rtol=1e-5, atol=1e-5)
+    release.set()
+    worker.join(120)
+    assert len(errors) == 1 and "must be >= 0" in errors[0], errors
+
+
+def test_checked_takes_a_bool():
+    with pytest.raises(TypeError, match="checked's enabled must be True or False, got 'no'"):
+        with moe_ops.checked("no"):
+            pass
 
 
 def test_ragged_dot_rejects_a_bad_implementation_on_the_lax_path_too():
