@@ -5,6 +5,8 @@ the public op, the scratch operand in jax-triton's real CUDA / ROCm lowering, TM
 and the persistent kernel's AMD builds (CU-count programs, no spills).
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -214,6 +216,25 @@ def test_variant_choice(monkeypatch):
     assert not gmm_tma.eligible(bf16[:, :60], jnp.zeros((2, 60, 128), jnp.bfloat16))  # 120-byte rows
     assert not gmm_tma.eligible(bf16[:0], jnp.zeros((2, 64, 128), jnp.bfloat16))       # no rows
     assert not gmm_tma.eligible(bf16[:, :0], jnp.zeros((2, 0, 128), jnp.bfloat16))    # K = 0: the K loop must run
+
+
+def test_use_variant_is_in_the_jit_cache_key(monkeypatch):
+    """A function jit traced under one variant is traced again under another (the benchmark times every variant
+    through one jitted step), and not again under the same one; both variants give the reference's output."""
+    monkeypatch.delenv("MOE_OPS_GMM_VARIANT", raising=False)
+    lhs, rhs = randn(keys(47, 1)[0], (M, 48), jnp.bfloat16), rand_rhs(keys(48, 1)[0], 3, False, jnp.bfloat16, k=48,
+                                                                      n=64)
+    sizes, traces = group_sizes("uneven", G, M), []
+
+    @jax.jit
+    def step(a, b):
+        traces.append(gmm_tma.variant())
+        return moe_ops.gmm(a, b, sizes, group_offset=1, implementation="triton")
+    want = reference.gmm(lhs, rhs, sizes, group_offset=1)
+    for forced in (None, "tma", "tma", None):
+        with gmm_tma.use_variant(forced) if forced else contextlib.nullcontext():
+            assert_close(step(lhs, rhs), want, TOL[jnp.bfloat16], str(forced))
+    assert traces == ["pointer", "tma"], traces
 
 
 def test_symbolic_rows_take_the_pointer_kernel(monkeypatch):

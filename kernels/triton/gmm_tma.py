@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -63,14 +62,16 @@ TGMM_SCRATCH_PER_PROGRAM = 2 * DESCRIPTOR_BYTES  # tgmm: lhs and rhs
 _INTERPRETER_PROGRAMS = 3       # a few programs on CPU, so the persistent loop takes several tiles each
 
 
-_forced = threading.local()
+# use_variant's choice: in jit's cache keys (a user context), so a function traced under one variant is traced again
+# under another rather than reusing the first one's kernel.
+_FORCED = jax.make_user_context(None)
 
 
 def variant() -> str:
     """The GMM variant, read when a GMM is traced: ``use_variant``'s, else ``MOE_OPS_GMM_VARIANT`` (pointer | tma |
     persistent), default ``pointer`` until a GPU run has shown the TMA kernel correct and faster
     (benchmarks/RESULTS.md)."""
-    name = getattr(_forced, "name", None) or os.environ.get("MOE_OPS_GMM_VARIANT", "pointer")
+    name = _FORCED.value or os.environ.get("MOE_OPS_GMM_VARIANT", "pointer")
     if name not in VARIANTS:
         raise ValueError(f"MOE_OPS_GMM_VARIANT must be one of {VARIANTS}, got {name!r}")
     return name
@@ -79,13 +80,10 @@ def variant() -> str:
 @contextlib.contextmanager
 def use_variant(name: str):
     """Trace GMMs inside the block with variant ``name`` (the benchmark times every variant in one run)."""
-    previous = getattr(_forced, "name", None)
-    _forced.name = name
-    try:
-        variant()
+    if name not in VARIANTS:
+        raise ValueError(f"use_variant's name must be one of {VARIANTS}, got {name!r}")
+    with _FORCED(name):
         yield
-    finally:
-        _forced.name = previous
 
 
 def eligible(*operands) -> bool:
