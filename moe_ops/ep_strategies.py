@@ -155,6 +155,7 @@ def _bound_axis_size(name, axis):
                          f"a jax.shard_map over a mesh with its expert (and fsdp) axes") from None
 
 
+@validation.named_op
 @validation.numpy_floats_as_jax
 def moe_ffn_shard(x, router_logits, w_gate, w_up, w_down, *, top_k, config=MoEShardingConfig(),
                   tokens_on_expert=None, fsdp_axis=None, activation="silu", score_fn="softmax", implementation=None,

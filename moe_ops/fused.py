@@ -149,6 +149,7 @@ def _fused_ops_for(implementation):
     return impl
 
 
+@validation.named_op
 @on_explicit_axes(lambda spec, a: P(spec("x", 0), spec("rhs", 1 if a["transpose_rhs"] else 2)))
 def gather_gmm(x, rhs, group_sizes, sort_idx, *, group_offset=None, transpose_rhs=False,
                preferred_element_type=None, implementation=None):
@@ -174,6 +175,7 @@ def gather_gmm(x, rhs, group_sizes, sort_idx, *, group_offset=None, transpose_rh
     return _gather_gmm(x, rhs, sizes, offset, sort_idx, k, bool(transpose_rhs), out_dtype, impl)
 
 
+@validation.named_op
 @on_explicit_axes(lambda spec, a: P(spec("weights", 0), spec("rhs", 1 if a["transpose_rhs"] else 2)))
 def scatter_gmm(h, rhs, group_sizes, sort_idx, weights, *, group_offset=None, transpose_rhs=False,
                 preferred_element_type=None, implementation=None):

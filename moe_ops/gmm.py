@@ -90,6 +90,7 @@ def _tgmm(lhs, rhs, group_sizes, group_offset, num_groups, out_dtype, impl, prec
                            out_dtype=jnp.dtype(out_dtype), precision=precision, impl=impl)
 
 
+@validation.named_op
 @on_explicit_axes(lambda spec, a: P(spec("lhs", 0), spec("rhs", 1 if a["transpose_rhs"] else 2)))
 def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, preferred_element_type=None,
         existing_out=None, precision=None, implementation=None):
@@ -125,6 +126,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, transpose_rhs=False, prefer
     return jnp.where(keep[:, None], existing_out, out)
 
 
+@validation.named_op
 @on_explicit_axes(lambda spec, a: P(None, spec("lhs", 1), spec("rhs", 1)))
 def tgmm(lhs, rhs, group_sizes, *, group_offset=None, num_groups=None, preferred_element_type=None,
          precision=None, implementation=None):

@@ -19,6 +19,7 @@ from moe_ops.sort import permute, unpermute
 __all__ = ["moe_ffn", "experts_ffn", "fused_experts_ffn", "route"]
 
 
+@validation.named_op
 @on_explicit_axes(lambda spec, a: (P(spec("logits", 0), None),) * 2)
 def route(logits, top_k, *, score_fn="softmax", bias=None, renormalize=True, num_groups=None, top_groups=None,
           group_score="top2_sum", scale=1.0):
@@ -60,6 +61,7 @@ def route_tokens(router_logits, top_k, *, score_fn="softmax", router_bias=None, 
                  num_groups=num_groups, top_groups=top_groups, group_score=group_score, scale=routed_scale)
 
 
+@validation.named_op
 @on_explicit_axes(lambda spec, a: P(spec("x_sorted", 0), spec("x_sorted", 1)))
 def experts_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, activation="silu", group_offset=None,
                 implementation=None, recompute: bool = False, b_gate=None, b_up=None, b_down=None):
@@ -106,6 +108,7 @@ def check_weights(x, router_logits, w_gate, w_up, w_down):
                          f"{tuple(router_logits.shape)}")
 
 
+@validation.named_op
 @on_explicit_axes(lambda spec, a: P(spec("x", 0), spec("x", 1)))
 def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activation="silu", implementation=None,
                       swiglu: bool | None = None, recompute: bool = False, b_gate=None, b_up=None, b_down=None):
@@ -151,6 +154,7 @@ def fused_experts_ffn(x, weights, expert_ids, w_gate, w_up, w_down, *, activatio
     return (y.astype(jnp.float32) + bias).astype(x.dtype)
 
 
+@validation.named_op
 @validation.numpy_floats_as_jax
 def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k, activation="silu", score_fn="softmax",
             router_bias=None, renormalize=True, num_groups=None, top_groups=None, group_score="top2_sum",

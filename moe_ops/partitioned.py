@@ -288,6 +288,7 @@ def _moe_bwd(static, residuals, dy):
 _moe.defvjp(_moe_fwd, _moe_bwd)
 
 
+@validation.named_op
 @validation.numpy_floats_as_jax
 def moe_ffn_partitioned(x, router_logits, w_gate, w_up, w_down, *, top_k, sharding: MoEShardingConfig,
                         activation="silu", score_fn="softmax", implementation=None, router_bias=None,

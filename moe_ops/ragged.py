@@ -42,6 +42,7 @@ BASIC_DIMENSION_NUMBERS = RaggedDotDimensionNumbers(dot_dimension_numbers=(([1],
                                                     lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
+@validation.named_op
 def ragged_dot(lhs, rhs, group_sizes, precision=None, preferred_element_type=None, group_offset=None,
                out_sharding=None, *, implementation=None):
     """``jax.lax.ragged_dot``: lhs [m,k], rhs [g,k,n], group_sizes [g] -> [m,n]; rows at or beyond
@@ -60,6 +61,7 @@ def _out_spec(spec, a):
     return P(*groups, *(spec("lhs", d) for d in list(lb) + lfree), *(spec("rhs", d) for d in rfree))
 
 
+@validation.named_op
 @on_explicit_axes(_out_spec)
 def ragged_dot_general(lhs, rhs, group_sizes, ragged_dot_dimension_numbers, precision=None,
                        preferred_element_type=None, group_offset=None, out_sharding=None, *, implementation=None):

@@ -121,6 +121,7 @@ def _host_int(value):
     return None
 
 
+@validation.named_op
 @on_explicit_axes(lambda spec, a: (P(), P(spec("expert_ids", 0))))
 def sort_by_expert(expert_ids, num_experts, *, implementation=None):
     """expert_ids [T,k] int -> (group_sizes [E] int32, sort_idx [T*k] int32): ``permute`` without the row copy
@@ -139,6 +140,7 @@ def sort_by_expert(expert_ids, num_experts, *, implementation=None):
     return tuple(vma.like(a, expert_ids) for a in out)
 
 
+@validation.named_op
 @on_explicit_axes(lambda spec, a: (P(spec("x", 0), spec("x", 1)), P(), P(spec("x", 0))))
 def permute(x, expert_ids, num_experts, *, n_valid=None, implementation=None):
     """Sort token copies by expert: x [T,D], expert_ids [T,k] int ->
@@ -159,6 +161,7 @@ def permute(x, expert_ids, num_experts, *, n_valid=None, implementation=None):
     return x_sorted, group_sizes, sort_idx
 
 
+@validation.named_op
 @on_explicit_axes(lambda spec, a: P(spec("weights", 0), spec("y_sorted", 1)))
 def unpermute(y_sorted, sort_idx, weights, *, n_valid=None, implementation=None):
     """Weighted top-k combine back to token order: y_sorted [T*k,D], sort_idx [T*k], weights [T,k] -> [T,D],

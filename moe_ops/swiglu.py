@@ -197,6 +197,7 @@ def _check_biases(b_gate, b_up, w_gate, dtype):
     return (None, None) if b_gate is None else (b_gate.astype(dtype), b_up.astype(dtype))
 
 
+@validation.named_op
 @on_explicit_axes(lambda spec, a: P(spec("x", 0), spec("w_gate", 2)))
 def swiglu_gmm(x, w_gate, w_up, group_sizes, sort_idx=None, *, group_offset=None, activation="silu",
                preferred_element_type=None, implementation=None, b_gate=None, b_up=None):
@@ -319,6 +320,7 @@ def _composed_down_bwd_saved(dout, w_down, gate, up, sizes, offset, sort_idx, w_
 _ffn.defvjp(_ffn_fwd, _ffn_bwd)
 
 
+@validation.named_op
 @on_explicit_axes(lambda spec, a: P(spec("x", 0), spec("x", 1)))
 def swiglu_ffn(x, w_gate, w_up, w_down, group_sizes, sort_idx, weights, *, group_offset=None, activation="silu",
                recompute=False, implementation=None, b_gate=None, b_up=None):

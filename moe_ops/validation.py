@@ -87,6 +87,18 @@ def is_kernel_float(dtype) -> bool:
     return jnp.dtype(dtype) in [jnp.dtype(d) for d in FLOAT_DTYPES]
 
 
+def named_op(op):
+    """Decorator for a public op: its ops (and their transposes in the backward) carry ``moe_ops.<name>`` in their
+    HLO names (``jax.named_scope``), so profiles and dumps show which MoE op a kernel or fusion belongs to."""
+    scope = f"moe_ops.{op.__name__}"
+
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        with jax.named_scope(scope):
+            return op(*args, **kwargs)
+    return run
+
+
 def numpy_floats_as_jax(op):
     """Decorator for a public op: a NumPy float operand whose dtype JAX would canonicalise (float64 with x64 off)
     enters as the ``jnp.asarray`` of it (float32), as it would in ``jnp.dot`` / ``lax.ragged_dot`` / megablox.

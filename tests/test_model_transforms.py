@@ -19,6 +19,7 @@ import moe_ops
 from moe_ops import reference as R
 from moe_ops.integrations import maxtext
 from tests.helpers import assert_close, keys, randn
+from tests.op_cases import public_op_cases, value_and_grads
 from tests.model_steps import (CP, D, E, K, L, T, TOL16, TOL32, block, close_tree, dense, moe, params, stack_loss,
                                tokens)
 
@@ -241,6 +242,18 @@ def test_eval_shape_make_jaxpr_and_aot_compile(fused):
     assert_close(value, want_value, TOL32, "loss")
     close_tree(grads[0], want[0], TOL32)
     assert_close(grads[1], want[1], TOL32, "x")
+
+
+@pytest.mark.parametrize("impl", ["xla", "triton", "pallas"])
+def test_public_ops_name_their_hlo(impl):
+    """Profiles can tell the MoE ops apart: each public op's forward and backward ops carry ``moe_ops.<op>`` in
+    their HLO names (a ``jax.named_scope``)."""
+    for name, (op, args) in public_op_cases(impl).items():
+        hlo = jax.jit(lambda *a, op=op: value_and_grads(op, a)).lower(*args).as_text(debug_info=True)
+        op_name = name.removesuffix("_unfused")
+        assert f"moe_ops.{op_name}" in hlo, name
+        if name in ("gmm", "moe_ffn"):  # the backward's ops are named too
+            assert f"transpose(jvp(moe_ops.{op_name}))" in hlo, name
 
 
 def test_strict_promotion_f16_and_matmul_precision_context():
