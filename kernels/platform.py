@@ -40,10 +40,14 @@ from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
 __all__ = ["Rule", "platform_call", "dispatch", "lowering_platform", "tpu_or_interpret", "interpret_mode",
-           "on_platforms", "varying_axes", "compiled_impl", "PLATFORMS"]
+           "on_platforms", "varying_axes", "compiled_impl", "PLATFORMS", "FORCED_GMM_VARIANT"]
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 _state = threading.local()
+# The Triton GMM variant forced by ``kernels.triton.gmm_tma.use_variant`` (None: none forced), in jit's cache keys.
+# Made here, when the package is imported, not when the Triton backend is first imported (lazily, maybe while other
+# threads run JAX): ``jax.make_user_context`` must not run concurrently with other JAX calls.
+FORCED_GMM_VARIANT = jax.make_user_context(None)
 
 
 def varying_axes(x) -> frozenset:

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from kernels import platform
 from kernels.triton import batching, schedule, tuning
 from kernels.triton.gmm import _swizzle  # the pointer kernel's GROUP_M tile order
 from kernels.triton.scratch import triton_call_with_scratch
@@ -62,9 +63,9 @@ TGMM_SCRATCH_PER_PROGRAM = 2 * DESCRIPTOR_BYTES  # tgmm: lhs and rhs
 _INTERPRETER_PROGRAMS = 3       # a few programs on CPU, so the persistent loop takes several tiles each
 
 
-# use_variant's choice: in jit's cache keys (a user context), so a function traced under one variant is traced again
-# under another rather than reusing the first one's kernel.
-_FORCED = jax.make_user_context(None)
+# use_variant's choice is a user context (kernels.platform.FORCED_GMM_VARIANT), in jit's cache keys: a function
+# traced under one variant is traced again under another rather than reusing the first one's kernel.
+_FORCED = platform.FORCED_GMM_VARIANT
 
 
 def variant() -> str:
