@@ -47,8 +47,7 @@ _CHECKED = jax.make_user_context(None)
 @contextlib.contextmanager
 def checked(enabled: bool = True):
     """Run ops with runtime value checks (see module docstring); jit re-traces a function called inside the block."""
-    if not isinstance(enabled, (bool, np.bool_)):
-        raise TypeError(f"checked's enabled must be True or False, got {enabled!r}")
+    flag("checked's enabled", enabled)
     with _CHECKED(bool(enabled)):
         yield
 
